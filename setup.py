@@ -1,0 +1,34 @@
+"""Install ril_fast. The top-level ``kernels/`` folder is installed as ``ril_fast.kernels``.
+
+The name ``kernels`` alone belongs to Hugging Face's ``kernels`` package, which transformers
+probes for; our Triton kernels must only ever be importable as ``ril_fast.kernels``.
+"""
+
+from setuptools import setup
+
+setup(
+    name="ril-fast",
+    version="0.1.0",
+    description="Fast RIL (unified reinforcement and imitation learning) for vision-language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["ril_fast", "ril_fast.kernels"],
+    package_dir={"ril_fast": "ril_fast", "ril_fast.kernels": "kernels"},
+    install_requires=[
+        # A bound that the CPU wheel 2.13.0 satisfies: a bare "torch" pulls a multi-GB CUDA build.
+        "torch>=2.9,<=2.13.0",
+        "triton>=3.5",
+        "transformers>=5.0,<6",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tokenizers",
+        "liger-kernel>=0.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # flash-attn builds only against CUDA; everything works without it.
+        "gpu": ["flash-attn>=2.6"],
+    },
+)

@@ -1,0 +1,30 @@
+"""Test-wide set-up. Runs before any test module imports ril_fast.kernels."""
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a @triton.jit decorator runs, i.e. when a kernel module is first
+# imported: it must be set here, before any test module imports ril_fast.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the tests run on: the GPU when there is one, else the CPU (Triton interpreted)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Seed torch from the OS each test (fresh inputs every run) and print it so a failure replays.
+
+    Set RIL_TEST_SEED to replay a failing run exactly.
+    """
+    seed = int(os.environ.get("RIL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"[{request.node.nodeid}] RIL_TEST_SEED={seed}")
+    yield seed
