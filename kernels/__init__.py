@@ -8,8 +8,8 @@ that wrong name this module therefore exports nothing and has no ``__version__``
 """
 
 if __name__ == "ril_fast.kernels":
-    from .disc_head import disc_head
+    from .disc_head import Pool, disc_head
     from .grpo_loss import GRPOStats, dr_grpo_loss
     from .logprobs import TokenLogprobs, token_logprobs
 
-    __all__ = ["GRPOStats", "TokenLogprobs", "disc_head", "dr_grpo_loss", "token_logprobs"]
+    __all__ = ["GRPOStats", "Pool", "TokenLogprobs", "disc_head", "dr_grpo_loss", "token_logprobs"]

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install ril_fast with its test tools, on a fresh CPU machine.
+#
+# torch is pinned first to the CPU wheel (2.13.0): a bare "torch" requirement resolves to a multi-GB
+# CUDA build. On a GPU machine that already has torch, run `pip install -e '.[test]'` in its
+# environment instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install --quiet --upgrade pip
+pip install --quiet torch==2.13.0
+pip install --quiet -e '.[test]'
+python -c "import torch, triton, transformers, ril_fast.kernels; print('ril_fast ready: torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
