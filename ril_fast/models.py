@@ -1,0 +1,162 @@
+"""Student and reference models from HF folders, and log-probs of packed responses without logits.
+
+Supported: Qwen2.5-VL, Qwen2-VL, InternVL3 in its transformers ("-hf") form, and text-only causal
+LMs (Qwen2, Llama, ...). The forward always runs with ``use_cache=False``: with a cache transformers
+silently skips packed-sequence detection and lets the samples of a packed row attend to each other.
+
+Log-probs never build the (T, V) logits: the decoder runs to its last hidden states, the rows that
+predict response tokens are gathered, and ``ril_fast.kernels.token_logprobs`` applies the LM head
+to those rows only. The discriminator lives in ``ril_fast.discriminator``.
+"""
+
+import contextlib
+import enum
+import inspect
+import warnings
+from pathlib import Path
+
+import torch
+
+from ril_fast import attention
+from ril_fast.kernels import TokenLogprobs, token_logprobs
+from ril_fast.packing import ModelKind, PackedBatch, PaddedBatch, Processor, pack
+
+_VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "internvl")
+
+
+class Attn(str, enum.Enum):
+    """Attention path. AUTO: VARLEN on CUDA (flash-attention varlen over the packed row), SDPA on CPU
+    (transformers builds the block-diagonal mask from the restarting position ids). EAGER is the
+    plain-matmul reference."""
+
+    AUTO = "auto"
+    VARLEN = "varlen"
+    SDPA = "sdpa"
+    EAGER = "eager"
+
+    def resolve(self, device: torch.device) -> str:
+        """The transformers ``attn_implementation`` name for a model on ``device``."""
+        path = self
+        if path is Attn.AUTO:
+            path = Attn.VARLEN if device.type == "cuda" else Attn.SDPA
+        return attention.register() if path is Attn.VARLEN else path.value
+
+
+def _apply_liger(model, model_type: str) -> None:
+    """Liger's RMSNorm / SwiGLU / RoPE kernels where Liger supports the architecture. Its (fused linear)
+    cross-entropy stays off: logits never go through the model here.
+
+    Liger is an optional speed-up: a version that does not fit the installed transformers (liger 0.8.5
+    cannot patch Qwen-VL under transformers 5.23) gives a warning, not an error. Liger also patches
+    transformers' classes, so later models of the same type in the process get its modules too.
+    """
+    try:
+        import liger_kernel.transformers as liger
+
+        patch = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
+        if patch is None:
+            return
+        params = inspect.signature(patch).parameters
+        flags = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+        patch(model=model, **{k: v for k, v in flags.items() if k in params})
+    except Exception as e:  # noqa: BLE001 - any Liger failure leaves the plain (correct) modules
+        warnings.warn(f"Liger kernels not applied to {model_type}: {type(e).__name__}: {e}", stacklevel=2)
+
+
+def _rope_index(model, image_token_id: int):
+    """The model's own mrope position function as ``(input_ids (1, L), image_grid_thw (n, 3)) -> (3, 1, L)``.
+
+    Recent transformers (5.23 here) find the image tokens from ``mm_token_type_ids``; older ones from the ids.
+    """
+    fn = model.base_model.get_rope_index
+    takes_types = "mm_token_type_ids" in inspect.signature(fn).parameters
+
+    def rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        kw = {"mm_token_type_ids": (input_ids == image_token_id).int()} if takes_types else {}
+        return fn(input_ids, image_grid_thw=image_grid_thw, **kw)[0]
+
+    return rope_index
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Silence transformers' warnings inside the block."""
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    if enabled:
+        logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
+
+
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | str = Attn.AUTO,
+         device: str | torch.device | None = None, lm_head: bool = True):
+    """Load a model folder (or a cached hub id) -> ``(model, processor)``.
+
+    ``model``: the HF model on ``device`` (default: CUDA when available) in ``dtype``, in eval mode,
+    with the attention path ``attn`` (see :class:`Attn`) and, on CUDA, Liger's kernels. ``lm_head=False``
+    loads the base model without the LM head (the discriminator's backbone). ``processor``: a
+    :class:`ril_fast.packing.Processor` (tokenizer, image processor, chat template, image-token
+    expansion and, for Qwen-VL, the model's mrope position function).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    config = AutoConfig.from_pretrained(path)
+    if not lm_head:
+        auto = AutoModel
+    else:
+        auto = AutoModelForImageTextToText if config.model_type in _VLM_TYPES else AutoModelForCausalLM
+    with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=Attn(attn).resolve(device))
+    model.to(device).eval()
+    if device.type == "cuda":
+        _apply_liger(model, config.model_type)
+    processor = Processor.from_pretrained(path)
+    if processor.kind is ModelKind.QWEN_VL:
+        processor.rope_index = _rope_index(model, config.image_token_id)
+    return model, processor
+
+
+def last_hidden_states(model, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
+    """Final hidden states (after the last norm), without the LM head: (1, T, H) packed, (B, L, H) padded.
+
+    ``model`` is a model with an LM head or a base model (the discriminator's backbone); the batch must
+    be on the model's device.
+    """
+    return model.base_model(**batch.model_inputs()).last_hidden_state
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The LM head weight (V, H) (tied to the input embeddings on some models)."""
+    return model.get_output_embeddings().weight
+
+
+def packed_logprobs(model, batch: PackedBatch | PaddedBatch, *, temperature: float = 1.0,
+                    ref_logprobs: torch.Tensor | None = None, return_entropy: bool = False) -> TokenLogprobs:
+    """Log-probs of every response token of ``batch``, flat in batch order: ``(R,)`` fp32 with
+    R = Σ response_lengths (split with ``batch.response_lengths``). ``ref_logprobs (R,)`` adds the k3
+    KL; ``return_entropy`` the entropy. Only the R response rows go through the LM head."""
+    hidden = last_hidden_states(model, batch).flatten(0, 1)
+    rows = batch.response_mask.nonzero().squeeze(1)
+    return token_logprobs(hidden.index_select(0, rows), lm_head_weight(model), batch.targets[rows],
+                          temperature=temperature, ref_logprobs=ref_logprobs, return_entropy=return_entropy)
+
+
+def response_logprobs(model, processor: Processor, samples: list[dict], *, packed: bool = True,
+                      temperature: float = 1.0) -> list[torch.Tensor]:
+    """Log-probs of each sample's response tokens (end-of-turn token included), one ``(R_s,)`` fp32 tensor
+    per sample. ``packed=True``: all samples in one packed forward; ``False``: one forward per sample.
+    Samples are dicts ``{"images": [...], "question": str, "response": str}`` (see ril_fast.packing)."""
+    device = next(model.parameters()).device
+    encoded = [processor.encode(s) for s in samples]
+    groups = [encoded] if packed else [[e] for e in encoded]
+    out = []
+    for group in groups:
+        batch = pack(group).to(device)
+        lp = packed_logprobs(model, batch, temperature=temperature).logprobs
+        out.extend(lp.split(batch.response_lengths))
+    return out

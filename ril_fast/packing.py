@@ -1,0 +1,472 @@
+"""Varlen packing: (images, question, response) samples -> one padding-free micro-batch.
+
+A sample is a dict ``{"images": [PIL.Image | path, ...], "question": str, "response": str}`` (an
+optional ``"truncated": True`` marks a response cut at the generation budget, see below).
+
+Rendering (``Processor.encode``): the user turn (the images, then the question) goes through the
+model's chat template with the generation prompt; the response is tokenised on its own and followed
+by the end-of-turn token the policy emitted to stop (the tokenizer's eos, e.g. <|im_end|>; left out
+for truncated responses). Tokenising prompt and response separately keeps the response's token
+boundaries the ones the policy sampled. Image placeholders are expanded here, in id space, because
+Qwen2.5-VL's HF processor cannot be built without torchvision:
+    Qwen-VL   <|image_pad|>  ->  (t·h·w / merge²) × <|image_pad|>        (t, h, w) = image_grid_thw
+    InternVL  <IMG_CONTEXT>  ->  <img> + (image_seq_length · tiles) × <IMG_CONTEXT> + </img>
+
+Layout of a packed batch of S samples, T = Σ L_s tokens, sample s at rows [o_s, o_s + L_s) with a
+prompt of P_s and a response of R_s tokens:
+    input_ids      (1, T)       the samples back to back, no padding
+    position_ids   (1, T)       text models: 0..L_s-1 per sample (transformers finds the boundaries
+                                from the restarts when use_cache=False and no attention mask is given)
+                   (4, 1, T)    Qwen-VL: row 0 the restarting text positions (for the packed mask),
+                                rows 1-3 each sample's own 3-D mrope positions (its get_rope_index)
+    cu_seqlens     (S+1,) int32 sample boundaries, as flash-attention's varlen kernels take them
+    targets        (T,) int64   the next token of each row; -100 on each sample's last row
+    response_mask  (T,) bool    rows whose target is a response token: [o_s+P_s-1, o_s+P_s+R_s-1)
+    resp_starts/ends (S,) int64 rows holding the response tokens: [o_s+P_s, o_s+P_s+R_s), the range
+                                the discriminator pools ("last" = the end-of-turn token's row)
+
+Planning: ``first_fit_decreasing`` bins samples under a token budget, ``balance_ranks`` spreads them
+over data-parallel ranks, ``plan`` does both and gives every rank the same number of micro-batches
+where it can (FSDP ranks must run the same number of forwards); ``report`` summarises a plan.
+"""
+
+import enum
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class ModelKind(str, enum.Enum):
+    """How a model takes images: Qwen-VL (grid_thw + mrope), InternVL (tiles), or not at all."""
+
+    QWEN_VL = "qwen_vl"
+    INTERNVL = "internvl"
+    TEXT = "text"
+
+    @classmethod
+    def of(cls, model_type: str) -> "ModelKind":
+        """The kind of a transformers ``config.model_type``."""
+        if model_type in ("qwen2_vl", "qwen2_5_vl"):
+            return cls.QWEN_VL
+        if model_type == "internvl":
+            return cls.INTERNVL
+        return cls.TEXT
+
+
+def load_image(image):
+    """A PIL image (returned as RGB) or a path to one."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One sample -> token ids, images and positions
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """One rendered sample.
+
+    input_ids (L,) int64; prompt_len P and response_len R with P + R = L; pixel_values: Qwen-VL
+    (patches, C·t·p·p), InternVL (tiles, C, S, S), or None; image_grid_thw (images, 3) int64 (Qwen-VL)
+    or None; mrope (3, L) int64 (Qwen-VL) or None.
+    """
+
+    input_ids: torch.Tensor
+    prompt_len: int
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    mrope: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def response_len(self) -> int:
+        return self.length - self.prompt_len
+
+
+@dataclass
+class Processor:
+    """Tokenizer + image processor + chat template + image-token expansion for one model folder.
+
+    Our own small object rather than the HF processor: Qwen2.5-VL's cannot be built without
+    torchvision, and packing needs the pieces (ids, grids, mrope) separately anyway.
+    ``rope_index(input_ids (1, L), image_grid_thw (n, 3) | None) -> (3, 1, L)`` is the model's own
+    mrope position function; ``ril_fast.models.load`` sets it for Qwen-VL models.
+    """
+
+    tokenizer: object = field(repr=False)
+    kind: ModelKind = ModelKind.TEXT
+    image_processor: object | None = field(default=None, repr=False)
+    image_token_id: int | None = None
+    merge_size: int = 1
+    image_seq_length: int = 0  # InternVL: tokens per tile
+    image_start_id: int | None = None  # InternVL: <img>
+    image_end_id: int | None = None  # InternVL: </img>
+    end_token_id: int | None = None
+    rope_index: Callable | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Processor":
+        """The processor of a local HF folder (or a cached hub id); ``rope_index`` left unset."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(path)
+        kind = ModelKind.of(config.model_type)
+        tok = AutoTokenizer.from_pretrained(path)
+        proc = cls(tokenizer=tok, kind=kind, end_token_id=tok.eos_token_id)
+        if kind is ModelKind.TEXT:
+            return proc
+        proc.image_processor = AutoImageProcessor.from_pretrained(path)
+        proc.image_token_id = config.image_token_id
+        if kind is ModelKind.QWEN_VL:
+            proc.merge_size = config.vision_config.spatial_merge_size
+        else:
+            proc.image_seq_length = config.image_seq_length
+            proc.image_start_id = tok.convert_tokens_to_ids(getattr(tok, "start_image_token", "<img>"))
+            proc.image_end_id = tok.convert_tokens_to_ids(getattr(tok, "end_image_token", "</img>"))
+        return proc
+
+    def prompt_text(self, question: str, n_images: int) -> str:
+        """The user turn rendered by the chat template, generation prompt included."""
+        if self.kind is ModelKind.TEXT:
+            content = question
+        else:
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, sample: dict) -> Encoded:
+        """Render, tokenise and (for VLMs) process the images of one sample. See the module docstring."""
+        images = [load_image(im) for im in sample.get("images") or []]
+        if images and self.kind is ModelKind.TEXT:
+            raise ValueError("this model takes no images, but a sample has some")
+        tok = self.tokenizer
+        prompt = tok(self.prompt_text(sample["question"], len(images)), add_special_tokens=False)["input_ids"]
+        response = tok(sample["response"], add_special_tokens=False)["input_ids"]
+        if not sample.get("truncated", False):
+            response = response + [self.end_token_id]
+        if not response:
+            raise ValueError("a sample has an empty response")
+        pixel_values = grid = None
+        if images:
+            prompt, pixel_values, grid = self._expand_images(prompt, images)
+        input_ids = torch.tensor(prompt + response, dtype=torch.long)
+        mrope = self._mrope(input_ids, grid) if self.kind is ModelKind.QWEN_VL else None
+        return Encoded(input_ids, len(prompt), pixel_values, grid, mrope)
+
+    def _expand_images(self, prompt: list[int], images: list):
+        """Replace each image placeholder of ``prompt`` by the image's tokens.
+
+        Returns (expanded prompt, pixel_values, image_grid_thw (Qwen-VL) or None).
+        """
+        if prompt.count(self.image_token_id) != len(images):
+            raise ValueError(f"the chat template rendered {prompt.count(self.image_token_id)} image "
+                             f"placeholders for {len(images)} images")
+        if self.kind is ModelKind.QWEN_VL:
+            out = self.image_processor(images=images, return_tensors="pt")
+            grid = out["image_grid_thw"].long()
+            spans = [[self.image_token_id] * n for n in (grid.prod(-1) // self.merge_size**2).tolist()]
+        else:
+            out = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
+            grid = None
+            spans = [[self.image_start_id] + [self.image_token_id] * (self.image_seq_length * int(n))
+                     + [self.image_end_id] for n in out["num_patches"]]
+        expanded, spans = [], iter(spans)
+        for t in prompt:
+            expanded.extend(next(spans) if t == self.image_token_id else [t])
+        return expanded, out["pixel_values"], grid
+
+    def _mrope(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """(3, L) mrope positions of one sample from the model's own ``get_rope_index``."""
+        if image_grid_thw is None:
+            return torch.arange(input_ids.numel()).expand(3, -1).clone()
+        if self.rope_index is None:
+            raise RuntimeError("Qwen-VL packing needs the model's rope index: get the processor from "
+                               "ril_fast.models.load")
+        return self.rope_index(input_ids[None], image_grid_thw)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoded samples -> one packed micro-batch (or a padded one, for comparison)
+# ----------------------------------------------------------------------------------------------------
+def _images(encoded: list[Encoded]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """pixel_values and image_grid_thw of all samples, concatenated in sample order (or None)."""
+    pix = [e.pixel_values for e in encoded if e.pixel_values is not None]
+    grids = [e.image_grid_thw for e in encoded if e.image_grid_thw is not None]
+    return (torch.cat(pix) if pix else None), (torch.cat(grids) if grids else None)
+
+
+def _to(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+@dataclass
+class PackedBatch:
+    """S samples packed into one row of T tokens, no padding. Shapes in the module docstring."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    targets: torch.Tensor
+    response_mask: torch.Tensor
+    resp_starts: torch.Tensor
+    resp_ends: torch.Tensor
+    lengths: list[int]
+    response_lengths: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the HF forward. No attention mask: the restarting positions carry the
+        boundaries; use_cache=False, else transformers skips packed detection and attends across samples."""
+        kw = dict(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False)
+        if self.pixel_values is not None:
+            kw["pixel_values"] = self.pixel_values
+        if self.image_grid_thw is not None:
+            kw["image_grid_thw"] = self.image_grid_thw
+        return kw
+
+    def to(self, device) -> "PackedBatch":
+        """A copy with every tensor on ``device``."""
+        return replace(self, **{k: _to(v, device) for k, v in self.__dict__.items()})
+
+
+def pack(encoded: list[Encoded]) -> PackedBatch:
+    """Pack encoded samples into one padding-free micro-batch (see the module docstring)."""
+    if not encoded:
+        raise ValueError("nothing to pack")
+    lengths = [e.length for e in encoded]
+    offsets = [0] + list(torch.tensor(lengths).cumsum(0).tolist())
+    T = offsets[-1]
+    input_ids = torch.cat([e.input_ids for e in encoded])
+    text_pos = torch.cat([torch.arange(n) for n in lengths])
+    if all(e.mrope is not None for e in encoded):
+        position_ids = torch.cat([text_pos[None], torch.cat([e.mrope for e in encoded], 1)])[:, None]
+    elif any(e.mrope is not None for e in encoded):
+        raise ValueError("some samples have mrope positions and some do not")
+    else:
+        position_ids = text_pos[None]
+    targets = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
+    response_mask = torch.zeros(T, dtype=torch.bool)
+    starts, ends = [], []
+    for e, o in zip(encoded, offsets):
+        targets[o:o + e.length - 1] = e.input_ids[1:]
+        response_mask[o + e.prompt_len - 1:o + e.length - 1] = True
+        starts.append(o + e.prompt_len)
+        ends.append(o + e.length)
+    pixel_values, image_grid_thw = _images(encoded)
+    return PackedBatch(
+        input_ids=input_ids[None],
+        position_ids=position_ids,
+        cu_seqlens=torch.tensor(offsets, dtype=torch.int32),
+        max_seqlen=max(lengths),
+        targets=targets,
+        response_mask=response_mask,
+        resp_starts=torch.tensor(starts, dtype=torch.long),
+        resp_ends=torch.tensor(ends, dtype=torch.long),
+        lengths=lengths,
+        response_lengths=[e.response_len for e in encoded],
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+    )
+
+
+@dataclass
+class PaddedBatch:
+    """The same samples right-padded to (B, L), for comparisons and benchmarks.
+
+    input_ids, attention_mask (B, L); position_ids (B, L) or (3, B, L) (Qwen-VL mrope). targets,
+    response_mask and resp_starts/ends index the flattened (B·L) rows, so code that reads a
+    PackedBatch's row fields reads these unchanged.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    response_mask: torch.Tensor
+    resp_starts: torch.Tensor
+    resp_ends: torch.Tensor
+    lengths: list[int]
+    response_lengths: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the HF forward (use_cache=False)."""
+        kw = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                  position_ids=self.position_ids, use_cache=False)
+        if self.pixel_values is not None:
+            kw["pixel_values"] = self.pixel_values
+        if self.image_grid_thw is not None:
+            kw["image_grid_thw"] = self.image_grid_thw
+        return kw
+
+    def to(self, device) -> "PaddedBatch":
+        """A copy with every tensor on ``device``."""
+        return replace(self, **{k: _to(v, device) for k, v in self.__dict__.items()})
+
+
+def pad(encoded: list[Encoded], pad_token_id: int = 0) -> PaddedBatch:
+    """Right-pad encoded samples to the longest one (see :class:`PaddedBatch`)."""
+    if not encoded:
+        raise ValueError("nothing to pad")
+    B, L = len(encoded), max(e.length for e in encoded)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, L, dtype=torch.long)
+    mrope = encoded[0].mrope is not None
+    position_ids = torch.zeros((3, B, L) if mrope else (B, L), dtype=torch.long)
+    targets = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    response_mask = torch.zeros(B, L, dtype=torch.bool)
+    for b, e in enumerate(encoded):
+        n = e.length
+        input_ids[b, :n] = e.input_ids
+        attention_mask[b, :n] = 1
+        if mrope:
+            position_ids[:, b, :n] = e.mrope
+        else:
+            position_ids[b, :n] = torch.arange(n)
+        targets[b, :n - 1] = e.input_ids[1:]
+        response_mask[b, e.prompt_len - 1:n - 1] = True
+    pixel_values, image_grid_thw = _images(encoded)
+    rows = torch.arange(B) * L
+    return PaddedBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        targets=targets.flatten(),
+        response_mask=response_mask.flatten(),
+        resp_starts=rows + torch.tensor([e.prompt_len for e in encoded]),
+        resp_ends=rows + torch.tensor([e.length for e in encoded]),
+        lengths=[e.length for e in encoded],
+        response_lengths=[e.response_len for e in encoded],
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planning: token budget per micro-batch, balance across data-parallel ranks
+# ----------------------------------------------------------------------------------------------------
+def _check_budget(lengths: list[int], max_tokens: int) -> None:
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise ValueError(f"sample {i} has {n} tokens, more than max_tokens={max_tokens}: raise the "
+                             f"budget or drop the sample")
+
+
+def first_fit_decreasing(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Bin sample indices into micro-batches of at most ``max_tokens`` tokens each.
+
+    Longest first, each into the first micro-batch with room (FFD: at most 11/9·OPT + 1 bins).
+    Returns a list of micro-batches, each a list of indices into ``lengths``; every index appears once.
+    """
+    _check_budget(lengths, max_tokens)
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+        if j is None:
+            bins.append([])
+            room.append(max_tokens)
+            j = len(bins) - 1
+        bins[j].append(i)
+        room[j] -= lengths[i]
+    return bins
+
+
+def balance_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Split sample indices over ``world_size`` ranks, balancing tokens.
+
+    Longest first, each onto the rank with the fewest tokens so far (LPT: within 4/3 of the best
+    possible maximum). Returns one list of indices per rank, each ascending. Needs at least one sample
+    per rank.
+    """
+    if len(lengths) < world_size:
+        raise ValueError(f"{len(lengths)} samples cannot feed {world_size} ranks")
+    ranks, load = [[] for _ in range(world_size)], [0] * world_size
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min(range(world_size), key=lambda r: (load[r], len(ranks[r])))
+        ranks[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(r) for r in ranks]
+
+
+def _split_largest(bins: list[list[int]], lengths: list[int]) -> bool:
+    """Split the heaviest micro-batch with ≥ 2 samples into two of similar tokens; False if none can."""
+    splittable = [b for b in bins if len(b) >= 2]
+    if not splittable:
+        return False
+    big = max(splittable, key=lambda b: sum(lengths[i] for i in b))
+    bins.remove(big)
+    halves, load = ([], []), [0, 0]
+    for i in sorted(big, key=lambda i: -lengths[i]):
+        h = 0 if load[0] <= load[1] else 1
+        halves[h].append(i)
+        load[h] += lengths[i]
+    bins.extend(halves)
+    return True
+
+
+def plan(lengths: list[int], max_tokens: int, world_size: int = 1) -> list[list[list[int]]]:
+    """Plan a step: ``plan[rank][micro_batch]`` is a list of sample indices.
+
+    Samples are balanced over ranks (``balance_ranks``), then binned per rank under ``max_tokens``
+    (``first_fit_decreasing``). Ranks with fewer micro-batches split their heaviest ones until all
+    ranks have the same count, since FSDP ranks must run the same number of forward/backward passes;
+    a rank of single-sample micro-batches cannot split further and keeps fewer (``report`` shows it).
+    """
+    _check_budget(lengths, max_tokens)
+    per_rank = []
+    for idx in balance_ranks(lengths, world_size):
+        bins = first_fit_decreasing([lengths[i] for i in idx], max_tokens)
+        per_rank.append([sorted(idx[j] for j in b) for b in bins])
+    target = max(len(bins) for bins in per_rank)
+    for bins in per_rank:
+        while len(bins) < target and _split_largest(bins, lengths):
+            pass
+    return per_rank
+
+
+@dataclass
+class PackReport:
+    """Summary of a plan. ``rows``: one dict per micro-batch (rank, index, tokens, sequences,
+    padding_fraction); ``rank_tokens``: tokens per rank; ``imbalance``: max / mean rank tokens − 1."""
+
+    rows: list[dict]
+    rank_tokens: list[int]
+    imbalance: float
+
+    def __str__(self) -> str:
+        lines = ["rank  mb  tokens  seqs  padding"]
+        lines += [f"{r['rank']:>4} {r['index']:>3} {r['tokens']:>7} {r['sequences']:>5} "
+                  f"{r['padding_fraction']:>8.3f}" for r in self.rows]
+        lines.append(f"rank tokens {self.rank_tokens}, imbalance {self.imbalance:.3f}")
+        return "\n".join(lines)
+
+
+def report(step_plan: list[list[list[int]]], lengths: list[int], *, padded: bool = False) -> PackReport:
+    """Tokens, sequences and padding fraction per micro-batch of ``step_plan`` (from :func:`plan`), and
+    the token imbalance across ranks. ``padded=True`` measures the same micro-batches laid out as
+    right-padded (B, L_max) batches instead of packed ones (whose padding fraction is 0)."""
+    rows, rank_tokens = [], []
+    for rank, bins in enumerate(step_plan):
+        for index, b in enumerate(bins):
+            tokens = sum(lengths[i] for i in b)
+            slots = len(b) * max(lengths[i] for i in b) if padded else tokens
+            rows.append(dict(rank=rank, index=index, tokens=tokens, sequences=len(b),
+                             padding_fraction=1 - tokens / slots))
+        rank_tokens.append(sum(lengths[i] for b in bins for i in b))
+    mean = sum(rank_tokens) / len(rank_tokens)
+    imbalance = max(rank_tokens) / mean - 1 if mean else 0.0
+    return PackReport(rows=rows, rank_tokens=rank_tokens, imbalance=imbalance)

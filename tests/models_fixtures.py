@@ -1,0 +1,54 @@
+"""Shared helpers of the tiny-model tests: tiny folders built once per process, random samples."""
+
+import functools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ril_fast.tiny import make_tiny
+
+WORDS = ("the red circle is left of a blue square there are three triangles answer chart value "
+         "shows 12 45 2021 x = 4 tallest bar March so step by step first then final").split()
+
+
+@functools.cache
+def _tiny(base: Path, arch: str) -> Path:
+    return make_tiny(base / arch, arch, seed=0)
+
+
+def tiny_folder(tmp_path_factory, arch: str) -> Path:
+    """A tiny HF folder of ``arch``, built once per test process under pytest's base temp dir."""
+    return _tiny(tmp_path_factory.getbasetemp(), arch)
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """Tiny models run fastest on one thread, and two threads stall badly on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_image(width: int, height: int) -> Image.Image:
+    """An RGB image of random pixels (from torch's generator, so the test seed replays it)."""
+    return Image.fromarray((torch.rand(height, width, 3) * 255).byte().numpy())
+
+
+def random_text(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def random_samples(image_counts: list[int]) -> list[dict]:
+    """One sample per entry of ``image_counts``, with that many images of random sizes (28..120 px a
+    side, so 4 to 16 image tokens each), a random question and a random response."""
+    rng = random.Random(int(torch.randint(1 << 30, ())))
+    samples = []
+    for n in image_counts:
+        images = [random_image(rng.randint(28, 120), rng.randint(28, 120)) for _ in range(n)]
+        samples.append(dict(images=images, question=random_text(rng, 3, 12) + "?",
+                            response=random_text(rng, 2, 20) + "."))
+    return samples

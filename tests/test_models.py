@@ -1,0 +1,208 @@
+"""Models: packed log-probs and discriminator logits equal one-sample-at-a-time ones, values and gradients.
+
+Tolerance: fp32 on CPU, packed and separate runs do the same arithmetic per sample up to summation
+order in the matmuls, so they agree to ~1e-6; 1e-5 is the issue's bound. A negative control shows the
+comparison can fail: packing without position restarts lets samples attend to each other (~1e-1).
+"""
+
+import inspect
+
+import pytest
+import torch
+
+from ril_fast.discriminator import Discriminator
+from ril_fast.models import Attn, last_hidden_states, lm_head_weight, load, packed_logprobs, response_logprobs
+from ril_fast.packing import pack, pad
+from tests.helpers import max_err
+from tests.models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+
+ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen2", "internvl")
+ATOL = 1e-5
+# image counts of the samples packed together: none, one and two images (of random sizes), mixed
+MIX = {"qwen2_5_vl": [1, 0, 2, 1, 0], "qwen2_vl": [2, 0, 1, 0], "qwen2": [0, 0, 0, 0], "internvl": [1, 0, 2]}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, one_thread):  # noqa: F811
+    return {a: tiny_folder(tmp_path_factory, a) for a in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    return {a: load(folders[a], device="cpu") for a in ARCHS}
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _weighted_loss(lps, weights):
+    return sum((w * lp).sum() for w, lp in zip(weights, lps))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_logprobs_match_separate(arch, loaded):
+    model, proc = loaded[arch]
+    samples = random_samples(MIX[arch])
+    weights = None
+    results = {}
+    for packed in (True, False):
+        model.zero_grad(set_to_none=True)
+        lps = response_logprobs(model, proc, samples, packed=packed)
+        weights = weights or [torch.randn_like(lp) for lp in lps]
+        _weighted_loss(lps, weights).backward()
+        results[packed] = ([lp.detach() for lp in lps], _grads(model))
+    (lp_p, g_p), (lp_s, g_s) = results[True], results[False]
+    assert [lp.shape for lp in lp_p] == [lp.shape for lp in lp_s]
+    err = max(max_err(a, b) for a, b in zip(lp_p, lp_s))
+    print(f"{arch}: packed vs separate log-probs max abs diff {err:.2e}")
+    assert err <= ATOL
+    assert g_p.keys() == g_s.keys()
+    if arch != "qwen2":  # the vision tower is in the graph
+        assert any(n.startswith(("model.visual", "model.vision_tower")) for n in g_p)
+    grad_err = max(max_err(g_p[n], g_s[n]) / (1 + g_s[n].abs().max().item()) for n in g_p)
+    print(f"{arch}: packed vs separate parameter gradients max rel diff {grad_err:.2e}")
+    assert grad_err <= ATOL
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+def test_negative_control_no_restart_leaks(arch, loaded):
+    """Without restarting text positions the samples attend to each other: the check above can fail."""
+    model, proc = loaded[arch]
+    batch = pack([proc.encode(s) for s in random_samples(MIX[arch][:3])])
+    with torch.no_grad():
+        good = packed_logprobs(model, batch).logprobs
+        T = batch.input_ids.shape[1]
+        if batch.position_ids.ndim == 3:
+            batch.position_ids[0, 0] = torch.arange(T)
+        else:
+            batch.position_ids[0] = torch.arange(T)
+        bad = packed_logprobs(model, batch).logprobs
+    assert max_err(good, bad) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_against_hf_forward(arch, temperature, loaded):
+    """Outside oracle: transformers' own forward of one sample (it builds the mrope positions itself),
+    full logits, log_softmax(logits / τ) at the response targets."""
+    model, proc = loaded[arch]
+    sample = random_samples([MIX[arch][2]])[0]
+    enc = proc.encode(sample)
+    ours = response_logprobs(model, proc, [sample], temperature=temperature)[0]
+    kw = dict(input_ids=enc.input_ids[None], use_cache=False)
+    if enc.pixel_values is not None:
+        kw["pixel_values"] = enc.pixel_values
+    if enc.image_grid_thw is not None:
+        kw["image_grid_thw"] = enc.image_grid_thw
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        kw["mm_token_type_ids"] = (enc.input_ids[None] == proc.image_token_id).int()
+    with torch.no_grad():
+        logits = model(**kw).logits[0].double() / temperature
+    rows = torch.arange(enc.prompt_len - 1, enc.length - 1)
+    oracle = logits[rows].log_softmax(-1).gather(1, enc.input_ids[rows + 1, None]).squeeze(1)
+    assert max_err(ours, oracle) <= ATOL
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+def test_padded_matches_packed(arch, loaded):
+    model, proc = loaded[arch]
+    enc = [proc.encode(s) for s in random_samples(MIX[arch])]
+    with torch.no_grad():
+        packed = packed_logprobs(model, pack(enc)).logprobs
+        padded = packed_logprobs(model, pad(enc, proc.tokenizer.pad_token_id)).logprobs
+    assert max_err(packed, padded) <= ATOL
+
+
+@pytest.mark.parametrize("attn", [Attn.VARLEN, Attn.EAGER])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2", "internvl"])
+def test_attention_paths_agree(arch, attn, folders, loaded):
+    """The registered varlen attention (on CPU its per-sample SDPA reference, reached through
+    transformers' AttentionInterface) and eager attention equal the SDPA path, packed and padded; the
+    vision towers go through the same attention function."""
+    sdpa_model, proc = loaded[arch]
+    other, _ = load(folders[arch], attn=attn, device="cpu")
+    assert other.config._attn_implementation == ("ril_varlen" if attn is Attn.VARLEN else "eager")
+    enc = [proc.encode(s) for s in random_samples(MIX[arch])]
+    with torch.no_grad():
+        for batch in (pack(enc), pad(enc, proc.tokenizer.pad_token_id)):
+            a = packed_logprobs(sdpa_model, batch).logprobs
+            b = packed_logprobs(other, batch).logprobs
+            assert max_err(a, b) <= ATOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+def test_varlen_flash_vs_sdpa_bf16_gpu(arch, folders):
+    """GPU: the flash varlen kernel in bf16 against SDPA in bf16, both against fp32 (the tolerance rule)."""
+    samples = random_samples(MIX[arch])
+    out = {}
+    for name, dtype, attn in (("ref", torch.float32, Attn.SDPA), ("sdpa", torch.bfloat16, Attn.SDPA),
+                              ("varlen", torch.bfloat16, Attn.VARLEN)):
+        model, proc = load(folders[arch], dtype=dtype, attn=attn, device="cuda")
+        with torch.no_grad():
+            out[name] = torch.cat(response_logprobs(model, proc, samples))
+    base = max_err(out["sdpa"], out["ref"])
+    assert max_err(out["varlen"], out["ref"]) <= 2 * base + 1e-2
+
+
+def test_hidden_states_and_head_shapes(loaded):
+    model, proc = loaded["qwen2_5_vl"]
+    batch = pack([proc.encode(s) for s in random_samples([1, 0])])
+    with torch.no_grad():
+        hidden = last_hidden_states(model, batch)
+    assert hidden.shape == (1, sum(batch.lengths), 64)
+    assert lm_head_weight(model).shape == (len(proc.tokenizer), 64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Discriminator
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,pool", [("qwen2_5_vl", "last"), ("qwen2_5_vl", "mean"), ("qwen2_vl", "last"),
+                                       ("qwen2", "mean"), ("internvl", "last")])
+def test_discriminator_packed_matches_separate(arch, pool, folders):
+    disc, proc = Discriminator.from_student(folders[arch], pool=pool, init_std=0.125, device="cpu")
+    enc = [proc.encode(s) for s in random_samples(MIX[arch])]
+    upstream = torch.randn(len(enc))
+    results = {}
+    for packed in (True, False):
+        disc.zero_grad(set_to_none=True)
+        logits = disc(pack(enc)) if packed else torch.cat([disc(pack([e])) for e in enc])
+        (logits * upstream).sum().backward()
+        results[packed] = (logits.detach(), _grads(disc))
+    (l_p, g_p), (l_s, g_s) = results[True], results[False]
+    assert l_p.shape == (len(enc),) and l_p.dtype == torch.float32
+    err = max_err(l_p, l_s)
+    print(f"{arch}/{pool}: discriminator packed vs separate logits max abs diff {err:.2e}")
+    assert err <= ATOL
+    assert {"weight", "bias"} <= g_p.keys() and any(n.startswith("backbone.") for n in g_p)
+    assert max(max_err(g_p[n], g_s[n]) / (1 + g_s[n].abs().max().item()) for n in g_p) <= ATOL
+
+
+def test_discriminator_starts_from_the_student(folders, loaded):
+    student, proc = loaded["qwen2_5_vl"]
+    disc, _ = Discriminator.from_student(folders["qwen2_5_vl"], device="cpu")
+    base = student.model.state_dict()
+    ours = disc.backbone.state_dict()
+    assert base.keys() == ours.keys() and all(torch.equal(base[k], ours[k]) for k in base)
+    assert not any("lm_head" in n for n, _ in disc.named_parameters())
+    with torch.no_grad():
+        logits = disc(pack([proc.encode(s) for s in random_samples([1, 0])]))
+    assert torch.equal(logits, torch.zeros(2))  # zero head: D = 1/2 for everything
+
+
+def test_discriminator_save_load_round_trip(folders, tmp_path):
+    disc, proc = Discriminator.from_student(folders["qwen2_5_vl"], pool="mean", init_std=0.3, device="cpu")
+    with torch.no_grad():
+        for p in disc.backbone.parameters():  # as if trained: no longer the student's weights
+            p.add_(torch.randn_like(p) * 0.01)
+        disc.bias.fill_(0.25)
+    disc.save(tmp_path / "disc", proc)
+    again, proc2 = Discriminator.load(tmp_path / "disc", device="cpu")
+    assert again.pool == disc.pool
+    a, b = disc.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    samples = random_samples([2, 0, 1])
+    with torch.no_grad():
+        assert torch.equal(disc(pack([proc.encode(s) for s in samples])),
+                           again(pack([proc2.encode(s) for s in samples])))

