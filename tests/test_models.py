@@ -13,8 +13,8 @@ import torch
 from ril_fast.discriminator import Discriminator
 from ril_fast.models import Attn, last_hidden_states, lm_head_weight, load, packed_logprobs, response_logprobs
 from ril_fast.packing import pack, pad
-from tests.helpers import max_err
-from tests.models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+from helpers import max_err
+from models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
 
 ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen2", "internvl")
 ATOL = 1e-5

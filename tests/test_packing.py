@@ -7,7 +7,7 @@ import torch
 
 from ril_fast.models import load
 from ril_fast.packing import IGNORE_INDEX, balance_ranks, first_fit_decreasing, pack, pad, plan, report
-from tests.models_fixtures import one_thread, random_image, random_samples, tiny_folder  # noqa: F401
+from models_fixtures import one_thread, random_image, random_samples, tiny_folder  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
                           AutoTokenizer)
 
 from ril_fast.tiny import ARCHS, SPECIAL_TOKENS, main, make_tiny
-from tests.models_fixtures import one_thread, random_image, tiny_folder  # noqa: F401
+from models_fixtures import one_thread, random_image, tiny_folder  # noqa: F401
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_opens_with_plain_transformers(arch, tmp_path_factory, one_thread):  # noqa: F811
@@ -121,7 +121,7 @@ def test_smollm2_folder_is_the_real_model(smollm2):
 def test_vlm_from_parts_keeps_the_language_model(smollm2):
     """Text through the Qwen2.5-VL built from SmolLM2 gives SmolLM2's logits; images go through too."""
     from ril_fast.models import load, response_logprobs
-    from tests.models_fixtures import random_samples
+    from models_fixtures import random_samples
 
     lm_dir, vlm_dir = smollm2
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ril_fast.kernels.disc_head import Pool, disc_head
-from tests.helpers import assert_close_rule, poison_empty
+from helpers import assert_close_rule, poison_empty
 
 # (dtype of hidden, dtype of weight and bias, atol, rtol); the tolerance added to the rule is
 # atol + rtol · max|fp64 reference|.
