@@ -95,6 +95,22 @@ N_PARTIALS = 5  # loss numerator, mask count, kl sum, clip count, ratio sum
 
 
 @triton.jit
+def _load_tokens(lp_ptr, adv_ptr, mask_ptr, old_ptr, N, HAS_OLD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of tokens: (offsets, valid, lp, A, mask, rho), fp32. Lanes past N load values
+    that make every term 0 (mask 0, rho 1, k3 0)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    lp = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    m = tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_OLD:
+        rho = tl.exp(lp - tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32))
+    else:
+        rho = tl.full((BLOCK,), 1.0, tl.float32)
+    return offs, valid, lp, adv, m, rho
+
+
+@triton.jit
 def _dr_grpo_fwd_kernel(
     lp_ptr,
     adv_ptr,
@@ -113,17 +129,7 @@ def _dr_grpo_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    # Lanes past N load values that make every term 0 (mask 0, rho 1, k3 0).
-    lp = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if HAS_OLD:
-        old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        rho = tl.exp(lp - old)
-    else:
-        rho = tl.full((BLOCK,), 1.0, tl.float32)
+    offs, valid, lp, adv, m, rho = _load_tokens(lp_ptr, adv_ptr, mask_ptr, old_ptr, N, HAS_OLD, BLOCK)
     rho_clipped = tl.minimum(tl.maximum(rho, clip_lo), clip_hi)
     term = tl.minimum(rho * adv, rho_clipped * adv)
     clipped = ((rho < clip_lo) & (adv < 0.0)) | ((rho > clip_hi) & (adv > 0.0))
@@ -159,17 +165,7 @@ def _dr_grpo_bwd_kernel(
     HAS_KL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    lp = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if HAS_OLD:
-        old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        rho = tl.exp(lp - old)
-    else:
-        rho = tl.full((BLOCK,), 1.0, tl.float32)
+    offs, valid, lp, adv, m, rho = _load_tokens(lp_ptr, adv_ptr, mask_ptr, old_ptr, N, HAS_OLD, BLOCK)
     clipped = ((rho < clip_lo) & (adv < 0.0)) | ((rho > clip_hi) & (adv > 0.0))
     # d/dlp of min(rho A, clip(rho) A): rho A on the unclipped branch, 0 where the clipped branch is active.
     dterm = tl.where(clipped, 0.0, rho * adv)
