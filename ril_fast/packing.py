@@ -210,8 +210,20 @@ def _to(x, device):
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
+class _Batch:
+    """What the packed and the padded batch share: the image inputs and moving to a device."""
+
+    def _image_inputs(self) -> dict:
+        names = ("pixel_values", "image_grid_thw")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def to(self, device):
+        """A copy with every tensor on ``device``."""
+        return replace(self, **{k: _to(v, device) for k, v in self.__dict__.items()})
+
+
 @dataclass
-class PackedBatch:
+class PackedBatch(_Batch):
     """S samples packed into one row of T tokens, no padding. Shapes in the module docstring."""
 
     input_ids: torch.Tensor
@@ -230,16 +242,8 @@ class PackedBatch:
     def model_inputs(self) -> dict:
         """Keyword arguments of the HF forward. No attention mask: the restarting positions carry the
         boundaries; use_cache=False, else transformers skips packed detection and attends across samples."""
-        kw = dict(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False)
-        if self.pixel_values is not None:
-            kw["pixel_values"] = self.pixel_values
-        if self.image_grid_thw is not None:
-            kw["image_grid_thw"] = self.image_grid_thw
-        return kw
-
-    def to(self, device) -> "PackedBatch":
-        """A copy with every tensor on ``device``."""
-        return replace(self, **{k: _to(v, device) for k, v in self.__dict__.items()})
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
+                    **self._image_inputs())
 
 
 def pack(encoded: list[Encoded]) -> PackedBatch:
@@ -283,7 +287,7 @@ def pack(encoded: list[Encoded]) -> PackedBatch:
 
 
 @dataclass
-class PaddedBatch:
+class PaddedBatch(_Batch):
     """The same samples right-padded to (B, L), for comparisons and benchmarks.
 
     input_ids, attention_mask (B, L); position_ids (B, L) or (3, B, L) (Qwen-VL mrope). targets,
@@ -305,17 +309,8 @@ class PaddedBatch:
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the HF forward (use_cache=False)."""
-        kw = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                  position_ids=self.position_ids, use_cache=False)
-        if self.pixel_values is not None:
-            kw["pixel_values"] = self.pixel_values
-        if self.image_grid_thw is not None:
-            kw["image_grid_thw"] = self.image_grid_thw
-        return kw
-
-    def to(self, device) -> "PaddedBatch":
-        """A copy with every tensor on ``device``."""
-        return replace(self, **{k: _to(v, device) for k, v in self.__dict__.items()})
+        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                    position_ids=self.position_ids, use_cache=False, **self._image_inputs())
 
 
 def pad(encoded: list[Encoded], pad_token_id: int = 0) -> PaddedBatch:
