@@ -1,0 +1,301 @@
+"""Correctness judges: a batch of (question, ground-truth answer, response) -> booleans.
+
+RIL's answer reward is r_ans = 1[judge says correct] (shared/RIL.md). Every judge has one interface,
+``Judge``: a ``name`` that identifies its verdicts (the cache key) and ``__call__(items) -> list[bool]``.
+The kind is picked in one place, ``make_judge``:
+
+    rule   RuleJudge: normalised matching, no model (this module)
+    hf     a local causal LM comparing p("yes") and p("no")           (issue 5, not built yet)
+    http   an OpenAI-compatible server such as vLLM                  (issue 5, not built yet)
+
+Teacher responses never change, so their verdicts are computed once: ``CachedJudge`` wraps any judge
+with a store keyed by a hash of (judge name, question, answer, response). The store is an in-memory
+dict by default; a persistent, multi-process store (issue 5) plugs in through ``store=``.
+"""
+
+import enum
+import hashlib
+import json
+import re
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Protocol
+
+try:  # optional: LaTeX / symbolic equivalence, used only where the rules find nothing to compare
+    import math_verify
+except ImportError:
+    math_verify = None
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """One judgement: does ``response`` answer ``question`` consistently with ground truth ``answer``?"""
+
+    question: str
+    answer: str
+    response: str
+
+
+class Judge(Protocol):
+    """A correctness judge. ``name`` identifies its verdicts: two judges with the same name must agree."""
+
+    name: str
+
+    def __call__(self, items: list[JudgeItem]) -> list[bool]:
+        """One verdict per item, in order."""
+        ...
+
+
+class JudgeKind(str, enum.Enum):
+    """Which judge the trainer uses (its ``judge=`` setting)."""
+
+    RULE = "rule"
+    HF = "hf"
+    HTTP = "http"
+
+
+def make_judge(kind: JudgeKind | str, **options) -> Judge:
+    """The judge of ``kind`` built with ``options`` (the kind's own keyword arguments)."""
+    kind = JudgeKind(kind)
+    if kind is JudgeKind.RULE:
+        return RuleJudge(**options)
+    raise NotImplementedError(f"judge={kind.value} is not built yet (issue 5: judges); use judge=rule")
+
+
+# ---- normalisation -------------------------------------------------------------------------------
+
+_ARTICLES = {"a", "an", "the"}
+_YES = {"yes", "yeah", "yep", "yup", "true"}
+_NO = {"no", "nope", "false"}
+_NEGATIONS = {"not", "no", "never", "neither", "nor", "without", "none"}
+_NEGATION_WINDOW = 3  # words looked back from a match for a negation ("is not really a triangle")
+_BOUNDARY = "|"  # clause punctuation: negation and phrase matches do not cross it
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+          "sixteen seventeen eighteen nineteen twenty").split()
+_TENS = "thirty forty fifty sixty seventy eighty ninety".split()
+_NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)} | {w: 10 * i for i, w in enumerate(_TENS, 3)}
+# Closed answer classes: a response naming two members of the answer's class is hedging ("red or blue").
+_CLASSES = [
+    {"red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray",
+     "teal", "cyan", "magenta", "violet", "gold", "silver", "beige", "maroon", "navy"},
+    {"circle", "square", "rectangle", "triangle", "oval", "ellipse", "star", "hexagon", "pentagon",
+     "diamond", "heart", "cross", "rhombus", "trapezoid", "octagon", "cube", "sphere", "cylinder", "cone"},
+]
+_SYNONYMS = {"grey": "gray", "colour": "color"}
+_TOKEN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?%?|[^\W\d_]+|[,.;:!?]")
+_ANSWER_MARKER = re.compile(r"answer\s*(?:is|:)|=|\\boxed\{|####")
+
+
+def _number(token: str) -> float | None:
+    """The value of a number token ("3", "3.0", "-2", "1/2", "50%", "three"), else None."""
+    if token in _NUMBER_WORDS:
+        return float(_NUMBER_WORDS[token])
+    token = token.rstrip("%")
+    try:
+        if "/" in token:
+            num, den = token.split("/")
+            return float(num) / float(den) if float(den) else None
+        return float(token)
+    except ValueError:
+        return None
+
+
+def _canonical(token: str) -> str:
+    """One spelling per value: numbers as "3" / "2.5", British spellings as American."""
+    value = _number(token)
+    if value is not None:
+        return str(int(value)) if value == int(value) else repr(value)
+    return _SYNONYMS.get(token, token)
+
+
+def tokens(text: str) -> list[str]:
+    """Normalised tokens of ``text``: lowercase, contractions expanded ("isn't" -> "is not"),
+    thousands separators dropped ("1,000" -> "1000"), articles dropped, numbers canonical
+    ("three", "3.0" -> "3"), other punctuation dropped except clause punctuation, which becomes "|"."""
+    text = text.lower().replace("\u2019", "'")
+    text = re.sub(r"n't\b", " not", text)
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    out = []
+    for tok in _TOKEN.findall(text):
+        if tok in ",.;:!?":
+            if out and out[-1] != _BOUNDARY:
+                out.append(_BOUNDARY)
+        elif tok not in _ARTICLES:
+            out.append(_canonical(tok))
+    return out[:-1] if out and out[-1] == _BOUNDARY else out
+
+
+def _negated(toks: list[str], start: int) -> bool:
+    """Whether a negation word comes shortly before ``toks[start]`` in the same clause."""
+    for tok in reversed(toks[max(0, start - _NEGATION_WINDOW):start]):
+        if tok == _BOUNDARY or tok == "but":
+            return False
+        if tok in _NEGATIONS:
+            return True
+    return False
+
+
+def _occurrences(toks: list[str], phrase: list[str]) -> list[int]:
+    """Start indices of ``phrase`` in ``toks``; its last word may carry a plural -s / -es."""
+    n, last = len(phrase), phrase[-1]
+    return [i for i in range(len(toks) - n + 1)
+            if toks[i:i + n - 1] == phrase[:-1] and toks[i + n - 1] in (last, last + "s", last + "es")]
+
+
+def _singular(word: str, vocabulary: set[str]) -> str:
+    """``word`` without a plural -s / -es when that gives a member of ``vocabulary``."""
+    for stem in (word[:-1], word[:-2]):
+        if stem in vocabulary:
+            return stem
+    return word
+
+
+def _affirmed_numbers(toks: list[str]) -> set[float]:
+    """The distinct numbers a response states and does not negate."""
+    return {_number(t) for i, t in enumerate(toks) if _number(t) is not None and not _negated(toks, i)}
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+
+
+# ---- the rule judge ------------------------------------------------------------------------------
+
+_LETTER_ANSWER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
+_LETTER_PATTERNS = [
+    re.compile(r"^\(?([A-Za-z])\)?[.:)]?$"),  # the whole response: "B", "(b)", "B."
+    re.compile(r"\(([A-Za-z])\)"),  # "(B)" anywhere
+    re.compile(r"^([A-Z])[.:)](?:\s|$)"),  # "B. because ..." at the start
+    re.compile(r"^([A-Z]) is\b"),  # "B is correct"
+    re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:\-]?\s*\(?([A-Z])\b"),  # "The answer is B"
+]
+
+
+class RuleJudge:
+    """Judges by normalised matching; no model. The question is not used.
+
+    Both texts are normalised (``tokens``): lowercase, punctuation and articles (a/an/the) dropped,
+    numbers written one way ("3", "3.0", "three" and "1,000" / "1000" agree), "grey" = "gray".
+    The ground-truth answer then picks one rule; the first that applies decides:
+
+    1. empty response: wrong.
+    2. letter answer ("B", "(B)", "b."): multiple choice. The response's letters are read from the
+       whole response ("B", "(B)"), "(B)" anywhere, "B." / "B)" / "B is" at its start, "answer is B",
+       "option B", "choice: B". Right iff exactly one distinct letter is found and it is the answer's.
+    3. yes/no answer ("yes", "no", "true", "false"): right iff the response contains words of
+       exactly one polarity (yes/yeah/yep/true vs no/nope/false) and it is the answer's. "Yes, it
+       is." is yes; "There is no triangle." is no; a response with both, or with neither, is wrong.
+    4. numeric answer (a single number): the candidates are the numbers after the last answer marker
+       ("answer is", "answer:", "=", "\\boxed{", "####") if it is followed by any, else every number in
+       the response; numbers negated ("not 3") are dropped. Right iff the candidates are exactly one
+       value, equal to the answer's (relative tolerance 1e-6). "3 or 4" is wrong for 3.
+    5. anything else (a word or phrase): right iff the response is the answer, or contains the
+       answer as a phrase (its last word may be plural) that is
+       - not negated: no "not / no / never / neither / nor / without / none" among the 3 words before
+         it in the same clause ("not a triangle" is wrong; "not red, but blue" is right for blue);
+       - not hedged: not directly beside "or" ("red or blue");
+       - alone in its class: when the answer is a colour or a shape (the closed lists in
+         ``_CLASSES``), no other member of that class is named un-negated ("red and blue" is wrong
+         for red).
+       When nothing in the response could be compared (no occurrence, no number) and ``math_verify``
+       is importable, it decides symbolic equivalence ("\\frac{1}{2}" vs "0.5"); it is optional and
+       never overrides a rule that found a candidate.
+
+    Limits: a long response that mentions the answer in passing is judged right; number words above
+    twenty that are not multiples of ten ("twenty-one") are not read; yes/no needs an explicit word.
+    """
+
+    def __init__(self, use_math_verify: bool = True):
+        self.use_math_verify = use_math_verify and math_verify is not None
+        # The identity changes with anything that can change a verdict (the cache key).
+        self.name = "rule-v1" + ("+math_verify" if self.use_math_verify else "")
+
+    def __call__(self, items: list[JudgeItem]) -> list[bool]:
+        """One verdict per item."""
+        return [self.check(item.answer, item.response) for item in items]
+
+    def check(self, answer: str, response: str) -> bool:
+        """Whether ``response`` agrees with the ground-truth ``answer`` (the rules above)."""
+        ans, res = tokens(answer), tokens(response)
+        if not res:
+            return False
+        if _LETTER_ANSWER.fullmatch(answer.strip()):
+            letters = {m.upper() for p in _LETTER_PATTERNS for m in p.findall(response.strip())}
+            return letters == {_LETTER_ANSWER.fullmatch(answer.strip()).group(1).upper()}
+        if ans in (["yes"], ["true"], ["no"], ["false"]):
+            said = {"yes" for t in res if t in _YES} | {"no" for t in res if t in _NO}
+            return said == ({"yes"} if ans[0] in _YES else {"no"})
+        if len(ans) == 1 and _number(ans[0]) is not None:
+            return self._numeric(_number(ans[0]), response, res, answer)
+        return self._phrase(ans, res, answer, response)
+
+    def _numeric(self, value: float, response: str, res: list[str], answer: str) -> bool:
+        marker = list(_ANSWER_MARKER.finditer(response.lower()))
+        after = tokens(response[marker[-1].end():]) if marker else []
+        after = after[:after.index(_BOUNDARY)] if _BOUNDARY in after else after
+        candidates = _affirmed_numbers(after) or _affirmed_numbers(res)
+        if not candidates:
+            return self._math_verify(answer, response)
+        return len(candidates) == 1 and _close(candidates.pop(), value)
+
+    def _phrase(self, ans: list[str], res: list[str], answer: str, response: str) -> bool:
+        if not ans:
+            return False
+        found = _occurrences(res, ans)
+        if not found:
+            return self._math_verify(answer, response)
+        n = len(ans)
+        kept = [i for i in found if not _negated(res, i)
+                and "or" not in res[max(0, i - 1):i] + res[i + n:i + n + 1]]
+        if not kept:
+            return False
+        for members in _CLASSES:
+            if n == 1 and ans[0] in members:
+                rivals = {_singular(t, members) for i, t in enumerate(res) if not _negated(res, i)}
+                return not (rivals & members) - {ans[0]}
+        return True
+
+    def _math_verify(self, answer: str, response: str) -> bool:
+        if not self.use_math_verify:
+            return False
+        try:
+            return bool(math_verify.verify(math_verify.parse(answer), math_verify.parse(response)))
+        except Exception:  # math_verify raises on unparsable text; that is "not equivalent"
+            return False
+
+
+# ---- caching -------------------------------------------------------------------------------------
+
+def judge_key(name: str, item: JudgeItem) -> str:
+    """The cache key of ``item`` under the judge called ``name``: sha256 of the four strings."""
+    blob = json.dumps([name, item.question, item.answer, item.response], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class CachedJudge:
+    """Wraps ``judge`` so each distinct (question, answer, response) is judged once.
+
+    ``store`` maps ``judge_key`` -> verdict; by default an in-memory dict. It is the hook for the
+    persistent, multi-process cache of issue 5: any ``MutableMapping[str, bool]`` backed by disk works.
+    Misses of one call go to the inner judge as a single batch, duplicates removed.
+    ``misses`` counts the items the inner judge was given, ``hits`` every other item asked about (an
+    item repeated within one call is a hit after its first time): hit rate = hits / (hits + misses).
+    """
+
+    def __init__(self, judge: Judge, store: MutableMapping[str, bool] | None = None):
+        self.judge = judge
+        self.name = judge.name
+        self.store = {} if store is None else store
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, items: list[JudgeItem]) -> list[bool]:
+        """One verdict per item; only items never seen before reach the inner judge."""
+        keys = [judge_key(self.name, item) for item in items]
+        todo = {k: item for k, item in zip(keys, items) if k not in self.store}
+        if todo:
+            for k, verdict in zip(todo, self.judge(list(todo.values()))):
+                self.store[k] = bool(verdict)
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        return [self.store[k] for k in keys]
