@@ -1,0 +1,48 @@
+"""Phase: the discriminator D_φ — Eq. 1 updates (pre-training, then μ per batch) and scoring for r_sim.
+
+    Eq. 1   maximise  1/N Σ_i [ log D(q, o_i^(s)) + log(1 − D(q, o_i^(t))) ]
+
+i.e. binary cross-entropy with label 1 for student text and 0 for teacher text, summed over every
+response of the step on every rank and divided by their global count N (counted once per step, like the
+policy's normaliser). D(q, o) = sigmoid(logit) is the probability that o is the student's; the
+similarity reward is r_sim = 1[D < 0.5].
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
+
+
+def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: torch.Tensor) -> dict:
+    """Accumulate Eq. 1's gradient over ``micro`` into ``disc``'s ``.grad``.
+
+    ``labels (n,)`` fp32 per response of the step (1 student, 0 teacher), indexed by ``MicroBatch.index``;
+    ``normalizer``: 0-dim tensor, the global number of responses. Returns this rank's summed loss and
+    its accuracy (D ≥ 0.5 read as "student") over real (non-filler) responses.
+    """
+    device = model_device(disc)
+    totals = torch.zeros(3, device=device)  # loss, correct, count
+    for k, mb in enumerate(micro):
+        sync_gradients(disc, k == len(micro) - 1)
+        logits = disc(mb.batch.to(device))
+        y = labels[mb.index].to(device)
+        w = mb.weight.to(device)
+        loss = (w * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum() / normalizer
+        loss.backward()
+        correct = ((logits.detach() >= 0).float() == y).float()
+        totals += torch.stack([loss.detach(), (w * correct).sum(), w.sum()])
+    loss, correct, count = totals.tolist()
+    return dict(disc_loss=loss, disc_accuracy=correct / max(count, 1.0))
+
+
+@torch.no_grad()
+def disc_probs(disc, micro: list[MicroBatch], n: int) -> torch.Tensor:
+    """D = sigmoid(logit) ``(n,)`` fp32 (on CPU) for the step's ``n`` responses, in response order."""
+    device = model_device(disc)
+    probs = torch.full((n,), float("nan"))
+    for mb in micro:
+        probs[mb.index] = torch.sigmoid(disc(mb.batch.to(device))).float().cpu()
+    if torch.isnan(probs).any():
+        raise RuntimeError("some responses were in no micro-batch")
+    return probs

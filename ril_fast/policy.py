@@ -1,0 +1,83 @@
+"""Phase: the policy update of Algorithm 2 — μ passes of Eq. 2 over the step's 2G outputs per question.
+
+    loss = −Σ_i Σ_t mask · [min(ρ A_i, clip(ρ, 1−ε_low, 1+ε_high) A_i) − β k3] / (outputs × L_max)
+
+The normaliser is the number of outputs over ALL ranks times L_max, counted once per step: every
+micro-batch's loss is divided by it, so summing the gradients over micro-batches and ranks gives the
+gradient of the one loss above. FSDP must therefore sum, not average, across ranks (see
+``ril_fast.distributed``). Log-probs come from ``ril_fast.models.packed_logprobs``: the decoder's last
+hidden states of the response rows go through ``kernels.token_logprobs`` with the LM head weight, so
+the (tokens × vocabulary) logits are never built.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ril_fast.kernels import dr_grpo_loss
+from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
+from ril_fast.models import packed_logprobs
+
+
+@dataclass
+class LossConfig:
+    """Eq. 2's constants: clip range, KL weight and the sampling temperature the log-probs use."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0
+    temperature: float = 1.0
+
+
+@torch.no_grad()
+def frozen_logprobs(model, micro: list[MicroBatch], temperature: float) -> list[torch.Tensor]:
+    """Per micro-batch, the response tokens' log-probs ``(R,)`` fp32 under ``model`` without a graph:
+    π_old at the start of a step (μ > 1) and π_ref (β > 0)."""
+    device = model_device(model)
+    return [packed_logprobs(model, mb.batch.to(device), temperature=temperature).logprobs for mb in micro]
+
+
+def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normalizer: torch.Tensor,
+                cfg: LossConfig, old: list[torch.Tensor] | None = None,
+                ref: list[torch.Tensor] | None = None) -> dict:
+    """One accumulation of Eq. 2's gradient over ``micro`` (gradients are added to ``.grad``).
+
+    ``advantages (n,)`` fp32 per response of the step (indexed by ``MicroBatch.index``); ``normalizer``
+    a 0-dim tensor (global outputs × L_max); ``old``/``ref``: per-micro-batch log-probs from
+    :func:`frozen_logprobs`, or None (on-policy / no KL). Returns summed loss and token-weighted means
+    of the kernel's statistics as floats.
+    """
+    device = model_device(model)
+    totals = torch.zeros(5, device=device)  # loss, kl·tokens, clip·tokens, ratio·tokens, tokens
+    for k, mb in enumerate(micro):
+        sync_gradients(model, k == len(micro) - 1)
+        batch = mb.batch.to(device)
+        lp = packed_logprobs(model, batch, temperature=cfg.temperature).logprobs
+        adv = mb.per_token(advantages[mb.index].to(device))
+        mask = mb.per_token(mb.weight.to(device))
+        loss, stats = dr_grpo_loss(lp, adv, mask, old_logprobs=old[k] if old else None,
+                                   ref_logprobs=ref[k] if ref else None, beta=cfg.beta,
+                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalizer=normalizer)
+        loss.backward()
+        tokens = mask.sum()
+        totals += torch.stack([loss.detach(), stats.kl * tokens, stats.clip_fraction * tokens,
+                               stats.ratio * tokens, tokens])
+    loss, kl, clip, ratio, tokens = totals.tolist()
+    tokens = max(tokens, 1.0)
+    return dict(loss=loss, kl=kl / tokens, clip_frac=clip / tokens, ratio=ratio / tokens)
+
+
+def optimizer_step(model, optimizer, grad_clip: float) -> dict:
+    """Clip the gradient norm, step and zero the gradients; a non-finite norm skips the step.
+
+    Returns ``grad_norm`` (before clipping) and ``skipped`` (1.0 when the step was skipped).
+    """
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    norm = float(norm)
+    finite = torch.isfinite(torch.tensor(norm)).item()
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(grad_norm=norm, skipped=0.0 if finite else 1.0)

@@ -1,0 +1,143 @@
+"""The two updates of Algorithm 2 over packed micro-batches: Eq. 2 (policy) and Eq. 1 (discriminator).
+
+Micro-batching must not change the math: the gradient accumulated over many small micro-batches (with
+zero-weight fillers) equals the gradient of the same loss computed in one pass from one-sample-at-a-time
+log-probs and the eager Dr.GRPO reference.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import max_err
+from models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+
+from ril_fast.discriminator import Discriminator
+from ril_fast.imitation import disc_pass, disc_probs
+from ril_fast.kernels.grpo_loss import dr_grpo_loss_ref
+from ril_fast.microbatch import encode_all, micro_batches
+from ril_fast.models import load, response_logprobs
+from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
+
+L_MAX = 24
+
+
+@pytest.fixture(scope="module")
+def qwen_vl(tmp_path_factory, one_thread):  # noqa: F811
+    path = tiny_folder(tmp_path_factory, "qwen2_5_vl")
+    return path, *load(path, device="cpu")
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_micro_batches_cover_every_response_and_meet_the_agreed_count(qwen_vl):
+    _, _, proc = qwen_vl
+    encoded = encode_all(proc, random_samples([1, 0, 2, 0, 1, 0]))
+    lengths = [e.length for e in encoded]
+    budget = max(lengths) + 10
+    micro = micro_batches(encoded, budget)
+    assert sorted(i for mb in micro for i in mb.index) == list(range(len(encoded)))
+    assert all(sum(lengths[i] for i in mb.index) <= budget for mb in micro)
+    more = micro_batches(encoded, budget, agree=lambda n: n + 3)  # split first, then fillers
+    assert len(more) == len(micro) + 3
+    real = [i for mb in more for i, w in zip(mb.index, mb.weight) if w == 1]
+    assert sorted(real) == list(range(len(encoded)))
+    many = micro_batches(encoded, budget, agree=lambda n: len(encoded) + 2)  # only fillers can add more
+    assert len(many) == len(encoded) + 2
+    assert sum(int((mb.weight == 0).sum()) for mb in many) == 2
+
+
+@pytest.mark.parametrize("mu_old,beta", [(False, 0.0), (True, 0.1)])
+def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta):
+    """Eq. 2 accumulated over small micro-batches + fillers == the eager loss over separate forwards."""
+    _, model, proc = qwen_vl
+    samples = random_samples([1, 0, 2, 1, 0])
+    advantages = torch.randn(len(samples))
+    n_outputs = len(samples)
+    cfg = LossConfig(beta=beta, temperature=0.9)
+    encoded = encode_all(proc, samples)
+    # Room for two or three samples per micro-batch, so samples share one (their order matters).
+    micro = micro_batches(encoded, 2 * max(e.length for e in encoded) + 5, agree=lambda n: n + 2)
+    assert any(len(mb.index) > 1 for mb in micro)
+    with torch.no_grad():  # stand-ins for π_old and π_ref: the model's own log-probs, shifted
+        base = frozen_logprobs(model, micro, cfg.temperature)
+    old = [b + 0.2 * torch.randn_like(b) for b in base] if mu_old else None
+    ref = [b + 0.2 * torch.randn_like(b) for b in base] if beta else None
+    normalizer = torch.tensor(float(n_outputs * L_MAX))
+
+    model.zero_grad(set_to_none=True)
+    stats = policy_pass(model, micro, advantages, normalizer, cfg, old=old, ref=ref)
+    got = _grads(model)
+
+    # The reference: one forward per sample, tokens concatenated in sample order.
+    model.zero_grad(set_to_none=True)
+    lps = response_logprobs(model, proc, samples, packed=False, temperature=cfg.temperature)
+    order = {}
+    for k, mb in enumerate(micro):
+        for j, (i, w) in enumerate(zip(mb.index, mb.weight)):
+            if w == 1:
+                order[i] = (k, j)
+
+    def per_sample(per_mb):  # micro-batch tensors → the same values in sample order
+        out = []
+        for i in range(n_outputs):
+            k, j = order[i]
+            offsets = [0] + torch.tensor(micro[k].batch.response_lengths).cumsum(0).tolist()
+            out.append(per_mb[k][offsets[j]:offsets[j + 1]])
+        return torch.cat(out)
+
+    lp = torch.cat(lps)
+    adv = torch.cat([advantages[i].expand(len(x)) for i, x in enumerate(lps)])
+    loss, *_ = dr_grpo_loss_ref(lp, adv, torch.ones_like(lp), per_sample(old) if old else None,
+                                per_sample(ref) if ref else None, beta, 0.2, 0.2, normalizer)
+    loss.backward()
+    want = _grads(model)
+    assert got.keys() == want.keys()
+    err = max(max_err(got[n], want[n]) / (1e-3 + want[n].abs().max().item()) for n in want)
+    assert err < 1e-4, f"relative gradient error {err:.2e}"
+    assert abs(stats["loss"] - loss.item()) <= 1e-5 * (1 + abs(loss.item()))
+
+
+def test_disc_pass_is_eq1_and_learns(qwen_vl):
+    """Eq. 1's gradient over micro-batches == BCE over separate forwards; a few updates separate
+    student-style from teacher-style text."""
+    path, _, proc = qwen_vl
+    disc, _ = Discriminator.from_student(path, device="cpu", init_std=0.02)
+    student = random_samples([1, 0, 1, 0])
+    teacher = [dict(s, response="The answer is clearly stated here: " + s["response"]) for s in random_samples([0, 1, 0, 1])]
+    samples = student + teacher
+    labels = torch.tensor([1.0] * len(student) + [0.0] * len(teacher))
+    encoded = encode_all(proc, samples)
+    micro = micro_batches(encoded, max(e.length for e in encoded) + 5, agree=lambda n: n + 1)
+    n = torch.tensor(float(len(samples)))
+
+    disc.zero_grad(set_to_none=True)
+    stats = disc_pass(disc, micro, labels, n)
+    got = _grads(disc)
+    disc.zero_grad(set_to_none=True)
+    logits = torch.cat([disc(micro_batches([e], 10**6)[0].batch) for e in encoded])
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    loss.backward()
+    want = _grads(disc)
+    err = max(max_err(got[k], want[k]) / (1e-3 + want[k].abs().max().item()) for k in want)
+    assert err < 1e-4 and abs(stats["disc_loss"] - loss.item()) < 1e-5
+
+    opt = torch.optim.AdamW(disc.parameters(), lr=3e-3)
+    for _ in range(30):
+        disc_pass(disc, micro, labels, n)
+        optimizer_step(disc, opt, grad_clip=1.0)
+    probs = disc_probs(disc, micro, len(samples))
+    assert ((probs >= 0.5).float() == labels).all(), probs
+
+
+def test_optimizer_step_skips_a_non_finite_gradient():
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    before = layer.weight.detach().clone()
+    layer(torch.full((1, 3), float("nan"))).sum().backward()
+    out = optimizer_step(layer, opt, grad_clip=1.0)
+    assert out["skipped"] == 1.0 and torch.equal(layer.weight, before) and layer.weight.grad is None
+    layer(torch.ones(1, 3)).sum().backward()
+    out = optimizer_step(layer, opt, grad_clip=1.0)
+    assert out["skipped"] == 0.0 and not torch.equal(layer.weight, before)
