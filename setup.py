@@ -25,6 +25,10 @@ setup(
         "pillow",
         "tokenizers",
         "liger-kernel>=0.8",
+        "pyyaml",
+        "tqdm",
+        # The built-in demo's data: real 64x64 shape images and questions, shipped inside the package.
+        "easy-vqa==1.0",
     ],
     extras_require={
         "test": ["pytest>=8"],

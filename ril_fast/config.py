@@ -1,0 +1,465 @@
+"""The run configuration: nested dataclasses, every field declared once with its default and its help.
+
+    python -m ril_fast.train [--config FILE.yaml] [key=value ...]      # e.g. steps=50 optim.lr=3e-4
+
+Precedence: the defaults below < the YAML files (in order) < the ``key=value`` overrides (left to right).
+A key is a field name, dotted for a section's field (``rollout.temperature=0.7``). Values are parsed
+by the field's type, never evaluated: int, float, bool (true/false, yes/no, on/off, 1/0), str, enum
+(one of its values), list[str] (comma-separated; an empty value is the empty list) and Optional
+(``none`` or ``null`` is None). Unknown keys and unparsable values are errors that say what is valid.
+``--help`` prints every key with its default and help.
+
+The mode is derived, never set: no teachers is RL only (Dr.GRPO with the judge reward, no
+discriminator); K >= 1 teacher collections is RIL with K teachers (shared/RIL.md). Empty paths mean
+"the built-in demo" (``ril_fast.demo.with_demo`` fills them): ``student=''`` uses the demo's tiny
+student, ``train_data`` unset uses the demo's easy-VQA training split, and then unset ``teachers``
+and ``eval_data`` take the demo's two teacher collections and its held-out test split.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+from ril_fast.judge import JudgeKind
+from ril_fast.kernels.disc_head import Pool
+
+
+class ConfigError(ValueError):
+    """A bad config file, override or value; the message says which key and what is valid."""
+
+
+def opt(default, doc: str):
+    """A dataclass field with its default (lists are copied per instance) and its help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """Sampling the G student responses of each question."""
+
+    temperature: float = opt(1.0, "sampling temperature τ; the policy's log-probs use logits / τ too")
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest token set of this probability (1 = off)")
+    batch_size: int = opt(64, "sequences generated together in one batched generate call")
+
+
+@dataclass
+class Optim:
+    """AdamW for the student."""
+
+    lr: float = opt(1e-3, "peak learning rate of the student")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the gradient's global norm to this (0 = no clipping)")
+    warmup_steps: int = opt(5, "linear learning-rate warm-up from 0, in optimizer steps")
+
+
+@dataclass
+class Disc:
+    """The discriminator D_φ (RIL only): Eq. 1 pre-training, then μ updates per batch."""
+
+    lr: float = opt(1e-3, "learning rate of the discriminator's AdamW")
+    pretrain_steps: int = opt(10, "Eq. 1 steps on initial-student vs teacher outputs before the RIL loop")
+    pool: Pool = opt(Pool.LAST, "how a response's hidden states become one vector: last (end-of-turn row) or mean")
+    threshold: float = opt(0.5, "r_sim = 1[D(q, o) < threshold]: the output reads as a teacher's")
+
+
+@dataclass
+class Loss:
+    """Eq. 2, the token-level Dr.GRPO objective."""
+
+    eps_low: float = opt(0.2, "lower clip of the ratio: clip(ρ, 1 - eps_low, 1 + eps_high)")
+    eps_high: float = opt(0.2, "upper clip of the ratio")
+
+
+@dataclass
+class Batch:
+    """How many questions a step takes and how they are packed."""
+
+    questions_per_step: int = opt(8, "questions per step across all ranks; each gives G student (+ G teacher) outputs")
+    max_tokens: int = opt(4096, "token budget of one packed micro-batch (prompt + response tokens)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The config
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    """Everything a run reads. Construct through ``load_config``; ``__post_init__`` checks the values."""
+
+    student: str = opt("", "student model folder (HF format); empty: the built-in demo's tiny Qwen2.5-VL")
+    train_data: str | None = opt(None, "training JSONL (ril_fast.data); none: the demo's easy-VQA training split")
+    teachers: list[str] | None = opt(None, "teacher collections, one JSONL per teacher; empty: RL only; "
+                                           "none: the demo's two when train_data is the demo's, else RL only")
+    judge: JudgeKind = opt(JudgeKind.RULE, "correctness judge for r_ans and evaluation: rule | hf | http")
+    judge_url: str = opt("", "http judge: base URL of the OpenAI-compatible server")
+    judge_model: str = opt("", "hf judge: model folder; http judge: the served model name")
+    steps: int = opt(60, "RIL steps (batches of questions), after discriminator pre-training")
+    group_size: int = opt(4, "G: student samples per question (and teacher outputs per question in RIL)")
+    mu: int = opt(1, "μ: discriminator and policy updates per batch (1: π_old = π_θ, ratio 1)")
+    beta: float = opt(0.0, "β: weight of the k3 KL to the reference model (0: no reference model)")
+    max_new_tokens: int = opt(16, "L_max: generation budget, also Dr.GRPO's constant normaliser")
+    seed: int = opt(0, "seed of data order, sampling and initialisation")
+    output_dir: str = opt("runs/ril", "run folder: config.yaml, metrics.jsonl, curves, final/ model")
+    eval_data: str | None = opt(None, "held-out JSONL scored with greedy answers; empty: no evaluation; "
+                                      "none: the demo's test split when train_data is the demo's")
+    eval_every: int = opt(20, "evaluate every this many steps, and before the first and after the last (0: only then)")
+    eval_max_examples: int = opt(300, "evaluate on at most this many held-out examples (0: all)")
+    log_every: int = opt(1, "write a metrics line every this many steps")
+    progress: bool = opt(True, "show a progress bar with the key numbers (false: log lines only)")
+    rollout: Rollout = field(default_factory=Rollout, metadata={"help": Rollout.__doc__})
+    optim: Optim = field(default_factory=Optim, metadata={"help": Optim.__doc__})
+    disc: Disc = field(default_factory=Disc, metadata={"help": Disc.__doc__})
+    loss: Loss = field(default_factory=Loss, metadata={"help": Loss.__doc__})
+    batch: Batch = field(default_factory=Batch, metadata={"help": Batch.__doc__})
+
+    def __post_init__(self):
+        _check_types(self, "")
+        checks = [
+            (self.steps >= 0, "steps must be >= 0"),
+            (self.group_size >= 1, "group_size (G) must be >= 1"),
+            (not self.rl_only or self.group_size >= 2,
+             "group_size (G) must be >= 2 in RL-only mode: a group of one output has zero advantage"),
+            (self.mu >= 1, "mu (μ) must be >= 1"),
+            (self.beta >= 0, "beta (β) must be >= 0"),
+            (self.max_new_tokens >= 1, "max_new_tokens (L_max) must be >= 1"),
+            (self.eval_every >= 0, "eval_every must be >= 0"),
+            (self.eval_max_examples >= 0, "eval_max_examples must be >= 0"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.output_dir != "", "output_dir must not be empty"),
+            (self.judge is not JudgeKind.HTTP or (self.judge_url and self.judge_model),
+             "judge=http needs judge_url and judge_model"),
+            (self.judge is not JudgeKind.HF or self.judge_model, "judge=hf needs judge_model (a model folder)"),
+            (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
+            (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+            (self.rollout.batch_size >= 1, "rollout.batch_size must be >= 1"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (self.disc.lr > 0, "disc.lr must be > 0"),
+            (self.disc.pretrain_steps >= 0, "disc.pretrain_steps must be >= 0"),
+            (0 < self.disc.threshold < 1, "disc.threshold must be in (0, 1)"),
+            (0 <= self.loss.eps_low < 1, "loss.eps_low must be in [0, 1)"),
+            (self.loss.eps_high >= 0, "loss.eps_high must be >= 0"),
+            (self.batch.questions_per_step >= 1, "batch.questions_per_step must be >= 1"),
+            (self.batch.max_tokens > self.max_new_tokens,
+             "batch.max_tokens must exceed max_new_tokens: a sample holds a prompt and a response"),
+        ]
+        # Each check states what must hold, so NaN (false under every comparison) fails it too.
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+    # -- derived ---------------------------------------------------------------------------------
+    @property
+    def rl_only(self) -> bool:
+        """True when there are no teacher collections: Dr.GRPO on the judge reward, no discriminator."""
+        if self.teachers is None:  # the demo's two teachers when the data is the demo's, else none
+            return self.train_data is not None
+        return not self.teachers
+
+    # -- output ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The full config as nested plain Python (enums as their values), as YAML writes it."""
+        return _plain(asdict(self))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the full resolved config as YAML (``load_config(["--config", path])`` reads it back)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        return path
+
+    def describe(self) -> str:
+        """One aligned ``key = value`` line per field, ``*`` marking values changed from the default."""
+        default = _flatten(Config().to_dict())
+        flat = _flatten(self.to_dict())
+        width = max(map(len, flat))
+        lines = ["config (* = not the default)"]
+        for key, value in flat.items():
+            mark = "" if default.get(key, MISSING) == value else " *"
+            lines.append(f"  {key:<{width}} = {_show(value)}{mark}")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        """A config from nested (YAML-style) data over the defaults; unknown keys are errors."""
+        flat = _flatten_input(data, cls, "")
+        return _build(cls, {k: _parse(cls, k, v) for k, v in flat.items()})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+def load_config(argv: list[str]) -> Config:
+    """Parse ``[--config FILE.yaml] [key=value ...]`` into a checked Config (see the module docstring).
+
+    ``--help`` / ``-h`` prints every key with its default and help, then exits.
+    """
+    argv = list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    values: dict[str, object] = {}
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if arg == "--config":
+                if i + 1 >= len(argv):
+                    raise ConfigError("--config needs a YAML file")
+                i += 1
+                path = argv[i]
+            else:
+                path = arg.split("=", 1)[1]
+            values.update(_read_yaml(path))
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"cannot read argument {arg!r}: expected --config FILE.yaml or key=value "
+                              f"(valid keys: {', '.join(valid_keys())})")
+        i += 1
+    for arg in overrides:  # after every --config, whatever the order on the command line
+        key, text = arg.split("=", 1)
+        values[key.strip()] = _parse(Config, key.strip(), text)
+    return _build(Config, values)
+
+
+def _read_yaml(path: str) -> dict:
+    """The flat {dotted key: parsed value} of a YAML config file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values, got {type(data).__name__}")
+    try:
+        flat = _flatten_input(data, Config, "")
+        return {k: _parse(Config, k, v) for k, v in flat.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every settable dotted key of ``cls``, in declaration order."""
+    keys = []
+    for f in fields(cls):
+        tp = _hints(cls)[f.name]
+        if is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def help_text() -> str:
+    """Every key with its type, default and help, for ``--help``."""
+    default = _flatten(Config().to_dict())
+    lines = [__doc__.strip(), "", "keys:"]
+    for key in valid_keys():
+        cls, name = _owner(Config, key)
+        f = next(f for f in fields(cls) if f.name == name)
+        lines.append(f"  {key} = {_show(default[key])}  [{_type_name(_hints(cls)[name])}]")
+        lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Typed parsing (no eval): the field's annotation decides
+# ----------------------------------------------------------------------------------------------------
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~"}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(key: str) -> ConfigError:
+    return ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+
+
+def _owner(cls, key: str):
+    """The dataclass that holds dotted ``key`` and the field's name in it."""
+    *sections, name = key.split(".")
+    for s in sections:
+        tp = _hints(cls).get(s)
+        if not is_dataclass(tp):
+            raise _unknown(key)
+        cls = tp
+    tp = _hints(cls).get(name)
+    if tp is None:
+        raise _unknown(key)
+    if is_dataclass(tp):
+        raise ConfigError(f"{key!r} is a section; set its fields: "
+                          f"{', '.join(valid_keys(tp, key + '.'))}")
+    return cls, name
+
+
+def _optional_inner(tp):
+    """X for ``X | None``, else None."""
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
+def _type_name(tp) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_type_name(inner)} or none"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " | ".join(m.value for m in tp)
+    if typing.get_origin(tp) is list:
+        return "comma-separated list"
+    return tp.__name__
+
+
+def _parse(cls, key: str, value):
+    """``value`` (a command-line string, or a YAML scalar or list) converted to the type of ``key``."""
+    owner, name = _owner(cls, key)
+    tp = _hints(owner)[name]
+    try:
+        return _convert(value, tp, strict=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot use {value!r}: expected {_type_name(tp)} ({e})") from None
+
+
+def _convert(value, tp, *, strict: bool):
+    """``value`` as type ``tp``. Not strict (command line, YAML): strings are parsed by the type (YAML
+    reads 1e-3, having no dot, as a string). Strict (values set in code): only enums parse strings."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        if value is None or (not strict and isinstance(value, str) and value.strip().lower() in _NONE):
+            return None
+        return _convert(value, inner, strict=strict)
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str) and not strict:
+            return [s.strip() for s in value.split(",") if s.strip()]
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return list(value)
+        raise TypeError("a list of strings")
+    if value is None:
+        raise TypeError("none is not allowed here")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value.strip().lower() if isinstance(value, str) else value)
+        except ValueError:
+            raise ValueError(f"one of {[m.value for m in tp]}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError("a string (quote it in YAML)")
+        return value
+    if isinstance(value, str) and not strict:
+        text = value.strip()
+        if tp is bool:
+            if text.lower() not in _TRUE | _FALSE:
+                raise ValueError("true or false")
+            return text.lower() in _TRUE
+        return tp(text)  # int("2.5") and float("x") raise ValueError
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if tp is int and not isinstance(value, int):
+            raise TypeError("an integer")
+        return tp(value)
+    raise TypeError(f"a {tp.__name__}")
+
+
+def _check_types(obj, prefix: str) -> None:
+    """Reject values of the wrong type set in code (``Config(steps="5")``); enums may be given by value."""
+    for f in fields(obj):
+        tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+        if is_dataclass(tp):
+            if not isinstance(value, tp):
+                raise ConfigError(f"{prefix}{f.name} must be a {tp.__name__} section, got {value!r}")
+            _check_types(value, f"{prefix}{f.name}.")
+            continue
+        try:
+            object.__setattr__(obj, f.name, _convert(value, tp, strict=True))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{prefix}{f.name}: cannot use {value!r}: expected {_type_name(tp)} ({e})") from None
+
+
+def _build(cls, flat: dict):
+    """``cls`` from its defaults with the parsed dotted values of ``flat`` applied."""
+    sections: dict[str, dict] = {}
+    top = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            sections.setdefault(head, {})[rest] = value
+        else:
+            top[head] = value
+    for name, sub in sections.items():
+        tp = _hints(cls)[name]
+        top[name] = _build(tp, sub)
+    return cls(**top)
+
+
+def _flatten_input(data: dict, cls, prefix: str) -> dict:
+    """Nested YAML data -> {dotted key: value}, checking that sections are mappings."""
+    flat = {}
+    hints = _hints(cls)
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in hints:
+            raise _unknown(key)
+        if is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key!r} is a section: give it a mapping of "
+                                  f"{', '.join(valid_keys(hints[name], key + '.'))}")
+            flat.update(_flatten_input(value, hints[name], key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(value) if value else "(empty)"
+    if value == "":
+        return "(empty)"
+    return str(value)
+
+
+if __name__ == "__main__":
+    print(load_config(sys.argv[1:]).describe())

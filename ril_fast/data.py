@@ -1,0 +1,265 @@
+"""Training examples, teacher collections and the order questions are served in.
+
+Training / evaluation JSONL, one example per line (blank lines are skipped)::
+
+    {"id": "q17", "question": "What shape is this?", "answer": "triangle", "images": ["img/17.png"],
+     "answer_type": "shape"}                                   # answer_type optional
+
+``id`` is a non-empty string (an integer is taken as its decimal string) unique in the file;
+``question`` and ``answer`` are non-empty strings; ``images`` is a list (possibly empty) of paths
+relative to the JSONL file's folder, each a file PIL can read. Other fields are ignored.
+
+Teacher collection, one JSONL per teacher, one saved response per line, several lines per id allowed::
+
+    {"id": "q17", "response": "The shape is a triangle.", "teacher": "qwen72b"}   # teacher optional
+
+The teacher's name is the file's stem unless a line's ``teacher`` field names it. Every id must be
+a training example's. Any malformed line raises ``DataError("FILE:LINE: what is wrong")``.
+
+``Batches`` serves the questions: seeded shuffled epochs cut into global batches of
+``questions_per_step`` (an epoch's remainder is dropped), rank r of W taking ``batch[r::W]``. The
+global order depends only on (seed, examples, questions_per_step), so a run resumed from
+``state_dict()`` continues exactly, with the same or a different number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A malformed data file; the message starts with ``FILE:LINE:``."""
+
+
+@dataclass
+class Example:
+    """One training or evaluation question: images (absolute paths), question, ground-truth answer."""
+
+    id: str
+    question: str
+    answer: str
+    images: list[Path]
+    answer_type: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading JSONL with file:line errors
+# ----------------------------------------------------------------------------------------------------
+def _records(path: Path):
+    """Yield ``(line_number, dict)`` for each non-blank line of a JSONL file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}:0: cannot read the file: {e.strerror or e}") from None
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: bad JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def _id(record: dict, where: str) -> str:
+    value = record.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: 'id' must be a non-empty string, got {value!r}" if "id" in record
+                        else f"{where}: missing field 'id'")
+    return value
+
+
+def _text(record: dict, name: str, where: str) -> str:
+    if name not in record:
+        raise DataError(f"{where}: missing field {name!r}")
+    value = record[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: {name!r} is empty")
+    return value
+
+
+def _images(record: dict, folder: Path, where: str, verified: set[Path]) -> list[Path]:
+    """The example's image paths, resolved against ``folder`` and each checked once with PIL."""
+    from PIL import Image
+
+    if "images" not in record:
+        raise DataError(f"{where}: missing field 'images' (a list of image paths, [] for none)")
+    images = record["images"]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise DataError(f"{where}: 'images' must be a list of non-empty path strings, got {images!r}")
+    paths = []
+    for name in images:
+        path = (folder / name).resolve()
+        if path not in verified:
+            if not path.is_file():
+                raise DataError(f"{where}: image {name!r} not found (looked for {path})")
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types for a broken file
+                raise DataError(f"{where}: cannot read image {name!r}: {e}") from None
+            verified.add(path)
+        paths.append(path)
+    return paths
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Every example of a training/evaluation JSONL file, in file order (format in the module docstring)."""
+    path = Path(path)
+    examples, first_line, verified = [], {}, set()
+    for number, record in _records(path):
+        where = f"{path}:{number}"
+        example_id = _id(record, where)
+        if example_id in first_line:
+            raise DataError(f"{where}: duplicate id {example_id!r} (first on line {first_line[example_id]})")
+        first_line[example_id] = number
+        answer_type = record.get("answer_type")
+        if answer_type is not None and (not isinstance(answer_type, str) or not answer_type.strip()):
+            raise DataError(f"{where}: 'answer_type' must be a non-empty string or null, got {answer_type!r}")
+        examples.append(Example(
+            id=example_id,
+            question=_text(record, "question", where),
+            answer=_text(record, "answer", where),
+            images=_images(record, path.parent, where, verified),
+            answer_type=answer_type,
+        ))
+    if not examples:
+        raise DataError(f"{path}:1: no examples in the file")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher collections
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class TeacherBank:
+    """Saved teacher responses: ``id -> teacher -> [responses]``, teachers in order of first appearance."""
+
+    by_id: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    teachers: list[str] = field(default_factory=list)
+
+    def responses(self, example_id: str) -> dict[str, list[str]]:
+        """``{teacher: [responses]}`` for one example (empty if no teacher answered it)."""
+        return self.by_id.get(example_id, {})
+
+    def missing(self, examples: list[Example]) -> list[Example]:
+        """The examples that no teacher has a response for."""
+        return [e for e in examples if not self.by_id.get(e.id)]
+
+    def counts(self) -> dict[str, int]:
+        """Number of saved responses per teacher."""
+        counts = dict.fromkeys(self.teachers, 0)
+        for per_teacher in self.by_id.values():
+            for teacher, responses in per_teacher.items():
+                counts[teacher] += len(responses)
+        return counts
+
+
+def load_teachers(paths: list[str | Path], examples: list[Example]) -> TeacherBank:
+    """Read one JSONL collection per teacher (format in the module docstring) against ``examples``."""
+    known = {e.id for e in examples}
+    bank = TeacherBank()
+    for path in map(Path, paths):
+        lines = 0
+        for number, record in _records(path):
+            where = f"{path}:{number}"
+            example_id = _id(record, where)
+            if example_id not in known:
+                raise DataError(f"{where}: id {example_id!r} is not in the training data")
+            response = _text(record, "response", where)
+            teacher = _text(record, "teacher", where) if "teacher" in record else path.stem
+            if teacher not in bank.teachers:
+                bank.teachers.append(teacher)
+            bank.by_id.setdefault(example_id, {}).setdefault(teacher, []).append(response)
+            lines += 1
+        if not lines:
+            raise DataError(f"{path}:1: no teacher responses in the file")
+    return bank
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches of questions, sharded over ranks, resumable
+# ----------------------------------------------------------------------------------------------------
+class Batches:
+    """Infinite iterator over this rank's share of each global batch of questions (module docstring)."""
+
+    def __init__(self, examples: list[Example], questions_per_step: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if questions_per_step < world_size:
+            raise ValueError(f"questions_per_step={questions_per_step} cannot give each of {world_size} "
+                             f"ranks a question")
+        if len(examples) < questions_per_step:
+            raise ValueError(f"{len(examples)} examples cannot fill a batch of {questions_per_step} questions")
+        self.examples = examples
+        self.questions_per_step = questions_per_step
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.index = 0, 0  # the next batch: number `index` of epoch `epoch`
+        self._order = self._permutation(0)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches in one pass over the examples."""
+        return len(self.examples) // self.questions_per_step
+
+    def _permutation(self, epoch: int) -> list[int]:
+        # A string seed hashes deterministically (sha512), unlike hash() of a tuple.
+        return random.Random(f"ril_fast:{self.seed}:{epoch}").sample(range(len(self.examples)), len(self.examples))
+
+    def global_batch(self) -> list[Example]:
+        """The next global batch (all ranks' questions), consuming it."""
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        start = self.index * self.questions_per_step
+        self.index += 1
+        return [self.examples[i] for i in self._order[start:start + self.questions_per_step]]
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> list[Example]:
+        """This rank's questions of the next global batch: ``batch[rank::world_size]``."""
+        return self.global_batch()[self.rank::self.world_size]
+
+    def state_dict(self) -> dict:
+        """The position: the next batch to serve, plus what the order depends on (checked on load)."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "num_examples": len(self.examples), "questions_per_step": self.questions_per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict()``; the seed, example count and batch size must match."""
+        for key, mine in (("seed", self.seed), ("num_examples", len(self.examples)),
+                          ("questions_per_step", self.questions_per_step)):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume: the saved batches had {key}={state[key]}, this run has {mine}")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Examples -> packing samples
+# ----------------------------------------------------------------------------------------------------
+def to_sample(example: Example, response: str = "", *, truncated: bool = False) -> dict:
+    """The ``ril_fast.packing`` sample of an example and a response (empty: the prompt alone, for rollouts).
+
+    ``truncated``: the response was cut at the generation budget (no end-of-turn token follows it).
+    """
+    sample = {"images": list(example.images), "question": example.question, "response": response}
+    if truncated:
+        sample["truncated"] = True
+    return sample

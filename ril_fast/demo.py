@@ -1,0 +1,205 @@
+"""The built-in demo: easy-VQA questions, two templated teacher collections and a tiny student.
+
+    python -m ril_fast.demo [ROOT] [--max-train N] [--max-test N]     # prints the folder
+
+Made once and cached (default ``~/.cache/ril_fast/demo``, or ``$RIL_FAST_DEMO``) from files that
+ship inside the ``easy-vqa`` PyPI package, so nothing is downloaded at run time:
+
+    train.jsonl               easy-VQA's TRAINING split only: 64x64 images of one coloured shape and
+                              questions with 13 answers; ``answer_type`` is yes/no, shape or color
+    test.jsonl                easy-VQA's test split (different images), kept for held-out evaluation
+    images/{train,test}/      the images the two files use, copied from the package
+    teacher_concise.jsonl     "Triangle."  / "Yes."
+    teacher_verbose.jsonl     "The shape in the image is a triangle." / "Yes, it is."
+    student/                  a tiny random Qwen2.5-VL from ``ril_fast.tiny.make_tiny``
+
+The two teacher collections are written from the ground truth in two distinct styles. They stand in
+for large teacher VLMs (the paper's Qwen2.5-VL-72B and InternVL3-78B), whose responses RIL also reads
+from saved collections: what RIL needs is teacher text that is mostly correct and has a style of its
+own for the discriminator to learn; templates give both with no large model at hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+VERSION = 1  # bump when the files written here change, so cached demos are rebuilt
+_MARKER = "demo.json"
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where a built demo's files are."""
+
+    root: Path
+    train: Path
+    test: Path
+    teachers: tuple[Path, ...]
+    student: Path
+
+
+def default_root() -> Path:
+    """``$RIL_FAST_DEMO`` if set, else ``~/.cache/ril_fast/demo``."""
+    return Path(os.environ.get("RIL_FAST_DEMO") or Path.home() / ".cache" / "ril_fast" / "demo")
+
+
+def answer_type(answer: str) -> str:
+    """``yes/no``, ``shape`` or ``color`` for an easy-VQA answer."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    if answer in SHAPES:
+        return "shape"
+    if answer in COLORS:
+        return "color"
+    raise ValueError(f"not an easy-VQA answer: {answer!r}")
+
+
+def concise(answer: str) -> str:
+    """The concise teacher's response: the answer, capitalised, with a full stop."""
+    return answer.capitalize() + "."
+
+
+def verbose(answer: str) -> str:
+    """The verbose teacher's response: a full sentence around the answer."""
+    kind = answer_type(answer)
+    if kind == "yes/no":
+        return "Yes, it is." if answer == "yes" else "No, it is not."
+    if kind == "shape":
+        return f"The shape in the image is a {answer}."
+    return f"The color of the shape is {answer}."
+
+
+TEACHER_STYLES = {"teacher_concise": concise, "teacher_verbose": verbose}
+
+
+def _paths(root: Path) -> DemoPaths:
+    return DemoPaths(root=root, train=root / "train.jsonl", test=root / "test.jsonl",
+                     teachers=tuple(root / f"{name}.jsonl" for name in TEACHER_STYLES), student=root / "student")
+
+
+def _easy_vqa_split(split: str) -> tuple[list[tuple[str, str, int]], dict[int, Path]]:
+    """(question, answer, image id) triples and image id -> PNG path of an easy-VQA split, read from
+    the installed package's data files (the package's only import is json)."""
+    try:
+        import easy_vqa
+    except ImportError:
+        raise ImportError("the demo needs the easy-vqa package: pip install easy-vqa") from None
+    if split == "train":
+        texts, answers, image_ids = easy_vqa.get_train_questions()
+        images = easy_vqa.get_train_image_paths()
+    else:
+        texts, answers, image_ids = easy_vqa.get_test_questions()
+        images = easy_vqa.get_test_image_paths()
+    return list(zip(texts, answers, image_ids)), {k: Path(v) for k, v in images.items()}
+
+
+def _write_split(root: Path, split: str, limit: int | None, seed: int) -> list[dict]:
+    """Write ``{split}.jsonl`` and copy its images; a seeded random subset of ``limit`` questions."""
+    questions, image_paths = _easy_vqa_split(split)
+    chosen = range(len(questions))
+    if limit is not None and limit < len(questions):
+        chosen = sorted(random.Random(seed).sample(chosen, limit))
+    image_dir = root / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in chosen:
+        text, answer, image_id = questions[i]
+        image = image_dir / f"{image_id}.png"
+        if not image.exists():
+            shutil.copyfile(image_paths[image_id], image)
+        question = text[0].upper() + text[1:]
+        rows.append({"id": f"{split}-{i:05d}", "question": question, "answer": answer,
+                     "images": [str(image.relative_to(root))], "answer_type": answer_type(answer)})
+    _write_jsonl(root / f"{split}.jsonl", rows)
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_demo(root: str | Path | None = None, *, max_train: int | None = None,
+               max_test: int | None = None) -> DemoPaths:
+    """Build the demo in ``root`` (default: ``default_root()``) unless it is already there; return its paths.
+
+    ``max_train`` / ``max_test`` keep a seeded random subset of that many questions of each split
+    (None: all 38,575 / 9,673). A folder built with other settings is rebuilt. The build writes a
+    sibling temporary folder and renames it into place, so concurrent callers (e.g. every rank of a
+    torchrun) never see a half-written demo.
+    """
+    root = Path(root) if root is not None else default_root()
+    settings = {"version": VERSION, "max_train": max_train, "max_test": max_test}
+    marker = root / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return _paths(root)
+    if root.exists() and any(root.iterdir()) and not marker.is_file():
+        raise FileExistsError(f"{root} exists and is not a ril_fast demo folder: choose another root")
+
+    from ril_fast.tiny import make_tiny
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    train = _write_split(tmp, "train", max_train, seed=0)
+    _write_split(tmp, "test", max_test, seed=1)
+    for name, style in TEACHER_STYLES.items():
+        _write_jsonl(tmp / f"{name}.jsonl", [{"id": r["id"], "response": style(r["answer"])} for r in train])
+    make_tiny(tmp / "student", "qwen2_5_vl", seed=0)
+    (tmp / _MARKER).write_text(json.dumps(settings) + "\n")
+
+    if marker.is_file() and json.loads(marker.read_text()) != settings:
+        shutil.rmtree(root)  # a demo of other settings (the marker proves the folder is ours)
+    try:
+        tmp.rename(root)  # replaces root only if it is missing or an empty folder
+    except OSError:
+        if not (marker.is_file() and json.loads(marker.read_text()) == settings):
+            raise
+        shutil.rmtree(tmp)  # another process built the same demo first
+    return _paths(root)
+
+
+def with_demo(config, demo: DemoPaths):
+    """``config`` with its unset paths taken from ``demo`` (see ``ril_fast.config``).
+
+    ``student=''`` -> the demo's student; ``train_data`` None -> the demo's train.jsonl, and then
+    ``teachers`` None -> the demo's two collections and ``eval_data`` None -> its test.jsonl. With
+    training data of your own, unset teachers mean RL only and unset eval_data means no evaluation.
+    """
+    demo_data = config.train_data is None
+    changes = {}
+    if config.student == "":
+        changes["student"] = str(demo.student)
+    if demo_data:
+        changes["train_data"] = str(demo.train)
+    if config.teachers is None:
+        changes["teachers"] = [str(p) for p in demo.teachers] if demo_data else []
+    if config.eval_data is None:
+        changes["eval_data"] = str(demo.test) if demo_data else ""
+    return replace(config, **changes)
+
+
+def needs_demo(config) -> bool:
+    """Whether ``config`` leaves any path to the demo (so ``build_demo`` must run first)."""
+    return config.student == "" or config.train_data is None
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", default=None)
+    parser.add_argument("--max-train", type=int, default=None)
+    parser.add_argument("--max-test", type=int, default=None)
+    args = parser.parse_args(sys.argv[1:])
+    print(build_demo(args.root, max_train=args.max_train, max_test=args.max_test).root)

@@ -1,0 +1,178 @@
+"""Config: defaults, YAML < overrides, typed parsing with clear errors, save/load round trip."""
+
+from dataclasses import fields, is_dataclass
+
+import pytest
+import yaml
+
+from ril_fast.config import Config, ConfigError, JudgeKind, help_text, load_config, valid_keys
+from ril_fast.kernels.disc_head import Pool
+
+
+def test_defaults_are_valid_and_every_field_has_help():
+    config = Config()
+    assert config == load_config([])
+
+    def check(obj, prefix):
+        for f in fields(obj):
+            assert f.metadata.get("help", "").strip(), f"{prefix}{f.name} has no help"
+            if is_dataclass(f.type) or is_dataclass(getattr(obj, f.name)):
+                check(getattr(obj, f.name), f"{prefix}{f.name}.")
+
+    check(config, "")
+    # The demo defaults: no student, no data -> the demo's data and its two teachers (RIL).
+    assert config.student == "" and config.train_data is None and config.teachers is None
+    assert not config.rl_only
+
+
+@pytest.mark.parametrize("arg, attr, expected", [
+    ("student=/models/s", "student", "/models/s"),
+    ("train_data=/d/train.jsonl", "train_data", "/d/train.jsonl"),
+    ("teachers=a.jsonl,b.jsonl", "teachers", ["a.jsonl", "b.jsonl"]),
+    ("teachers= a.jsonl , ", "teachers", ["a.jsonl"]),
+    ("teachers=", "teachers", []),
+    ("judge=rule", "judge", JudgeKind.RULE),
+    ("judge=RULE", "judge", JudgeKind.RULE),
+    ("steps=7", "steps", 7),
+    ("group_size=3", "group_size", 3),
+    ("mu=2", "mu", 2),
+    ("beta=0.04", "beta", 0.04),
+    ("beta=1e-3", "beta", 1e-3),
+    ("beta=1", "beta", 1.0),
+    ("max_new_tokens=32", "max_new_tokens", 32),
+    ("seed=-3", "seed", -3),
+    ("output_dir=/tmp/run", "output_dir", "/tmp/run"),
+    ("eval_data=/d/test.jsonl", "eval_data", "/d/test.jsonl"),
+    ("eval_data=", "eval_data", ""),
+    ("eval_data=none", "eval_data", None),
+    ("eval_every=3", "eval_every", 3),
+    ("progress=false", "progress", False),
+    ("progress=Yes", "progress", True),
+    ("progress=0", "progress", False),
+])
+def test_every_top_level_name_is_settable(arg, attr, expected):
+    config = load_config([arg])
+    value = getattr(config, attr)
+    assert value == expected and type(value) is type(expected), f"{arg} gave {value!r}"
+
+
+def test_section_fields_and_http_judge():
+    config = load_config(["rollout.temperature=0.7", "rollout.top_p=0.9", "optim.lr=3e-4", "disc.pool=mean",
+                          "loss.eps_high=0.28", "batch.max_tokens=2048", "judge=http",
+                          "judge_url=http://127.0.0.1:8000/v1", "judge_model=qwen"])
+    assert (config.rollout.temperature, config.rollout.top_p, config.optim.lr) == (0.7, 0.9, 3e-4)
+    assert config.disc.pool is Pool.MEAN and config.loss.eps_high == 0.28 and config.batch.max_tokens == 2048
+    assert config.judge is JudgeKind.HTTP and config.judge_model == "qwen"
+    assert config.optim.grad_clip == 1.0  # untouched fields keep their defaults
+
+
+def test_yaml_then_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("steps: 5\noptim:\n  lr: 1e-2\n  warmup_steps: 2\nrollout:\n  temperature: 0.5\n"
+                    "teachers: [a.jsonl, b.jsonl]\n")
+    more = tmp_path / "more.yaml"
+    more.write_text("optim:\n  warmup_steps: 3\n")
+    # Overrides win over every file wherever they stand; later files win over earlier ones.
+    config = load_config(["steps=9", "--config", str(base), f"--config={more}", "rollout.temperature=0.9"])
+    assert config.steps == 9
+    assert config.optim.lr == 1e-2  # YAML reads 1e-2 as a string: parsed by the field's type
+    assert config.optim.warmup_steps == 3
+    assert config.rollout.temperature == 0.9
+    assert config.teachers == ["a.jsonl", "b.jsonl"]
+    assert config.mu == Config().mu
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["steps=abc"], ["steps", "'abc'", "expected int"]),
+    (["steps=2.5"], ["steps", "expected int"]),
+    (["beta=x"], ["beta", "expected float"]),
+    (["progress=maybe"], ["progress", "true or false"]),
+    (["judge=gpt"], ["judge", "rule", "hf", "http"]),
+    (["disc.pool=max"], ["disc.pool", "last", "mean"]),
+    (["stpes=3"], ["unknown config key 'stpes'", "valid keys", "steps", "optim.lr", "batch.max_tokens"]),
+    (["optim.learning_rate=1"], ["unknown config key 'optim.learning_rate'", "optim.lr"]),
+    (["steps.x=1"], ["unknown config key 'steps.x'"]),
+    (["optim=3"], ["'optim' is a section", "optim.lr"]),
+    (["steps"], ["cannot read argument 'steps'", "key=value"]),
+    (["--config"], ["--config needs a YAML file"]),
+    (["--config", "/nonexistent/x.yaml"], ["cannot read config file /nonexistent/x.yaml"]),
+    (["mu=0"], ["mu (μ) must be >= 1"]),
+    (["rollout.top_p=1.5"], ["rollout.top_p must be in (0, 1]"]),
+    (["rollout.temperature=nan"], ["rollout.temperature must be > 0"]),
+    (["beta=-1", "steps=-1"], ["beta (β) must be >= 0", "steps must be >= 0"]),
+    (["judge=http"], ["judge=http needs judge_url and judge_model"]),
+    (["teachers=", "group_size=1"], ["group_size (G) must be >= 2 in RL-only mode"]),
+    (["max_new_tokens=64", "batch.max_tokens=64"], ["batch.max_tokens must exceed max_new_tokens"]),
+])
+def test_bad_arguments_give_clear_errors(argv, fragments):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    for fragment in fragments:
+        assert fragment in str(e.value), f"{fragment!r} not in {str(e.value)!r}"
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("stepz: 3\n", ["unknown config key 'stepz'", "valid keys"]),
+    ("optim:\n  lrr: 3\n", ["unknown config key 'optim.lrr'"]),
+    ("optim: 3\n", ["'optim' is a section"]),
+    ("steps: [1, 2]\n", ["steps", "expected int"]),
+    ("steps: true\n", ["steps", "expected int"]),
+    ("student: 12\n", ["student", "expected str"]),
+    ("teachers: [a.jsonl, 3]\n", ["teachers", "list of strings"]),
+    ("- 1\n- 2\n", ["must be a mapping"]),
+    ("steps: [\n", ["not valid YAML"]),
+])
+def test_bad_yaml_gives_clear_errors(tmp_path, text, fragments):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(path)])
+    assert str(e.value).startswith(str(path))
+    for fragment in fragments:
+        assert fragment in str(e.value), f"{fragment!r} not in {str(e.value)!r}"
+
+
+def test_wrong_types_set_in_code_are_rejected():
+    with pytest.raises(ConfigError, match="steps: cannot use '5'"):
+        Config(steps="5")
+    with pytest.raises(ConfigError, match="teachers"):
+        Config(teachers="a.jsonl")
+    assert Config(judge="rule").judge is JudgeKind.RULE  # enums may be given by value
+    assert isinstance(Config(beta=1).beta, float)
+
+
+def test_save_load_round_trip(tmp_path):
+    config = load_config(["teachers=t1.jsonl,t2.jsonl", "train_data=train.jsonl", "eval_data=", "steps=3",
+                          "beta=0.1", "disc.pool=mean", "judge=hf", "judge_model=/m/judge", "progress=off"])
+    path = config.save(tmp_path / "run" / "config.yaml")
+    saved = yaml.safe_load(path.read_text())
+    assert saved["disc"]["pool"] == "mean" and saved["judge"] == "hf" and saved["eval_data"] == ""
+    assert load_config(["--config", str(path)]) == config
+    assert Config.from_dict(config.to_dict()) == config
+    # A default config round-trips too (None values included).
+    assert load_config(["--config", str(Config().save(tmp_path / "d.yaml"))]) == Config()
+
+
+def test_describe_lists_every_key_and_marks_changes():
+    text = load_config(["steps=3", "optim.lr=0.5"]).describe()
+    lines = {line.split("=")[0].strip(): line for line in text.splitlines()[1:]}
+    assert list(lines) == valid_keys()
+    assert lines["steps"].endswith("3 *") and lines["optim.lr"].endswith("0.5 *")
+    assert not lines["mu"].endswith("*")
+
+
+def test_mode_is_derived_from_teachers():
+    assert load_config(["teachers="]).rl_only
+    assert load_config(["train_data=own.jsonl"]).rl_only  # own data, no teachers named
+    assert not load_config(["train_data=own.jsonl", "teachers=t.jsonl"]).rl_only
+    assert not load_config([]).rl_only  # the demo: its two teachers
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_config(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.strip() == help_text().strip()
+    for key in valid_keys():
+        assert f"\n  {key} = " in out

@@ -1,0 +1,205 @@
+"""Data: every malformed line is a FILE:LINE: error; teacher lookup and balance; resumable sharded batches."""
+
+import collections
+import json
+import random
+
+import pytest
+from PIL import Image
+
+from ril_fast.data import Batches, DataError, Example, load_examples, load_teachers, to_sample
+
+GOOD = {"id": "a", "question": "What shape?", "answer": "circle", "images": ["img/a.png"]}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A folder with img/a.png (a real PNG) and img/broken.png (not an image)."""
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    return tmp_path
+
+
+def write_jsonl(path, lines):
+    """Write raw lines (dicts are JSON-encoded, str and bytes written as they are)."""
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return path
+
+
+def examples(n):
+    return [Example(id=f"q{i}", question=f"q {i}?", answer="yes", images=[]) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Examples
+# ----------------------------------------------------------------------------------------------------
+def test_load_examples(folder):
+    path = write_jsonl(folder / "train.jsonl", [
+        GOOD,
+        "",
+        {"id": 7, "question": "Is it red?", "answer": "yes", "images": ["img/a.png", "img/a.png"],
+         "answer_type": "yes/no", "extra": 1},
+        {"id": "t", "question": "Text only?", "answer": "no", "images": [], "answer_type": None},
+    ])
+    ex = load_examples(path)
+    assert [e.id for e in ex] == ["a", "7", "t"]
+    image = (folder / "img" / "a.png").resolve()
+    assert ex[0].images == [image] and ex[1].images == [image, image] and ex[2].images == []
+    assert (ex[0].answer_type, ex[1].answer_type) == (None, "yes/no")
+    assert (ex[1].question, ex[1].answer) == ("Is it red?", "yes")
+
+
+BAD_EXAMPLES = [
+    ('{"id": "b", "question": ', "bad JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    (b'{"id": "b", "question": "\xff?", "answer": "x", "images": []}', "not UTF-8"),
+    ({"question": "q?", "answer": "x", "images": []}, "missing field 'id'"),
+    ({"id": ["b"], "question": "q?", "answer": "x", "images": []}, "'id' must be a non-empty string"),
+    ({"id": " ", "question": "q?", "answer": "x", "images": []}, "'id' must be a non-empty string"),
+    ({"id": "b", "answer": "x", "images": []}, "missing field 'question'"),
+    ({"id": "b", "question": 5, "answer": "x", "images": []}, "'question' must be a string, got int"),
+    ({"id": "b", "question": "  ", "answer": "x", "images": []}, "'question' is empty"),
+    ({"id": "b", "question": "q?", "images": []}, "missing field 'answer'"),
+    ({"id": "b", "question": "q?", "answer": "", "images": []}, "'answer' is empty"),
+    ({"id": "b", "question": "q?", "answer": "x"}, "missing field 'images'"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": "img/a.png"}, "'images' must be a list"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": [3]}, "'images' must be a list"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/nope.png"]}, "image 'img/nope.png' not found"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img"]}, "image 'img' not found"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/broken.png"]}, "cannot read image 'img/broken.png'"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": [], "answer_type": 3}, "'answer_type' must be"),
+    ({"id": "a", "question": "q?", "answer": "x", "images": []}, "duplicate id 'a' (first on line 1)"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_EXAMPLES)
+def test_bad_example_lines(folder, line, message):
+    path = write_jsonl(folder / "train.jsonl", [GOOD, "", line, GOOD | {"id": "c"}])
+    with pytest.raises(DataError) as e:
+        load_examples(path)
+    assert str(e.value).startswith(f"{path}:3: "), str(e.value)  # the blank line 2 still counts
+    assert message in str(e.value), str(e.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataError, match=r"empty\.jsonl:1: no examples"):
+        load_examples(path)
+    with pytest.raises(DataError, match=r"nope\.jsonl:0: cannot read the file"):
+        load_examples(tmp_path / "nope.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teachers
+# ----------------------------------------------------------------------------------------------------
+def test_teacher_bank(tmp_path):
+    ex = examples(3)
+    big = write_jsonl(tmp_path / "big.jsonl", [
+        {"id": "q0", "response": "Yes."}, {"id": "q0", "response": "Yes!"}, {"id": "q1", "response": "No."},
+        {"id": "q1", "response": "Yes, it is.", "teacher": "named"},
+    ])
+    small = write_jsonl(tmp_path / "small.jsonl", [{"id": "q0", "response": "yes"}])
+    bank = load_teachers([big, small], ex)
+    assert bank.teachers == ["big", "named", "small"]
+    assert bank.responses("q0") == {"big": ["Yes.", "Yes!"], "small": ["yes"]}
+    assert bank.responses("q1") == {"big": ["No."], "named": ["Yes, it is."]}
+    assert bank.responses("q2") == {}
+    assert bank.missing(ex) == [ex[2]]
+    assert bank.counts() == {"big": 3, "named": 1, "small": 1}
+
+
+BAD_TEACHER_LINES = [
+    ({"id": "zz", "response": "Yes."}, "id 'zz' is not in the training data"),
+    ({"id": "q0"}, "missing field 'response'"),
+    ({"id": "q0", "response": ""}, "'response' is empty"),
+    ({"id": "q0", "response": ["Yes."]}, "'response' must be a string, got list"),
+    ({"id": "q0", "response": "Yes.", "teacher": ""}, "'teacher' is empty"),
+    ({"response": "Yes."}, "missing field 'id'"),
+    ("not json", "bad JSON"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_TEACHER_LINES)
+def test_bad_teacher_lines(tmp_path, line, message):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"id": "q0", "response": "Yes."}])
+    path = write_jsonl(tmp_path / "t.jsonl", [{"id": "q1", "response": "No."}, line])
+    with pytest.raises(DataError) as e:
+        load_teachers([good, path], examples(2))
+    assert str(e.value).startswith(f"{path}:2: "), str(e.value)
+    assert message in str(e.value), str(e.value)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match=r"empty\.jsonl:1: no teacher responses"):
+        load_teachers([good, empty], examples(2))
+
+
+def take(batches, n):
+    """The ids of the next ``n`` batches."""
+    return [[e.id for e in next(batches)] for _ in range(n)]
+
+
+def test_batches_are_seeded_shuffled_epochs():
+    ex = examples(23)
+    b = Batches(ex, 5, seed=3)
+    assert b.steps_per_epoch == 4
+    first, second = take(b, 4), take(b, 4)
+    for epoch in (first, second):
+        ids = [i for batch in epoch for i in batch]
+        assert len(ids) == 20 and len(set(ids)) == 20  # no example twice in an epoch; 3 left over
+    assert first != second  # reshuffled every epoch
+    assert take(Batches(ex, 5, seed=3), 8) == first + second  # deterministic
+    assert take(Batches(ex, 5, seed=4), 4) != first
+    assert [i for batch in first for i in batch] != [e.id for e in ex[:20]]  # actually shuffled
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_take_disjoint_slices(world_size):
+    ex = examples(40)
+    whole = take(Batches(ex, 6, seed=1), 9)
+    ranks = [take(Batches(ex, 6, seed=1, rank=r, world_size=world_size), 9) for r in range(world_size)]
+    for step, batch in enumerate(whole):
+        parts = [ranks[r][step] for r in range(world_size)]
+        assert all(parts), "every rank gets at least one question"
+        flat = [i for part in parts for i in part]
+        assert len(flat) == len(set(flat)) and sorted(flat) == sorted(batch)
+
+
+@pytest.mark.parametrize("k", [0, 3, 5, 11])
+def test_resume_continues_exactly(k):
+    ex = examples(17)
+    run = Batches(ex, 4, seed=9, rank=1, world_size=2)
+    take(run, k)
+    state = run.state_dict()
+    expected = take(run, 6)
+    resumed = Batches(ex, 4, seed=9, rank=1, world_size=2)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
+    assert take(resumed, 6) == expected
+    # The global order does not depend on the number of ranks: resume on one rank.
+    single = Batches(ex, 4, seed=9)
+    single.load_state_dict(state)
+    assert [b[1::2] for b in take(single, 6)] == expected
+
+
+def test_batches_refuse_bad_settings():
+    with pytest.raises(ValueError, match="cannot resume"):
+        Batches(examples(10), 4, seed=1).load_state_dict(Batches(examples(10), 4, seed=2).state_dict())
+    with pytest.raises(ValueError, match="cannot fill"):
+        Batches(examples(3), 4)
+    with pytest.raises(ValueError, match="cannot give each"):
+        Batches(examples(10), 2, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="rank 2"):
+        Batches(examples(10), 4, rank=2, world_size=2)
+
+
+def test_to_sample(folder):
+    ex = load_examples(write_jsonl(folder / "train.jsonl", [GOOD]))[0]
+    sample = to_sample(ex, "Circle.")
+    assert sample == {"images": [(folder / "img" / "a.png").resolve()], "question": "What shape?",
+                      "response": "Circle."}
+    assert to_sample(ex, "Cir", truncated=True)["truncated"] is True
+    sample["images"].clear()
+    assert ex.images  # the sample does not alias the example's list

@@ -1,0 +1,95 @@
+"""The built-in demo: easy-VQA's training split for training, its test split held out, two teacher styles."""
+
+import hashlib
+import json
+
+import easy_vqa
+import pytest
+
+from ril_fast.config import load_config
+from ril_fast.data import load_examples, load_teachers
+from ril_fast.demo import (DemoPaths, answer_type, build_demo, concise, default_root, needs_demo, verbose,
+                           with_demo)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> DemoPaths:
+    return build_demo(tmp_path_factory.mktemp("cache") / "demo", max_train=50, max_test=20)
+
+
+def test_files_load_with_the_right_counts_and_types(demo):
+    train, test = load_examples(demo.train), load_examples(demo.test)
+    assert (len(train), len(test)) == (50, 20)
+    for e in train + test:
+        assert e.answer_type == answer_type(e.answer)
+        assert len(e.images) == 1 and e.images[0].parent.parent == demo.root / "images"
+    assert {e.answer_type for e in train} == {"yes/no", "shape", "color"}  # a random subset mixes the types
+    bank = load_teachers(list(demo.teachers), train)
+    assert bank.teachers == ["teacher_concise", "teacher_verbose"]
+    assert bank.counts() == {"teacher_concise": 50, "teacher_verbose": 50} and bank.missing(train) == []
+    for e in train:
+        assert bank.responses(e.id) == {"teacher_concise": [concise(e.answer)], "teacher_verbose": [verbose(e.answer)]}
+
+
+def test_train_comes_from_the_training_split_and_test_is_held_out(demo):
+    train, test = load_examples(demo.train), load_examples(demo.test)
+    questions = {"train": easy_vqa.get_train_questions(), "test": easy_vqa.get_test_questions()}
+    for split, exs in (("train", train), ("test", test)):
+        texts, answers, image_ids = questions[split]
+        for e in exs:
+            prefix, index = e.id.split("-")
+            i = int(index)
+            assert prefix == split and e.question.lower() == texts[i] and e.answer == answers[i]
+            assert e.images[0].name == f"{image_ids[i]}.png"
+    assert not {e.id for e in train} & {e.id for e in test}
+    digest = lambda exs: {hashlib.sha256(e.images[0].read_bytes()).hexdigest() for e in exs}  # noqa: E731
+    assert not digest(train) & digest(test)
+    assert not {e.images[0] for e in train} & {e.images[0] for e in test}
+
+
+def test_teacher_styles():
+    assert [concise(a) for a in ("triangle", "yes", "teal")] == ["Triangle.", "Yes.", "Teal."]
+    assert verbose("triangle") == "The shape in the image is a triangle."
+    assert (verbose("yes"), verbose("no")) == ("Yes, it is.", "No, it is not.")
+    assert verbose("teal") == "The color of the shape is teal."
+    assert [answer_type(a) for a in ("no", "circle", "brown")] == ["yes/no", "shape", "color"]
+    with pytest.raises(ValueError, match="not an easy-VQA answer"):
+        answer_type("purple")
+
+
+def test_student_is_a_tiny_qwen2_5_vl(demo):
+    config = json.loads((demo.student / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl"
+    assert (demo.student / "model.safetensors").is_file() and (demo.student / "preprocessor_config.json").is_file()
+
+
+def test_cached_rebuilt_on_new_settings_and_never_clobbers(demo, tmp_path):
+    stamp = demo.train.stat().st_mtime_ns
+    assert build_demo(demo.root, max_train=50, max_test=20) == demo
+    assert demo.train.stat().st_mtime_ns == stamp  # cached: nothing rewritten
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a ril_fast demo folder"):
+        build_demo(other, max_train=5, max_test=5)
+    assert (other / "notes.txt").read_text() == "keep me"
+    small = build_demo(tmp_path / "d", max_train=5, max_test=3)
+    assert len(load_examples(small.train)) == 5
+    assert len(load_examples(build_demo(small.root, max_train=7, max_test=3).train)) == 7
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_with_demo_fills_only_unset_paths(demo, monkeypatch, tmp_path):
+    config = load_config([])
+    assert needs_demo(config)
+    full = with_demo(config, demo)
+    assert full.student == str(demo.student) and full.train_data == str(demo.train)
+    assert full.teachers == [str(p) for p in demo.teachers] and full.eval_data == str(demo.test)
+    assert not full.rl_only and not needs_demo(full)
+    rl = with_demo(load_config(["teachers="]), demo)
+    assert rl.teachers == [] and rl.rl_only and rl.eval_data == str(demo.test)
+    own = with_demo(load_config(["train_data=own.jsonl"]), demo)
+    assert own.train_data == "own.jsonl" and own.teachers == [] and own.eval_data == ""
+    assert own.student == str(demo.student)
+    monkeypatch.setenv("RIL_FAST_DEMO", str(tmp_path / "elsewhere"))
+    assert default_root() == tmp_path / "elsewhere"
