@@ -1,7 +1,8 @@
 """Varlen packing: (images, question, response) samples -> one padding-free micro-batch.
 
 A sample is a dict ``{"images": [PIL.Image | path, ...], "question": str, "response": str}`` (an
-optional ``"truncated": True`` marks a response cut at the generation budget, see below).
+optional ``"truncated": True`` marks a response cut at the generation budget, see below; optional
+``"response_ids"``, the token ids a student rollout sampled, are used instead of re-tokenising).
 
 Rendering (``Processor.encode``): the user turn (the images, then the question) goes through the
 model's chat template with the generation prompt; the response is tokenised on its own and followed
@@ -152,7 +153,10 @@ class Processor:
             raise ValueError("this model takes no images, but a sample has some")
         tok = self.tokenizer
         prompt = tok(self.prompt_text(sample["question"], len(images)), add_special_tokens=False)["input_ids"]
-        response = tok(sample["response"], add_special_tokens=False)["input_ids"]
+        # A student rollout brings the ids it sampled: re-tokenising its text need not give them back
+        # (BPE is not canonical, and a young model emits broken UTF-8), and Eq. 2 needs their log-probs.
+        response = list(sample["response_ids"]) if sample.get("response_ids") is not None else \
+            tok(sample["response"], add_special_tokens=False)["input_ids"]
         if not sample.get("truncated", False):
             response = response + [self.end_token_id]
         if not response:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ril_fast.distributed import call
 from ril_fast.kernels import dr_grpo_loss
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
 from ril_fast.models import packed_logprobs
@@ -34,7 +35,7 @@ def frozen_logprobs(model, micro: list[MicroBatch], temperature: float) -> list[
     """Per micro-batch, the response tokens' log-probs ``(R,)`` fp32 under ``model`` without a graph:
     π_old at the start of a step (μ > 1) and π_ref (β > 0)."""
     device = model_device(model)
-    return [packed_logprobs(model, mb.batch.to(device), temperature=temperature).logprobs for mb in micro]
+    return [call(model, packed_logprobs, mb.batch.to(device), temperature=temperature).logprobs for mb in micro]
 
 
 def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normalizer: torch.Tensor,
@@ -52,7 +53,7 @@ def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normal
     for k, mb in enumerate(micro):
         sync_gradients(model, k == len(micro) - 1)
         batch = mb.batch.to(device)
-        lp = packed_logprobs(model, batch, temperature=cfg.temperature).logprobs
+        lp = call(model, packed_logprobs, batch, temperature=cfg.temperature).logprobs
         adv = mb.per_token(advantages[mb.index].to(device))
         mask = mb.per_token(mb.weight.to(device))
         loss, stats = dr_grpo_loss(lp, adv, mask, old_logprobs=old[k] if old else None,

@@ -1,0 +1,288 @@
+"""Process group and FSDP2 sharding, hand-rolled on torch.distributed (no accelerate, no HF Trainer).
+
+    python -m ril_fast.train ...                          one process: a 1-rank group on a HashStore
+    torchrun --nproc_per_node=N -m ril_fast.train ...     N ranks, rendezvous from torchrun's env
+
+Both launches take the same code path: there is always a process group (nccl on CUDA, gloo on CPU),
+and ``shard_model`` always wraps with FSDP2, so parameters are DTensors even on one rank. It returns
+the root unit ``Sharded(model)``; code that reaches into the model past its ``forward`` (packed
+log-probs through ``base_model`` and the LM head weight) runs as the root's forward:
+``sharded(batch, fn=packed_logprobs)``.
+
+Wrap order (shared/STYLE.md): each decoder block, the vision tower as one unit, then the root.
+Gradients are summed over ranks, not averaged: the trainer already divides the Dr.GRPO loss by a
+global normaliser (all outputs of the step on all ranks), so FSDP's default 1/world_size would divide
+a second time. ``gathered`` keeps every parameter unsharded through a rollout phase, so HF
+``generate`` all-gathers once per phase instead of once per generated token.
+"""
+
+import contextlib
+import dataclasses
+import os
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+# Attribute names of a vision tower in transformers' VLMs (Qwen-VL: visual; InternVL, LLaVA: vision_tower).
+_VISION_NAMES = ("visual", "vision_tower", "vision_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """Where this process sits: ``rank`` of ``world_size``, ``local_rank`` on its node, its ``device``."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the one that logs and writes files)."""
+        return self.rank == 0
+
+
+def init() -> Dist:
+    """Join (or create) the default process group and pick this process's device.
+
+    Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the group is torchrun's; without
+    them a 1-process group on an in-memory store. Backend nccl on CUDA (device ``cuda:LOCAL_RANK``, made
+    current), gloo on CPU. Calling it again returns the same ``Dist``.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` (any shape and dtype, on this rank's device) over all ranks, in place; returns it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of ``tensor`` (any shape and dtype, on this rank's device) over all ranks, in place;
+    returns it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op without a group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Leave the process group (no-op without one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2
+# ----------------------------------------------------------------------------------------------------
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The outermost submodule named like a vision tower (``model.visual``, ``model.model.visual``,
+    ``...vision_tower``), or None for a text-only model."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in _VISION_NAMES:
+            return module
+    return None
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The language model's decoder blocks: the children of every ``ModuleList`` named ``layers``
+    outside the vision tower (``model.layers``, ``model.language_model.layers``, ...)."""
+    vision = vision_tower(model)
+    inside_vision = set(vision.modules()) if vision is not None else set()
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and module not in inside_vision:
+            blocks.extend(module)
+    return blocks
+
+
+def _sum_gradients(module: FSDPModule) -> None:
+    """Make FSDP sum gradients over ranks instead of averaging them.
+
+    torch >= 2.8 (2.11 on the GPU machines, 2.13 here): ``set_gradient_divide_factor(1.0)``, plus
+    ``set_force_sum_reduction_for_comms(True)`` so the reduce-scatter is a plain SUM (with the factor
+    alone FSDP uses ``PREMUL_SUM(1/factor)``, which gloo rejects) and the post-division by 1.0 is
+    skipped. Older torch: ``set_reduce_scatter_divide_factor(1.0)``.
+    """
+    if hasattr(module, "set_gradient_divide_factor"):
+        module.set_gradient_divide_factor(1.0)
+    else:
+        module.set_reduce_scatter_divide_factor(1.0)
+    if hasattr(module, "set_force_sum_reduction_for_comms"):
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def _sum_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    """Gradient hook of a parameter FSDP does not manage: this backward's contribution summed over ranks
+    (each backward's own, before accumulation into ``.grad``, so accumulation stays a plain sum)."""
+    return all_reduce_sum(grad.clone())
+
+
+class Sharded(nn.Module):
+    """The root FSDP unit around a model: ``sharded.module`` is the model itself.
+
+    Why a wrapper: FSDP gathers the root's parameters (embeddings, final norm, LM head, discriminator
+    head) in the root's forward hooks, but ril_fast reaches into models past their ``forward``
+    (``models.packed_logprobs`` runs ``model.base_model`` and hands the LM head weight to a kernel).
+    Running such a function as this wrapper's forward puts all of it inside the root's forward, so
+    FSDP gathers, and after backward reduce-scatters, every parameter it touches:
+
+        sharded(batch)                                  # = model(batch)
+        sharded(batch, fn=packed_logprobs, temperature=t)   # = packed_logprobs(model, batch, ...)
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, fn=None, **kwargs):
+        """``fn(self.module, *args, **kwargs)``, or ``self.module(*args, **kwargs)`` without ``fn``."""
+        return self.module(*args, **kwargs) if fn is None else fn(self.module, *args, **kwargs)
+
+
+def call(model: nn.Module, fn, *args, **kwargs):
+    """``fn(model, *args, **kwargs)``, run as the root's forward when ``model`` is :class:`Sharded` (so
+    FSDP gathers the root's parameters for it); a plain call otherwise."""
+    if isinstance(model, Sharded):
+        return model(*args, fn=fn, **kwargs)
+    return fn(model, *args, **kwargs)
+
+
+def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool = True) -> Sharded:
+    """Shard ``model`` with FSDP2 over all ranks of the default group -> the root unit ``Sharded(model)``.
+
+    ``fully_shard`` on each decoder block, on the vision tower as one unit, then on the root (the
+    embeddings, the final norm, the LM head or discriminator head). ``mixed_precision``: parameters
+    all-gathered in bf16, gradients reduced in fp32 (for CUDA); else plain fp32 (CPU). The model must be
+    on this rank's device, with the same weights on every rank. ``sum_gradients`` (default) makes the
+    gradient reduction a sum over ranks: the caller's loss carries the global normaliser. Parameters
+    (of ``model``, shared with the result; names gain a ``module.`` prefix on the wrapper) become
+    DTensors sharded on dim 0 (``p.full_tensor()`` gathers one), except 0-d ones, which FSDP cannot
+    shard: they stay replicated plain tensors (an optimizer must not mix them with DTensors in one
+    param group when it uses foreach kernels). Call the result, not ``model``: see
+    :class:`Sharded`. For generation see :func:`gathered`.
+    """
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision else MixedPrecisionPolicy())
+    for block in decoder_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    vision = vision_tower(model)
+    if vision is not None:
+        fully_shard(vision, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    # FSDP cannot shard 0-d parameters (the discriminator's bias): they stay plain, replicated tensors
+    # whose gradients are summed over ranks by a hook.
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    for p in scalars:
+        p.register_hook(_sum_over_ranks)
+    # The root's parameters are used first in forward and first in backward: keeping them gathered in
+    # between saves an all-gather (torch's own default for the root). The root passes its inputs on
+    # uncast: they include fp32 tensors for ``fn`` (reference log-probs) that must stay fp32.
+    root_policy = dataclasses.replace(policy, cast_forward_inputs=False)
+    root = fully_shard(Sharded(model), mesh=mesh, mp_policy=root_policy, reshard_after_forward=False,
+                       **({"ignored_params": scalars} if scalars else {}))
+    if sum_gradients:
+        for module in fsdp_modules(root):
+            _sum_gradients(module)
+    # Make it the root now rather than at its first forward, so that ``gathered`` can unshard before
+    # any forward has run.
+    root._get_fsdp_state()._lazy_init()
+    return root
+
+
+def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    """Every FSDP-wrapped module of ``model``, outermost first (empty if not sharded)."""
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a :class:`Sharded` root (the model itself otherwise)."""
+    return model.module if isinstance(model, Sharded) else model
+
+
+def _reshards_after_forward(module: FSDPModule) -> bool:
+    """Whether ``module`` frees its gathered parameters after forward (FSDP keeps it per param group)."""
+    groups = module._get_fsdp_state()._fsdp_param_groups
+    return any(g.post_forward_mesh_info is not None for g in groups)
+
+
+_HELD: "weakref.WeakSet[FSDPModule]" = weakref.WeakSet()  # FSDP modules kept gathered by a gathered()
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Keep every parameter of a sharded model gathered inside the block (for generation).
+
+    ``model``: the :class:`Sharded` root (or a part of it whose root is already held by an enclosing
+    ``gathered``). On entry every FSDP module all-gathers its parameters once (on every rank, in the
+    same order, so ranks that go on to run different numbers of forwards, or no vision tower, cannot
+    deadlock) and stops resharding after forward; on exit the reshard settings come back and the
+    gathered parameters are freed. Forwards inside the block run no collectives. Memory: the whole
+    unsharded model (in the mixed-precision param dtype) on every rank. Nested calls and unsharded
+    models pass through.
+    """
+    modules = [m for m in fsdp_modules(model) if m not in _HELD]
+    before = [_reshards_after_forward(m) for m in modules]
+    order = _forward_order(modules)
+    recorded = len(order)
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    for handle in [m.unshard(async_op=True) for m in modules]:
+        handle.wait()
+    _HELD.update(modules)
+    try:
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            raise RuntimeError("some parameters are still sharded: their FSDP root is outside this module; "
+                               "pass the Sharded module that shard_model returned")
+        yield model
+    finally:
+        _forget_forward_order(modules, order, recorded)
+        for m, reshard in zip(modules, before):
+            _HELD.discard(m)
+            m.set_reshard_after_forward(reshard, recurse=False)
+            m.reshard()
+
+
+def _forward_order(modules: list[FSDPModule]) -> list:
+    """FSDP's record of the order in which units finished forward (shared by all units of a root)."""
+    return modules[0]._get_fsdp_state()._comm_ctx.post_forward_order if modules else []
+
+
+def _forget_forward_order(modules: list[FSDPModule], order: list, keep: int) -> None:
+    """Drop what the forwards inside ``gathered`` added to FSDP's forward-order record.
+
+    FSDP appends every unit's forward to the record (no_grad ones too) and clears it only at the end of
+    a backward, which prefetches from it: the next backward would all-gather the unit that ran last in
+    generation, which it does not need (an extra all-gather per step, seen in tests/test_distributed.py).
+    """
+    del order[keep:]
+    for m in modules:
+        for group in m._get_fsdp_state()._fsdp_param_groups:
+            group._post_forward_indices[:] = [i for i in group._post_forward_indices if i < keep]

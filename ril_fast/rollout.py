@@ -1,0 +1,167 @@
+"""Rollouts: G sampled responses per question from the student (or one greedy response, for evaluation).
+
+Prompts are rendered by the packing ``Processor`` (chat template, image-token expansion), left-padded
+into one batch (G copies of each prompt, images repeated with them) and run through HF ``generate``
+with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-p truncated: the generation
+settings are given in full and the model's own ``generation_config`` (Qwen2.5-VL ships top_k=1,
+repetition_penalty=1.05, ...) is set aside for the call, so the log-probs the trainer computes at
+the same τ are those of the distribution the tokens came from. Generation stops at the end-of-turn
+token (``processor.end_token_id``) or after ``max_new_tokens``.
+
+A sharded model (the ``Sharded`` root from ``ril_fast.distributed.shard_model``) runs inside
+``ril_fast.distributed.gathered``: its parameters are all-gathered once for the whole call, and the
+forwards of generation run no collectives, so ranks may hold different numbers of prompts and finish
+at different steps.
+"""
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ril_fast.distributed import gathered, unwrap
+from ril_fast.packing import ModelKind, Processor
+
+
+@dataclass
+class Rollout:
+    """One generated response. ``token_ids``: the sampled tokens, end-of-turn token excluded;
+    ``text``: their decoding (special tokens kept, so it re-tokenises to the same ids where BPE allows);
+    ``truncated``: generation hit ``max_new_tokens`` before the end-of-turn token."""
+
+    text: str
+    token_ids: list[int]
+    truncated: bool
+
+    def sample(self, example: dict) -> dict:
+        """The packing sample ``{"images", "question", "response", "response_ids", "truncated"}`` of this
+        response to ``example`` (its images and question); the packer uses the sampled ids as they are."""
+        return {"images": example.get("images") or [], "question": example["question"],
+                "response": self.text, "response_ids": self.token_ids, "truncated": self.truncated}
+
+
+@dataclass
+class _Prompt:
+    """One rendered prompt: ids (P,) int64, pixel_values (patches, C·t·p·p) or None, grid (n, 3) or None."""
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+def _render(processor: Processor, example: dict) -> _Prompt:
+    """The prompt of ``example`` as the packer renders it: a sample with an empty response, cut at P."""
+    enc = processor.encode({"images": example.get("images") or [], "question": example["question"],
+                            "response": ""})
+    return _Prompt(enc.input_ids[:enc.prompt_len], enc.pixel_values, enc.image_grid_thw)
+
+
+def _batch(prompts: list[_Prompt], processor: Processor, model, pad_id: int, device) -> dict:
+    """Left-padded ``generate`` inputs: input_ids / attention_mask (B, P_max) int64, and for images
+    pixel_values (all patches, in row order), image_grid_thw (images, 3) and, where the model's rope
+    index reads them (transformers >= 5.2x), mm_token_type_ids (B, P_max) int32 (1 on image tokens)."""
+    P = max(p.input_ids.numel() for p in prompts)
+    input_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        n = p.input_ids.numel()
+        input_ids[b, P - n:] = p.input_ids
+        attention_mask[b, P - n:] = 1
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask)
+    pix = [p.pixel_values for p in prompts if p.pixel_values is not None]
+    if pix:
+        kw["pixel_values"] = torch.cat(pix)
+        kw["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts if p.image_grid_thw is not None])
+        if processor.kind is ModelKind.QWEN_VL and _rope_takes_types(model):
+            kw["mm_token_type_ids"] = (input_ids == processor.image_token_id).int()
+    return {k: v.to(device) for k, v in kw.items()}
+
+
+def _rope_takes_types(model) -> bool:
+    """Whether this transformers version's Qwen-VL rope index finds image tokens from mm_token_type_ids
+    (without them, generate would silently give image tokens 1-D text positions)."""
+    return "mm_token_type_ids" in inspect.signature(model.base_model.get_rope_index).parameters
+
+
+def _generation_config(processor: Processor, *, max_new_tokens: int, greedy: bool, temperature: float,
+                       top_p: float, pad_id: int):
+    """Every setting that shapes the next-token distribution, given explicitly."""
+    from transformers import GenerationConfig
+
+    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
+    # A response may not contain image placeholders: the model's forward swaps image features in at
+    # every one, so a sampled placeholder would break the training forward of that response.
+    placeholders = [t for t in (processor.image_token_id, processor.image_start_id, processor.image_end_id)
+                    if t is not None]
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
+                            repetition_penalty=1.0, eos_token_id=processor.end_token_id, pad_token_id=pad_id,
+                            use_cache=True, suppress_tokens=placeholders or None, **sampling)
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model):
+    """Set the model's own generation_config aside: ``generate`` fills every setting left unset from it."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def _split(new_tokens: torch.Tensor, end_id: int, tokenizer) -> list[Rollout]:
+    """(B, N) generated ids (pad after an end-of-turn token) -> B rollouts. A row without the
+    end-of-turn token ran for all ``max_new_tokens``: truncated."""
+    out = []
+    for row in new_tokens.tolist():
+        truncated = end_id not in row
+        ids = row if truncated else row[:row.index(end_id)]
+        out.append(Rollout(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                           ids, truncated))
+    return out
+
+
+def sample_responses(model, processor: Processor, examples: list[dict], *, group_size: int = 1,
+                     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                     greedy: bool = False, max_batch: int | None = None) -> list[list[Rollout]]:
+    """Generate ``group_size`` responses to each example -> ``rollouts[example][g]``.
+
+    ``examples``: dicts with ``"question"`` and optional ``"images"`` (PIL images or paths), e.g. the
+    training examples or packing samples (a ``"response"`` is ignored). ``model``: the HF model (with
+    LM head) that ``processor`` belongs to (from ``ril_fast.models.load``), or the ``Sharded`` root of
+    it from ``ril_fast.distributed.shard_model``.
+    Sampling: softmax(logits / ``temperature``), top-p truncated when ``top_p`` < 1, reproducible from
+    ``seed`` for the same examples and ``max_batch`` (the global RNG is left as it was). Use a different
+    seed per rank. ``greedy``: argmax decoding, ``group_size`` must be 1 (evaluation); it gives what one
+    prompt at a time would give: left padding does not change the output. ``max_batch``: most sequences
+    per ``generate`` call (default: all ``len(examples) * group_size`` at once).
+    """
+    if greedy and group_size != 1:
+        raise ValueError("greedy decoding gives one response per question: group_size must be 1")
+    if group_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"need group_size >= 1 and max_new_tokens >= 1, got {group_size}, {max_new_tokens}")
+    if not examples:
+        return []
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else processor.end_token_id
+    config = _generation_config(processor, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+                                top_p=top_p, pad_id=pad_id)
+    hf = unwrap(model)
+    device = next(hf.parameters()).device
+    prompts = [p for p in (_render(processor, ex) for ex in examples) for _ in range(group_size)]
+    step = max_batch or len(prompts)
+    flat: list[Rollout] = []
+    rng_devices = [device] if device.type == "cuda" else []
+    with gathered(model), _neutral_generation_config(hf), torch.no_grad(), \
+            torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), step):
+            inputs = _batch(prompts[start:start + step], processor, hf, pad_id, device)
+            # synced_gpus=False: inside gathered() the forwards run no collectives, so a rank that
+            # finishes early need not keep stepping (transformers turns syncing on for FSDP models).
+            out = hf.generate(**inputs, generation_config=config, synced_gpus=False)
+            flat.extend(_split(out[:, inputs["input_ids"].shape[1]:].cpu(), processor.end_token_id, tok))
+    return [flat[i:i + group_size] for i in range(0, len(flat), group_size)]

@@ -1,0 +1,265 @@
+"""FSDP2 checks on a tiny Qwen2.5-VL, run by tests/test_distributed.py on one or more CPU ranks (gloo).
+
+    torchrun --standalone --nproc_per_node=2 tests/dist_scripts/fsdp_checks.py MODEL_DIR OUT.json
+    python tests/dist_scripts/fsdp_checks.py MODEL_DIR OUT.json          # one rank, no torchrun env
+
+Every rank measures; errors are max-reduced over ranks and rank 0 writes them to OUT.json, where the
+test asserts on them. Each rank's data comes from a seed of its rank, so every rank can rebuild every
+other rank's batch and compute the single-process reference: the SUM over ranks of the unsharded
+model's gradients.
+"""
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_param_group  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from ril_fast import distributed, rollout  # noqa: E402
+from ril_fast.discriminator import Discriminator  # noqa: E402
+from ril_fast.models import load, packed_logprobs  # noqa: E402
+from ril_fast.packing import pack  # noqa: E402
+from ril_fast.rollout import sample_responses  # noqa: E402
+from tests.models_fixtures import random_samples  # noqa: E402
+
+IMAGES = [1, 0, 2]  # images per sample of a rank's batch (the vision tower runs on every rank)
+
+
+class AllGatherCounter:
+    """Counts FSDP2's parameter all-gathers: each call of ``foreach_all_gather`` is one collective for
+    one FSDP module's parameters (FSDP skips it on a 1-rank mesh, so the count stays 0 there)."""
+
+    def __init__(self):
+        self.count = 0
+        self._real = fsdp_param_group.foreach_all_gather
+
+    def _counted(self, *args, **kwargs):
+        self.count += 1
+        return self._real(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def counting(self):
+        self.count = 0
+        fsdp_param_group.foreach_all_gather = self._counted
+        try:
+            yield self
+        finally:
+            fsdp_param_group.foreach_all_gather = self._real
+
+
+def rank_data(proc, rank: int):
+    """Rank ``rank``'s packed batch and upstream weights (R,) fp32, the same on every process."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1000 + rank)
+        samples = random_samples(IMAGES)
+        batch = pack([proc.encode(s) for s in samples])
+        weights = torch.randn(sum(batch.response_lengths))
+    return samples, batch, weights
+
+
+def logprobs(model, batch) -> torch.Tensor:
+    """Packed response log-probs (R,) fp32; a sharded model runs them as its root's forward."""
+    if isinstance(model, distributed.Sharded):
+        return model(batch, fn=packed_logprobs).logprobs
+    return packed_logprobs(model, batch).logprobs
+
+
+def summed_loss(model, batch, weights) -> torch.Tensor:
+    """A loss summed over the rank's tokens, as the trainer's (normalised by a global count, here 1)."""
+    return (weights * logprobs(model, batch)).sum()
+
+
+def full_grads(model) -> dict:
+    """Parameter gradients as full tensors (a collective for sharded ones: every rank calls it)."""
+    out = {}
+    for n, p in distributed.unwrap(model).named_parameters():
+        if p.grad is not None:
+            g = p.grad
+            out[n] = (g.full_tensor() if isinstance(g, DTensor) else g).float()
+    return out
+
+
+def grad_err(got: dict, want: dict) -> float:
+    """Largest error relative to each tensor's scale; inf when the parameter sets differ."""
+    if got.keys() != want.keys():
+        return float("inf")
+    return max(((got[n] - want[n]).abs().max() / (1 + want[n].abs().max())).item() for n in want)
+
+
+def max_over_ranks(x: float) -> float:
+    return distributed.all_reduce_max(torch.tensor([x], dtype=torch.float64)).item()
+
+
+def main(folder: str, out_path: str) -> None:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    d = distributed.init()
+    res = {"world_size": d.world_size, "rank_device": str(d.device), "is_main": d.is_main,
+           "init_again_same": distributed.init() == d}
+    res["rank_sum"] = distributed.all_reduce_sum(torch.tensor(d.rank + 1)).item()  # 1 + 2 + ... + W
+    res["rank_max"] = distributed.all_reduce_max(torch.tensor([d.rank, -d.rank])).tolist()
+    ref, proc = load(folder, device="cpu")
+    samples, batch, weights = rank_data(proc, d.rank)
+
+    # Reference: the sum over ranks of single-process gradients of each rank's summed loss.
+    ref_grads = {}
+    for r in range(d.world_size):
+        ref.zero_grad(set_to_none=True)
+        summed_loss(ref, *rank_data(proc, r)[1:]).backward()
+        for n, p in ref.named_parameters():
+            if p.grad is not None:
+                ref_grads[n] = ref_grads.get(n, 0) + p.grad
+    ref.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        ref_lp = packed_logprobs(ref, batch).logprobs
+
+    # -- fp32 sharding: forward and summed gradients --------------------------------------------------
+    counter = AllGatherCounter()
+    model = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=False)
+    res["fsdp_modules"] = len(distributed.fsdp_modules(model))
+    res["params_are_dtensors"] = all(isinstance(p, DTensor) for p in model.parameters())
+    with counter.counting():
+        loss = summed_loss(model, batch, weights)
+        res["gathers_forward_before_rollout"] = counter.count
+        loss.backward()
+        res["gathers_step_before_rollout"] = counter.count
+    grads = full_grads(model)
+    with torch.no_grad():
+        res["forward_err"] = max_over_ranks((logprobs(model, batch) - ref_lp).abs().max().item())
+    res["grad_params"] = len(grads)
+    res["grad_has_vision"] = any(n.startswith("model.visual.") for n in grads)
+    res["grad_names_match"] = set(grads) == set(ref_grads)
+    res["grad_err_vs_sum"] = max_over_ranks(grad_err(grads, ref_grads))
+
+    # -- control: FSDP's default divide factor gives the mean, not the sum ------------------------------
+    default = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=False, sum_gradients=False)
+    summed_loss(default, batch, weights).backward()
+    default_grads = full_grads(default)
+    res["default_grad_err_vs_mean"] = max_over_ranks(
+        grad_err(default_grads, {n: g / d.world_size for n, g in ref_grads.items()}))
+    res["default_grad_err_vs_sum"] = max_over_ranks(grad_err(default_grads, ref_grads))
+    del default, default_grads
+
+    # -- bf16 parameters, fp32 reduction, against an unsharded bf16 model (the tolerance rule's base) ----
+    ref16, _ = load(folder, device="cpu", dtype=torch.bfloat16)
+    for r in range(d.world_size):
+        summed_loss(ref16, *rank_data(proc, r)[1:]).backward()
+    ref16_grads = {n: p.grad.float() for n, p in ref16.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        res["bf16_unsharded_forward_err"] = max_over_ranks((logprobs(ref16, batch) - ref_lp).abs().max().item())
+    res["bf16_unsharded_grad_err_vs_sum"] = grad_err(ref16_grads, ref_grads)
+    del ref16, ref16_grads
+    mixed = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=True)
+    mixed_loss = summed_loss(mixed, batch, weights)
+    with torch.no_grad():
+        res["bf16_forward_err"] = max_over_ranks((logprobs(mixed, batch) - ref_lp).abs().max().item())
+    mixed_loss.backward()
+    mixed_grads = full_grads(mixed)
+    res["bf16_grad_dtypes"] = sorted({str(p.grad.dtype) for p in mixed.parameters() if p.grad is not None})
+    res["bf16_grad_err_vs_sum"] = max_over_ranks(grad_err(mixed_grads, ref_grads))
+    # fn's own inputs reach it uncast (fp32 reference log-probs stay fp32); pixels are cast by the tower
+    res["bf16_fn_input_dtype"] = mixed(torch.ones(2), fn=lambda m, t: str(t.dtype))
+    with distributed.gathered(mixed):
+        res["bf16_gathered_param_dtypes"] = sorted({str(p.dtype) for p in mixed.parameters()})
+    del mixed, mixed_grads
+
+    # -- generation inside gathered(): same tokens, one all-gather per FSDP module --------------------------
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # every rank builds the same examples for the un-gathered comparison
+    shared = random_samples([2, 1])
+    new_tokens = 16
+    want = sample_responses(ref, proc, shared, max_new_tokens=new_tokens, greedy=True)
+    with counter.counting():
+        got = sample_responses(model, proc, shared, max_new_tokens=new_tokens, greedy=True)
+        res["gathers_generate_gathered"] = counter.count
+    res["greedy_same_tokens_gathered"] = got == want
+    # Without gathered(): FSDP re-gathers each block at every generated token. generate() calls the
+    # inner HF model, past the root's hooks, so the root's own parameters are gathered by hand here.
+    # The ranks must run the same number of forwards then: the same examples, greedy, on every rank.
+    with counter.counting():
+        real = rollout.gathered
+        rollout.gathered = lambda m: contextlib.nullcontext(m)
+        model.unshard()  # the root's own parameters only (not recursive)
+        units = distributed.fsdp_modules(model)
+        order = distributed._forward_order(units)
+        recorded = len(order)
+        try:
+            plain = sample_responses(model, proc, shared, max_new_tokens=new_tokens, greedy=True)
+        finally:
+            rollout.gathered = real
+            model.reshard()
+            distributed._forget_forward_order(units, order, recorded)  # as gathered() does on exit
+        res["gathers_generate_plain"] = counter.count
+    res["greedy_same_tokens_plain"] = plain == want
+    res["generated_lengths"] = [len(r[0].token_ids) for r in want]
+
+    # Rank-local sampling: different prompts per rank, different lengths, no collectives inside.
+    seed = 100 + d.rank
+    want = sample_responses(ref, proc, samples, group_size=4, max_new_tokens=new_tokens, seed=seed)
+    with counter.counting():
+        got = sample_responses(model, proc, samples, group_size=4, max_new_tokens=new_tokens, seed=seed)
+        res["gathers_sampling"] = counter.count
+    res["sampled_same_tokens"] = bool(max_over_ranks(float(got != want)) == 0)
+
+    # Nested: a rollout inside an enclosing gathered() gathers nothing more; the inner HF model alone
+    # (its root's parameters still sharded) is refused with a clear error.
+    with counter.counting(), distributed.gathered(model):
+        again = sample_responses(model, proc, samples, group_size=4, max_new_tokens=new_tokens, seed=seed)
+        inner = sample_responses(distributed.unwrap(model), proc, samples, group_size=4,
+                                 max_new_tokens=new_tokens, seed=seed)
+        res["nested_same_tokens"] = again == inner == got
+        res["gathers_nested"] = counter.count
+    try:
+        sample_responses(distributed.unwrap(model), proc, samples, max_new_tokens=2)
+        res["inner_alone_refused"] = False
+    except RuntimeError as e:
+        res["inner_alone_refused"] = "Sharded" in str(e)
+
+    # After gathered(): sharded again, and forward gathers as before.
+    res["params_are_dtensors_after"] = all(isinstance(p, DTensor) for p in model.parameters())
+    with counter.counting():
+        summed_loss(model, batch, weights).backward()
+        res["gathers_step_after_rollout"] = counter.count
+    with torch.no_grad(), counter.counting():
+        logprobs(model, batch)
+        logprobs(model, batch)
+        res["gathers_two_forwards_after_rollout"] = counter.count
+
+    # -- the discriminator shards the same way; its 0-d bias stays a plain tensor, summed by a hook ------
+    disc_ref, _ = Discriminator.from_student(folder, device="cpu", init_std=0.5)
+    disc, _ = Discriminator.from_student(folder, device="cpu")
+    disc.load_state_dict(disc_ref.state_dict())
+    disc = distributed.shard_model(disc, mixed_precision=False)
+    res["disc_fsdp_modules"] = len(distributed.fsdp_modules(disc))
+    for r in range(d.world_size):
+        _, b, _ = rank_data(proc, r)
+        (disc_ref(b) * torch.arange(1.0, 4.0)).sum().backward()
+    disc_ref_grads = {n: p.grad for n, p in disc_ref.named_parameters() if p.grad is not None}
+    logits = disc(batch)
+    with torch.no_grad():
+        res["disc_forward_err"] = max_over_ranks((logits - disc_ref(batch)).abs().max().item())
+    # two backwards (gradient accumulation over micro-batches), half the weight each
+    (logits * torch.arange(1.0, 4.0) / 2).sum().backward()
+    (disc(batch) * torch.arange(1.0, 4.0) / 2).sum().backward()
+    res["disc_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(disc), disc_ref_grads))
+    res["disc_bias_grad_err"] = max_over_ranks(
+        (distributed.unwrap(disc).bias.grad - disc_ref_grads["bias"]).abs().item())
+    torch.optim.AdamW(disc.parameters(), lr=1e-3).step()  # DTensors and the plain bias in one group
+    res["disc_optimizer_step"] = True
+
+    distributed.barrier()
+    res["seconds"] = time.perf_counter() - t0
+    if d.is_main:
+        Path(out_path).write_text(json.dumps(res, indent=1))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

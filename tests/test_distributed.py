@@ -1,0 +1,159 @@
+"""FSDP2 sharding, summed gradients and gathered generation, on CPU ranks (gloo) under torchrun.
+
+Each launch runs tests/dist_scripts/fsdp_checks.py once (one process start-up costs seconds, so the
+script measures everything and writes a JSON report that the tests below assert on). Launches: two
+ranks under torchrun, one rank under torchrun, one rank from plain ``python`` (no torchrun
+environment): the same code path.
+
+Tolerances: fp32 sharded and unsharded runs do the same arithmetic (the all-gathered parameters are
+bitwise the originals; the gradient sum over 2 ranks is one addition), so they agree exactly; 1e-6
+leaves room for a different reduction order elsewhere. bf16 follows the project's rule: at most twice
+the error of the unsharded model run in bf16, plus 1e-3.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ril_fast.discriminator import Discriminator
+from ril_fast.distributed import Sharded, decoder_blocks, vision_tower
+from ril_fast.models import load
+from tests.models_fixtures import one_thread, tiny_folder  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist_scripts" / "fsdp_checks.py"
+EXACT = 1e-6
+LAUNCHES = {
+    "torchrun2": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    "torchrun1": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"],
+    "python": [],
+}
+
+
+def _launch(kind: str, folder: Path, out: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, *LAUNCHES[kind], str(SCRIPT), str(folder), str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, f"{kind} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    res = json.loads(out.read_text())
+    res["wall_s"] = elapsed
+    print(f"{kind}: {elapsed:.1f} s wall, {res['seconds']:.1f} s inside: {res}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_folder(tmp_path_factory, "qwen2_5_vl")
+
+
+@pytest.fixture(scope="module", params=list(LAUNCHES))
+def report(request, folder, tmp_path_factory):
+    return _launch(request.param, folder, tmp_path_factory.mktemp(request.param) / "report.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which modules become FSDP units (no process group needed)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen2", "internvl"])
+def test_units_found(arch, tmp_path_factory, one_thread):  # noqa: F811
+    model, _ = load(tiny_folder(tmp_path_factory, arch), device="cpu")
+    blocks = decoder_blocks(model)
+    assert len(blocks) == model.config.get_text_config().num_hidden_layers == 2
+    assert all("DecoderLayer" in type(b).__name__ for b in blocks)
+    vision = vision_tower(model)
+    if arch == "qwen2":
+        assert vision is None
+    else:
+        assert vision is (model.model.visual if arch.startswith("qwen") else model.model.vision_tower)
+        assert not set(vision.modules()) & {m for b in blocks for m in b.modules()}
+
+
+def test_units_found_in_discriminator(tmp_path_factory, one_thread):  # noqa: F811
+    disc, _ = Discriminator.from_student(tiny_folder(tmp_path_factory, "qwen2_5_vl"), device="cpu")
+    assert vision_tower(disc) is disc.backbone.visual
+    assert len(decoder_blocks(disc)) == 2
+
+
+def test_sharded_wrapper_calls_through():
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    wrapper = Sharded(lin)
+    assert torch.equal(wrapper(x), lin(x))
+    assert torch.equal(wrapper(x, fn=lambda m, v, scale: m(v) * scale, scale=2.0), lin(x) * 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Under torchrun
+# ----------------------------------------------------------------------------------------------------
+def test_process_group(report):
+    W = report["world_size"]
+    assert report["rank_device"] == "cpu" and report["is_main"] and report["init_again_same"]
+    assert report["rank_sum"] == W * (W + 1) // 2 and report["rank_max"] == [W - 1, 0]
+
+
+def test_launch_is_fast_and_sharded(report):
+    assert report["wall_s"] < 60
+    assert report["fsdp_modules"] == 4  # 2 decoder blocks + vision tower + root
+    assert report["params_are_dtensors"] and report["params_are_dtensors_after"]
+
+
+def test_forward_equals_unsharded(report):
+    assert report["forward_err"] <= EXACT
+    assert report["disc_forward_err"] <= EXACT
+
+
+def test_gradients_are_the_sum_over_ranks(report):
+    """One backward of each rank's summed loss: gradient = Σ_ranks of single-process gradients."""
+    assert report["grad_names_match"] and report["grad_has_vision"] and report["grad_params"] > 50
+    assert report["grad_err_vs_sum"] <= EXACT
+    # the discriminator, over two accumulated backwards, with its 0-d bias outside FSDP
+    assert report["disc_grad_err_vs_sum"] <= EXACT and report["disc_bias_grad_err"] <= EXACT
+    assert report["disc_optimizer_step"]
+
+
+def test_divide_factor_is_what_makes_the_sum(report):
+    """Control: with FSDP's default divide factor the gradient is the MEAN over ranks."""
+    assert report["default_grad_err_vs_mean"] <= EXACT
+    if report["world_size"] > 1:
+        assert report["default_grad_err_vs_sum"] > 0.1
+
+
+def test_mixed_precision(report):
+    assert report["bf16_gathered_param_dtypes"] == ["torch.bfloat16"]
+    assert report["bf16_grad_dtypes"] == ["torch.float32"]
+    assert report["bf16_fn_input_dtype"] == "torch.float32"
+    assert report["bf16_forward_err"] <= 2 * report["bf16_unsharded_forward_err"] + 1e-3
+    assert report["bf16_grad_err_vs_sum"] <= 2 * report["bf16_unsharded_grad_err_vs_sum"] + 1e-3
+
+
+def test_generation_inside_gathered(report):
+    """Same tokens as the unsharded model; one all-gather per FSDP unit per rollout call instead of the
+    blocks' all-gathers at every generated token; resharded afterwards."""
+    assert report["greedy_same_tokens_gathered"] and report["greedy_same_tokens_plain"]
+    assert report["sampled_same_tokens"]  # rank-local prompts, G=4, per-rank seeds
+    assert report["nested_same_tokens"] and report["inner_alone_refused"]
+    if report["world_size"] == 1:
+        return  # FSDP runs no all-gather on a 1-rank mesh
+    units, steps = report["fsdp_modules"], max(report["generated_lengths"])
+    # one per unit (the root may still be gathered from an earlier no-grad forward: FSDP keeps it)
+    assert report["gathers_generate_gathered"] <= units and report["gathers_sampling"] == units
+    blocks = units - 2
+    assert report["gathers_generate_plain"] >= blocks * steps  # 34 for 16 tokens
+    assert report["gathers_nested"] == units  # the enclosing gathered() only
+    assert report["gathers_forward_before_rollout"] == units
+    assert report["gathers_step_after_rollout"] == report["gathers_step_before_rollout"]
+    # resharding restored: a training step gathers as before any rollout (the forward order recorded
+    # during generation is forgotten: no stale backward prefetch), the root stays gathered between
+    # forwards, the other units gather again in each forward
+    assert report["gathers_two_forwards_after_rollout"] == 1 + 2 * (units - 1)

@@ -1,0 +1,227 @@
+"""Rollouts on tiny Qwen2.5-VL (0, 1 or 2 images per question) and Qwen2 (text).
+
+Oracles: (1) a hand-written sampling loop (full forward per token, softmax(logits / τ), one
+torch.multinomial per step, as transformers samples) run from the same seed gives the same tokens, so
+sampling is exactly the student's tempered distribution and the model's own generation_config
+(poisoned here with top_k=1, a repetition penalty, ...) does not leak in; (2) greedy decoding of a
+batch equals transformers' greedy ``generate`` of one prompt at a time (no padding); (3) greedy tokens
+are the argmax of the packed teacher-forced forward (ril_fast.packing's own mrope positions), which
+fails when image tokens get text positions during generation (negative control).
+
+Random tiny models rarely emit the end-of-turn token, so the ``eos`` models scale its LM-head row
+(x10): responses then end at random points and the end-of-turn handling is exercised.
+"""
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+from ril_fast import rollout
+from ril_fast.models import last_hidden_states, lm_head_weight, load
+from ril_fast.packing import Encoded, pack
+from ril_fast.rollout import Rollout, sample_responses
+from tests.models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+
+ARCHS = ("qwen2_5_vl", "qwen2")
+IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen2": [0, 0, 0, 0]}
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, one_thread):  # noqa: F811
+    return {a: load(tiny_folder(tmp_path_factory, a), device="cpu") for a in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def eos_loaded(tmp_path_factory, one_thread):  # noqa: F811
+    out = {}
+    for a in ARCHS:
+        model, proc = load(tiny_folder(tmp_path_factory, a), device="cpu")
+        with torch.no_grad():
+            lm_head_weight(model)[proc.end_token_id] *= 10
+        out[a] = model, proc
+    return out
+
+
+def _examples(arch: str, seed: int | None = None) -> list[dict]:
+    """Questions with IMAGES[arch] images each; a fixed ``seed`` where a test needs particular outcomes."""
+    if seed is None:
+        return random_samples(IMAGES[arch])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return random_samples(IMAGES[arch])
+
+
+def _hf_inputs(model, proc, examples: list[dict], repeat: int = 1) -> dict:
+    """Unpadded HF inputs of ONE prompt (repeated ``repeat`` times), built here independently of rollout.py."""
+    assert len(examples) == 1
+    enc = proc.encode({**examples[0], "response": ""})
+    ids = enc.input_ids[:enc.prompt_len][None].repeat(repeat, 1)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if enc.pixel_values is not None:
+        kw.update(pixel_values=enc.pixel_values.repeat(repeat, 1), image_grid_thw=enc.image_grid_thw.repeat(repeat, 1))
+        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            kw["mm_token_type_ids"] = (ids == proc.image_token_id).int()
+    return kw
+
+
+def _cut(row: list[int], end: int) -> list[int]:
+    return row[:row.index(end)] if end in row else row
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_groups_and_fields(arch, eos_loaded):
+    model, proc = eos_loaded[arch]
+    examples, G, L = _examples(arch), 3, 8
+    out = sample_responses(model, proc, examples, group_size=G, max_new_tokens=L, seed=1)
+    assert len(out) == len(examples) and all(len(group) == G for group in out)
+    for ex, group in zip(examples, out):
+        for r in group:
+            assert isinstance(r, Rollout) and all(isinstance(t, int) for t in r.token_ids)
+            assert len(r.token_ids) <= L and proc.end_token_id not in r.token_ids
+            assert r.truncated == (len(r.token_ids) == L)
+            assert r.text == proc.tokenizer.decode(r.token_ids, skip_special_tokens=False)
+            enc = proc.encode(r.sample(ex))  # what the trainer packs next
+            assert (enc.input_ids[-1].item() == proc.end_token_id) != r.truncated
+    assert sample_responses(model, proc, [], group_size=G, max_new_tokens=L) == []
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_end_of_turn_and_truncation(arch, eos_loaded):
+    """Some responses stop at the end-of-turn token (not kept, not truncated), some run out of budget."""
+    model, proc = eos_loaded[arch]
+    L = 10
+    out = sample_responses(model, proc, _examples(arch, seed=0), group_size=8, max_new_tokens=L, seed=3)
+    flat = [r for group in out for r in group]
+    finished = [r for r in flat if not r.truncated]
+    truncated = [r for r in flat if r.truncated]
+    print(f"{arch}: lengths {[len(r.token_ids) for r in flat]}")
+    assert finished and truncated
+    assert all(len(r.token_ids) < L for r in finished) and all(len(r.token_ids) == L for r in truncated)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_seeded(arch, loaded):
+    model, proc = loaded[arch]
+    examples = _examples(arch)
+    kw = dict(group_size=4, max_new_tokens=8, temperature=1.0)
+    rng = torch.get_rng_state()
+    a = sample_responses(model, proc, examples, seed=5, **kw)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global generator is left alone
+    assert sample_responses(model, proc, examples, seed=5, **kw) == a
+    assert sample_responses(model, proc, examples, seed=6, **kw) != a
+    # G samples of one question differ from each other
+    assert all(len({tuple(r.token_ids) for r in group}) > 1 for group in a)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_is_softmax_over_temperature(arch, temperature, eos_loaded, monkeypatch):
+    """Outside oracle: a plain sampling loop from the same seed, while the model's generation_config
+    asks for something else entirely (generate fills every unset setting from it)."""
+    from transformers import GenerationConfig
+
+    model, proc = eos_loaded[arch]
+    poisoned = GenerationConfig(do_sample=False, top_k=1, top_p=0.01, temperature=0.05, repetition_penalty=1.3,
+                                no_repeat_ngram_size=2, min_p=0.9, typical_p=0.1, max_new_tokens=2,
+                                eos_token_id=5, pad_token_id=0)
+    monkeypatch.setattr(model, "generation_config", poisoned)
+    examples, G, L, seed = _examples(arch)[2:3], 4, 10, 11
+    got = sample_responses(model, proc, examples, group_size=G, max_new_tokens=L, temperature=temperature, seed=seed)
+
+    kw = _hf_inputs(model, proc, examples, repeat=G)
+    ids, end, pad = kw.pop("input_ids"), proc.end_token_id, proc.tokenizer.pad_token_id
+    done = torch.zeros(G, dtype=torch.bool)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in range(L):
+            step = dict(kw, attention_mask=torch.ones_like(ids))
+            if "mm_token_type_ids" in kw:
+                step["mm_token_type_ids"] = (ids == proc.image_token_id).int()
+            logits = model(input_ids=ids, use_cache=False, **step).logits[:, -1].float()
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
+            nxt = torch.where(done, pad, nxt)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            done |= nxt == end
+            if done.all():
+                break
+    want = [_cut(row, end) for row in ids[:, kw["attention_mask"].shape[1]:].tolist()]
+    assert [r.token_ids for r in got[0]] == want
+    assert [r.truncated for r in got[0]] == [end not in row for row in ids[:, kw["attention_mask"].shape[1]:].tolist()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_top_p_is_greedy(arch, eos_loaded):
+    model, proc = eos_loaded[arch]
+    examples = _examples(arch)
+    greedy = sample_responses(model, proc, examples, max_new_tokens=8, greedy=True)
+    nucleus = sample_responses(model, proc, examples, max_new_tokens=8, top_p=1e-9, seed=2)
+    assert nucleus == greedy
+    with pytest.raises(ValueError):
+        sample_responses(model, proc, examples, group_size=2, max_new_tokens=8, greedy=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("max_batch", [None, 3])
+def test_greedy_matches_one_prompt_at_a_time(arch, max_batch, eos_loaded):
+    """Batched, left-padded greedy decoding (prompts of different lengths and image counts) equals
+    transformers' own greedy generate of each prompt alone."""
+    model, proc = eos_loaded[arch]
+    examples, L = _examples(arch), 12
+    got = sample_responses(model, proc, examples, max_new_tokens=L, greedy=True, max_batch=max_batch)
+    end = proc.end_token_id
+    for ex, (r,) in zip(examples, got):
+        kw = _hf_inputs(model, proc, [ex])
+        with torch.no_grad():
+            out = model.generate(**kw, do_sample=False, max_new_tokens=L, eos_token_id=end,
+                                 pad_token_id=proc.tokenizer.pad_token_id)
+        row = out[0, kw["input_ids"].shape[1]:].tolist()
+        assert r.token_ids == _cut(row, end)
+        assert r.truncated == (end not in row)
+    print(f"{arch}: greedy lengths {[len(r[0].token_ids) for r in got]}")
+
+
+def _packed_argmax(model, proc, example: dict, r: Rollout) -> list[int]:
+    """Argmax of the packed, teacher-forced forward at each response row (ril_fast.packing's positions)."""
+    enc = proc.encode({**example, "response": ""})
+    ids = torch.cat([enc.input_ids[:enc.prompt_len], torch.tensor(r.token_ids, dtype=torch.long)])
+    mrope = None
+    if enc.mrope is not None:
+        mrope = (proc.rope_index(ids[None], enc.image_grid_thw)[:, 0] if enc.image_grid_thw is not None
+                 else torch.arange(ids.numel()).expand(3, -1).clone())
+    e = Encoded(ids, enc.prompt_len, enc.pixel_values, enc.image_grid_thw, mrope)
+    # the last prompt row and every response row predict the next token
+    rows = torch.arange(enc.prompt_len - 1, ids.numel())
+    with torch.no_grad():
+        hidden = last_hidden_states(model, pack([e]))[0, rows]
+        return (hidden @ lm_head_weight(model).T).argmax(-1).tolist()
+
+
+def test_generation_positions_match_packing(loaded, monkeypatch):
+    """Greedy tokens (with the end-of-turn token) are the argmax of the packed forward over prompt +
+    response: generation gives image tokens the same mrope positions as training. Negative control:
+    without mm_token_type_ids, transformers gives image tokens 1-D positions and the tokens differ."""
+    model, proc = loaded["qwen2_5_vl"]
+    examples = _examples("qwen2_5_vl", seed=0)
+    examples = [ex for ex in examples if ex["images"]]
+    got = sample_responses(model, proc, examples, max_new_tokens=12, greedy=True)
+    for ex, (r,) in zip(examples, got):
+        predicted = _packed_argmax(model, proc, ex, r)
+        assert predicted[:len(r.token_ids)] == r.token_ids
+        if not r.truncated:
+            assert predicted[len(r.token_ids)] == proc.end_token_id
+    if not rollout._rope_takes_types(model):
+        pytest.skip("this transformers computes mrope from the ids: there is nothing to leave out")
+    monkeypatch.setattr(rollout, "_rope_takes_types", lambda m: False)
+    wrong = sample_responses(model, proc, examples, max_new_tokens=12, greedy=True)
+    assert any(_packed_argmax(model, proc, ex, r)[:len(r.token_ids)] != r.token_ids
+               for ex, (r,) in zip(examples, wrong))
+
+
+def test_generation_config_restored(loaded):
+    model, proc = loaded["qwen2"]
+    before = copy.deepcopy(model.generation_config.to_dict())
+    sample_responses(model, proc, _examples("qwen2")[:1], group_size=2, max_new_tokens=4)
+    assert model.generation_config.to_dict() == before
