@@ -48,8 +48,9 @@ def test_micro_batches_cover_every_response_and_meet_the_agreed_count(qwen_vl):
     assert sum(int((mb.weight == 0).sum()) for mb in many) == 2
 
 
+@pytest.mark.parametrize("layout", ["shared", "fillers"])
 @pytest.mark.parametrize("mu_old,beta", [(False, 0.0), (True, 0.1)])
-def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta):
+def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout):
     """Eq. 2 accumulated over small micro-batches + fillers == the eager loss over separate forwards."""
     _, model, proc = qwen_vl
     samples = random_samples([1, 0, 2, 1, 0])
@@ -57,9 +58,13 @@ def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta):
     n_outputs = len(samples)
     cfg = LossConfig(beta=beta, temperature=0.9)
     encoded = encode_all(proc, samples)
-    # Room for two or three samples per micro-batch, so samples share one (their order matters).
-    micro = micro_batches(encoded, 2 * max(e.length for e in encoded) + 5, agree=lambda n: n + 2)
-    assert any(len(mb.index) > 1 for mb in micro)
+    longest = max(e.length for e in encoded)
+    if layout == "shared":  # room for three samples per micro-batch: samples share one (order matters)
+        micro = micro_batches(encoded, 3 * longest + 5, agree=lambda n: n + 1)
+        assert any(len(mb.index) > 1 for mb in micro)
+    else:  # one sample per micro-batch, then zero-weight fillers
+        micro = micro_batches(encoded, longest + 5, agree=lambda n: len(encoded) + 2)
+        assert sum(int((mb.weight == 0).sum()) for mb in micro) == 2
     with torch.no_grad():  # stand-ins for π_old and π_ref: the model's own log-probs, shifted
         base = frozen_logprobs(model, micro, cfg.temperature)
     old = [b + 0.2 * torch.randn_like(b) for b in base] if mu_old else None
