@@ -16,6 +16,7 @@ dict by default; a persistent, multi-process store (issue 5) plugs in through ``
 import enum
 import hashlib
 import json
+import math
 import re
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -94,10 +95,13 @@ def _number(token: str) -> float | None:
     try:
         if "/" in token:
             num, den = token.split("/")
-            return float(num) / float(den) if float(den) else None
-        return float(token)
+            value = float(num) / float(den) if float(den) else None
+        else:
+            value = float(token)
     except ValueError:
         return None
+    # float() also reads the words "nan", "inf" and "infinity": they are words here, not numbers.
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _canonical(token: str) -> str:

@@ -10,6 +10,11 @@ from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, RuleJudge, judge_k
 CASES = [
     # yes / no
     ("yes", "Yes", True),
+    # float() parses these words; a cold student emits them: no crash, and not numbers
+    ("red", "nan", False),
+    ("3", "inf", False),
+    ("nan", "nan", True),
+    ("2", "infinity 2", True),
     ("yes", "Yes, it is.", True),
     ("Yes", "yes.", True),
     ("no", "No.", True),
