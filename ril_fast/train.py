@@ -158,7 +158,8 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
     """For each q: G student outputs o^(s) ~ π_old(·|q), and G teacher outputs from the collection.
 
     Returns (samples, sources, student_texts, teacher_outputs): the packing samples of all outputs in
-    group order (q's student outputs, then its teacher outputs), their sources ("student" or a teacher),
+    group order (q's student outputs, then its teacher outputs; each also carries q's ground-truth
+    ``answer`` for the judge), their sources ("student" or a teacher),
     the student texts per question, and the (teacher, response) pairs per question (None: RL only).
     """
     cfg = run.cfg
@@ -175,10 +176,10 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
             run.counters["questions"] += 1
     samples, sources = [], []
     for k, (q, prompt) in enumerate(zip(questions, prompts)):
-        samples += [r.sample(prompt) for r in rollouts[k]]
+        samples += [dict(r.sample(prompt), answer=q.answer) for r in rollouts[k]]
         sources += [STUDENT] * len(rollouts[k])
         if teacher_outputs is not None:
-            samples += [to_sample(q, text) for _, text in teacher_outputs[k]]
+            samples += [dict(to_sample(q, text), answer=q.answer) for _, text in teacher_outputs[k]]
             sources += [name for name, _ in teacher_outputs[k]]
     return samples, sources, [[r.text for r in rs] for rs in rollouts], teacher_outputs
 
@@ -205,7 +206,7 @@ def _disc_update(run: Run, micro, sources, n_global) -> dict:
 
 def pretrain_disc_step(run: Run) -> dict:
     """One Eq. 1 step on a fresh batch: initial-student samples (label 1) vs teacher outputs (label 0)."""
-    questions = run.batches.__next__()
+    questions = next(run.batches)
     samples, sources, _, _ = collect_outputs(run, questions, seed=_seed(run, -1 - run.counters["questions"]))
     micro = _micro(run, samples)
     return _disc_update(run, micro, sources, _global_count(run, len(samples)))
@@ -237,8 +238,7 @@ def train_step(run: Run, step: int) -> dict:
 
     # Rewards r = r_sim + r_ans for all 2G outputs of each q; Dr.GRPO advantages over each group.
     with timer("judge"):
-        items = [JudgeItem(s["question"], q.answer, s["response"])
-                 for q, group in _by_question(questions, samples, cfg, run.bank is not None) for s in group]
+        items = [JudgeItem(s["question"], s["answer"], s["response"]) for s in samples]
         student_idx = [i for i, s in enumerate(sources) if s == STUDENT]
         teacher_idx = [i for i, s in enumerate(sources) if s != STUDENT]
         r_ans = torch.zeros(len(items))
@@ -271,11 +271,6 @@ def train_step(run: Run, step: int) -> dict:
             "skipped_steps": run.counters["skipped_steps"], "tokens_per_s": tokens * run.dist.world_size / seconds,
             "step_time_s": seconds, **timer.as_metrics()}
 
-
-def _by_question(questions, samples, cfg, with_teachers):
-    """Pair each question with its slice of ``samples`` (G student outputs, then G teacher outputs)."""
-    per = cfg.group_size * (2 if with_teachers else 1)
-    return [(q, samples[k * per:(k + 1) * per]) for k, q in enumerate(questions)]
 
 
 # ----------------------------------------------------------------------------------------------------
