@@ -14,14 +14,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from ril_fast.distributed import barrier, fsdp_modules, unwrap
 
 
-def _hf_class_name(model: torch.nn.Module) -> str:
-    """The model's own class name: FSDP2 swaps in a subclass named ``FSDP<Name>``."""
-    cls = type(model)
-    while cls.__name__.startswith("FSDP") and cls.__bases__:
-        cls = cls.__bases__[0]
-    return cls.__name__
-
-
 def export_hf(model: torch.nn.Module, processor, out: str | Path, *, is_main: bool) -> Path:
     """Gather the full state dict (every rank must call this) and write it, with the processor's files,
     to ``out`` on the main rank. Returns ``out``."""
@@ -34,7 +26,6 @@ def export_hf(model: torch.nn.Module, processor, out: str | Path, *, is_main: bo
         state = {k: v.detach().cpu() for k, v in hf.state_dict().items()}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        hf.config.architectures = [_hf_class_name(hf)]
         hf.save_pretrained(out, state_dict=state, safe_serialization=True)
         processor.tokenizer.save_pretrained(out)
         if processor.image_processor is not None:
