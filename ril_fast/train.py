@@ -10,7 +10,8 @@ the discriminator's Eq. 1 (``imitation``), the policy's Eq. 2 (``policy``), eval
 With no teachers configured it is plain Dr.GRPO on the judge reward (the paper's "RL only" row).
 
 Where this departs from, or fills in, the paper (its code is not public):
-* Student responses are re-tokenised from their text, like teacher responses (RIL is text-level).
+* Student responses are scored on the token ids they were sampled as; teacher responses are
+  tokenised from their text (RIL is text-level for the teachers).
 * Discriminator pre-training (Step 1) samples fresh initial-student outputs for each of its steps.
 * Teacher outputs are judged through a cache (their verdicts never change); student outputs are not.
 * A non-finite gradient norm skips that optimiser step (counted in ``skipped_steps``).
@@ -258,19 +259,19 @@ def train_step(run: Run, step: int) -> dict:
     # Repeat μ times: update π_θ with Eq. 2 over all 2G outputs.
     loss_cfg = LossConfig(cfg.loss.eps_low, cfg.loss.eps_high, cfg.beta, cfg.rollout.temperature)
     normalizer = n_global * cfg.max_new_tokens
-    with timer("policy_update"):
-        for _ in range(cfg.mu):
+    for _ in range(cfg.mu):
+        with timer("policy_update"):
             policy = policy_pass(run.student, micro, advantages, normalizer, loss_cfg, old=old, ref=ref)
+        with timer("optimizer"):
             policy.update(optimizer_step(run.student, run.optimizer, cfg.optim.grad_clip))
-            run.counters["skipped_steps"] += int(policy["skipped"])
-            run.scheduler.step()
+        run.counters["skipped_steps"] += int(policy["skipped"])
+        run.scheduler.step()
 
     tokens = sum(sum(mb.batch.lengths) for mb in micro)
     seconds = time.perf_counter() - t0
     return {"step": step, **reward_stats(groups), **disc_stats, **policy, "lr": run.scheduler.get_last_lr()[0],
             "skipped_steps": run.counters["skipped_steps"], "tokens_per_s": tokens * run.dist.world_size / seconds,
             "step_time_s": seconds, **timer.as_metrics()}
-
 
 
 # ----------------------------------------------------------------------------------------------------
