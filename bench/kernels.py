@@ -23,109 +23,26 @@ paths run there, on smaller default shapes, and the table says so.
 """
 
 import argparse
-import csv
 import datetime
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
-from ril_fast.kernels import disc_head, dr_grpo_loss, token_logprobs
-from ril_fast.kernels.grpo_loss import dr_grpo_loss_ref
-from ril_fast.kernels.logprobs import token_logprobs_reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, also under runpy / pytest
+from _common import (CUDA, append_csv, device_name, git_sha, markdown_table, matmul_peak_tflops,  # noqa: E402
+                     peak_mb, sig, time_ms)
 
-CUDA = torch.cuda.is_available()
+from ril_fast.kernels import disc_head, dr_grpo_loss, token_logprobs  # noqa: E402
+from ril_fast.kernels.grpo_loss import dr_grpo_loss_ref  # noqa: E402
+from ril_fast.kernels.logprobs import token_logprobs_reference  # noqa: E402
+
 MODES = ("fwd", "bwd", "full")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------------
-def _time_ms(fn, reps: int) -> float:
-    """Median milliseconds of fn()."""
-    if CUDA:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=5, rep=max(20, reps * 10), return_mode="median")
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def _rss() -> int:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_mb(fn) -> float:
-    """Peak memory fn() adds above what is allocated before it, in MiB (CUDA allocator; on CPU the
-    resident size sampled every millisecond)."""
-    if CUDA:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base, peak, done = _rss(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(1e-3)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(0, max(peak[0], _rss()) - base) / 2**20
-
-
-def _matmul_peak_tflops(dtype: torch.dtype) -> float:
-    """Dense matmul TFLOP/s measured now, the denominator of the utilisation column."""
-    n = 8192 if CUDA else 1024
-    a = torch.randn(n, n, device="cuda" if CUDA else "cpu", dtype=dtype)
-    b = torch.randn_like(a)
-    return 2 * n**3 / (_time_ms(lambda: a @ b, reps=5) * 1e-3) / 1e12
-
-
-def _device_name() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()}"
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _sig(x: float) -> float:
-    """x to 4 significant digits, for the table and the CSV."""
-    return float(f"{x:.4g}")
-
-
 def _measure(make, reps: int) -> dict:
     """Time and peak memory of the forward, the backward alone, and both, for ``make() -> (forward,
     inputs)`` where forward() returns a scalar loss differentiable w.r.t. inputs."""
@@ -149,7 +66,7 @@ def _measure(make, reps: int) -> dict:
 
     out = {}
     for mode, fn in zip(MODES, (fwd, bwd, full)):
-        out[mode] = (_time_ms(fn, reps), _peak_mb(fn))
+        out[mode] = (time_ms(fn, reps), peak_mb(fn))
     return out
 
 
@@ -264,8 +181,8 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if CUDA else "fp32")]
     torch.manual_seed(0)
 
-    device, sha, date = _device_name(), _git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
-    peak = _matmul_peak_tflops(dtype)
+    device, sha, date = device_name(), git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
+    peak = matmul_peak_tflops(dtype)
     print(f"# ril_fast kernels on {device} — git {sha} — {date}")
     print(f"measured {str(dtype).split('.')[-1]} matmul peak: {peak:.1f} TFLOP/s")
     if not CUDA:
@@ -291,12 +208,12 @@ def main(argv=None):
             for mode in MODES:
                 ms, mb = results[mode] if results else (float("nan"), float("nan"))
                 row = dict(date=date, git_sha=sha, device=device, case=case, provider=provider, mode=mode,
-                           dtype=str(dtype).split(".")[-1], **shape, ms=_sig(ms), peak_mib=_sig(mb))
+                           dtype=str(dtype).split(".")[-1], **shape, ms=sig(ms), peak_mib=sig(mb))
                 if flops:
-                    row["tflops"] = _sig(flops[mode] / (ms * 1e-3) / 1e12)
-                    row["util_of_matmul_peak"] = _sig(row["tflops"] / peak)
+                    row["tflops"] = sig(flops[mode] / (ms * 1e-3) / 1e12)
+                    row["util_of_matmul_peak"] = sig(row["tflops"] / peak)
                 if nbytes:
-                    row["gb_per_s"] = _sig(nbytes[mode] / (ms * 1e-3) / 1e9)
+                    row["gb_per_s"] = sig(nbytes[mode] / (ms * 1e-3) / 1e9)
                 if not results:
                     row["note"] = "out of memory"
                 elif provider == "liger":
@@ -305,19 +222,11 @@ def main(argv=None):
 
     columns = ["date", "git_sha", "device", "case", "provider", "mode", "dtype", "N", "H", "V", "ms", "peak_mib",
                "tflops", "util_of_matmul_peak", "gb_per_s", "note"]
-    print("\n| case | provider | mode | ms | peak MiB | TFLOP/s | of matmul peak | GB/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['case']} | {r['provider']} | {r['mode']} | {r['ms']} | {r['peak_mib']} | {r.get('tflops', '')} "
-              f"| {r.get('util_of_matmul_peak', '')} | {r.get('gb_per_s', '')} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    print()
+    print(markdown_table(rows, [("case", "case"), ("provider", "provider"), ("mode", "mode"), ("ms", "ms"),
+                                ("peak_mib", "peak MiB"), ("tflops", "TFLOP/s"),
+                                ("util_of_matmul_peak", "of matmul peak"), ("gb_per_s", "GB/s")]))
+    out = append_csv(args.out, rows, columns)
     print(f"\n{len(rows)} rows appended to {out}")
     return rows
 

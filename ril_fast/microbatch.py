@@ -5,24 +5,27 @@ responses of the step, packed under a token budget. Under FSDP every rank must r
 forward/backward passes, so a rank with fewer micro-batches first splits its heaviest ones and, when no
 micro-batch can be split further, adds "filler" micro-batches: a copy of one of its responses with
 weight 0, which moves no parameter but keeps the collectives in step.
+
+``padded=True`` lays the same micro-batches out right-padded (``PaddedBatch``) instead of packed: the
+baseline that packing is measured against (``bench/throughput.py``); every consumer reads both.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from ril_fast.packing import Encoded, PackedBatch, Processor, first_fit_decreasing, pack
+from ril_fast.packing import Encoded, PackedBatch, PaddedBatch, Processor, first_fit_decreasing, pack, pad
 
 
 @dataclass
 class MicroBatch:
     """One packed micro-batch of a rank's responses.
 
-    ``batch``: the packed samples; ``index``: each sample's position in the step's response list;
-    ``weight (S,)`` fp32: 1 for real samples, 0 for a filler copy.
+    ``batch``: the packed (or, for comparisons, right-padded) samples; ``index``: each sample's position
+    in the step's response list; ``weight (S,)`` fp32: 1 for real samples, 0 for a filler copy.
     """
 
-    batch: PackedBatch
+    batch: PackedBatch | PaddedBatch
     index: list[int]
     weight: torch.Tensor
 
@@ -32,13 +35,15 @@ class MicroBatch:
         return values.repeat_interleave(counts)
 
 
-def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None) -> list[MicroBatch]:
+def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: bool = False) -> list[MicroBatch]:
     """Pack ``encoded`` (one rank's responses) into micro-batches of at most ``max_tokens`` tokens.
 
     ``agree(n) -> m`` turns this rank's count into the count every rank must reach (the all-reduced
     maximum under FSDP; omitted: no padding). To reach it the heaviest micro-batches are split, then
-    zero-weight fillers are added.
+    zero-weight fillers are added. ``padded``: the same micro-batches, right-padded to their longest
+    sample (``max_tokens`` still bounds their real tokens) instead of packed.
     """
+    layout = pad if padded else pack
     lengths = [e.length for e in encoded]
     bins = first_fit_decreasing(lengths, max_tokens) if encoded else []
     count = agree(len(bins)) if agree is not None else len(bins)
@@ -49,12 +54,12 @@ def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None) -> list[M
         big = max(splittable, key=lambda b: sum(lengths[i] for i in b))
         bins.remove(big)
         bins += [big[::2], big[1::2]]
-    out = [MicroBatch(pack([encoded[i] for i in b]), b, torch.ones(len(b))) for b in bins]
+    out = [MicroBatch(layout([encoded[i] for i in b]), b, torch.ones(len(b))) for b in bins]
     if len(out) < count and not encoded:
         raise ValueError("a rank with no responses cannot run the other ranks' micro-batches")
     while len(out) < count:
         shortest = min(range(len(encoded)), key=lambda i: lengths[i])
-        out.append(MicroBatch(pack([encoded[shortest]]), [shortest], torch.zeros(1)))
+        out.append(MicroBatch(layout([encoded[shortest]]), [shortest], torch.zeros(1)))
     return out
 
 

@@ -6,11 +6,13 @@ silently skips packed-sequence detection and lets the samples of a packed row at
 
 Log-probs never build the (T, V) logits: the decoder runs to its last hidden states, the rows that
 predict response tokens are gathered, and ``ril_fast.kernels.token_logprobs`` applies the LM head
-to those rows only. The discriminator lives in ``ril_fast.discriminator``.
+to those rows only (``Kernels.EAGER`` swaps in the full-logits reference, as a baseline for
+benchmarks). The discriminator lives in ``ril_fast.discriminator``.
 """
 
 import contextlib
 import enum
+import functools
 import inspect
 import warnings
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from ril_fast import attention
 from ril_fast.kernels import TokenLogprobs, token_logprobs
+from ril_fast.kernels.logprobs import token_logprobs_reference
 from ril_fast.packing import ModelKind, PackedBatch, PaddedBatch, Processor, pack
 
 _VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "internvl")
@@ -40,6 +43,24 @@ class Attn(str, enum.Enum):
         if path is Attn.AUTO:
             path = Attn.VARLEN if device.type == "cuda" else Attn.SDPA
         return attention.register() if path is Attn.VARLEN else path.value
+
+
+class Kernels(str, enum.Enum):
+    """Which code computes the response log-probs and the Dr.GRPO loss. AUTO: the fused kernels, Triton on
+    CUDA and their vocabulary-chunked torch path elsewhere; TRITON / TORCH force one of those; EAGER: the
+    eager references (the full (N, V) logits through log_softmax, the loss written as TRL writes it), the
+    baseline the kernels are measured against."""
+
+    AUTO = "auto"
+    TRITON = "triton"
+    TORCH = "torch"
+    EAGER = "eager"
+
+    @property
+    def impl(self) -> str:
+        """The ``impl=`` argument of the kernel functions (EAGER: "torch", which for the loss is the
+        eager reference; the log-probs' reference is a separate function, see :func:`packed_logprobs`)."""
+        return "torch" if self is Kernels.EAGER else self.value
 
 
 def _apply_liger(model, model_type: str) -> None:
@@ -136,14 +157,21 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 def packed_logprobs(model, batch: PackedBatch | PaddedBatch, *, temperature: float = 1.0,
-                    ref_logprobs: torch.Tensor | None = None, return_entropy: bool = False) -> TokenLogprobs:
+                    ref_logprobs: torch.Tensor | None = None, return_entropy: bool = False,
+                    kernels: Kernels | str = Kernels.AUTO) -> TokenLogprobs:
     """Log-probs of every response token of ``batch``, flat in batch order: ``(R,)`` fp32 with
     R = Σ response_lengths (split with ``batch.response_lengths``). ``ref_logprobs (R,)`` adds the k3
-    KL; ``return_entropy`` the entropy. Only the R response rows go through the LM head."""
+    KL; ``return_entropy`` the entropy. Only the R response rows go through the LM head, by the fused
+    ``token_logprobs`` or, with ``kernels="eager"``, its full-logits reference (see :class:`Kernels`)."""
     hidden = last_hidden_states(model, batch).flatten(0, 1)
     rows = batch.response_mask.nonzero().squeeze(1)
-    return token_logprobs(hidden.index_select(0, rows), lm_head_weight(model), batch.targets[rows],
-                          temperature=temperature, ref_logprobs=ref_logprobs, return_entropy=return_entropy)
+    kernels = Kernels(kernels)
+    fn = token_logprobs_reference if kernels is Kernels.EAGER else functools.partial(token_logprobs, impl=kernels.impl)
+    out = fn(hidden.index_select(0, rows), lm_head_weight(model), batch.targets[rows],
+             temperature=temperature, ref_logprobs=ref_logprobs, return_entropy=return_entropy)
+    if kernels is Kernels.EAGER:  # the reference returns views, which FSDP warns about as a root's output
+        out = TokenLogprobs(*(t.clone() if t is not None else None for t in out))
+    return out
 
 
 def response_logprobs(model, processor: Processor, samples: list[dict], *, packed: bool = True,

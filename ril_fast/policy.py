@@ -17,25 +17,29 @@ import torch
 from ril_fast.distributed import call
 from ril_fast.kernels import dr_grpo_loss
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
-from ril_fast.models import packed_logprobs
+from ril_fast.models import Kernels, packed_logprobs
 
 
 @dataclass
 class LossConfig:
-    """Eq. 2's constants: clip range, KL weight and the sampling temperature the log-probs use."""
+    """Eq. 2's constants: clip range, KL weight and the sampling temperature the log-probs use; and
+    which code computes the log-probs and the loss (``ril_fast.models.Kernels``)."""
 
     eps_low: float = 0.2
     eps_high: float = 0.2
     beta: float = 0.0
     temperature: float = 1.0
+    kernels: Kernels = Kernels.AUTO
 
 
 @torch.no_grad()
-def frozen_logprobs(model, micro: list[MicroBatch], temperature: float) -> list[torch.Tensor]:
+def frozen_logprobs(model, micro: list[MicroBatch], temperature: float,
+                    kernels: Kernels | str = Kernels.AUTO) -> list[torch.Tensor]:
     """Per micro-batch, the response tokens' log-probs ``(R,)`` fp32 under ``model`` without a graph:
     π_old at the start of a step (μ > 1) and π_ref (β > 0)."""
     device = model_device(model)
-    return [call(model, packed_logprobs, mb.batch.to(device), temperature=temperature).logprobs for mb in micro]
+    return [call(model, packed_logprobs, mb.batch.to(device), temperature=temperature, kernels=kernels).logprobs
+            for mb in micro]
 
 
 def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normalizer: torch.Tensor,
@@ -53,12 +57,13 @@ def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normal
     for k, mb in enumerate(micro):
         sync_gradients(model, k == len(micro) - 1)
         batch = mb.batch.to(device)
-        lp = call(model, packed_logprobs, batch, temperature=cfg.temperature).logprobs
+        lp = call(model, packed_logprobs, batch, temperature=cfg.temperature, kernels=cfg.kernels).logprobs
         adv = mb.per_token(advantages[mb.index].to(device))
         mask = mb.per_token(mb.weight.to(device))
         loss, stats = dr_grpo_loss(lp, adv, mask, old_logprobs=old[k] if old else None,
                                    ref_logprobs=ref[k] if ref else None, beta=cfg.beta,
-                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalizer=normalizer)
+                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalizer=normalizer,
+                                   impl=Kernels(cfg.kernels).impl)
         loss.backward()
         tokens = mask.sum()
         totals += torch.stack([loss.detach(), stats.kl * tokens, stats.clip_fraction * tokens,

@@ -1,0 +1,105 @@
+"""bench/throughput.py: the tiny preset runs every configuration and reports every phase (a smoke test: no
+speed is asserted), and the configurations it compares compute the same update."""
+
+import csv
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The benchmark's globals (run as a module, not as __main__; it puts bench/ on sys.path)."""
+    return runpy.run_path(str(BENCH / "throughput.py"), run_name="throughput")
+
+
+def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thread, bench):  # noqa: F811
+    out = tmp_path / "throughput.csv"
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "throughput.py"), "--preset", "tiny", "--compare", "--steps", "1",
+                                      "--warmup", "1", "--reps", "1", "--workdir", str(tmp_path / "work"),
+                                      "--out", str(out)])
+    runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+
+    with out.open(newline="") as f:
+        assert next(csv.reader(f)) == bench["COLUMNS"]
+    rows = list(csv.DictReader(out.open()))
+    for r in rows:
+        assert r["device"] and r["git_sha"] and r["date"] and r["preset"] == "tiny" and r["world_size"] == "1"
+    steps = [r for r in rows if not r["phase"].endswith("_isolated")]
+    configs = {(r["layout"], r["kernels"]) for r in steps}
+    assert configs == {("packed", "auto"), ("padded", "auto"), ("packed", "eager")}
+    for config in configs:
+        phases = {r["phase"]: r for r in steps if (r["layout"], r["kernels"]) == config}
+        assert set(phases) == set(bench["PHASES"]) | {"communication", "step"}
+        for name in bench["PHASES"] + ("step",):
+            assert float(phases[name]["seconds"]) > 0, (config, name)
+            assert float(phases[name]["peak_gib"]) > 0, (config, name)
+        for name in ("rollout", "disc_update", "disc_score", "old_ref_logprobs", "policy_update", "step"):
+            assert float(phases[name]["tokens_per_s"]) > 0 and float(phases[name]["tflop"]) > 0, (config, name)
+            assert 0 < float(phases[name]["mfu"]), (config, name)
+        assert float(phases["optimizer"]["gb_per_s"]) > 0
+        assert phases["communication"]["note"] == "one rank: no collectives"
+        # The step's FLOPs are the phases' sum; its time at least theirs.
+        total = sum(float(phases[p]["tflop"] or 0) for p in bench["PHASES"])
+        assert float(phases["step"]["tflop"]) == pytest.approx(total, rel=1e-3)
+    isolated = {(r["phase"], r["provider"]): r for r in rows if r["phase"].endswith("_isolated")}
+    assert set(isolated) == {("policy_update_isolated", "ril_fast"), ("policy_update_isolated", "liger"),
+                             ("rollout_isolated", "ril_fast"), ("rollout_isolated", "hf_generate")}
+    for r in isolated.values():
+        assert float(r["seconds"]) > 0 and float(r["tflop"]) > 0
+    # Same weights, prompts and seed: the FSDP2 rollout and plain generate sample the same tokens.
+    assert isolated["rollout_isolated", "ril_fast"]["tokens"] == isolated["rollout_isolated", "hf_generate"]["tokens"]
+    for heading in ("### packed + fused (base)", "### padded + fused", "### packed + eager", "### side by side",
+                    "ril_fast vs its baseline", "| policy_update |", "| communication |",
+                    "x Liger's speed", "x the time of plain HF generate"):
+        assert heading in printed, heading
+
+
+def test_compared_configurations_compute_the_same_update(tmp_path_factory, one_thread, bench):  # noqa: F811
+    """Packed and padded micro-batches, fused and eager kernels, and the Liger provider: the same Eq. 2
+    loss and gradients on the same outputs (a side-by-side is only fair if the work is the same)."""
+    from _baselines import liger_policy_pass  # bench/, on sys.path since the fixture ran
+
+    from ril_fast.microbatch import micro_batches
+    from ril_fast.models import Kernels, load
+    from ril_fast.policy import LossConfig, frozen_logprobs, policy_pass
+
+    model, processor = load(tiny_folder(tmp_path_factory, "qwen2_5_vl"), device="cpu")
+    reference, _ = load(tiny_folder(tmp_path_factory, "qwen2_5_vl"), device="cpu")
+    with torch.no_grad():  # a reference that differs from the student, so the KL term is not zero
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    encoded = [processor.encode(s) for s in random_samples([1, 0, 2, 1, 1, 0])]
+    advantages = torch.randn(len(encoded))
+    normalizer = torch.tensor(float(len(encoded) * 24))
+
+    def update(padded: bool, kernels: Kernels, liger: bool = False):
+        micro = micro_batches(encoded, max_tokens=160, padded=padded)
+        cfg = LossConfig(beta=0.1, temperature=0.9, kernels=kernels)
+        ref = frozen_logprobs(reference, micro, cfg.temperature, kernels=kernels)
+        model.zero_grad(set_to_none=True)
+        if liger:
+            loss = liger_policy_pass(model, micro, advantages, normalizer, cfg, 24, ref=ref)
+        else:
+            loss = policy_pass(model, micro, advantages, normalizer, cfg, ref=ref)["loss"]
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    base_loss, base_grads = update(False, Kernels.AUTO)
+    assert len(micro_batches(encoded, max_tokens=160)) > 1  # the accumulation over micro-batches is exercised
+    for padded, kernels, liger in [(True, Kernels.AUTO, False), (False, Kernels.EAGER, False),
+                                   (False, Kernels.AUTO, True)]:
+        loss, grads = update(padded, kernels, liger)
+        # All fp32: the paths differ only in summation order (chunked vs full log-softmax, packed vs padded
+        # attention masks, Liger's per-sequence chunks), as in tests/kernels' comparison with Liger.
+        assert loss == pytest.approx(base_loss, rel=1e-5, abs=1e-7), (padded, kernels, liger)
+        assert grads.keys() == base_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], base_grads[name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name} ({padded}, {kernels}, {liger}): {m}")
