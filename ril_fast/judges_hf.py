@@ -1,0 +1,100 @@
+"""The hf judge: a local causal LM (an HF folder) reads the judge prompt and its next-token
+probabilities of "yes" and "no" decide. No generation: one forward pass per batch of prompts.
+
+Each item becomes ``ril_fast.judge.judge_messages(item)`` rendered by the model's chat template with
+the generation prompt (the assistant turn is open; its first token is the answer). Prompts are sorted
+by length and cut into batches of ``batch_size``, right-padded (with causal attention, padding on the
+right changes no real position: a batch gives what one prompt at a time gives, up to float rounding).
+The decoder runs to its last hidden states; only each prompt's last row goes through the LM head.
+p_yes is the softmax probability summed over the "yes" tokens (every single-token spelling of
+yes / Yes / YES with and without a leading space that the tokenizer has), p_no likewise, and the verdict
+is ``ril_fast.judge.decide``: p_yes / (p_yes + p_no) > 0.5.
+
+A small model is a weak judge: SmolLM2-135M-Instruct (``python -m ril_fast.tiny DIR --arch smollm2``)
+runs the mechanics on a CPU; its agreement with the rule judge is measured in ``bench/judges.py``.
+"""
+
+from pathlib import Path
+
+import torch
+
+from ril_fast.judge import PROMPT_VERSION, JudgeItem, decide, judge_messages
+
+_SPELLINGS = ("yes", "Yes", "YES", "no", "No", "NO")
+
+
+def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The token ids that spell "yes" and "no" as one token each, with and without a leading space."""
+    ids = {"yes": set(), "no": set()}
+    for word in _SPELLINGS:
+        for text in (word, " " + word):
+            encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(encoded) == 1:
+                ids[word.lower()].add(encoded[0])
+    if not ids["yes"] or not ids["no"]:
+        raise ValueError("the judge model's tokenizer has no single token for 'yes' or for 'no'")
+    return sorted(ids["yes"]), sorted(ids["no"])
+
+
+class HFJudge:
+    """The hf judge on the causal LM in folder ``model`` (module docstring).
+
+    ``batch_size``: prompts per forward pass. ``device``: default the current CUDA device when there is
+    one, else the CPU. ``dtype``: default bf16 on CUDA, fp32 on the CPU. The name (its cache identity) is
+    ``hf:{absolute folder}:{PROMPT_VERSION}``.
+    """
+
+    def __init__(self, model: str | Path, *, batch_size: int = 32, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not model:
+            raise ValueError("the hf judge needs a model folder (judge_model=DIR)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        folder = Path(model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"the hf judge's model folder {folder} has no config.json")
+        self.device = torch.device(device if device is not None else
+                                   torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device).eval()
+        self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
+        self.batch_size = batch_size
+        self.name = f"hf:{folder.resolve()}:{PROMPT_VERSION}"
+
+    def prompt_ids(self, item: JudgeItem) -> list[int]:
+        """The token ids of ``item``'s rendered judge prompt, ending where the answer's first token goes."""
+        text = self.tokenizer.apply_chat_template(judge_messages(item), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def probabilities(self, items: list[JudgeItem]) -> torch.Tensor:
+        """(n, 2) float32 on the CPU: p_yes and p_no of each item (not renormalised)."""
+        prompts = [self.prompt_ids(item) for item in items]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = torch.zeros(len(prompts), 2)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        head = self.model.get_output_embeddings()
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            lengths = torch.tensor([len(prompts[i]) for i in rows])
+            ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, i in enumerate(rows):
+                ids[b, :lengths[b]] = torch.tensor(prompts[i])
+                mask[b, :lengths[b]] = 1
+            hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                           use_cache=False).last_hidden_state
+            last = hidden[torch.arange(len(rows), device=self.device), (lengths - 1).to(self.device)]
+            probs = head(last).float().softmax(-1)  # (B, V): the first answer token's distribution
+            both = torch.stack([probs[:, self.yes_ids].sum(-1), probs[:, self.no_ids].sum(-1)], dim=-1)
+            out[rows] = both.cpu()
+        return out
+
+    def __call__(self, items: list[JudgeItem]) -> list[bool]:
+        """One verdict per item: p_yes / (p_yes + p_no) > 0.5."""
+        if not items:
+            return []
+        return [decide(p_yes, p_no) for p_yes, p_no in self.probabilities(items).tolist()]

@@ -1,0 +1,250 @@
+"""Teacher-response collection: K responses per training example, appended to a teacher collection.
+
+    python -m ril_fast.teacher --model DIR_OR_URL --data train.jsonl --out teachers/NAME.jsonl \\
+        --num-responses K --max-new-tokens L [--temperature 1.0] [--top-p 1.0] [--batch-size 32] \\
+        [--served-model NAME] [--concurrency 16] [--teacher NAME] [--judge rule|hf|http ...]
+
+``--model`` is either
+* a local HF folder that ``ril_fast.models.load`` opens (a Qwen-VL / InternVL VLM, or a text LM for
+  text-only data): batched sampling with ``ril_fast.rollout.sample_responses``, ``--batch-size``
+  sequences per ``generate`` call; or
+* the base URL of an OpenAI-compatible server (``http://HOST:PORT/v1``, e.g. vLLM serving a 72B VLM):
+  one ``/chat/completions`` request per response, ``--concurrency`` in flight, each example's images
+  sent as ``data:`` URLs before its question; ``--served-model`` names the model (default: the first
+  the server lists). Timeouts and retries as the http judge's (``ril_fast.judges_http``); the API key
+  from ``$RIL_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``.
+
+The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` reads it), one line per
+response::
+
+    {"id": "q17", "index": 0, "teacher": "NAME", "response": "...", "truncated": false,
+     "correct": true, "judge": "rule-v1"}            # the last two only with --judge
+
+``index`` is k in 0..K-1; ``teacher`` is ``--teacher`` (default: the output file's stem);
+``truncated``: the response hit ``--max-new-tokens``. With ``--judge`` each response is judged as
+it is written (the verdict the trainer's cached teacher judge will find, when the judge and its
+cache file are the same).
+
+Append-only and resumable: responses are written in batches of ``--batch-size``, each batch flushed
+before the next starts, so a crash loses at most the batch in progress. On start the output file is
+read; the (id, index) pairs already there are skipped, and a last line cut short by a crash is
+removed. Run the same command again to finish: no line is written twice, none is lost. An empty
+response (whitespace only) is not written — ``load_teachers`` refuses empty responses — and is asked
+for again by the next run.
+"""
+
+import argparse
+import base64
+import hashlib
+import json
+import mimetypes
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ril_fast.data import DataError, Example, load_examples, to_sample
+from ril_fast.judge import CachedJudge, JudgeItem, add_judge_arguments, judge_store, make_judge_from_config
+from ril_fast.judges_http import HTTPError, OpenAIClient
+
+
+@dataclass(frozen=True)
+class Job:
+    """Response number ``index`` (of K) to ``example``."""
+
+    example: Example
+    index: int
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming: what the output already holds
+# ----------------------------------------------------------------------------------------------------
+def written_pairs(out: Path) -> set[tuple[str, int]]:
+    """The (id, index) pairs of the complete lines of ``out`` (empty if it does not exist). A last line
+    without its newline (the process died writing it) is cut off the file."""
+    if not out.exists():
+        return set()
+    raw = out.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        with out.open("r+b") as f:
+            f.truncate(end)
+        print(f"{out}: removed an incomplete last line ({len(raw) - end} bytes) left by an interrupted run",
+              file=sys.stderr)
+    pairs = set()
+    for number, line in enumerate(raw[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            pairs.add((str(record["id"]), int(record["index"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{out}:{number}: not a line of ril_fast.teacher (no id / index: {e}); "
+                            f"write to another --out") from None
+    return pairs
+
+
+def pending_jobs(examples: list[Example], k: int, done: set[tuple[str, int]]) -> list[Job]:
+    """The responses still to collect, example by example."""
+    return [Job(e, i) for e in examples for i in range(k) if (e.id, i) not in done]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teachers: a local HF model or an OpenAI-compatible server; a batch of jobs -> (text, truncated) each
+# ----------------------------------------------------------------------------------------------------
+class LocalTeacher:
+    """Batched sampling from a local HF model folder (``ril_fast.rollout.sample_responses``)."""
+
+    def __init__(self, folder: str, *, max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
+                 seed: int):
+        from ril_fast.models import load
+
+        self.model, self.processor = load(folder)
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.batch_size, self.seed = batch_size, seed
+
+    def __call__(self, jobs: list[Job]) -> list[tuple[str, bool]]:
+        """One sampled response per job (greedy when the temperature is 0)."""
+        from ril_fast.rollout import sample_responses
+
+        # The seed is a function of the batch's first job, not of where this run started.
+        first = jobs[0]
+        seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{first.example.id}:{first.index}".encode()).digest()[:4],
+                              "little")
+        rollouts = sample_responses(self.model, self.processor, [to_sample(j.example) for j in jobs],
+                                    group_size=1, max_new_tokens=self.max_new_tokens,
+                                    temperature=self.temperature or 1.0, top_p=self.top_p, seed=seed,
+                                    greedy=self.temperature == 0, max_batch=self.batch_size)
+        return [(r[0].text, r[0].truncated) for r in rollouts]
+
+
+def data_url(path: Path) -> str:
+    """The image file at ``path`` as a ``data:`` URL (its MIME type from the file name)."""
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def chat_messages(example: Example) -> list[dict]:
+    """The user turn for ``example``: its images as data URLs, then its question (plain text if no images)."""
+    if not example.images:
+        return [{"role": "user", "content": example.question}]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in example.images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": example.question}]}]
+
+
+class ServerTeacher:
+    """Sampling from an OpenAI-compatible server, ``concurrency`` requests in flight."""
+
+    def __init__(self, url: str, model: str, *, max_new_tokens: int, temperature: float, top_p: float,
+                 concurrency: int, timeout_s: float, retries: int):
+        self.client = OpenAIClient(url, concurrency=concurrency, timeout_s=timeout_s, retries=retries)
+        self.model = model or self.client.first_model()
+        self.params = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+
+    def one(self, job: Job) -> tuple[str, bool]:
+        """One response to one job: its text and whether it hit the token limit."""
+        reply = self.client.request("/chat/completions", {"model": self.model, "messages": chat_messages(job.example),
+                                                          **self.params})
+        try:
+            choice = reply["choices"][0]
+            return choice["message"]["content"] or "", choice.get("finish_reason") == "length"
+        except (KeyError, IndexError, TypeError) as e:
+            raise HTTPError(f"{self.client.url}/chat/completions: malformed reply ({type(e).__name__}: {e}): "
+                            f"{json.dumps(reply)[:300]}") from None
+
+    def __call__(self, jobs: list[Job]) -> list[tuple[str, bool]]:
+        """One response per job, in order."""
+        return self.client.map(self.one, jobs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------
+def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, judge=None, total: int,
+            progress: bool = True) -> dict:
+    """Append one line per job's response to ``out``, a batch at a time (see the module docstring).
+    Returns ``{"written": n, "empty": n}``."""
+    from tqdm import tqdm
+
+    written = empty = 0
+    bar = tqdm(total=total, initial=total - len(jobs), unit="response", desc=name, disable=not progress,
+               dynamic_ncols=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            kept = [(job, text, truncated) for job, (text, truncated) in zip(chunk, teacher(chunk)) if text.strip()]
+            verdicts = judge([JudgeItem(j.example.question, j.example.answer, t) for j, t, _ in kept]) if judge else []
+            for n, (job, text, truncated) in enumerate(kept):
+                record = {"id": job.example.id, "index": job.index, "teacher": name, "response": text,
+                          "truncated": truncated}
+                if judge:
+                    record.update(correct=verdicts[n], judge=judge.name)
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()  # the batch is in the file before the next one starts
+            written += len(kept)
+            empty += len(chunk) - len(kept)
+            bar.update(len(chunk))
+    bar.close()
+    return {"written": written, "empty": empty}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m ril_fast.teacher", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a local HF model folder, or an OpenAI-compatible base URL")
+    p.add_argument("--data", required=True, help="training JSONL (ril_fast.data)")
+    p.add_argument("--out", required=True, help="the teacher collection to append to (JSONL)")
+    p.add_argument("--num-responses", type=int, default=1, help="K: responses per example")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="L: most tokens per response")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--batch-size", type=int, default=32, help="responses generated, judged and written together")
+    p.add_argument("--seed", type=int, default=0, help="local model: seed of the sampling")
+    p.add_argument("--teacher", default="", help="the teacher's name in the file (default: the output's stem)")
+    p.add_argument("--served-model", default="", help="server: the model name (default: the first listed)")
+    p.add_argument("--concurrency", type=int, default=16, help="server: requests in flight")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="server: seconds to wait for each reply")
+    p.add_argument("--retries", type=int, default=3, help="server: retries after a timeout or an HTTP 5xx")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_judge_arguments(p, optional=True)
+    args = p.parse_args(argv)
+    if args.num_responses < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.concurrency < 1:
+        p.error("--num-responses, --max-new-tokens, --batch-size and --concurrency must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the command; returns ``{"written", "empty", "skipped", "total"}`` (responses)."""
+    args = parse_args(argv)
+    out = Path(args.out)
+    examples = load_examples(args.data)
+    done = written_pairs(out)
+    jobs = pending_jobs(examples, args.num_responses, done)
+    total = len(examples) * args.num_responses
+    name = args.teacher or out.stem
+    print(f"{name}: {total - len(jobs)} of {total} responses already in {out}; {len(jobs)} to collect",
+          file=sys.stderr)
+    stats = {"written": 0, "empty": 0}
+    if jobs:
+        if args.model.startswith(("http://", "https://")):
+            teacher = ServerTeacher(args.model, args.served_model, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, concurrency=args.concurrency,
+                                    timeout_s=args.timeout_s, retries=args.retries)
+        else:
+            teacher = LocalTeacher(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+        judge = None
+        if args.judge != "none":
+            judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
+        stats = collect(teacher, jobs, out, name=name, batch_size=args.batch_size, judge=judge, total=total,
+                        progress=not args.no_progress)
+    if stats["empty"]:
+        print(f"{stats['empty']} empty responses were not written; run the command again to ask for them",
+              file=sys.stderr)
+    return {**stats, "skipped": total - len(jobs), "total": total}
+
+
+if __name__ == "__main__":
+    main()

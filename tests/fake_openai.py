@@ -1,0 +1,138 @@
+"""A small OpenAI-compatible server on 127.0.0.1 for the http judge and teacher tests, with injected faults.
+
+It answers ``POST /v1/chat/completions`` and ``GET /v1/models``. A judge request (the prompt of
+``ril_fast.judge.judge_messages``) is answered by the rule judge, as a one-token reply with top
+log-probs; any other request gets a teacher-style reply naming the question. A marker in the last user
+message injects a fault, counted per distinct message (``attempts``):
+
+    FAULT:slow        every attempt sleeps ``slow_s`` before replying (longer than the client's timeout)
+    FAULT:slow-once   the first attempt sleeps ``slow_s``, later ones answer at once
+    FAULT:500         every attempt is an HTTP 500
+    FAULT:500x2       the first two attempts are HTTP 500s
+    FAULT:400         an HTTP 400 with an error message (not to be retried)
+    FAULT:malformed   HTTP 200 with a body that is not JSON
+    FAULT:nochoices   HTTP 200 with JSON that has no ``choices``
+"""
+
+import json
+import math
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from ril_fast.judge import RuleJudge
+
+_JUDGE_PROMPT = re.compile(r"Question: (.*)\nGround-truth answer: (.*)\nResponse: (.*)\n\nDoes the response", re.S)
+_FAULT = re.compile(r"FAULT:([\w-]+)")
+
+
+class FakeOpenAI:
+    """Start with ``with FakeOpenAI() as server:``; ``server.url`` is the API base (``.../v1``).
+
+    ``delay_s``: every reply waits this long (to see requests in flight). ``logprobs``: judge replies
+    carry top log-probs (False: the token alone). ``slow_s``: the sleep of a slow fault. ``requests``: (path, body, headers) of every request seen.
+    """
+
+    def __init__(self, *, delay_s: float = 0.0, slow_s: float = 1.0, logprobs: bool = True):
+        self.delay_s, self.slow_s, self.logprobs = delay_s, slow_s, logprobs
+        self.requests: list[tuple[str, dict, dict]] = []
+        self.attempts: Counter = Counter()
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.rule = RuleJudge(use_math_verify=False)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> "FakeOpenAI":
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- replies ---------------------------------------------------------------------------------------
+    def judge_reply(self, question: str, answer: str, response: str) -> dict:
+        """The rule judge's verdict as a one-token chat completion. With log-probs the top token is "No"
+        either way: when right, "yes" wins only on the sum of its two spellings (0.3 + 0.25 > 0.4)."""
+        right = self.rule.check(answer, response)
+        top = ([("No", 0.4), ("Yes", 0.3), (" yes", 0.25)] if right else
+               [("No", 0.5), ("Yes", 0.2), (" yes", 0.1), ("The", 0.15)])
+        token = top[0][0] if self.logprobs else "Yes" if right else "No"
+        choice = {"index": 0, "message": {"role": "assistant", "content": token}, "finish_reason": "length"}
+        if self.logprobs:
+            entries = [{"token": t, "logprob": math.log(p)} for t, p in top]
+            choice["logprobs"] = {"content": [dict(entries[0], top_logprobs=entries)]}
+        return {"object": "chat.completion", "choices": [choice]}
+
+    def teacher_reply(self, body: dict, text: str) -> dict:
+        """A teacher-style answer that names the question, and whether an image came with it."""
+        images = sum(1 for m in body["messages"] if isinstance(m["content"], list)
+                     for part in m["content"] if part.get("type") == "image_url")
+        content = f"About '{text}': the answer, having seen {images} image(s)."
+        return {"object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "stop"}]}
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _send(self, status: int, payload: bytes, ctype: str = "application/json"):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up (timed out) and closed the connection
+                    pass
+
+            def do_GET(self):
+                fake.requests.append((self.path, {}, dict(self.headers)))
+                if self.path == "/v1/models":
+                    self._send(200, json.dumps({"data": [{"id": "fake-model"}]}).encode())
+                else:
+                    self._send(404, b'{"error": "not found"}')
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append((self.path, body, dict(self.headers)))
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    self._reply(body)
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _reply(self, body: dict):
+                last = body["messages"][-1]["content"]
+                text = last if isinstance(last, str) else " ".join(p.get("text", "") for p in last)
+                with fake.lock:
+                    fake.attempts[text] += 1
+                    attempt = fake.attempts[text]
+                fault = (_FAULT.search(text) or [None, None])[1]
+                time.sleep(fake.delay_s)
+                if fault == "slow" or (fault == "slow-once" and attempt == 1):
+                    time.sleep(fake.slow_s)
+                if fault == "500" or (fault == "500x2" and attempt <= 2):
+                    return self._send(500, b'{"error": "injected server error"}')
+                if fault == "400":
+                    return self._send(400, b'{"error": {"message": "injected: this model does not exist"}}')
+                if fault == "malformed":
+                    return self._send(200, b"<html>not json{", "text/html")
+                if fault == "nochoices":
+                    return self._send(200, b'{"object": "chat.completion"}')
+                prompt = _JUDGE_PROMPT.search(text)
+                reply = fake.judge_reply(*prompt.groups()) if prompt else fake.teacher_reply(body, text)
+                self._send(200, json.dumps(reply).encode())
+
+        return Handler

@@ -1,0 +1,72 @@
+"""python -m ril_fast.eval on a tiny model: greedy answers, judged by the rule and the http judge
+(tests/fake_openai.py), accuracy overall and per answer type, per-example JSONL and a summary JSON."""
+
+import json
+
+import pytest
+from fake_openai import FakeOpenAI
+from models_fixtures import one_thread  # noqa: F401
+
+from ril_fast.data import load_examples, to_sample
+from ril_fast.demo import build_demo
+from ril_fast.eval import main
+from ril_fast.judge import RuleJudge
+from ril_fast.models import load
+from ril_fast.rollout import sample_responses
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, one_thread):  # noqa: F811
+    return build_demo(tmp_path_factory.mktemp("eval") / "demo", max_train=4, max_test=12)
+
+
+def _run(demo, data, out, *extra):
+    summary = main(["--model", str(demo.student), "--data", str(data), "--out", str(out), "--max-new-tokens", "5",
+                    "--batch-size", "5", *extra])
+    records = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    return summary, records
+
+
+def test_greedy_answers_judged_and_summarised(demo, tmp_path, capsys):
+    summary, records = _run(demo, demo.test, tmp_path / "rule", "--judge", "rule")
+    examples = load_examples(demo.test)
+    assert [r["id"] for r in records] == [e.id for e in examples]
+    # The answers are the model's greedy answers, one question at a time.
+    model, processor = load(demo.student, device="cpu")
+    for e, r in zip(examples, records):
+        alone = sample_responses(model, processor, [to_sample(e)], greedy=True, max_new_tokens=5)[0][0]
+        assert r["response"] == alone.text and r["truncated"] == alone.truncated
+        assert r["correct"] == RuleJudge().check(e.answer, r["response"])
+        assert (r["question"], r["answer"], r["answer_type"]) == (e.question, e.answer, e.answer_type)
+    assert summary["examples"] == 12 and summary["judge"] == RuleJudge().name
+    for kind, t in summary["per_type"].items():
+        mine = [r for r in records if r["answer_type"] == kind]
+        assert t == {"examples": len(mine), "correct": sum(r["correct"] for r in mine),
+                     "accuracy": sum(r["correct"] for r in mine) / len(mine)}
+    printed = capsys.readouterr().out
+    assert f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/12)" in printed
+    assert all(kind in printed for kind in summary["per_type"])
+
+
+def test_right_answers_are_counted_and_the_http_judge_agrees(demo, tmp_path):
+    """A random tiny model is rarely right, so half of the questions get the model's own greedy answer as
+    their ground truth: those must count as correct, under the rule judge and under the http judge."""
+    _, first = _run(demo, demo.test, tmp_path / "first", "--judge", "rule")
+    rule = RuleJudge()
+    rows = [json.loads(line) for line in demo.test.read_text().splitlines()]
+    rigged = set()
+    for row, r in zip(rows, first):
+        if len(rigged) < len(rows) // 2 and rule.check(r["response"], r["response"]):
+            row["answer"] = r["response"]
+            rigged.add(row["id"])
+    assert rigged, "no greedy answer of the tiny model can serve as a ground truth"
+    data = demo.root / "rigged.jsonl"  # beside the images its paths are relative to
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary, records = _run(demo, data, tmp_path / "rigged", "--judge", "rule")
+    assert {r["id"] for r in records if r["correct"]} >= rigged and summary["correct"] >= len(rigged)
+    with FakeOpenAI() as server:  # it judges with the rule judge: the same verdicts must come back
+        http, http_records = _run(demo, data, tmp_path / "http", "--judge", "http", "--judge-url", server.url,
+                                  "--judge-model", "fake-model", "--judge-concurrency", "4")
+    assert [r["correct"] for r in http_records] == [r["correct"] for r in records]
+    assert http["judge"] == "http:fake-model:v1" and http["per_type"] == summary["per_type"]

@@ -1,0 +1,103 @@
+"""The http judge against a small OpenAI-compatible server started here (tests/fake_openai.py): verdicts
+on real cases, the yes/no decision, requests in flight, retries, timeouts and clear errors.
+
+The same judge against a real vLLM server: tests/test_vllm.py (opt-in)."""
+
+import random
+import socket
+import time
+
+import pytest
+from fake_openai import FakeOpenAI
+from test_judge import CASES
+
+from ril_fast.judge import JudgeItem, RuleJudge
+from ril_fast.judges_http import HTTPError, HTTPJudge, OpenAIClient
+
+
+def _items(cases):
+    return [JudgeItem("What is the answer?", a, r) for a, r, _ in cases]
+
+
+def _judge(server, **kw):
+    kw = dict(concurrency=4, timeout_s=5.0, retries=2, backoff_s=0.01) | kw
+    return HTTPJudge(server.url, "fake-model", **kw)
+
+
+@pytest.mark.parametrize("logprobs", [True, False], ids=["top_logprobs", "token_only"])
+def test_verdicts_on_real_cases_in_order(logprobs):
+    """The server judges with the rule judge: every verdict must come back, in the order asked, whether
+    it is read from the summed top log-probs or, without them, from the token."""
+    cases = random.Random(int(time.time())).sample(CASES, len(CASES))
+    rule = RuleJudge(use_math_verify=False)
+    with FakeOpenAI(logprobs=logprobs) as server:
+        verdicts = _judge(server)(_items(cases))
+    assert verdicts == [rule.check(a, r) for a, r, _ in cases]
+    assert len(server.requests) == len(cases)  # one request per item, no retries
+    for path, body, headers in server.requests:
+        assert path == "/v1/chat/completions"
+        assert body["model"] == "fake-model" and body["max_tokens"] == 1 and body["temperature"] == 0
+        assert body["logprobs"] is True and body["top_logprobs"] >= 2
+        assert [m["role"] for m in body["messages"]] == ["system", "user"]
+
+
+def test_requests_in_flight_up_to_the_limit():
+    with FakeOpenAI(delay_s=0.05) as server:  # replies slow enough that the requests overlap
+        verdicts = _judge(server, concurrency=4)(_items(CASES[:24]))
+    assert len(verdicts) == 24
+    assert server.max_in_flight == 4
+
+
+def test_5xx_and_timeouts_are_retried():
+    with FakeOpenAI(slow_s=1.0) as server:
+        items = [JudgeItem("q", "red", "red FAULT:500x2"), JudgeItem("q", "red", "blue FAULT:slow-once"),
+                 JudgeItem("q", "red", "red")]
+        assert _judge(server, timeout_s=0.3, retries=2)(items) == [True, False, True]
+    attempts = sorted(server.attempts.values())
+    assert attempts == [1, 2, 3]  # the plain item once, the slow one twice, the 500 one three times
+
+
+def test_gives_up_after_the_last_retry_with_a_clear_error():
+    with FakeOpenAI(slow_s=1.0) as server:
+        start = time.perf_counter()
+        with pytest.raises(HTTPError, match=r"failed 3 times .*last failure: HTTP 500.*injected server error"):
+            _judge(server, retries=2, backoff_s=0.1)([JudgeItem("q", "a", "FAULT:500")])
+        assert time.perf_counter() - start >= 0.1 + 0.2  # back-off 0.1 s, then 0.2 s
+        with pytest.raises(HTTPError, match=r"failed 2 times \(timeout 0.2 s.*last failure: .*timed out"):
+            _judge(server, retries=1, timeout_s=0.2)([JudgeItem("q", "a", "r"), JudgeItem("q", "a", "FAULT:slow")])
+    assert [n for text, n in server.attempts.items() if "FAULT:500" in text] == [3]
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("malformed", r"the reply is not JSON .*<html>not json"),
+    ("nochoices", r"malformed reply \(KeyError: 'choices'\)"),
+    ("400", r"HTTP 400 \(not retried\).*this model does not exist"),
+])
+def test_bad_replies_fail_at_once_and_say_why(fault, message):
+    with FakeOpenAI() as server:
+        with pytest.raises(HTTPError, match=message):
+            _judge(server, retries=3)([JudgeItem("q", "a", f"FAULT:{fault}")])
+    assert list(server.attempts.values()) == [1]
+
+
+def test_no_server_is_retried_then_reported():
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = OpenAIClient(f"http://127.0.0.1:{port}/v1", retries=1, backoff_s=0.0, timeout_s=1.0)
+    with pytest.raises(HTTPError, match=r"failed 2 times .*Connection refused"):
+        client.request("/chat/completions", {})
+
+
+def test_api_key_only_from_the_environment(monkeypatch):
+    for name in ("RIL_JUDGE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeOpenAI() as server:
+        _judge(server)([JudgeItem("q", "a", "a")])
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+        _judge(server)([JudgeItem("q", "a", "b")])
+        monkeypatch.setenv("RIL_JUDGE_API_KEY", "sk-ril")  # takes precedence
+        _judge(server)([JudgeItem("q", "a", "c")])
+        assert OpenAIClient(server.url).first_model() == "fake-model"
+    auth = [headers.get("Authorization") for _, _, headers in server.requests]
+    assert auth == [None, "Bearer sk-openai", "Bearer sk-ril", "Bearer sk-ril"]

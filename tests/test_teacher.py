@@ -1,0 +1,113 @@
+"""python -m ril_fast.teacher: a local HF model and an OpenAI-compatible server (tests/fake_openai.py) as
+teachers; the output loads as a teacher collection; a run killed with SIGKILL resumes with no duplicate
+and no lost line. Against a real vLLM server: tests/test_vllm.py (opt-in)."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fake_openai import FakeOpenAI
+from models_fixtures import one_thread  # noqa: F401
+
+from ril_fast.data import load_examples, load_teachers
+from ril_fast.demo import build_demo
+from ril_fast.judge import RuleJudge
+from ril_fast.teacher import main, written_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, one_thread):  # noqa: F811
+    return build_demo(tmp_path_factory.mktemp("teacher") / "demo", max_train=40, max_test=4)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_local_model_teacher_with_judging(demo, tmp_path):
+    data = demo.root / "train6.jsonl"  # beside the images its paths are relative to
+    data.write_text("".join(demo.train.read_text().splitlines(keepends=True)[:6]))
+    out = tmp_path / "teachers" / "tiny.jsonl"
+    argv = ["--model", str(demo.student), "--data", str(data), "--out", str(out), "--num-responses", "2",
+            "--max-new-tokens", "4", "--batch-size", "5", "--judge", "rule", "--no-progress"]
+    stats = main(argv)
+    lines = _lines(out)
+    assert stats["written"] + stats["empty"] == 12 and len(lines) == stats["written"]
+    examples = load_examples(data)
+    bank = load_teachers([out], examples)
+    assert bank.teachers == ["tiny"] and bank.counts() == {"tiny": len(lines)}
+    answers = {e.id: e.answer for e in examples}
+    rule = RuleJudge()
+    for line in lines:
+        assert line["index"] in (0, 1) and isinstance(line["truncated"], bool)
+        assert line["judge"] == rule.name and line["correct"] == rule.check(answers[line["id"]], line["response"])
+    assert len({(line["id"], line["index"]) for line in lines}) == len(lines)
+    before = out.read_bytes()
+    again = main(argv)  # everything is there: nothing to do, nothing written
+    assert again["skipped"] == len(lines) and out.read_bytes() == before
+
+
+def test_server_teacher_sends_images_as_data_urls(demo, tmp_path):
+    examples = load_examples(demo.train)[:3]
+    out = tmp_path / "srv.jsonl"
+    with FakeOpenAI() as server:
+        stats = main(["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "2",
+                      "--max-new-tokens", "7", "--temperature", "0.5", "--concurrency", "3", "--no-progress",
+                      "--teacher", "big-vlm"])
+    assert stats == {"written": 80, "empty": 0, "skipped": 0, "total": 80}
+    bodies = [body for path, body, _ in server.requests if path == "/v1/chat/completions"]
+    assert [p for p, _, _ in server.requests if p != "/v1/chat/completions"] == ["/v1/models"]
+    by_question = {}
+    for body in bodies:
+        assert body["model"] == "fake-model" and body["max_tokens"] == 7 and body["temperature"] == 0.5
+        (message,) = body["messages"]
+        image, text = message["content"]
+        by_question.setdefault(text["text"], []).append(image["image_url"]["url"])
+    for e in examples:
+        urls = by_question[e.question]
+        expected = "data:image/png;base64," + base64.b64encode(e.images[0].read_bytes()).decode()
+        assert expected in urls
+    lines = _lines(out)
+    bank = load_teachers([out], load_examples(demo.train))
+    assert bank.teachers == ["big-vlm"] and bank.counts() == {"big-vlm": 80}
+    assert all(line["response"].endswith("having seen 1 image(s).") for line in lines)
+
+
+def test_killed_mid_run_resumes_with_no_duplicate_and_no_lost_line(demo, tmp_path):
+    out = tmp_path / "killed.jsonl"
+    with FakeOpenAI(delay_s=0.03) as server:
+        argv = ["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "2",
+                "--max-new-tokens", "8", "--batch-size", "4", "--concurrency", "2", "--no-progress"]
+        proc = subprocess.Popen([sys.executable, "-m", "ril_fast.teacher", *argv], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while (not out.exists() or out.read_bytes().count(b"\n") < 12) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        survived = out.read_bytes()
+        assert 12 <= survived.count(b"\n") < 80  # killed mid-run, not before and not after
+        # A crash in the middle of a write leaves half a line: the resumed run must cut it off.
+        with out.open("ab") as f:
+            f.write(b'{"id": "train-0001", "index": 1, "teacher": "kil')
+        stats = main(argv)
+    final = out.read_bytes()
+    assert final.startswith(survived)  # append-only: what was written stays as it was
+    lines = _lines(out)
+    pairs = [(line["id"], line["index"]) for line in lines]
+    examples = load_examples(demo.train)
+    assert len(pairs) == len(set(pairs)) == 80
+    assert set(pairs) == {(e.id, k) for e in examples for k in (0, 1)}
+    assert stats["skipped"] == survived.count(b"\n") and stats["written"] == 80 - stats["skipped"]
+    assert load_teachers([out], examples).counts() == {"killed": 80}
+    assert written_pairs(out) == set(pairs)
