@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Example:
     answer: str
     images: list[Path]
     answer_type: str | None = None
+    where: str = ""  # "FILE:LINE" it was read from, for error messages
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,6 +137,7 @@ def load_examples(path: str | Path) -> list[Example]:
             answer=_text(record, "answer", where),
             images=_images(record, path.parent, where, verified),
             answer_type=answer_type,
+            where=where,
         ))
     if not examples:
         raise DataError(f"{path}:1: no examples in the file")
@@ -168,12 +171,19 @@ class TeacherBank:
         return counts
 
 
-def load_teachers(paths: list[str | Path], examples: list[Example]) -> TeacherBank:
-    """Read one JSONL collection per teacher (format in the module docstring) against ``examples``."""
+def load_teachers(paths: list[str | Path], examples: list[Example], *,
+                  count_tokens: Callable[[list[str]], list[int]] | None = None,
+                  max_tokens: int | None = None) -> TeacherBank:
+    """Read one JSONL collection per teacher (format in the module docstring) against ``examples``.
+
+    With ``count_tokens`` (texts -> token counts, end-of-turn token included) and ``max_tokens``, a
+    response longer than ``max_tokens`` is an error: Dr.GRPO normalises every output by the generation
+    budget L_max, which a longer teacher output would exceed.
+    """
     known = {e.id for e in examples}
     bank = TeacherBank()
     for path in map(Path, paths):
-        lines = 0
+        lines = []
         for number, record in _records(path):
             where = f"{path}:{number}"
             example_id = _id(record, where)
@@ -184,9 +194,16 @@ def load_teachers(paths: list[str | Path], examples: list[Example]) -> TeacherBa
             if teacher not in bank.teachers:
                 bank.teachers.append(teacher)
             bank.by_id.setdefault(example_id, {}).setdefault(teacher, []).append(response)
-            lines += 1
+            lines.append((where, response))
         if not lines:
             raise DataError(f"{path}:1: no teacher responses in the file")
+        if count_tokens is not None and max_tokens is not None:
+            counts = count_tokens([response for _, response in lines])
+            too_long = [(where, n) for (where, _), n in zip(lines, counts) if n > max_tokens]
+            if too_long:
+                where, n = too_long[0]
+                raise DataError(f"{where}: the response has {n} tokens, more than max_new_tokens={max_tokens} "
+                                f"({len(too_long)} such lines in the file): raise max_new_tokens or drop them")
     return bank
 
 

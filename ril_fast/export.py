@@ -1,17 +1,44 @@
-"""Export a (possibly FSDP-sharded) model as a plain Hugging Face folder that needs no ril_fast code.
+"""Export models as plain Hugging Face folders that need no ril_fast code.
+
+    python -m ril_fast.export runs/ril/step-40 OUT_DIR                 # the student of a checkpoint
+    python -m ril_fast.export runs/ril/step-40 OUT_DIR --disc DISC_DIR # and its discriminator
 
 The trainer writes the final student to ``output_dir/final/`` with :func:`export_hf`: safetensors
 weights, ``config.json``, the tokenizer (with its chat template) and the image-processor config, so
 ``AutoModelForImageTextToText.from_pretrained(final)`` (or ``AutoModelForCausalLM``) loads it and
-generates.
+generates. The command line does the same from a checkpoint (``ril_fast.checkpoint``), on one CPU
+process, with the same code; ``--disc`` also writes the discriminator in its own folder format
+(``ril_fast.discriminator``: a HF base model + ``disc_head.safetensors``).
 """
 
+import argparse
+import sys
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from ril_fast.checkpoint import SafeLoadPlanner
 from ril_fast.distributed import barrier, fsdp_modules, unwrap
+
+_PREFIX = "module."  # parameter names of a model under the trainer's Sharded root
+
+
+def save_processor(processor, out: str | Path) -> None:
+    """Write the tokenizer (with its chat template) and, for a VLM, the image-processor config."""
+    processor.tokenizer.save_pretrained(out)
+    if processor.image_processor is not None:
+        processor.image_processor.save_pretrained(out)
+
+
+def save_hf_files(model: torch.nn.Module, processor, out: str | Path) -> None:
+    """Everything of a HF folder but the weights: the model's config and the processor files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unwrap(model).config.save_pretrained(out)
+    save_processor(processor, out)
 
 
 def export_hf(model: torch.nn.Module, processor, out: str | Path, *, is_main: bool) -> Path:
@@ -21,14 +48,83 @@ def export_hf(model: torch.nn.Module, processor, out: str | Path, *, is_main: bo
     hf = unwrap(model)
     if fsdp_modules(model):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k.removeprefix(_PREFIX): v for k, v in state.items()}
     else:
         state = {k: v.detach().cpu() for k, v in hf.state_dict().items()}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         hf.save_pretrained(out, state_dict=state, safe_serialization=True)
-        processor.tokenizer.save_pretrained(out)
-        if processor.image_processor is not None:
-            processor.image_processor.save_pretrained(out)
+        save_processor(processor, out)
     barrier()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# From a checkpoint
+# ----------------------------------------------------------------------------------------------------
+def _empty(hf_dir: Path, *, lm_head: bool) -> torch.nn.Module:
+    """The model class of ``hf_dir/config.json`` with uninitialised CPU weights (built on the meta
+    device, so a large model costs one allocation, not an initialisation)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from ril_fast.models import _VLM_TYPES
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    auto = AutoModel if not lm_head else (
+        AutoModelForImageTextToText if config.model_type in _VLM_TYPES else AutoModelForCausalLM)
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    return model.to_empty(device="cpu")
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: Path, entry: str) -> None:
+    """Fill ``model``'s parameters and persistent buffers from DCP entry ``entry`` of ``checkpoint``."""
+    state = {_PREFIX + k: v for k, v in model.state_dict().items()}
+    dcp.load({entry: {"model": state}}, checkpoint_id=checkpoint / "dcp", no_dist=True, planner=SafeLoadPlanner())
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str | Path | None = None) -> Path:
+    """Write the student of ``checkpoint`` (a ``step-N`` folder) as a HF folder ``out``; with
+    ``disc_out``, the discriminator too. Runs in one process without a process group. Returns ``out``."""
+    from ril_fast.discriminator import Discriminator
+    from ril_fast.packing import Processor
+
+    checkpoint = Path(checkpoint)
+    hf_dir = checkpoint / "hf"
+    if not (checkpoint / "dcp").is_dir() or not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a ril_fast checkpoint (expected dcp/ and hf/config.json; "
+                                f"checkpoints are the step-N folders of a run's output_dir)")
+    processor = Processor.from_pretrained(hf_dir)
+    student = _empty(hf_dir, lm_head=True)
+    _load_weights(student, checkpoint, "student")
+    if student.config.tie_word_embeddings:  # loaded into the input embeddings; the head shares them
+        student.tie_weights()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out, safe_serialization=True)
+    save_processor(processor, out)
+    if disc_out is not None:
+        pool = yaml.safe_load((checkpoint / "config.yaml").read_text())["disc"]["pool"]
+        disc = Discriminator(_empty(hf_dir, lm_head=False), pool=pool)
+        _load_weights(disc, checkpoint, "disc")
+        disc.save(disc_out, processor)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m ril_fast.export CHECKPOINT OUT_DIR [--disc DISC_DIR]``."""
+    parser = argparse.ArgumentParser(prog="python -m ril_fast.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint folder: output_dir/step-N")
+    parser.add_argument("out", help="folder to write the student to (HF format, safetensors)")
+    parser.add_argument("--disc", metavar="DISC_DIR", help="also write the discriminator to this folder")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, disc_out=args.disc)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"student: {out}" + (f"\ndiscriminator: {args.disc}" if args.disc else ""))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -146,6 +146,10 @@ class Processor:
         messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def response_lengths(self, texts: list[str]) -> list[int]:
+        """Tokens each text takes as a finished response in :meth:`encode` (end-of-turn token included)."""
+        return [len(ids) + 1 for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
     def encode(self, sample: dict) -> Encoded:
         """Render, tokenise and (for VLMs) process the images of one sample. See the module docstring."""
         images = [load_image(im) for im in sample.get("images") or []]

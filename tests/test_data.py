@@ -14,10 +14,16 @@ GOOD = {"id": "a", "question": "What shape?", "answer": "circle", "images": ["im
 
 @pytest.fixture
 def folder(tmp_path):
-    """A folder with img/a.png (a real PNG) and img/broken.png (not an image)."""
+    """A folder with img/a.png (a real PNG), img/broken.png (a PNG signature, then junk), img/cut.png
+    (a real PNG cut in half) and img/text.png (a text file)."""
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "img" / "a.png")
     (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    noise = Image.frombytes("RGB", (64, 64), random.randbytes(64 * 64 * 3))
+    noise.save(tmp_path / "img" / "full.png")
+    data = (tmp_path / "img" / "full.png").read_bytes()
+    (tmp_path / "img" / "cut.png").write_bytes(data[:len(data) // 2])
+    (tmp_path / "img" / "text.png").write_text("id,question\n1,what?\n")
     return tmp_path
 
 
@@ -52,6 +58,7 @@ def test_load_examples(folder):
     assert ex[0].images == [image] and ex[1].images == [image, image] and ex[2].images == []
     assert (ex[0].answer_type, ex[1].answer_type) == (None, "yes/no")
     assert (ex[1].question, ex[1].answer) == ("Is it red?", "yes")
+    assert [e.where for e in ex] == [f"{path}:1", f"{path}:3", f"{path}:4"]
 
 
 BAD_EXAMPLES = [
@@ -72,6 +79,8 @@ BAD_EXAMPLES = [
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/nope.png"]}, "image 'img/nope.png' not found"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img"]}, "image 'img' not found"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/broken.png"]}, "cannot read image 'img/broken.png'"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.png"]}, "cannot read image 'img/cut.png'"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/text.png"]}, "cannot read image 'img/text.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": [], "answer_type": 3}, "'answer_type' must be"),
     ({"id": "a", "question": "q?", "answer": "x", "images": []}, "duplicate id 'a' (first on line 1)"),
 ]
@@ -121,6 +130,8 @@ BAD_TEACHER_LINES = [
     ({"id": "q0", "response": "Yes.", "teacher": ""}, "'teacher' is empty"),
     ({"response": "Yes."}, "missing field 'id'"),
     ("not json", "bad JSON"),
+    (b'{"id": "q0", "response": "caf\xe9"}', "not UTF-8"),
+    ({"id": "q0", "response": " \n "}, "'response' is empty"),
 ]
 
 
@@ -135,6 +146,17 @@ def test_bad_teacher_lines(tmp_path, line, message):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match=r"empty\.jsonl:1: no teacher responses"):
         load_teachers([good, empty], examples(2))
+
+
+def test_teacher_responses_longer_than_the_budget(tmp_path):
+    lines = [{"id": "q0", "response": "one two"}, {"id": "q1", "response": "one two three four"},
+             {"id": "q0", "response": "a b c d e"}]
+    path = write_jsonl(tmp_path / "t.jsonl", lines)
+    count = lambda texts: [len(t.split()) + 1 for t in texts]  # noqa: E731 - words + end-of-turn
+    assert load_teachers([path], examples(2), count_tokens=count, max_tokens=6).counts() == {"t": 3}
+    with pytest.raises(DataError) as e:
+        load_teachers([path], examples(2), count_tokens=count, max_tokens=4)
+    assert str(e.value).startswith(f"{path}:2: the response has 5 tokens, more than max_new_tokens=4 (2 such lines")
 
 
 def take(batches, n):

@@ -29,7 +29,7 @@ def demo(tmp_path_factory, one_thread):  # noqa: F811
 def _args(demo, out, teachers, **extra):
     args = dict(student=demo.student, train_data=demo.train, teachers=",".join(str(t) for t in teachers),
                 eval_data=demo.test, eval_every=0, eval_max_examples=4, steps=STEPS, group_size=2,
-                max_new_tokens=6, output_dir=out, progress="false", **{"batch.questions_per_step": 2,
+                max_new_tokens=11, output_dir=out, progress="false", **{"batch.questions_per_step": 2,
                                                                        "disc.pretrain_steps": 1, "seed": 3})
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]

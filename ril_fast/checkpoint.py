@@ -1,0 +1,209 @@
+"""Checkpoints that are never half-written, and exact resume.
+
+A checkpoint is one folder ``output_dir/step-N/``:
+
+    dcp/             torch.distributed.checkpoint of every (model, optimizer) pair, sharded as trained
+                     (student + AdamW, discriminator + AdamW): each rank writes its own shards
+    trainer.json     step, data-loader position, LR schedulers, skipped-step count, judge-cache path
+    rank-R.json      rank R's RNG states (python, numpy, torch, CUDA, the trainer's own) and counters
+    config.yaml      the run's resolved config
+    hf/              the student's config and processor files, so ``ril_fast.export`` needs nothing else
+
+It is written under ``output_dir/.step-N.tmp/`` and renamed to ``step-N`` by rank 0 once every rank
+has finished writing: a ``step-N`` folder is complete by construction, and a run killed while writing
+leaves only a ``.tmp`` folder, which :func:`latest` ignores and the next save removes. The newest
+``keep`` checkpoints are kept. Every rank must see the same ``output_dir`` (a shared filesystem on
+several nodes), as torch.distributed.checkpoint requires.
+
+No arbitrary unpickling: tensors go through DCP, the few non-tensor values of the optimizer states
+(learning rates, betas) are read back with ``torch.load(weights_only=True)`` (:class:`SafeLoadPlanner`),
+and everything else is JSON. DCP's own ``.metadata`` index is a pickle in every DCP checkpoint, so
+load checkpoints that you or your jobs wrote.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint._traverse import set_element
+
+from ril_fast.distributed import Dist, barrier
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_FILE = "trainer.json"
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that non-tensor values are unpickled with
+    ``torch.load(weights_only=True)`` (plain containers and numbers only) instead of full pickle."""
+
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        """Restore one non-tensor value."""
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+class TrainState(Stateful):
+    """A model and its optimizer as one DCP entry (``{"model": ..., "optim": ...}``), FSDP-sharded or not."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        """Model and optimizer states in DCP's canonical (parameter-name keyed) form."""
+        model, optim = get_state_dict(self.model, [] if self.optimizer is None else self.optimizer)
+        return {"model": model, "optim": optim} if self.optimizer is not None else {"model": model}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load what :meth:`state_dict` gave, into this rank's shards."""
+        set_state_dict(self.model, [] if self.optimizer is None else self.optimizer,
+                       model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG states as JSON
+# ----------------------------------------------------------------------------------------------------
+def _tuples(value):
+    """JSON lists back into the nested tuples ``random.setstate`` wants."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def rng_state(own: random.Random) -> dict:
+    """This process's RNG states: python's and numpy's global ones, torch's (CPU and every CUDA device),
+    and the trainer's own ``random.Random``."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "own": own.getstate(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict, own: random.Random) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(_tuples(state["python"]))
+    own.setstate(_tuples(state["own"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write and fsync, so the rename that commits a checkpoint never precedes its contents."""
+    with open(path, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding, saving, loading
+# ----------------------------------------------------------------------------------------------------
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run folder, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve(resume: str, output_dir: str | Path) -> Path | None:
+    """Where a run starts from: ``resume`` is ``auto`` (the newest checkpoint in ``output_dir``, if any),
+    ``none`` (a fresh start) or the path of a checkpoint folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest(output_dir)
+    path = Path(resume)
+    if not (path / TRAINER_FILE).is_file():
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {TRAINER_FILE}); "
+                                f"checkpoints are the step-N folders of a run's output_dir")
+    return path
+
+
+@dataclass
+class Saved:
+    """What :func:`load` restores besides the models: the trainer's step and state, this rank's counters."""
+
+    step: int
+    trainer: dict
+    counters: dict
+    exact: bool  # False when this rank's RNG file was missing (resumed on a different number of ranks)
+
+
+def save(output_dir: str | Path, step: int, dist: Dist, *, states: dict[str, Stateful], trainer: dict,
+         counters: dict, rng: random.Random, config, hf_files, keep: int) -> Path:
+    """Write checkpoint ``step`` of the run (every rank must call this) -> its ``step-N`` folder.
+
+    ``states``: DCP entries (``TrainState``s), ``trainer``: JSON-able rank-independent state (same on
+    every rank; rank 0 writes it), ``counters``: JSON-able per-rank state, ``rng``: the trainer's
+    ``random.Random``, ``config``: the run config (its ``save``), ``hf_files(folder)``: writes the
+    student's config and processor files. Keeps the newest ``keep`` checkpoints (0: all).
+    """
+    root = Path(output_dir)
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    if dist.is_main:
+        for stale in root.glob(".step-*.tmp"):
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(states, checkpoint_id=tmp / "dcp")
+    _write_json(tmp / f"rank-{dist.rank}.json", {"rng": rng_state(rng), "counters": counters})
+    if dist.is_main:
+        config.save(tmp / "config.yaml")
+        hf_files(tmp / "hf")
+        _write_json(tmp / TRAINER_FILE, {"step": step, "world_size": dist.world_size, **trainer})
+    barrier()
+    if dist.is_main:
+        if final.exists():  # the same step saved again (a resumed run's SIGTERM): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(root)[:-keep] if keep else []:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def load(path: str | Path, dist: Dist, *, states: dict[str, Stateful], rng: random.Random) -> Saved:
+    """Restore a checkpoint written by :func:`save` into ``states`` and this process's RNGs (every rank
+    must call this). Resharding to another number of ranks works for the models; the per-rank RNG
+    states then cannot be matched, so the run goes on correctly but not bit-for-bit (``exact=False``)."""
+    path = Path(path)
+    trainer = json.loads((path / TRAINER_FILE).read_text())
+    dcp.load(states, checkpoint_id=path / "dcp", planner=SafeLoadPlanner())
+    rank_file = path / f"rank-{dist.rank}.json"
+    exact = trainer["world_size"] == dist.world_size and rank_file.is_file()
+    counters = {}
+    if exact:
+        saved = json.loads(rank_file.read_text())
+        set_rng_state(saved["rng"], rng)
+        counters = saved["counters"]
+    elif dist.is_main:
+        warnings.warn(f"{path} was written by {trainer['world_size']} ranks, this run has {dist.world_size}: "
+                      f"models and data position resume, the random streams start afresh", stacklevel=2)
+    return Saved(step=trainer["step"], trainer=trainer, counters=counters, exact=exact)

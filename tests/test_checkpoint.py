@@ -1,0 +1,253 @@
+"""Checkpoints and exact resume (issue 6): a run killed at a random moment, or while writing a checkpoint,
+and started again with the same command logs exactly the per-step metrics of a run never stopped.
+
+The runs are real trainer runs on a small slice of the demo, in subprocesses (1 rank: ``python -m``;
+2 ranks: torchrun with gloo) killed with SIGKILL: nothing of the killed process gets to clean up.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ril_fast import checkpoint
+from ril_fast.demo import build_demo
+from ril_fast.discriminator import Discriminator
+from ril_fast.export import main as export_main
+from ril_fast.metrics import read_metrics, records_until
+
+STEPS, EVERY = 5, 2  # checkpoints at steps 2 and 4
+# Costs, not results: timings, and the teacher-verdict cache's hit rate (the in-memory cache starts
+# empty in a resumed process; set judge_cache= to keep it across runs).
+COSTS = ("tokens_per_s", "step_time_s", "teacher_judge_cache_hit_rate")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo"), max_train=32, max_test=8)
+
+
+def _args(demo, out, **extra) -> list[str]:
+    args = {"student": demo.student, "train_data": demo.train, "teachers": ",".join(map(str, demo.teachers)),
+            "eval_data": demo.test, "eval_every": 2, "eval_max_examples": 4, "steps": STEPS, "group_size": 2,
+            "max_new_tokens": 11, "output_dir": out, "progress": "false", "checkpoint_every": EVERY,
+            "batch.questions_per_step": 4, "disc.pretrain_steps": 1, "seed": 5, "mu": 2, "beta": 0.1}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _command(ranks: int, args: list[str], prelude: str = "") -> list[str]:
+    if ranks == 1 and not prelude:
+        return [sys.executable, "-m", "ril_fast.train", *args]
+    if ranks == 1:
+        return [sys.executable, "-c", f"{prelude}\nfrom ril_fast.train import main\nmain({args!r})"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+            "-m", "ril_fast.train", *args]
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _finish(cmd: list[str], log: Path) -> None:
+    proc = _start(cmd, log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before the moment to kill it:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so killing
+    torchrun's process group alone would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and every process it started, all at once, as a lost machine would."""
+    assert proc.poll() is None, "the run finished before it could be killed"
+    victims = [proc.pid, *_descendants(proc.pid)]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in victims[1:]):  # SIGKILL cannot be caught: they go within moments
+        assert time.monotonic() < deadline, "a killed worker is still running"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a parent that is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _step_metrics(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in COSTS}
+            for r in read_metrics(out / "metrics.jsonl")]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(next(a.glob("*.safetensors")))), load_file(str(next(b.glob("*.safetensors"))))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference(demo, tmp_path_factory):
+    """Uninterrupted runs, per number of ranks."""
+    done = {}
+
+    def get(ranks: int) -> Path:
+        if ranks not in done:
+            out = tmp_path_factory.mktemp(f"reference{ranks}")
+            _finish(_command(ranks, _args(demo, out / "run")), out / "log.txt")
+            done[ranks] = out / "run"
+        return done[ranks]
+
+    return get
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigkill_at_a_random_moment_then_resume_gives_the_same_metrics(demo, reference, tmp_path, ranks):
+    ref = reference(ranks)
+    out = tmp_path / "run"
+    cmd = _command(ranks, _args(demo, out))
+    proc = _start(cmd, tmp_path / "killed.txt")
+    _wait_for(lambda: checkpoint.latest(out) is not None, proc, tmp_path / "killed.txt")
+    delay = random.uniform(0.0, 2.0)
+    print(f"killing {delay:.2f} s after the first checkpoint appeared")
+    time.sleep(delay)
+    _kill(proc)
+    killed_at = checkpoint.latest(out)
+    _finish(cmd, tmp_path / "resumed.txt")
+    assert f"resuming from {killed_at}" in (tmp_path / "resumed.txt").read_text()
+    assert _step_metrics(out) == _step_metrics(ref)
+    assert [r["step"] for r in _step_metrics(out) if "loss" in r] == list(range(1, STEPS + 1))
+    _same_weights(out / "final", ref / "final")
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(demo, reference, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    args = _args(demo, out)
+    # The second checkpoint's DCP shards are written, then the process hangs before its other files:
+    # it is killed in the middle of writing step-4.
+    prelude = (
+        "import time, pathlib, torch.distributed.checkpoint as dcp, ril_fast.checkpoint as ck\n"
+        "real, calls = dcp.save, []\n"
+        "def save(*a, **k):\n"
+        "    calls.append(1); real(*a, **k)\n"
+        f"    if len(calls) == 2: pathlib.Path({str(marker)!r}).touch(); time.sleep(600)\n"
+        "ck.dcp.save = save\n")
+    proc = _start(_command(1, args, prelude), tmp_path / "killed.txt")
+    _wait_for(marker.exists, proc, tmp_path / "killed.txt")
+    _kill(proc)
+    assert (out / f".step-{2 * EVERY}.tmp" / "dcp").is_dir()  # half a checkpoint is on disk...
+    assert checkpoint.latest(out) == out / f"step-{EVERY}"     # ...and is not taken for one
+    _finish(_command(1, args), tmp_path / "resumed.txt")
+    assert f"resuming from {out / f'step-{EVERY}'}" in (tmp_path / "resumed.txt").read_text()
+    assert _step_metrics(out) == _step_metrics(reference(1))
+    assert not list(out.glob(".step-*.tmp"))  # the next save removed the leftover
+    assert [p.name for p in checkpoint.checkpoints(out)] == [f"step-{EVERY}", f"step-{2 * EVERY}"]
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(demo, reference, tmp_path):
+    out = tmp_path / "run"
+    cmd = _command(1, _args(demo, out, checkpoint_every=0))
+    proc = _start(cmd, tmp_path / "stopped.txt")
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text(),
+              proc, tmp_path / "stopped.txt")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) != 0  # stopped, not finished
+    saved = checkpoint.latest(out)
+    assert saved is not None and not (out / "final").exists()
+    assert "run the same command to resume" in (tmp_path / "stopped.txt").read_text()
+    step = json.loads((saved / "trainer.json").read_text())["step"]
+    assert 1 <= step < STEPS
+    _finish(cmd, tmp_path / "resumed.txt")
+    assert _step_metrics(out) == _step_metrics(reference(1))
+
+
+def test_export_cli_writes_the_checkpointed_student_and_discriminator(demo, reference, tmp_path):
+    ref = reference(1)
+    last = checkpoint.latest(ref)
+    assert last.name == f"step-{2 * EVERY}" and [p.name for p in checkpoint.checkpoints(ref)] == [
+        f"step-{EVERY}", f"step-{2 * EVERY}"]  # keep_checkpoints=2
+    export_main([str(last), str(tmp_path / "student"), "--disc", str(tmp_path / "disc")])
+    # The student exported from the last checkpoint (step 4) differs from the initial one and loads in
+    # plain transformers; its weights are the ones training had at step 4: resuming from that checkpoint
+    # with steps=4 exports (as final/) exactly the same tensors.
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "student")
+    resumed = tmp_path / "resumed"
+    subprocess.run(["cp", "-r", str(ref), str(resumed)], check=True)
+    _finish(_command(1, _args(demo, resumed, steps=2 * EVERY)), tmp_path / "log.txt")
+    _same_weights(tmp_path / "student", resumed / "final")
+    initial = load_file(str(next(Path(demo.student).glob("*.safetensors"))))
+    exported = load_file(str(next((tmp_path / "student").glob("*.safetensors"))))
+    assert any(not torch.equal(initial[k], exported[k]) for k in initial)
+    disc, _ = Discriminator.load(tmp_path / "disc")
+    assert torch.isfinite(disc.weight).all() and disc.weight.abs().sum() > 0  # trained away from its zero start
+
+
+def test_export_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="not a ril_fast checkpoint"):
+        export_main([str(tmp_path), str(tmp_path / "out")])
+
+
+def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
+    (tmp_path / ".step-3.tmp").mkdir()
+    assert checkpoint.resolve("auto", tmp_path) is None
+    assert checkpoint.resolve("none", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.resolve(str(tmp_path / ".step-3.tmp"), tmp_path)
+
+
+def test_records_until_keeps_what_an_uninterrupted_run_had_written(tmp_path):
+    records = [{"step": 0, "eval_accuracy": 0.1}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0, "eval_accuracy": 0.2},
+               {"step": 3, "loss": 3.0}, {"step": 3, "eval_accuracy": 0.3}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # cut short by a kill
+    assert records_until(path, 2) == records[:3]
+    assert records_until(path, 3) == records[:4]  # not the final evaluation that followed step 3
+    path.write_text('{"step": 1, "loss": 1.0}\nnot json\n{"step": 2, "loss": 2.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        records_until(path, 2)
+
+
+def test_rng_state_round_trips_through_json():
+    own = random.Random(7)
+    state = json.loads(json.dumps(checkpoint.rng_state(own)))
+    expected = (random.random(), own.random(), __import__("numpy").random.rand(), torch.rand(3))
+    checkpoint.set_rng_state(state, own)
+    again = (random.random(), own.random(), __import__("numpy").random.rand(), torch.rand(3))
+    assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])

@@ -1,0 +1,97 @@
+"""Bad input and faults met by the trainer itself (issue 6): each gives an error that names the file and
+line, or the setting to change; none is dropped silently. Line-level checks of the JSONL files are in
+tests/test_data.py; docs/bad_inputs.md lists every case and its test."""
+
+import json
+import math
+
+import pytest
+import torch
+from models_fixtures import one_thread  # noqa: F401
+
+import ril_fast.train as train
+from ril_fast.data import DataError
+from ril_fast.demo import build_demo
+from ril_fast.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, one_thread):  # noqa: F811
+    return build_demo(tmp_path_factory.mktemp("demo"), max_train=16, max_test=4)
+
+
+def _args(demo, out, **extra) -> list[str]:
+    args = {"student": demo.student, "train_data": demo.train, "teachers": ",".join(map(str, demo.teachers)),
+            "eval_data": "", "steps": 4, "group_size": 2, "max_new_tokens": 11, "output_dir": out,
+            "progress": "false", "batch.questions_per_step": 2, "disc.pretrain_steps": 0, "checkpoint_every": 0}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _line_of(path, example_id) -> int:
+    lines = open(path).read().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if line.strip() and json.loads(line)["id"] == example_id)
+
+
+def test_an_example_without_teacher_response_names_its_line(demo, tmp_path):
+    rows = [json.loads(line) for line in open(demo.teachers[0])]
+    dropped = rows[5]["id"]
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] != dropped))
+    with pytest.raises(DataError) as e:
+        train.main(_args(demo, tmp_path / "run", teachers=partial))
+    assert str(e.value).startswith(f"{demo.train}:{_line_of(demo.train, dropped)}: example {dropped!r} has no "
+                                   f"response in any teacher collection (1 such examples)")
+
+
+def test_a_teacher_response_longer_than_the_budget_names_its_line(demo, tmp_path):
+    with pytest.raises(DataError) as e:
+        train.main(_args(demo, tmp_path / "run", max_new_tokens=6))
+    assert str(e.value).startswith(f"{demo.teachers[1]}:")  # the verbose teacher writes up to 11 tokens
+    assert "more than max_new_tokens=6" in str(e.value)
+
+
+def test_a_prompt_longer_than_the_budget_names_its_line(demo, tmp_path):
+    with pytest.raises(DataError) as e:
+        train.main(_args(demo, tmp_path / "run", **{"batch.max_tokens": 20}))
+    message = str(e.value)
+    where = message.split(": the prompt takes")[0]
+    path, line = where.rsplit(":", 1)
+    assert path == str(demo.train) and 1 <= int(line) <= 16
+    assert "exceeds batch.max_tokens (20 tokens): raise batch.max_tokens" in message
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(demo, tmp_path, monkeypatch):
+    real = train.policy_pass
+    poisoned_steps = []
+
+    def poisoned(model, *args, **kwargs):  # a gradient that overflowed, from the second update on
+        stats = real(model, *args, **kwargs)
+        poisoned_steps.append(len(poisoned_steps) + 1)
+        if len(poisoned_steps) >= 2:
+            grad = next(p for p in model.parameters() if p.grad is not None).grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = math.inf
+        return stats
+
+    monkeypatch.setattr(train, "policy_pass", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"stopping at step 4: 3 optimizer steps in a row had a non-finite"):
+        train.main(_args(demo, out, steps=10, max_bad_steps=3))
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in steps] == [(1, 0.0, 0), (2, 1.0, 1), (3, 1.0, 2)]
+    assert math.isinf(steps[-1]["grad_norm"])
+    assert not (out / "final").exists()
+
+
+def test_out_of_memory_names_the_micro_batch_and_the_setting(demo, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "policy_pass", oom)
+    with pytest.raises(RuntimeError) as e:
+        train.main(_args(demo, tmp_path / "run"))
+    message = str(e.value)
+    assert message.startswith("out of memory in the policy_update phase; its largest micro-batch holds ")
+    tokens = int(message.split("holds ")[1].split(" tokens")[0])
+    assert 0 < tokens <= 4096 and "lower batch.max_tokens (now 4096)" in message
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
