@@ -28,6 +28,7 @@ import yaml
 
 from ril_fast.judge import JudgeKind
 from ril_fast.kernels.disc_head import Pool
+from ril_fast.models import Kernels
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,9 @@ class Loss:
 
     eps_low: float = opt(0.2, "lower clip of the ratio: clip(ρ, 1 - eps_low, 1 + eps_high)")
     eps_high: float = opt(0.2, "upper clip of the ratio")
+    kernels: Kernels = opt(Kernels.AUTO, "code for the log-probs and the loss: auto (fused: Triton on GPU, "
+                                         "chunked torch on CPU) | triton | torch | eager (full-logits references, "
+                                         "a benchmark baseline)")
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Batch:
 
     questions_per_step: int = opt(16, "questions per step across all ranks; each gives G student (+ G teacher) outputs")
     max_tokens: int = opt(4096, "token budget of one packed micro-batch (prompt + response tokens)")
+    padded: bool = opt(False, "lay micro-batches out right-padded instead of packed (a benchmark baseline)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,6 +110,14 @@ class Config:
     judge: JudgeKind = opt(JudgeKind.RULE, "correctness judge for r_ans and evaluation: rule | hf | http")
     judge_url: str = opt("", "http judge: base URL of the OpenAI-compatible server")
     judge_model: str = opt("", "hf judge: model folder; http judge: the served model name")
+    judge_cache: str = opt("", "persistent judge cache: an SQLite file shared by ranks and runs (teacher "
+                               "verdicts are judged once, ever); empty: in memory, this run only")
+    judge_batch_size: int = opt(32, "hf judge: prompts per forward pass")
+    judge_concurrency: int = opt(16, "http judge: requests in flight at once")
+    judge_timeout_s: float = opt(60.0, "http judge: seconds to wait for the connection and for each read")
+    judge_retries: int = opt(3, "http judge: retries of a request after a timeout, a dropped connection, "
+                                "HTTP 429 or 5xx, with back-off 0.5 s, 1 s, 2 s, ... (API key: $RIL_JUDGE_API_KEY "
+                                "or $OPENAI_API_KEY, never the config)")
     steps: int = opt(100, "RIL steps (batches of questions), after discriminator pre-training")
     group_size: int = opt(4, "G: student samples per question (and teacher outputs per question in RIL)")
     mu: int = opt(1, "μ: discriminator and policy updates per batch (1: π_old = π_θ, ratio 1)")
@@ -118,6 +131,12 @@ class Config:
     eval_max_examples: int = opt(300, "evaluate on at most this many held-out examples (0: all)")
     log_every: int = opt(1, "write a metrics line every this many steps")
     progress: bool = opt(True, "show a progress bar with the key numbers (false: log lines only)")
+    checkpoint_every: int = opt(20, "write output_dir/step-N/ every this many steps (0: only on SIGTERM)")
+    keep_checkpoints: int = opt(2, "keep the newest this many checkpoints (0: all)")
+    resume: str = opt("auto", "auto: continue from the newest checkpoint in output_dir if there is one; "
+                              "none: start afresh; or a checkpoint folder")
+    max_bad_steps: int = opt(3, "stop the run after this many optimizer steps in a row were skipped for a "
+                                "non-finite loss or gradient norm")
     rollout: Rollout = field(default_factory=Rollout, metadata={"help": Rollout.__doc__})
     optim: Optim = field(default_factory=Optim, metadata={"help": Optim.__doc__})
     disc: Disc = field(default_factory=Disc, metadata={"help": Disc.__doc__})
@@ -137,10 +156,20 @@ class Config:
             (self.eval_every >= 0, "eval_every must be >= 0"),
             (self.eval_max_examples >= 0, "eval_max_examples must be >= 0"),
             (self.log_every >= 1, "log_every must be >= 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = only on SIGTERM)"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints must be >= 0 (0 = keep all)"),
+            (self.resume != "", "resume must be auto, none or a checkpoint folder"),
+            (self.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
             (self.output_dir != "", "output_dir must not be empty"),
             (self.judge is not JudgeKind.HTTP or (self.judge_url and self.judge_model),
              "judge=http needs judge_url and judge_model"),
             (self.judge is not JudgeKind.HF or self.judge_model, "judge=hf needs judge_model (a model folder)"),
+            (self.judge_batch_size >= 1, "judge_batch_size must be >= 1"),
+            (self.judge_concurrency >= 1, "judge_concurrency must be >= 1"),
+            (self.judge_timeout_s > 0, "judge_timeout_s must be > 0"),
+            (self.judge_retries >= 0, "judge_retries must be >= 0"),
+            (self.judge is not JudgeKind.HTTP or self.judge_url.startswith(("http://", "https://")),
+             "judge_url must start with http:// or https://"),
             (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
             (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
             (self.rollout.batch_size >= 1, "rollout.batch_size must be >= 1"),
@@ -192,6 +221,12 @@ class Config:
             mark = "" if default.get(key, MISSING) == value else " *"
             lines.append(f"  {key:<{width}} = {_show(value)}{mark}")
         return "\n".join(lines)
+
+    def differences(self, path: str | Path) -> list[str]:
+        """The keys whose values differ between this config and the one saved at ``path`` (``save``)."""
+        saved = _flatten(yaml.safe_load(Path(path).read_text()) or {})
+        mine = _flatten(self.to_dict())
+        return [k for k in mine if saved.get(k, MISSING) != mine[k]]
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":

@@ -1,4 +1,5 @@
-"""The run's record: ``metrics.jsonl`` (one JSON object per logged step), a progress bar, phase timers.
+"""The run's record: ``metrics.jsonl`` (one JSON object per logged step), a progress bar, phase timers,
+TensorBoard events (when tensorboard is installed) and, at the end, ``curves.png`` (``ril_fast.curves``).
 
 Only the main rank writes. Every value logged is a plain float or int, so the file reads back with
 ``json.loads`` per line (``read_metrics``) for tests, plots and comparisons between runs.
@@ -9,6 +10,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from ril_fast import curves
 
 # The numbers shown on the progress bar, in order, when present.
 _BAR_KEYS = ("student_answer_reward", "student_similarity_reward", "disc_accuracy", "loss", "eval_accuracy")
@@ -34,20 +37,28 @@ class PhaseTimer:
 
 
 class RunLog:
-    """Appends step metrics to ``out_dir/metrics.jsonl`` and shows progress (main rank only)."""
+    """Appends step metrics to ``out_dir/metrics.jsonl`` and ``out_dir/tensorboard/`` and shows progress;
+    :meth:`close` draws ``out_dir/curves.png`` (main rank only)."""
 
-    def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, progress: bool = True):
+    def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, progress: bool = True,
+                 resume_step: int | None = None):
+        """``resume_step``: the run resumes after that step, so the file keeps exactly the records an
+        uninterrupted run had written by then (see :func:`records_until`); else it starts empty."""
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.bar = None
+        self.tensorboard = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")  # a fresh run starts a fresh file
+        kept = records_until(self.path, resume_step) if resume_step is not None and self.path.exists() else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="RIL", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="RIL", unit="step",
+                            dynamic_ncols=True)
+        self.tensorboard = curves.tensorboard_writer(self.path.parent / "tensorboard")
 
     def log(self, metrics: dict) -> None:
         """Write one line; advance the bar (or print a short line when there is no terminal)."""
@@ -55,6 +66,8 @@ class RunLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if self.tensorboard is not None:
+            curves.add_scalars(self.tensorboard, metrics)
         shown = {k: metrics[k] for k in _BAR_KEYS if k in metrics}
         if self.bar is not None:
             if metrics.get("step", 0) > self.bar.n:
@@ -64,9 +77,34 @@ class RunLog:
             print(f"step {metrics.get('step')}: " + ", ".join(f"{k} {v:.3g}" for k, v in shown.items()), flush=True)
 
     def close(self) -> None:
-        """Close the progress bar."""
+        """Close the progress bar and the TensorBoard writer; draw ``curves.png`` from the whole
+        ``metrics.jsonl`` (a resumed run's earlier records included) and print where it is."""
         if self.bar is not None:
             self.bar.close()
+        if not self.enabled:
+            return
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            print(f"tensorboard: tensorboard --logdir {self.path.parent / 'tensorboard'}", flush=True)
+        png = curves.plot_curves(read_metrics(self.path), self.path.parent / "curves.png",
+                                 title=str(self.path.parent))
+        if png is not None:
+            print(f"curves: {png}", flush=True)
+
+
+def records_until(path: str | Path, step: int) -> list[dict]:
+    """The records of ``path`` logged up to the end of training step ``step``: those of earlier steps and
+    the step's own training record, not the final evaluation after it nor anything later. A last line
+    cut short by a kill is dropped; a damaged line before it is an error naming the line."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON metrics record") from None
+    return [r for r in records if r["step"] < step or (r["step"] == step and "loss" in r)]
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -14,29 +14,38 @@ Where this departs from, or fills in, the paper (its code is not public):
   tokenised from their text (RIL is text-level for the teachers).
 * Discriminator pre-training (Step 1) samples fresh initial-student outputs for each of its steps.
 * Teacher outputs are judged through a cache (their verdicts never change); student outputs are not.
-* A non-finite gradient norm skips that optimiser step (counted in ``skipped_steps``).
+* A non-finite gradient norm skips that optimiser step (counted in ``skipped_steps``); ``max_bad_steps``
+  in a row stop the run.
+
+Checkpoints (``ril_fast.checkpoint``) are written every ``checkpoint_every`` steps and on SIGTERM; the
+same command run again continues from the newest one, with the same per-step metrics as a run that was
+never stopped.
 """
 
+import contextlib
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ril_fast import distributed
-from ril_fast.config import Config, load_config
-from ril_fast.data import Batches, Example, load_examples, load_teachers, to_sample
+from ril_fast import checkpoint, distributed, schedule
+from ril_fast.config import Config, ConfigError, load_config
+from ril_fast.data import Batches, DataError, Example, load_examples, load_teachers, to_sample
 from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
-from ril_fast.export import export_hf
+from ril_fast.export import export_hf, save_hf_files
 from ril_fast.imitation import disc_pass, disc_probs
-from ril_fast.judge import CachedJudge, JudgeItem, make_judge
+from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog
 from ril_fast.microbatch import encode_all, micro_batches
 from ril_fast.models import load
+from ril_fast.packing import Processor
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
 from ril_fast.rollout import sample_responses
@@ -62,7 +71,9 @@ class Run:
     eval_examples: list[Example]
     rng: random.Random
     log: RunLog
-    counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "questions": 0})
+    start_step: int = 0  # the step a resumed run continues after (0: a fresh run)
+    counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "bad_in_a_row": 0, "questions": 0})
+    stop_requested: list = field(default_factory=list)  # the signals received (SIGTERM: checkpoint and stop)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -70,18 +81,20 @@ def main(argv: list[str] | None = None) -> Path:
     run = setup(load_config(sys.argv[1:] if argv is None else argv))
     cfg = run.cfg
 
-    # Step 1: discriminator pre-training on initial-student vs teacher outputs (Eq. 1).
-    for _ in range(cfg.disc.pretrain_steps if run.disc is not None else 0):
-        pretrain_disc_step(run)
+    if run.start_step == 0:
+        # Step 1: discriminator pre-training on initial-student vs teacher outputs (Eq. 1).
+        for _ in range(cfg.disc.pretrain_steps if run.disc is not None else 0):
+            pretrain_disc_step(run)
+        evaluate_and_log(run, step=0)
 
-    evaluate_and_log(run, step=0)
     # Step 2: the RIL loop, one batch of questions per step.
-    for step in range(1, cfg.steps + 1):
+    for step in range(run.start_step + 1, cfg.steps + 1):
         metrics = train_step(run, step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             metrics.update(evaluate_now(run))
         if step % cfg.log_every == 0 or "eval_accuracy" in metrics:
             run.log.log(metrics)
+        checkpoint_if_due(run, step)  # every checkpoint_every steps; after a SIGTERM, then stop
     evaluate_and_log(run, step=cfg.steps)
 
     out = Path(cfg.output_dir)
@@ -113,11 +126,13 @@ def setup(cfg: Config) -> Run:
     torch.manual_seed(cfg.seed)
 
     examples = load_examples(cfg.train_data)
-    bank = None if cfg.rl_only else load_teachers(cfg.teachers, examples)
-    if bank is not None and bank.missing(examples):
-        missing = bank.missing(examples)
-        raise SystemExit(f"{len(missing)} training examples have no teacher response (first: {missing[0].id}); "
-                         f"RIL needs G teacher outputs per question")
+    bank = None
+    if not cfg.rl_only:
+        bank = load_teachers(cfg.teachers, examples, max_tokens=cfg.max_new_tokens,
+                             count_tokens=Processor.from_pretrained(cfg.student).response_lengths)
+        if missing := bank.missing(examples):
+            raise DataError(f"{missing[0].where}: example {missing[0].id!r} has no response in any teacher "
+                            f"collection ({len(missing)} such examples); RIL needs G teacher outputs per question")
     eval_examples = load_examples(cfg.eval_data) if cfg.eval_data else []
     if cfg.eval_max_examples:
         eval_examples = eval_examples[:cfg.eval_max_examples]
@@ -127,8 +142,7 @@ def setup(cfg: Config) -> Run:
     student, processor = load(cfg.student, dtype=torch.float32, device=dist.device)
     student = distributed.shard_model(student.train(), mixed_precision=gpu)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    warmup = max(cfg.optim.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup))
+    scheduler = schedule.make_scheduler(optimizer, cfg)  # warm-up, then cosine decay
 
     reference = None
     if cfg.beta > 0:
@@ -142,14 +156,70 @@ def setup(cfg: Config) -> Run:
         # foreach=False: the head's 0-dim bias stays a plain tensor beside FSDP's DTensors.
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc.lr, foreach=False)
 
-    judge = make_judge(cfg.judge)  # the hf and http kinds (issue 5) will take judge_url / judge_model
-    return Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,
-               reference=reference, disc=disc, disc_optimizer=disc_optimizer, judge=judge,
-               teacher_judge=CachedJudge(judge), bank=bank,
-               batches=Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
-                               world_size=dist.world_size),
-               eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"),
-               log=RunLog(out, enabled=dist.is_main, total_steps=cfg.steps, progress=cfg.progress))
+    judge = make_judge_from_config(cfg)  # rule | hf | http, with the judge_* settings
+    run = Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,
+              reference=reference, disc=disc, disc_optimizer=disc_optimizer, judge=judge,
+              teacher_judge=CachedJudge(judge, store=judge_store(cfg.judge_cache)), bank=bank,
+              batches=Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
+                              world_size=dist.world_size),
+              eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"), log=None)
+    resume_from = checkpoint.resolve(cfg.resume, out)
+    if resume_from is not None:
+        load_checkpoint(run, resume_from)
+    run.log = RunLog(out, enabled=dist.is_main, total_steps=cfg.steps, progress=cfg.progress,
+                     resume_step=run.start_step if resume_from is not None else None)
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        signal.signal(signal.SIGTERM, lambda signum, frame: run.stop_requested.append(signum))
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints (ril_fast.checkpoint): models, optimisers, schedulers, data position, RNGs, counters
+# ----------------------------------------------------------------------------------------------------
+def _states(run: Run) -> dict:
+    states = {"student": checkpoint.TrainState(run.student, run.optimizer)}
+    if run.disc is not None:
+        states["disc"] = checkpoint.TrainState(run.disc, run.disc_optimizer)
+    return states
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Write ``output_dir/step-{step}/`` (every rank calls this)."""
+    trainer = {"batches": run.batches.state_dict(), "scheduler": run.scheduler.state_dict()}
+    return checkpoint.save(run.cfg.output_dir, step, run.dist, states=_states(run), trainer=trainer,
+                           counters=run.counters, rng=run.rng, config=run.cfg,
+                           hf_files=lambda folder: save_hf_files(run.student, run.processor, folder),
+                           keep=run.cfg.keep_checkpoints)
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Continue ``run`` from the checkpoint at ``path``: the next step is the one after it."""
+    saved = checkpoint.load(path, run.dist, states=_states(run), rng=run.rng)
+    run.batches.load_state_dict(saved.trainer["batches"])
+    run.scheduler.load_state_dict(saved.trainer["scheduler"])
+    run.counters.update(saved.counters)
+    run.start_step = saved.step
+    if run.dist.is_main:
+        changed = run.cfg.differences(path / "config.yaml")
+        print(f"resuming from {path} (step {saved.step} of {run.cfg.steps})"
+              + (f"; settings changed since: {', '.join(changed)}" if changed else ""), flush=True)
+
+
+def checkpoint_if_due(run: Run, step: int) -> None:
+    """Save after ``step`` when it is a multiple of ``checkpoint_every`` or any rank got SIGTERM; in the
+    latter case stop the run once the checkpoint is written."""
+    stop = _agree(run, bool(run.stop_requested))
+    if stop or (run.cfg.checkpoint_every and step % run.cfg.checkpoint_every == 0):
+        path = save_checkpoint(run, step)
+    if stop:
+        run.log.close()
+        raise SystemExit(f"stopped by SIGTERM after step {step}: checkpoint {path} "
+                         f"written; run the same command to resume" if run.dist.is_main else 1)
+
+
+def _agree(run: Run, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (so all ranks stop after the same step)."""
+    return bool(distributed.all_reduce_max(torch.tensor(int(flag), device=run.dist.device)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,10 +247,10 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
             run.counters["questions"] += 1
     samples, sources = [], []
     for k, (q, prompt) in enumerate(zip(questions, prompts)):
-        samples += [dict(r.sample(prompt), answer=q.answer) for r in rollouts[k]]
+        samples += [dict(r.sample(prompt), answer=q.answer, where=q.where) for r in rollouts[k]]
         sources += [STUDENT] * len(rollouts[k])
         if teacher_outputs is not None:
-            samples += [dict(to_sample(q, text), answer=q.answer) for _, text in teacher_outputs[k]]
+            samples += [dict(to_sample(q, text), answer=q.answer, where=q.where) for _, text in teacher_outputs[k]]
             sources += [name for name, _ in teacher_outputs[k]]
     return samples, sources, [[r.text for r in rs] for rs in rollouts], teacher_outputs
 
@@ -190,7 +260,22 @@ def _micro(run: Run, samples: list[dict]):
     def agree(n: int) -> int:
         return int(distributed.all_reduce_max(torch.tensor(n, device=run.dist.device)))
 
-    return micro_batches(encode_all(run.processor, samples), run.cfg.batch.max_tokens, agree=agree)
+    encoded = encode_all(run.processor, samples)
+    _check_lengths(run, samples, encoded)
+    return micro_batches(encoded, run.cfg.batch.max_tokens, agree=agree, padded=run.cfg.batch.padded)
+
+
+def _check_lengths(run: Run, samples: list[dict], encoded) -> None:
+    """A question whose prompt leaves no room for a full-length response is an error naming its line."""
+    cfg = run.cfg
+    context = getattr(distributed.unwrap(run.student).config.get_text_config(), "max_position_embeddings", None)
+    budget = min(cfg.batch.max_tokens, context or cfg.batch.max_tokens)
+    for sample, e in zip(samples, encoded):
+        if e.prompt_len + cfg.max_new_tokens > budget:
+            setting = "batch.max_tokens" if budget == cfg.batch.max_tokens else "the model's context"
+            raise DataError(f"{sample['where']}: the prompt takes {e.prompt_len} tokens (images included); with "
+                            f"max_new_tokens={cfg.max_new_tokens} that exceeds {setting} ({budget} tokens): "
+                            f"raise batch.max_tokens, use fewer or smaller images, or drop the example")
 
 
 def _global_count(run: Run, n: int) -> torch.Tensor:
@@ -218,14 +303,15 @@ def _seed(run: Run, step: int) -> int:
     return (run.cfg.seed * 1_000_003 + step) * 4096 + run.dist.rank
 
 
-def train_step(run: Run, step: int) -> dict:
+def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
     """One batch B: rollouts, teacher outputs, μ discriminator updates, rewards over 2G, advantages,
-    old/ref log-probs, μ policy updates. Returns the step's metrics."""
-    cfg, timer, t0 = run.cfg, PhaseTimer(), time.perf_counter()
+    old/ref log-probs, μ policy updates. Returns the step's metrics. ``timer``: times the phases (a
+    fresh ``PhaseTimer`` by default; bench/throughput.py passes one that also synchronises the GPU)."""
+    cfg, timer, t0 = run.cfg, timer or PhaseTimer(), time.perf_counter()
     questions = next(run.batches)
 
     # π_old ← π_θ: sample G student outputs per q; take G teacher outputs per q from the collection.
-    with timer("rollout"):
+    with timer("rollout"), explain_oom(cfg, "rollout"):
         samples, sources, student_texts, teacher_outputs = collect_outputs(run, questions, _seed(run, step))
         micro = _micro(run, samples)
         n_global = _global_count(run, len(samples))
@@ -233,7 +319,7 @@ def train_step(run: Run, step: int) -> dict:
     # Repeat μ times: update D_φ with Eq. 1 on this batch's student and teacher outputs.
     disc_stats = {}
     if run.disc is not None:
-        with timer("disc_update"):
+        with timer("disc_update"), explain_oom(cfg, "disc_update", micro):
             for _ in range(cfg.mu):
                 disc_stats = _disc_update(run, micro, sources, n_global)
 
@@ -246,32 +332,70 @@ def train_step(run: Run, step: int) -> dict:
         r_ans[student_idx] = answer_rewards(run.judge, [items[i] for i in student_idx])
         if teacher_idx:
             r_ans[teacher_idx] = answer_rewards(run.teacher_judge, [items[i] for i in teacher_idx])
-    with timer("disc_score"):
+    with timer("disc_score"), explain_oom(cfg, "disc_score", micro):
         probs = disc_probs(run.disc, micro, len(samples)) if run.disc is not None else None
     groups = build_groups(student_texts, teacher_outputs, r_ans, probs, threshold=cfg.disc.threshold)
     advantages = torch.cat([g.advantages for g in groups])
 
     # π_old and π_ref log-probs from packed no-grad passes (only when they are used).
-    with timer("old_ref_logprobs"):
-        old = frozen_logprobs(run.student, micro, cfg.rollout.temperature) if cfg.mu > 1 else None
-        ref = frozen_logprobs(run.reference, micro, cfg.rollout.temperature) if run.reference is not None else None
+    with timer("old_ref_logprobs"), explain_oom(cfg, "old_ref_logprobs", micro):
+        kernels, temperature = cfg.loss.kernels, cfg.rollout.temperature
+        old = frozen_logprobs(run.student, micro, temperature, kernels) if cfg.mu > 1 else None
+        ref = frozen_logprobs(run.reference, micro, temperature, kernels) if run.reference is not None else None
 
     # Repeat μ times: update π_θ with Eq. 2 over all 2G outputs.
-    loss_cfg = LossConfig(cfg.loss.eps_low, cfg.loss.eps_high, cfg.beta, cfg.rollout.temperature)
+    loss_cfg = LossConfig(cfg.loss.eps_low, cfg.loss.eps_high, cfg.beta, cfg.rollout.temperature, cfg.loss.kernels)
     normalizer = n_global * cfg.max_new_tokens
     for _ in range(cfg.mu):
-        with timer("policy_update"):
+        with timer("policy_update"), explain_oom(cfg, "policy_update", micro):
             policy = policy_pass(run.student, micro, advantages, normalizer, loss_cfg, old=old, ref=ref)
         with timer("optimizer"):
             policy.update(optimizer_step(run.student, run.optimizer, cfg.optim.grad_clip))
-        run.counters["skipped_steps"] += int(policy["skipped"])
+        count_skipped(run, bool(policy["skipped"]), step)
         run.scheduler.step()
 
     tokens = sum(sum(mb.batch.lengths) for mb in micro)
     seconds = time.perf_counter() - t0
     return {"step": step, **reward_stats(groups), **disc_stats, **policy, "lr": run.scheduler.get_last_lr()[0],
-            "skipped_steps": run.counters["skipped_steps"], "tokens_per_s": tokens * run.dist.world_size / seconds,
+            "skipped_steps": run.counters["skipped_steps"], **_judge_cache_stats(run), "tokens_per_s": tokens * run.dist.world_size / seconds,
             "step_time_s": seconds, **timer.as_metrics()}
+
+
+def _judge_cache_stats(run: Run) -> dict:
+    """The teacher-verdict cache's hit rate so far in this process (RIL only): a cost figure, like the
+    timings; a resumed run starts with the in-memory cache empty unless ``judge_cache`` keeps it."""
+    return {"teacher_judge_cache_hit_rate": run.teacher_judge.hit_rate} if run.bank is not None else {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults: non-finite updates, out of memory
+# ----------------------------------------------------------------------------------------------------
+def count_skipped(run: Run, skipped: bool, step: int) -> None:
+    """Count an optimizer step skipped for a non-finite loss or gradient norm; ``max_bad_steps`` in a row
+    stop the run (the skipped steps left the model as it was)."""
+    run.counters["skipped_steps"] += int(skipped)
+    run.counters["bad_in_a_row"] = run.counters["bad_in_a_row"] + 1 if skipped else 0
+    if run.counters["bad_in_a_row"] >= run.cfg.max_bad_steps:
+        message = (f"stopping at step {step}: {run.cfg.max_bad_steps} optimizer steps in a row had a non-finite "
+                   f"loss or gradient norm; each was skipped, so the model is as it was before them. Lower "
+                   f"optim.lr or check the data; the newest checkpoint is {checkpoint.latest(run.cfg.output_dir)}")
+        raise SystemExit(message if run.dist.is_main else 1)
+
+
+@contextlib.contextmanager
+def explain_oom(cfg: Config, phase: str, micro=None):
+    """Turn an out-of-memory error inside ``phase`` into one that names the setting to lower and, for a
+    phase over packed micro-batches, the size of the step's largest one."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if micro is None:
+            hint = f"lower rollout.batch_size (now {cfg.rollout.batch_size} sequences per generate call)"
+        else:
+            biggest = max(micro, key=lambda mb: sum(mb.batch.lengths))
+            hint = (f"its largest micro-batch holds {sum(biggest.batch.lengths)} tokens in "
+                    f"{len(biggest.batch.lengths)} sequences: lower batch.max_tokens (now {cfg.batch.max_tokens})")
+        raise RuntimeError(f"out of memory in the {phase} phase; {hint}") from e
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,4 +417,7 @@ def evaluate_and_log(run: Run, step: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError) as e:  # the message names the setting, or the file and line
+        raise SystemExit(f"error: {e}") from None

@@ -1,0 +1,107 @@
+"""The run's record: metrics.jsonl round-trip, curves.png, TensorBoard events."""
+
+import importlib.util
+import math
+import random
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ril_fast.curves import COLUMNS, DPI, PANEL_INCHES, PANELS, plot_curves
+from ril_fast.metrics import RunLog, read_metrics
+
+PANEL_PX = (int(PANEL_INCHES[0] * DPI), int(PANEL_INCHES[1] * DPI))
+
+
+def fake_run(steps: int, rng: random.Random, *, teachers: bool = True, eval_every: int = 5) -> list[dict]:
+    """Records shaped like the trainer's: a training record per step, evaluations before and every few steps."""
+    types = ("color", "shape")
+    records = [{"step": 0, "eval_accuracy": 0.0, "eval_examples": 50, **{f"eval_accuracy/{t}": 0.0 for t in types}}]
+    for step in range(1, steps + 1):
+        r = {"step": step, "student_answer_reward": rng.random(), "loss": rng.gauss(0, 0.1), "kl": rng.random() * 1e-3,
+             "grad_norm": rng.random() * 2, "tokens_per_s": rng.uniform(500, 3000), "lr": 3e-3 * rng.random(),
+             "skipped": 0.0, "time/rollout": rng.random()}
+        if teachers:
+            r.update(student_similarity_reward=rng.random(), teacher_answer_reward=1.0,
+                     teacher_similarity_reward=rng.random(), disc_accuracy=rng.random(), disc_grad_norm=rng.random())
+        records.append(r)
+        if step % eval_every == 0:
+            records.append({"step": step, "eval_accuracy": rng.random(), "eval_examples": 50,
+                            **{f"eval_accuracy/{t}": rng.random() for t in types}})
+    return records
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from the PNG's IHDR chunk, after checking the signature."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_metrics_round_trip_and_only_the_main_rank_writes(tmp_path):
+    rng = random.Random()
+    records = fake_run(rng.randint(3, 12), rng)
+    log = RunLog(tmp_path / "run", enabled=True, total_steps=len(records), progress=False)
+    for r in records:
+        log.log(r)
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == records  # floats survive JSON exactly
+    other = RunLog(tmp_path / "other", enabled=False, total_steps=3, progress=False)
+    other.log(records[0])
+    other.close()
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("teachers", [True, False], ids=["ril", "rl_only"])
+def test_close_draws_curves_png_of_the_expected_size(tmp_path, capsys, teachers):
+    rng = random.Random()
+    records = fake_run(rng.randint(20, 40), rng, teachers=teachers)
+    log = RunLog(tmp_path, enabled=True, total_steps=len(records), progress=False)
+    for r in records:
+        log.log(r)
+    log.close()
+    png = tmp_path / "curves.png"
+    assert f"curves: {png}" in capsys.readouterr().out
+    # RL only has no discriminator: its panel goes, the rest stay.
+    panels = len(PANELS) - (0 if teachers else 1)
+    rows = math.ceil(panels / COLUMNS)
+    assert png_size(png) == (COLUMNS * PANEL_PX[0], rows * PANEL_PX[1])
+    image = Image.open(png).convert("L")
+    image.load()
+    # Every panel with data has ink in it; the unused cells of the last row are blank.
+    for k in range(rows * COLUMNS):
+        row, col = divmod(k, COLUMNS)
+        cell = image.crop((col * PANEL_PX[0], row * PANEL_PX[1], (col + 1) * PANEL_PX[0], (row + 1) * PANEL_PX[1]))
+        dark = int((np.asarray(cell) < 128).sum())
+        assert (dark > 500) == (k < panels), (k, dark)
+
+
+def test_plot_curves_without_data_draws_nothing(tmp_path):
+    assert plot_curves([], tmp_path / "c.png") is None
+    assert plot_curves([{"step": 1, "skipped": 0.0, "loss": float("nan")}], tmp_path / "c.png") is None
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (optional)")
+def test_tensorboard_events_hold_every_scalar(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rng = random.Random()
+    records = fake_run(rng.randint(3, 8), rng)
+    log = RunLog(tmp_path, enabled=True, total_steps=len(records), progress=False)
+    for r in records:
+        log.log(r)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k != "step":
+                expected.setdefault(k, []).append((r["step"], v))
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for key, points in expected.items():
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in points]
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6)  # stored as fp32
