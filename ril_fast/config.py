@@ -62,6 +62,8 @@ class Optim:
     # 5e-3 collapsed (eval 0 at step 100). See issue 4's note for the runs.
     lr: float = opt(3e-3, "peak learning rate of the student")
     weight_decay: float = opt(0.0, "AdamW weight decay")
+    beta1: float = opt(0.9, "AdamW's β1")
+    beta2: float = opt(0.999, "AdamW's β2")
     grad_clip: float = opt(1.0, "clip the gradient's global norm to this (0 = no clipping)")
     warmup_steps: int = opt(5, "linear learning-rate warm-up from 0, in optimizer steps")
 
@@ -175,6 +177,7 @@ class Config:
             (self.rollout.batch_size >= 1, "rollout.batch_size must be >= 1"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
             (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (self.disc.lr > 0, "disc.lr must be > 0"),

@@ -5,18 +5,31 @@
 Made once and cached (default ``~/.cache/ril_fast/demo``, or ``$RIL_FAST_DEMO``) from files that
 ship inside the ``easy-vqa`` PyPI package, so nothing is downloaded at run time:
 
-    train.jsonl               easy-VQA's TRAINING split only: 64x64 images of one coloured shape and
-                              questions with 13 answers; ``answer_type`` is yes/no, shape or color
-    test.jsonl                easy-VQA's test split (different images), kept for held-out evaluation
+    train.jsonl               easy-VQA's TRAINING split only: 64x64 images of one coloured shape; its
+                              shape and colour questions (3 shapes, 8 colours; ``answer_type``)
+    test.jsonl                easy-VQA's test split (different images), kept for held-out evaluation,
+                              in a seeded random order
     images/{train,test}/      the images the two files use, copied from the package
-    teacher_concise.jsonl     "Triangle."  / "Yes."
+    teacher_concise.jsonl     "Answer: triangle."  / "Answer: yes."
     teacher_verbose.jsonl     "The shape in the image is a triangle." / "Yes, it is."
-    student/                  a tiny random Qwen2.5-VL from ``ril_fast.tiny.make_tiny``
+    student/                  a tiny random Qwen2.5-VL from ``ril_fast.tiny.make_tiny`` (``STUDENT``)
 
 The two teacher collections are written from the ground truth in two distinct styles. They stand in
 for large teacher VLMs (the paper's Qwen2.5-VL-72B and InternVL3-78B), whose responses RIL also reads
 from saved collections: what RIL needs is teacher text that is mostly correct and has a style of its
 own for the discriminator to learn; templates give both with no large model at hand.
+
+Choices made so that the demo measures what RIL is for (issue 4 has the runs behind them):
+* Shape and colour questions only. easy-VQA's yes/no questions (74% of it) are answered from the
+  question text alone about 80% of the time, so a student that never looks at the image scores ~60%
+  overall; and "yes"/"no" are so short that even RL alone finds them by chance. Without them the
+  blind prior is one answer per type (about 1/3 of shapes, 1/8 of colours) and accuracy means looking.
+  ``build_demo(answer_types=ANSWER_TYPES)`` keeps all three.
+* The student's vocabulary has 16,384 tokens (most of them made-up words) instead of the ~1,000 its
+  small BPE corpus gives: a cold student samples nearly uniformly, and with 1,000 tokens it writes an
+  answer word such as " rectangle" in about 6% of its 16-token samples, which RL alone then learns to
+  repeat. Real VLM vocabularies (150,000 tokens) make that chance nil: the zero-reward trap that
+  teacher-guided groups escape.
 """
 
 from __future__ import annotations
@@ -31,7 +44,12 @@ from pathlib import Path
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-VERSION = 1  # bump when the files written here change, so cached demos are rebuilt
+ANSWER_TYPES = ("yes/no", "shape", "color")
+# The demo trains and evaluates on these only (why: the module docstring).
+DEMO_TYPES = ("shape", "color")
+# The demo student (``ril_fast.tiny.make_tiny`` settings; why these: the module docstring).
+STUDENT = dict(arch="qwen2_5_vl", seed=0, vocab_size=16384)
+VERSION = 3  # bump when the files written here change, so cached demos are rebuilt
 _MARKER = "demo.json"
 
 
@@ -63,8 +81,14 @@ def answer_type(answer: str) -> str:
 
 
 def concise(answer: str) -> str:
-    """The concise teacher's response: the answer, capitalised, with a full stop."""
-    return answer.capitalize() + "."
+    """The concise teacher's response: ``Answer: {answer}.``
+
+    Not the bare "Triangle.": the tiny student's tokenizer, trained on a few lines of text, splits
+    capitalised answers into letters that other responses share ("Teal." is T·e·al·., beginning like
+    "Triangle." and "The ..."), so the first token would pick a letter, not an answer or a style.
+    Here each style has its own first token and the answer is one word token, as with real tokenizers.
+    """
+    return f"Answer: {answer}."
 
 
 def verbose(answer: str) -> str:
@@ -101,12 +125,16 @@ def _easy_vqa_split(split: str) -> tuple[list[tuple[str, str, int]], dict[int, P
     return list(zip(texts, answers, image_ids)), {k: Path(v) for k, v in images.items()}
 
 
-def _write_split(root: Path, split: str, limit: int | None, seed: int) -> list[dict]:
-    """Write ``{split}.jsonl`` and copy its images; a seeded random subset of ``limit`` questions."""
+def _write_split(root: Path, split: str, limit: int | None, seed: int, types: tuple[str, ...]) -> list[dict]:
+    """Write ``{split}.jsonl`` and copy its images: the questions whose answer type is in ``types``, a
+    seeded random subset of ``limit`` of them. The test split is written in a seeded random order, so
+    that evaluating on its first N lines (``eval_max_examples``) is a random sample of images and
+    question types, not the first few images."""
     questions, image_paths = _easy_vqa_split(split)
-    chosen = range(len(questions))
-    if limit is not None and limit < len(questions):
-        chosen = sorted(random.Random(seed).sample(chosen, limit))
+    chosen = [i for i, (_, answer, _) in enumerate(questions) if answer_type(answer) in types]
+    chosen = random.Random(seed).sample(chosen, min(limit if limit is not None else len(chosen), len(chosen)))
+    if split == "train":
+        chosen.sort()
     image_dir = root / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -128,17 +156,22 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def build_demo(root: str | Path | None = None, *, max_train: int | None = None,
-               max_test: int | None = None) -> DemoPaths:
+def build_demo(root: str | Path | None = None, *, max_train: int | None = None, max_test: int | None = None,
+               answer_types: tuple[str, ...] = DEMO_TYPES) -> DemoPaths:
     """Build the demo in ``root`` (default: ``default_root()``) unless it is already there; return its paths.
 
-    ``max_train`` / ``max_test`` keep a seeded random subset of that many questions of each split
-    (None: all 38,575 / 9,673). A folder built with other settings is rebuilt. The build writes a
-    sibling temporary folder and renames it into place, so concurrent callers (e.g. every rank of a
-    torchrun) never see a half-written demo.
+    ``answer_types`` keeps the questions of those answer types (``ANSWER_TYPES``; default: shape and
+    colour, see the module docstring for why). ``max_train`` / ``max_test`` keep a seeded random subset
+    of that many of them in each split (None: all; of easy-VQA's 38,575 / 9,673 questions, 10,168 /
+    2,537 are shape or colour questions). A folder built with other settings is rebuilt. The build
+    writes a sibling temporary folder and renames it into place, so concurrent callers (e.g. every rank
+    of a torchrun) never see a half-written demo.
     """
+    types = tuple(answer_types)
+    if not types or any(t not in ANSWER_TYPES for t in types):
+        raise ValueError(f"answer_types must be a non-empty subset of {ANSWER_TYPES}, got {answer_types!r}")
     root = Path(root) if root is not None else default_root()
-    settings = {"version": VERSION, "max_train": max_train, "max_test": max_test}
+    settings = {"version": VERSION, "max_train": max_train, "max_test": max_test, "answer_types": list(types)}
     marker = root / _MARKER
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return _paths(root)
@@ -151,11 +184,11 @@ def build_demo(root: str | Path | None = None, *, max_train: int | None = None,
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    train = _write_split(tmp, "train", max_train, seed=0)
-    _write_split(tmp, "test", max_test, seed=1)
+    train = _write_split(tmp, "train", max_train, seed=0, types=types)
+    _write_split(tmp, "test", max_test, seed=1, types=types)
     for name, style in TEACHER_STYLES.items():
         _write_jsonl(tmp / f"{name}.jsonl", [{"id": r["id"], "response": style(r["answer"])} for r in train])
-    make_tiny(tmp / "student", "qwen2_5_vl", seed=0)
+    make_tiny(tmp / "student", **STUDENT)
     (tmp / _MARKER).write_text(json.dumps(settings) + "\n")
 
     if marker.is_file() and json.loads(marker.read_text()) != settings:

@@ -23,7 +23,9 @@ result runs through every Qwen-VL path of ril_fast (packing, mrope, discriminato
 """
 
 import argparse
+import functools
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -103,8 +105,24 @@ Geometry problems often ask for lengths, angles, areas, perimeters or volumes of
 """
 
 
-def _train_tokenizer(arch: str):
-    """Byte-level BPE trained on ``_CORPUS``, with the special tokens at ids 0..9.
+def _filler_words(count: int, seed: int = 0) -> list[str]:
+    """``count`` distinct made-up words (seeded syllables, lower case), the BPE training text that lets a
+    tiny tokenizer reach a real tokenizer's order of vocabulary size."""
+    rng = random.Random(seed)
+    onsets, vowels, codas = "b c d f g h j k l m n p qu r s t v w x z br ch cl dr fl gr pl sh st th tr".split(), \
+        "a e i o u ai ea ie oo ou".split(), ["", "", "n", "r", "s", "l", "m", "x", "ck", "nd", "st"]
+    words: set[str] = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                          for _ in range(rng.randint(1, 4))))
+    return sorted(words)
+
+
+@functools.lru_cache(maxsize=4)  # trained once per process and size (a 16k vocabulary takes seconds)
+def _train_tokenizer(arch: str, vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE trained on ``_CORPUS``, with the special tokens at ids 0..9. A ``vocab_size``
+    above what the corpus gives (about 1,000) adds made-up words to the training text until the BPE
+    reaches it: tokens the demo text never uses, as most of a real tokenizer's are.
 
     The normalizer and pre-tokenizer are Qwen2Tokenizer's own (NFC, Qwen's split regex, byte level),
     so the folder tokenizes identically whether transformers loads it as Qwen2Tokenizer (model_type
@@ -122,12 +140,17 @@ def _train_tokenizer(arch: str):
     ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    lines = _CORPUS.splitlines()
+    if vocab_size > VOCAB_SIZE:
+        # The corpus weighted far above the made-up words (each twice, so that BPE merges them whole):
+        # its merges come first, so corpus words tokenize as with the default size.
+        lines = lines * 2_000 + [" ".join(_filler_words(vocab_size))] * 2
+    bpe.train_from_iterator(lines, trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
@@ -163,13 +186,13 @@ _COMMON_VISION = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2,
                       initializer_range=0.1)
 
 
-def _qwen2_5_vision(out_hidden: int) -> dict:
-    """A tiny Qwen2.5-VL vision tower (hidden 32, 2 blocks, one windowed, one full) projecting to ``out_hidden``."""
-    return dict(_COMMON_VISION, hidden_size=32, intermediate_size=64, out_hidden_size=out_hidden,
+def _qwen2_5_vision(out_hidden: int, hidden: int = 32) -> dict:
+    """A tiny Qwen2.5-VL vision tower (``hidden`` wide, 2 blocks, one windowed, one full) projecting to ``out_hidden``."""
+    return dict(_COMMON_VISION, hidden_size=hidden, intermediate_size=2 * hidden, out_hidden_size=out_hidden,
                 window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
 
 
-def _config(arch: str, vocab_size: int):
+def _config(arch: str, vocab_size: int, vision_hidden: int = 32):
     """The transformers config object of a tiny ``arch`` model."""
     from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen2Config, Qwen2VLConfig
 
@@ -193,16 +216,18 @@ def _config(arch: str, vocab_size: int):
         vision_end_token_id=ids["<|vision_end|>"],
     )
     if arch == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(text_config=text, vision_config=_qwen2_5_vision(64), tie_word_embeddings=False,
-                                **token_ids)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=_qwen2_5_vision(64, vision_hidden),
+                                tie_word_embeddings=False, **token_ids)
     if arch == "qwen2_vl":
         vision = dict(_COMMON_VISION, embed_dim=32, hidden_size=64, mlp_ratio=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
-def _image_processor_config(arch: str) -> dict:
-    """Qwen2VLImageProcessor: 28-pixel merged patches, 4..16 image tokens per image.
+def _image_processor_config(arch: str, image_tokens: int = 4) -> dict:
+    """Qwen2VLImageProcessor: 28-pixel merged patches, at least ``image_tokens`` and at most
+    max(16, ``image_tokens``) image tokens per image (a 64x64 image: 4 tokens, or 16 when upscaled to
+    112x112 by ``image_tokens=16``).
     GotOcr2ImageProcessor (InternVL): 56-pixel tiles, 1..4 tiles (+ a thumbnail when more than one)."""
     factor = 14 * 2
     if arch == "internvl":
@@ -216,7 +241,8 @@ def _image_processor_config(arch: str) -> dict:
     else:
         kind = {
             "image_processor_type": "Qwen2VLImageProcessor",
-            "size": {"shortest_edge": 2 * 2 * factor * factor, "longest_edge": 16 * factor * factor},
+            "size": {"shortest_edge": image_tokens * factor * factor,
+                     "longest_edge": max(16, image_tokens) * factor * factor},
             "patch_size": 14,
             "temporal_patch_size": 2,
             "merge_size": 2,
@@ -233,10 +259,16 @@ def _image_processor_config(arch: str) -> dict:
     }
 
 
-def make_tiny(out_dir: str | Path, arch: str, *, seed: int = 0) -> Path:
+def make_tiny(out_dir: str | Path, arch: str, *, seed: int = 0, vision_hidden: int = 32,
+              image_tokens: int = 4, vocab_size: int = VOCAB_SIZE) -> Path:
     """Write a complete tiny HF folder for ``arch`` (one of ``ARCHS``) to ``out_dir``.
 
     Weights are fp32, random from ``seed`` (deterministic: same seed, same files). Returns the folder.
+    Two settings exist for the built-in demo's student (``ril_fast.demo``), Qwen2.5-VL only:
+    ``vision_hidden``, the vision tower's width, and ``image_tokens``, the fewest image tokens per
+    image (the processor upscales small images to reach it). ``vocab_size``: the tokenizer's size
+    (any arch; the default is what the BPE corpus gives, about 1,000 tokens; larger ones are filled
+    with made-up words).
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
@@ -244,8 +276,13 @@ def make_tiny(out_dir: str | Path, arch: str, *, seed: int = 0) -> Path:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _train_tokenizer(arch)
-    config = _config(arch, len(tok))
+    if arch != "qwen2_5_vl" and (vision_hidden, image_tokens) != (32, 4):
+        raise ValueError(f"vision_hidden and image_tokens are Qwen2.5-VL settings; arch is {arch!r}")
+    if vision_hidden < 8 or vision_hidden % 8 or image_tokens < 1:  # 2 heads with an even rotary dimension
+        raise ValueError(f"vision_hidden must be a positive multiple of 8 and image_tokens >= 1, "
+                         f"got {vision_hidden} and {image_tokens}")
+    tok = _train_tokenizer(arch, vocab_size)
+    config = _config(arch, len(tok), vision_hidden)
     auto = AutoModelForCausalLM if arch == "qwen2" else AutoModelForImageTextToText
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -258,7 +295,8 @@ def make_tiny(out_dir: str | Path, arch: str, *, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     if arch != "qwen2":
-        (out / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(arch), indent=2) + "\n")
+        processor = _image_processor_config(arch, image_tokens)
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return out
 
 

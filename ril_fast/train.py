@@ -141,7 +141,8 @@ def setup(cfg: Config) -> Run:
     dtype = torch.bfloat16 if gpu else torch.float32
     student, processor = load(cfg.student, dtype=torch.float32, device=dist.device)
     student = distributed.shard_model(student.train(), mixed_precision=gpu)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  weight_decay=cfg.optim.weight_decay)
     scheduler = schedule.make_scheduler(optimizer, cfg)  # warm-up, then cosine decay
 
     reference = None

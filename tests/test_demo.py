@@ -8,8 +8,8 @@ import pytest
 
 from ril_fast.config import load_config
 from ril_fast.data import load_examples, load_teachers
-from ril_fast.demo import (DemoPaths, answer_type, build_demo, concise, default_root, needs_demo, verbose,
-                           with_demo)
+from ril_fast.demo import (ANSWER_TYPES, DemoPaths, answer_type, build_demo, concise, default_root, needs_demo,
+                           verbose, with_demo)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def test_files_load_with_the_right_counts_and_types(demo):
     for e in train + test:
         assert e.answer_type == answer_type(e.answer)
         assert len(e.images) == 1 and e.images[0].parent.parent == demo.root / "images"
-    assert {e.answer_type for e in train} == {"yes/no", "shape", "color"}  # a random subset mixes the types
+    # Shape and colour questions only (the demo's default; why: ril_fast.demo's docstring), both present.
+    assert {e.answer_type for e in train} == {e.answer_type for e in test} == {"shape", "color"}
     bank = load_teachers(list(demo.teachers), train)
     assert bank.teachers == ["teacher_concise", "teacher_verbose"]
     assert bank.counts() == {"teacher_concise": 50, "teacher_verbose": 50} and bank.missing(train) == []
@@ -48,7 +49,7 @@ def test_train_comes_from_the_training_split_and_test_is_held_out(demo):
 
 
 def test_teacher_styles():
-    assert [concise(a) for a in ("triangle", "yes", "teal")] == ["Triangle.", "Yes.", "Teal."]
+    assert [concise(a) for a in ("triangle", "yes", "teal")] == ["Answer: triangle.", "Answer: yes.", "Answer: teal."]
     assert verbose("triangle") == "The shape in the image is a triangle."
     assert (verbose("yes"), verbose("no")) == ("Yes, it is.", "No, it is not.")
     assert verbose("teal") == "The color of the shape is teal."
@@ -93,3 +94,18 @@ def test_with_demo_fills_only_unset_paths(demo, monkeypatch, tmp_path):
     assert own.student == str(demo.student)
     monkeypatch.setenv("RIL_FAST_DEMO", str(tmp_path / "elsewhere"))
     assert default_root() == tmp_path / "elsewhere"
+
+
+def test_answer_types_choose_the_questions_and_test_order_is_random(tmp_path):
+    every = build_demo(tmp_path / "all", max_train=60, max_test=40, answer_types=ANSWER_TYPES)
+    train, test = load_examples(every.train), load_examples(every.test)
+    assert {e.answer_type for e in train} == set(ANSWER_TYPES)
+    # The training file is in easy-VQA's order; the test file in a random one, so that its first lines
+    # (eval_max_examples) are a sample of many images, not all the questions of the first few.
+    assert [e.id for e in train] == sorted(e.id for e in train)
+    assert [e.id for e in test] != sorted(e.id for e in test)
+    colour = build_demo(tmp_path / "all", max_train=20, max_test=5, answer_types=("color",))  # rebuilt
+    assert {e.answer_type for e in load_examples(colour.train) + load_examples(colour.test)} == {"color"}
+    for bad in ((), ("colour",)):
+        with pytest.raises(ValueError, match="answer_types must be"):
+            build_demo(tmp_path / "bad", answer_types=bad)

@@ -77,6 +77,28 @@ def test_tokenizers_agree_across_classes(tmp_path_factory):
     assert ids[0][-1] == SPECIAL_TOKENS.index("<|im_end|>")
 
 
+def test_demo_settings_vocabulary_and_image_tokens(tmp_path):
+    """The demo student's 16k vocabulary is filled with made-up words and leaves the corpus words
+    tokenized as before; the vision tower's width and the image tokens per image can be raised."""
+    from ril_fast.demo import STUDENT
+
+    small, big = make_tiny(tmp_path / "small", "qwen2_5_vl"), make_tiny(tmp_path / "big", **STUDENT)
+    tok_small, tok_big = AutoTokenizer.from_pretrained(small), AutoTokenizer.from_pretrained(big)
+    assert len(tok_big) == AutoConfig.from_pretrained(big).text_config.vocab_size == STUDENT["vocab_size"] == 16384
+    for text in ("Answer: triangle.", "The color of the shape is brown.", " rectangle red blue gray"):
+        assert tok_big.tokenize(text) == tok_small.tokenize(text)
+    assert {t: i for t, i in tok_big.get_vocab().items() if i < len(SPECIAL_TOKENS)} == \
+        {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    wide = make_tiny(tmp_path / "wide", "qwen2_5_vl", vision_hidden=64, image_tokens=16)
+    config = AutoConfig.from_pretrained(wide).vision_config
+    assert (config.hidden_size, config.intermediate_size, config.out_hidden_size) == (64, 128, 64)
+    grid = AutoImageProcessor.from_pretrained(wide)(images=[random_image(64, 64)], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 8, 8]]  # upscaled to 112x112: 8x8 patches, merged 2x2 into 16 tokens
+    assert _digest(make_tiny(tmp_path / "again", **STUDENT))["tokenizer.json"] == _digest(big)["tokenizer.json"]
+    with pytest.raises(ValueError, match="Qwen2.5-VL settings"):
+        make_tiny(tmp_path / "x", "qwen2", image_tokens=16)
+
+
 def test_command_line(tmp_path, capsys):
     main([str(tmp_path / "m"), "--arch", "qwen2", "--seed", "1"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")

@@ -4,10 +4,12 @@ Modes (the paper's ablations and the loop's switches): RL only, one teacher, two
 β = 0 and > 0; and two ranks under torchrun (gloo).
 """
 
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +101,32 @@ def test_two_ranks_under_torchrun(demo, tmp_path):
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
     assert (out / "final" / "config.json").is_file()
+
+
+# A short deterministic run pinned to its per-step metrics. After an intended change of the numbers
+# (the algorithm, the demo's student or data, the sampling), regenerate the file with
+#     RIL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_train.py -k golden
+# and say why in the commit. Timings, and what follows from them, are not pinned.
+GOLDEN = Path(__file__).parent / "golden" / "train_metrics.json"
+UNPINNED = ("tokens_per_s", "step_time_s")
+
+
+def _pinned(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in UNPINNED} for r in records]
+
+
+def test_golden_metrics(demo, tmp_path):
+    """Two teachers, μ = 2, β > 0, evaluations before, during and after: every logged value equals the
+    pinned one (floats to 1e-5 relative: the rewards, accuracies and counts are exact fractions, so a
+    single changed sample or verdict shows)."""
+    out = main(_args(demo, tmp_path / "run", demo.teachers, steps=3, mu=2, beta=0.1, eval_every=2))
+    got = _pinned(read_metrics(out / "metrics.jsonl"))
+    if os.environ.get("RIL_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert [sorted(r) for r in got] == [sorted(r) for r in want], "the logged keys changed"
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        for key in w:
+            assert math.isclose(g[key], w[key], rel_tol=1e-5, abs_tol=1e-7), \
+                f"record {step} ({w.get('step')}), {key}: {g[key]!r} != pinned {w[key]!r}"
