@@ -26,10 +26,11 @@ Choices made so that the demo measures what RIL is for (issue 4 has the runs beh
   blind prior is one answer per type (about 1/3 of shapes, 1/8 of colours) and accuracy means looking.
   ``build_demo(answer_types=ANSWER_TYPES)`` keeps all three.
 * The student's vocabulary has 16,384 tokens (most of them made-up words) instead of the ~1,000 its
-  small BPE corpus gives: a cold student samples nearly uniformly, and with 1,000 tokens it writes an
-  answer word such as " rectangle" in about 6% of its 16-token samples, which RL alone then learns to
-  repeat. Real VLM vocabularies (150,000 tokens) make that chance nil: the zero-reward trap that
-  teacher-guided groups escape.
+  small BPE corpus gives. A cold student samples nearly uniformly; with ~1,000 tokens it wrote answer
+  words by chance often enough that RL alone learned to repeat " rectangle" within 25 steps (held-out
+  0.18, every shape question answered "rectangle"); with 16,384 it got 9 rewarded samples in 6,400
+  (100 default steps). Real VLM vocabularies (150,000 tokens) make that chance smaller still: the
+  zero-reward trap that teacher-guided groups escape.
 """
 
 from __future__ import annotations

@@ -402,11 +402,15 @@ def vlm_from_parts(lm_dir: str | Path, out_dir: str | Path, *, seed: int = 0) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m ril_fast.tiny OUT_DIR --arch ARCH [--seed N]`` (see the module docstring)."""
+    """Command line: ``python -m ril_fast.tiny OUT_DIR --arch ARCH [--seed N] [--vocab-size V]
+    [--vision-hidden W] [--image-tokens T]`` (see the module docstring and ``make_tiny``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--arch", choices=ARCHS + ("smollm2", "smollm2_vl"), default="qwen2_5_vl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="tokenizer size (the demo: 16384)")
+    parser.add_argument("--vision-hidden", type=int, default=32, help="Qwen2.5-VL vision tower width")
+    parser.add_argument("--image-tokens", type=int, default=4, help="Qwen2.5-VL: fewest image tokens per image")
     args = parser.parse_args(argv)
     if args.arch == "smollm2":
         print(smollm2_folder(args.out_dir))
@@ -414,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         lm = smollm2_folder(Path(args.out_dir) / "lm")
         print(vlm_from_parts(lm, args.out_dir, seed=args.seed))
     else:
-        print(make_tiny(args.out_dir, args.arch, seed=args.seed))
+        print(make_tiny(args.out_dir, args.arch, seed=args.seed, vocab_size=args.vocab_size,
+                        vision_hidden=args.vision_hidden, image_tokens=args.image_tokens))
 
 
 if __name__ == "__main__":

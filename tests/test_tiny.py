@@ -103,6 +103,8 @@ def test_command_line(tmp_path, capsys):
     main([str(tmp_path / "m"), "--arch", "qwen2", "--seed", "1"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").exists()
+    main([str(tmp_path / "v"), "--arch", "qwen2", "--vocab-size", "2048"])
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "v")) == 2048
     with pytest.raises(ValueError, match="arch"):
         make_tiny(tmp_path / "x", "llama")
 
