@@ -176,3 +176,18 @@ def test_help_lists_every_key(capsys):
     assert out.strip() == help_text().strip()
     for key in valid_keys():
         assert f"\n  {key} = " in out
+
+
+def test_shipped_presets_load_and_say_how_to_make_their_student():
+    """Every file in configs/ is a valid config whose header comment gives the commands it needs."""
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert presets
+    for path in presets:
+        cfg = load_config(["--config", str(path)])
+        assert cfg.steps >= 1 and "torchrun" in path.read_text() and f"--config configs/{path.name}" in path.read_text()
+        if cfg.student:
+            assert f"python -m ril_fast.tiny {cfg.student} " in path.read_text()
+    look = load_config(["--config", str(presets[0].with_name("demo_look.yaml"))])
+    assert (look.group_size, look.batch.questions_per_step, look.optim.grad_clip) == (2, 32, 0.02)
