@@ -133,7 +133,8 @@ def _write_split(root: Path, split: str, limit: int | None, seed: int, types: tu
     question types, not the first few images."""
     questions, image_paths = _easy_vqa_split(split)
     chosen = [i for i, (_, answer, _) in enumerate(questions) if answer_type(answer) in types]
-    chosen = random.Random(seed).sample(chosen, min(limit if limit is not None else len(chosen), len(chosen)))
+    keep = len(chosen) if limit is None else min(limit, len(chosen))
+    chosen = random.Random(seed).sample(chosen, keep)
     if split == "train":
         chosen.sort()
     image_dir = root / "images" / split

@@ -1,6 +1,7 @@
 """Config: defaults, YAML < overrides, typed parsing with clear errors, save/load round trip."""
 
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -180,8 +181,6 @@ def test_help_lists_every_key(capsys):
 
 def test_shipped_presets_load_and_say_how_to_make_their_student():
     """Every file in configs/ is a valid config whose header comment gives the commands it needs."""
-    from pathlib import Path
-
     presets = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert presets
     for path in presets:
