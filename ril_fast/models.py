@@ -28,21 +28,19 @@ _VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "internvl")
 
 
 class Attn(str, enum.Enum):
-    """Attention path. AUTO: VARLEN on CUDA (flash-attention varlen over the packed row), SDPA on CPU
-    (transformers builds the block-diagonal mask from the restarting position ids). EAGER is the
-    plain-matmul reference."""
+    """Attention path. AUTO = VARLEN: ``ril_fast.attention`` (flash-attention varlen over the packed row on
+    CUDA; on CPU one SDPA call over the samples laid out as a padded batch). SDPA: transformers builds
+    a (T, T) block-diagonal mask from the restarting position ids (quadratic in the packed row's length,
+    ~3x slower for the demo on CPU). EAGER is the plain-matmul reference."""
 
     AUTO = "auto"
     VARLEN = "varlen"
     SDPA = "sdpa"
     EAGER = "eager"
 
-    def resolve(self, device: torch.device) -> str:
-        """The transformers ``attn_implementation`` name for a model on ``device``."""
-        path = self
-        if path is Attn.AUTO:
-            path = Attn.VARLEN if device.type == "cuda" else Attn.SDPA
-        return attention.register() if path is Attn.VARLEN else path.value
+    def resolve(self) -> str:
+        """The transformers ``attn_implementation`` name (registering ``ril_varlen`` when needed)."""
+        return attention.register() if self in (Attn.AUTO, Attn.VARLEN) else self.value
 
 
 class Kernels(str, enum.Enum):
@@ -132,7 +130,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     else:
         auto = AutoModelForImageTextToText if config.model_type in _VLM_TYPES else AutoModelForCausalLM
     with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
-        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=Attn(attn).resolve(device))
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=Attn(attn).resolve())
     model.to(device).eval()
     if device.type == "cuda":
         _apply_liger(model, config.model_type)

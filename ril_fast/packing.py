@@ -32,6 +32,7 @@ where it can (FSDP ranks must run the same number of forwards); ``report`` summa
 """
 
 import enum
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -115,6 +116,12 @@ class Processor:
     image_end_id: int | None = None  # InternVL: </img>
     end_token_id: int | None = None
     rope_index: Callable | None = field(default=None, repr=False)
+    prompt_cache_size: int = 256
+
+    def __post_init__(self):
+        # A step encodes each question 1 + 2G times (its rollout prompt, then every output): the rendered
+        # prompt (ids, processed images, mrope) is kept for the most recent questions whose images are paths.
+        self._cached_prompt = functools.lru_cache(maxsize=self.prompt_cache_size)(self._encode_prompt)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Processor":
@@ -152,11 +159,11 @@ class Processor:
 
     def encode(self, sample: dict) -> Encoded:
         """Render, tokenise and (for VLMs) process the images of one sample. See the module docstring."""
-        images = [load_image(im) for im in sample.get("images") or []]
-        if images and self.kind is ModelKind.TEXT:
-            raise ValueError("this model takes no images, but a sample has some")
+        images = tuple(sample.get("images") or ())
+        question = sample["question"]
+        cacheable = all(isinstance(im, (str, Path)) for im in images)
+        prompt = self._cached_prompt(question, images) if cacheable else self._encode_prompt(question, images)
         tok = self.tokenizer
-        prompt = tok(self.prompt_text(sample["question"], len(images)), add_special_tokens=False)["input_ids"]
         # A student rollout brings the ids it sampled: re-tokenising its text need not give them back
         # (BPE is not canonical, and a young model emits broken UTF-8), and Eq. 2 needs their log-probs.
         response = list(sample["response_ids"]) if sample.get("response_ids") is not None else \
@@ -165,10 +172,22 @@ class Processor:
             response = response + [self.end_token_id]
         if not response:
             raise ValueError("a sample has an empty response")
+        input_ids = torch.cat([prompt.input_ids, torch.tensor(response, dtype=torch.long)])
+        mrope = None
+        if prompt.mrope is not None:  # the response is text: it continues the prompt's last position on all 3 axes
+            mrope = torch.cat([prompt.mrope, prompt.mrope[:, -1:] + torch.arange(1, len(response) + 1)], 1)
+        return Encoded(input_ids, prompt.prompt_len, prompt.pixel_values, prompt.image_grid_thw, mrope)
+
+    def _encode_prompt(self, question: str, images: tuple) -> Encoded:
+        """The prompt alone (no response): ids, processed images and (Qwen-VL) mrope positions."""
+        images = [load_image(im) for im in images]
+        if images and self.kind is ModelKind.TEXT:
+            raise ValueError("this model takes no images, but a sample has some")
+        prompt = self.tokenizer(self.prompt_text(question, len(images)), add_special_tokens=False)["input_ids"]
         pixel_values = grid = None
         if images:
             prompt, pixel_values, grid = self._expand_images(prompt, images)
-        input_ids = torch.tensor(prompt + response, dtype=torch.long)
+        input_ids = torch.tensor(prompt, dtype=torch.long)
         mrope = self._mrope(input_ids, grid) if self.kind is ModelKind.QWEN_VL else None
         return Encoded(input_ids, len(prompt), pixel_values, grid, mrope)
 

@@ -2,7 +2,8 @@
 
 Prompts are rendered by the packing ``Processor`` (chat template, image-token expansion), left-padded
 into one batch (G copies of each prompt, images repeated with them) and run through HF ``generate``
-with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-p truncated: the generation
+with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-p truncated (on a CPU each
+token is drawn by :func:`draw_one`, torch's multinomial being 35x slower there): the generation
 settings are given in full and the model's own ``generation_config`` (Qwen2.5-VL ships top_k=1,
 repetition_penalty=1.05, ...) is set aside for the call, so the log-probs the trainer computes at
 the same τ are those of the distribution the tokens came from. Generation stops at the end-of-turn
@@ -112,6 +113,38 @@ def _neutral_generation_config(model):
         model.generation_config = saved
 
 
+_TORCH_MULTINOMIAL = torch.multinomial
+
+
+def draw_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` (B, V) (non-negative, not necessarily normalised) -> (B, 1) int64,
+    drawn by inverting the row's CDF with one uniform number: the distribution ``torch.multinomial``
+    samples, 35x faster on a CPU (0.6 ms vs 22 ms for 64 x 16,384 on 2 cores, torch 2.13). Zero-probability
+    entries are never drawn."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(probs.shape[1] - 1)
+
+
+def _multinomial(input, num_samples, replacement=False, *, generator=None, out=None):
+    """``torch.multinomial`` with its one-sample-per-row CPU calls (what ``generate`` makes every token)
+    served by :func:`draw_one`; every other call goes to torch's own."""
+    if num_samples == 1 and input.dim() == 2 and not input.is_cuda and out is None:
+        return draw_one(input, generator)
+    return _TORCH_MULTINOMIAL(input, num_samples, replacement, generator=generator, out=out)
+
+
+@contextlib.contextmanager
+def _fast_cpu_sampling():
+    """Route ``generate``'s per-token ``torch.multinomial`` through :func:`draw_one` inside the block
+    (transformers has no hook for the sampler; it looks ``torch.multinomial`` up at each call)."""
+    torch.multinomial = _multinomial
+    try:
+        yield
+    finally:
+        torch.multinomial = _TORCH_MULTINOMIAL
+
+
 def _split(new_tokens: torch.Tensor, end_id: int, tokenizer) -> list[Rollout]:
     """(B, N) generated ids (pad after an end-of-turn token) -> B rollouts. A row without the
     end-of-turn token ran for all ``max_new_tokens``: truncated."""
@@ -155,7 +188,7 @@ def sample_responses(model, processor: Processor, examples: list[dict], *, group
     step = max_batch or len(prompts)
     flat: list[Rollout] = []
     rng_devices = [device] if device.type == "cuda" else []
-    with gathered(model), _neutral_generation_config(hf), torch.no_grad(), \
+    with gathered(model), _neutral_generation_config(hf), torch.no_grad(), _fast_cpu_sampling(), \
             torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), step):

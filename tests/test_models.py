@@ -114,19 +114,20 @@ def test_padded_matches_packed(arch, loaded):
     assert max_err(packed, padded) <= ATOL
 
 
-@pytest.mark.parametrize("attn", [Attn.VARLEN, Attn.EAGER])
+@pytest.mark.parametrize("attn", [Attn.SDPA, Attn.EAGER])
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2", "internvl"])
 def test_attention_paths_agree(arch, attn, folders, loaded):
-    """The registered varlen attention (on CPU its per-sample SDPA reference, reached through
-    transformers' AttentionInterface) and eager attention equal the SDPA path, packed and padded; the
-    vision towers go through the same attention function."""
-    sdpa_model, proc = loaded[arch]
+    """The default attention (``ril_varlen``, reached through transformers' AttentionInterface; on CPU its
+    padded-batch SDPA) equals transformers' SDPA and eager paths, packed and padded; the vision towers
+    go through the same attention function."""
+    ours, proc = loaded[arch]
+    assert ours.config._attn_implementation == "ril_varlen"
     other, _ = load(folders[arch], attn=attn, device="cpu")
-    assert other.config._attn_implementation == ("ril_varlen" if attn is Attn.VARLEN else "eager")
+    assert other.config._attn_implementation == attn.value
     enc = [proc.encode(s) for s in random_samples(MIX[arch])]
     with torch.no_grad():
         for batch in (pack(enc), pad(enc, proc.tokenizer.pad_token_id)):
-            a = packed_logprobs(sdpa_model, batch).logprobs
+            a = packed_logprobs(ours, batch).logprobs
             b = packed_logprobs(other, batch).logprobs
             assert max_err(a, b) <= ATOL
 

@@ -1,5 +1,6 @@
 """Packing: layout of a packed batch (positions, targets, response rows) and the token-budget planner."""
 
+import dataclasses
 import random
 
 import pytest
@@ -202,3 +203,30 @@ def test_image_paths_equal_images(processors, tmp_path):
     b = proc.encode(dict(images=[tmp_path / "a.png"], question="q", response="r"))
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     assert torch.equal(a.mrope, b.mrope)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
+def test_cached_prompt_equals_a_fresh_encoding(arch, processors, tmp_path):
+    """Questions whose images are paths keep their rendered prompt: responses of random lengths to the same
+    question encode as a fresh, uncached processor encodes them, mrope included (checked against the
+    model's own get_rope_index over the whole sequence), and the prompt is rendered once."""
+    proc = processors[arch]
+    fresh = dataclasses.replace(proc, prompt_cache_size=0)  # maxsize 0: nothing kept
+    paths = []
+    for i, (w, h) in enumerate([(70, 50), (56, 84)]):
+        random_image(w, h).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    rng = random.Random(torch.seed())
+    responses = [" ".join(rng.choice(["red", "circle", "a", "is", "The"]) for _ in range(rng.randint(1, 12)))
+                 for _ in range(5)]
+    before = proc._cached_prompt.cache_info()
+    for response in responses:
+        sample = dict(images=paths, question="Which shapes?", response=response)
+        a, b = proc.encode(sample), fresh.encode(sample)
+        assert torch.equal(a.input_ids, b.input_ids) and a.prompt_len == b.prompt_len
+        assert torch.equal(a.pixel_values, b.pixel_values)
+        if arch == "qwen2_5_vl":
+            assert torch.equal(a.mrope, b.mrope)
+            assert torch.equal(a.mrope, proc.rope_index(a.input_ids[None], a.image_grid_thw)[:, 0])
+    after = proc._cached_prompt.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, len(responses) - 1)

@@ -1,7 +1,8 @@
 """Rollouts on tiny Qwen2.5-VL (0, 1 or 2 images per question) and Qwen2 (text).
 
 Oracles: (1) a hand-written sampling loop (full forward per token, softmax(logits / τ), one
-torch.multinomial per step, as transformers samples) run from the same seed gives the same tokens, so
+``draw_one`` per step: the CPU sampler, itself checked against the categorical distribution) run from
+the same seed gives the same tokens, so
 sampling is exactly the student's tempered distribution and the model's own generation_config
 (poisoned here with top_k=1, a repetition penalty, ...) does not leak in; (2) greedy decoding of a
 batch equals transformers' greedy ``generate`` of one prompt at a time (no padding); (3) greedy tokens
@@ -141,7 +142,9 @@ def test_sampling_is_softmax_over_temperature(arch, temperature, eos_loaded, mon
             if "mm_token_type_ids" in kw:
                 step["mm_token_type_ids"] = (ids == proc.image_token_id).int()
             logits = model(input_ids=ids, use_cache=False, **step).logits[:, -1].float()
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
+            if proc.image_token_id is not None:  # a response may not contain image placeholders
+                logits[:, proc.image_token_id] = -torch.inf
+            nxt = rollout.draw_one(torch.softmax(logits / temperature, -1)).squeeze(1)  # tested below
             nxt = torch.where(done, pad, nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
             done |= nxt == end
@@ -150,6 +153,33 @@ def test_sampling_is_softmax_over_temperature(arch, temperature, eos_loaded, mon
     want = [_cut(row, end) for row in ids[:, kw["attention_mask"].shape[1]:].tolist()]
     assert [r.token_ids for r in got[0]] == want
     assert [r.truncated for r in got[0]] == [end not in row for row in ids[:, kw["attention_mask"].shape[1]:].tolist()]
+
+
+def test_draw_one_samples_the_categorical_distribution():
+    """Fresh random rows (a third of the entries zero, unnormalised): 40,000 draws per row land on each
+    entry with its probability, within 5 binomial standard deviations; zeros are never drawn."""
+    B, V, n = 4, 50, 40_000
+    probs = torch.rand(B, V) * (torch.rand(B, V) > 0.33)
+    counts = torch.zeros(B, V)
+    for _ in range(n // 1000):
+        idx = rollout.draw_one(probs.repeat_interleave(1000, 0)).view(B, 1000)
+        counts.scatter_add_(1, idx, torch.ones(B, 1000))
+    p = probs / probs.sum(1, keepdim=True)
+    assert counts.sum() == B * n
+    assert (counts[p == 0] == 0).all()
+    assert ((counts / n - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all()
+
+
+def test_fast_sampling_is_scoped():
+    """Only one-sample CPU calls are rerouted, only inside the block, and torch's own comes back after an error."""
+    original = torch.multinomial
+    probs = torch.rand(3, 5)
+    with pytest.raises(RuntimeError), rollout._fast_cpu_sampling():
+        assert torch.multinomial is not original
+        assert torch.multinomial(probs, 2).shape == (3, 2)  # torch's: two draws without replacement
+        assert torch.multinomial(probs, num_samples=1).shape == (3, 1)
+        raise RuntimeError
+    assert torch.multinomial is original
 
 
 @pytest.mark.parametrize("arch", ARCHS)
