@@ -75,8 +75,9 @@ def _padded(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: fl
 
     On a CPU a packed row of T tokens under a (T, T) block-diagonal mask costs O(T^2), and a loop of
     per-sample SDPA calls pays dispatch per sample; the padded batch costs S * Lq * Lk (forward + backward
-    of the demo student over 128 samples of ~35 tokens: 1.2 s, 0.42 s and 0.13 s). When padding would more than quadruple that (very uneven lengths),
-    the per-sample loop is used instead. Padded query rows still see key 0, so no row is fully masked.
+    of the demo student over 128 samples of ~35 tokens: 1.2 s, 0.42 s and 0.13 s). When padding would
+    more than quadruple that (very uneven lengths), the per-sample loop is used instead. Padded query
+    rows still see key 0, so no row is fully masked.
     """
     len_q, len_k = cu_q.diff(), cu_k.diff()
     if len(len_q) * max_q * max_k > 4 * int((len_q * len_k).sum()) + 4096:

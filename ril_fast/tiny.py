@@ -46,6 +46,8 @@ SPECIAL_TOKENS = [
     "<IMG_CONTEXT>",
 ]
 VOCAB_SIZE = 1024
+VISION_HIDDEN = 32  # Qwen2.5-VL vision tower width (make_tiny's default)
+IMAGE_TOKENS = 4  # Qwen2.5-VL: fewest image tokens per image (a 64x64 image as it is)
 
 # Qwen2-VL's chat format. A message's content is a string or a list of parts
 # {"type": "image"} | {"type": "text", "text": ...}; an image renders as its placeholder (Qwen-VL: the
@@ -186,13 +188,14 @@ _COMMON_VISION = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2,
                       initializer_range=0.1)
 
 
-def _qwen2_5_vision(out_hidden: int, hidden: int = 32) -> dict:
-    """A tiny Qwen2.5-VL vision tower (``hidden`` wide, 2 blocks, one windowed, one full) projecting to ``out_hidden``."""
+def _qwen2_5_vision(out_hidden: int, hidden: int = VISION_HIDDEN) -> dict:
+    """A tiny Qwen2.5-VL vision tower (``hidden`` wide, 2 blocks, one windowed, one full) projecting to
+    ``out_hidden``."""
     return dict(_COMMON_VISION, hidden_size=hidden, intermediate_size=2 * hidden, out_hidden_size=out_hidden,
                 window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
 
 
-def _config(arch: str, vocab_size: int, vision_hidden: int = 32):
+def _config(arch: str, vocab_size: int, vision_hidden: int = VISION_HIDDEN):
     """The transformers config object of a tiny ``arch`` model."""
     from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen2Config, Qwen2VLConfig
 
@@ -224,7 +227,7 @@ def _config(arch: str, vocab_size: int, vision_hidden: int = 32):
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
-def _image_processor_config(arch: str, image_tokens: int = 4) -> dict:
+def _image_processor_config(arch: str, image_tokens: int = IMAGE_TOKENS) -> dict:
     """Qwen2VLImageProcessor: 28-pixel merged patches, at least ``image_tokens`` and at most
     max(16, ``image_tokens``) image tokens per image (a 64x64 image: 4 tokens, or 16 when upscaled to
     112x112 by ``image_tokens=16``).
@@ -259,8 +262,8 @@ def _image_processor_config(arch: str, image_tokens: int = 4) -> dict:
     }
 
 
-def make_tiny(out_dir: str | Path, arch: str, *, seed: int = 0, vision_hidden: int = 32,
-              image_tokens: int = 4, vocab_size: int = VOCAB_SIZE) -> Path:
+def make_tiny(out_dir: str | Path, arch: str, *, seed: int = 0, vision_hidden: int = VISION_HIDDEN,
+              image_tokens: int = IMAGE_TOKENS, vocab_size: int = VOCAB_SIZE) -> Path:
     """Write a complete tiny HF folder for ``arch`` (one of ``ARCHS``) to ``out_dir``.
 
     Weights are fp32, random from ``seed`` (deterministic: same seed, same files). Returns the folder.
@@ -276,7 +279,7 @@ def make_tiny(out_dir: str | Path, arch: str, *, seed: int = 0, vision_hidden: i
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if arch != "qwen2_5_vl" and (vision_hidden, image_tokens) != (32, 4):
+    if arch != "qwen2_5_vl" and (vision_hidden, image_tokens) != (VISION_HIDDEN, IMAGE_TOKENS):
         raise ValueError(f"vision_hidden and image_tokens are Qwen2.5-VL settings; arch is {arch!r}")
     if vision_hidden < 8 or vision_hidden % 8 or image_tokens < 1:  # 2 heads with an even rotary dimension
         raise ValueError(f"vision_hidden must be a positive multiple of 8 and image_tokens >= 1, "
@@ -409,8 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", choices=ARCHS + ("smollm2", "smollm2_vl"), default="qwen2_5_vl")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="tokenizer size (the demo: 16384)")
-    parser.add_argument("--vision-hidden", type=int, default=32, help="Qwen2.5-VL vision tower width")
-    parser.add_argument("--image-tokens", type=int, default=4, help="Qwen2.5-VL: fewest image tokens per image")
+    parser.add_argument("--vision-hidden", type=int, default=VISION_HIDDEN, help="Qwen2.5-VL vision tower width")
+    parser.add_argument("--image-tokens", type=int, default=IMAGE_TOKENS,
+                        help="Qwen2.5-VL: fewest image tokens per image")
     args = parser.parse_args(argv)
     if args.arch == "smollm2":
         print(smollm2_folder(args.out_dir))
