@@ -56,6 +56,7 @@ class Rollout:
 
     temperature: float = opt(1.0, "sampling temperature τ; the policy's log-probs use logits / τ too")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest token set of this probability (1 = off)")
+    top_k: int = opt(0, "keep only the k most probable tokens (0 = off); applied before top_p")
     batch_size: int = opt(64, "sequences generated together in one batched generate call")
 
 
@@ -183,6 +184,7 @@ class Config:
              "judge_url must start with http:// or https://"),
             (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
             (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+            (self.rollout.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)"),
             (self.rollout.batch_size >= 1, "rollout.batch_size must be >= 1"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),

@@ -2,12 +2,13 @@
 
 Prompts are rendered by the packing ``Processor`` (chat template, image-token expansion), left-padded
 into one batch (G copies of each prompt, images repeated with them) and run through HF ``generate``
-with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-p truncated (on a CPU each
-token is drawn by :func:`draw_one`, torch's multinomial being 35x slower there): the generation
-settings are given in full and the model's own ``generation_config`` (Qwen2.5-VL ships top_k=1,
-repetition_penalty=1.05, ...) is set aside for the call, so the log-probs the trainer computes at
-the same τ are those of the distribution the tokens came from. Generation stops at the end-of-turn
-token (``processor.end_token_id``) or after ``max_new_tokens``.
+with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-k and top-p truncated (on a
+CPU each token is drawn by :func:`draw_one`, torch's multinomial being 35x slower there): the
+generation settings are given in full and the model's own ``generation_config`` (Qwen2.5-VL ships
+top_k=1, repetition_penalty=1.05, ...) is set aside for the call, so the log-probs the trainer
+computes at the same τ are those of the distribution the tokens came from (untruncated: a top-k or
+top-p cut only keeps the sampled tokens among the likely ones, as in other RL trainers). Generation
+stops at the end-of-turn token (``processor.end_token_id``) or after ``max_new_tokens``.
 
 A sharded model (the ``Sharded`` root from ``ril_fast.distributed.shard_model``) runs inside
 ``ril_fast.distributed.gathered``: its parameters are all-gathered once for the whole call, and the
@@ -86,11 +87,11 @@ def _rope_takes_types(model) -> bool:
 
 
 def _generation_config(processor: Processor, *, max_new_tokens: int, greedy: bool, temperature: float,
-                       top_p: float, pad_id: int):
+                       top_p: float, top_k: int, pad_id: int):
     """Every setting that shapes the next-token distribution, given explicitly."""
     from transformers import GenerationConfig
 
-    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=0)
+    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
     # A response may not contain image placeholders: the model's forward swaps image features in at
     # every one, so a sampled placeholder would break the training forward of that response.
     placeholders = [t for t in (processor.image_token_id, processor.image_start_id, processor.image_end_id)
@@ -158,15 +159,16 @@ def _split(new_tokens: torch.Tensor, end_id: int, tokenizer) -> list[Rollout]:
 
 
 def sample_responses(model, processor: Processor, examples: list[dict], *, group_size: int = 1,
-                     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                     greedy: bool = False, max_batch: int | None = None) -> list[list[Rollout]]:
+                     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: int = 0, greedy: bool = False, max_batch: int | None = None) -> list[list[Rollout]]:
     """Generate ``group_size`` responses to each example -> ``rollouts[example][g]``.
 
     ``examples``: dicts with ``"question"`` and optional ``"images"`` (PIL images or paths), e.g. the
     training examples or packing samples (a ``"response"`` is ignored). ``model``: the HF model (with
     LM head) that ``processor`` belongs to (from ``ril_fast.models.load``), or the ``Sharded`` root of
     it from ``ril_fast.distributed.shard_model``.
-    Sampling: softmax(logits / ``temperature``), top-p truncated when ``top_p`` < 1, reproducible from
+    Sampling: softmax(logits / ``temperature``), cut to the ``top_k`` most probable tokens when
+    ``top_k`` > 0, then top-p truncated when ``top_p`` < 1 (transformers' order), reproducible from
     ``seed`` for the same examples and ``max_batch`` (the global RNG is left as it was). Use a different
     seed per rank. ``greedy``: argmax decoding, ``group_size`` must be 1 (evaluation); it gives what one
     prompt at a time would give: left padding does not change the output. ``max_batch``: most sequences
@@ -181,7 +183,7 @@ def sample_responses(model, processor: Processor, examples: list[dict], *, group
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else processor.end_token_id
     config = _generation_config(processor, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
-                                top_p=top_p, pad_id=pad_id)
+                                top_p=top_p, top_k=top_k, pad_id=pad_id)
     hf = unwrap(model)
     device = next(hf.parameters()).device
     prompts = [p for p in (_render(processor, ex) for ex in examples) for _ in range(group_size)]

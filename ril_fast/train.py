@@ -238,7 +238,8 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
     prompts = [to_sample(q) for q in questions]
     rollouts = sample_responses(run.student, run.processor, prompts, group_size=cfg.group_size,
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, seed=seed, max_batch=cfg.rollout.batch_size)
+                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed,
+                                max_batch=cfg.rollout.batch_size)
     teacher_outputs = None
     if run.bank is not None:
         teacher_outputs = []

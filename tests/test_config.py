@@ -98,6 +98,7 @@ def test_yaml_then_overrides(tmp_path):
     (["--config", "/nonexistent/x.yaml"], ["cannot read config file /nonexistent/x.yaml"]),
     (["mu=0"], ["mu (μ) must be >= 1"]),
     (["rollout.top_p=1.5"], ["rollout.top_p must be in (0, 1]"]),
+    (["rollout.top_k=-1"], ["rollout.top_k must be >= 0 (0 = off)"]),
     (["rollout.temperature=nan"], ["rollout.temperature must be > 0"]),
     (["beta=-1", "steps=-1"], ["beta (β) must be >= 0", "steps must be >= 0"]),
     (["judge=http"], ["judge=http needs judge_url and judge_model"]),

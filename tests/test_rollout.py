@@ -118,10 +118,11 @@ def test_seeded(arch, loaded):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampling_is_softmax_over_temperature(arch, temperature, eos_loaded, monkeypatch):
-    """Outside oracle: a plain sampling loop from the same seed, while the model's generation_config
-    asks for something else entirely (generate fills every unset setting from it)."""
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 0), (1.0, 5)])
+def test_sampling_is_softmax_over_temperature(arch, temperature, top_k, eos_loaded, monkeypatch):
+    """Outside oracle: a plain sampling loop from the same seed (softmax over the ``top_k`` largest
+    logits when set), while the model's generation_config asks for something else entirely (generate
+    fills every unset setting from it)."""
     from transformers import GenerationConfig
 
     model, proc = eos_loaded[arch]
@@ -130,7 +131,8 @@ def test_sampling_is_softmax_over_temperature(arch, temperature, eos_loaded, mon
                                 eos_token_id=5, pad_token_id=0)
     monkeypatch.setattr(model, "generation_config", poisoned)
     examples, G, L, seed = _examples(arch)[2:3], 4, 10, 11
-    got = sample_responses(model, proc, examples, group_size=G, max_new_tokens=L, temperature=temperature, seed=seed)
+    got = sample_responses(model, proc, examples, group_size=G, max_new_tokens=L, temperature=temperature,
+                           top_k=top_k, seed=seed)
 
     kw = _hf_inputs(model, proc, examples, repeat=G)
     ids, end, pad = kw.pop("input_ids"), proc.end_token_id, proc.tokenizer.pad_token_id
@@ -144,6 +146,8 @@ def test_sampling_is_softmax_over_temperature(arch, temperature, eos_loaded, mon
             logits = model(input_ids=ids, use_cache=False, **step).logits[:, -1].float()
             if proc.image_token_id is not None:  # a response may not contain image placeholders
                 logits[:, proc.image_token_id] = -torch.inf
+            if top_k:
+                logits[logits < logits.topk(top_k, dim=-1).values[:, -1:]] = -torch.inf
             nxt = rollout.draw_one(torch.softmax(logits / temperature, -1)).squeeze(1)  # tested below
             nxt = torch.where(done, pad, nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
