@@ -159,10 +159,7 @@ class Processor:
 
     def encode(self, sample: dict) -> Encoded:
         """Render, tokenise and (for VLMs) process the images of one sample. See the module docstring."""
-        images = tuple(sample.get("images") or ())
-        question = sample["question"]
-        cacheable = all(isinstance(im, (str, Path)) for im in images)
-        prompt = self._cached_prompt(question, images) if cacheable else self._encode_prompt(question, images)
+        prompt = self.encode_prompt(sample["question"], sample.get("images"))
         tok = self.tokenizer
         # A student rollout brings the ids it sampled: re-tokenising its text need not give them back
         # (BPE is not canonical, and a young model emits broken UTF-8), and Eq. 2 needs their log-probs.
@@ -177,6 +174,15 @@ class Processor:
         if prompt.mrope is not None:  # the response is text: it continues the prompt's last position on all 3 axes
             mrope = torch.cat([prompt.mrope, prompt.mrope[:, -1:] + torch.arange(1, len(response) + 1)], 1)
         return Encoded(input_ids, prompt.prompt_len, prompt.pixel_values, prompt.image_grid_thw, mrope)
+
+    def encode_prompt(self, question: str, images=None) -> Encoded:
+        """The prompt alone (no response) of a question and its images (paths or PIL images): ids,
+        processed images and (Qwen-VL) mrope positions. Kept for the most recent questions whose images
+        are paths (``prompt_cache_size``)."""
+        images = tuple(images or ())
+        if all(isinstance(im, (str, Path)) for im in images):
+            return self._cached_prompt(question, images)
+        return self._encode_prompt(question, images)
 
     def _encode_prompt(self, question: str, images: tuple) -> Encoded:
         """The prompt alone (no response): ids, processed images and (Qwen-VL) mrope positions."""

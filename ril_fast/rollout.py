@@ -53,10 +53,9 @@ class _Prompt:
 
 
 def _render(processor: Processor, example: dict) -> _Prompt:
-    """The prompt of ``example`` as the packer renders it: a sample with an empty response, cut at P."""
-    enc = processor.encode({"images": example.get("images") or [], "question": example["question"],
-                            "response": ""})
-    return _Prompt(enc.input_ids[:enc.prompt_len], enc.pixel_values, enc.image_grid_thw)
+    """The prompt of ``example`` as the packer renders it."""
+    enc = processor.encode_prompt(example["question"], example.get("images"))
+    return _Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw)
 
 
 def _batch(prompts: list[_Prompt], processor: Processor, model, pad_id: int, device) -> dict:
