@@ -14,7 +14,7 @@ import time
 
 import torch
 from _common import CUDA, RssPeak, synchronize
-from _flops import Sample, Shapes, rollout_flops
+from _flops import Sample, Shapes, forward_flops, rollout_flops
 
 from ril_fast import distributed
 from ril_fast.data import load_examples, to_sample
@@ -107,7 +107,7 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
     loss_cfg = LossConfig(cfg.loss.eps_low, cfg.loss.eps_high, cfg.beta, cfg.rollout.temperature, cfg.loss.kernels)
     ref = frozen_logprobs(run.reference, micro, cfg.rollout.temperature, kernels=cfg.loss.kernels) \
         if run.reference is not None else None
-    flops = 3 * sum(shapes.forward(s, s.response) for s in map(Sample.of, encoded))
+    flops = 3 * forward_flops(shapes, [Sample.of(e) for e in encoded], head=True)
     providers = {
         "ril_fast": lambda: policy_pass(run.student, micro, advantages, normalizer, loss_cfg, ref=ref)["loss"],
         "liger": lambda: liger_policy_pass(run.student, micro, advantages, normalizer, loss_cfg,

@@ -12,10 +12,12 @@ query width (heads × head_dim) and P_dec the decoder's matmul parameters per la
                                               + 4·d_v·Σ_w n_w² per windowed block (windows of n_w patches)
     decoding token t of a response            2·P_dec·layers + 4·layers·d·(P + t) + 2·H·V
 
-and backward = 2 × forward (weights and activations each cost one forward). The phases:
+and backward = 2 × forward (weights and activations each cost one forward). The vision tower counts once
+per distinct image set: the samples of one prompt share theirs (``ril_fast.packing.image_inputs``), and
+micro-batches keep them together wherever they fit. The phases:
 
-    rollout            G prefills of each prompt (images included: generate runs the vision tower per
-                       copy) + one decoding step per generated token after the first
+    rollout            G prefills of each prompt (the vision tower once per prompt: its G copies share
+                       the image features) + one decoding step per generated token after the first
     disc_update        μ × 3 × (vision + decoder) over every sample (the d→1 head is negligible)
     disc_score         1 × (vision + decoder) over every sample
     old_ref_logprobs   per frozen model (π_old when μ > 1, π_ref when β > 0): vision + decoder + LM head
@@ -93,10 +95,6 @@ class Shapes:
             total += 4 * d * t * t * _square_sum(h, self.vis_window) * _square_sum(w, self.vis_window) * windowed
         return total
 
-    def forward(self, x: "Sample", lm_rows: int) -> float:
-        """Forward FLOPs over one sample ``x`` (vision tower, decoder) with the LM head on ``lm_rows`` rows."""
-        return self.vision(x.grids) + self.decoder(x.length) + self.lm_head(lm_rows)
-
     def decode(self, prompt: int, generated: int) -> float:
         """FLOPs of the decoding steps that follow a prefill of ``prompt`` tokens and produce tokens
         2..``generated`` (the prefill's logits give the first)."""
@@ -120,20 +118,31 @@ class Sample:
     prompt: int
     response: int
     grids: list
+    image_set: int | None = None  # samples with the same value share their images' vision features
 
     @classmethod
     def of(cls, encoded) -> "Sample":
-        """From a ``ril_fast.packing.Encoded``."""
+        """From a ``ril_fast.packing.Encoded`` (its pixel tensor names its image set)."""
         grids = [] if encoded.image_grid_thw is None else [tuple(g) for g in encoded.image_grid_thw.tolist()]
-        return cls(encoded.length, encoded.prompt_len, encoded.response_len, grids)
+        image_set = None if encoded.pixel_values is None else id(encoded.pixel_values)
+        return cls(encoded.length, encoded.prompt_len, encoded.response_len, grids, image_set)
+
+
+def forward_flops(s: Shapes, samples: list[Sample], *, head: bool) -> float:
+    """Forward FLOPs over ``samples``: the decoder over each, the LM head on their response rows when
+    ``head``, the vision tower once per distinct image set."""
+    images = {x.image_set if x.image_set is not None else id(x): x.grids for x in samples if x.grids}
+    return sum(s.vision(g) for g in images.values()) + sum(
+        s.decoder(x.length) + (s.lm_head(x.response) if head else 0) for x in samples)
 
 
 def rollout_flops(s: Shapes, prompts: list[Sample], students: list[Sample], group_size: int) -> float:
     """Model FLOPs of sampling ``group_size`` responses to each of ``prompts`` (rendered prompts; their
-    ``prompt`` tokens are prefilled ``group_size`` times, images included, with the LM head on the last
-    row) that came out as ``students`` (``response`` = tokens generated, in prompt order)."""
-    prefill = sum(s.vision(p.grids) + s.decoder(p.prompt) + s.lm_head(1) for p in prompts)
-    return group_size * prefill + sum(s.decode(x.prompt, x.response) for x in students)
+    ``prompt`` tokens are prefilled ``group_size`` times with the LM head on the last row, their images
+    encoded once) that came out as ``students`` (``response`` = tokens generated, in prompt order)."""
+    prefill = sum(s.decoder(p.prompt) + s.lm_head(1) for p in prompts)
+    return sum(s.vision(p.grids) for p in prompts) + group_size * prefill \
+        + sum(s.decode(x.prompt, x.response) for x in students)
 
 
 def phase_flops(s: Shapes, prompts: list[Sample], students: list[Sample], samples: list[Sample], *,
@@ -145,8 +154,8 @@ def phase_flops(s: Shapes, prompts: list[Sample], students: list[Sample], sample
     every output the updates run on; ``frozen_models``: 0, 1 or 2 frozen log-prob passes; ``disc``:
     whether the step has a discriminator.
     """
-    backbone = sum(s.forward(x, 0) for x in samples)
-    with_head = sum(s.forward(x, x.response) for x in samples)
+    backbone = forward_flops(s, samples, head=False)
+    with_head = forward_flops(s, samples, head=True)
     return {
         "rollout": rollout_flops(s, prompts, students, group_size),
         "disc_update": 3 * mu * backbone if disc else 0.0,

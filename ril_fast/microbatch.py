@@ -6,6 +6,9 @@ forward/backward passes, so a rank with fewer micro-batches first splits its hea
 micro-batch can be split further, adds "filler" micro-batches: a copy of one of its responses with
 weight 0, which moves no parameter but keeps the collectives in step.
 
+Samples that share images (a question's 2G responses) are binned together where they fit, so the
+vision tower runs once per image in each update (``packing.image_inputs``).
+
 ``padded=True`` lays the same micro-batches out right-padded (``PaddedBatch``) instead of packed: the
 baseline that packing is measured against (``bench/throughput.py``); every consumer reads both.
 """
@@ -14,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast.packing import Encoded, PackedBatch, PaddedBatch, Processor, first_fit_decreasing, pack, pad
+from ril_fast.packing import (Encoded, PackedBatch, PaddedBatch, Processor, first_fit_decreasing, image_groups, pack,
+                              pad)
 
 
 @dataclass
@@ -45,7 +49,7 @@ def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: b
     """
     layout = pad if padded else pack
     lengths = [e.length for e in encoded]
-    bins = first_fit_decreasing(lengths, max_tokens) if encoded else []
+    bins = first_fit_decreasing(lengths, max_tokens, image_groups(encoded)) if encoded else []
     count = agree(len(bins)) if agree is not None else len(bins)
     while len(bins) < count:
         splittable = [b for b in bins if len(b) > 1]
@@ -53,7 +57,7 @@ def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: b
             break
         big = max(splittable, key=lambda b: sum(lengths[i] for i in b))
         bins.remove(big)
-        bins += [big[::2], big[1::2]]
+        bins += [big[:len(big) // 2], big[len(big) // 2:]]  # halves of a bin keep most image groups whole
     out = [MicroBatch(layout([encoded[i] for i in b]), b, torch.ones(len(b))) for b in bins]
     if len(out) < count and not encoded:
         raise ValueError("a rank with no responses cannot run the other ranks' micro-batches")

