@@ -31,8 +31,8 @@ Choices made so that the demo measures what RIL is for (issue 4 has the runs beh
   0.18, every shape question answered "rectangle"); with 16,384 the demo's RL-only run drew 7
   rewarded samples in 350 steps and stayed at 0.000 held-out (one run with the previous, 16-image-
   token student found a shape by chance at step 51 and ended at 0.17, one shape for every question).
-  Real VLM vocabularies (150,000 tokens) make that chance
-  smaller still: the zero-reward trap that teacher-guided groups escape.
+  Real VLM vocabularies (150,000 tokens) make that chance smaller still: the zero-reward trap that
+  teacher-guided groups escape.
 * The student sees each 64x64 image upscaled to 224x224 pixels, 64 tokens (16x16 patches of 14
   pixels, merged 2x2), through a 64-wide vision tower, not the tiny default's 4 tokens through a
   32-wide one: easy-VQA's shapes can be 5 pixels wide, and with fewer pixels per patch the student
