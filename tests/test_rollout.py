@@ -71,6 +71,20 @@ def _cut(row: list[int], end: int) -> list[int]:
     return row[:row.index(end)] if end in row else row
 
 
+def _draw_margin(probs: torch.Tensor, drawn: torch.Tensor, rng_before: torch.Tensor) -> torch.Tensor:
+    """For each row, the distance (as a fraction of the row's mass) from the uniform number that
+    ``rollout.draw_one`` used (replayed from ``rng_before``) to the nearer edge of the drawn entry's CDF slot."""
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng_before)
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64) * cdf[:, -1:]
+    torch.set_rng_state(after)
+    hi = cdf.gather(1, drawn[:, None])
+    lo = hi - probs.double().gather(1, drawn[:, None])
+    assert ((lo <= u) & (u < hi)).all()  # the replayed uniform is the one that drew these entries
+    return (torch.minimum(u - lo, hi - u) / cdf[:, -1:]).squeeze(1)
+
+
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_groups_and_fields(arch, eos_loaded):
@@ -137,6 +151,7 @@ def test_sampling_is_softmax_over_temperature(arch, temperature, top_k, eos_load
     kw = _hf_inputs(model, proc, examples, repeat=G)
     ids, end, pad = kw.pop("input_ids"), proc.end_token_id, proc.tokenizer.pad_token_id
     done = torch.zeros(G, dtype=torch.bool)
+    margins = []  # per step and row: how far the uniform fell from the edges of the drawn entry's CDF slot
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(seed)
         for _ in range(L):
@@ -148,15 +163,29 @@ def test_sampling_is_softmax_over_temperature(arch, temperature, top_k, eos_load
                 logits[:, proc.image_token_id] = -torch.inf
             if top_k:
                 logits[logits < logits.topk(top_k, dim=-1).values[:, -1:]] = -torch.inf
-            nxt = rollout.draw_one(torch.softmax(logits / temperature, -1)).squeeze(1)  # tested below
+            probs = torch.softmax(logits / temperature, -1)
+            before = torch.get_rng_state()
+            nxt = rollout.draw_one(probs).squeeze(1)  # tested below
+            margins.append(_draw_margin(probs, nxt, before))
             nxt = torch.where(done, pad, nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
             done |= nxt == end
             if done.all():
                 break
-    want = [_cut(row, end) for row in ids[:, kw["attention_mask"].shape[1]:].tolist()]
-    assert [r.token_ids for r in got[0]] == want
-    assert [r.truncated for r in got[0]] == [end not in row for row in ids[:, kw["attention_mask"].shape[1]:].tolist()]
+    rows = ids[:, kw["attention_mask"].shape[1]:].tolist()
+    # The oracle recomputes every step without a KV cache, so its probabilities differ from generate's in
+    # the last float bits. A row may part from the oracle only where the uniform fell that close to the
+    # edge of a CDF slot (a near-tie); its later tokens then follow a different context.
+    parted = 0
+    for g, (r, row) in enumerate(zip(got[0], rows)):
+        mine, want = r.token_ids + ([] if r.truncated else [end]), row[:len(_cut(row, end)) + (end in row)]
+        k = next((k for k, (a, b) in enumerate(zip(mine, want)) if a != b), min(len(mine), len(want)))
+        if mine == want:
+            assert r.truncated == (end not in row) and r.token_ids == _cut(row, end)
+            continue
+        parted += 1
+        assert margins[k][g] < 1e-6, f"row {g} parts from the oracle at token {k}, {margins[k][g]:.2e} from a tie"
+    assert parted <= 1, f"{parted} of {G} rows part from the oracle"
 
 
 def test_draw_one_samples_the_categorical_distribution():
