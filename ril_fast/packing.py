@@ -258,19 +258,15 @@ def image_inputs(encoded: list) -> dict:
     if any(e.image_grid_thw is None for e in held):  # InternVL: every sample's tiles as they are
         out["pixel_values"] = torch.cat([e.pixel_values for e in held])
         return out
-    first: dict[int, int] = {}  # id(pixel tensor) -> position among the distinct sets (all alive: ids unique)
-    distinct, index, starts = [], [], []
-    for e in held:
-        d = first.setdefault(id(e.pixel_values), len(distinct))
-        if d == len(distinct):
-            starts.append(sum(len(x.image_grid_thw) for x in distinct))
-            distinct.append(e)
-        index.extend(range(starts[d], starts[d] + len(e.image_grid_thw)))
+    groups = image_groups(held)
+    distinct = [held[g[0]] for g in groups]
     out["pixel_values"] = torch.cat([e.pixel_values for e in distinct])
     out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in held])
     if len(distinct) < len(held):
+        first = torch.tensor([0] + [len(e.image_grid_thw) for e in distinct]).cumsum(0).tolist()  # first image row
+        rows = {i: range(first[d], first[d + 1]) for d, g in enumerate(groups) for i in g}
         out["vision_grid_thw"] = torch.cat([e.image_grid_thw for e in distinct])
-        out["vision_index"] = torch.tensor(index, dtype=torch.long)
+        out["vision_index"] = torch.tensor([r for i in range(len(held)) for r in rows[i]], dtype=torch.long)
     return out
 
 

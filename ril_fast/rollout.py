@@ -2,13 +2,14 @@
 
 Prompts are rendered by the packing ``Processor`` (chat template, image-token expansion), left-padded
 into one batch (G copies of each prompt, whose images go through the vision tower once) and run
-through HF ``generate`` with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-k and top-p truncated (on a
-CPU each token is drawn by :func:`draw_one`, torch's multinomial being 35x slower there): the
-generation settings are given in full and the model's own ``generation_config`` (Qwen2.5-VL ships
-top_k=1, repetition_penalty=1.05, ...) is set aside for the call, so the log-probs the trainer
-computes at the same τ are those of the distribution the tokens came from (before any top-k or top-p
-cut: the log-probs are not renormalised over the kept tokens, as in other RL trainers). Generation
-stops at the end-of-turn token (``processor.end_token_id``) or after ``max_new_tokens``.
+through HF ``generate`` with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-k
+and top-p truncated (on a CPU each token is drawn by :func:`draw_one`, torch's multinomial being 35x
+slower there): the generation settings are given in full and the model's own ``generation_config``
+(Qwen2.5-VL ships top_k=1, repetition_penalty=1.05, ...) is set aside for the call, so the log-probs
+the trainer computes at the same τ are those of the distribution the tokens came from (before any
+top-k or top-p cut: the log-probs are not renormalised over the kept tokens, as in other RL
+trainers). Generation stops at the end-of-turn token (``processor.end_token_id``) or after
+``max_new_tokens``.
 
 A sharded model (the ``Sharded`` root from ``ril_fast.distributed.shard_model``) runs inside
 ``ril_fast.distributed.gathered``: its parameters are all-gathered once for the whole call, and the
