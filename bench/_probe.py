@@ -63,17 +63,17 @@ class RecordingProcessor:
         """Forget what was recorded (call before each step)."""
         self.prompts, self.students, self.teachers, self.encoded = [], [], [], []
 
+    def encode_prompt(self, question: str, images=None):
+        """``Processor.encode_prompt`` (the rollout's prompts), recorded."""
+        encoded = self.inner.encode_prompt(question, images)
+        self.prompts.append(Sample.of(encoded))
+        return encoded
+
     def encode(self, sample: dict):
-        """``Processor.encode``, recorded."""
+        """``Processor.encode`` (the step's outputs), recorded."""
         encoded = self.inner.encode(sample)
         shape = Sample.of(encoded)
-        if sample.get("response_ids") is not None:
-            self.students.append(shape)
-        elif sample.get("response") == "":
-            self.prompts.append(shape)
-            return encoded
-        else:
-            self.teachers.append(shape)
+        (self.students if sample.get("response_ids") is not None else self.teachers).append(shape)
         self.encoded.append(encoded)
         return encoded
 

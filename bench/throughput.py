@@ -112,6 +112,11 @@ def run_configuration(args, cfg: Config, shapes: Shapes, *, base: bool, profile_
     for step in range(1, args.warmup + args.steps + 1):
         recorder.clear()
         metrics = train.train_step(run, step, timer=PhaseProbe())
+        if run.dist.is_main:  # progress: a big preset's step takes minutes
+            phases = ", ".join(f"{k[5:]} {v:.3g}" for k, v in metrics.items() if k.startswith("time/"))
+            print(f"[{Path(cfg.output_dir).name}] step {step}/"
+                  f"{args.warmup + args.steps}{' (warm-up)' if step <= args.warmup else ''}: {phases} s",
+                  file=sys.stderr, flush=True)
         if step > args.warmup:
             records.append(_record_step(recorder, metrics))
     if base and not args.no_baselines:

@@ -227,10 +227,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, Sharded) else model
 
 
+def _param_groups(module: FSDPModule) -> list:
+    """FSDP's parameter groups of ``module`` (a list in torch 2.13; one group or None in 2.11)."""
+    state = module._get_fsdp_state()
+    if hasattr(state, "_fsdp_param_groups"):
+        return state._fsdp_param_groups
+    return [state._fsdp_param_group] if state._fsdp_param_group is not None else []
+
+
 def _reshards_after_forward(module: FSDPModule) -> bool:
     """Whether ``module`` frees its gathered parameters after forward (FSDP keeps it per param group)."""
-    groups = module._get_fsdp_state()._fsdp_param_groups
-    return any(g.post_forward_mesh_info is not None for g in groups)
+    return any(g.post_forward_mesh_info is not None for g in _param_groups(module))
 
 
 _HELD: "weakref.WeakSet[FSDPModule]" = weakref.WeakSet()  # FSDP modules kept gathered by a gathered()
@@ -284,5 +291,5 @@ def _forget_forward_order(modules: list[FSDPModule], order: list, keep: int) -> 
     """
     del order[keep:]
     for m in modules:
-        for group in m._get_fsdp_state()._fsdp_param_groups:
+        for group in _param_groups(m):
             group._post_forward_indices[:] = [i for i in group._post_forward_indices if i < keep]

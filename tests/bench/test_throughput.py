@@ -45,6 +45,8 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
             assert float(phases[name]["tokens_per_s"]) > 0 and float(phases[name]["tflop"]) > 0, (config, name)
             assert 0 < float(phases[name]["mfu"]), (config, name)
         assert float(phases["optimizer"]["gb_per_s"]) > 0
+        # The rollout's prompts were recorded (their prefill and images are part of its FLOPs).
+        assert float(phases["rollout"]["prompt_tokens"]) > 0, config
         assert phases["communication"]["note"] == "one rank: no collectives"
         # The step's FLOPs are the phases' sum; its time at least theirs.
         total = sum(float(phases[p]["tflop"] or 0) for p in bench["PHASES"])

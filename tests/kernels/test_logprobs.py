@@ -25,14 +25,14 @@ DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2.0**-8)]
 NAMES = ["logprobs", "kl", "entropy", "d_hidden", "d_weight"]
 
 
-def _inputs(N, V, H, dtype, temperature=1.0):
+def _inputs(N, V, H, dtype, device, temperature=1.0):
     """Hidden states and head scaled so logits have a realistic spread (std ~3), targets and a
-    reference policy near the true one (so exp(ref - lp) stays moderate, as in training)."""
-    hidden = torch.randn(N, H).to(dtype)
-    weight = (torch.randn(V, H) * 3 / H**0.5).to(dtype)
-    targets = torch.randint(0, V, (N,))
+    reference policy near the true one (so exp(ref - lp) stays moderate, as in training), on ``device``."""
+    hidden = torch.randn(N, H, device=device).to(dtype)
+    weight = (torch.randn(V, H, device=device) * 3 / H**0.5).to(dtype)
+    targets = torch.randint(0, V, (N,), device=device)
     true = token_logprobs_reference(hidden.double(), weight.double(), targets, temperature=temperature).logprobs
-    ref = (true + 0.3 * torch.randn(N, dtype=torch.float64)).float()
+    ref = (true + 0.3 * torch.randn(N, dtype=torch.float64, device=device)).float()
     return hidden, weight, targets, ref
 
 
@@ -46,9 +46,9 @@ def _run(fn, hidden, weight, targets, ref, grads, temperature, **kw):
     return [t.detach().double() for t in (*out, hidden.grad, weight.grad)]
 
 
-def _check(impl, N, V, H, dtype, atol_rel, temperature):
-    hidden, weight, targets, ref = _inputs(N, V, H, dtype, temperature)
-    grads = [torch.randn(N) for _ in range(3)]
+def _check(impl, N, V, H, dtype, atol_rel, temperature, device):
+    hidden, weight, targets, ref = _inputs(N, V, H, dtype, device, temperature)
+    grads = [torch.randn(N, device=device) for _ in range(3)]
     args = (targets, ref, grads, temperature)
     ref64 = _run(token_logprobs_reference, hidden.double(), weight.double(), args[0], ref.double(), *args[2:])
     same = _run(token_logprobs_reference, hidden, weight, *args)
@@ -65,36 +65,36 @@ def _check(impl, N, V, H, dtype, atol_rel, temperature):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype,atol_rel", DTYPES)
 @pytest.mark.parametrize("N,V,H", SHAPES)
-def test_matches_reference(impl, N, V, H, dtype, atol_rel, monkeypatch):
+def test_matches_reference(impl, N, V, H, dtype, atol_rel, monkeypatch, device):
     if impl == "triton":
         poison_empty(monkeypatch)
-    _check(impl, N, V, H, dtype, atol_rel, temperature=float(torch.empty(1).uniform_(0.5, 1.5)))
+    _check(impl, N, V, H, dtype, atol_rel, temperature=float(torch.empty(1).uniform_(0.5, 1.5)), device=device)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype,atol_rel", DTYPES)
 @pytest.mark.parametrize("N,V,H", [(37, 1000, 8), (9, 97, 64)])
-def test_many_vocab_chunks(impl, N, V, H, dtype, atol_rel, monkeypatch):
+def test_many_vocab_chunks(impl, N, V, H, dtype, atol_rel, monkeypatch, device):
     """Force vocabulary chunks of ~100 columns (the real budget gives one chunk at test sizes) and,
     for Triton, a forward split over several vocabulary slices: targets land in every chunk."""
-    monkeypatch.setitem(lp_mod._CHUNK_BYTES, "cpu", 4 * N * 100)
+    monkeypatch.setitem(lp_mod._CHUNK_BYTES, device.type, 4 * N * 100)
     monkeypatch.setattr(lp_mod, "_num_sms", lambda device: 8)
     monkeypatch.setattr(lp_mod, "_blocks", lambda h: dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, UPCAST=True,
                                                            DOT_PRECISION="ieee"))
     if impl == "triton":
         poison_empty(monkeypatch)
-    _check(impl, N, V, H, dtype, atol_rel, temperature=0.8)
+    _check(impl, N, V, H, dtype, atol_rel, temperature=0.8, device=device)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_optional_outputs_and_partial_grads(impl):
+def test_optional_outputs_and_partial_grads(impl, device):
     """No ref and no entropy: those outputs are None; only hidden needs a gradient (a frozen head)."""
     N, V, H = 37, 1000, 64
-    hidden, weight, targets, _ = _inputs(N, V, H, torch.float32)
+    hidden, weight, targets, _ = _inputs(N, V, H, torch.float32, device)
     h = hidden.clone().requires_grad_()
     out = token_logprobs(h, weight, targets, impl=impl)
     assert out.kl is None and out.entropy is None and out.logprobs.dtype == torch.float32
-    g = torch.randn(N)
+    g = torch.randn(N, device=device)
     (out.logprobs * g).sum().backward()
     h64 = hidden.double().requires_grad_()
     (token_logprobs_reference(h64, weight.double(), targets).logprobs * g.double()).sum().backward()
@@ -102,9 +102,9 @@ def test_optional_outputs_and_partial_grads(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_no_grad_inputs_and_empty(impl):
+def test_no_grad_inputs_and_empty(impl, device):
     """Under no_grad nothing is saved for backward; an empty batch returns empty outputs."""
-    hidden, weight, targets, ref = _inputs(5, 97, 16, torch.float32)
+    hidden, weight, targets, ref = _inputs(5, 97, 16, torch.float32, device)
     with torch.no_grad():
         out = token_logprobs(hidden, weight, targets, ref_logprobs=ref, impl=impl)
     assert out.logprobs.grad_fn is None and out.kl.shape == (5,)
@@ -114,7 +114,7 @@ def test_no_grad_inputs_and_empty(impl):
 
 
 def test_bad_input_errors():
-    hidden, weight, targets, ref = _inputs(4, 97, 16, torch.float32)
+    hidden, weight, targets, ref = _inputs(4, 97, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="targets must lie in"):
         token_logprobs(hidden, weight, torch.tensor([0, 1, 97, 2]))
     with pytest.raises(ValueError, match="share a dtype"):
@@ -171,7 +171,7 @@ def test_memory_torch_path():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_logprobs_into_loss_matches_liger(impl):
+def test_logprobs_into_loss_matches_liger(impl, device):
     """Outside oracle for the whole policy-loss path: hidden states → token_logprobs → dr_grpo_loss equals
     Liger's LigerFusedLinearGRPOLoss(loss_type="dr_grpo") (= TRL's formula), loss and both gradients."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -179,14 +179,14 @@ def test_logprobs_into_loss_matches_liger(impl):
     from ril_fast.kernels import dr_grpo_loss
 
     B, T, H, V, L_max = 3, 11, 32, 1000, 16
-    hidden = torch.randn(B, T, H)
-    weight = torch.randn(V, H) * 3 / H**0.5
-    ids = torch.randint(0, V, (B, T))
-    attn = (torch.arange(T)[None, :] < torch.randint(1, T + 1, (B, 1))).long()
-    adv = torch.randn(B)
+    hidden = torch.randn(B, T, H, device=device)
+    weight = torch.randn(V, H, device=device) * 3 / H**0.5
+    ids = torch.randint(0, V, (B, T), device=device)
+    attn = (torch.arange(T, device=device)[None, :] < torch.randint(1, T + 1, (B, 1), device=device)).long()
+    adv = torch.randn(B, device=device)
     with torch.no_grad():
         lp0 = token_logprobs_reference(hidden.reshape(-1, H), weight, ids.reshape(-1)).logprobs.reshape(B, T)
-    old, ref = lp0 + 0.1 * torch.randn(B, T), lp0 + 0.1 * torch.randn(B, T)
+    old, ref = lp0 + 0.1 * torch.randn_like(lp0), lp0 + 0.1 * torch.randn_like(lp0)
     temperature = 0.9
     liger = LigerFusedLinearGRPOLoss(beta=0.05, use_ref_model=True, loss_type="dr_grpo", max_completion_length=L_max,
                                      compiled=False, temperature=temperature)
