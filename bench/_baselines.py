@@ -10,6 +10,7 @@ is plain ``generate`` on an unsharded model of the same weights in the compute d
 
 import contextlib
 import statistics
+import sys
 import time
 
 import torch
@@ -66,18 +67,20 @@ def _liger_loss(model, batch, advantages, mask_weight, ref, loss_fn):
 
 
 def liger_policy_pass(model, micro, advantages: torch.Tensor, normalizer: torch.Tensor, cfg: LossConfig,
-                      max_new_tokens: int, ref: list[torch.Tensor] | None = None) -> float:
+                      max_new_tokens: int, ref: list[torch.Tensor] | None = None, compiled: bool = CUDA) -> float:
     """What ``ril_fast.policy.policy_pass`` does (μ = 1: on-policy), with Liger's
     ``LigerFusedLinearGRPOLoss(loss_type="dr_grpo")`` in place of ``token_logprobs`` + ``dr_grpo_loss``.
 
     Liger divides each micro-batch's sum by its S sequences × L_max; rescaling by S × L_max / normalizer
-    gives ril_fast's global normaliser. Returns the summed loss (equal to policy_pass's up to rounding).
+    gives ril_fast's global normaliser. ``compiled``: Liger's own torch.compile of its per-chunk loss (its
+    default; off on CPU, where compiling takes minutes). Returns the summed loss (equal to policy_pass's up
+    to rounding).
     """
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     loss_fn = LigerFusedLinearGRPOLoss(beta=cfg.beta, use_ref_model=ref is not None, loss_type="dr_grpo",
                                        max_completion_length=max_new_tokens, epsilon_low=cfg.eps_low,
-                                       epsilon_high=cfg.eps_high, temperature=cfg.temperature, compiled=CUDA)
+                                       epsilon_high=cfg.eps_high, temperature=cfg.temperature, compiled=compiled)
     device = model_device(model)
     total = torch.zeros((), device=device)
     for k, mb in enumerate(micro):
@@ -115,8 +118,22 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
     }
     results = []
     for name, fn in providers.items():
-        seconds, peak, loss = measure(fn, reps, after=lambda: run.optimizer.zero_grad(set_to_none=True))
-        results.append(dict(provider=name, seconds=seconds, peak=peak, loss=loss, flops=flops))
+        note = ""
+        try:
+            seconds, peak, loss = measure(fn, reps, after=lambda: run.optimizer.zero_grad(set_to_none=True))
+        except torch._dynamo.exc.TorchDynamoException as e:
+            if name != "liger":
+                raise
+            # Seen with torch 2.11 on an H200: dynamo fails building the guards of Liger's compiled chunk
+            # loss once the micro-batch shapes vary. Time Liger's uncompiled path rather than nothing.
+            run.optimizer.zero_grad(set_to_none=True)
+            note = f"Liger's torch.compile failed ({type(e).__name__}): its uncompiled path"
+            print(f"{note}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            seconds, peak, loss = measure(
+                lambda: liger_policy_pass(run.student, micro, advantages, normalizer, loss_cfg, cfg.max_new_tokens,
+                                          ref=ref, compiled=False),
+                reps, after=lambda: run.optimizer.zero_grad(set_to_none=True))
+        results.append(dict(provider=name, seconds=seconds, peak=peak, loss=loss, flops=flops, note=note))
     return results
 
 

@@ -241,6 +241,7 @@ def baseline_rows(base_settings: dict, baselines: dict, peak_tflops: float) -> l
             s, tokens = c["seconds"], c.get("tokens")
             note = (f"loss {c['loss']:.6g}; one μ pass on the last step's micro-batches" if "loss" in c
                     else "one rollout call on the first batch's questions")
+            note += f"; {c['note']}" if c.get("note") else ""
             rows.append(dict(base_settings, provider=c["provider"], phase=f"{phase}_isolated", seconds=sig(s),
                              share="", tokens=tokens or "", tokens_per_s=sig(tokens / s) if tokens else "",
                              tflop=sig(c["flops"] / 1e12), tflops=sig(c["flops"] / s / 1e12),

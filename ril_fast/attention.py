@@ -18,9 +18,12 @@ positions (causal masking aligned to the last key, flash-attention's rule), left
 2-D mask.
 
 The name has no "flash" in it on purpose: transformers treats any "*flash*" name as a hub kernel to
-download. The cost: vision towers (Qwen-VL) take their non-flash path, which splits the image/window
-chunks on the host and calls this function once per chunk; a call with no boundaries is plain SDPA.
-A 2-D padding mask (padded batches) is handled by gathering the real tokens into a varlen row.
+download when a model is loaded with it. But Qwen-VL vision towers hand their windows' boundaries to the
+attention function only under a "*flash*" name; under any other they split the windows on the host and
+make one call per window (thousands per forward at real image sizes). So ``models.load`` renames the
+tower's implementation, after loading, to ``VISION_NAME``: this same function under a "flash" name, one
+varlen call per layer. A call with no boundaries is plain SDPA. A 2-D padding mask (padded batches) is
+handled by gathering the real tokens into a varlen row.
 """
 
 import inspect
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "ril_varlen"
+VISION_NAME = "ril_flash_varlen"  # set on loaded vision towers only (see above); never given to from_pretrained
 
 # cu_seqlens of the last position-ids tensor seen (every layer of one forward gets the same tensor),
 # keyed by the tensor and its version counter so an in-place edit between forwards is not missed.
@@ -196,13 +200,15 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def register() -> str:
-    """Register ``ril_varlen`` with transformers' attention and mask interfaces (idempotent); returns the name.
+    """Register ``ril_varlen`` (and ``VISION_NAME``) with transformers' attention and mask interfaces
+    (idempotent); returns ``NAME``.
 
     The mask function is flash-attention's: None for unpadded input, the 2-D padding mask otherwise.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(NAME, varlen_attention_forward)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    for name in (NAME, VISION_NAME):
+        AttentionInterface.register(name, varlen_attention_forward)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
     return NAME

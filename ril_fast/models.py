@@ -82,6 +82,14 @@ def _apply_liger(model, model_type: str) -> None:
         warnings.warn(f"Liger kernels not applied to {model_type}: {type(e).__name__}: {e}", stacklevel=2)
 
 
+def _vision_varlen(model) -> None:
+    """Give a Qwen-VL vision tower loaded with ``ril_varlen`` its "flash" alias, under which it passes its
+    windows' boundaries in one call per layer instead of calling once per window (``ril_fast.attention``)."""
+    visual = getattr(model.base_model, "visual", None)
+    if visual is not None and visual.config._attn_implementation == attention.NAME:
+        visual.config._attn_implementation = attention.VISION_NAME
+
+
 def _rope_index(model, image_token_id: int):
     """The model's own mrope position function as ``(input_ids (1, L), image_grid_thw (n, 3)) -> (3, 1, L)``.
 
@@ -132,6 +140,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
         model = auto.from_pretrained(path, dtype=dtype, attn_implementation=Attn(attn).resolve())
     model.to(device).eval()
+    _vision_varlen(model)
     if device.type == "cuda":
         _apply_liger(model, config.model_type)
     processor = Processor.from_pretrained(path)

@@ -10,7 +10,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ril_fast import attention
 from ril_fast.discriminator import Discriminator
 from ril_fast.models import Attn, last_hidden_states, lm_head_weight, load, packed_logprobs, response_logprobs
 from ril_fast.packing import pack, pad
@@ -156,7 +158,7 @@ def test_attention_paths_agree(arch, attn, folders, loaded):
     padded-batch SDPA) equals transformers' SDPA and eager paths, packed and padded; the vision towers
     go through the same attention function."""
     ours, proc = loaded[arch]
-    assert ours.config._attn_implementation == "ril_varlen"
+    assert ours.config.get_text_config()._attn_implementation == "ril_varlen"
     other, _ = load(folders[arch], attn=attn, device="cpu")
     assert other.config._attn_implementation == attn.value
     enc = [proc.encode(s) for s in random_samples(MIX[arch])]
@@ -165,6 +167,33 @@ def test_attention_paths_agree(arch, attn, folders, loaded):
             a = packed_logprobs(ours, batch).logprobs
             b = packed_logprobs(other, batch).logprobs
             assert max_err(a, b) <= ATOL
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_vision_tower_one_attention_call_per_layer(arch, loaded, monkeypatch):
+    """The Qwen-VL vision tower calls the attention function once per layer with every window's
+    boundaries (not once per window), and its output equals the per-window SDPA path."""
+    model, proc = loaded[arch]
+    visual = model.base_model.visual
+    assert visual.config._attn_implementation == attention.VISION_NAME
+    calls = []
+    real = attention.varlen_attention_forward
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(kwargs.get("cu_seq_lens_q"))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, attention.VISION_NAME, counting)
+    enc = [proc.encode(s) for s in random_samples([2, 1])]
+    batch = pack(enc)
+    with torch.no_grad():
+        ours = visual(batch.pixel_values, grid_thw=batch.image_grid_thw).pooler_output
+        windows = [int(c.numel()) - 1 for c in calls]
+        monkeypatch.setattr(visual.config, "_attn_implementation", "sdpa")
+        reference = visual(batch.pixel_values, grid_thw=batch.image_grid_thw).pooler_output
+    assert len(calls) == len(visual.blocks) and all(c is not None for c in calls)
+    assert max(windows) > len(enc), "the test images must span several windows"
+    assert max_err(ours, reference) <= ATOL
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
