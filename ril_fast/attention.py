@@ -15,7 +15,7 @@ Kernels, picked per call:
 
 Generation with a KV cache calls this too: each batch row is one sample whose few queries are its last
 positions (causal masking aligned to the last key, flash-attention's rule), left padding given by the
-2-D mask.
+2-D mask; one query per row (every decoding step) is one SDPA call over the padded cache.
 
 The name has no "flash" in it on purpose: transformers treats any "*flash*" name as a hub kernel to
 download when a model is loaded with it. But Qwen-VL vision towers hand their windows' boundaries to the
@@ -164,6 +164,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     Tk = key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     dropout = dropout if module.training else 0.0
+    if attention_mask is not None and attention_mask.ndim == 2 and Tq == 1:
+        # Cached generation, one new token per row: SDPA over the padded cache under the padding mask.
+        # No gathering of the cache and no host synchronisation (this runs per layer per token).
+        keys = attention_mask.bool()
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keys[:, None, None, :], scale=scaling,
+                                             dropout_p=dropout, enable_gqa=Hq != key.shape[1])
+        out = torch.where(keys[:, -1, None, None, None], out, 0.0)  # a padding query row gives zeros
+        return out.transpose(1, 2), None
     packed_row = position_ids is not None and B == 1 and Tq == Tk  # as transformers detects one
     if kwargs.get("cu_seq_lens_q") is None and attention_mask is None and not packed_row and (not causal or Tq == Tk):
         # one sample per batch row (e.g. a vision chunk): plain SDPA

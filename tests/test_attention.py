@@ -79,20 +79,25 @@ def test_uneven_lengths_fall_back_to_the_loop(monkeypatch):
     assert max_err(out, _dense_oracle(q, q, q, lengths, lengths, True, None)) <= 1e-12
 
 
-def test_decoding_through_the_transformers_entry_point():
-    """transformers' calling convention during cached generation: query (B, H, 1, D) against the cache
-    (B, H, Tk, D) with a left-padding mask (B, Tk): each row attends to its real keys only."""
-    B, H, Tk, D = 3, 2, 7, 4
-    query = torch.randn(B, H, 1, D, dtype=torch.float64)
-    key, value = torch.randn(B, H, Tk, D, dtype=torch.float64), torch.randn(B, H, Tk, D, dtype=torch.float64)
+@pytest.mark.parametrize("tq", [1, 2])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2)])
+def test_decoding_through_the_transformers_entry_point(tq, hq, hkv):
+    """transformers' calling convention during cached generation: query (B, Hq, Tq, D) against the cache
+    (B, Hkv, Tk, D) with a left-padding mask (B, Tk): each row attends to its real keys only (causal,
+    aligned to the last key). Tq = 1 (every decoding step) takes its own SDPA path."""
+    B, Tk, D = 3, 7, 4
+    query = torch.randn(B, hq, tq, D, dtype=torch.float64)
+    key, value = torch.randn(B, hkv, Tk, D, dtype=torch.float64), torch.randn(B, hkv, Tk, D, dtype=torch.float64)
     mask = torch.ones(B, Tk, dtype=torch.long)
     mask[0, :3] = 0  # left padding
     mask[2, :1] = 0
     module = torch.nn.Module()
     module.is_causal = True
     out, _ = attention.varlen_attention_forward(module, query, key, value, mask, scaling=None)
-    assert out.shape == (B, 1, H, D)
+    assert out.shape == (B, tq, hq, D)
     for b in range(B):
         real = mask[b].bool()
-        want = F.scaled_dot_product_attention(query[b], key[b][:, real], value[b][:, real])  # (H, 1, D)
+        k, v = (x[b][:, real].repeat_interleave(hq // hkv, 0) for x in (key, value))  # (Hq, L, D)
+        causal = torch.ones(tq, k.shape[1], dtype=torch.bool).tril(k.shape[1] - tq)
+        want = F.scaled_dot_product_attention(query[b], k, v, attn_mask=causal)  # (Hq, Tq, D)
         assert max_err(out[b].transpose(0, 1), want) <= 1e-12
