@@ -65,13 +65,14 @@ def _apply_liger(model, model_type: str) -> None:
     """Liger's RMSNorm / SwiGLU / RoPE kernels where Liger supports the architecture. Its (fused linear)
     cross-entropy stays off: logits never go through the model here.
 
-    Liger is an optional speed-up: a version that does not fit the installed transformers (liger 0.8.5
-    cannot patch Qwen-VL under transformers 5.23) gives a warning, not an error. Liger also patches
-    transformers' classes, so later models of the same type in the process get its modules too.
+    Liger is an optional speed-up: a version that does not fit the installed transformers gives a
+    warning, not an error. Liger also patches transformers' classes, so later models of the same type in
+    the process get its modules too.
     """
     try:
         import liger_kernel.transformers as liger
 
+        _bridge_liger_output_classes()
         patch = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
         if patch is None:
             return
@@ -80,6 +81,23 @@ def _apply_liger(model, model_type: str) -> None:
         patch(model=model, **{k: v for k, v in flags.items() if k in params})
     except Exception as e:  # noqa: BLE001 - any Liger failure leaves the plain (correct) modules
         warnings.warn(f"Liger kernels not applied to {model_type}: {type(e).__name__}: {e}", stacklevel=2)
+
+
+def _bridge_liger_output_classes() -> None:
+    """Let liger 0.8.5 patch Qwen-VL under transformers 5.23.
+
+    Its Qwen-VL patch functions import the module of its fused-cross-entropy forward, which needs an
+    output class Liger defines only when transformers has ``Qwen2_5_VLCausalLMOutputWithPast`` /
+    ``Qwen2VLCausalLMOutputWithPast`` (5.23 has neither), so the whole patch failed, RMSNorm, SwiGLU and
+    RoPE included. That forward is never installed here (``fused_linear_cross_entropy=False``), so the
+    missing names get Liger's generic output class.
+    """
+    from liger_kernel.transformers.model import output_classes
+
+    for arch in ("Qwen2_5_VL", "Qwen2VL"):
+        name = f"Liger{arch}CausalLMOutputWithPast"
+        if not hasattr(output_classes, name):
+            setattr(output_classes, name, output_classes.LigerCausalLMOutputWithPast)
 
 
 def _vision_varlen(model) -> None:

@@ -6,7 +6,11 @@ comparison can fail: packing without position restarts lets samples attend to ea
 """
 
 import inspect
+import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,19 +200,65 @@ def test_vision_tower_one_attention_call_per_layer(arch, loaded, monkeypatch):
     assert max_err(ours, reference) <= ATOL
 
 
+_LIGER_SCRIPT = """
+import sys, warnings
+from ril_fast.models import _apply_liger, load
+model, _ = load(sys.argv[1], device="cpu")
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # _apply_liger warns instead of raising when Liger cannot patch
+    _apply_liger(model, model.config.model_type)
+text = model.base_model.language_model
+print(text.norm._get_name(), text.layers[0].mlp._get_name())  # Liger renames the modules it patches
+"""
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_liger_patches_qwen_vl(arch, folders):
+    """Liger's RMSNorm and SwiGLU modules replace the decoder's (as ``load`` does on CUDA). In a fresh
+    process: Liger patches transformers' classes for the whole process, and its kernels do not run under
+    the Triton interpreter. Their numerics are checked on a GPU (``test_varlen_flash_vs_sdpa_bf16_gpu``
+    compares against a CPU model that Liger never touched)."""
+    out = subprocess.run([sys.executable, "-c", _LIGER_SCRIPT, str(folders[arch])], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+
+
+_GPU_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[4])
+from models_fixtures import random_samples
+from ril_fast.models import Attn, load, response_logprobs
+torch.backends.cudnn.allow_tf32 = False  # the vision tower's patch convolution: plain fp32, as on the CPU
+torch.manual_seed(int(sys.argv[3]))
+samples = random_samples(json.loads(sys.argv[2]))
+out = {}
+# The CPU model first: on CUDA, load applies Liger, which patches transformers for the whole process.
+for name, dtype, attn, device in (("cpu", torch.float32, Attn.SDPA, "cpu"), ("fp32", torch.float32, Attn.VARLEN, "cuda"),
+                                  ("sdpa", torch.bfloat16, Attn.SDPA, "cuda"),
+                                  ("varlen", torch.bfloat16, Attn.VARLEN, "cuda")):
+    model, proc = load(sys.argv[1], dtype=dtype, attn=attn, device=device)
+    with torch.no_grad():
+        out[name] = torch.cat(response_logprobs(model, proc, samples)).double().cpu()
+print(json.dumps({k: float((v - out["cpu"]).abs().max()) for k, v in out.items() if k != "cpu"}))
+"""
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
 def test_varlen_flash_vs_sdpa_bf16_gpu(arch, folders):
-    """GPU: the flash varlen kernel in bf16 against SDPA in bf16, both against fp32 (the tolerance rule)."""
-    samples = random_samples(MIX[arch])
-    out = {}
-    for name, dtype, attn in (("ref", torch.float32, Attn.SDPA), ("sdpa", torch.bfloat16, Attn.SDPA),
-                              ("varlen", torch.bfloat16, Attn.VARLEN)):
-        model, proc = load(folders[arch], dtype=dtype, attn=attn, device="cuda")
-        with torch.no_grad():
-            out[name] = torch.cat(response_logprobs(model, proc, samples))
-    base = max_err(out["sdpa"], out["ref"])
-    assert max_err(out["varlen"], out["ref"]) <= 2 * base + 1e-2
+    """GPU, against the CPU model in fp32 (transformers' SDPA, no Liger): the GPU model in fp32 (ril_varlen,
+    Liger's kernels) agrees to fp32 rounding, and the varlen kernel in bf16 is as close as SDPA in bf16.
+    In a fresh process, because Liger patches transformers for the whole process."""
+    seed = int(torch.randint(1 << 30, ()))
+    tests = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", _GPU_SCRIPT, str(folders[arch]), json.dumps(MIX[arch]), str(seed),
+                          tests], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    err = json.loads(out.stdout.strip().splitlines()[-1])
+    print(err)
+    assert err["fp32"] <= 1e-3, "fp32 on the GPU (Liger, ril_varlen) vs fp32 on the CPU"
+    assert err["varlen"] <= 2 * err["sdpa"] + 1e-2
 
 
 def test_hidden_states_and_head_shapes(loaded):

@@ -213,5 +213,6 @@ def test_package_never_importable_as_kernels(tmp_path):
     code = ("import kernels, transformers.utils.import_utils as iu; "
             "assert not hasattr(kernels, 'token_logprobs') and not hasattr(kernels, '__version__'); "
             "assert not iu.is_kernels_available(); print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}  # which would keep cwd off sys.path
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
