@@ -7,6 +7,8 @@
 #     1b       bench/throughput.py --preset 1b, one measured step, with the baselines
 #     3b       bench/throughput.py --preset 3b: the base configuration + baselines
 #     3b-ab    the same preset, packed vs padded and fused vs eager
+# The 3b stages take 8 questions per step (16 did not fit a call on an H200 on 2026-11-22); BENCH_ARGS
+# adds or overrides throughput.py options (the last of a repeated option wins).
 #
 # The machine's image has torch, triton and transformers but not liger-kernel; wheels in .whl/ (the
 # versions scripts/setup.sh installs, fetched with `pip download --no-deps`) are installed first when
@@ -44,12 +46,13 @@ kernels)
         2>&1 | tee "$OUT/throughput_1b.log" | grep -v "it/s\]"
     ;;
 3b)
-    timeout 470 python3 bench/throughput.py --preset 3b --steps 1 --reps 1 ${BENCH_ARGS:-} --workdir $WORK/3b --out "$OUT/throughput.csv" \
-        2>&1 | tee "$OUT/throughput_3b.log" | grep -v "it/s\]"
+    timeout 470 python3 bench/throughput.py --preset 3b --questions-per-step 8 --steps 1 --reps 1 ${BENCH_ARGS:-} \
+        --workdir $WORK/3b --out "$OUT/throughput.csv" 2>&1 | tee "$OUT/throughput_3b.log" | grep -v "it/s\]"
     ;;
 3b-ab)
-    timeout 540 python3 bench/throughput.py --preset 3b --steps 1 --compare --no-baselines --workdir $WORK/3b \
-        --out "$OUT/throughput.csv" 2>&1 | tee "$OUT/throughput_3b_ab.log" | grep -v "it/s\]"
+    timeout 540 python3 bench/throughput.py --preset 3b --questions-per-step 8 --steps 1 --compare --no-baselines \
+        ${BENCH_ARGS:-} --workdir $WORK/3b --out "$OUT/throughput.csv" 2>&1 | tee "$OUT/throughput_3b_ab.log" \
+        | grep -v "it/s\]"
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
