@@ -20,7 +20,7 @@ from _flops import Sample, Shapes, forward_flops, rollout_flops
 from ril_fast import distributed
 from ril_fast.data import load_examples, to_sample
 from ril_fast.distributed import call
-from ril_fast.microbatch import micro_batches, model_device, sync_gradients
+from ril_fast.microbatch import micro_batches, model_device, rank_agreement, sync_gradients
 from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.policy import LossConfig, frozen_logprobs, policy_pass
 from ril_fast.rollout import sample_responses
@@ -100,7 +100,7 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
     cfg = run.cfg
     device = run.dist.device
     micro = micro_batches(encoded, cfg.batch.max_tokens, padded=cfg.batch.padded,
-                          agree=lambda n: int(distributed.all_reduce_max(torch.tensor(n, device=device))))
+                          **rank_agreement(run.processor, device))
     # Group-centred rewards in {0, 1, 2} (r_sim + r_ans) over groups of G (RL only) or 2G outputs.
     group = cfg.group_size * (1 if run.disc is None else 2)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -42,7 +42,9 @@ def disc_probs(disc, micro: list[MicroBatch], n: int) -> torch.Tensor:
     device = model_device(disc)
     probs = torch.full((n,), float("nan"))
     for mb in micro:
-        probs[mb.index] = torch.sigmoid(disc(mb.batch.to(device))).float().cpu()
+        p = torch.sigmoid(disc(mb.batch.to(device))).float().cpu()
+        real = mb.weight > 0  # a filler's index names another response: its score is not that one's
+        probs[torch.tensor(mb.index)[real]] = p[real]
     if torch.isnan(probs).any():
         raise RuntimeError("some responses were in no micro-batch")
     return probs

@@ -9,6 +9,11 @@ weight 0, which moves no parameter but keeps the collectives in step.
 Samples that share images (a question's 2G responses) are binned together where they fit, so the
 vision tower runs once per image in each update (``packing.image_inputs``).
 
+The vision tower is an FSDP unit of its own, so in each micro-batch it must run on every rank or on
+none: ``agree_images`` tells which micro-batches carry images on some rank, and a rank whose matching
+micro-batch has none gets a zero-weight image filler added to it (a copy of its shortest response with
+an image, or ``image_filler()`` when it has none: text-only questions beside image ones).
+
 ``padded=True`` lays the same micro-batches out right-padded (``PaddedBatch``) instead of packed: the
 baseline that packing is measured against (``bench/throughput.py``); every consumer reads both.
 """
@@ -17,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast.packing import (Encoded, PackedBatch, PaddedBatch, Processor, first_fit_decreasing, image_groups, pack,
-                              pad)
+from ril_fast import distributed
+from ril_fast.packing import (Encoded, ModelKind, PackedBatch, PaddedBatch, Processor, first_fit_decreasing,
+                              image_groups, pack, pad)
 
 
 @dataclass
@@ -39,13 +45,17 @@ class MicroBatch:
         return values.repeat_interleave(counts)
 
 
-def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: bool = False) -> list[MicroBatch]:
+def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: bool = False, agree_images=None,
+                  image_filler=None) -> list[MicroBatch]:
     """Pack ``encoded`` (one rank's responses) into micro-batches of at most ``max_tokens`` tokens.
 
     ``agree(n) -> m`` turns this rank's count into the count every rank must reach (the all-reduced
     maximum under FSDP; omitted: no padding). To reach it the heaviest micro-batches are split, then
-    zero-weight fillers are added. ``padded``: the same micro-batches, right-padded to their longest
-    sample (``max_tokens`` still bounds their real tokens) instead of packed.
+    zero-weight fillers are added. ``agree_images(flags) -> flags``: whether each micro-batch has images
+    on this rank -> on any rank (omitted: no image fillers); ``image_filler() -> Encoded``: a response
+    with an image, for a rank that has none (see the module docstring). ``padded``: the same
+    micro-batches, right-padded to their longest sample (``max_tokens`` still bounds their real tokens)
+    instead of packed.
     """
     layout = pad if padded else pack
     lengths = [e.length for e in encoded]
@@ -58,13 +68,49 @@ def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: b
         big = max(splittable, key=lambda b: sum(lengths[i] for i in b))
         bins.remove(big)
         bins += [big[:len(big) // 2], big[len(big) // 2:]]  # halves of a bin keep most image groups whole
-    out = [MicroBatch(layout([encoded[i] for i in b]), b, torch.ones(len(b))) for b in bins]
-    if len(out) < count and not encoded:
+    if len(bins) < count and not encoded:
         raise ValueError("a rank with no responses cannot run the other ranks' micro-batches")
-    while len(out) < count:
-        shortest = min(range(len(encoded)), key=lambda i: lengths[i])
-        out.append(MicroBatch(layout([encoded[shortest]]), [shortest], torch.zeros(1)))
-    return out
+    shortest = min(range(len(encoded)), key=lambda i: lengths[i]) if encoded else None
+    groups = [([encoded[i] for i in b], b, [1.0] * len(b)) for b in bins]
+    groups += [([encoded[shortest]], [shortest], [0.0]) for _ in range(count - len(bins))]
+    if agree_images is not None:
+        needed = agree_images([any(e.pixel_values is not None for e in samples) for samples, _, _ in groups])
+        for (samples, index, weight), need in zip(groups, needed):
+            if need and not any(e.pixel_values is not None for e in samples):
+                samples.append(_image_filler(encoded, lengths, image_filler))
+                index.append(index[0])  # any valid position: its weight is 0
+                weight.append(0.0)
+    return [MicroBatch(layout(samples), index, torch.tensor(weight)) for samples, index, weight in groups]
+
+
+def _image_filler(encoded: list[Encoded], lengths: list[int], image_filler) -> Encoded:
+    """This rank's shortest response with an image, else ``image_filler()``."""
+    with_images = [i for i, e in enumerate(encoded) if e.pixel_values is not None]
+    if with_images:
+        return encoded[min(with_images, key=lambda i: lengths[i])]
+    if image_filler is None:
+        raise ValueError("other ranks have images in this micro-batch and this rank has none: pass image_filler")
+    return image_filler()
+
+
+def rank_agreement(processor: Processor, device: torch.device) -> dict:
+    """The ``agree``, ``agree_images`` and ``image_filler`` arguments of :func:`micro_batches` for the
+    ranks of the default process group (max-reduced counts and image flags; ``device``: this rank's).
+    ``image_filler`` encodes a blank 28x28 image with an empty question and response."""
+    from PIL import Image
+
+    def agree(n: int) -> int:
+        return int(distributed.all_reduce_max(torch.tensor(n, device=device)))
+
+    def agree_images(flags: list[bool]) -> list[bool]:
+        return distributed.all_reduce_max(torch.tensor(flags, dtype=torch.int32, device=device)).bool().tolist()
+
+    def image_filler() -> Encoded:
+        return processor.encode({"question": "", "response": "", "images": [Image.new("RGB", (28, 28))]})
+
+    if processor.kind is ModelKind.TEXT:
+        return dict(agree=agree)
+    return dict(agree=agree, agree_images=agree_images, image_filler=image_filler)
 
 
 def encode_all(processor: Processor, samples: list[dict]) -> list[Encoded]:

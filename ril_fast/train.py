@@ -43,7 +43,7 @@ from ril_fast.export import export_hf, save_hf_files
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog
-from ril_fast.microbatch import encode_all, micro_batches
+from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.models import load
 from ril_fast.packing import Processor
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
@@ -258,13 +258,11 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
 
 
 def _micro(run: Run, samples: list[dict]):
-    """The step's packed micro-batches, the same count on every rank."""
-    def agree(n: int) -> int:
-        return int(distributed.all_reduce_max(torch.tensor(n, device=run.dist.device)))
-
+    """The step's packed micro-batches, the same count on every rank, with images in the same ones."""
     encoded = encode_all(run.processor, samples)
     _check_lengths(run, samples, encoded)
-    return micro_batches(encoded, run.cfg.batch.max_tokens, agree=agree, padded=run.cfg.batch.padded)
+    return micro_batches(encoded, run.cfg.batch.max_tokens, padded=run.cfg.batch.padded,
+                         **rank_agreement(run.processor, run.dist.device))
 
 
 def _check_lengths(run: Run, samples: list[dict], encoded) -> None:

@@ -14,7 +14,7 @@ from models_fixtures import one_thread, random_samples, shared_image_samples, ti
 from ril_fast.discriminator import Discriminator
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.kernels.grpo_loss import dr_grpo_loss_ref
-from ril_fast.microbatch import encode_all, micro_batches
+from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.models import load, response_logprobs
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 
@@ -48,7 +48,30 @@ def test_micro_batches_cover_every_response_and_meet_the_agreed_count(qwen_vl):
     assert sum(int((mb.weight == 0).sum()) for mb in many) == 2
 
 
-@pytest.mark.parametrize("layout", ["shared", "fillers"])
+def test_image_fillers_put_images_where_another_rank_has_them(qwen_vl):
+    """When another rank has images in a micro-batch (FSDP runs the vision tower as one unit: all ranks
+    or none), an image-less one gets a zero-weight response with an image: this rank's own, else a blank
+    filler image; real responses are unchanged."""
+    _, _, proc = qwen_vl
+    everywhere = lambda flags: [True] * len(flags)  # noqa: E731 - another rank has images in each one
+    filler = rank_agreement(proc, torch.device("cpu"))["image_filler"]
+    for counts in ([0, 0, 1, 0], [0, 0]):
+        encoded = encode_all(proc, random_samples(counts))
+        budget = max(e.length for e in encoded) + 5
+        plain = micro_batches(encoded, budget)
+        micro = micro_batches(encoded, budget, agree_images=everywhere, image_filler=filler)
+        assert all(mb.batch.pixel_values is not None for mb in micro)
+        assert any(p.batch.pixel_values is None for p in plain) or 1 in counts
+        for p, m in zip(plain, micro, strict=True):
+            extra = [] if p.batch.pixel_values is not None else [0.0]
+            assert m.index[:len(p.index)] == p.index and m.weight.tolist() == p.weight.tolist() + extra
+        unchanged = micro_batches(encoded, budget, agree_images=lambda f: f, image_filler=filler)
+        assert [m.index for m in unchanged] == [p.index for p in plain]
+    with pytest.raises(ValueError, match="image_filler"):
+        micro_batches(encoded, budget, agree_images=everywhere)
+
+
+@pytest.mark.parametrize("layout", ["shared", "fillers", "image fillers"])
 @pytest.mark.parametrize("mu_old,beta", [(False, 0.0), (True, 0.1)])
 def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout, tmp_path):
     """Eq. 2 accumulated over small micro-batches + fillers == the eager loss over separate forwards.
@@ -64,6 +87,13 @@ def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout
         micro = micro_batches(encoded, 3 * longest + 5, agree=lambda n: n + 1)
         assert any(len(mb.index) > 1 for mb in micro)
         assert any(mb.batch.vision_index is not None for mb in micro)  # a prompt's images encoded once
+    elif layout == "image fillers":  # as if another rank had images in every micro-batch
+        singles = lambda n: len(encoded) + 1  # noqa: E731 - one response per micro-batch, then a filler
+        micro = micro_batches(encoded, longest + 5, agree=singles, agree_images=lambda flags: [True] * len(flags))
+        plain = micro_batches(encoded, longest + 5, agree=singles)
+        without_images = sum(p.batch.pixel_values is None for p in plain)
+        assert without_images >= 2  # the two text-only responses, at least
+        assert sum(int((m.weight == 0).sum()) for m in micro) == 1 + without_images
     else:  # one sample per micro-batch, then zero-weight fillers
         micro = micro_batches(encoded, longest + 5, agree=lambda n: len(encoded) + 2)
         assert sum(int((mb.weight == 0).sum()) for mb in micro) == 2

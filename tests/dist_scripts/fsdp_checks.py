@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from ril_fast import distributed, rollout  # noqa: E402
 from ril_fast.discriminator import Discriminator  # noqa: E402
+from ril_fast.microbatch import micro_batches, rank_agreement  # noqa: E402
 from ril_fast.models import load, packed_logprobs  # noqa: E402
 from ril_fast.packing import pack  # noqa: E402
 from ril_fast.rollout import sample_responses  # noqa: E402
@@ -137,6 +138,33 @@ def main(folder: str, out_path: str) -> None:
     res["grad_has_vision"] = any(n.startswith("model.visual.") for n in grads)
     res["grad_names_match"] = set(grads) == set(ref_grads)
     res["grad_err_vs_sum"] = max_over_ranks(grad_err(grads, ref_grads))
+
+    # -- images on rank 0 only: image fillers keep the vision tower (its own FSDP unit) in step ----------
+    def mixed_data(r):
+        with torch.random.fork_rng():
+            torch.manual_seed(2000 + r)
+            enc = [proc.encode(s) for s in random_samples([1, 0] if r == 0 else [0, 0])]
+            return enc, torch.randn(sum(e.response_len for e in enc))
+
+    mixed_ref = {}
+    for r in range(d.world_size):
+        enc, w = mixed_data(r)
+        ref.zero_grad(set_to_none=True)
+        summed_loss(ref, pack(enc), w).backward()
+        for n, p in ref.named_parameters():
+            if p.grad is not None:
+                mixed_ref[n] = mixed_ref.get(n, 0) + p.grad
+    ref.zero_grad(set_to_none=True)
+    enc, w = mixed_data(d.rank)
+    (mb,) = micro_batches(enc, 10**6, **rank_agreement(proc, d.device))
+    fresh = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=False)
+    per_sample = w.split([e.response_len for e in enc])  # in response order; the micro-batch's order may differ
+    tokens = torch.cat([per_sample[i] if weight else torch.zeros(n)  # a filler's tokens weigh 0
+                        for i, weight, n in zip(mb.index, mb.weight.tolist(), mb.batch.response_lengths)])
+    summed_loss(fresh, mb.batch, tokens).backward()
+    res["mixed_images_fillers"] = int(max_over_ranks(float((mb.weight == 0).sum())))
+    res["mixed_images_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(fresh), mixed_ref))
+    del fresh
 
     # -- control: FSDP's default divide factor gives the mean, not the sum ------------------------------
     default = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=False, sum_gradients=False)
