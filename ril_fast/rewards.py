@@ -133,10 +133,12 @@ def build_groups(student_responses: list[list[str]], teacher_outputs: list[list[
     return groups
 
 
-def reward_stats(groups: list[Group]) -> dict[str, float]:
+def reward_stats(groups: list[Group], answer_types: list[str | None] | None = None) -> dict[str, float]:
     """Step-log statistics: mean answer / similarity rewards of student and of teacher outputs, the
     fraction of groups whose advantages are all zero ("dead": no learning signal), and mean |A|.
-    A key with no outputs behind it (RL only: similarity and teacher keys) is left out."""
+    A key with no outputs behind it (RL only: similarity and teacher keys) is left out.
+    ``answer_types``: each group's question type (None: untyped); typed ones add
+    ``student_answer_reward/<type>``, the student's training accuracy per type."""
     if not groups:
         return {}
     stats = {}
@@ -146,6 +148,9 @@ def reward_stats(groups: list[Group]) -> dict[str, float]:
             values = torch.cat(values) if values else torch.empty(0)
             if values.numel():
                 stats[f"{who}_{reward}_reward"] = values.mean().item()
+    for kind in sorted({t for t in answer_types or () if t is not None}):
+        values = torch.cat([g.r_ans[g.is_student] for g, t in zip(groups, answer_types, strict=True) if t == kind])
+        stats[f"student_answer_reward/{kind}"] = values.mean().item()
     stats["dead_group_fraction"] = sum(bool((g.advantages == 0).all()) for g in groups) / len(groups)
     stats["mean_abs_advantage"] = torch.cat([g.advantages for g in groups]).abs().mean().item()
     return stats

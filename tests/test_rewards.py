@@ -114,6 +114,9 @@ def test_reward_stats_by_hand():
         "dead_group_fraction": 0.0, "mean_abs_advantage": 0.375})
     rl = reward_stats(build_groups(students, None, torch.tensor([1.0, 1, 0, 0])))
     assert rl == {"student_answer_reward": 0.5, "dead_group_fraction": 1.0, "mean_abs_advantage": 0.0}
+    typed = reward_stats(build_groups(students, teachers, r_ans, disc), ["shape", "color"])
+    assert typed["student_answer_reward/shape"] == 0.5 and typed["student_answer_reward/color"] == 0.0  # q0, q1
+    assert "student_answer_reward/shape" not in reward_stats(build_groups(students, teachers, r_ans, disc), [None, None])
     assert reward_stats([]) == {}
 
 
