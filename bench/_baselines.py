@@ -111,10 +111,13 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
     ref = frozen_logprobs(run.reference, micro, cfg.rollout.temperature, kernels=cfg.loss.kernels) \
         if run.reference is not None else None
     flops = 3 * forward_flops(shapes, [Sample.of(e) for e in encoded], head=True)
+    def liger(compiled: bool = CUDA):
+        return liger_policy_pass(run.student, micro, advantages, normalizer, loss_cfg, cfg.max_new_tokens, ref=ref,
+                                 compiled=compiled)
+
     providers = {
         "ril_fast": lambda: policy_pass(run.student, micro, advantages, normalizer, loss_cfg, ref=ref)["loss"],
-        "liger": lambda: liger_policy_pass(run.student, micro, advantages, normalizer, loss_cfg,
-                                           cfg.max_new_tokens, ref=ref),
+        "liger": liger,
     }
     results = []
     for name, fn in providers.items():
@@ -129,10 +132,8 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
             run.optimizer.zero_grad(set_to_none=True)
             note = f"Liger's torch.compile failed ({type(e).__name__}): its uncompiled path"
             print(f"{note}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
-            seconds, peak, loss = measure(
-                lambda: liger_policy_pass(run.student, micro, advantages, normalizer, loss_cfg, cfg.max_new_tokens,
-                                          ref=ref, compiled=False),
-                reps, after=lambda: run.optimizer.zero_grad(set_to_none=True))
+            seconds, peak, loss = measure(lambda: liger(compiled=False), reps,
+                                          after=lambda: run.optimizer.zero_grad(set_to_none=True))
         results.append(dict(provider=name, seconds=seconds, peak=peak, loss=loss, flops=flops, note=note))
     return results
 

@@ -74,9 +74,9 @@ def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: b
     groups = [([encoded[i] for i in b], b, [1.0] * len(b)) for b in bins]
     groups += [([encoded[shortest]], [shortest], [0.0]) for _ in range(count - len(bins))]
     if agree_images is not None:
-        needed = agree_images([any(e.pixel_values is not None for e in samples) for samples, _, _ in groups])
-        for (samples, index, weight), need in zip(groups, needed):
-            if need and not any(e.pixel_values is not None for e in samples):
+        has = [any(e.pixel_values is not None for e in samples) for samples, _, _ in groups]
+        for (samples, index, weight), here, anywhere in zip(groups, has, agree_images(has)):
+            if anywhere and not here:
                 samples.append(_image_filler(encoded, lengths, image_filler))
                 index.append(index[0])  # any valid position: its weight is 0
                 weight.append(0.0)

@@ -356,7 +356,8 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
 
     tokens = sum(sum(mb.batch.lengths) for mb in micro)
     seconds = time.perf_counter() - t0
-    return {"step": step, **reward_stats(groups, [q.answer_type for q in questions]), **disc_stats, **policy, "lr": run.scheduler.get_last_lr()[0],
+    rewards = reward_stats(groups, [q.answer_type for q in questions])
+    return {"step": step, **rewards, **disc_stats, **policy, "lr": run.scheduler.get_last_lr()[0],
             "skipped_steps": run.counters["skipped_steps"], **_judge_cache_stats(run), "tokens_per_s": tokens * run.dist.world_size / seconds,
             "step_time_s": seconds, **timer.as_metrics()}
 

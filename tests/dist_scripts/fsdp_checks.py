@@ -77,6 +77,20 @@ def summed_loss(model, batch, weights) -> torch.Tensor:
     return (weights * logprobs(model, batch)).sum()
 
 
+def summed_grads(model, data) -> dict:
+    """The single-process reference: Σ over ``data``'s (batch, weights) of the gradients of each
+    summed loss (the model's gradients are left cleared)."""
+    out = {}
+    for batch, weights in data:
+        model.zero_grad(set_to_none=True)
+        summed_loss(model, batch, weights).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                out[n] = out.get(n, 0) + p.grad
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 def full_grads(model) -> dict:
     """Parameter gradients as full tensors (a collective for sharded ones: every rank calls it)."""
     out = {}
@@ -110,14 +124,7 @@ def main(folder: str, out_path: str) -> None:
     samples, batch, weights = rank_data(proc, d.rank)
 
     # Reference: the sum over ranks of single-process gradients of each rank's summed loss.
-    ref_grads = {}
-    for r in range(d.world_size):
-        ref.zero_grad(set_to_none=True)
-        summed_loss(ref, *rank_data(proc, r)[1:]).backward()
-        for n, p in ref.named_parameters():
-            if p.grad is not None:
-                ref_grads[n] = ref_grads.get(n, 0) + p.grad
-    ref.zero_grad(set_to_none=True)
+    ref_grads = summed_grads(ref, [rank_data(proc, r)[1:] for r in range(d.world_size)])
     with torch.no_grad():
         ref_lp = packed_logprobs(ref, batch).logprobs
 
@@ -146,15 +153,7 @@ def main(folder: str, out_path: str) -> None:
             enc = [proc.encode(s) for s in random_samples([1, 0] if r == 0 else [0, 0])]
             return enc, torch.randn(sum(e.response_len for e in enc))
 
-    mixed_ref = {}
-    for r in range(d.world_size):
-        enc, w = mixed_data(r)
-        ref.zero_grad(set_to_none=True)
-        summed_loss(ref, pack(enc), w).backward()
-        for n, p in ref.named_parameters():
-            if p.grad is not None:
-                mixed_ref[n] = mixed_ref.get(n, 0) + p.grad
-    ref.zero_grad(set_to_none=True)
+    mixed_ref = summed_grads(ref, [(pack(enc), w) for enc, w in map(mixed_data, range(d.world_size))])
     enc, w = mixed_data(d.rank)
     (mb,) = micro_batches(enc, 10**6, **rank_agreement(proc, d.device))
     fresh = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=False)
