@@ -137,8 +137,12 @@ def reward_stats(groups: list[Group], answer_types: list[str | None] | None = No
     """Step-log statistics: mean answer / similarity rewards of student and of teacher outputs, the
     fraction of groups whose advantages are all zero ("dead": no learning signal), and mean |A|.
     A key with no outputs behind it (RL only: similarity and teacher keys) is left out.
+    With teachers, ``teacher_advantage`` is the mean advantage of the teacher outputs: how hard the
+    step pulls the student towards the teachers' text (a group's advantages sum to 0, so the student
+    outputs' mean is minus this when the group has G of each).
     ``answer_types``: each group's question type (None: untyped); typed ones add
-    ``student_answer_reward/<type>``, the student's training accuracy per type."""
+    ``student_answer_reward/<type>``, the student's training accuracy per type, and with teachers
+    ``teacher_advantage/<type>``."""
     if not groups:
         return {}
     stats = {}
@@ -148,9 +152,15 @@ def reward_stats(groups: list[Group], answer_types: list[str | None] | None = No
             values = torch.cat(values) if values else torch.empty(0)
             if values.numel():
                 stats[f"{who}_{reward}_reward"] = values.mean().item()
+    teacher_advantages = [g.advantages[~g.is_student] for g in groups]
+    if any(a.numel() for a in teacher_advantages):
+        stats["teacher_advantage"] = torch.cat(teacher_advantages).mean().item()
     for kind in sorted({t for t in answer_types or () if t is not None}):
-        values = torch.cat([g.r_ans[g.is_student] for g, t in zip(groups, answer_types, strict=True) if t == kind])
-        stats[f"student_answer_reward/{kind}"] = values.mean().item()
+        mine = [g for g, t in zip(groups, answer_types, strict=True) if t == kind]
+        stats[f"student_answer_reward/{kind}"] = torch.cat([g.r_ans[g.is_student] for g in mine]).mean().item()
+        teacher = torch.cat([g.advantages[~g.is_student] for g in mine])
+        if teacher.numel():
+            stats[f"teacher_advantage/{kind}"] = teacher.mean().item()
     stats["dead_group_fraction"] = sum(bool((g.advantages == 0).all()) for g in groups) / len(groups)
     stats["mean_abs_advantage"] = torch.cat([g.advantages for g in groups]).abs().mean().item()
     return stats

@@ -111,11 +111,18 @@ def test_reward_stats_by_hand():
     assert stats == pytest.approx({
         "student_answer_reward": 1 / 4, "student_similarity_reward": 1 / 4,
         "teacher_answer_reward": 3 / 4, "teacher_similarity_reward": 1 / 4,
-        "dead_group_fraction": 0.0, "mean_abs_advantage": 0.375})
+        "teacher_advantage": 0.25, "dead_group_fraction": 0.0, "mean_abs_advantage": 0.375})
     rl = reward_stats(build_groups(students, None, torch.tensor([1.0, 1, 0, 0])))
     assert rl == {"student_answer_reward": 0.5, "dead_group_fraction": 1.0, "mean_abs_advantage": 0.0}
     typed = reward_stats(build_groups(students, teachers, r_ans, disc), ["shape", "color"])
     assert typed["student_answer_reward/shape"] == 0.5 and typed["student_answer_reward/color"] == 0.0  # q0, q1
+    assert typed["teacher_advantage/shape"] == 0.25 and typed["teacher_advantage/color"] == 0.25  # (.75-.25)/2 each
+    # A third question whose teachers are both wrong and whose students are both right pulls away from them.
+    three = build_groups(students + [["s5", "s6"]], teachers + [[("T", "t5"), ("U", "t6")]],
+                         torch.cat([r_ans, torch.tensor([1.0, 1, 0, 0])]), torch.cat([disc, torch.full((4,), 0.9)]))
+    typed = reward_stats(three, ["shape", "color", "color"])
+    assert typed["teacher_advantage/color"] == pytest.approx((0.25 - 0.5) / 2) and typed["teacher_advantage/shape"] == 0.25
+    assert typed["teacher_advantage"] == pytest.approx((0.25 + 0.25 - 0.5) / 3)
     assert "student_answer_reward/shape" not in reward_stats(build_groups(students, teachers, r_ans, disc), [None, None])
     assert reward_stats([]) == {}
 

@@ -103,6 +103,67 @@ def test_two_ranks_under_torchrun(demo, tmp_path):
     assert (out / "final" / "config.json").is_file()
 
 
+# Run in a fresh interpreter: only transformers opens the exported folder, and the script fails if
+# anything imported ril_fast. transformers' Qwen2_5_VLProcessor cannot be built here (its video processor
+# needs torchvision, which this machine cannot have: shared/ENVIRONMENT.md), so the script uses the
+# folder's tokenizer (its chat template) and image processor, and writes what that processor would: one
+# placeholder per image token and the token types (1 = image; without them transformers gives the image
+# tokens text positions). It prints the greedy continuation's token ids and their log-probs.
+_PLAIN_HF = """
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+folder, question, image, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+image_processor = AutoImageProcessor.from_pretrained(folder)
+model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+pixels = image_processor(images=[Image.open(image).convert("RGB")], return_tensors="pt")
+n_image = int(pixels["image_grid_thw"].prod()) // model.config.vision_config.spatial_merge_size ** 2
+pad = model.config.image_token_id
+ids = [t for i in tokenizer(text, add_special_tokens=False)["input_ids"] for t in ([pad] * n_image if i == pad else [i])]
+ids = torch.tensor([ids])
+with torch.no_grad():
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                         mm_token_type_ids=(ids == pad).int(), output_logits=True, return_dict_in_generate=True)
+tokens = out.sequences[0, ids.shape[1]:]
+logprobs = [step[0].double().log_softmax(-1)[t].item() for step, t in zip(out.logits, tokens)]
+assert not any(name.split(".")[0] == "ril_fast" for name in sys.modules), "ril_fast was imported"
+print(json.dumps({"tokens": tokens.tolist(), "logprobs": logprobs}))
+"""
+
+
+def test_final_folder_opens_in_plain_transformers_and_answers_as_the_trainer_does(demo, tmp_path):
+    """``output_dir/final/`` is a plain HF folder: transformers alone (no ril_fast in the process) loads
+    the model, its tokenizer (chat template) and its image processor; its greedy answer to a held-out
+    question is, token for token, the one ril_fast's evaluation decodes from the same weights, with the
+    same log-probs (to 1e-5)."""
+    from ril_fast.data import load_examples, to_sample
+    from ril_fast.models import load, response_logprobs
+    from ril_fast.rollout import sample_responses
+
+    out = main(_args(demo, tmp_path / "run", demo.teachers))
+    question = load_examples(demo.test)[0]
+    n = 8
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", _PLAIN_HF, str(out / "final"), question.question,
+                           str(question.images[0]), str(n)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = json.loads(done.stdout.strip().splitlines()[-1])
+    model, processor = load(out / "final", device="cpu")
+    ours = sample_responses(model.eval(), processor, [to_sample(question)], greedy=True, max_new_tokens=n)[0][0]
+    end = [] if ours.truncated else [processor.end_token_id]
+    assert plain["tokens"][:len(ours.token_ids) + len(end)] == ours.token_ids + end
+    # Scoring HF's whole continuation as a response: ril_fast's packed log-probs are transformers' own.
+    sample = dict(to_sample(question), response_ids=plain["tokens"], truncated=True)
+    ours_lp = response_logprobs(model, processor, [sample])[0].double()
+    assert torch.allclose(ours_lp, torch.tensor(plain["logprobs"], dtype=torch.float64), rtol=0, atol=1e-5)
+
+
 # A short deterministic run pinned to its per-step metrics. After an intended change of the numbers
 # (the algorithm, the demo's student or data, the sampling), regenerate the file with
 #     RIL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_train.py -k golden
