@@ -156,9 +156,9 @@ def reward_stats(groups: list[Group], answer_types: list[str | None] | None = No
     if any(a.numel() for a in teacher_advantages):
         stats["teacher_advantage"] = torch.cat(teacher_advantages).mean().item()
     for kind in sorted({t for t in answer_types or () if t is not None}):
-        mine = [g for g, t in zip(groups, answer_types, strict=True) if t == kind]
-        stats[f"student_answer_reward/{kind}"] = torch.cat([g.r_ans[g.is_student] for g in mine]).mean().item()
-        teacher = torch.cat([g.advantages[~g.is_student] for g in mine])
+        mine = [(g, a) for g, a, t in zip(groups, teacher_advantages, answer_types, strict=True) if t == kind]
+        stats[f"student_answer_reward/{kind}"] = torch.cat([g.r_ans[g.is_student] for g, _ in mine]).mean().item()
+        teacher = torch.cat([a for _, a in mine])
         if teacher.numel():
             stats[f"teacher_advantage/{kind}"] = teacher.mean().item()
     stats["dead_group_fraction"] = sum(bool((g.advantages == 0).all()) for g in groups) / len(groups)
