@@ -13,8 +13,12 @@ Teacher collection, one JSONL per teacher, one saved response per line, several 
 
     {"id": "q17", "response": "The shape is a triangle.", "teacher": "qwen72b"}   # teacher optional
 
-The teacher's name is the file's stem unless a line's ``teacher`` field names it. Every id must be
-a training example's. Any malformed line raises ``DataError("FILE:LINE: what is wrong")``.
+The teacher's name is the file's stem unless a line's ``teacher`` field names it (two files may feed
+one teacher only through that field: two files of the same stem are an error, not one teacher). A
+line marked ``"truncated": true`` (``ril_fast.teacher`` writes it when the teacher hit its token budget)
+is left out: a cut-off text is not the teacher's answer. Every id must be a training example's. Any
+malformed line raises ``DataError("FILE:LINE: what is wrong")``; so does text holding one of the
+student's ``control_tokens`` (e.g. ``<|im_end|>``), which the tokenizer would read as that token.
 
 ``Batches`` serves the questions: seeded shuffled epochs cut into global batches of
 ``questions_per_step`` (an epoch's remainder is dropped), rank r of W taking ``batch[r::W]``. The
@@ -26,13 +30,16 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 class DataError(ValueError):
     """A malformed data file; the message starts with ``FILE:LINE:``."""
+
+
+STUDENT = "student"  # the source of a student output (``ril_fast.rewards``): no teacher may be called so
 
 
 @dataclass
@@ -56,6 +63,8 @@ def _records(path: Path):
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}:0: cannot read the file: {e.strerror or e}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some Windows tools write
+        raw = raw[3:]
     for number, line in enumerate(raw.splitlines(), start=1):
         try:
             text = line.decode("utf-8")
@@ -67,6 +76,8 @@ def _records(path: Path):
             record = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: bad JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number}: bad JSON: nested too deeply") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         yield number, record
@@ -82,7 +93,7 @@ def _id(record: dict, where: str) -> str:
     return value
 
 
-def _text(record: dict, name: str, where: str) -> str:
+def _text(record: dict, name: str, where: str, control_tokens: Collection[str] = ()) -> str:
     if name not in record:
         raise DataError(f"{where}: missing field {name!r}")
     value = record[name]
@@ -90,6 +101,10 @@ def _text(record: dict, name: str, where: str) -> str:
         raise DataError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise DataError(f"{where}: {name!r} is empty")
+    for token in control_tokens:
+        if token in value:
+            raise DataError(f"{where}: {name!r} contains {token!r}, which the student's tokenizer reads as its "
+                            f"control token (it would end the turn or stand for an image): remove it")
     return value
 
 
@@ -118,8 +133,9 @@ def _images(record: dict, folder: Path, where: str, verified: set[Path]) -> list
     return paths
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """Every example of a training/evaluation JSONL file, in file order (format in the module docstring)."""
+def load_examples(path: str | Path, *, control_tokens: Collection[str] = ()) -> list[Example]:
+    """Every example of a training/evaluation JSONL file, in file order (format in the module docstring).
+    A question holding one of ``control_tokens`` (``Processor.control_tokens``) is an error."""
     path = Path(path)
     examples, first_line, verified = [], {}, set()
     for number, record in _records(path):
@@ -133,7 +149,7 @@ def load_examples(path: str | Path) -> list[Example]:
             raise DataError(f"{where}: 'answer_type' must be a non-empty string or null, got {answer_type!r}")
         examples.append(Example(
             id=example_id,
-            question=_text(record, "question", where),
+            question=_text(record, "question", where, control_tokens),
             answer=_text(record, "answer", where),
             images=_images(record, path.parent, where, verified),
             answer_type=answer_type,
@@ -153,6 +169,7 @@ class TeacherBank:
 
     by_id: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     teachers: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)  # "FILE:LINE" of each line left out as truncated
 
     def responses(self, example_id: str) -> dict[str, list[str]]:
         """``{teacher: [responses]}`` for one example (empty if no teacher answered it)."""
@@ -173,30 +190,50 @@ class TeacherBank:
 
 def load_teachers(paths: list[str | Path], examples: list[Example], *,
                   count_tokens: Callable[[list[str]], list[int]] | None = None,
-                  max_tokens: int | None = None) -> TeacherBank:
+                  max_tokens: int | None = None, control_tokens: Collection[str] = ()) -> TeacherBank:
     """Read one JSONL collection per teacher (format in the module docstring) against ``examples``.
 
     With ``count_tokens`` (texts -> token counts, end-of-turn token included) and ``max_tokens``, a
     response longer than ``max_tokens`` is an error: Dr.GRPO normalises every output by the generation
-    budget L_max, which a longer teacher output would exceed.
+    budget L_max, which a longer teacher output would exceed. A response holding one of
+    ``control_tokens`` is an error. Lines marked truncated are left out and counted in
+    ``TeacherBank.truncated``.
     """
     known = {e.id for e in examples}
     bank = TeacherBank()
+    stems: dict[str, Path] = {}  # teacher named by a file's stem -> that file
+    seen: set[Path] = set()
     for path in map(Path, paths):
-        lines = []
+        if path.resolve() in seen:
+            raise DataError(f"{path}:1: the teacher file is given twice")
+        seen.add(path.resolve())
+        lines, named_by_stem, truncated_before = [], False, len(bank.truncated)
         for number, record in _records(path):
             where = f"{path}:{number}"
             example_id = _id(record, where)
             if example_id not in known:
                 raise DataError(f"{where}: id {example_id!r} is not in the training data")
-            response = _text(record, "response", where)
+            response = _text(record, "response", where, control_tokens)
             teacher = _text(record, "teacher", where) if "teacher" in record else path.stem
+            if teacher == STUDENT:
+                raise DataError(f"{where}: a teacher may not be called {STUDENT!r} (the name marks the student's "
+                                f"own outputs): rename the file or set the line's 'teacher' field")
+            named_by_stem |= "teacher" not in record
+            if record.get("truncated") is True:
+                bank.truncated.append(where)
+                continue
             if teacher not in bank.teachers:
                 bank.teachers.append(teacher)
             bank.by_id.setdefault(example_id, {}).setdefault(teacher, []).append(response)
             lines.append((where, response))
+        if named_by_stem:
+            if path.stem in stems:
+                raise DataError(f"{path}:1: this file and {stems[path.stem]} would both be teacher {path.stem!r}: "
+                                f"rename one, or name the teacher in each line's 'teacher' field")
+            stems[path.stem] = path
         if not lines:
-            raise DataError(f"{path}:1: no teacher responses in the file")
+            raise DataError(f"{path}:1: no teacher responses in the file"
+                            + (" (every line is marked truncated)" if len(bank.truncated) > truncated_before else ""))
         if count_tokens is not None and max_tokens is not None:
             counts = count_tokens([response for _, response in lines])
             too_long = [(where, n) for (where, _), n in zip(lines, counts) if n > max_tokens]

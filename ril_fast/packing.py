@@ -64,13 +64,16 @@ class ModelKind(str, enum.Enum):
 
 
 def load_image(image):
-    """A PIL image (returned as RGB) or a path to one."""
-    from PIL import Image
+    """A PIL image, or a path to one, as the RGB image HF image processors would see: EXIF orientation
+    applied, transparency composited onto white (transformers' ``convert_to_rgb``; a plain
+    ``convert("RGB")`` would turn a transparent background black)."""
+    from PIL import Image, ImageOps
+    from transformers.image_transforms import convert_to_rgb
 
     if isinstance(image, (str, Path)):
         with Image.open(image) as im:
-            return im.convert("RGB")
-    return image.convert("RGB")
+            return load_image(im)
+    return Image.fromarray(convert_to_rgb(ImageOps.exif_transpose(image), return_numpy=True))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,6 +159,18 @@ class Processor:
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
         messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @functools.cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The special tokens that give a sample its structure: those the chat template renders around a
+        question with an image, the end-of-turn and padding tokens, and the image tokens. Text holding one
+        would be tokenised as that token (ending a turn early, or standing for an image)."""
+        tok = self.tokenizer
+        ids = set(tok(self.prompt_text("?", 0 if self.kind is ModelKind.TEXT else 1),
+                      add_special_tokens=False)["input_ids"])
+        ids |= {self.end_token_id, tok.pad_token_id, self.image_token_id, self.image_start_id, self.image_end_id}
+        special = set(tok.all_special_ids)
+        return tuple(sorted(tok.convert_ids_to_tokens(i) for i in ids if i in special))
 
     def response_lengths(self, texts: list[str]) -> list[int]:
         """Tokens each text takes as a finished response in :meth:`encode` (end-of-turn token included)."""

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ril_fast.data import STUDENT  # the ``source`` of a student output; every other source is a teacher's name
 from ril_fast.judge import Judge, JudgeItem
-
-STUDENT = "student"  # the ``source`` of a student output; every other source is a teacher's name
 
 
 def similarity_rewards(disc_probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -37,6 +37,20 @@ def write_jsonl(path, lines):
     return path
 
 
+CONTROL = ("<|im_end|>", "<|image_pad|>")  # what Processor.control_tokens gives for a Qwen-VL student
+
+
+def test_byte_order_mark_is_skipped(folder):
+    """Files written with a UTF-8 byte-order mark (some Windows tools) read as without one."""
+    plain = write_jsonl(folder / "plain.jsonl", [GOOD])
+    marked = folder / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert [e.question for e in load_examples(marked)] == [GOOD["question"]]
+    teachers = folder / "t.jsonl"
+    teachers.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "a", "response": "Round."}).encode() + b"\n")
+    assert load_teachers([teachers], load_examples(plain)).responses("a") == {"t": ["Round."]}
+
+
 def examples(n):
     return [Example(id=f"q{i}", question=f"q {i}?", answer="yes", images=[]) for i in range(n)]
 
@@ -83,6 +97,8 @@ BAD_EXAMPLES = [
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/text.png"]}, "cannot read image 'img/text.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": [], "answer_type": 3}, "'answer_type' must be"),
     ({"id": "a", "question": "q?", "answer": "x", "images": []}, "duplicate id 'a' (first on line 1)"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ({"id": "b", "question": "Is it<|im_end|> red?", "answer": "x", "images": []}, "'question' contains '<|im_end|>'"),
 ]
 
 
@@ -90,7 +106,7 @@ BAD_EXAMPLES = [
 def test_bad_example_lines(folder, line, message):
     path = write_jsonl(folder / "train.jsonl", [GOOD, "", line, GOOD | {"id": "c"}])
     with pytest.raises(DataError) as e:
-        load_examples(path)
+        load_examples(path, control_tokens=CONTROL)
     assert str(e.value).startswith(f"{path}:3: "), str(e.value)  # the blank line 2 still counts
     assert message in str(e.value), str(e.value)
 
@@ -132,6 +148,8 @@ BAD_TEACHER_LINES = [
     ("not json", "bad JSON"),
     (b'{"id": "q0", "response": "caf\xe9"}', "not UTF-8"),
     ({"id": "q0", "response": " \n "}, "'response' is empty"),
+    ({"id": "q0", "response": "Yes.<|im_end|>"}, "'response' contains '<|im_end|>'"),
+    ({"id": "q0", "response": "Yes.", "teacher": "student"}, "a teacher may not be called 'student'"),
 ]
 
 
@@ -140,12 +158,50 @@ def test_bad_teacher_lines(tmp_path, line, message):
     good = write_jsonl(tmp_path / "good.jsonl", [{"id": "q0", "response": "Yes."}])
     path = write_jsonl(tmp_path / "t.jsonl", [{"id": "q1", "response": "No."}, line])
     with pytest.raises(DataError) as e:
-        load_teachers([good, path], examples(2))
+        load_teachers([good, path], examples(2), control_tokens=CONTROL)
     assert str(e.value).startswith(f"{path}:2: "), str(e.value)
     assert message in str(e.value), str(e.value)
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match=r"empty\.jsonl:1: no teacher responses"):
         load_teachers([good, empty], examples(2))
+
+
+def test_teacher_files_name_distinct_teachers(tmp_path):
+    """Two files of one stem are not silently one teacher, nor is a file given twice; one teacher fed by
+    several files through the 'teacher' field is; a file called student.jsonl is refused."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_jsonl(tmp_path / "a" / "responses.jsonl", [{"id": "q0", "response": "Yes."}])
+    second = write_jsonl(tmp_path / "b" / "responses.jsonl", [{"id": "q0", "response": "No."}])
+    with pytest.raises(DataError) as e:
+        load_teachers([first, second], examples(1))
+    assert str(e.value).startswith(f"{second}:1: this file and {first} would both be teacher 'responses'")
+    with pytest.raises(DataError, match="given twice"):
+        load_teachers([first, tmp_path / "a" / ".." / "a" / "responses.jsonl"], examples(1))
+    for path, text in ((first, "Yes."), (second, "No.")):
+        write_jsonl(path, [{"id": "q0", "response": text, "teacher": "big"}])
+    assert load_teachers([first, second], examples(1)).responses("q0") == {"big": ["Yes.", "No."]}
+    student = write_jsonl(tmp_path / "student.jsonl", [{"id": "q0", "response": "Yes."}])
+    with pytest.raises(DataError, match=f"{student}:1: a teacher may not be called 'student'"):
+        load_teachers([student], examples(1))
+
+
+def test_truncated_teacher_lines_are_left_out(tmp_path):
+    """Lines ril_fast.teacher marked truncated (the teacher hit its budget) are not trained on; a file with
+    nothing else says so."""
+    path = write_jsonl(tmp_path / "t.jsonl", [
+        {"id": "q0", "response": "The shape is a", "truncated": True}, {"id": "q0", "response": "Round.", "truncated": False},
+        {"id": "q1", "response": "It is"}, {"id": "q1", "response": "Red and", "truncated": True}])
+    bank = load_teachers([path], examples(2))
+    assert bank.responses("q0") == {"t": ["Round."]} and bank.responses("q1") == {"t": ["It is"]}
+    assert bank.truncated == [f"{path}:1", f"{path}:4"]
+    cut = write_jsonl(tmp_path / "cut.jsonl", [{"id": "q0", "response": "The", "truncated": True}])
+    with pytest.raises(DataError, match=r"cut\.jsonl:1: no teacher responses in the file \(every line is marked"):
+        load_teachers([path, cut], examples(2))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError) as e:
+        load_teachers([path, empty], examples(2))
+    assert str(e.value) == f"{empty}:1: no teacher responses in the file"
 
 
 def test_teacher_responses_longer_than_the_budget(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ril_fast.models import load
-from ril_fast.packing import (IGNORE_INDEX, Encoded, balance_ranks, first_fit_decreasing, image_groups, pack, pad, plan,
-                              report)
+from ril_fast.packing import (IGNORE_INDEX, Encoded, balance_ranks, first_fit_decreasing, image_groups, load_image, pack,
+                              pad, plan, report)
 from models_fixtures import one_thread, random_image, random_samples, tiny_folder  # noqa: F401
 
 
@@ -238,6 +238,31 @@ def test_image_paths_equal_images(processors, tmp_path):
     b = proc.encode(dict(images=[tmp_path / "a.png"], question="q", response="r"))
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     assert torch.equal(a.mrope, b.mrope)
+
+
+def test_images_load_as_hf_processors_see_them(tmp_path):
+    """Transparency is composited onto white (a plain convert("RGB") gives black) and EXIF orientation is
+    applied, for paths and for PIL images alike; opaque images keep their pixels."""
+    from PIL import Image
+
+    transparent = Image.new("RGBA", (20, 10), (0, 0, 0, 0))
+    transparent.paste((200, 10, 30, 255), (5, 2, 15, 8))
+    transparent.save(tmp_path / "t.png")
+    palette = transparent.convert("RGB").quantize(4)
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    palette.save(tmp_path / "p.png")
+    rotated = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    rotated.save(tmp_path / "r.jpg", exif=exif)
+    opaque = random_image(9, 7)
+    opaque.save(tmp_path / "o.png")
+    for source in (tmp_path / "t.png", transparent, tmp_path / "p.png"):
+        im = load_image(source)
+        assert im.mode == "RGB" and im.size == (20, 10)
+        assert im.getpixel((0, 0)) == (255, 255, 255) and im.getpixel((10, 5)) == (200, 10, 30)
+    assert load_image(tmp_path / "r.jpg").size == (20, 40)
+    assert load_image(str(tmp_path / "o.png")).tobytes() == opaque.convert("RGB").tobytes()
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
