@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ from ril_fast.distributed import Dist, barrier
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_FILE = "trainer.json"
+# What dcp.save / dcp.load warn on every call with no_dist=True (torch/distributed/checkpoint).
+_SINGLE_PROCESS_WARNING = (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to "
+                           r"(save|load) in a single process")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -104,6 +108,16 @@ def set_rng_state(state: dict, own: random.Random) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+@contextmanager
+def single_process(intended: bool):
+    """Around a DCP save or load with ``no_dist=intended``: when one process is the intent, DCP's warning
+    that it assumes one process is silenced (only that one)."""
+    with warnings.catch_warnings():
+        if intended:
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING, category=UserWarning)
+        yield
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -176,7 +190,8 @@ def save(output_dir: str | Path, step: int, dist: Dist, *, states: dict[str, Sta
     # counts more OpenMP threads than CPUs and stops spin-waiting, and every later parallel op of a
     # multi-threaded CPU run paid a futex wake-up: the demo's steps took 1.6x as long after its first
     # checkpoint.)
-    dcp.save(states, checkpoint_id=tmp / "dcp", no_dist=dist.world_size == 1)
+    with single_process(dist.world_size == 1):
+        dcp.save(states, checkpoint_id=tmp / "dcp", no_dist=dist.world_size == 1)
     _write_json(tmp / f"rank-{dist.rank}.json", {"rng": rng_state(rng), "counters": counters})
     if dist.is_main:
         config.save(tmp / "config.yaml")
@@ -199,7 +214,8 @@ def load(path: str | Path, dist: Dist, *, states: dict[str, Stateful], rng: rand
     states then cannot be matched, so the run goes on correctly but not bit-for-bit (``exact=False``)."""
     path = Path(path)
     trainer = json.loads((path / TRAINER_FILE).read_text())
-    dcp.load(states, checkpoint_id=path / "dcp", planner=SafeLoadPlanner(), no_dist=dist.world_size == 1)
+    with single_process(dist.world_size == 1):
+        dcp.load(states, checkpoint_id=path / "dcp", planner=SafeLoadPlanner(), no_dist=dist.world_size == 1)
     rank_file = path / f"rank-{dist.rank}.json"
     exact = trainer["world_size"] == dist.world_size and rank_file.is_file()
     counters = {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import sys
 import typing
+from collections.abc import Hashable
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -287,10 +288,31 @@ def load_config(argv: list[str]) -> Config:
     return _build(Config, values)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        """A mapping's dict; a repeated key is a ConfigError naming the file, the key and both lines."""
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader's own error follows
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"{key_node.start_mark.name}:{line}: key {key!r} is repeated (first on line "
+                                  f"{lines[key]}); YAML would keep only the last value")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str) -> dict:
-    """The flat {dotted key: parsed value} of a YAML config file."""
+    """The flat {dotted key: parsed value} of a YAML config file; a key repeated in it is an error."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        with open(path) as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:

@@ -78,14 +78,15 @@ def plot_curves(records: list[dict], path: str | Path, *, title: str = "") -> Pa
     return path
 
 
-def tensorboard_writer(log_dir: str | Path):
+def tensorboard_writer(log_dir: str | Path, *, purge_step: int | None = None):
     """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``, or None when the tensorboard package
-    is not installed (it is optional)."""
+    is not installed (it is optional). ``purge_step``: TensorBoard hides the events that earlier writers
+    logged at that step or later (a resumed run logs those steps again)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch.utils.tensorboard raises ImportError without the tensorboard package
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def add_scalars(writer, record: dict) -> None:

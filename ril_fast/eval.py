@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_examples < 0:
         p.error("--max-new-tokens and --batch-size must be >= 1, --max-examples >= 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out}: exists and is not a folder")
     return args
 
 
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     dist = distributed.init()
+    out = Path(args.out)
+    if dist.is_main:  # before the evaluation: a folder that cannot be made fails now, not after it
+        out.mkdir(parents=True, exist_ok=True)
     examples = load_examples(args.data)
     if args.max_examples:
         examples = examples[:args.max_examples]
@@ -83,8 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
     # evaluate()'s own reduction over ranks and the gathered records must tell the same story.
     assert abs(summary["accuracy"] - metrics["eval_accuracy"]) < 1e-9 and summary["examples"] == metrics["eval_examples"]
     if dist.is_main:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         with (out / "examples.jsonl").open("w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -97,4 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from ril_fast.data import DataError
+
+    try:
+        main()
+    except DataError as e:  # the message names the file and line
+        raise SystemExit(f"error: {e}") from None

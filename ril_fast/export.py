@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from ril_fast.checkpoint import SafeLoadPlanner
+from ril_fast.checkpoint import SafeLoadPlanner, single_process
 from ril_fast.distributed import barrier, fsdp_modules, unwrap
 
 _PREFIX = "module."  # parameter names of a model under the trainer's Sharded root
@@ -80,7 +80,8 @@ def _empty(hf_dir: Path, *, lm_head: bool) -> torch.nn.Module:
 def _load_weights(model: torch.nn.Module, checkpoint: Path, entry: str) -> None:
     """Fill ``model``'s parameters and persistent buffers from DCP entry ``entry`` of ``checkpoint``."""
     state = {_PREFIX + k: v for k, v in model.state_dict().items()}
-    dcp.load({entry: {"model": state}}, checkpoint_id=checkpoint / "dcp", no_dist=True, planner=SafeLoadPlanner())
+    with single_process(True):
+        dcp.load({entry: {"model": state}}, checkpoint_id=checkpoint / "dcp", no_dist=True, planner=SafeLoadPlanner())
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str | Path | None = None) -> Path:

@@ -8,6 +8,7 @@ Only the main rank writes. Every value logged is a plain float or int, so the fi
 import json
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from ril_fast import curves
 
 # The numbers shown on the progress bar, in order, when present.
 _BAR_KEYS = ("student_answer_reward", "student_similarity_reward", "disc_accuracy", "loss", "eval_accuracy")
+# Their short names on the bar; a key not listed shows as itself. No label may be another listed key.
+_BAR_LABELS = {"loss": "loss", "disc_loss": "disc_loss", "disc_accuracy": "disc_acc",
+               "student_answer_reward": "ans_reward", "student_similarity_reward": "sim_reward",
+               "eval_accuracy": "eval_acc"}
 
 
 class PhaseTimer:
@@ -43,7 +48,8 @@ class RunLog:
     def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, progress: bool = True,
                  resume_step: int | None = None):
         """``resume_step``: the run resumes after that step, so the file keeps exactly the records an
-        uninterrupted run had written by then (see :func:`records_until`); else it starts empty."""
+        uninterrupted run had written by then (see :func:`records_until`) and TensorBoard hides the
+        events earlier runs logged for later steps; else the file starts empty."""
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.bar = None
@@ -58,7 +64,8 @@ class RunLog:
 
             self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="RIL", unit="step",
                             dynamic_ncols=True)
-        self.tensorboard = curves.tensorboard_writer(self.path.parent / "tensorboard")
+        self.tensorboard = curves.tensorboard_writer(self.path.parent / "tensorboard",
+                                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, metrics: dict) -> None:
         """Write one line; advance the bar (or print a short line when there is no terminal)."""
@@ -72,7 +79,8 @@ class RunLog:
         if self.bar is not None:
             if metrics.get("step", 0) > self.bar.n:
                 self.bar.update(metrics["step"] - self.bar.n)
-            self.bar.set_postfix({k.split("_")[0][:4] + "_" + k.split("_")[-1][:4]: f"{v:.3g}" for k, v in shown.items()})
+            labels = bar_labels(shown)
+            self.bar.set_postfix({labels[k]: f"{v:.3g}" for k, v in shown.items()})
         else:
             print(f"step {metrics.get('step')}: " + ", ".join(f"{k} {v:.3g}" for k, v in shown.items()), flush=True)
 
@@ -90,6 +98,14 @@ class RunLog:
                                  title=str(self.path.parent))
         if png is not None:
             print(f"curves: {png}", flush=True)
+
+
+def bar_labels(keys) -> dict[str, str]:
+    """``{key: label}`` for the progress bar, distinct for distinct keys: the short name of
+    ``_BAR_LABELS`` where there is one, else the key; keys whose labels would clash show in full."""
+    labels = {k: _BAR_LABELS.get(k, k) for k in keys}
+    clashes = Counter(labels.values())
+    return {k: k if clashes[label] > 1 else label for k, label in labels.items()}
 
 
 def records_until(path: str | Path, step: int) -> list[dict]:

@@ -212,6 +212,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--num-responses, --max-new-tokens, --batch-size and --concurrency must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if Path(args.out).is_dir():
+        p.error(f"--out {args.out}: is a folder; give the collection's JSONL file (e.g. "
+                f"{Path(args.out) / 'NAME.jsonl'})")
     return args
 
 
@@ -247,4 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:  # the message names the file and line
+        raise SystemExit(f"error: {e}") from None

@@ -177,3 +177,24 @@ def test_help_lists_every_key(capsys):
     assert out.strip() == help_text().strip()
     for key in valid_keys():
         assert f"\n  {key} = " in out
+
+
+@pytest.mark.parametrize("text, key, line, first", [
+    ("steps: 2\nsteps: 3\n", "steps", 2, 1),
+    ("optim:\n  lr: 1e-6\noptim:\n  grad_clip: 1.0\n", "optim", 3, 1),  # the second section would replace the first
+    ("steps: 2\nrollout:\n  temperature: 0.5\n  top_p: 0.9\n  temperature: 0.7\n", "temperature", 5, 3),
+], ids=["top_level", "section", "nested"])
+def test_a_repeated_yaml_key_is_an_error(tmp_path, text, key, line, first):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(path)])
+    assert str(e.value) == (f"{path}:{line}: key {key!r} is repeated (first on line {first}); "
+                            f"YAML would keep only the last value")
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("optim:\n  <<: {lr: 0.5, grad_clip: 2.0}\n  lr: 0.25\n")
+    config = load_config(["--config", str(path)])
+    assert (config.optim.lr, config.optim.grad_clip) == (0.25, 2.0)

@@ -2,6 +2,10 @@
 (tests/fake_openai.py), accuracy overall and per answer type, per-example JSONL and a summary JSON."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fake_openai import FakeOpenAI
@@ -13,6 +17,8 @@ from ril_fast.eval import main
 from ril_fast.judge import RuleJudge
 from ril_fast.models import load
 from ril_fast.rollout import sample_responses
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +76,45 @@ def test_right_answers_are_counted_and_the_http_judge_agrees(demo, tmp_path):
                                   "--judge-model", "fake-model", "--judge-concurrency", "4")
     assert [r["correct"] for r in http_records] == [r["correct"] for r in records]
     assert http["judge"] == "http:fake-model:v1" and http["per_type"] == summary["per_type"]
+
+
+def test_cli_data_error_is_one_line_naming_the_file_and_line(demo, tmp_path):
+    data = demo.root / "bad_line.jsonl"  # beside the images its paths are relative to
+    data.write_text(demo.test.read_text().splitlines(keepends=True)[0] + "[1, 2]\n")
+    proc = subprocess.run([sys.executable, "-m", "ril_fast.eval", "--model", str(demo.student), "--data", str(data),
+                           "--out", str(tmp_path / "out"), "--judge", "rule"], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: {data}:2: expected a JSON object, got list"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_out_that_is_a_file_is_refused_before_evaluating(demo, tmp_path, capsys, monkeypatch):
+    def evaluate(*args, **kwargs):
+        raise AssertionError("evaluated although the results could not be written")
+
+    monkeypatch.setattr("ril_fast.evaluate.evaluate", evaluate)
+    out = tmp_path / "results"
+    out.write_text("an earlier run's notes")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(out), "--judge", "rule"])
+    assert e.value.code == 2  # argparse's status for a bad argument
+    assert f"error: --out {out}: exists and is not a folder" in capsys.readouterr().err
+    assert out.read_text() == "an earlier run's notes"
+
+
+def test_out_folder_is_made_before_evaluating(demo, tmp_path, monkeypatch):
+    class Evaluating(Exception):
+        """Stops the command where the evaluation would start."""
+
+    made = []
+
+    def evaluate(*args, **kwargs):
+        made.append((tmp_path / "a" / "b").is_dir())
+        raise Evaluating
+
+    monkeypatch.setattr("ril_fast.evaluate.evaluate", evaluate)
+    with pytest.raises(Evaluating):
+        main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "a" / "b"),
+              "--judge", "rule"])
+    assert made == [True]

@@ -1,6 +1,7 @@
 """The run's record: metrics.jsonl round-trip, curves.png, TensorBoard events."""
 
 import importlib.util
+import io
 import math
 import random
 import struct
@@ -8,9 +9,10 @@ import struct
 import numpy as np
 import pytest
 from PIL import Image
+from tqdm import tqdm
 
 from ril_fast.curves import COLUMNS, DPI, PANEL_INCHES, PANELS, plot_curves
-from ril_fast.metrics import RunLog, read_metrics
+from ril_fast.metrics import RunLog, bar_labels, read_metrics
 
 PANEL_PX = (int(PANEL_INCHES[0] * DPI), int(PANEL_INCHES[1] * DPI))
 
@@ -105,3 +107,63 @@ def test_tensorboard_events_hold_every_scalar(tmp_path):
         got = [(e.step, e.value) for e in events.Scalars(key)]
         assert [s for s, _ in got] == [s for s, _ in points]
         assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6)  # stored as fp32
+
+
+def test_progress_bar_labels_are_distinct():
+    # The old labels: first word[:4] + "_" + last word[:4] made both student rewards "stud_rewa".
+    keys = ["student_answer_reward", "student_similarity_reward", "teacher_answer_reward", "disc_accuracy",
+            "disc_loss", "loss", "eval_accuracy", "eval_accuracy/color", "kl"]
+    labels = bar_labels(keys)
+    assert labels == {"student_answer_reward": "ans_reward", "student_similarity_reward": "sim_reward",
+                      "teacher_answer_reward": "teacher_answer_reward", "disc_accuracy": "disc_acc",
+                      "disc_loss": "disc_loss", "loss": "loss", "eval_accuracy": "eval_acc",
+                      "eval_accuracy/color": "eval_accuracy/color", "kl": "kl"}
+    # Keys that are other keys' short labels: the clashing ones show in full, the rest stay short.
+    clashing = ["student_answer_reward", "ans_reward", "sim_reward", "loss", "disc_acc", "eval_accuracy"]
+    assert bar_labels(clashing) == {"student_answer_reward": "student_answer_reward", "ans_reward": "ans_reward",
+                                    "sim_reward": "sim_reward", "loss": "loss", "disc_acc": "disc_acc",
+                                    "eval_accuracy": "eval_acc"}
+    rng = random.Random()
+    pool = keys + clashing + ["stud_rewa", "loss_loss", "eval_acc", "disc_loss"]
+    for _ in range(200):
+        chosen = rng.sample(pool, rng.randint(1, len(pool)))
+        assert len(set(bar_labels(chosen).values())) == len(set(chosen)), chosen
+
+
+def test_progress_bar_shows_every_number_under_its_own_label(tmp_path):
+    log = RunLog(tmp_path, enabled=True, total_steps=3, progress=False)
+    log.bar = tqdm(total=3, file=io.StringIO())
+    log.log({"step": 1, "student_answer_reward": 0.25, "student_similarity_reward": 0.75, "disc_accuracy": 0.5,
+             "loss": -0.125, "eval_accuracy": 0.375, "kl": 0.001})
+    assert log.bar.postfix == "ans_reward=0.25, sim_reward=0.75, disc_acc=0.5, loss=-0.125, eval_acc=0.375"
+    assert log.bar.n == 1
+    log.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (optional)")
+def test_a_resumed_run_leaves_one_tensorboard_event_per_step(tmp_path):
+    """A run killed after logging step ``steps`` and resumed from its checkpoint at ``resume``: TensorBoard
+    shows the killed run's events up to ``resume`` and the resumed run's after it, each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rng = random.Random()
+    steps = rng.randint(6, 12)
+    resume = rng.randint(1, steps - 2)
+    killed, resumed = fake_run(steps, rng, eval_every=steps + 1), fake_run(steps, rng, eval_every=steps + 1)
+    log = RunLog(tmp_path, enabled=True, total_steps=steps, progress=False)
+    for r in killed:
+        log.log(r)
+    log.tensorboard.flush()  # what a killed run had written; it never closes
+    log = RunLog(tmp_path, enabled=True, total_steps=steps, progress=False, resume_step=resume)
+    for r in resumed[resume + 1:]:
+        log.log(r)
+    log.close()
+    expected = killed[:resume + 1] + resumed[resume + 1:]
+    assert read_metrics(tmp_path / "metrics.jsonl") == expected
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "student_answer_reward", "disc_accuracy"):
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        want = [(r["step"], r[key]) for r in expected if key in r]
+        assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, steps + 1))
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # stored as fp32
