@@ -11,6 +11,7 @@ similarity reward is r_sim = 1[D < 0.5].
 import torch
 import torch.nn.functional as F
 
+from ril_fast.distributed import all_reduce_sum
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
 
 
@@ -18,8 +19,8 @@ def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: t
     """Accumulate Eq. 1's gradient over ``micro`` into ``disc``'s ``.grad``.
 
     ``labels (n,)`` fp32 per response of the step (1 student, 0 teacher), indexed by ``MicroBatch.index``;
-    ``normalizer``: 0-dim tensor, the global number of responses. Returns this rank's summed loss and
-    its accuracy (D ≥ 0.5 read as "student") over real (non-filler) responses.
+    ``normalizer``: 0-dim tensor, the global number of responses. Returns the loss summed over all ranks
+    and the accuracy (D ≥ 0.5 read as "student") over every rank's real (non-filler) responses.
     """
     device = model_device(disc)
     totals = torch.zeros(3, device=device)  # loss, correct, count
@@ -32,7 +33,7 @@ def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: t
         loss.backward()
         correct = ((logits.detach() >= 0).float() == y).float()
         totals += torch.stack([loss.detach(), (w * correct).sum(), w.sum()])
-    loss, correct, count = totals.tolist()
+    loss, correct, count = all_reduce_sum(totals).tolist()
     return dict(disc_loss=loss, disc_accuracy=correct / max(count, 1.0))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast.distributed import call
+from ril_fast.distributed import all_reduce_sum, call
 from ril_fast.kernels import dr_grpo_loss
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
 from ril_fast.models import Kernels, packed_logprobs
@@ -49,8 +49,8 @@ def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normal
 
     ``advantages (n,)`` fp32 per response of the step (indexed by ``MicroBatch.index``); ``normalizer``
     a 0-dim tensor (global outputs × L_max); ``old``/``ref``: per-micro-batch log-probs from
-    :func:`frozen_logprobs`, or None (on-policy / no KL). Returns summed loss and token-weighted means
-    of the kernel's statistics as floats.
+    :func:`frozen_logprobs`, or None (on-policy / no KL). Returns the loss summed over all ranks and
+    token-weighted means of the kernel's statistics over all ranks, as floats.
     """
     device = model_device(model)
     totals = torch.zeros(5, device=device)  # loss, kl·tokens, clip·tokens, ratio·tokens, tokens
@@ -68,7 +68,7 @@ def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normal
         tokens = mask.sum()
         totals += torch.stack([loss.detach(), stats.kl * tokens, stats.clip_fraction * tokens,
                                stats.ratio * tokens, tokens])
-    loss, kl, clip, ratio, tokens = totals.tolist()
+    loss, kl, clip, ratio, tokens = all_reduce_sum(totals).tolist()
     tokens = max(tokens, 1.0)
     return dict(loss=loss, kl=kl / tokens, clip_frac=clip / tokens, ratio=ratio / tokens)
 

@@ -23,6 +23,7 @@ never stopped.
 """
 
 import contextlib
+import json
 import random
 import signal
 import sys
@@ -45,7 +46,7 @@ from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_
 from ril_fast.metrics import PhaseTimer, RunLog
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.models import load
-from ril_fast.packing import Processor
+from ril_fast.packing import ModelKind, Processor
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
 from ril_fast.rollout import sample_responses
@@ -75,11 +76,21 @@ class Run:
     counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "bad_in_a_row": 0, "questions": 0})
     stop_requested: list = field(default_factory=list)  # the signals received (SIGTERM: checkpoint and stop)
 
+    @property
+    def finished(self) -> bool:
+        """Resumed at its last step with the student already exported: nothing is left to do."""
+        return 0 < self.start_step == self.cfg.steps and (Path(self.cfg.output_dir) / "final").is_dir()
+
 
 def main(argv: list[str] | None = None) -> Path:
     """Train as configured by ``argv`` (``[--config FILE] key=value ...``); returns the run folder."""
     run = setup(load_config(sys.argv[1:] if argv is None else argv))
     cfg = run.cfg
+    out = Path(cfg.output_dir)
+    if run.finished:
+        if run.dist.is_main:
+            print(f"nothing to do: the run in {out} finished (steps={cfg.steps}); raise steps to go on", flush=True)
+        return out
 
     if run.start_step == 0:
         # Step 1: discriminator pre-training on initial-student vs teacher outputs (Eq. 1).
@@ -95,9 +106,10 @@ def main(argv: list[str] | None = None) -> Path:
         if step % cfg.log_every == 0 or "eval_accuracy" in metrics:
             run.log.log(metrics)
         checkpoint_if_due(run, step)  # every checkpoint_every steps; after a SIGTERM, then stop
+    if cfg.checkpoint_every and run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every:
+        save_checkpoint(run, cfg.steps)  # the last step too: the same command run again has nothing to redo
     evaluate_and_log(run, step=cfg.steps)
 
-    out = Path(cfg.output_dir)
     export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main)
     run.log.close()
     if run.dist.is_main:
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------------
 def setup(cfg: Config) -> Run:
     """Process group, data, the three models (reference only when β > 0, discriminator only with
-    teachers), optimisers and judges."""
+    teachers), optimisers and judges. Bad settings and data fail here, before any model loads."""
     dist = distributed.init()
     if needs_demo(cfg):
         if dist.is_main:
@@ -119,23 +131,13 @@ def setup(cfg: Config) -> Run:
         distributed.barrier()
         cfg = with_demo(cfg, build_demo())
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out}: exists and is not a folder")
+    resume_from = resume_point(cfg)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
         print(cfg.describe(), flush=True)
     torch.manual_seed(cfg.seed)
-
-    examples = load_examples(cfg.train_data)
-    bank = None
-    if not cfg.rl_only:
-        bank = load_teachers(cfg.teachers, examples, max_tokens=cfg.max_new_tokens,
-                             count_tokens=Processor.from_pretrained(cfg.student).response_lengths)
-        if missing := bank.missing(examples):
-            raise DataError(f"{missing[0].where}: example {missing[0].id!r} has no response in any teacher "
-                            f"collection ({len(missing)} such examples); RIL needs G teacher outputs per question")
-    eval_examples = load_examples(cfg.eval_data) if cfg.eval_data else []
-    if cfg.eval_max_examples:
-        eval_examples = eval_examples[:cfg.eval_max_examples]
+    examples, bank, eval_examples, batches = load_data(cfg, dist)
 
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -160,18 +162,83 @@ def setup(cfg: Config) -> Run:
     judge = make_judge_from_config(cfg)  # rule | hf | http, with the judge_* settings
     run = Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,
               reference=reference, disc=disc, disc_optimizer=disc_optimizer, judge=judge,
-              teacher_judge=CachedJudge(judge, store=judge_store(cfg.judge_cache)), bank=bank,
-              batches=Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
-                              world_size=dist.world_size),
+              teacher_judge=CachedJudge(judge, store=judge_store(cfg.judge_cache)), bank=bank, batches=batches,
               eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"), log=None)
-    resume_from = checkpoint.resolve(cfg.resume, out)
     if resume_from is not None:
         load_checkpoint(run, resume_from)
-    run.log = RunLog(out, enabled=dist.is_main, total_steps=cfg.steps, progress=cfg.progress,
+    if dist.is_main:  # only now: a refused resume leaves the folder's config as it was
+        cfg.save(out / "config.yaml")
+    run.log = RunLog(out, enabled=dist.is_main and not run.finished, total_steps=cfg.steps, progress=cfg.progress,
                      resume_step=run.start_step if resume_from is not None else None)
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-        signal.signal(signal.SIGTERM, lambda signum, frame: run.stop_requested.append(signum))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: request_stop(run, signum))
     return run
+
+
+def request_stop(run: Run, signum: int) -> None:
+    """SIGTERM or Ctrl-C: finish the step, checkpoint, stop. Repeats change nothing: torchrun passes a
+    Ctrl-C on to ranks that got it from the terminal already (and kills them after its grace period)."""
+    if run.dist.is_main and signum == signal.SIGINT and signal.SIGINT not in run.stop_requested:
+        print("\nCtrl-C: stopping after this step and its checkpoint", flush=True)
+    run.stop_requested.append(signum)
+
+
+def resume_point(cfg: Config) -> Path | None:
+    """The checkpoint the run continues from (``checkpoint.resolve``). Starting afresh or from an earlier
+    checkpoint is refused while ``output_dir`` holds later ones of another run: the next ``resume=auto``
+    and the pruning of old checkpoints would take theirs for this run's."""
+    try:
+        path = checkpoint.resolve(cfg.resume, cfg.output_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.resume == "auto":
+        return path
+    step = -1 if path is None else json.loads((path / checkpoint.TRAINER_FILE).read_text())["step"]
+    later = [p.name for p in checkpoint.checkpoints(cfg.output_dir) if int(p.name.split("-")[1]) > step]
+    if later:
+        raise ConfigError(f"resume={cfg.resume}: output_dir={cfg.output_dir} holds checkpoints of another run "
+                          f"({', '.join(later)}) that this one would mix with: choose another output_dir, or "
+                          f"delete them")
+    return path
+
+
+def load_data(cfg: Config, dist: distributed.Dist):
+    """The training examples, the teacher bank (None: RL only), the evaluation examples and this rank's
+    batches, checked against the student's tokenizer; prints which ablation runs."""
+    try:
+        tokens = Processor.from_pretrained(cfg.student)
+    except (OSError, ValueError) as e:  # transformers' words for a missing folder or config.json
+        raise ConfigError(f"student={cfg.student}: cannot open the model folder: {e}") from None
+    examples = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
+    if tokens.kind is ModelKind.TEXT and (with_images := next((e for e in examples if e.images), None)):
+        raise DataError(f"{with_images.where}: the example has images, but the student ({cfg.student}) is a "
+                        f"text-only model")
+    try:
+        batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
+                          world_size=dist.world_size)
+    except ValueError as e:
+        raise ConfigError(f"batch.questions_per_step={cfg.batch.questions_per_step}: {e}") from None
+    bank = None
+    if not cfg.rl_only:
+        bank = load_teachers(cfg.teachers, examples, max_tokens=cfg.max_new_tokens,
+                             count_tokens=tokens.response_lengths, control_tokens=tokens.control_tokens)
+        if missing := bank.missing(examples):
+            raise DataError(f"{missing[0].where}: example {missing[0].id!r} has no response in any teacher "
+                            f"collection ({len(missing)} such examples); RIL needs G teacher outputs per question")
+    eval_examples = load_examples(cfg.eval_data, control_tokens=tokens.control_tokens) if cfg.eval_data else []
+    if cfg.eval_max_examples:
+        eval_examples = eval_examples[:cfg.eval_max_examples]
+    if dist.is_main:
+        if bank is None:
+            print("mode: RL only (Dr.GRPO on the judge's reward; no teachers given)", flush=True)
+        else:
+            print(f"mode: RIL with {len(bank.teachers)} teacher(s): "
+                  + ", ".join(f"{name} ({n} responses)" for name, n in bank.counts().items()), flush=True)
+            if bank.truncated:
+                print(f"left out {len(bank.truncated)} teacher responses marked truncated (the first: "
+                      f"{bank.truncated[0]})", flush=True)
+    return examples, bank, eval_examples, batches
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,9 +251,13 @@ def _states(run: Run) -> dict:
     return states
 
 
+_RUN_COUNTERS = ("skipped_steps", "bad_in_a_row")  # the same on every rank; "questions" is per rank
+
+
 def save_checkpoint(run: Run, step: int) -> Path:
     """Write ``output_dir/step-{step}/`` (every rank calls this)."""
-    trainer = {"batches": run.batches.state_dict(), "scheduler": run.scheduler.state_dict()}
+    trainer = {"batches": run.batches.state_dict(), "scheduler": run.scheduler.state_dict(),
+               "counters": {k: run.counters[k] for k in _RUN_COUNTERS}}
     return checkpoint.save(run.cfg.output_dir, step, run.dist, states=_states(run), trainer=trainer,
                            counters=run.counters, rng=run.rng, config=run.cfg,
                            hf_files=lambda folder: save_hf_files(run.student, run.processor, folder),
@@ -194,16 +265,44 @@ def save_checkpoint(run: Run, step: int) -> Path:
 
 
 def load_checkpoint(run: Run, path: Path) -> None:
-    """Continue ``run`` from the checkpoint at ``path``: the next step is the one after it."""
+    """Continue ``run`` from the checkpoint at ``path``: the next step is the one after it. Settings
+    changed since it was written apply from here on (the optimisers' take this run's values); a
+    checkpoint that cannot continue this run (past ``steps``, another mode or batch size) is refused."""
+    cfg, changed = run.cfg, run.cfg.differences(path / "config.yaml")
+    saved_teachers = load_config(["--config", str(path / "config.yaml")]).teachers
+    if bool(saved_teachers) != bool(cfg.teachers):
+        raise ConfigError(f"resume={path}: the checkpoint is of " + ("an RIL run (teachers=...)" if saved_teachers
+                          else "an RL-only run (no teachers)") + ", this run is not: use another output_dir")
     saved = checkpoint.load(path, run.dist, states=_states(run), rng=run.rng)
-    run.batches.load_state_dict(saved.trainer["batches"])
+    if saved.step > cfg.steps:
+        raise ConfigError(f"resume={path}: the checkpoint is at step {saved.step}, past steps={cfg.steps}: raise "
+                          f"steps, or resume from an earlier checkpoint")
+    try:
+        run.batches.load_state_dict(saved.trainer["batches"])
+    except ValueError as e:
+        raise ConfigError(f"resume={path}: {e}: use the checkpoint's setting or another output_dir") from None
     run.scheduler.load_state_dict(saved.trainer["scheduler"])
+    _apply_optimizer_settings(run)
+    run.counters.update(saved.trainer.get("counters", {}))  # kept when resharding drops the per-rank files
     run.counters.update(saved.counters)
     run.start_step = saved.step
     if run.dist.is_main:
-        changed = run.cfg.differences(path / "config.yaml")
-        print(f"resuming from {path} (step {saved.step} of {run.cfg.steps})"
+        print(f"resuming from {path} (step {saved.step} of {cfg.steps})"
               + (f"; settings changed since: {', '.join(changed)}" if changed else ""), flush=True)
+
+
+def _apply_optimizer_settings(run: Run) -> None:
+    """This run's optimiser settings over the restored ones (a checkpoint brings its own param groups):
+    the student's peak rate, betas and weight decay (the rate at the schedule's current point), the
+    discriminator's rate."""
+    cfg, scheduler = run.cfg, run.scheduler
+    scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
+    for group, factor in zip(run.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group.update(initial_lr=cfg.optim.lr, lr=cfg.optim.lr * factor(scheduler.last_epoch),
+                     betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    for group in run.disc_optimizer.param_groups if run.disc_optimizer is not None else []:
+        group["lr"] = cfg.disc.lr
 
 
 def checkpoint_if_due(run: Run, step: int) -> None:
@@ -214,7 +313,8 @@ def checkpoint_if_due(run: Run, step: int) -> None:
         path = save_checkpoint(run, step)
     if stop:
         run.log.close()
-        raise SystemExit(f"stopped by SIGTERM after step {step}: checkpoint {path} "
+        cause = "Ctrl-C" if signal.SIGINT in run.stop_requested else "SIGTERM"
+        raise SystemExit(f"stopped by {cause} after step {step}: checkpoint {path} "
                          f"written; run the same command to resume" if run.dist.is_main else 1)
 
 
@@ -235,7 +335,7 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
     the student texts per question, and the (teacher, response) pairs per question (None: RL only).
     """
     cfg = run.cfg
-    prompts = [to_sample(q) for q in questions]
+    prompts = [_prompt(run, q) for q in questions]
     rollouts = sample_responses(run.student, run.processor, prompts, group_size=cfg.group_size,
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.rollout.temperature,
                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed,
@@ -255,6 +355,16 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
             samples += [dict(to_sample(q, text), answer=q.answer, where=q.where) for _, text in teacher_outputs[k]]
             sources += [name for name, _ in teacher_outputs[k]]
     return samples, sources, [[r.text for r in rs] for rs in rollouts], teacher_outputs
+
+
+def _prompt(run: Run, question: Example) -> dict:
+    """The rollout sample of ``question``, its prompt rendered now (the processor keeps it for the rollout)
+    so that one it cannot render (e.g. an image of extreme aspect ratio) is an error naming its line."""
+    try:
+        run.processor.encode_prompt(question.question, question.images)
+    except ValueError as e:
+        raise DataError(f"{question.where}: {e}") from None
+    return to_sample(question)
 
 
 def _micro(run: Run, samples: list[dict]):
@@ -346,6 +456,7 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
     # Repeat μ times: update π_θ with Eq. 2 over all 2G outputs.
     loss_cfg = LossConfig(cfg.loss.eps_low, cfg.loss.eps_high, cfg.beta, cfg.rollout.temperature, cfg.loss.kernels)
     normalizer = n_global * cfg.max_new_tokens
+    lr = run.scheduler.get_last_lr()[0]  # the rate of this step's (first) update
     for _ in range(cfg.mu):
         with timer("policy_update"), explain_oom(cfg, "policy_update", micro):
             policy = policy_pass(run.student, micro, advantages, normalizer, loss_cfg, old=old, ref=ref)
@@ -356,8 +467,9 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
 
     tokens = sum(sum(mb.batch.lengths) for mb in micro)
     seconds = time.perf_counter() - t0
-    rewards = reward_stats(groups, [q.answer_type for q in questions])
-    return {"step": step, **rewards, **disc_stats, **policy, "lr": run.scheduler.get_last_lr()[0],
+    everyone = distributed.all_gather_objects((groups, [q.answer_type for q in questions]))
+    rewards = reward_stats([g for gs, _ in everyone for g in gs], [t for _, ts in everyone for t in ts])
+    return {"step": step, **rewards, **disc_stats, **policy, "lr": lr,
             "skipped_steps": run.counters["skipped_steps"], **_judge_cache_stats(run), "tokens_per_s": tokens * run.dist.world_size / seconds,
             "step_time_s": seconds, **timer.as_metrics()}
 

@@ -8,10 +8,12 @@ The runs are real trainer runs on a small slice of the demo, in subprocesses (1 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from ril_fast import checkpoint
+from ril_fast.config import Config
 from ril_fast.demo import build_demo
 from ril_fast.discriminator import Discriminator
+from ril_fast.distributed import Dist
 from ril_fast.export import main as export_main
 from ril_fast.metrics import read_metrics, records_until
 
@@ -176,7 +180,7 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(demo, r
     assert f"resuming from {out / f'step-{EVERY}'}" in (tmp_path / "resumed.txt").read_text()
     assert _step_metrics(out) == _step_metrics(reference(1))
     assert not list(out.glob(".step-*.tmp"))  # the next save removed the leftover
-    assert [p.name for p in checkpoint.checkpoints(out)] == [f"step-{EVERY}", f"step-{2 * EVERY}"]
+    assert [p.name for p in checkpoint.checkpoints(out)] == [f"step-{2 * EVERY}", f"step-{STEPS}"]
 
 
 def test_sigterm_writes_a_checkpoint_and_stops(demo, reference, tmp_path):
@@ -196,12 +200,30 @@ def test_sigterm_writes_a_checkpoint_and_stops(demo, reference, tmp_path):
     assert _step_metrics(out) == _step_metrics(reference(1))
 
 
+def test_ctrl_c_under_torchrun_writes_a_checkpoint_and_stops(demo, reference, tmp_path):
+    """Ctrl-C reaches torchrun and, from it and from the terminal, each rank (twice): every rank finishes
+    the step, the checkpoint is written, and the same command resumes as if never stopped."""
+    out = tmp_path / "run"
+    cmd = _command(2, _args(demo, out, checkpoint_every=0))
+    proc = _start(cmd, tmp_path / "stopped.txt")
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text(),
+              proc, tmp_path / "stopped.txt")
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        os.kill(pid, signal.SIGINT)
+    assert proc.wait(timeout=300) != 0  # stopped, not finished
+    log = (tmp_path / "stopped.txt").read_text()
+    saved = checkpoint.latest(out)
+    assert saved is not None and not (out / "final").exists(), log[-3000:]
+    assert "stopped by Ctrl-C after step" in log and "KeyboardInterrupt" not in log, log[-3000:]
+    _finish(cmd, tmp_path / "resumed.txt")
+    assert _step_metrics(out) == _step_metrics(reference(2))
+
+
 def test_export_cli_writes_the_checkpointed_student_and_discriminator(demo, reference, tmp_path):
     ref = reference(1)
-    last = checkpoint.latest(ref)
-    assert last.name == f"step-{2 * EVERY}" and [p.name for p in checkpoint.checkpoints(ref)] == [
-        f"step-{EVERY}", f"step-{2 * EVERY}"]  # keep_checkpoints=2
-    export_main([str(last), str(tmp_path / "student"), "--disc", str(tmp_path / "disc")])
+    assert [p.name for p in checkpoint.checkpoints(ref)] == [
+        f"step-{2 * EVERY}", f"step-{STEPS}"]  # keep_checkpoints=2; the last step is always saved
+    export_main([str(ref / f"step-{2 * EVERY}"), str(tmp_path / "student"), "--disc", str(tmp_path / "disc")])
     # The student exported from the last checkpoint (step 4) differs from the initial one and loads in
     # plain transformers; its weights are the ones training had at step 4: resuming from that checkpoint
     # with steps=4 exports (as final/) exactly the same tensors.
@@ -210,6 +232,8 @@ def test_export_cli_writes_the_checkpointed_student_and_discriminator(demo, refe
     AutoModelForImageTextToText.from_pretrained(tmp_path / "student")
     resumed = tmp_path / "resumed"
     subprocess.run(["cp", "-r", str(ref), str(resumed)], check=True)
+    for later in (f"step-{STEPS}", "final"):  # step 5's: else resuming at step 4 is refused, or has nothing to do
+        shutil.rmtree(resumed / later)
     _finish(_command(1, _args(demo, resumed, steps=2 * EVERY)), tmp_path / "log.txt")
     _same_weights(tmp_path / "student", resumed / "final")
     initial = load_file(str(next(Path(demo.student).glob("*.safetensors"))))
@@ -251,3 +275,28 @@ def test_rng_state_round_trips_through_json():
     checkpoint.set_rng_state(state, own)
     again = (random.random(), own.random(), __import__("numpy").random.rand(), torch.rand(3))
     assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
+
+
+def test_one_process_save_and_load_warn_nothing(tmp_path):
+    """One process is what world_size=1 means: DCP's "assuming the intent is to save in a single process"
+    warning (printed on every save and load) is silenced; the checkpoint still round-trips exactly."""
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 7)).square().sum().backward()
+    optimizer.step()
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = checkpoint.save(tmp_path, 3, dist, states={"student": checkpoint.TrainState(model, optimizer)},
+                               trainer={"batches": {"epoch": 1}}, counters={"skipped_steps": 2},
+                               rng=random.Random(1), config=Config(), hf_files=lambda folder: folder.mkdir(), keep=0)
+        again = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        again_optimizer = torch.optim.AdamW(again.parameters(), lr=1e-2)
+        saved = checkpoint.load(path, dist, states={"student": checkpoint.TrainState(again, again_optimizer)},
+                                rng=random.Random(2))
+    assert [str(w.message) for w in caught] == []
+    assert saved.step == 3 and saved.exact and saved.counters == {"skipped_steps": 2}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    state, loaded = optimizer.state_dict()["state"], again_optimizer.state_dict()["state"]
+    assert state.keys() == loaded.keys()
+    assert all(torch.equal(state[k][name], loaded[k][name]) for k in state for name in state[k])

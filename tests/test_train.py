@@ -100,6 +100,9 @@ def test_two_ranks_under_torchrun(demo, tmp_path):
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+    # Metrics are over both ranks' outputs: the discriminator's BCE after one pre-training step is near
+    # ln 2 (0.68 on one rank), not one rank's half of it.
+    assert abs(steps[0]["disc_loss"] - math.log(2)) < 0.1, steps[0]["disc_loss"]
     assert (out / "final" / "config.json").is_file()
 
 

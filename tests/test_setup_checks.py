@@ -1,0 +1,161 @@
+"""What the trainer refuses before it trains, and how a resumed run takes its settings.
+
+Bad settings and data fail in ``setup`` with a one-line ``ConfigError`` / ``DataError`` (the setting, or
+the file and line) before any model loads; a resume that would mix two runs, run past ``steps`` or
+change the batches is refused, leaving the folder's config.yaml as it was; settings changed on resume
+apply (the optimisers' included); a finished run has nothing to redo; Ctrl-C stops like SIGTERM.
+"""
+
+import json
+import shutil
+import signal
+from types import SimpleNamespace
+
+import pytest
+from models_fixtures import one_thread  # noqa: F401
+from PIL import Image
+
+from ril_fast import train
+from ril_fast.config import ConfigError, load_config
+from ril_fast.data import DataError
+from ril_fast.demo import build_demo
+from ril_fast.metrics import read_metrics
+from ril_fast.schedule import lr_factor
+from ril_fast.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, one_thread):  # noqa: F811
+    return build_demo(tmp_path_factory.mktemp("demo"), max_train=16, max_test=4)
+
+
+def _args(demo, out, **extra):
+    args = dict(student=demo.student, train_data=demo.train, teachers=",".join(map(str, demo.teachers)),
+                eval_data=demo.test, eval_every=0, eval_max_examples=2, steps=2, group_size=2, max_new_tokens=12,
+                output_dir=out, progress="false", checkpoint_every=1, keep_checkpoints=0,
+                **{"batch.questions_per_step": 2, "disc.pretrain_steps": 1})
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="module")
+def finished(demo, tmp_path_factory):
+    """A 2-step run with a checkpoint after each step (its folder; copy before changing it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train.main(_args(demo, out))
+    return out
+
+
+def _no_models(monkeypatch):
+    """Make loading a model fail the test: the checks under test must come first."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+    monkeypatch.setattr(train, "load", load)
+
+
+def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path, monkeypatch):
+    _no_models(monkeypatch)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"output_dir=.*a_file: exists and is not a folder"):
+        train.setup(load_config(_args(demo, tmp_path / "a_file")))
+    with pytest.raises(ConfigError, match=r"student=.*nowhere: cannot open the model folder"):
+        train.setup(load_config(_args(demo, tmp_path / "run", student=tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match=r"batch.questions_per_step=64: 16 examples cannot fill a batch of 64"):
+        train.setup(load_config(_args(demo, tmp_path / "run", **{"batch.questions_per_step": 64})))
+    text_student = make_tiny(tmp_path / "text_student", arch="qwen2")
+    with pytest.raises(DataError) as e:
+        train.setup(load_config(_args(demo, tmp_path / "run", student=text_student)))
+    assert str(e.value).startswith(f"{demo.train}:1: the example has images, but the student")
+    assert not (tmp_path / "run").exists()  # nothing written for a refused run
+
+
+def test_a_prompt_that_cannot_be_rendered_names_its_line(demo, tmp_path):
+    Image.new("RGB", (3000, 10), (200, 0, 0)).save(tmp_path / "thin.png")
+    lines = [json.loads(line) for line in demo.train.read_text().splitlines()]
+    for record in lines:
+        record["images"] = [str(tmp_path / "thin.png")]  # aspect ratio 300: the image processor refuses it
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(DataError) as e:
+        train.main(_args(demo, tmp_path / "run", train_data=data, eval_data=""))
+    assert str(e.value).split(": ")[0].startswith(f"{data}:") and "aspect ratio" in str(e.value), str(e.value)
+
+
+def test_a_start_that_would_mix_two_runs_is_refused(demo, finished, tmp_path, monkeypatch):
+    _no_models(monkeypatch)
+    with pytest.raises(ConfigError, match=r"resume=none: .* holds checkpoints of another run \(step-1, step-2\)"):
+        train.setup(load_config(_args(demo, finished, resume="none")))
+    with pytest.raises(ConfigError, match=r"holds checkpoints of another run \(step-2\)"):
+        train.setup(load_config(_args(demo, finished, resume=finished / "step-1")))
+    with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
+        train.setup(load_config(_args(demo, tmp_path / "run", resume=finished)))
+
+
+def test_a_resume_that_cannot_continue_the_run_is_refused(demo, finished, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("step-1", "step-2", "config.yaml"):
+        (out / name).symlink_to(finished / name)
+    config = (finished / "config.yaml").read_bytes()
+    cases = [(dict(steps=1), r"at step 2, past steps=1"),
+             (dict(teachers=""), r"the checkpoint is of an RIL run"),
+             ({"batch.questions_per_step": 4}, r"questions_per_step=2, this run has 4")]
+    for change, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            train.setup(load_config(_args(demo, out, **change)))
+        assert (finished / "config.yaml").read_bytes() == config
+
+
+def test_settings_changed_on_resume_apply_to_the_optimisers(demo, finished, tmp_path):
+    """The checkpoint's param groups carry the old rates; the resumed run takes the new ones at the
+    schedule's current point."""
+    args = _args(demo, finished, steps=4, resume=finished / "step-2", **{
+        "optim.lr": 1e-3, "optim.weight_decay": 0.5, "optim.beta1": 0.8, "disc.lr": 2e-4})
+    run = train.setup(load_config(args + ["output_dir=" + str(tmp_path / "run")]))
+    cfg = run.cfg
+    group = run.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-3 * lr_factor(2 * cfg.mu, cfg.optim.warmup_steps, 4 * cfg.mu), rel=1e-12)
+    assert (group["weight_decay"], group["betas"][0], group["initial_lr"]) == (0.5, 0.8, 1e-3)
+    assert run.scheduler.get_last_lr() == [group["lr"]]
+    assert run.disc_optimizer.param_groups[0]["lr"] == 2e-4
+    run.scheduler.step()  # the schedule goes on from the new peak
+    assert group["lr"] == pytest.approx(1e-3 * lr_factor(2 * cfg.mu + 1, cfg.optim.warmup_steps, 4 * cfg.mu))
+    run.log.close()
+
+
+def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(_args(demo, out, steps=3, checkpoint_every=2))
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-2", "step-3"]  # the last step is saved too
+    before = read_metrics(out / "metrics.jsonl")
+    capsys.readouterr()
+    train.main(_args(demo, out, steps=3, checkpoint_every=2))
+    assert "nothing to do: the run in" in capsys.readouterr().out
+    assert read_metrics(out / "metrics.jsonl") == before
+
+
+def test_ctrl_c_stops_after_the_step_like_sigterm(capsys):
+    """Each signal only asks for the stop (the step finishes, the checkpoint is written): under torchrun a
+    rank gets a terminal's Ctrl-C twice, from the terminal and from torchrun."""
+    run = SimpleNamespace(stop_requested=[], dist=SimpleNamespace(is_main=True))
+    for _ in range(2):
+        train.request_stop(run, signal.SIGINT)
+    train.request_stop(run, signal.SIGTERM)
+    assert run.stop_requested == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
+    assert capsys.readouterr().out.count("Ctrl-C: stopping after this step") == 1
+
+
+def test_run_counters_survive_a_resume_on_another_number_of_ranks(demo, finished, tmp_path):
+    """skipped_steps and bad_in_a_row are the run's (every rank has the same): they are in trainer.json, so
+    a resume that cannot match the per-rank files (another rank count) keeps them."""
+    out = tmp_path / "run"
+    shutil.copytree(finished / "step-2", out / "step-2")
+    trainer = json.loads((out / "step-2" / "trainer.json").read_text())
+    assert trainer["counters"] == {"skipped_steps": 0, "bad_in_a_row": 0}
+    trainer["counters"] = {"skipped_steps": 2, "bad_in_a_row": 1}
+    (out / "step-2" / "trainer.json").write_text(json.dumps(trainer))
+    (out / "step-2" / "rank-0.json").unlink()  # as when resuming on another number of ranks
+    with pytest.warns(UserWarning, match="the random streams start afresh"):
+        run = train.setup(load_config(_args(demo, out, steps=3)))
+    assert run.counters == {"skipped_steps": 2, "bad_in_a_row": 1, "questions": 0}
+    run.log.close()
