@@ -215,7 +215,8 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     # between saves an all-gather (torch's own default for the root). The root passes its inputs on
     # uncast: they include fp32 tensors for ``fn`` (reference log-probs) that must stay fp32.
     root_policy = dataclasses.replace(policy, cast_forward_inputs=False)
-    root = fully_shard(Sharded(model), mesh=mesh, mp_policy=root_policy, reshard_after_forward=False,
+    root = fully_shard(Sharded(model).train(model.training), mesh=mesh, mp_policy=root_policy,
+                       reshard_after_forward=False,
                        **({"ignored_params": scalars} if scalars else {}))
     if sum_gradients:
         for module in fsdp_modules(root):

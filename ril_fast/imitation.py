@@ -3,9 +3,11 @@
     Eq. 1   maximise  1/N Σ_i [ log D(q, o_i^(s)) + log(1 − D(q, o_i^(t))) ]
 
 i.e. binary cross-entropy with label 1 for student text and 0 for teacher text, summed over every
-response of the step on every rank and divided by their global count N (counted once per step, like the
-policy's normaliser). D(q, o) = sigmoid(logit) is the probability that o is the student's; the
-similarity reward is r_sim = 1[D < 0.5].
+response of the step on every rank and divided by their global count (counted once per step, like the
+policy's normaliser). The paper's N counts (student, teacher) pairs, so its loss is twice this one: the
+same direction and, AdamW being blind to a constant scale (up to its ε), the same steps; the logged
+``disc_loss`` is the mean BCE per response (ln 2 for an untrained head). D(q, o) = sigmoid(logit) is the
+probability that o is the student's; the similarity reward is r_sim = 1[D < 0.5].
 """
 
 import torch

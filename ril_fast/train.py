@@ -16,6 +16,9 @@ Where this departs from, or fills in, the paper (its code is not public):
 * Teacher outputs are judged through a cache (their verdicts never change); student outputs are not.
 * A non-finite gradient norm skips that optimiser step (counted in ``skipped_steps``); ``max_bad_steps``
   in a row stop the run.
+* Every model stays in eval mode, so dropout is off (as in TRL's GRPO by default): the policy that
+  samples, π_old and the policy being updated are one function (with μ = 1 the ratio is exactly 1),
+  and the discriminator's scores are deterministic.
 
 Checkpoints (``ril_fast.checkpoint``) are written every ``checkpoint_every`` steps and on SIGTERM; the
 same command run again continues from the newest one, with the same per-step metrics as a run that was
@@ -26,6 +29,7 @@ import contextlib
 import json
 import random
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -138,11 +142,16 @@ def setup(cfg: Config) -> Run:
         print(cfg.describe(), flush=True)
     torch.manual_seed(cfg.seed)
     examples, bank, eval_examples, batches = load_data(cfg, dist)
+    try:
+        verdicts = judge_store(cfg.judge_cache)  # the teacher verdicts' persistent cache, if configured
+    except (sqlite3.DatabaseError, OSError) as e:
+        raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
+                          f"file): {e}") from None
 
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     student, processor = load(cfg.student, dtype=torch.float32, device=dist.device)
-    student = distributed.shard_model(student.train(), mixed_precision=gpu)
+    student = distributed.shard_model(student, mixed_precision=gpu)  # in eval mode: see the module docstring
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = schedule.make_scheduler(optimizer, cfg)  # warm-up, then cosine decay
@@ -155,14 +164,14 @@ def setup(cfg: Config) -> Run:
     disc = disc_optimizer = None
     if bank is not None:
         disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool)
-        disc = distributed.shard_model(disc.train(), mixed_precision=gpu)
+        disc = distributed.shard_model(disc.eval(), mixed_precision=gpu)
         # foreach=False: the head's 0-dim bias stays a plain tensor beside FSDP's DTensors.
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc.lr, foreach=False)
 
     judge = make_judge_from_config(cfg)  # rule | hf | http, with the judge_* settings
     run = Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,
               reference=reference, disc=disc, disc_optimizer=disc_optimizer, judge=judge,
-              teacher_judge=CachedJudge(judge, store=judge_store(cfg.judge_cache)), bank=bank, batches=batches,
+              teacher_judge=CachedJudge(judge, store=verdicts), bank=bank, batches=batches,
               eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"), log=None)
     if resume_from is not None:
         load_checkpoint(run, resume_from)

@@ -190,7 +190,8 @@ def test_truncated_teacher_lines_are_left_out(tmp_path):
     """Lines ril_fast.teacher marked truncated (the teacher hit its budget) are not trained on; a file with
     nothing else says so."""
     path = write_jsonl(tmp_path / "t.jsonl", [
-        {"id": "q0", "response": "The shape is a", "truncated": True}, {"id": "q0", "response": "Round.", "truncated": False},
+        {"id": "q0", "response": "The shape is a", "truncated": True},
+        {"id": "q0", "response": "Round.", "truncated": False},
         {"id": "q1", "response": "It is"}, {"id": "q1", "response": "Red and", "truncated": True}])
     bank = load_teachers([path], examples(2))
     assert bank.responses("q0") == {"t": ["Round."]} and bank.responses("q1") == {"t": ["It is"]}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ril_fast.models import load
-from ril_fast.packing import (IGNORE_INDEX, Encoded, balance_ranks, first_fit_decreasing, image_groups, load_image, pack,
-                              pad, plan, report)
+from ril_fast.packing import (IGNORE_INDEX, Encoded, balance_ranks, first_fit_decreasing, image_groups, load_image,
+                              pack, pad, plan, report)
 from models_fixtures import one_thread, random_image, random_samples, tiny_folder  # noqa: F401
 
 

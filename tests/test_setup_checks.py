@@ -12,6 +12,7 @@ import signal
 from types import SimpleNamespace
 
 import pytest
+import torch
 from models_fixtures import one_thread  # noqa: F401
 from PIL import Image
 
@@ -19,7 +20,9 @@ from ril_fast import train
 from ril_fast.config import ConfigError, load_config
 from ril_fast.data import DataError
 from ril_fast.demo import build_demo
+from ril_fast.imitation import disc_probs
 from ril_fast.metrics import read_metrics
+from ril_fast.policy import frozen_logprobs
 from ril_fast.schedule import lr_factor
 from ril_fast.tiny import make_tiny
 
@@ -62,6 +65,9 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
         train.setup(load_config(_args(demo, tmp_path / "run", student=tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match=r"batch.questions_per_step=64: 16 examples cannot fill a batch of 64"):
         train.setup(load_config(_args(demo, tmp_path / "run", **{"batch.questions_per_step": 64})))
+    (tmp_path / "a_file").write_text("not a database, but long enough for SQLite to read a header" * 10)
+    with pytest.raises(ConfigError, match=r"judge_cache=.*a_file: cannot use it as the verdict cache"):
+        train.setup(load_config(_args(demo, tmp_path / "run", judge_cache=tmp_path / "a_file")))
     text_student = make_tiny(tmp_path / "text_student", arch="qwen2")
     with pytest.raises(DataError) as e:
         train.setup(load_config(_args(demo, tmp_path / "run", student=text_student)))
@@ -158,4 +164,25 @@ def test_run_counters_survive_a_resume_on_another_number_of_ranks(demo, finished
     with pytest.warns(UserWarning, match="the random streams start afresh"):
         run = train.setup(load_config(_args(demo, out, steps=3)))
     assert run.counters == {"skipped_steps": 2, "bad_in_a_row": 1, "questions": 0}
+    run.log.close()
+
+
+def test_dropout_is_off_in_every_model(demo, tmp_path):
+    """A student whose config has dropout: the trainer's models run without it (eval mode), so π_old is the
+    sampling policy and two scoring passes agree exactly."""
+    student = tmp_path / "student"
+    shutil.copytree(demo.student, student)
+    config = json.loads((student / "config.json").read_text())
+    config["text_config"]["attention_dropout"] = 0.5
+    (student / "config.json").write_text(json.dumps(config))
+    run = train.setup(load_config(_args(demo, tmp_path / "run", student=student, beta=0.1)))
+    assert run.student.module.config.text_config.attention_dropout == 0.5
+    for model in (run.student, run.disc, run.reference):
+        assert not any(m.training for m in model.modules())
+    samples, _, _, _ = train.collect_outputs(run, next(run.batches), seed=0)
+    micro = train._micro(run, samples)
+    first, second = (frozen_logprobs(run.student, micro, 1.0) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    scores = [disc_probs(run.disc, micro, len(samples)) for _ in range(2)]
+    assert torch.equal(*scores)
     run.log.close()
