@@ -1,7 +1,7 @@
 """The trainer end to end on a small slice of the demo: every mode runs, learns something, and repeats.
 
 Modes (the paper's ablations and the loop's switches): RL only, one teacher, two teachers; μ = 1 and 2;
-β = 0 and > 0; and two ranks under torchrun (gloo).
+β = 0 and > 0; a Qwen2.5-VL and an InternVL student; and two ranks under torchrun (gloo).
 """
 
 import json
@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from ril_fast.demo import build_demo
 from ril_fast.metrics import read_metrics
+from ril_fast.tiny import make_tiny
 from ril_fast.train import main
 
 STEPS = 2
@@ -47,6 +48,8 @@ MODES = {
     "two_teachers": dict(teachers=2),
     "two_teachers_mu2_beta": dict(teachers=2, mu=2, beta=0.1),
     "rl_only_beta": dict(teachers=0, beta=0.1),
+    # Another student family (tiles, no mrope), its own tokenizer re-tokenising the teachers' text.
+    "internvl_student_two_teachers_mu2": dict(teachers=2, arch="internvl", mu=2, max_new_tokens=16),
 }
 
 
@@ -54,7 +57,8 @@ MODES = {
 def test_every_mode_runs_and_moves_the_student(demo, tmp_path, mode):
     spec = dict(MODES[mode])
     teachers = demo.teachers[:spec.pop("teachers")]
-    out = main(_args(demo, tmp_path / "run", teachers, **spec))
+    student = make_tiny(tmp_path / "student", arch=spec.pop("arch")) if "arch" in spec else demo.student
+    out = main(_args(demo, tmp_path / "run", teachers, student=student, **spec))
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
@@ -67,7 +71,7 @@ def test_every_mode_runs_and_moves_the_student(demo, tmp_path, mode):
         assert steps[0]["teacher_answer_reward"] == 1.0  # the demo's templated teachers are always right
     else:
         assert not any("disc_accuracy" in r or "teacher_answer_reward" in r for r in steps)
-    before, after = _weights(demo.student), _weights(out / "final")
+    before, after = _weights(student), _weights(out / "final")
     assert before.keys() == after.keys()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     # The student moves exactly when some group had a learning signal. With teachers there always is
