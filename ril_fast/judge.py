@@ -24,8 +24,8 @@ The two LLM judges ask the same question, ``judge_messages`` (a system turn and 
 and decide alike: p_yes / (p_yes + p_no) > 0.5, where p_yes is the probability of the first answer
 token being a "yes" token (any token that reads "yes" once stripped and lowercased: "Yes", " yes",
 "YES", ...) and p_no likewise; the http judge sums over the top log-probs the server returns. A tie
-is "wrong". ``PROMPT_VERSION`` is part of their names, so a changed prompt never reads verdicts
-cached under the old one.
+is "wrong". ``PROMPT_VERSION``, a short hash of the prompt text, is part of their names, so a changed
+prompt never reads verdicts cached under the old one.
 
 Teacher responses never change, so their verdicts are computed once: ``CachedJudge`` wraps any judge
 with a store keyed by a hash of (judge name, question, answer, response). The store is an in-memory
@@ -136,13 +136,14 @@ def add_judge_arguments(parser, *, optional: bool = False) -> None:
 
 # ---- the LLM judges' question ---------------------------------------------------------------------
 
-PROMPT_VERSION = "v1"
 JUDGE_SYSTEM = ("You are a strict grader. You decide whether a response to a question gives the same final "
                 "answer as the ground-truth answer. Wording, case, punctuation and extra explanation do not "
                 "matter; a different, hedged or missing answer is wrong.")
 JUDGE_USER = ("Question: {question}\nGround-truth answer: {answer}\nResponse: {response}\n\n"
               "Does the response give the same final answer as the ground-truth answer? "
               "Answer with one word: yes or no.")
+# A hash of the prompt text, so an edited prompt is a new version without anyone bumping it by hand.
+PROMPT_VERSION = hashlib.sha256(f"{JUDGE_SYSTEM}\0{JUDGE_USER}".encode()).hexdigest()[:8]
 
 
 def judge_messages(item: JudgeItem) -> list[dict]:
@@ -175,6 +176,7 @@ _UNITS = ("zero one two three four five six seven eight nine ten eleven twelve t
           "sixteen seventeen eighteen nineteen twenty").split()
 _TENS = "thirty forty fifty sixty seventy eighty ninety".split()
 _NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)} | {w: 10 * i for i, w in enumerate(_TENS, 3)}
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9}  # "two hundred" = 200
 # Closed answer classes: a response naming two members of the answer's class is hedging ("red or blue").
 _CLASSES = [
     {"red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray",
@@ -183,7 +185,7 @@ _CLASSES = [
      "diamond", "heart", "cross", "rhombus", "trapezoid", "octagon", "cube", "sphere", "cylinder", "cone"},
 ]
 _SYNONYMS = {"grey": "gray", "colour": "color"}
-_TOKEN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?%?|[^\W\d_]+|[,.;:!?]")
+_TOKEN = re.compile(r"(?<![\w.])-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?%?|[^\W\d_]+|[,.;:!?]")  # ".5" is a number
 _ANSWER_MARKER = re.compile(r"answer\s*(?:is|:)|=|\\boxed\{|####")
 
 
@@ -215,7 +217,9 @@ def _canonical(token: str) -> str:
 def tokens(text: str) -> list[str]:
     """Normalised tokens of ``text``: lowercase, contractions expanded ("isn't" -> "is not"),
     thousands separators dropped ("1,000" -> "1000"), articles dropped, numbers canonical
-    ("three", "3.0" -> "3"), other punctuation dropped except clause punctuation, which becomes "|"."""
+    ("three", "3.0" -> "3", ".5" -> "0.5") and a number followed by a scale word folded into one
+    ("two hundred", "2 hundred" -> "200"), other punctuation dropped except clause punctuation, which
+    becomes "|"."""
     text = text.lower().replace("\u2019", "'")
     text = re.sub(r"n't\b", " not", text)
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
@@ -224,6 +228,8 @@ def tokens(text: str) -> list[str]:
         if tok in ",.;:!?":
             if out and out[-1] != _BOUNDARY:
                 out.append(_BOUNDARY)
+        elif tok in _SCALES and out and _number(out[-1]) is not None:
+            out[-1] = _canonical(str(_number(out[-1]) * _SCALES[tok]))
         elif tok not in _ARTICLES:
             out.append(_canonical(tok))
     return out[:-1] if out and out[-1] == _BOUNDARY else out
@@ -244,6 +250,18 @@ def _occurrences(toks: list[str], phrase: list[str]) -> list[int]:
     n, last = len(phrase), phrase[-1]
     return [i for i in range(len(toks) - n + 1)
             if toks[i:i + n - 1] == phrase[:-1] and toks[i + n - 1] in (last, last + "s", last + "es")]
+
+
+def _beside(toks: list[str], start: int, end: int) -> list[str]:
+    """The words just before and just after ``toks[start:end]``, looking past one clause mark on either
+    side: a hedge is often split off by a comma ("a dog, or maybe a cat")."""
+    before = toks[max(0, start - 1):start]
+    if before == [_BOUNDARY]:
+        before = toks[max(0, start - 2):start - 1]
+    after = toks[end:end + 1]
+    if after == [_BOUNDARY]:
+        after = toks[end + 1:end + 2]
+    return before + after
 
 
 def _singular(word: str, vocabulary: set[str]) -> str:
@@ -271,7 +289,8 @@ _LETTER_PATTERNS = [
     re.compile(r"\(([A-Za-z])\)"),  # "(B)" anywhere
     re.compile(r"^([A-Z])[.:)](?:\s|$)"),  # "B. because ..." at the start
     re.compile(r"^([A-Z]) is\b"),  # "B is correct"
-    re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:\-]?\s*\(?([A-Z])\b"),  # "The answer is B"
+    # "The answer is B" / "answer: b"; a lowercase "a" only where no word follows ("the answer is a circle")
+    re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:\-]?\s*\(?([A-Z]|[b-z]|a(?=\W*$))\b"),
 ]
 
 
@@ -279,13 +298,17 @@ class RuleJudge:
     """Judges by normalised matching; no model. The question is not used.
 
     Both texts are normalised (``tokens``): lowercase, punctuation and articles (a/an/the) dropped,
-    numbers written one way ("3", "3.0", "three" and "1,000" / "1000" agree), "grey" = "gray".
+    numbers written one way ("3", "3.0", "three", ".5" / "0.5", "1,000" / "1000" and "one thousand"
+    agree: a scale word multiplies the number before it), "grey" = "gray".
     The ground-truth answer then picks one rule; the first that applies decides:
 
-    1. empty response: wrong.
-    2. letter answer ("B", "(B)", "b."): multiple choice. The response's letters are read from the
-       whole response ("B", "(B)"), "(B)" anywhere, "B." / "B)" / "B is" at its start, "answer is B",
-       "option B", "choice: B". Right iff exactly one distinct letter is found and it is the answer's.
+    1. letter answer ("A", "(B)", "b."): multiple choice, read from the response as written (so "a"
+       counts as the letter A here, though an article elsewhere). The response's letters are read from
+       the whole response ("A", "(a)", "A."), "(B)" anywhere, "B." / "B)" / "B is" at its start,
+       "answer is B" / "answer is b", "option B", "choice: B" ("answer is a" only where no word follows
+       the "a": "the answer is a circle" is no letter). Right iff exactly one distinct letter is found
+       and it is the answer's; an empty response has none.
+    2. empty response (nothing left once normalised): wrong.
     3. yes/no answer ("yes", "no", "true", "false"): right iff the response contains words of
        exactly one polarity (yes/yeah/yep/true vs no/nope/false) and it is the answer's. "Yes, it
        is." is yes; "There is no triangle." is no; a response with both, or with neither, is wrong.
@@ -297,7 +320,8 @@ class RuleJudge:
        answer as a phrase (its last word may be plural) that is
        - not negated: no "not / no / never / neither / nor / without / none" among the 3 words before
          it in the same clause ("not a triangle" is wrong; "not red, but blue" is right for blue);
-       - not hedged: not directly beside "or" ("red or blue");
+       - not hedged: not directly beside "or", a comma between them or not ("red or blue", "a dog,
+         or maybe a cat");
        - alone in its class: when the answer is a colour or a shape (the closed lists in
          ``_CLASSES``), no other member of that class is named un-negated ("red and blue" is wrong
          for red).
@@ -306,13 +330,15 @@ class RuleJudge:
        never overrides a rule that found a candidate.
 
     Limits: a long response that mentions the answer in passing is judged right; number words above
-    twenty that are not multiples of ten ("twenty-one") are not read; yes/no needs an explicit word.
+    twenty that are not multiples of ten ("twenty-one") are not read, nor are compounds past a scale word
+    ("one hundred twenty" is 100 and 20, two numbers); a scale word alone ("a hundred") is no number;
+    yes/no needs an explicit word.
     """
 
     def __init__(self, use_math_verify: bool = True):
         self.use_math_verify = use_math_verify and math_verify is not None
         # The identity changes with anything that can change a verdict (the cache key).
-        self.name = "rule-v1" + ("+math_verify" if self.use_math_verify else "")
+        self.name = "rule-v2" + ("+math_verify" if self.use_math_verify else "")
 
     def __call__(self, items: list[JudgeItem]) -> list[bool]:
         """One verdict per item."""
@@ -320,12 +346,13 @@ class RuleJudge:
 
     def check(self, answer: str, response: str) -> bool:
         """Whether ``response`` agrees with the ground-truth ``answer`` (the rules above)."""
-        ans, res = tokens(answer), tokens(response)
-        if not res:
-            return False
+        # Letters are read from the raw text, before tokens() drops "a" as an article ("A", "(a)").
         if _LETTER_ANSWER.fullmatch(answer.strip()):
             letters = {m.upper() for p in _LETTER_PATTERNS for m in p.findall(response.strip())}
             return letters == {_LETTER_ANSWER.fullmatch(answer.strip()).group(1).upper()}
+        ans, res = tokens(answer), tokens(response)
+        if not res:
+            return False
         if ans in (["yes"], ["true"], ["no"], ["false"]):
             said = {"yes" for t in res if t in _YES} | {"no" for t in res if t in _NO}
             return said == ({"yes"} if ans[0] in _YES else {"no"})
@@ -349,8 +376,7 @@ class RuleJudge:
         if not found:
             return self._math_verify(answer, response)
         n = len(ans)
-        kept = [i for i in found if not _negated(res, i)
-                and "or" not in res[max(0, i - 1):i] + res[i + n:i + n + 1]]
+        kept = [i for i in found if not _negated(res, i) and "or" not in _beside(res, i, i + n)]
         if not kept:
             return False
         for members in _CLASSES:
@@ -371,9 +397,10 @@ class RuleJudge:
 # ---- caching -------------------------------------------------------------------------------------
 
 def judge_key(name: str, item: JudgeItem) -> str:
-    """The cache key of ``item`` under the judge called ``name``: sha256 of the four strings."""
+    """The cache key of ``item`` under the judge called ``name``: sha256 of the four strings. A lone
+    UTF-16 surrogate (a server's reply cut inside an emoji) is hashed as is rather than refused."""
     blob = json.dumps([name, item.question, item.answer, item.response], ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class CachedJudge:

@@ -140,8 +140,9 @@ class HTTPJudge:
     """The http judge: an OpenAI-compatible chat model served at ``url``, as ``model`` (module docstring).
 
     ``concurrency`` requests in flight at once; ``timeout_s``, ``retries`` and ``backoff_s`` as in
-    ``OpenAIClient``. The name (its cache identity) is ``http:{model}:{PROMPT_VERSION}``: the same
-    model behind another URL shares cached verdicts.
+    ``OpenAIClient``. The name (its cache identity) holds every setting that can change a verdict: the
+    model, the prompt and how many top log-probs are summed, ``http:{model}:{PROMPT_VERSION}:top{top_logprobs}``.
+    The URL and the request settings change none, so the same model behind another URL shares cached verdicts.
     """
 
     def __init__(self, url: str, model: str, *, concurrency: int = 16, timeout_s: float = 60.0, retries: int = 3,
@@ -152,7 +153,7 @@ class HTTPJudge:
                                    backoff_s=backoff_s)
         self.model = model
         self.top_logprobs = top_logprobs
-        self.name = f"http:{model}:{PROMPT_VERSION}"
+        self.name = f"http:{model}:{PROMPT_VERSION}:top{top_logprobs}"
 
     def body(self, item: JudgeItem) -> dict:
         """The /chat/completions request for ``item``: one greedy token with its top log-probs."""

@@ -12,13 +12,14 @@
   one ``/chat/completions`` request per response, ``--concurrency`` in flight, each example's images
   sent as ``data:`` URLs before its question; ``--served-model`` names the model (default: the first
   the server lists). Timeouts and retries as the http judge's (``ril_fast.judges_http``); the API key
-  from ``$RIL_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``.
+  from ``$RIL_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``. Half an emoji at the end of a cut reply (a lone
+  UTF-16 surrogate) is written as U+FFFD.
 
 The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` reads it), one line per
 response::
 
     {"id": "q17", "index": 0, "teacher": "NAME", "response": "...", "truncated": false,
-     "correct": true, "judge": "rule-v1"}            # the last two only with --judge
+     "correct": true, "judge": "rule-v2"}            # the last two only with --judge
 
 ``index`` is k in 0..K-1; ``teacher`` is ``--teacher`` (default: the output file's stem);
 ``truncated``: the response hit ``--max-new-tokens``. With ``--judge`` each response is judged as
@@ -131,6 +132,13 @@ def chat_messages(example: Example) -> list[dict]:
     return [{"role": "user", "content": parts + [{"type": "text", "text": example.question}]}]
 
 
+def without_lone_surrogates(text: str) -> str:
+    """``text`` with each unpaired UTF-16 surrogate replaced by U+FFFD (a split pair is joined). A server
+    that cuts a reply inside an emoji sends half of its pair (``"\\ud83d"``): ``json.loads`` keeps it, and
+    no UTF-8 file or hash can take it."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 class ServerTeacher:
     """Sampling from an OpenAI-compatible server, ``concurrency`` requests in flight."""
 
@@ -141,12 +149,13 @@ class ServerTeacher:
         self.params = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
 
     def one(self, job: Job) -> tuple[str, bool]:
-        """One response to one job: its text and whether it hit the token limit."""
+        """One response to one job: its text (lone surrogates replaced) and whether it hit the token limit."""
         reply = self.client.request("/chat/completions", {"model": self.model, "messages": chat_messages(job.example),
                                                           **self.params})
         try:
             choice = reply["choices"][0]
-            return choice["message"]["content"] or "", choice.get("finish_reason") == "length"
+            text = choice["message"]["content"] or ""
+            return without_lone_surrogates(text), choice.get("finish_reason") == "length"
         except (KeyError, IndexError, TypeError) as e:
             raise HTTPError(f"{self.client.url}/chat/completions: malformed reply ({type(e).__name__}: {e}): "
                             f"{json.dumps(reply)[:300]}") from None

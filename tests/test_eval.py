@@ -14,7 +14,7 @@ from models_fixtures import one_thread  # noqa: F401
 from ril_fast.data import load_examples, to_sample
 from ril_fast.demo import build_demo
 from ril_fast.eval import main
-from ril_fast.judge import RuleJudge
+from ril_fast.judge import PROMPT_VERSION, RuleJudge
 from ril_fast.models import load
 from ril_fast.rollout import sample_responses
 
@@ -75,7 +75,7 @@ def test_right_answers_are_counted_and_the_http_judge_agrees(demo, tmp_path):
         http, http_records = _run(demo, data, tmp_path / "http", "--judge", "http", "--judge-url", server.url,
                                   "--judge-model", "fake-model", "--judge-concurrency", "4")
     assert [r["correct"] for r in http_records] == [r["correct"] for r in records]
-    assert http["judge"] == "http:fake-model:v1" and http["per_type"] == summary["per_type"]
+    assert http["judge"] == f"http:fake-model:{PROMPT_VERSION}:top10" and http["per_type"] == summary["per_type"]
 
 
 def test_cli_data_error_is_one_line_naming_the_file_and_line(demo, tmp_path):

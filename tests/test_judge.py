@@ -67,6 +67,15 @@ CASES = [
     ("4", "3 or 4", False),
     ("7", "It is not 7.", False),
     ("12", "There are twelve or thirteen.", False),
+    ("0.5", ".5", True),  # a leading-dot decimal is a number
+    ("0.5", "It is .5.", True),
+    # a scale word multiplies the number before it: "one hundred" is 100, not 1
+    ("100", "one hundred", True),
+    ("200", "There are two hundred dots.", True),
+    ("1000", "one thousand", True),
+    ("1", "one hundred", False),
+    ("2", "There are two hundred dots.", False),
+    ("1", "one thousand", False),
     # multiple-choice letters
     ("B", "B", True),
     ("B", "(B)", True),
@@ -78,16 +87,32 @@ CASES = [
     ("B", "(A) or (B)", False),
     ("C", "A", False),
     ("A", "A triangle.", False),  # an article, not a letter
+    # "a" is an article to tokens(); the letter rule reads the response as written
+    ("A", "A", True),
+    ("A", "(A)", True),
+    ("A", "A.", True),
+    ("A", "a", True),
+    ("A", "Answer: A", True),
+    ("A", "a circle", False),
+    ("B", "The answer is b", True),  # a lowercase letter after "answer is" ...
+    ("A", "The answer is a.", True),
+    ("A", "The answer is a circle.", False),  # ... but not the article before a word
+    ("B", "The answer is a circle.", False),
     # free text
     ("Paris", "The capital is Paris.", True),
     ("New York", "It is New York City.", True),
     ("Paris", "Paris or London", False),
+    ("dog", "dog or cat", False),
+    ("dog", "dog, or cat", False),  # a hedge split off by a comma is still a hedge
+    ("dog", "a dog, or maybe a cat", False),
+    ("dog", "It is a dog, not a cat.", True),
     ("Paris", "The capital is Rome.", False),
     # empty responses
     ("triangle", "", False),
     ("yes", "   ", False),
     ("3", "", False),
     ("B", "", False),
+    ("A", "", False),
 ]
 
 
@@ -136,8 +161,10 @@ def test_make_judge():
 
     assert isinstance(make_judge("rule"), RuleJudge)
     assert isinstance(make_judge(JudgeKind.RULE, use_math_verify=False), RuleJudge)
+    # v2: letters, scale words, ".5" and comma hedges read differently; v1 verdicts in a cache are stale
+    assert make_judge("rule", use_math_verify=False).name == "rule-v2"
     http = make_judge("http", url="http://127.0.0.1:9/v1", model="judge-model")
-    assert isinstance(http, HTTPJudge) and http.name == f"http:judge-model:{PROMPT_VERSION}"
+    assert isinstance(http, HTTPJudge) and http.name == f"http:judge-model:{PROMPT_VERSION}:top10"
     with pytest.raises(ValueError, match="model"):
         make_judge("http", url="http://127.0.0.1:9/v1", model="")
     with pytest.raises(ValueError, match="http://"):
@@ -177,6 +204,20 @@ def test_prompt_and_decision():
     assert decide(0.6, 0.4) and not decide(0.4, 0.6) and not decide(0.3, 0.3) and not decide(0.0, 0.0)
 
 
+def test_prompt_version_follows_the_prompt_text():
+    """The module run again with one word of the prompt edited has another PROMPT_VERSION (so the LLM
+    judges' names, and their cached verdicts, change with it); run unedited, the same one."""
+    from pathlib import Path
+
+    source = Path(judge_mod.__file__).read_text()
+    versions = []
+    for text in (source, source.replace("You are a strict grader.", "You are a careful grader.")):
+        namespace = {"__name__": "ril_fast.judge_edited"}
+        exec(compile(text, judge_mod.__file__, "exec"), namespace)
+        versions.append(namespace["PROMPT_VERSION"])
+    assert versions[0] == PROMPT_VERSION != versions[1]
+
+
 class CountingJudge:
     """Says "correct" iff the response equals the answer; records every batch it is given."""
 
@@ -206,6 +247,10 @@ def test_cache_key_and_store_hook():
     assert judge_key("one", item) != judge_key("two", item)
     assert judge_key("one", item) != judge_key("one", JudgeItem("q", "a", "r "))
     assert judge_key("one", JudgeItem("q|a", "", "r")) != judge_key("one", JudgeItem("q", "a|", "r"))
+    # half an emoji (a lone UTF-16 surrogate, as a server that cuts a reply sends) is hashed, not refused
+    cut = JudgeItem("q", "red", "The shape is red \ud83d")
+    assert judge_key("one", cut) != judge_key("one", JudgeItem("q", "red", "The shape is red \ufffd"))
+    assert CachedJudge(RuleJudge(use_math_verify=False))([cut]) == [True]
     store = {judge_key("counting", item): True}  # as a persistent store would hand back
     inner = CountingJudge()
     assert CachedJudge(inner, store=store)([item]) == [True]

@@ -16,7 +16,7 @@ import torch
 from models_fixtures import one_thread, smollm2_lm  # noqa: F401
 from test_judge import CASES
 
-from ril_fast.judge import JudgeItem, RuleJudge, decide, judge_messages, make_judge
+from ril_fast.judge import PROMPT_VERSION, JudgeItem, RuleJudge, decide, judge_messages, make_judge
 
 QUESTIONS = {"yes": "Is there a circle in the image?", "no": "Is there a circle in the image?",
              "triangle": "What shape is in the image?", "red": "What color is the shape?",
@@ -75,4 +75,4 @@ def test_verdict_is_the_reference_comparison_and_batching_changes_nothing(judge)
 
 def test_empty_batch_and_the_name(judge, smollm2):
     assert judge([]) == []
-    assert judge.name == f"hf:{smollm2.resolve()}:v1"
+    assert judge.name == f"hf:{smollm2.resolve()}:{PROMPT_VERSION}"

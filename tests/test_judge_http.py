@@ -3,6 +3,7 @@ on real cases, the yes/no decision, requests in flight, retries, timeouts and cl
 
 The same judge against a real vLLM server: tests/test_vllm.py (opt-in)."""
 
+import math
 import random
 import socket
 import time
@@ -11,7 +12,7 @@ import pytest
 from fake_openai import FakeOpenAI
 from test_judge import CASES
 
-from ril_fast.judge import JudgeItem, RuleJudge
+from ril_fast.judge import CachedJudge, JudgeItem, RuleJudge
 from ril_fast.judges_http import HTTPError, HTTPJudge, OpenAIClient
 
 
@@ -39,6 +40,25 @@ def test_verdicts_on_real_cases_in_order(logprobs):
         assert body["model"] == "fake-model" and body["max_tokens"] == 1 and body["temperature"] == 0
         assert body["logprobs"] is True and body["top_logprobs"] >= 2
         assert [m["role"] for m in body["messages"]] == ["system", "user"]
+
+
+def test_top_logprobs_is_part_of_the_cache_identity(monkeypatch):
+    """A server returns as many top log-probs as asked for (vLLM does): "yes" wins on its two spellings
+    with 10, "No" wins alone with 1. Two judges that differ only there must not share a cached verdict."""
+    top = [("No", 0.4), ("Yes", 0.3), (" yes", 0.25)]
+
+    def vllm_like(route, body):
+        entries = [{"token": t, "logprob": math.log(p)} for t, p in top[:body["top_logprobs"]]]
+        return {"choices": [{"message": {"content": "No"},
+                             "logprobs": {"content": [dict(entries[0], top_logprobs=entries)]}}]}
+
+    item, store, verdicts = JudgeItem("What colour?", "red", "red"), {}, []
+    for n in (10, 1):
+        judge = HTTPJudge("http://127.0.0.1:9/v1", "fake-model", top_logprobs=n)
+        monkeypatch.setattr(judge.client, "request", vllm_like)
+        verdicts.append((judge([item]), CachedJudge(judge, store)([item])))
+    assert verdicts == [([True], [True]), ([False], [False])]  # uncached, then through the shared store
+    assert len(store) == 2
 
 
 def test_requests_in_flight_up_to_the_limit():

@@ -87,6 +87,27 @@ def test_server_teacher_sends_images_as_data_urls(demo, tmp_path):
     assert all(line["response"].endswith("having seen 1 image(s).") for line in lines)
 
 
+def test_server_reply_cut_inside_an_emoji_is_written_and_judged(demo, tmp_path):
+    """A server that cuts a reply in the middle of an emoji sends half its UTF-16 surrogate pair, which
+    json.loads keeps: it must be written (as U+FFFD) and judged, not crash the batch on every rerun."""
+    data = demo.root / "train3.jsonl"  # beside the images its paths are relative to
+    data.write_text("".join(demo.train.read_text().splitlines(keepends=True)[:3]))
+    out = tmp_path / "cut.jsonl"
+    with FakeOpenAI() as server:
+        server.teacher_reply = lambda body, text: {  # the JSON on the wire holds "\ud83d"
+            "choices": [{"message": {"content": "It is blue \ud83d"}, "finish_reason": "stop"}]}
+        stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2",
+                      "--judge", "rule", "--no-progress"])
+    assert stats == {"written": 6, "empty": 0, "skipped": 0, "total": 6}
+    examples = load_examples(data)
+    answers = {e.id: e.answer for e in examples}
+    lines = _lines(out)
+    assert [line["response"] for line in lines] == ["It is blue \ufffd"] * 6
+    assert [line["correct"] for line in lines] == [answers[line["id"]] == "blue" for line in lines]
+    assert {line["correct"] for line in lines} == {True, False}  # the demo's first answers: rectangle, blue
+    assert load_teachers([out], examples).counts() == {"cut": 6}
+
+
 def test_killed_mid_run_resumes_with_no_duplicate_and_no_lost_line(demo, tmp_path):
     out = tmp_path / "killed.jsonl"
     with FakeOpenAI(delay_s=0.03) as server:

@@ -19,7 +19,7 @@ from test_judge_hf import QUESTIONS, smollm2  # noqa: F401
 from vllm_server import VLLMServer
 
 from ril_fast.data import load_teachers, load_examples
-from ril_fast.judge import JudgeItem, RuleJudge, decide, make_judge, verdict_word
+from ril_fast.judge import PROMPT_VERSION, JudgeItem, RuleJudge, decide, make_judge, verdict_word
 from ril_fast.teacher import main as teacher_main
 
 pytestmark = [
@@ -82,8 +82,10 @@ def test_teacher_tool_against_vllm(server_url, tmp_path):
                           "--judge", "http", "--judge-url", server_url, "--judge-model", SERVED])
     assert stats["written"] + stats["empty"] == 12
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    bank = load_teachers([out], load_examples(data))
-    assert bank.counts() == {"smollm2": len(lines)} and len(lines) == stats["written"]
+    bank = load_teachers([out], load_examples(data))  # the lines marked truncated are left out
+    assert bank.counts() == {"smollm2": sum(not line["truncated"] for line in lines)}
+    assert len(lines) == stats["written"]
     for line in lines:
-        assert line["response"].strip() and line["judge"] == f"http:{SERVED}:v1" and isinstance(line["correct"], bool)
+        assert line["response"].strip() and isinstance(line["correct"], bool)
+        assert line["judge"] == f"http:{SERVED}:{PROMPT_VERSION}:top10"
         print(line["id"], line["index"], line["correct"], repr(line["response"][:60]))
