@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from ril_fast import checkpoint, distributed, schedule
 from ril_fast.config import Config, ConfigError, load_config
@@ -278,7 +279,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
     changed since it was written apply from here on (the optimisers' take this run's values); a
     checkpoint that cannot continue this run (past ``steps``, another mode or batch size) is refused."""
     cfg, changed = run.cfg, run.cfg.differences(path / "config.yaml")
-    saved_teachers = load_config(["--config", str(path / "config.yaml")]).teachers
+    saved_teachers = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("teachers")
     if bool(saved_teachers) != bool(cfg.teachers):
         raise ConfigError(f"resume={path}: the checkpoint is of " + ("an RIL run (teachers=...)" if saved_teachers
                           else "an RL-only run (no teachers)") + ", this run is not: use another output_dir")
