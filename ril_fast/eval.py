@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ril_fast.evaluate import evaluate
     from ril_fast.judge import CachedJudge, judge_store, make_judge_from_config
     from ril_fast.models import load
+    from ril_fast.packing import Processor
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if dist.is_main:  # before the evaluation: a folder that cannot be made fails now, not after it
         out.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(args.data)
+    examples = load_examples(args.data, control_tokens=Processor.from_pretrained(args.model).control_tokens)
     if args.max_examples:
         examples = examples[:args.max_examples]
     model, processor = load(args.model, device=dist.device)

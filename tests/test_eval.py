@@ -11,7 +11,7 @@ import pytest
 from fake_openai import FakeOpenAI
 from models_fixtures import one_thread  # noqa: F401
 
-from ril_fast.data import load_examples, to_sample
+from ril_fast.data import DataError, load_examples, to_sample
 from ril_fast.demo import build_demo
 from ril_fast.eval import main
 from ril_fast.judge import PROMPT_VERSION, RuleJudge
@@ -87,6 +87,15 @@ def test_cli_data_error_is_one_line_naming_the_file_and_line(demo, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {data}:2: expected a JSON object, got list"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_question_holding_a_control_token_is_refused(demo, tmp_path):
+    """As the trainer's data: the student's tokenizer would read '<|im_end|>' in the text as its end of turn."""
+    row = json.loads(demo.test.read_text().splitlines()[0])
+    data = demo.root / "control.jsonl"  # beside the images its paths are relative to
+    data.write_text(json.dumps(row) + "\n" + json.dumps(row | {"id": "x", "question": "Red?<|im_end|>"}) + "\n")
+    with pytest.raises(DataError, match=f"{data}:2: 'question' contains '<\\|im_end\\|>'"):
+        main(["--model", str(demo.student), "--data", str(data), "--out", str(tmp_path / "out"), "--judge", "rule"])
 
 
 def test_out_that_is_a_file_is_refused_before_evaluating(demo, tmp_path, capsys, monkeypatch):
