@@ -144,10 +144,11 @@ class Config:
     eval_max_examples: int = opt(300, "evaluate on at most this many held-out examples (0: all)")
     log_every: int = opt(1, "write a metrics line every this many steps")
     progress: bool = opt(True, "show a progress bar with the key numbers (false: log lines only)")
-    checkpoint_every: int = opt(20, "write output_dir/step-N/ every this many steps (0: only on SIGTERM)")
+    checkpoint_every: int = opt(20, "write output_dir/step-N/ every this many steps and after the last "
+                                    "(0: only on SIGTERM or Ctrl-C)")
     keep_checkpoints: int = opt(2, "keep the newest this many checkpoints (0: all)")
     resume: str = opt("auto", "auto: continue from the newest checkpoint in output_dir if there is one; "
-                              "none: start afresh; or a checkpoint folder")
+                              "none: start afresh (refused where checkpoints are); or a checkpoint folder")
     max_bad_steps: int = opt(3, "stop the run after this many optimizer steps in a row were skipped for a "
                                 "non-finite loss or gradient norm")
     rollout: Rollout = field(default_factory=Rollout, metadata={"help": Rollout.__doc__})

@@ -20,9 +20,9 @@ Where this departs from, or fills in, the paper (its code is not public):
   samples, π_old and the policy being updated are one function (with μ = 1 the ratio is exactly 1),
   and the discriminator's scores are deterministic.
 
-Checkpoints (``ril_fast.checkpoint``) are written every ``checkpoint_every`` steps and on SIGTERM; the
-same command run again continues from the newest one, with the same per-step metrics as a run that was
-never stopped.
+Checkpoints (``ril_fast.checkpoint``) are written every ``checkpoint_every`` steps, after the last step
+and on SIGTERM or Ctrl-C; the same command run again continues from the newest one, with the same
+per-step metrics as a run that was never stopped (after the last step: nothing to do).
 """
 
 import contextlib
