@@ -27,6 +27,7 @@ per-step metrics as a run that was never stopped (after the last step: nothing t
 
 import contextlib
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -57,6 +58,9 @@ from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher
 from ril_fast.rollout import sample_responses
 
 
+FINISHED = "finished.json"  # written last, after final/ is complete: the step final/ was exported at
+
+
 @dataclass
 class Run:
     """Everything a step needs, built once by :func:`setup`."""
@@ -83,8 +87,11 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        """Resumed at its last step with the student already exported: nothing is left to do."""
-        return 0 < self.start_step == self.cfg.steps and (Path(self.cfg.output_dir) / "final").is_dir()
+        """Resumed at its last step, and ``final/`` is the export of that step (``FINISHED``): nothing is
+        left to do."""
+        marker = Path(self.cfg.output_dir) / FINISHED
+        return 0 < self.start_step == self.cfg.steps and marker.is_file() and \
+            json.loads(marker.read_text()) == {"step": self.cfg.steps}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> Path:
     export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main)
     run.log.close()
     if run.dist.is_main:
+        (out / f".{FINISHED}").write_text(json.dumps({"step": cfg.steps}))
+        os.replace(out / f".{FINISHED}", out / FINISHED)
         print(f"metrics: {out / 'metrics.jsonl'}\nexported student: {out / 'final'}", flush=True)
     distributed.barrier()
     return out
@@ -176,7 +185,7 @@ def setup(cfg: Config) -> Run:
               eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"), log=None)
     if resume_from is not None:
         load_checkpoint(run, resume_from)
-    if dist.is_main:  # only now: a refused resume leaves the folder's config as it was
+    if dist.is_main and not run.finished:  # only now: a refused resume leaves the folder's config as it was
         cfg.save(out / "config.yaml")
     run.log = RunLog(out, enabled=dist.is_main and not run.finished, total_steps=cfg.steps, progress=cfg.progress,
                      resume_step=run.start_step if resume_from is not None else None)
@@ -189,8 +198,11 @@ def setup(cfg: Config) -> Run:
 def request_stop(run: Run, signum: int) -> None:
     """SIGTERM or Ctrl-C: finish the step, checkpoint, stop. Repeats change nothing: torchrun passes a
     Ctrl-C on to ranks that got it from the terminal already (and kills them after its grace period)."""
-    if run.dist.is_main and signum == signal.SIGINT and signal.SIGINT not in run.stop_requested:
-        print("\nCtrl-C: stopping after this step and its checkpoint", flush=True)
+    if run.dist.is_main and not run.stop_requested:
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: stopping after this step and its checkpoint" + (
+            "; torchrun kills the ranks after its --shutdown-timeout (30 s unless set): raise it where a step "
+            "takes longer" if "TORCHELASTIC_RUN_ID" in os.environ else ""), flush=True)
     run.stop_requested.append(signum)
 
 
@@ -543,4 +555,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DataError) as e:  # the message names the setting, or the file and line
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", "0")) == 0 else 1) from None

@@ -7,8 +7,11 @@ apply (the optimisers' included); a finished run has nothing to redo; Ctrl-C sto
 """
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -75,6 +78,16 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     assert not (tmp_path / "run").exists()  # nothing written for a refused run
 
 
+def test_under_torchrun_a_refusal_is_one_line(demo, tmp_path):
+    """Every rank refuses; rank 0 alone prints the error (not one copy per rank)."""
+    (tmp_path / "a_file").write_text("")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ril_fast.train",
+           *_args(demo, tmp_path / "a_file")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("error: output_dir=") == 1, done.stderr[-3000:]
+
+
 def test_a_prompt_that_cannot_be_rendered_names_its_line(demo, tmp_path):
     Image.new("RGB", (3000, 10), (200, 0, 0)).save(tmp_path / "thin.png")
     lines = [json.loads(line) for line in demo.train.read_text().splitlines()]
@@ -133,11 +146,31 @@ def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(_args(demo, out, steps=3, checkpoint_every=2))
     assert sorted(p.name for p in out.glob("step-*")) == ["step-2", "step-3"]  # the last step is saved too
-    before = read_metrics(out / "metrics.jsonl")
+    before, config = read_metrics(out / "metrics.jsonl"), (out / "config.yaml").read_bytes()
     capsys.readouterr()
-    train.main(_args(demo, out, steps=3, checkpoint_every=2))
+    train.main(_args(demo, out, steps=3, checkpoint_every=2, **{"optim.lr": 0.01}))
     assert "nothing to do: the run in" in capsys.readouterr().out
     assert read_metrics(out / "metrics.jsonl") == before
+    assert (out / "config.yaml").read_bytes() == config  # the settings it ran with, not the unused new ones
+
+
+@pytest.mark.parametrize("cut", ["killed_while_exporting", "final_of_an_earlier_steps"])
+def test_a_run_whose_export_is_not_of_its_last_step_exports_again(demo, finished, tmp_path, capsys, cut):
+    """final/ counts as done only with finished.json naming the last step (written after the export): a run
+    killed while exporting, or resumed at its last step beside an earlier run's final/, exports again."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    if cut == "killed_while_exporting":
+        shutil.rmtree(out / "final")
+        (out / "final").mkdir()
+        (out / train.FINISHED).unlink()
+    else:
+        (out / train.FINISHED).write_text(json.dumps({"step": 1}))
+    capsys.readouterr()
+    train.main(_args(demo, out))
+    assert "nothing to do" not in capsys.readouterr().out
+    assert json.loads((out / train.FINISHED).read_text()) == {"step": 2}
+    assert (out / "final" / "model.safetensors").read_bytes() == (finished / "final" / "model.safetensors").read_bytes()
 
 
 def test_ctrl_c_stops_after_the_step_like_sigterm(capsys):
