@@ -357,11 +357,15 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
     the student texts per question, and the (teacher, response) pairs per question (None: RL only).
     """
     cfg = run.cfg
-    prompts = [_prompt(run, q) for q in questions]
-    rollouts = sample_responses(run.student, run.processor, prompts, group_size=cfg.group_size,
-                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed,
-                                max_batch=cfg.rollout.batch_size)
+    prompts = [to_sample(q) for q in questions]
+    try:
+        rollouts = sample_responses(run.student, run.processor, prompts, group_size=cfg.group_size,
+                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.rollout.temperature,
+                                    top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed,
+                                    max_batch=cfg.rollout.batch_size)
+    except ValueError:
+        _name_the_failing_prompt(run, questions)
+        raise
     teacher_outputs = None
     if run.bank is not None:
         teacher_outputs = []
@@ -379,14 +383,14 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
     return samples, sources, [[r.text for r in rs] for rs in rollouts], teacher_outputs
 
 
-def _prompt(run: Run, question: Example) -> dict:
-    """The rollout sample of ``question``, its prompt rendered now (the processor keeps it for the rollout)
-    so that one it cannot render (e.g. an image of extreme aspect ratio) is an error naming its line."""
-    try:
-        run.processor.encode_prompt(question.question, question.images)
-    except ValueError as e:
-        raise DataError(f"{question.where}: {e}") from None
-    return to_sample(question)
+def _name_the_failing_prompt(run: Run, questions: list[Example]) -> None:
+    """After the rollout failed: render each question's prompt alone, so that one the processor refuses
+    (e.g. an image of extreme aspect ratio) becomes an error naming its line. Returns if none fails."""
+    for q in questions:
+        try:
+            run.processor.encode_prompt(q.question, q.images)
+        except ValueError as e:
+            raise DataError(f"{q.where}: {e}") from None
 
 
 def _micro(run: Run, samples: list[dict]):

@@ -219,3 +219,25 @@ def test_dropout_is_off_in_every_model(demo, tmp_path):
     scores = [disc_probs(run.disc, micro, len(samples)) for _ in range(2)]
     assert torch.equal(*scores)
     run.log.close()
+
+
+def test_the_rollout_renders_each_prompt_once(demo, tmp_path):
+    """bench/_probe.py counts the rollout's prefill and image FLOPs from the prompts the processor renders:
+    one per question, however the trainer checks them."""
+    run = train.setup(load_config(_args(demo, tmp_path / "run", **{"batch.questions_per_step": 4})))
+    rendered = []
+    inner = run.processor
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def encode_prompt(self, question, images=None):
+            rendered.append(question)
+            return inner.encode_prompt(question, images)
+
+    run.processor = Counting()
+    questions = next(run.batches)
+    train.collect_outputs(run, questions, seed=0)
+    assert sorted(rendered) == sorted(q.question for q in questions)
+    run.log.close()
