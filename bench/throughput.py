@@ -49,7 +49,6 @@ import dataclasses
 import datetime
 import gc
 import io
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -102,10 +101,8 @@ def run_configuration(args, cfg: Config, shapes: Shapes, *, base: bool, profile_
     """Set up a run of ``cfg``, run the warm-up and measured steps and, for the base configuration, the
     baselines (``bench/_baselines.py``) and the profiled step -> (step records, {phase: baseline results},
     collective seconds or None)."""
-    handler = signal.getsignal(signal.SIGTERM)
     with contextlib.redirect_stdout(io.StringIO()):  # setup prints the resolved config
         run = train.setup(cfg)
-    signal.signal(signal.SIGTERM, handler)  # setup defers SIGTERM to main()'s checkpointing, which we skip
     recorder = RecordingProcessor(run.processor)
     run.processor = recorder
     records, baselines, comms = [], {}, None

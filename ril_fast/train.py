@@ -104,20 +104,21 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"nothing to do: the run in {out} finished (steps={cfg.steps}); raise steps to go on", flush=True)
         return out
 
-    if run.start_step == 0:
-        # Step 1: discriminator pre-training on initial-student vs teacher outputs (Eq. 1).
-        for _ in range(cfg.disc.pretrain_steps if run.disc is not None else 0):
-            pretrain_disc_step(run)
-        evaluate_and_log(run, step=0)
+    with stop_on_signals(run):  # SIGTERM, Ctrl-C: stop after the next step's checkpoint
+        if run.start_step == 0:
+            # Step 1: discriminator pre-training on initial-student vs teacher outputs (Eq. 1).
+            for _ in range(cfg.disc.pretrain_steps if run.disc is not None else 0):
+                pretrain_disc_step(run)
+            evaluate_and_log(run, step=0)
 
-    # Step 2: the RIL loop, one batch of questions per step.
-    for step in range(run.start_step + 1, cfg.steps + 1):
-        metrics = train_step(run, step)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            metrics.update(evaluate_now(run))
-        if step % cfg.log_every == 0 or "eval_accuracy" in metrics:
-            run.log.log(metrics)
-        checkpoint_if_due(run, step)  # every checkpoint_every steps; after a SIGTERM, then stop
+        # Step 2: the RIL loop, one batch of questions per step.
+        for step in range(run.start_step + 1, cfg.steps + 1):
+            metrics = train_step(run, step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                metrics.update(evaluate_now(run))
+            if step % cfg.log_every == 0 or "eval_accuracy" in metrics:
+                run.log.log(metrics)
+            checkpoint_if_due(run, step)  # every checkpoint_every steps; after SIGTERM or Ctrl-C, then stop
     if cfg.checkpoint_every and run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every:
         save_checkpoint(run, cfg.steps)  # the last step too: the same command run again has nothing to redo
     evaluate_and_log(run, step=cfg.steps)
@@ -189,10 +190,24 @@ def setup(cfg: Config) -> Run:
         cfg.save(out / "config.yaml")
     run.log = RunLog(out, enabled=dist.is_main and not run.finished, total_steps=cfg.steps, progress=cfg.progress,
                      resume_step=run.start_step if resume_from is not None else None)
-    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda signum, frame: request_stop(run, signum))
     return run
+
+
+@contextlib.contextmanager
+def stop_on_signals(run: Run):
+    """Inside the block, SIGTERM and Ctrl-C ask the run to stop after the step in flight
+    (``checkpoint_if_due``); the previous handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in saved:
+        signal.signal(signum, lambda signum, frame: request_stop(run, signum))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def request_stop(run: Run, signum: int) -> None:

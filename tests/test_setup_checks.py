@@ -144,7 +144,9 @@ def test_settings_changed_on_resume_apply_to_the_optimisers(demo, finished, tmp_
 
 def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys):
     out = tmp_path / "run"
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     train.main(_args(demo, out, steps=3, checkpoint_every=2))
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers  # given back after the run
     assert sorted(p.name for p in out.glob("step-*")) == ["step-2", "step-3"]  # the last step is saved too
     before, config = read_metrics(out / "metrics.jsonl"), (out / "config.yaml").read_bytes()
     capsys.readouterr()
