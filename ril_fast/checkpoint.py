@@ -140,6 +140,11 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def saved_step(path: str | Path) -> int:
+    """The step the checkpoint at ``path`` was written after."""
+    return json.loads((Path(path) / TRAINER_FILE).read_text())["step"]
+
+
 def latest(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run folder, or None."""
     found = checkpoints(output_dir)

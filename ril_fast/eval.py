@@ -57,8 +57,6 @@ def summarise(records: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation (module docstring); returns the summary (on every rank)."""
-    import torch.distributed
-
     from ril_fast import distributed
     from ril_fast.data import load_examples
     from ril_fast.evaluate import evaluate
@@ -80,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     mine: list[dict] = []
     metrics = evaluate(model, processor, examples, judge, dist, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, records=mine)
-    gathered: list[list[dict]] = [[] for _ in range(dist.world_size)]
-    torch.distributed.all_gather_object(gathered, mine)
+    gathered = distributed.all_gather_objects(mine)
     order = {e.id: i for i, e in enumerate(examples)}
     records = sorted((r for rank in gathered for r in rank), key=lambda r: order[r["id"]])
     summary = {"model": str(args.model), "data": str(args.data), "judge": judge.name, **summarise(records),

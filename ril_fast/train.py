@@ -231,8 +231,8 @@ def resume_point(cfg: Config) -> Path | None:
         raise ConfigError(str(e)) from None
     if cfg.resume == "auto":
         return path
-    step = -1 if path is None else json.loads((path / checkpoint.TRAINER_FILE).read_text())["step"]
-    later = [p.name for p in checkpoint.checkpoints(cfg.output_dir) if int(p.name.split("-")[1]) > step]
+    step = -1 if path is None else checkpoint.saved_step(path)
+    later = [p.name for p in checkpoint.checkpoints(cfg.output_dir) if checkpoint.saved_step(p) > step]
     if later:
         raise ConfigError(f"resume={cfg.resume}: output_dir={cfg.output_dir} holds checkpoints of another run "
                           f"({', '.join(later)}) that this one would mix with: choose another output_dir, or "
