@@ -61,6 +61,16 @@ from ril_fast.rollout import sample_responses
 FINISHED = "finished.json"  # written last, after final/ is complete: the step final/ was exported at
 
 
+class NothingToDo(Exception):
+    """The run in ``output_dir`` finished (its last step exported): raised by :func:`setup` before any
+    model loads."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(f"nothing to do: the run in {cfg.output_dir} finished (steps={cfg.steps}); "
+                         f"raise steps to go on")
+        self.output_dir = Path(cfg.output_dir)
+
+
 @dataclass
 class Run:
     """Everything a step needs, built once by :func:`setup`."""
@@ -85,24 +95,17 @@ class Run:
     counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "bad_in_a_row": 0, "questions": 0})
     stop_requested: list = field(default_factory=list)  # the signals received (SIGTERM: checkpoint and stop)
 
-    @property
-    def finished(self) -> bool:
-        """Resumed at its last step, and ``final/`` is the export of that step (``FINISHED``): nothing is
-        left to do."""
-        marker = Path(self.cfg.output_dir) / FINISHED
-        return 0 < self.start_step == self.cfg.steps and marker.is_file() and \
-            json.loads(marker.read_text()) == {"step": self.cfg.steps}
-
 
 def main(argv: list[str] | None = None) -> Path:
     """Train as configured by ``argv`` (``[--config FILE] key=value ...``); returns the run folder."""
-    run = setup(load_config(sys.argv[1:] if argv is None else argv))
+    try:
+        run = setup(load_config(sys.argv[1:] if argv is None else argv))
+    except NothingToDo as done:
+        if distributed.init().is_main:
+            print(done, flush=True)
+        return done.output_dir
     cfg = run.cfg
     out = Path(cfg.output_dir)
-    if run.finished:
-        if run.dist.is_main:
-            print(f"nothing to do: the run in {out} finished (steps={cfg.steps}); raise steps to go on", flush=True)
-        return out
 
     with stop_on_signals(run):  # SIGTERM, Ctrl-C: stop after the next step's checkpoint
         if run.start_step == 0:
@@ -149,6 +152,8 @@ def setup(cfg: Config) -> Run:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out}: exists and is not a folder")
     resume_from = resume_point(cfg)
+    if resume_from is not None and finished(cfg, resume_from):
+        raise NothingToDo(cfg)
     if dist.is_main:
         print(cfg.describe(), flush=True)
     torch.manual_seed(cfg.seed)
@@ -186,9 +191,9 @@ def setup(cfg: Config) -> Run:
               eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"), log=None)
     if resume_from is not None:
         load_checkpoint(run, resume_from)
-    if dist.is_main and not run.finished:  # only now: a refused resume leaves the folder's config as it was
+    if dist.is_main:  # only now: a refused resume leaves the folder's config as it was
         cfg.save(out / "config.yaml")
-    run.log = RunLog(out, enabled=dist.is_main and not run.finished, total_steps=cfg.steps, progress=cfg.progress,
+    run.log = RunLog(out, enabled=dist.is_main, total_steps=cfg.steps, progress=cfg.progress,
                      resume_step=run.start_step if resume_from is not None else None)
     return run
 
@@ -238,6 +243,14 @@ def resume_point(cfg: Config) -> Path | None:
                           f"({', '.join(later)}) that this one would mix with: choose another output_dir, or "
                           f"delete them")
     return path
+
+
+def finished(cfg: Config, resume_from: Path) -> bool:
+    """Resumed at its last step, and ``final/`` is the export of that step (``FINISHED``): nothing is
+    left to do."""
+    marker = Path(cfg.output_dir) / FINISHED
+    return checkpoint.saved_step(resume_from) == cfg.steps and marker.is_file() and \
+        json.loads(marker.read_text()) == {"step": cfg.steps}
 
 
 def load_data(cfg: Config, dist: distributed.Dist):
