@@ -519,19 +519,25 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
         count_skipped(run, bool(policy["skipped"]), step)
         run.scheduler.step()
 
-    tokens = sum(sum(mb.batch.lengths) for mb in micro)
     seconds = time.perf_counter() - t0
-    everyone = distributed.all_gather_objects((groups, [q.answer_type for q in questions]))
-    rewards = reward_stats([g for gs, _ in everyone for g in gs], [t for _, ts in everyone for t in ts])
-    return {"step": step, **rewards, **disc_stats, **policy, "lr": lr,
-            "skipped_steps": run.counters["skipped_steps"], **_judge_cache_stats(run), "tokens_per_s": tokens * run.dist.world_size / seconds,
-            "step_time_s": seconds, **timer.as_metrics()}
+    tokens = sum(sum(mb.batch.lengths) for mb in micro)
+    cache = (run.teacher_judge.hits, run.teacher_judge.misses)
+    per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache))
+    all_groups, all_types, all_tokens, all_cache = zip(*per_rank)
+    rewards = reward_stats([g for gs in all_groups for g in gs], [t for ts in all_types for t in ts])
+    return {"step": step, **rewards, **disc_stats, **policy, "lr": lr, "skipped_steps": run.counters["skipped_steps"],
+            **_judge_cache_stats(run, all_cache), "tokens_per_s": sum(all_tokens) / seconds, "step_time_s": seconds,
+            **timer.as_metrics()}
 
 
-def _judge_cache_stats(run: Run) -> dict:
-    """The teacher-verdict cache's hit rate so far in this process (RIL only): a cost figure, like the
-    timings; a resumed run starts with the in-memory cache empty unless ``judge_cache`` keeps it."""
-    return {"teacher_judge_cache_hit_rate": run.teacher_judge.hit_rate} if run.bank is not None else {}
+def _judge_cache_stats(run: Run, hits_misses: list[tuple[int, int]]) -> dict:
+    """The teacher-verdict cache's hit rate over all ranks since these processes started (RIL only): a
+    cost figure, like the timings; a resumed run starts with the in-memory cache empty unless
+    ``judge_cache`` keeps it. ``hits_misses``: each rank's counts."""
+    if run.bank is None:
+        return {}
+    hits, misses = sum(h for h, _ in hits_misses), sum(m for _, m in hits_misses)
+    return {"teacher_judge_cache_hit_rate": hits / max(hits + misses, 1)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -150,9 +150,8 @@ def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys, monkeypatch)
     assert sorted(p.name for p in out.glob("step-*")) == ["step-2", "step-3"]  # the last step is saved too
     before, config = read_metrics(out / "metrics.jsonl"), (out / "config.yaml").read_bytes()
     capsys.readouterr()
-    with monkeypatch.context() as m:  # said before any model loads (minutes for a 7B student)
-        m.setattr(train, "load", lambda *a, **k: pytest.fail("a model was loaded"))
-        assert train.main(_args(demo, out, steps=3, checkpoint_every=2, **{"optim.lr": 0.01})) == out
+    _no_models(monkeypatch)  # said before any model loads (minutes for a 7B student)
+    assert train.main(_args(demo, out, steps=3, checkpoint_every=2, **{"optim.lr": 0.01})) == out
     assert "nothing to do: the run in" in capsys.readouterr().out
     assert read_metrics(out / "metrics.jsonl") == before
     assert (out / "config.yaml").read_bytes() == config  # the settings it ran with, not the unused new ones

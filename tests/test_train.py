@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from ril_fast.demo import build_demo
 from ril_fast.metrics import read_metrics
 from ril_fast.tiny import make_tiny
+from ril_fast import train
+from ril_fast.config import load_config
 from ril_fast.train import main
 
 STEPS = 2
@@ -108,6 +110,26 @@ def test_two_ranks_under_torchrun(demo, tmp_path):
     # ln 2 (0.68 on one rank), not one rank's half of it.
     assert abs(steps[0]["disc_loss"] - math.log(2)) < 0.1, steps[0]["disc_loss"]
     assert (out / "final" / "config.json").is_file()
+
+
+def test_step_metrics_count_every_rank(demo, tmp_path, monkeypatch):
+    """tokens_per_s and the teacher-verdict cache's hit rate are over all ranks' outputs, as the rewards
+    are: a second rank is simulated by the gather, with its own cache counts."""
+    run = train.setup(load_config(_args(demo, tmp_path / "run", demo.teachers)))
+    sent = []
+
+    def gather(obj):
+        sent.append(obj)
+        groups, types, tokens, _ = obj
+        return [obj, (groups, types, tokens, (0, 10))]
+
+    monkeypatch.setattr(train.distributed, "all_gather_objects", gather)
+    metrics = train.train_step(run, step=1)
+    run.log.close()
+    (_, _, tokens, (hits, misses)), = sent
+    assert tokens > 0 and misses > 0
+    assert metrics["tokens_per_s"] * metrics["step_time_s"] == pytest.approx(2 * tokens)
+    assert metrics["teacher_judge_cache_hit_rate"] == pytest.approx(hits / (hits + misses + 10))
 
 
 # Run in a fresh interpreter: only transformers opens the exported folder, and the script fails if
