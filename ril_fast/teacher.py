@@ -2,18 +2,23 @@
 
     python -m ril_fast.teacher --model DIR_OR_URL --data train.jsonl --out teachers/NAME.jsonl \\
         --num-responses K --max-new-tokens L [--temperature 1.0] [--top-p 1.0] [--batch-size 32] \\
-        [--served-model NAME] [--concurrency 16] [--teacher NAME] [--judge rule|hf|http ...]
+        [--served-model NAME] [--concurrency 16] [--n-per-request 8] [--teacher NAME] [--judge rule|hf|http ...]
 
 ``--model`` is either
 * a local HF folder that ``ril_fast.models.load`` opens (a Qwen-VL / InternVL VLM, or a text LM for
   text-only data): batched sampling with ``ril_fast.rollout.sample_responses``, ``--batch-size``
   sequences per ``generate`` call; or
 * the base URL of an OpenAI-compatible server (``http://HOST:PORT/v1``, e.g. vLLM serving a 72B VLM):
-  one ``/chat/completions`` request per response, ``--concurrency`` in flight, each example's images
-  sent as ``data:`` URLs before its question; ``--served-model`` names the model (default: the first
-  the server lists). Timeouts and retries as the http judge's (``ril_fast.judges_http``); the API key
-  from ``$RIL_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``. Half an emoji at the end of a cut reply (a lone
-  UTF-16 surrogate) is written as U+FFFD.
+  one ``/chat/completions`` request per example and batch, asking with ``"n"`` for all of the example's
+  responses still pending in the batch (at most ``--n-per-request``; more take further requests), so its
+  images are uploaded and encoded once, not K times; ``--concurrency`` requests in flight, each
+  example's images sent as ``data:`` URLs before its question; ``--served-model`` names the model
+  (default: the first the server lists). A server that ignores ``n`` (fewer choices than asked) is asked
+  again for the missing responses, with a hint on stderr to pass ``--n-per-request 1`` (one request per
+  response, as with ``--temperature 0``: vLLM refuses ``n`` > 1 with greedy sampling). Timeouts and
+  retries as the http judge's (``ril_fast.judges_http``); the API key from ``$RIL_JUDGE_API_KEY`` or
+  ``$OPENAI_API_KEY``. Half an emoji at the end of a cut reply (a lone UTF-16 surrogate) is written as
+  U+FFFD.
 
 The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` reads it), one line per
 response::
@@ -40,6 +45,7 @@ import hashlib
 import json
 import mimetypes
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,29 +146,60 @@ def without_lone_surrogates(text: str) -> str:
 
 
 class ServerTeacher:
-    """Sampling from an OpenAI-compatible server, ``concurrency`` requests in flight."""
+    """Sampling from an OpenAI-compatible server, ``concurrency`` requests in flight, each asking for up to
+    ``n_per_request`` responses to one example (``"n"``)."""
 
     def __init__(self, url: str, model: str, *, max_new_tokens: int, temperature: float, top_p: float,
-                 concurrency: int, timeout_s: float, retries: int):
+                 concurrency: int, timeout_s: float, retries: int, n_per_request: int):
         self.client = OpenAIClient(url, concurrency=concurrency, timeout_s=timeout_s, retries=retries)
         self.model = model or self.client.first_model()
         self.params = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        # vLLM answers n > 1 with greedy sampling by an HTTP 400 ("n must be 1 when using greedy sampling").
+        self.n_per_request = 1 if temperature == 0 else n_per_request
+        self.ignores_n = False  # seen a reply with fewer choices than asked for (the hint is printed once)
+        self._lock = threading.Lock()
 
-    def one(self, job: Job) -> tuple[str, bool]:
-        """One response to one job: its text (lone surrogates replaced) and whether it hit the token limit."""
-        reply = self.client.request("/chat/completions", {"model": self.model, "messages": chat_messages(job.example),
-                                                          **self.params})
+    def choices(self, body: dict, n: int) -> list[tuple[str, bool]]:
+        """The responses of one request for ``n`` choices, in order of the choices' ``index``: up to ``n``
+        (fewer when the server ignores ``n``, the first ``n`` when it sends more), each as its text (lone
+        surrogates replaced) and whether it hit the token limit."""
+        reply = self.client.request("/chat/completions", {**body, "n": n} if n > 1 else body)
         try:
-            choice = reply["choices"][0]
-            text = choice["message"]["content"] or ""
-            return without_lone_surrogates(text), choice.get("finish_reason") == "length"
-        except (KeyError, IndexError, TypeError) as e:
+            listed = list(enumerate(reply["choices"]))
+            ordered = [c for _, c in sorted(listed, key=lambda pair: pair[1].get("index", pair[0]))][:n]
+            if not ordered:
+                raise IndexError("no choices")
+            return [(without_lone_surrogates(c["message"]["content"] or ""), c.get("finish_reason") == "length")
+                    for c in ordered]
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise HTTPError(f"{self.client.url}/chat/completions: malformed reply ({type(e).__name__}: {e}): "
                             f"{json.dumps(reply)[:300]}") from None
 
+    def group(self, jobs: list[Job]) -> list[tuple[str, bool]]:
+        """One response per job, all to the same example: one request for ``len(jobs)`` choices, then
+        further requests for the responses a server that ignores ``n`` left out."""
+        body = {"model": self.model, "messages": chat_messages(jobs[0].example), **self.params}
+        got = self.choices(body, len(jobs))
+        while len(got) < len(jobs):
+            with self._lock:
+                first, self.ignores_n = not self.ignores_n, True
+            if first:
+                print(f"{self.client.url}: asked for n={len(jobs)} choices, got {len(got)}: the server seems to ignore "
+                      f"\"n\"; the missing responses are asked for again (with such a server pass --n-per-request 1: "
+                      f"one request per response)", file=sys.stderr)
+            got += self.choices(body, len(jobs) - len(got))
+        return got
+
     def __call__(self, jobs: list[Job]) -> list[tuple[str, bool]]:
-        """One response per job, in order."""
-        return self.client.map(self.one, jobs)
+        """One response per job, in order. Consecutive jobs to the same example share a request, up to
+        ``n_per_request`` of them; the choices are given to the jobs in order of their ``index``."""
+        groups: list[list[Job]] = []
+        for job in jobs:
+            if groups and groups[-1][0].example.id == job.example.id and len(groups[-1]) < self.n_per_request:
+                groups[-1].append(job)
+            else:
+                groups.append([job])
+        return [response for group in self.client.map(self.group, groups) for response in group]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,13 +249,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher", default="", help="the teacher's name in the file (default: the output's stem)")
     p.add_argument("--served-model", default="", help="server: the model name (default: the first listed)")
     p.add_argument("--concurrency", type=int, default=16, help="server: requests in flight")
+    p.add_argument("--n-per-request", type=int, default=8,
+                   help="server: most responses to one example asked for in one request (\"n\"; 1: one request each)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="server: seconds to wait for each reply")
     p.add_argument("--retries", type=int, default=3, help="server: retries after a timeout or an HTTP 5xx")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_judge_arguments(p, optional=True)
     args = p.parse_args(argv)
-    if args.num_responses < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.concurrency < 1:
-        p.error("--num-responses, --max-new-tokens, --batch-size and --concurrency must be >= 1")
+    if min(args.num_responses, args.max_new_tokens, args.batch_size, args.concurrency, args.n_per_request) < 1:
+        p.error("--num-responses, --max-new-tokens, --batch-size, --concurrency and --n-per-request must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
     if Path(args.out).is_dir():
@@ -243,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.model.startswith(("http://", "https://")):
             teacher = ServerTeacher(args.model, args.served_model, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, concurrency=args.concurrency,
-                                    timeout_s=args.timeout_s, retries=args.retries)
+                                    timeout_s=args.timeout_s, retries=args.retries, n_per_request=args.n_per_request)
         else:
             teacher = LocalTeacher(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)

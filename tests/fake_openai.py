@@ -2,8 +2,9 @@
 
 It answers ``POST /v1/chat/completions`` and ``GET /v1/models``. A judge request (the prompt of
 ``ril_fast.judge.judge_messages``) is answered by the rule judge, as a one-token reply with top
-log-probs; any other request gets a teacher-style reply naming the question. A marker in the last user
-message injects a fault, counted per distinct message (``attempts``):
+log-probs; any other request gets a teacher-style reply naming the question, ``n`` choices of it
+(``ignore_n=True``: one, whatever ``n`` asks for). A marker in the last user message injects a fault,
+counted per distinct message (``attempts``):
 
     FAULT:slow        every attempt sleeps ``slow_s`` before replying (longer than the client's timeout)
     FAULT:slow-once   the first attempt sleeps ``slow_s``, later ones answer at once
@@ -32,11 +33,13 @@ class FakeOpenAI:
     """Start with ``with FakeOpenAI() as server:``; ``server.url`` is the API base (``.../v1``).
 
     ``delay_s``: every reply waits this long (to see requests in flight). ``logprobs``: judge replies
-    carry top log-probs (False: the token alone). ``slow_s``: the sleep of a slow fault. ``requests``: (path, body, headers) of every request seen.
+    carry top log-probs (False: the token alone). ``slow_s``: the sleep of a slow fault. ``ignore_n``:
+    teacher replies have one choice whatever ``n`` asks for (as a server without ``n``).
+    ``requests``: (path, body, headers) of every request seen.
     """
 
-    def __init__(self, *, delay_s: float = 0.0, slow_s: float = 1.0, logprobs: bool = True):
-        self.delay_s, self.slow_s, self.logprobs = delay_s, slow_s, logprobs
+    def __init__(self, *, delay_s: float = 0.0, slow_s: float = 1.0, logprobs: bool = True, ignore_n: bool = False):
+        self.delay_s, self.slow_s, self.logprobs, self.ignore_n = delay_s, slow_s, logprobs, ignore_n
         self.requests: list[tuple[str, dict, dict]] = []
         self.attempts: Counter = Counter()
         self.in_flight = self.max_in_flight = 0
@@ -69,13 +72,16 @@ class FakeOpenAI:
         return {"object": "chat.completion", "choices": [choice]}
 
     def teacher_reply(self, body: dict, text: str) -> dict:
-        """A teacher-style answer that names the question, and whether an image came with it."""
+        """``n`` teacher-style answers (one if ``ignore_n``), each naming the question, its choice index and
+        how many images came with it."""
         images = sum(1 for m in body["messages"] if isinstance(m["content"], list)
                      for part in m["content"] if part.get("type") == "image_url")
-        content = f"About '{text}': the answer, having seen {images} image(s)."
+        n = 1 if self.ignore_n else body.get("n", 1)
         return {"object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": "stop"}]}
+                "choices": [{"index": i, "message": {"role": "assistant", "content":
+                                                     f"About '{text}' (choice {i}): the answer, having seen "
+                                                     f"{images} image(s)."},
+                             "finish_reason": "stop"} for i in range(n)]}
 
     def _handler(self):
         fake = self

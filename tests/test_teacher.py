@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from models_fixtures import one_thread  # noqa: F401
 from ril_fast.data import DataError, load_examples, load_teachers
 from ril_fast.demo import build_demo
 from ril_fast.judge import RuleJudge
+from ril_fast.judges_http import HTTPError
 from ril_fast.teacher import main, written_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +87,121 @@ def test_server_teacher_sends_images_as_data_urls(demo, tmp_path):
     bank = load_teachers([out], load_examples(demo.train))
     assert bank.teachers == ["big-vlm"] and bank.counts() == {"big-vlm": 80}
     assert all(line["response"].endswith("having seen 1 image(s).") for line in lines)
+
+
+def _first(demo, n: int) -> Path:
+    """The demo's first ``n`` training examples, beside the images their paths are relative to."""
+    data = demo.root / f"train{n}.jsonl"
+    data.write_text("".join(demo.train.read_text().splitlines(keepends=True)[:n]))
+    return data
+
+
+def _asked(server, examples) -> dict[str, list[int]]:
+    """Example id -> the ``n`` of each chat request the server saw for it (1 when absent), sorted. A request
+    is matched to its example by its (image data URL, question), and must carry the image once."""
+    key_of = {("data:image/png;base64," + base64.b64encode(e.images[0].read_bytes()).decode(), e.question): e.id
+              for e in examples}
+    assert len(key_of) == len(examples)  # each example is told apart
+    asked = {}
+    for path, body, _ in server.requests:
+        if path == "/v1/chat/completions":
+            (message,) = body["messages"]
+            image, text = message["content"]
+            asked.setdefault(key_of[image["image_url"]["url"], text["text"]], []).append(body.get("n", 1))
+    return {i: sorted(ns) for i, ns in asked.items()}
+
+
+def test_server_teacher_asks_for_an_examples_responses_in_one_request(demo, tmp_path):
+    """K responses in one request with n = K: the example's image is uploaded once, not K times. The
+    choices go to the indices in order of the choices' index, not of their place in the reply."""
+    examples = load_examples(demo.train)
+    out = tmp_path / "n.jsonl"
+    with FakeOpenAI() as server:
+        reply = server.teacher_reply
+        server.teacher_reply = lambda body, text: {"choices": reply(body, text)["choices"][::-1]}
+        stats = main(["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "4",
+                      "--n-per-request", "8", "--concurrency", "3", "--no-progress"])
+    assert stats == {"written": 160, "empty": 0, "skipped": 0, "total": 160}
+    assert _asked(server, examples) == {e.id: [4] for e in examples}
+    by_id = {}
+    for line in _lines(out):
+        by_id.setdefault(line["id"], []).append(line)
+    for e in examples:
+        lines = sorted(by_id[e.id], key=lambda line: line["index"])
+        assert [line["index"] for line in lines] == [0, 1, 2, 3]
+        assert len({line["response"] for line in lines}) == 4
+        assert all(f"(choice {line['index']})" in line["response"] for line in lines)
+    assert load_teachers([out], examples).counts() == {"n": 160}
+
+
+def test_server_teacher_resumed_asks_only_for_the_missing_indices(demo, tmp_path):
+    data = _first(demo, 3)
+    examples = load_examples(data)
+    e0, e1, e2 = (e.id for e in examples)
+    out = tmp_path / "resumed.jsonl"
+    kept = [(e0, 0), (e0, 2)] + [(e1, k) for k in range(4)]  # e2: none yet
+    out.write_text("".join(json.dumps({"id": i, "index": k, "teacher": "resumed", "response": "earlier",
+                                       "truncated": False}) + "\n" for i, k in kept))
+    with FakeOpenAI() as server:
+        stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
+                      "--no-progress"])
+    assert stats == {"written": 6, "empty": 0, "skipped": 6, "total": 12}
+    assert _asked(server, examples) == {e0: [2], e2: [4]}
+    new = {(line["id"], line["index"]): line["response"] for line in _lines(out)[len(kept):]}
+    assert set(new) == {(e0, 1), (e0, 3)} | {(e2, k) for k in range(4)}
+    assert "(choice 0)" in new[e0, 1] and "(choice 1)" in new[e0, 3]  # in order of the choices' index
+    assert written_pairs(out) == {(e.id, k) for e in examples for k in range(4)}
+
+
+def test_server_that_ignores_n_still_yields_every_response(demo, tmp_path, capsys):
+    data = _first(demo, 3)
+    examples = load_examples(data)
+    out = tmp_path / "ignores.jsonl"
+    with FakeOpenAI(ignore_n=True) as server:
+        stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
+                      "--concurrency", "3", "--no-progress"])
+    assert stats == {"written": 12, "empty": 0, "skipped": 0, "total": 12}
+    pairs = [(line["id"], line["index"]) for line in _lines(out)]
+    assert sorted(pairs) == sorted((e.id, k) for e in examples for k in range(4))
+    # One choice a reply: asked for 4, then for the 3, 2 and 1 still missing.
+    assert _asked(server, examples) == {e.id: [1, 2, 3, 4] for e in examples}
+    err = capsys.readouterr().err
+    assert err.count("--n-per-request 1") == 1, err
+    assert f"{server.url}: asked for n=4 choices, got 1: the server seems to ignore \"n\"" in err
+
+
+@pytest.mark.parametrize("args, asked", [
+    (["--n-per-request", "1"], [1, 1, 1, 1]),  # the old way: one request per response, no "n" sent
+    (["--n-per-request", "3"], [1, 3]),
+    (["--temperature", "0"], [1, 1, 1, 1]),  # vLLM refuses n > 1 with greedy sampling
+])
+def test_server_requests_per_example(demo, tmp_path, args, asked):
+    data = _first(demo, 3)
+    examples = load_examples(data)
+    out = tmp_path / "per.jsonl"
+    with FakeOpenAI() as server:
+        stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
+                      "--no-progress", *args])
+    assert stats == {"written": 12, "empty": 0, "skipped": 0, "total": 12}
+    assert _asked(server, examples) == {e.id: asked for e in examples}
+    assert written_pairs(out) == {(e.id, k) for e in examples for k in range(4)}
+
+
+def test_server_reply_with_more_choices_than_asked_or_none(demo, tmp_path):
+    """More choices than asked: the first n by index are used. No choice at all: a malformed reply."""
+    data = _first(demo, 3)
+    out = tmp_path / "more.jsonl"
+    with FakeOpenAI() as server:
+        reply = server.teacher_reply
+        server.teacher_reply = lambda body, text: reply({**body, "n": body.get("n", 1) + 2}, text)
+        stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2",
+                      "--no-progress"])
+        assert stats["written"] == 6 and len(server.requests) == 1 + 3  # /models, then one request per example
+        assert all(f"(choice {line['index']})" in line["response"] for line in _lines(out))
+        server.teacher_reply = lambda body, text: {"choices": []}
+        with pytest.raises(HTTPError, match=r"malformed reply \(IndexError: no choices\)"):
+            main(["--model", server.url, "--data", str(data), "--out", str(tmp_path / "none.jsonl"),
+                  "--num-responses", "2", "--no-progress"])
 
 
 def test_server_reply_cut_inside_an_emoji_is_written_and_judged(demo, tmp_path):
