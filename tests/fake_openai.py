@@ -91,6 +91,7 @@ class FakeOpenAI:
                 pass
 
             def _send(self, status: int, payload: bytes, ctype: str = "application/json"):
+                self._done()  # in flight until its reply starts: the client may send its next one at once
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", ctype)
@@ -113,11 +114,17 @@ class FakeOpenAI:
                     fake.requests.append((self.path, body, dict(self.headers)))
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    self.in_flight = True
                 try:
                     self._reply(body)
                 finally:
-                    with fake.lock:
+                    self._done()
+
+            def _done(self):
+                with fake.lock:
+                    if getattr(self, "in_flight", False):
                         fake.in_flight -= 1
+                        self.in_flight = False
 
             def _reply(self, body: dict):
                 last = body["messages"][-1]["content"]
