@@ -193,8 +193,8 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     gradient reduction a sum over ranks: the caller's loss carries the global normaliser. Parameters
     (of ``model``, shared with the result; names gain a ``module.`` prefix on the wrapper) become
     DTensors sharded on dim 0 (``p.full_tensor()`` gathers one), except 0-d ones, which FSDP cannot
-    shard: they stay replicated plain tensors (an optimizer must not mix them with DTensors in one
-    param group when it uses foreach kernels). Call the result, not ``model``: see
+    shard: they stay replicated plain tensors (an optimizer using foreach kernels must not mix them with
+    DTensors in one param group: :func:`optimizer_groups`). Call the result, not ``model``: see
     :class:`Sharded`. For generation see :func:`gathered`.
     """
     device = next(model.parameters()).device
@@ -227,6 +227,15 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     return root
 
 
+def optimizer_groups(model: nn.Module) -> list[dict]:
+    """``model``'s parameters as optimizer param groups: the sharded ones (DTensors), then the 0-d ones
+    FSDP leaves as plain tensors (a discriminator head's bias). Kept apart, an optimizer's foreach or
+    fused kernels (CUDA's default) never mix the two kinds in one call."""
+    params = list(model.parameters())
+    groups = [[p for p in params if p.ndim > 0], [p for p in params if p.ndim == 0]]
+    return [{"params": group} for group in groups if group]
+
+
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     """Every FSDP-wrapped module of ``model``, outermost first (empty if not sharded)."""
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -248,6 +257,7 @@ def _param_groups(module: FSDPModule) -> list:
 def _reshards_after_forward(module: FSDPModule) -> bool:
     """Whether ``module`` frees its gathered parameters after forward (FSDP keeps it per param group)."""
     return any(g.post_forward_mesh_info is not None for g in _param_groups(module))
+
 
 
 _HELD: "weakref.WeakSet[FSDPModule]" = weakref.WeakSet()  # FSDP modules kept gathered by a gathered()

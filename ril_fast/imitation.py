@@ -13,7 +13,7 @@ probability that o is the student's; the similarity reward is r_sim = 1[D < 0.5]
 import torch
 import torch.nn.functional as F
 
-from ril_fast.distributed import all_reduce_sum
+from ril_fast.distributed import all_reduce_sum, gathered
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
 
 
@@ -41,13 +41,18 @@ def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: t
 
 @torch.no_grad()
 def disc_probs(disc, micro: list[MicroBatch], n: int) -> torch.Tensor:
-    """D = sigmoid(logit) ``(n,)`` fp32 (on CPU) for the step's ``n`` responses, in response order."""
+    """D = sigmoid(logit) ``(n,)`` fp32 (on CPU) for the step's ``n`` responses, in response order.
+    The parameters are gathered once for all micro-batches (``gathered``) and the scores stay on the
+    device until the last one."""
     device = model_device(disc)
-    probs = torch.full((n,), float("nan"))
-    for mb in micro:
-        p = torch.sigmoid(disc(mb.batch.to(device))).float().cpu()
-        real = mb.weight > 0  # a filler's index names another response: its score is not that one's
-        probs[torch.tensor(mb.index)[real]] = p[real]
+    probs = torch.full((n,), float("nan"), device=device)
+    with gathered(disc):
+        for mb in micro:
+            p = torch.sigmoid(disc(mb.batch.to(device))).float()
+            real = [k for k, w in enumerate(mb.weight.tolist()) if w > 0]  # fillers (copies, weight 0) left out
+            rows = torch.tensor(real, dtype=torch.long, device=device)
+            probs[torch.tensor([mb.index[k] for k in real], dtype=torch.long, device=device)] = p[rows]
+    probs = probs.cpu()
     if torch.isnan(probs).any():
         raise RuntimeError("some responses were in no micro-batch")
     return probs

@@ -42,7 +42,7 @@ class MicroBatch:
     def per_token(self, values: torch.Tensor) -> torch.Tensor:
         """Broadcast per-sample ``values (S,)`` to the micro-batch's response tokens ``(R,)``."""
         counts = torch.tensor(self.batch.response_lengths, device=values.device)
-        return values.repeat_interleave(counts)
+        return values.repeat_interleave(counts, output_size=sum(self.batch.response_lengths))  # no host sync
 
 
 def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: bool = False, agree_images=None,

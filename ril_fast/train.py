@@ -181,8 +181,7 @@ def setup(cfg: Config) -> Run:
     if bank is not None:
         disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool)
         disc = distributed.shard_model(disc.eval(), mixed_precision=gpu)
-        # foreach=False: the head's 0-dim bias stays a plain tensor beside FSDP's DTensors.
-        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc.lr, foreach=False)
+        disc_optimizer = torch.optim.AdamW(distributed.optimizer_groups(disc), lr=cfg.disc.lr)
 
     judge = make_judge_from_config(cfg)  # rule | hf | http, with the judge_* settings
     run = Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,

@@ -165,3 +165,8 @@ def test_generation_inside_gathered(report):
     # during generation is forgotten: no stale backward prefetch), the root stays gathered between
     # forwards, the other units gather again in each forward
     assert report["gathers_two_forwards_after_rollout"] == 1 + 2 * (units - 1)
+    # no-grad passes over 3 micro-batches: one gather per unit (3 per unit but the root without
+    # gathered()); the root is still gathered from the forwards just above
+    assert report["gathers_frozen_logprobs_3_micro"] == units - 1 and report["frozen_logprobs_err"] < 1e-5
+    assert report["gathers_disc_probs_3_micro"] == report["disc_fsdp_modules"]
+    assert report["disc_probs_err"] < 1e-5

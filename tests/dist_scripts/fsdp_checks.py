@@ -24,9 +24,11 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from ril_fast import distributed, rollout  # noqa: E402
 from ril_fast.discriminator import Discriminator  # noqa: E402
-from ril_fast.microbatch import micro_batches, rank_agreement  # noqa: E402
+from ril_fast.imitation import disc_probs  # noqa: E402
+from ril_fast.microbatch import MicroBatch, micro_batches, rank_agreement  # noqa: E402
 from ril_fast.models import load, packed_logprobs  # noqa: E402
 from ril_fast.packing import pack  # noqa: E402
+from ril_fast.policy import frozen_logprobs  # noqa: E402
 from ril_fast.rollout import sample_responses  # noqa: E402
 from tests.models_fixtures import random_samples  # noqa: E402
 
@@ -258,6 +260,14 @@ def main(folder: str, out_path: str) -> None:
         logprobs(model, batch)
         logprobs(model, batch)
         res["gathers_two_forwards_after_rollout"] = counter.count
+    # A step's no-grad passes (here π_old over 3 micro-batches) gather once, not per micro-batch.
+    micro = [MicroBatch(batch, list(range(len(batch.lengths))), torch.ones(len(batch.lengths)))] * 3
+    with counter.counting():
+        old = frozen_logprobs(model, micro, temperature=1.0)
+        res["gathers_frozen_logprobs_3_micro"] = counter.count
+    with torch.no_grad():
+        res["frozen_logprobs_err"] = max_over_ranks(max((lp - logprobs(model, batch)).abs().max().item()
+                                                        for lp in old))
 
     # -- the discriminator shards the same way; its 0-d bias stays a plain tensor, summed by a hook ------
     disc_ref, _ = Discriminator.from_student(folder, device="cpu", init_std=0.5)
@@ -278,7 +288,13 @@ def main(folder: str, out_path: str) -> None:
     res["disc_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(disc), disc_ref_grads))
     res["disc_bias_grad_err"] = max_over_ranks(
         (distributed.unwrap(disc).bias.grad - disc_ref_grads["bias"]).abs().item())
-    torch.optim.AdamW(disc.parameters(), lr=1e-3).step()  # DTensors and the plain bias in one group
+    with counter.counting():
+        probs = disc_probs(disc, micro, len(batch.lengths))
+        res["gathers_disc_probs_3_micro"] = counter.count
+    with torch.no_grad():
+        res["disc_probs_err"] = max_over_ranks((probs - torch.sigmoid(disc_ref(batch))).abs().max().item())
+    # The trainer's param groups (DTensors, then the plain bias) with the foreach kernels CUDA defaults to.
+    torch.optim.AdamW(distributed.optimizer_groups(disc), lr=1e-3, foreach=True).step()
     res["disc_optimizer_step"] = True
 
     distributed.barrier()
