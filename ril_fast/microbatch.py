@@ -7,7 +7,8 @@ micro-batch can be split further, adds "filler" micro-batches: a copy of one of 
 weight 0, which moves no parameter but keeps the collectives in step.
 
 Samples that share images (a question's 2G responses) are binned together where they fit, so the
-vision tower runs once per image in each update (``packing.image_inputs``).
+vision tower runs once per image in each update; a group over the token budget is cut into as few
+chunks as fit, one image encoding each (``packing.first_fit_decreasing``).
 
 The vision tower is an FSDP unit of its own, so in each micro-batch it must run on every rank or on
 none: ``agree_images`` tells which micro-batches carry images on some rank, and a rank whose matching

@@ -445,13 +445,19 @@ def first_fit_decreasing(lengths: list[int], max_tokens: int,
     """Bin sample indices into micro-batches of at most ``max_tokens`` tokens each.
 
     Longest first, each into the first micro-batch with room (FFD: at most 11/9·OPT + 1 bins).
-    ``groups``: lists of indices (each index in one) to keep in one micro-batch when they fit in one
-    together, binned as a single item (the samples that share images, see ``image_groups``).
+    ``groups``: lists of indices (each index in one) whose samples share images (see ``image_groups``):
+    the vision tower encodes a group's images once in each micro-batch that holds any of it. A group is
+    cut into the chunks FFD packs it into on its own (one chunk, the group, when it fits), and each chunk
+    is binned as one item, its indices together in group order. Any two chunks of a group exceed
+    ``max_tokens`` together (the later one did not fit beside the earlier), so no two share a
+    micro-batch: a group of T tokens lies in exactly k micro-batches, k ≤ 11/9·OPT + 1 (OPT: the fewest
+    that could hold it alone) and k < 2·T / max_tokens + 1.
     Returns a list of micro-batches, each a list of indices into ``lengths``; every index appears once.
     """
     _check_budget(lengths, max_tokens)
     items = [[i] for i in range(len(lengths))] if groups is None else [
-        part for g in groups for part in ([g] if sum(lengths[i] for i in g) <= max_tokens else [[i] for i in g])]
+        [g[j] for j in sorted(chunk)] for g in groups
+        for chunk in first_fit_decreasing([lengths[i] for i in g], max_tokens)]
     sizes = [sum(lengths[i] for i in item) for item in items]
     bins, room = [], []
     for k in sorted(range(len(items)), key=lambda k: -sizes[k]):

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from ril_fast.microbatch import micro_batches
 from ril_fast.models import load
 from ril_fast.packing import (IGNORE_INDEX, Encoded, balance_ranks, first_fit_decreasing, image_groups, load_image,
                               pack, pad, plan, report)
@@ -153,24 +154,69 @@ def test_ffd_random():
 
 
 def test_ffd_groups_hand_example():
-    # groups of 5, 5 and 4 tokens: kept whole; the group of 12 > 8 is binned sample by sample
+    # groups of 5, 5 and 4 tokens: kept whole; the group of 12 > 8 is cut into its own FFD chunks
     assert first_fit_decreasing([3, 3, 2, 2, 4], 8, groups=[[0, 2], [1, 3], [4]]) == [[0, 2], [1, 3], [4]]
     assert first_fit_decreasing([3, 3, 2, 2, 4], 8) == [[4, 0], [1, 2, 3]]
     assert first_fit_decreasing([5, 4, 3], 8, groups=[[0, 1, 2]]) == [[0, 2], [1]]
+    # a group of 4 × 3 tokens > 8 beside one of 5: cut into two chunks of 6 (3 image encodes in 3 bins);
+    # cut into single samples it was scattered over all three bins ([[1, 0], [2, 3], [4]]: 4 encodes)
+    assert first_fit_decreasing([3, 5, 3, 3, 3], 8, groups=[[0, 2, 3, 4], [1]]) == [[0, 2], [3, 4], [1]]
 
 
-def test_ffd_groups_random():
-    lengths, budget = _random_lengths(300, 200), 1000
+def _random_groups(n, groups):
+    """``n`` indices shuffled and cut into ``groups`` non-empty groups."""
     rng = random.Random(int(torch.randint(1 << 30, ())))
-    order = rng.sample(range(300), 300)
-    cuts = sorted(rng.sample(range(1, 300), 60))
-    groups = [order[a:b] for a, b in zip([0] + cuts, cuts + [300])]
+    order = rng.sample(range(n), n)
+    cuts = sorted(rng.sample(range(1, n), groups - 1))
+    return [order[a:b] for a, b in zip([0] + cuts, cuts + [n])]
+
+
+@pytest.mark.parametrize("hi", [200, 600])  # longest sample: 1/5 and 3/5 of the budget
+def test_ffd_groups_random(hi):
+    """Every index once, every bin within budget, a group's indices together and in group order in each
+    bin; a group that fits lies in one bin, a larger one in exactly as many bins as FFD packs it into
+    alone, any two of which hold more than the budget of its tokens (so fewer than 2·T / budget + 1)."""
+    lengths, budget = _random_lengths(300, hi), 1000
+    groups = _random_groups(300, 20)
     bins = first_fit_decreasing(lengths, budget, groups=groups)
     assert sorted(i for b in bins for i in b) == list(range(300))
     assert max(sum(lengths[i] for i in b) for b in bins) <= budget
-    where = {i: k for k, b in enumerate(bins) for i in b}
-    fitting = [g for g in groups if sum(lengths[i] for i in g) <= budget]
-    assert fitting and all(len({where[i] for i in g}) == 1 for g in fitting)
+    split = 0
+    for g in groups:
+        parts = []
+        for b in bins:
+            at = [k for k, i in enumerate(b) if i in g]
+            if at:
+                assert at == list(range(at[0], at[-1] + 1))  # together: halving a bin keeps groups whole
+                parts.append([b[k] for k in at])
+        assert all(p == [i for i in g if i in p] for p in parts)
+        tokens = sum(lengths[i] for i in g)
+        if tokens <= budget:
+            assert parts == [g]
+            continue
+        split += 1
+        held = sorted(sum(lengths[i] for i in p) for p in parts)
+        assert len(parts) == len(first_fit_decreasing([lengths[i] for i in g], budget))
+        assert held[0] + held[1] > budget and len(parts) < 2 * tokens / budget + 1
+    assert split  # 20 groups of 15 samples on average: some exceed the budget
+
+
+def test_micro_batches_encode_a_group_once_per_chunk():
+    """Through ``micro_batches`` and ``pack``: the images the vision tower encodes, summed over the
+    micro-batches, are the chunks the image groups are cut into (one per group where it fits). Cut into
+    single samples, as before, a group's images were encoded in most of the micro-batches."""
+    lengths, budget = [n + 1 for n in _random_lengths(48, 60)], 128
+    groups = _random_groups(48, 6)
+    grid = torch.tensor([[1, 2, 2]])
+    pixels = [torch.zeros(4, 3) for _ in groups]
+    image = {i: pixels[k] for k, g in enumerate(groups) for i in g}
+    encoded = [Encoded(torch.zeros(n, dtype=torch.long), 1, image[i], grid) for i, n in enumerate(lengths)]
+    micro = micro_batches(encoded, budget)
+    assert sorted(i for mb in micro for i in mb.index) == list(range(48))
+    assert max(sum(mb.batch.lengths) for mb in micro) <= budget
+    encodes = sum(len(mb.batch.image_grid_thw if mb.batch.vision_grid_thw is None else mb.batch.vision_grid_thw)
+                  for mb in micro)
+    assert encodes == sum(len(first_fit_decreasing([lengths[i] for i in g], budget)) for g in groups)
 
 
 def test_image_groups_follow_shared_pixels():
