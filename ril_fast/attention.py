@@ -15,7 +15,8 @@ Kernels, picked per call:
 
 Generation with a KV cache calls this too: each batch row is one sample whose few queries are its last
 positions (causal masking aligned to the last key, flash-attention's rule), left padding given by the
-2-D mask; one query per row (every decoding step) is one SDPA call over the padded cache.
+2-D mask. One query per row (every decoding step) is one SDPA call over the cache as it is (``_decode``):
+no copy of the cache and no host synchronisation, in the attention or in building its mask.
 
 The name has no "flash" in it on purpose: transformers treats any "*flash*" name as a hub kernel to
 download when a model is loaded with it. But Qwen-VL vision towers hand their windows' boundaries to the
@@ -147,6 +148,42 @@ def _cu_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     return F.pad(lens.cumsum(0), (1, 0)).to(torch.int32), int(lens.max())
 
 
+def _decode(query, key, value, mask: torch.Tensor | None, scale: float | None, dropout: float) -> torch.Tensor:
+    """One query per row against the whole cache (cached generation, every decoding step): query (B, Hq, 1, D),
+    key/value (B, Hkv, Tk, D), mask (B, Tk) (nonzero on real keys; None: all real) -> (B, 1, Hq, D). A row whose
+    last key is padding (a padding query) gives zeros.
+
+    Query head h reads KV head h // G, G = Hq // Hkv (transformers' ``repeat_kv``): the G query heads of a KV head
+    become G query rows, (B, Hq, 1, D) -> (B, Hkv, G, D), and SDPA sees equal head counts. With ``enable_gqa`` and a
+    mask instead, CUDA's flash kernel (no mask) and memory-efficient kernel (no GQA in torch 2.11) are both ruled
+    out, and the math kernel copies K and V once per query head, every layer and step.
+    """
+    B, Hq, _, D = query.shape
+    Hkv = key.shape[1]
+    keys = None if mask is None else mask.bool()
+    out = F.scaled_dot_product_attention(query.reshape(B, Hkv, Hq // Hkv, D), key, value,
+                                         attn_mask=None if keys is None else keys[:, None, None, :], scale=scale,
+                                         dropout_p=dropout)
+    out = out.reshape(B, 1, Hq, D)
+    return out if keys is None else torch.where(keys[:, -1, None, None, None], out, 0.0)
+
+
+def _padding_mask(*, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None,
+                  **kwargs) -> torch.Tensor | None:
+    """transformers mask function of ``ril_varlen``: the 2-D padding mask (B, kv_length) bool, or None.
+
+    One query per row (a decoding step) gets the mask as given: flash-attention's function checks
+    ``attention_mask.all()`` to return None for unpadded rows, a host synchronisation every step, and ``_decode``
+    needs no such check. Longer inputs keep flash-attention's function (one check per forward): None sends unpadded
+    prefills to the mask-free paths, which gather nothing. Packed rows come with no mask and get None either way.
+    """
+    from transformers.masking_utils import flash_attention_mask
+
+    if q_length == 1 and attention_mask is not None:
+        return attention_mask[:, -kv_length:]
+    return flash_attention_mask(q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs)
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              is_causal=None, position_ids=None, sliding_window=None, **kwargs):
     """transformers attention function: query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D) -> ((B, Tq, Hq, D), None).
@@ -164,14 +201,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     Tk = key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     dropout = dropout if module.training else 0.0
-    if attention_mask is not None and attention_mask.ndim == 2 and Tq == 1:
-        # Cached generation, one new token per row: SDPA over the padded cache under the padding mask.
-        # No gathering of the cache and no host synchronisation (this runs per layer per token).
-        keys = attention_mask.bool()
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keys[:, None, None, :], scale=scaling,
-                                             dropout_p=dropout, enable_gqa=Hq != key.shape[1])
-        out = torch.where(keys[:, -1, None, None, None], out, 0.0)  # a padding query row gives zeros
-        return out.transpose(1, 2), None
+    padding_mask = attention_mask is not None and attention_mask.ndim == 2
+    if Tq == 1 and (padding_mask or (attention_mask is None and kwargs.get("cu_seq_lens_q") is None)):
+        return _decode(query, key, value, attention_mask, scaling, dropout), None
     packed_row = position_ids is not None and B == 1 and Tq == Tk  # as transformers detects one
     if kwargs.get("cu_seq_lens_q") is None and attention_mask is None and not packed_row and (not causal or Tq == Tk):
         # one sample per batch row (e.g. a vision chunk): plain SDPA
@@ -211,12 +243,12 @@ def register() -> str:
     """Register ``ril_varlen`` (and ``VISION_NAME``) with transformers' attention and mask interfaces
     (idempotent); returns ``NAME``.
 
-    The mask function is flash-attention's: None for unpadded input, the 2-D padding mask otherwise.
+    The mask function is ``_padding_mask``: the 2-D padding mask, None for unpadded input of more than one query.
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     for name in (NAME, VISION_NAME):
         AttentionInterface.register(name, varlen_attention_forward)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+        AttentionMaskInterface.register(name, _padding_mask)
     return NAME

@@ -1,14 +1,22 @@
 """ril_fast.attention on CPU: the padded-batch SDPA path (one call for all samples) against the
 per-sample reference and against a dense oracle written here (block-diagonal mask over the whole row),
 forward and gradients, for packed rows (queries = keys) and KV-cached decoding (fewer queries than keys,
-causal masking aligned to the last key). Fresh random lengths and values per case."""
+causal masking aligned to the last key). Fresh random lengths and values per case. The decoding step (one
+query per row, query heads folded onto their KV head) against per-sample attention over the unpadded cache,
+and generate's decoding steps through a tiny model without a host synchronisation."""
+
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ril_fast import attention
-from helpers import max_err
+from ril_fast.models import load
+from ril_fast.rollout import sample_responses
+from helpers import assert_close_rule, max_err
+from tests.models_fixtures import one_thread, tiny_folder  # noqa: F401
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:
@@ -101,3 +109,146 @@ def test_decoding_through_the_transformers_entry_point(tq, hq, hkv):
         causal = torch.ones(tq, k.shape[1], dtype=torch.bool).tril(k.shape[1] - tq)
         want = F.scaled_dot_product_attention(query[b], k, v, attn_mask=causal)  # (Hq, Tq, D)
         assert max_err(out[b].transpose(0, 1), want) <= 1e-12
+
+
+def _decode_reference(query, key, value, mask):
+    """Decoding step one row at a time over its real keys only, K/V heads repeated per query head
+    (transformers' repeat_kv: query head h reads KV head h // G) -> (B, 1, Hq, D); a row whose newest
+    key is padding gives zeros."""
+    B, Hq, _, D = query.shape
+    out = torch.zeros(B, 1, Hq, D, dtype=query.dtype)
+    for b in range(B):
+        real = mask[b].bool()
+        if real[-1]:
+            k, v = (x[b][:, real].repeat_interleave(Hq // key.shape[1], 0) for x in (key, value))  # (Hq, L, D)
+            out[b, 0] = F.scaled_dot_product_attention(query[b], k, v)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("dtype,atol", [  # atol: ~5x the most the 2x rule fell short in 3,000 random cases
+    (torch.float32, 5e-6),  # (9e-7: ~4 ulps of |out| < 4; a mispaired head is off by O(1))
+    (torch.bfloat16, 4e-3),  # (1.3e-3: under one ulp of |out| in [2, 4))
+])
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_decoding_step_equals_per_sample_attention(group, dtype, atol):
+    """One query per row (every decoding step) against a left-padded cache of random length, GQA with
+    Hq / Hkv = ``group``; padded cache entries hold huge values, so attending to one shows. Also without a
+    mask (unpadded rows: transformers 5.2x's generate drops an all-ones mask)."""
+    B, Hkv, D = int(torch.randint(1, 7, ())), int(torch.randint(1, 4, ())), 8 * int(torch.randint(1, 9, ()))
+    Tk, Hq = int(torch.randint(1, 60, ())), Hkv * group
+    mask = torch.ones(B, Tk, dtype=torch.long)
+    for b in range(B):
+        mask[b, :int(torch.randint(0, Tk, ()))] = 0  # left padding; the newest key stays real
+    if B > 1:
+        mask[-1, -1] = 0  # a padding query row
+    query = torch.randn(B, Hq, 1, D, dtype=torch.float64)
+    key, value = (torch.randn(B, Hkv, Tk, D, dtype=torch.float64) for _ in "kv")
+    padding = ~mask.bool()[:, None, :, None]
+    poisoned = key.masked_fill(padding, 1e4), value.masked_fill(padding, -1e4)
+    module = torch.nn.Module().eval()
+    module.is_causal = True
+    ones = torch.ones(B, Tk, dtype=torch.long)
+    for m, given, (k, v) in ((mask, mask, poisoned), (ones, None, (key, value))):
+        want64 = _decode_reference(query, k, v, m)
+        args = [x.to(dtype) for x in (query, k, v)]
+        out, _ = attention.varlen_attention_forward(module, *args, given, scaling=None)
+        assert_close_rule(out, _decode_reference(*args, m), want64, atol, f"{dtype} G={group} mask={given is not None}")
+        assert not out[~m[:, -1].bool()].any(), "a padding query row must give zeros"
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 4), (6, 2), (4, 1)])
+def test_decoding_step_pairs_query_head_h_with_kv_head_h_div_g(hq, hkv):
+    """Every value of KV head j is j, so query head h gives h // (hq / hkv) (h % hkv, the other natural
+    fold, reads a different head whenever hkv > 1)."""
+    B, Tk, D = 3, 5, 4
+    query, key = torch.randn(B, hq, 1, D), torch.randn(B, hkv, Tk, D)
+    value = torch.arange(hkv, dtype=torch.float32)[None, :, None, None].expand(B, hkv, Tk, D)
+    mask = torch.ones(B, Tk, dtype=torch.long)
+    mask[0, :2] = 0
+    module = torch.nn.Module()
+    module.is_causal = True
+    for m in (mask, None):
+        out, _ = attention.varlen_attention_forward(module, query, key, value, m)
+        want = (torch.arange(hq) // (hq // hkv)).float()[None, None, :, None].expand(B, 1, hq, D)
+        assert max_err(out, want) <= 1e-5
+
+
+def test_decoding_step_gives_sdpa_equal_head_counts(monkeypatch):
+    """The decoding step's SDPA call sees as many query heads as KV heads and no ``enable_gqa``: on CUDA,
+    GQA with a mask rules out both fused kernels and SDPA falls back to the math kernel."""
+    calls, real = [], F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1], kw.get("enable_gqa")))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    module = torch.nn.Module()
+    module.is_causal = True
+    query, key = torch.randn(2, 16, 1, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    for m in (mask, None):
+        attention.varlen_attention_forward(module, query, key, key, m)
+    assert calls == [(2, 2, None)] * 2
+
+
+def test_mask_function_keeps_the_decoding_mask_as_given():
+    """Decoding (one query) gets the 2-D mask even without padding (no ``.all()`` check on the host);
+    longer inputs keep flash-attention's rule (None when unpadded)."""
+    ones, padded = torch.ones(2, 7, dtype=torch.bool), torch.ones(2, 7, dtype=torch.bool)
+    padded[0, :3] = False
+    kw = dict(batch_size=2, q_offset=0, kv_offset=0)
+    assert torch.equal(attention._padding_mask(q_length=1, kv_length=7, attention_mask=ones, **kw), ones)
+    assert torch.equal(attention._padding_mask(q_length=1, kv_length=7, attention_mask=padded, **kw), padded)
+    assert attention._padding_mask(q_length=7, kv_length=7, attention_mask=ones, **kw) is None
+    assert torch.equal(attention._padding_mask(q_length=7, kv_length=7, attention_mask=padded, **kw), padded)
+    assert attention._padding_mask(q_length=1, kv_length=7, attention_mask=None, **kw) is None
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts, while ``on``, the ops that make the host wait for the device: reading a tensor's value
+    (``item``, ``bool(t)``) and data-dependent output shapes (``nonzero``, boolean indexing)."""
+
+    OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+           torch.ops.aten.item.default, torch.ops.aten.nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.on, self.count = False, Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on and func in self.OPS:
+            self.count[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_decoding_steps_make_no_host_synchronisation(tmp_path_factory, one_thread, arch, padded):  # noqa: F811
+    """Inside the decoder's forward on every one-token step of a real ``generate`` (the rollout's), with
+    left-padded prompts and with prompts of one length (transformers 5.2x's generate then drops the mask): no
+    host synchronisation, neither building the mask nor in any layer's attention."""
+    model, proc = load(tiny_folder(tmp_path_factory, arch), device="cpu")
+    syncs, steps = _HostSyncs(), []
+
+    def start(module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        x = kwargs["input_ids"] if x is None else x
+        syncs.on = x.shape[1] == 1
+        steps.append(syncs.on)
+
+    def stop(module, args, kwargs, output):
+        syncs.on = False
+
+    decoder = model.get_decoder()
+    hooks = [decoder.register_forward_pre_hook(start, with_kwargs=True),
+             decoder.register_forward_hook(stop, with_kwargs=True)]
+    questions = ["what is the red circle left of?", "why?"] if padded else ["how many bars?", "how many bars?"]
+    try:
+        with syncs:
+            sample_responses(model, proc, [{"question": q} for q in questions], group_size=2, max_new_tokens=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert any(steps), "no decoding step ran"
+    assert not syncs.count, dict(syncs.count)
