@@ -54,7 +54,7 @@ def measure(fn, reps: int, after=None) -> tuple[float, int, object]:
 def _liger_loss(model, batch, advantages, mask_weight, ref, loss_fn):
     """Liger's dr_grpo loss of one micro-batch: the decoder's response rows padded to (S, R_max, H)."""
     hidden = last_hidden_states(model, batch).flatten(0, 1)
-    rows = batch.response_mask.nonzero().squeeze(1)
+    rows = batch.response_rows
     lengths = batch.response_lengths
 
     def padded(x):

@@ -229,7 +229,7 @@ def packed_logprobs(model, batch: PackedBatch | PaddedBatch, *, temperature: flo
     KL; ``return_entropy`` the entropy. Only the R response rows go through the LM head, by the fused
     ``token_logprobs`` or, with ``kernels="eager"``, its full-logits reference (see :class:`Kernels`)."""
     hidden = last_hidden_states(model, batch).flatten(0, 1)
-    rows = batch.response_mask.nonzero().squeeze(1)
+    rows = batch.response_rows
     kernels = Kernels(kernels)
     fn = token_logprobs_reference if kernels is Kernels.EAGER else functools.partial(token_logprobs, impl=kernels.impl)
     out = fn(hidden.index_select(0, rows), lm_head_weight(model), batch.targets[rows],

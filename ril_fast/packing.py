@@ -22,7 +22,8 @@ prompt of P_s and a response of R_s tokens:
                                 rows 1-3 each sample's own 3-D mrope positions (its get_rope_index)
     cu_seqlens     (S+1,) int32 sample boundaries, as flash-attention's varlen kernels take them
     targets        (T,) int64   the next token of each row; -100 on each sample's last row
-    response_mask  (T,) bool    rows whose target is a response token: [o_s+P_s-1, o_s+P_s+R_s-1)
+    response_rows  (R,) int64   rows whose target is a response token: [o_s+P_s-1, o_s+P_s+R_s-1) for
+                                each s in turn (R = Σ R_s; listed here, so no device code searches)
     resp_starts/ends (S,) int64 rows holding the response tokens: [o_s+P_s, o_s+P_s+R_s), the range
                                 the discriminator pools ("last" = the end-of-turn token's row)
     pixel_values, image_grid_thw, vision_grid_thw, vision_index
@@ -310,7 +311,7 @@ class PackedBatch(_Batch):
     cu_seqlens: torch.Tensor
     max_seqlen: int
     targets: torch.Tensor
-    response_mask: torch.Tensor
+    response_rows: torch.Tensor
     resp_starts: torch.Tensor
     resp_ends: torch.Tensor
     lengths: list[int]
@@ -325,6 +326,13 @@ class PackedBatch(_Batch):
         boundaries; use_cache=False, else transformers skips packed detection and attends across samples."""
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
                     **self._image_inputs())
+
+
+def _rows_before(starts: list[int], ends: list[int]) -> torch.Tensor:
+    """The rows ``[start - 1, end - 1)`` of each range in turn, as one int64 tensor: the rows that predict
+    the tokens of rows ``[start, end)``."""
+    return torch.cat([torch.arange(s - 1, e - 1) for s, e in zip(starts, ends)]) if starts else \
+        torch.zeros(0, dtype=torch.long)
 
 
 def pack(encoded: list[Encoded]) -> PackedBatch:
@@ -343,11 +351,9 @@ def pack(encoded: list[Encoded]) -> PackedBatch:
     else:
         position_ids = text_pos[None]
     targets = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
-    response_mask = torch.zeros(T, dtype=torch.bool)
     starts, ends = [], []
     for e, o in zip(encoded, offsets):
         targets[o:o + e.length - 1] = e.input_ids[1:]
-        response_mask[o + e.prompt_len - 1:o + e.length - 1] = True
         starts.append(o + e.prompt_len)
         ends.append(o + e.length)
     return PackedBatch(
@@ -356,7 +362,7 @@ def pack(encoded: list[Encoded]) -> PackedBatch:
         cu_seqlens=torch.tensor(offsets, dtype=torch.int32),
         max_seqlen=max(lengths),
         targets=targets,
-        response_mask=response_mask,
+        response_rows=_rows_before(starts, ends),
         resp_starts=torch.tensor(starts, dtype=torch.long),
         resp_ends=torch.tensor(ends, dtype=torch.long),
         lengths=lengths,
@@ -370,7 +376,7 @@ class PaddedBatch(_Batch):
     """The same samples right-padded to (B, L), for comparisons and benchmarks.
 
     input_ids, attention_mask (B, L); position_ids (B, L) or (3, B, L) (Qwen-VL mrope). targets,
-    response_mask and resp_starts/ends index the flattened (B·L) rows, so code that reads a
+    response_rows and resp_starts/ends index the flattened (B·L) rows, so code that reads a
     PackedBatch's row fields reads these unchanged.
     """
 
@@ -378,7 +384,7 @@ class PaddedBatch(_Batch):
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     targets: torch.Tensor
-    response_mask: torch.Tensor
+    response_rows: torch.Tensor
     resp_starts: torch.Tensor
     resp_ends: torch.Tensor
     lengths: list[int]
@@ -404,7 +410,6 @@ def pad(encoded: list[Encoded], pad_token_id: int = 0) -> PaddedBatch:
     mrope = encoded[0].mrope is not None
     position_ids = torch.zeros((3, B, L) if mrope else (B, L), dtype=torch.long)
     targets = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-    response_mask = torch.zeros(B, L, dtype=torch.bool)
     for b, e in enumerate(encoded):
         n = e.length
         input_ids[b, :n] = e.input_ids
@@ -414,16 +419,16 @@ def pad(encoded: list[Encoded], pad_token_id: int = 0) -> PaddedBatch:
         else:
             position_ids[b, :n] = torch.arange(n)
         targets[b, :n - 1] = e.input_ids[1:]
-        response_mask[b, e.prompt_len - 1:n - 1] = True
-    rows = torch.arange(B) * L
+    starts = [b * L + e.prompt_len for b, e in enumerate(encoded)]
+    ends = [b * L + e.length for b, e in enumerate(encoded)]
     return PaddedBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         targets=targets.flatten(),
-        response_mask=response_mask.flatten(),
-        resp_starts=rows + torch.tensor([e.prompt_len for e in encoded]),
-        resp_ends=rows + torch.tensor([e.length for e in encoded]),
+        response_rows=_rows_before(starts, ends),
+        resp_starts=torch.tensor(starts, dtype=torch.long),
+        resp_ends=torch.tensor(ends, dtype=torch.long),
         lengths=[e.length for e in encoded],
         response_lengths=[e.response_len for e in encoded],
         **image_inputs(encoded),

@@ -421,11 +421,15 @@ def _name_the_failing_prompt(run: Run, questions: list[Example]) -> None:
 
 
 def _micro(run: Run, samples: list[dict]):
-    """The step's packed micro-batches, the same count on every rank, with images in the same ones."""
+    """The step's packed micro-batches, the same count on every rank, with images in the same ones; on
+    this rank's device once for the step's passes (small: token ids, positions and pixels)."""
     encoded = encode_all(run.processor, samples)
     _check_lengths(run, samples, encoded)
-    return micro_batches(encoded, run.cfg.batch.max_tokens, padded=run.cfg.batch.padded,
-                         **rank_agreement(run.processor, run.dist.device))
+    micro = micro_batches(encoded, run.cfg.batch.max_tokens, padded=run.cfg.batch.padded,
+                          **rank_agreement(run.processor, run.dist.device))
+    for mb in micro:
+        mb.batch = mb.batch.to(run.dist.device)
+    return micro
 
 
 def _check_lengths(run: Run, samples: list[dict], encoded) -> None:

@@ -106,7 +106,7 @@ def test_targets_and_response_rows(arch, processors):
     samples[2]["truncated"] = True
     batch = pack([proc.encode(s) for s in samples])
     T = sum(batch.lengths)
-    assert batch.targets.shape == batch.response_mask.shape == (T,)
+    assert batch.targets.shape == (T,) and batch.response_rows.shape == (sum(batch.response_lengths),)
     ends = batch.cu_seqlens[1:].long() - 1
     assert (batch.targets[ends] == IGNORE_INDEX).all()
     keep = torch.ones(T, dtype=torch.bool)
@@ -118,14 +118,14 @@ def test_targets_and_response_rows(arch, processors):
         assert tok.decode(batch.input_ids[0, lo:hi]) == want
         assert hi - lo == n
         # the rows predicting the response are the ones just before its tokens
-        rows = batch.response_mask[batch.cu_seqlens[s]:batch.cu_seqlens[s + 1]].nonzero().flatten()
-        assert torch.equal(rows + batch.cu_seqlens[s] + 1, torch.arange(lo, hi))
-    assert tok.decode(batch.targets[batch.response_mask]) == "".join(
+        rows = batch.response_rows[(batch.response_rows >= batch.cu_seqlens[s]) & (batch.response_rows < hi)]
+        assert torch.equal(rows + 1, torch.arange(lo, hi))
+    assert tok.decode(batch.targets[batch.response_rows]) == "".join(
         s["response"] + ("" if s.get("truncated") else eos) for s in samples)
 
     padded = pad([proc.encode(s) for s in samples])
     flat = padded.input_ids.flatten()
-    assert torch.equal(padded.targets[padded.response_mask], batch.targets[batch.response_mask])
+    assert torch.equal(padded.targets[padded.response_rows], batch.targets[batch.response_rows])
     for lo, hi, plo, phi in zip(batch.resp_starts, batch.resp_ends, padded.resp_starts, padded.resp_ends):
         assert torch.equal(batch.input_ids[0, lo:hi], flat[plo:phi])
     assert padded.attention_mask.sum(1).tolist() == batch.lengths
