@@ -169,19 +169,34 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
 
 @contextlib.contextmanager
 def vision_once(model, vision_grid_thw: torch.Tensor | None, vision_index: torch.Tensor | None):
-    """Inside the block, the forward of ``model`` (Qwen-VL, with or without LM head) runs its vision
-    tower once per distinct image, for inputs from ``ril_fast.packing.image_inputs``: the distinct images'
-    pixels with every sample's ``image_grid_thw``.
+    """Inside the block, the forward of ``model`` (a Qwen-VL or InternVL VLM, with or without LM head)
+    runs its vision tower once per distinct image, for inputs from ``ril_fast.packing.image_inputs``: the
+    distinct images' pixels with, for Qwen-VL, every sample's ``image_grid_thw``.
 
-    The tower computes ``vision_grid_thw`` (the distinct images), and its merged features are copied
-    to every image that repeats one (row ``vision_index[i]`` for image i), so the language side gets
-    exactly what per-sample pixels would give it, and the backward sums the copies' gradients into the
-    one computation. A no-op when ``vision_index`` is None (no image repeats).
+    Qwen-VL: the tower computes ``vision_grid_thw`` (the distinct images), and its merged features are
+    copied to every image that repeats one (row ``vision_index[i]`` for image i). InternVL: the projected
+    features of the distinct tiles are copied to every sample's tiles (row ``vision_index[j]`` for tile j).
+    Either way the language side gets exactly what per-sample pixels would give it, and the backward sums
+    the copies' gradients into the one computation. A no-op when ``vision_index`` is None (no image repeats).
     """
     if vision_index is None:
         yield
         return
-    visual = model.base_model.visual
+    if vision_grid_thw is None:
+        hooks = [model.base_model.multi_modal_projector.register_forward_hook(
+            lambda module, args, output: output.index_select(0, vision_index))]  # (tiles, tokens, H)
+    else:
+        hooks = _qwen_vision_hooks(model.base_model.visual, vision_grid_thw, vision_index)
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _qwen_vision_hooks(visual, vision_grid_thw: torch.Tensor, vision_index: torch.Tensor) -> list:
+    """Hooks on a Qwen-VL vision tower: compute ``vision_grid_thw`` only, then copy each distinct image's
+    merged features to the images that repeat it (see :func:`vision_once`)."""
     sizes = vision_grid_thw.prod(-1) // visual.spatial_merge_size ** 2  # merged tokens per distinct image
     counts = sizes[vision_index]
     # feature row of every image token of the batch, image after image: its distinct image's rows in order
@@ -197,13 +212,8 @@ def vision_once(model, vision_grid_thw: torch.Tensor | None, vision_index: torch
         output.pooler_output = output.pooler_output.index_select(0, rows)
         return output
 
-    hooks = (visual.register_forward_pre_hook(distinct_only, with_kwargs=True),
-             visual.register_forward_hook(copy_out, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+    return [visual.register_forward_pre_hook(distinct_only, with_kwargs=True),
+            visual.register_forward_hook(copy_out, with_kwargs=True)]
 
 
 def last_hidden_states(model, batch: PackedBatch | PaddedBatch) -> torch.Tensor:

@@ -259,9 +259,10 @@ def image_inputs(encoded: list) -> dict:
         pixel_values     the patches (Qwen-VL) or tiles (InternVL) of every distinct image set, once
         image_grid_thw   (images, 3) every sample's images in sample order (Qwen-VL; else None): what
                          the language side reads (placeholder counts, mrope)
-        vision_grid_thw  (distinct images, 3) what the vision tower computes, and
-        vision_index     (images,) int64, the row of vision_grid_thw each row of image_grid_thw is;
-                         both None when no image repeats (or for InternVL, whose tiles are not shared)
+        vision_grid_thw  (distinct images, 3) what the vision tower computes (Qwen-VL; else None), and
+        vision_index     Qwen-VL: (images,) int64, the row of vision_grid_thw each row of image_grid_thw
+                         is; InternVL: (tiles,) int64, the row of pixel_values each sample's tile is;
+                         None when no image repeats
 
     Samples share an image set when they hold the same ``pixel_values`` tensor, as every sample
     rendered from one cached prompt does (the 2G student and teacher responses to a question): their
@@ -271,18 +272,19 @@ def image_inputs(encoded: list) -> dict:
     held = [e for e in encoded if e.pixel_values is not None]
     if not held:
         return out
-    if any(e.image_grid_thw is None for e in held):  # InternVL: every sample's tiles as they are
-        out["pixel_values"] = torch.cat([e.pixel_values for e in held])
-        return out
+    qwen = all(e.image_grid_thw is not None for e in held)  # else InternVL: tiles, no grids
     groups = image_groups(held)
     distinct = [held[g[0]] for g in groups]
     out["pixel_values"] = torch.cat([e.pixel_values for e in distinct])
-    out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in held])
+    if qwen:
+        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in held])
     if len(distinct) < len(held):
-        first = torch.tensor([0] + [len(e.image_grid_thw) for e in distinct]).cumsum(0).tolist()  # first image row
+        units = [len(e.image_grid_thw) if qwen else len(e.pixel_values) for e in distinct]  # images or tiles
+        first = torch.tensor([0] + units).cumsum(0).tolist()
         rows = {i: range(first[d], first[d + 1]) for d, g in enumerate(groups) for i in g}
-        out["vision_grid_thw"] = torch.cat([e.image_grid_thw for e in distinct])
         out["vision_index"] = torch.tensor([r for i in range(len(held)) for r in rows[i]], dtype=torch.long)
+        if qwen:
+            out["vision_grid_thw"] = torch.cat([e.image_grid_thw for e in distinct])
     return out
 
 
