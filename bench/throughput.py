@@ -86,7 +86,8 @@ def make_config(args, workload, out_dir: Path, *, padded: bool, kernels: Kernels
         "group_size": args.group_size, "mu": args.mu, "beta": args.beta, "max_new_tokens": args.max_new_tokens,
         # Throughput does not depend on the learning rate; a tiny one keeps random weights from diverging.
         "optim": {"lr": 1e-7}, "disc": {"lr": 1e-7},
-        "batch": {"questions_per_step": args.questions_per_step, "max_tokens": args.max_tokens, "padded": padded},
+        "batch": {"questions_per_step": args.questions_per_step, "max_tokens": args.max_tokens, "padded": padded,
+                  "activation_checkpointing": args.activation_checkpointing},
         "loss": {"kernels": kernels},
         "rollout": {"batch_size": max(64, args.questions_per_step * args.group_size)},
     })
@@ -216,6 +217,9 @@ def phase_rows(args, cfg: Config, shapes: Shapes, records: list[dict], *, n_stud
             row["note"] = "includes the discriminator's optimiser step"
         elif name == "rollout":
             row["note"] = "HF generate; also encodes and packs the step's outputs"
+        if cfg.batch.activation_checkpointing and name in ("policy_update", "disc_update"):
+            row["note"] = "; ".join(filter(None, [row.get("note"), "activation checkpointing (recomputation "
+                                                                    "not counted in tflop)"]))
         rows.append(row)
     comm = dict(settings, phase="communication", seconds="", share="")
     if world == 1:
@@ -263,6 +267,8 @@ def _parse(argv):
                                                                  "policy update vs Liger comparisons")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions of the isolated policy updates")
     p.add_argument("--rl-only", action="store_true", help="no teachers, no discriminator (Dr.GRPO only)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="the updates recompute each layer in the backward (less memory; room for --max-tokens)")
     p.add_argument("--mu", type=int, default=1, help="μ: updates per batch (> 1 adds the π_old pass)")
     p.add_argument("--beta", type=float, default=0.04, help="β: KL weight (> 0 adds the reference model)")
     p.add_argument("--questions-per-step", type=int, help="default: the preset's")

@@ -107,6 +107,9 @@ class Batch:
     questions_per_step: int = opt(32, "questions per step across all ranks; each gives G student (+ G teacher) outputs")
     max_tokens: int = opt(4096, "token budget of one packed micro-batch (prompt + response tokens)")
     padded: bool = opt(False, "lay micro-batches out right-padded instead of packed (a benchmark baseline)")
+    activation_checkpointing: bool = opt(False, "student and discriminator updates keep each layer's input only "
+                                                "and recompute the rest in the backward: activation memory of "
+                                                "one layer instead of all, for ~1/3 more update compute")
 
 
 # ----------------------------------------------------------------------------------------------------

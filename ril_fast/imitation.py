@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ril_fast.distributed import all_reduce_sum, gathered
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
+from ril_fast.models import recomputing
 
 
 def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: torch.Tensor) -> dict:
@@ -26,15 +27,16 @@ def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: t
     """
     device = model_device(disc)
     totals = torch.zeros(3, device=device)  # loss, correct, count
-    for k, mb in enumerate(micro):
-        sync_gradients(disc, k == len(micro) - 1)
-        logits = disc(mb.batch.to(device))
-        y = labels[mb.index].to(device)
-        w = mb.weight.to(device)
-        loss = (w * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum() / normalizer
-        loss.backward()
-        correct = ((logits.detach() >= 0).float() == y).float()
-        totals += torch.stack([loss.detach(), (w * correct).sum(), w.sum()])
+    with recomputing(disc):
+        for k, mb in enumerate(micro):
+            sync_gradients(disc, k == len(micro) - 1)
+            logits = disc(mb.batch.to(device))
+            y = labels[mb.index].to(device)
+            w = mb.weight.to(device)
+            loss = (w * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum() / normalizer
+            loss.backward()
+            correct = ((logits.detach() >= 0).float() == y).float()
+            totals += torch.stack([loss.detach(), (w * correct).sum(), w.sum()])
     loss, correct, count = all_reduce_sum(totals).tolist()
     return dict(disc_loss=loss, disc_accuracy=correct / max(count, 1.0))
 

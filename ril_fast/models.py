@@ -216,6 +216,34 @@ def _qwen_vision_hooks(visual, vision_grid_thw: torch.Tensor, vision_index: torc
             visual.register_forward_hook(copy_out, with_kwargs=True)]
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Let every layer of ``model`` (a HF model: decoder layers and vision blocks) keep only its input for
+    the backward and recompute the rest there: transformers' activation checkpointing, non-reentrant, so
+    FSDP2's hooks stay outside the recomputation. It acts inside :func:`recomputing` only."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextlib.contextmanager
+def recomputing(model):
+    """Inside the block, the layers of ``model`` with activation checkpointing enabled
+    (:func:`enable_activation_checkpointing`) recompute their activations in the backward: activation
+    memory of one layer instead of all, for one more forward of compute. transformers checkpoints a layer
+    only in training mode, so those layers alone enter it for the block (their attention and dropout
+    modules stay in eval mode: no dropout). Outside it nothing changes: no-grad passes, and generation,
+    whose KV cache transformers turns off in checkpointed layers. A no-op when none is enabled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes):
+            m.training = mode
+
+
 def last_hidden_states(model, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
     """Final hidden states (after the last norm), without the LM head: (1, T, H) packed, (B, L, H) padded.
 

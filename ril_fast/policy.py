@@ -17,7 +17,7 @@ import torch
 from ril_fast.distributed import all_reduce_sum, call, gathered
 from ril_fast.kernels import dr_grpo_loss
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
-from ril_fast.models import Kernels, packed_logprobs
+from ril_fast.models import Kernels, packed_logprobs, recomputing
 
 
 @dataclass
@@ -56,20 +56,21 @@ def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normal
     """
     device = model_device(model)
     totals = torch.zeros(5, device=device)  # loss, kl·tokens, clip·tokens, ratio·tokens, tokens
-    for k, mb in enumerate(micro):
-        sync_gradients(model, k == len(micro) - 1)
-        batch = mb.batch.to(device)
-        lp = call(model, packed_logprobs, batch, temperature=cfg.temperature, kernels=cfg.kernels).logprobs
-        adv = mb.per_token(advantages[mb.index].to(device))
-        mask = mb.per_token(mb.weight.to(device))
-        loss, stats = dr_grpo_loss(lp, adv, mask, old_logprobs=old[k] if old else None,
-                                   ref_logprobs=ref[k] if ref else None, beta=cfg.beta,
-                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalizer=normalizer,
-                                   impl=Kernels(cfg.kernels).impl)
-        loss.backward()
-        tokens = mask.sum()
-        totals += torch.stack([loss.detach(), stats.kl * tokens, stats.clip_fraction * tokens,
-                               stats.ratio * tokens, tokens])
+    with recomputing(model):
+        for k, mb in enumerate(micro):
+            sync_gradients(model, k == len(micro) - 1)
+            batch = mb.batch.to(device)
+            lp = call(model, packed_logprobs, batch, temperature=cfg.temperature, kernels=cfg.kernels).logprobs
+            adv = mb.per_token(advantages[mb.index].to(device))
+            mask = mb.per_token(mb.weight.to(device))
+            loss, stats = dr_grpo_loss(lp, adv, mask, old_logprobs=old[k] if old else None,
+                                       ref_logprobs=ref[k] if ref else None, beta=cfg.beta,
+                                       eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalizer=normalizer,
+                                       impl=Kernels(cfg.kernels).impl)
+            loss.backward()
+            tokens = mask.sum()
+            totals += torch.stack([loss.detach(), stats.kl * tokens, stats.clip_fraction * tokens,
+                                   stats.ratio * tokens, tokens])
     loss, kl, clip, ratio, tokens = all_reduce_sum(totals).tolist()
     tokens = max(tokens, 1.0)
     return dict(loss=loss, kl=kl / tokens, clip_frac=clip / tokens, ratio=ratio / tokens)

@@ -51,7 +51,7 @@ from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
-from ril_fast.models import load
+from ril_fast.models import enable_activation_checkpointing, load
 from ril_fast.packing import ModelKind, Processor
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
@@ -167,6 +167,8 @@ def setup(cfg: Config) -> Run:
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     student, processor = load(cfg.student, dtype=torch.float32, device=dist.device)
+    if cfg.batch.activation_checkpointing:  # acts in the updates only (models.recomputing)
+        enable_activation_checkpointing(student)
     student = distributed.shard_model(student, mixed_precision=gpu)  # in eval mode: see the module docstring
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
@@ -180,6 +182,8 @@ def setup(cfg: Config) -> Run:
     disc = disc_optimizer = None
     if bank is not None:
         disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool)
+        if cfg.batch.activation_checkpointing:
+            enable_activation_checkpointing(disc.backbone)
         disc = distributed.shard_model(disc.eval(), mixed_precision=gpu)
         disc_optimizer = torch.optim.AdamW(distributed.optimizer_groups(disc), lr=cfg.disc.lr)
 
@@ -571,6 +575,8 @@ def explain_oom(cfg: Config, phase: str, micro=None):
             biggest = max(micro, key=lambda mb: sum(mb.batch.lengths))
             hint = (f"its largest micro-batch holds {sum(biggest.batch.lengths)} tokens in "
                     f"{len(biggest.batch.lengths)} sequences: lower batch.max_tokens (now {cfg.batch.max_tokens})")
+            if phase.endswith("_update") and not cfg.batch.activation_checkpointing:
+                hint += ", or set batch.activation_checkpointing=true"
         raise RuntimeError(f"out of memory in the {phase} phase; {hint}") from e
 
 

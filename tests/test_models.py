@@ -5,6 +5,7 @@ order in the matmuls, so they agree to ~1e-6; 1e-5 is the issue's bound. A negat
 comparison can fail: packing without position restarts lets samples attend to each other (~1e-1).
 """
 
+import contextlib
 import inspect
 import json
 import subprocess
@@ -18,7 +19,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ril_fast import attention
 from ril_fast.discriminator import Discriminator
-from ril_fast.models import Attn, last_hidden_states, lm_head_weight, load, packed_logprobs, response_logprobs
+from ril_fast.models import (Attn, enable_activation_checkpointing, last_hidden_states, lm_head_weight, load,
+                             packed_logprobs, recomputing, response_logprobs)
 from ril_fast.packing import pack, pad
 from helpers import max_err
 from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
@@ -155,6 +157,38 @@ def test_shared_images_encoded_once(arch, batcher, loaded, tmp_path):
     print(f"{arch}: shared vs own images: log-probs max abs diff {max_err(lp_a, lp_b):.2e}")
     assert max_err(lp_a, lp_b) <= ATOL
     assert g_a.keys() == g_b.keys() and any("visual" in n or "vision_tower" in n for n in g_a)
+    for n in g_a:
+        assert max_err(g_a[n], g_b[n]) <= ATOL, n
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
+def test_activation_checkpointing_saves_memory_not_numbers(arch, folders):
+    """Inside ``recomputing`` the layers keep their inputs only (the bytes saved for the backward drop by
+    more than half even in a 2-layer model) and the log-probs and gradients are those of a plain pass;
+    outside it, and after it, nothing is in training mode and nothing is recomputed."""
+    model, proc = load(folders[arch], device="cpu")
+    batch = pack([proc.encode(s) for s in random_samples([1, 0, 2])])
+    weights = None
+
+    def run(context):
+        nonlocal weights
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with context, torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            lp = packed_logprobs(model, batch).logprobs
+        weights = torch.randn_like(lp) if weights is None else weights
+        (weights * lp).sum().backward()
+        return lp.detach(), _grads(model), sum(saved)
+
+    lp_a, g_a, stored = run(contextlib.nullcontext())
+    enable_activation_checkpointing(model)
+    lp_b, g_b, kept = run(recomputing(model))
+    assert not any(m.training for m in model.modules())
+    _, _, outside = run(contextlib.nullcontext())
+    print(f"{arch}: bytes saved for the backward: {stored} stored, {kept} recomputed")
+    assert kept < stored / 2 and outside == stored
+    assert max_err(lp_a, lp_b) <= ATOL and g_a.keys() == g_b.keys()
     for n in g_a:
         assert max_err(g_a[n], g_b[n]) <= ATOL, n
 

@@ -15,7 +15,7 @@ from ril_fast.discriminator import Discriminator
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.kernels.grpo_loss import dr_grpo_loss_ref
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
-from ril_fast.models import load, response_logprobs
+from ril_fast.models import enable_activation_checkpointing, load, response_logprobs
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 
 L_MAX = 24
@@ -178,3 +178,44 @@ def test_optimizer_step_skips_a_non_finite_gradient():
     layer(torch.ones(1, 3)).sum().backward()
     out = optimizer_step(layer, opt, grad_clip=1.0)
     assert out["skipped"] == 0.0 and not torch.equal(layer.weight, before)
+
+
+@pytest.mark.parametrize("update", ["policy", "disc"])
+def test_updates_recompute_with_activation_checkpointing(qwen_vl, update):
+    """With activation checkpointing enabled, both updates keep under half the bytes for the backward
+    (the layers recompute theirs) and accumulate the same gradients; their models stay in eval mode."""
+    path, _, proc = qwen_vl
+    samples = random_samples([1, 0, 2, 1])
+    micro = micro_batches(encode_all(proc, samples), 10**6)
+    if update == "policy":
+        model, _ = load(path, device="cpu")
+        backbone = model
+        cfg, advantages = LossConfig(), torch.randn(len(samples))
+
+        def run():
+            return policy_pass(model, micro, advantages, torch.tensor(100.0), cfg)
+    else:
+        model, _ = Discriminator.from_student(path, device="cpu", init_std=0.02)
+        model.eval()  # as the trainer keeps it
+        backbone = model.backbone
+        labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+        def run():
+            return disc_pass(model, micro, labels, torch.tensor(4.0))
+
+    def saved_and_grads():
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            run()
+        return sum(saved), _grads(model)
+
+    stored, want = saved_and_grads()
+    enable_activation_checkpointing(backbone)
+    kept, got = saved_and_grads()
+    assert kept < stored / 2, (kept, stored)
+    assert not any(m.training for m in model.modules())
+    assert got.keys() == want.keys()
+    for n in want:
+        assert max_err(got[n], want[n]) <= 1e-6 * (1 + want[n].abs().max().item()), n

@@ -23,7 +23,7 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
     out = tmp_path / "throughput.csv"
     monkeypatch.setattr(sys, "argv", [str(BENCH / "throughput.py"), "--preset", "tiny", "--compare", "--steps", "1",
                                       "--warmup", "1", "--reps", "1", "--workdir", str(tmp_path / "work"),
-                                      "--out", str(out)])
+                                      "--activation-checkpointing", "--out", str(out)])
     runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
     printed = capsys.readouterr().out
 
@@ -48,6 +48,7 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
         # The rollout's prompts were recorded (their prefill and images are part of its FLOPs).
         assert float(phases["rollout"]["prompt_tokens"]) > 0, config
         assert phases["communication"]["note"] == "one rank: no collectives"
+        assert all("activation checkpointing" in phases[p]["note"] for p in ("policy_update", "disc_update"))
         # The step's FLOPs are the phases' sum; its time at least theirs.
         total = sum(float(phases[p]["tflop"] or 0) for p in bench["PHASES"])
         assert float(phases["step"]["tflop"]) == pytest.approx(total, rel=1e-3)
