@@ -259,7 +259,6 @@ def _reshards_after_forward(module: FSDPModule) -> bool:
     return any(g.post_forward_mesh_info is not None for g in _param_groups(module))
 
 
-
 _HELD: "weakref.WeakSet[FSDPModule]" = weakref.WeakSet()  # FSDP modules kept gathered by a gathered()
 
 
