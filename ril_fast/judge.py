@@ -325,9 +325,9 @@ class RuleJudge:
        - alone in its class: when the answer is a colour or a shape (the closed lists in
          ``_CLASSES``), no other member of that class is named un-negated ("red and blue" is wrong
          for red).
-       When nothing in the response could be compared (no occurrence, no number) and ``math_verify``
-       is importable, it decides symbolic equivalence ("\\frac{1}{2}" vs "0.5"); it is optional and
-       never overrides a rule that found a candidate.
+       When nothing in the response could be compared (no occurrence, no number, negated or not) and
+       ``math_verify`` is importable, it decides symbolic equivalence ("\\frac{1}{2}" vs "0.5"); it is
+       optional and never overrides a rule that found a candidate ("not 7" stays wrong for 7).
 
     Limits: a long response that mentions the answer in passing is judged right; number words above
     twenty that are not multiples of ten ("twenty-one") are not read, nor are compounds past a scale word
@@ -338,7 +338,7 @@ class RuleJudge:
     def __init__(self, use_math_verify: bool = True):
         self.use_math_verify = use_math_verify and math_verify is not None
         # The identity changes with anything that can change a verdict (the cache key).
-        self.name = "rule-v2" + ("+math_verify" if self.use_math_verify else "")
+        self.name = "rule-v2" + ("+math_verify-v2" if self.use_math_verify else "")  # v2: negated numbers
 
     def __call__(self, items: list[JudgeItem]) -> list[bool]:
         """One verdict per item."""
@@ -365,7 +365,7 @@ class RuleJudge:
         after = tokens(response[marker[-1].end():]) if marker else []
         after = after[:after.index(_BOUNDARY)] if _BOUNDARY in after else after
         candidates = _affirmed_numbers(after) or _affirmed_numbers(res)
-        if not candidates:
+        if not any(_number(t) is not None for t in res):  # a negated number is one the rules compared
             return self._math_verify(answer, response)
         return len(candidates) == 1 and _close(candidates.pop(), value)
 

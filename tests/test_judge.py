@@ -147,13 +147,28 @@ def test_math_verify_only_where_rules_find_nothing(monkeypatch):
 
     monkeypatch.setattr(judge_mod, "math_verify", FakeMathVerify)
     judge = RuleJudge()
-    assert judge.name.endswith("+math_verify")
+    assert judge.name.endswith("+math_verify-v2")
     assert judge.check(r"\frac{1}{2}", "0.5")  # nothing to compare: math_verify decides
     assert calls == [(r"\frac{1}{2}", "0.5")]
     assert not judge.check("4", "3 or 4")  # the rules found candidates: their verdict stands
     assert not judge.check("red", "red or blue")
     assert len(calls) == 1
     assert not RuleJudge(use_math_verify=False).check(r"\frac{1}{2}", "0.5")
+
+
+def test_math_verify_itself_where_the_rules_find_nothing():
+    """The real library (scripts/setup.sh installs the ``math`` extra): LaTeX and fractions the rules
+    cannot compare are decided by symbolic equivalence; word answers it cannot parse stay the rules'."""
+    pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
+    judge = RuleJudge()
+    assert judge.use_math_verify and judge.name == "rule-v2+math_verify-v2"
+    right = [(r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"The answer is $\frac{2}{4}$"), ("3/4", "0.75")]
+    wrong = [(r"\frac{1}{2}", "0.4"), (r"\sqrt{2}", r"$\sqrt{3}$"), ("3/4", "0.7")]
+    assert [judge.check(a, r) for a, r in right] == [True] * len(right)
+    assert [judge.check(a, r) for a, r in wrong] == [False] * len(wrong)
+    assert not RuleJudge(use_math_verify=False).check(r"\frac{1}{2}", "0.5")  # only math_verify reads it
+    for answer, response, verdict in CASES:  # and it changes none of the rules' verdicts ("not 7" for 7)
+        assert judge.check(answer, response) is verdict, (answer, response)
 
 
 def test_make_judge():
