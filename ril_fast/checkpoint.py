@@ -145,6 +145,14 @@ def saved_step(path: str | Path) -> int:
     return json.loads((Path(path) / TRAINER_FILE).read_text())["step"]
 
 
+def saved_param_groups(path: str | Path, name: str) -> int:
+    """How many param groups the optimizer of state ``name`` (a :class:`TrainState`) had in the checkpoint
+    at ``path`` (0: none saved), read from the DCP metadata without loading anything."""
+    keys = dcp.FileSystemReader(Path(path) / "dcp").read_metadata().state_dict_metadata
+    prefix = f"{name}.optim.param_groups."
+    return len({key[len(prefix):].split(".")[0] for key in keys if key.startswith(prefix)})
+
+
 def latest(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run folder, or None."""
     found = checkpoints(output_dir)

@@ -18,7 +18,9 @@ Where this departs from, or fills in, the paper (its code is not public):
   in a row stop the run.
 * Every model stays in eval mode, so dropout is off (as in TRL's GRPO by default): the policy that
   samples, π_old and the policy being updated are one function (with μ = 1 the ratio is exactly 1),
-  and the discriminator's scores are deterministic.
+  and the discriminator's scores are deterministic. (With ``batch.activation_checkpointing`` the layer
+  modules enter training mode during the updates, which transformers needs to recompute them; their
+  attention and dropout modules stay in eval mode.)
 
 Checkpoints (``ril_fast.checkpoint``) are written every ``checkpoint_every`` steps, after the last step
 and on SIGTERM or Ctrl-C; the same command run again continues from the newest one, with the same
@@ -326,6 +328,9 @@ def load_checkpoint(run: Run, path: Path) -> None:
     if bool(saved_teachers) != bool(cfg.teachers):
         raise ConfigError(f"resume={path}: the checkpoint is of " + ("an RIL run (teachers=...)" if saved_teachers
                           else "an RL-only run (no teachers)") + ", this run is not: use another output_dir")
+    if run.disc_optimizer is not None and checkpoint.saved_param_groups(path, "disc") == 1:
+        # Written before the discriminator's AdamW took distributed.optimizer_groups: it goes on as saved.
+        run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=cfg.disc.lr, foreach=False)
     saved = checkpoint.load(path, run.dist, states=_states(run), rng=run.rng)
     if saved.step > cfg.steps:
         raise ConfigError(f"resume={path}: the checkpoint is at step {saved.step}, past steps={cfg.steps}: raise "
@@ -527,7 +532,7 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
         run.scheduler.step()
 
     seconds = time.perf_counter() - t0
-    tokens = sum(sum(mb.batch.lengths) for mb in micro)
+    tokens = sum(n for mb in micro for n, w in zip(mb.batch.lengths, mb.weight.tolist()) if w > 0)  # no fillers
     cache = (run.teacher_judge.hits, run.teacher_judge.misses)
     per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache))
     all_groups, all_types, all_tokens, all_cache = zip(*per_rank)

@@ -19,7 +19,7 @@ import torch
 from models_fixtures import one_thread  # noqa: F401
 from PIL import Image
 
-from ril_fast import train
+from ril_fast import checkpoint, train
 from ril_fast.config import ConfigError, load_config
 from ril_fast.data import DataError
 from ril_fast.demo import build_demo
@@ -174,6 +174,26 @@ def test_a_run_whose_export_is_not_of_its_last_step_exports_again(demo, finished
     assert "nothing to do" not in capsys.readouterr().out
     assert json.loads((out / train.FINISHED).read_text()) == {"step": 2}
     assert (out / "final" / "model.safetensors").read_bytes() == (finished / "final" / "model.safetensors").read_bytes()
+
+
+def test_a_checkpoint_with_the_discriminators_single_param_group_resumes(demo, tmp_path, monkeypatch):
+    """Checkpoints written before the discriminator's AdamW took ``distributed.optimizer_groups`` hold
+    one param group: such a run resumes with it (DCP would miss the second group's keys) and finishes."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train.distributed, "optimizer_groups", lambda model: model.parameters())  # the old optimizer
+        train.main(_args(demo, out, steps=1))
+    assert checkpoint.saved_param_groups(out / "step-1", "disc") == 1
+    assert checkpoint.saved_param_groups(out / "step-1", "student") == 1
+    run = train.setup(load_config(_args(demo, out, steps=2)))
+    assert run.start_step == 1 and len(run.disc_optimizer.param_groups) == 1
+    run.log.close()
+    train.main(_args(demo, out, steps=2))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert checkpoint.saved_param_groups(out / "step-2", "disc") == 1  # and stays as it was saved
+    fresh = tmp_path / "fresh"
+    train.main(_args(demo, fresh, steps=1))
+    assert checkpoint.saved_param_groups(fresh / "step-1", "disc") == 2  # DTensors, then the 0-d bias
 
 
 def test_ctrl_c_stops_after_the_step_like_sigterm(capsys):

@@ -132,6 +132,17 @@ def test_step_metrics_count_every_rank(demo, tmp_path, monkeypatch):
     assert metrics["tokens_per_s"] * metrics["step_time_s"] == pytest.approx(2 * tokens)
     assert metrics["teacher_judge_cache_hit_rate"] == pytest.approx(hits / (hits + misses + 10))
 
+    # The same step with zero-weight filler micro-batches (as a rank with fewer outputs gets): the same
+    # tokens, the fillers' not counted.
+    agreement, plan, made = train.rank_agreement, train.micro_batches, []
+    monkeypatch.setattr(train, "rank_agreement", lambda *a: {**agreement(*a), "agree": lambda n: 12})
+    monkeypatch.setattr(train, "micro_batches", lambda *a, **k: made.append(plan(*a, **k)) or made[-1])
+    run = train.setup(load_config(_args(demo, tmp_path / "again", demo.teachers)))
+    train.train_step(run, step=1)
+    run.log.close()
+    assert any((mb.weight == 0).any() for mb in made[-1])
+    assert sent[1][2] == tokens
+
 
 # Run in a fresh interpreter: only transformers opens the exported folder, and the script fails if
 # anything imported ril_fast. transformers' Qwen2_5_VLProcessor cannot be built here (its video processor
