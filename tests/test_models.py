@@ -193,6 +193,27 @@ def test_activation_checkpointing_saves_memory_not_numbers(arch, folders):
         assert max_err(g_a[n], g_b[n]) <= ATOL, n
 
 
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_patch_embedding_runs_as_a_matmul(arch, loaded):
+    """The vision tower's patch Conv3d (stride = kernel: one window per patch) runs as a matmul over the
+    flattened patches: the Conv3d's values and weight gradient, its parameter untouched."""
+    model, _ = loaded[arch]
+    proj = model.base_model.visual.patch_embed.proj
+    assert "forward" in proj.__dict__ and isinstance(proj, torch.nn.Conv3d)
+    patches = torch.randn(37, proj.in_channels, *proj.kernel_size)
+    outs, grads = [], []
+    for forward in (proj, lambda x: torch.nn.Conv3d.forward(proj, x).flatten(1)):
+        proj.weight.grad = None
+        out = forward(patches)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        outs.append(out.detach())
+        grads.append(proj.weight.grad.clone())
+    proj.weight.grad = None
+    assert outs[0].shape == (37, proj.out_channels)
+    assert max_err(outs[0], outs[1]) <= ATOL * (1 + outs[1].abs().max().item())
+    assert max_err(grads[0], grads[1]) <= ATOL * (1 + grads[1].abs().max().item())
+
+
 @pytest.mark.parametrize("attn", [Attn.SDPA, Attn.EAGER])
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2", "internvl"])
 def test_attention_paths_agree(arch, attn, folders, loaded):
