@@ -51,9 +51,8 @@ def disc_probs(disc, micro: list[MicroBatch], n: int) -> torch.Tensor:
     with gathered(disc):
         for mb in micro:
             p = torch.sigmoid(disc(mb.batch.to(device))).float()
-            real = [k for k, w in enumerate(mb.weight.tolist()) if w > 0]  # fillers (copies, weight 0) left out
-            rows = torch.tensor(real, dtype=torch.long, device=device)
-            probs[torch.tensor([mb.index[k] for k in real], dtype=torch.long, device=device)] = p[rows]
+            rows = torch.tensor(mb.real, dtype=torch.long, device=device)
+            probs[torch.tensor([mb.index[k] for k in mb.real], dtype=torch.long, device=device)] = p[rows]
     probs = probs.cpu()
     if torch.isnan(probs).any():
         raise RuntimeError("some responses were in no micro-batch")

@@ -40,6 +40,12 @@ class MicroBatch:
     index: list[int]
     weight: torch.Tensor
 
+    @property
+    def real(self) -> list[int]:
+        """Positions of the real samples (weight 1), fillers left out: a filler's ``index`` names another
+        response, and its tokens are no work of the step."""
+        return [k for k, w in enumerate(self.weight.tolist()) if w > 0]
+
     def per_token(self, values: torch.Tensor) -> torch.Tensor:
         """Broadcast per-sample ``values (S,)`` to the micro-batch's response tokens ``(R,)``."""
         counts = torch.tensor(self.batch.response_lengths, device=values.device)

@@ -532,7 +532,7 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
         run.scheduler.step()
 
     seconds = time.perf_counter() - t0
-    tokens = sum(n for mb in micro for n, w in zip(mb.batch.lengths, mb.weight.tolist()) if w > 0)  # no fillers
+    tokens = sum(mb.batch.lengths[k] for mb in micro for k in mb.real)
     cache = (run.teacher_judge.hits, run.teacher_judge.misses)
     per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache))
     all_groups, all_types, all_tokens, all_cache = zip(*per_rank)

@@ -1,4 +1,7 @@
-"""Shared test tools: the project's one tolerance rule and output poisoning."""
+"""Shared test tools: the project's one tolerance rule, output poisoning, and counters of what a model
+saves for the backward and what its vision tower is given."""
+
+import contextlib
 
 import torch
 
@@ -35,3 +38,27 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+@contextlib.contextmanager
+def saved_for_backward():
+    """Inside the block, the bytes of each tensor autograd saves for the backward are appended to the list
+    it yields."""
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        yield sizes
+
+
+@contextlib.contextmanager
+def vision_rows_seen(model):
+    """Inside the block, the rows a VLM's vision tower is given (Qwen-VL's patches, InternVL's tiles), one
+    entry per forward, are appended to the list it yields."""
+    seen = []
+    tower = getattr(model.base_model, "visual", None) or model.base_model.vision_tower
+    hook = tower.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()

@@ -22,7 +22,7 @@ from ril_fast.discriminator import Discriminator
 from ril_fast.models import (Attn, enable_activation_checkpointing, last_hidden_states, lm_head_weight, load,
                              packed_logprobs, recomputing, response_logprobs)
 from ril_fast.packing import pack, pad
-from helpers import max_err
+from helpers import max_err, saved_for_backward, vision_rows_seen
 from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
 
 ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen2", "internvl")
@@ -133,12 +133,8 @@ def test_shared_images_encoded_once(arch, batcher, loaded, tmp_path):
     samples = shared_image_samples(tmp_path, [1, 2, 0, 1], responses=3)
     shared = [proc.encode(s) for s in samples]
     own = [e if e.pixel_values is None else replace(e, pixel_values=e.pixel_values.clone()) for e in shared]
-    seen = []  # patch or tile rows the vision tower is given, per forward
-    tower = getattr(model.base_model, "visual", None) or model.base_model.vision_tower
-    hook = tower.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
     weights, results = None, []
-    try:
+    with vision_rows_seen(model) as seen:  # patch or tile rows the vision tower is given, per forward
         for encoded in (shared, own):
             batch = batcher(encoded)
             model.zero_grad(set_to_none=True)
@@ -146,8 +142,6 @@ def test_shared_images_encoded_once(arch, batcher, loaded, tmp_path):
             weights = torch.randn_like(lp) if weights is None else weights
             (weights * lp).sum().backward()
             results.append((lp.detach(), _grads(model), batch))
-    finally:
-        hook.remove()
     (lp_a, g_a, a), (lp_b, g_b, b) = results
     assert a.vision_index is not None and b.vision_index is None
     if arch != "internvl":
@@ -173,9 +167,7 @@ def test_activation_checkpointing_saves_memory_not_numbers(arch, folders):
     def run(context):
         nonlocal weights
         model.zero_grad(set_to_none=True)
-        saved = []
-        with context, torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        with context, saved_for_backward() as saved:
             lp = packed_logprobs(model, batch).logprobs
         weights = torch.randn_like(lp) if weights is None else weights
         (weights * lp).sum().backward()

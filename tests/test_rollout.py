@@ -19,6 +19,7 @@ import inspect
 import pytest
 import torch
 
+from helpers import vision_rows_seen
 from ril_fast import packing, rollout
 from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.packing import Encoded, pack
@@ -296,16 +297,10 @@ def test_a_questions_prompts_share_their_images(arch, tmp_path_factory, monkeypa
     InternVL's tiles), and sample what prompts with their own copies of the pixels sample (same seed)."""
     model, proc = load(tiny_folder(tmp_path_factory, arch), device="cpu")
     examples, G = random_samples([1, 2, 1]), 3
-    seen = []
-    tower = getattr(model.base_model, "visual", None) or model.base_model.vision_tower
-    hook = tower.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
-    try:
+    with vision_rows_seen(model) as seen:
         shared = sample_responses(model, proc, examples, group_size=G, max_new_tokens=6, seed=2)
         monkeypatch.setattr(packing, "image_groups", lambda encoded: [[i] for i in range(len(encoded))])
         own = sample_responses(model, proc, examples, group_size=G, max_new_tokens=6, seed=2)
-    finally:
-        hook.remove()
     distinct = sum(proc.encode_prompt(ex["question"], ex["images"]).pixel_values.shape[0] for ex in examples)
     assert seen == [distinct, G * distinct]
     assert [[r.token_ids for r in g] for g in shared] == [[r.token_ids for r in g] for g in own]

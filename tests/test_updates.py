@@ -8,7 +8,7 @@ log-probs and the eager Dr.GRPO reference.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import max_err
+from helpers import max_err, saved_for_backward
 from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
 
 from ril_fast.discriminator import Discriminator
@@ -205,9 +205,7 @@ def test_updates_recompute_with_activation_checkpointing(qwen_vl, update):
 
     def saved_and_grads():
         model.zero_grad(set_to_none=True)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
+        with saved_for_backward() as saved:
             run()
         return sum(saved), _grads(model)
 
