@@ -1,8 +1,9 @@
 """Student and reference models from HF folders, and log-probs of packed responses without logits.
 
-Supported: Qwen2.5-VL, Qwen2-VL, InternVL3 in its transformers ("-hf") form, and text-only causal
-LMs (Qwen2, Llama, ...). The forward always runs with ``use_cache=False``: with a cache transformers
-silently skips packed-sequence detection and lets the samples of a packed row attend to each other.
+Supported: Qwen2.5-VL, Qwen2-VL, Qwen3-VL (dense), InternVL3 in its transformers ("-hf") form, and
+text-only causal LMs (Qwen2, Llama, ...). The forward always runs with ``use_cache=False``: with a cache
+transformers silently skips packed-sequence detection and lets the samples of a packed row attend to
+each other.
 
 Log-probs never build the (T, V) logits: the decoder runs to its last hidden states, the rows that
 predict response tokens are gathered, and ``ril_fast.kernels.token_logprobs`` applies the LM head
@@ -26,7 +27,7 @@ from ril_fast.kernels import TokenLogprobs, token_logprobs
 from ril_fast.kernels.logprobs import token_logprobs_reference
 from ril_fast.packing import ModelKind, PackedBatch, PaddedBatch, Processor, pack
 
-_VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "internvl")
+_VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
 
 
 class Attn(str, enum.Enum):
@@ -90,13 +91,13 @@ def _bridge_liger_output_classes() -> None:
 
     Its Qwen-VL patch functions import the module of its fused-cross-entropy forward, which needs an
     output class Liger defines only when transformers has ``Qwen2_5_VLCausalLMOutputWithPast`` /
-    ``Qwen2VLCausalLMOutputWithPast`` (5.23 has neither), so the whole patch failed, RMSNorm, SwiGLU and
-    RoPE included. That forward is never installed here (``fused_linear_cross_entropy=False``), so the
-    missing names get Liger's generic output class.
+    ``Qwen2VLCausalLMOutputWithPast`` / ``Qwen3VLCausalLMOutputWithPast`` (5.23 has none), so the whole
+    patch failed, RMSNorm, SwiGLU and RoPE included. That forward is never installed here
+    (``fused_linear_cross_entropy=False``), so the missing names get Liger's generic output class.
     """
     from liger_kernel.transformers.model import output_classes
 
-    for arch in ("Qwen2_5_VL", "Qwen2VL"):
+    for arch in ("Qwen2_5_VL", "Qwen2VL", "Qwen3VL"):
         name = f"Liger{arch}CausalLMOutputWithPast"
         if not hasattr(output_classes, name):
             setattr(output_classes, name, output_classes.LigerCausalLMOutputWithPast)
@@ -194,9 +195,10 @@ def vision_once(model, vision_grid_thw: torch.Tensor | None, vision_index: torch
     runs its vision tower once per distinct image, for inputs from ``ril_fast.packing.image_inputs``: the
     distinct images' pixels with, for Qwen-VL, every sample's ``image_grid_thw``.
 
-    Qwen-VL: the tower computes ``vision_grid_thw`` (the distinct images), and its merged features are
-    copied to every image that repeats one (row ``vision_index[i]`` for image i). InternVL: the projected
-    features of the distinct tiles are copied to every sample's tiles (row ``vision_index[j]`` for tile j).
+    Qwen-VL: the tower computes ``vision_grid_thw`` (the distinct images), and its merged features (and
+    Qwen3-VL's DeepStack features) are copied to every image that repeats one (row ``vision_index[i]`` for
+    image i). InternVL: the projected features of the distinct tiles are copied to every sample's tiles
+    (row ``vision_index[j]`` for tile j).
     Either way the language side gets exactly what per-sample pixels would give it, and the backward sums
     the copies' gradients into the one computation. A no-op when ``vision_index`` is None (no image repeats).
     """
@@ -231,6 +233,8 @@ def _qwen_vision_hooks(visual, vision_grid_thw: torch.Tensor, vision_index: torc
 
     def copy_out(module, args, kwargs, output):
         output.pooler_output = output.pooler_output.index_select(0, rows)
+        if getattr(output, "deepstack_features", None):  # Qwen3-VL: merged features of earlier blocks too
+            output.deepstack_features = [f.index_select(0, rows) for f in output.deepstack_features]
         return output
 
     return [visual.register_forward_pre_hook(distinct_only, with_kwargs=True),

@@ -17,7 +17,7 @@ from models_fixtures import one_thread, random_image, random_samples, tiny_folde
 def processors(tmp_path_factory, one_thread):  # noqa: F811
     """Processors (rope index included) of the three tiny archs."""
     return {a: load(tiny_folder(tmp_path_factory, a), device="cpu")[1]
-            for a in ("qwen2_5_vl", "qwen2_vl", "qwen2", "internvl")}
+            for a in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen2", "internvl")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -27,13 +27,15 @@ def _ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_mrope_positions_hand_made(arch, processors):
-    """Sample A text only, sample B one 56x84 image (w x h): grid (1, 6, 4) -> 3 x 2 merged tokens."""
+    """Sample A text only, sample B one image of 4 x 6 patches (w x h; 56x84 pixels, Qwen3-VL's 16-pixel
+    patches 64x96): grid (1, 6, 4) -> 3 x 2 merged tokens."""
     proc = processors[arch]
     tok = proc.tokenizer
+    patch = 16 if arch == "qwen3_vl" else 14
     a = dict(images=[], question="What is x?", response="x = 4.")
-    b = dict(images=[random_image(56, 84)], question="Which shape?", response="A circle.")
+    b = dict(images=[random_image(4 * patch, 6 * patch)], question="Which shape?", response="A circle.")
     batch = pack([proc.encode(a), proc.encode(b)])
 
     head = _ids(tok, "<|im_start|>user\n<|vision_start|>")
@@ -59,7 +61,7 @@ def test_mrope_positions_hand_made(arch, processors):
     assert batch.cu_seqlens.tolist() == [0, len_a, len_a + len_b] and batch.cu_seqlens.dtype == torch.int32
     assert batch.max_seqlen == max(len_a, len_b)
     assert batch.image_grid_thw.tolist() == [[1, 6, 4]]
-    assert batch.pixel_values.shape == (24, 3 * 2 * 14 * 14)
+    assert batch.pixel_values.shape == (24, 3 * 2 * patch * patch)
 
     padded = pad([proc.encode(a), proc.encode(b)])
     assert torch.equal(padded.position_ids[:, 1, :len_b], expect_b)

@@ -1,4 +1,4 @@
-"""Rollouts on tiny Qwen2.5-VL (0, 1 or 2 images per question) and Qwen2 (text).
+"""Rollouts on tiny Qwen2.5-VL and Qwen3-VL (0, 1 or 2 images per question) and Qwen2 (text).
 
 Oracles: (1) a hand-written sampling loop (full forward per token, softmax(logits / τ), one
 ``draw_one`` per step: the CPU sampler, itself checked against the categorical distribution) run from
@@ -10,7 +10,8 @@ are the argmax of the packed teacher-forced forward (ril_fast.packing's own mrop
 fails when image tokens get text positions during generation (negative control).
 
 Random tiny models rarely emit the end-of-turn token, so the ``eos`` models scale its LM-head row
-(x10): responses then end at random points and the end-of-turn handling is exercised.
+(x10; x5 for the tiny Qwen3-VL, which x10 makes stop at once): responses then end at random points and
+the end-of-turn handling is exercised.
 """
 
 import copy
@@ -26,8 +27,9 @@ from ril_fast.packing import Encoded, pack
 from ril_fast.rollout import Rollout, sample_responses
 from tests.models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
 
-ARCHS = ("qwen2_5_vl", "qwen2")
-IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen2": [0, 0, 0, 0]}
+ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen2")
+IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen3_vl": [1, 2, 0, 1], "qwen2": [0, 0, 0, 0]}
+EOS_BOOST = {"qwen2_5_vl": 10, "qwen3_vl": 5, "qwen2": 10}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def eos_loaded(tmp_path_factory, one_thread):  # noqa: F811
     for a in ARCHS:
         model, proc = load(tiny_folder(tmp_path_factory, a), device="cpu")
         with torch.no_grad():
-            lm_head_weight(model)[proc.end_token_id] *= 10
+            lm_head_weight(model)[proc.end_token_id] *= EOS_BOOST[a]
         out[a] = model, proc
     return out
 
@@ -231,16 +233,18 @@ def test_tiny_top_p_is_greedy(arch, eos_loaded):
 @pytest.mark.parametrize("max_batch", [None, 3])
 def test_greedy_matches_one_prompt_at_a_time(arch, max_batch, eos_loaded):
     """Batched, left-padded greedy decoding (prompts of different lengths and image counts) equals
-    transformers' own greedy generate of each prompt alone."""
+    transformers' own greedy generate of each prompt alone (told, as the rollout is, never to write an
+    image placeholder)."""
     model, proc = eos_loaded[arch]
     examples, L = _examples(arch), 12
     got = sample_responses(model, proc, examples, max_new_tokens=L, greedy=True, max_batch=max_batch)
     end = proc.end_token_id
+    banned = {} if proc.image_token_id is None else {"suppress_tokens": [proc.image_token_id]}
     for ex, (r,) in zip(examples, got):
         kw = _hf_inputs(model, proc, [ex])
         with torch.no_grad():
             out = model.generate(**kw, do_sample=False, max_new_tokens=L, eos_token_id=end,
-                                 pad_token_id=proc.tokenizer.pad_token_id)
+                                 pad_token_id=proc.tokenizer.pad_token_id, **banned)
         row = out[0, kw["input_ids"].shape[1]:].tolist()
         assert r.token_ids == _cut(row, end)
         assert r.truncated == (end not in row)
@@ -263,12 +267,13 @@ def _packed_argmax(model, proc, example: dict, r: Rollout) -> list[int]:
         return (hidden @ lm_head_weight(model).T).argmax(-1).tolist()
 
 
-def test_generation_positions_match_packing(loaded, monkeypatch):
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_generation_positions_match_packing(arch, loaded, monkeypatch):
     """Greedy tokens (with the end-of-turn token) are the argmax of the packed forward over prompt +
     response: generation gives image tokens the same mrope positions as training. Negative control:
     without mm_token_type_ids, transformers gives image tokens 1-D positions and the tokens differ."""
-    model, proc = loaded["qwen2_5_vl"]
-    examples = _examples("qwen2_5_vl", seed=0)
+    model, proc = loaded[arch]
+    examples = _examples(arch, seed=0)
     examples = [ex for ex in examples if ex["images"]]
     got = sample_responses(model, proc, examples, max_new_tokens=12, greedy=True)
     for ex, (r,) in zip(examples, got):
@@ -291,7 +296,7 @@ def test_generation_config_restored(loaded):
     assert model.generation_config.to_dict() == before
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "internvl"])
 def test_a_questions_prompts_share_their_images(arch, tmp_path_factory, monkeypatch):
     """The G prompts of a question hand its images to the vision tower once (Qwen-VL's patches,
     InternVL's tiles), and sample what prompts with their own copies of the pixels sample (same seed)."""

@@ -52,6 +52,8 @@ MODES = {
     "rl_only_beta": dict(teachers=0, beta=0.1),
     # Another student family (tiles, no mrope), its own tokenizer re-tokenising the teachers' text.
     "internvl_student_two_teachers_mu2": dict(teachers=2, arch="internvl", mu=2, max_new_tokens=16),
+    # Qwen3-VL: DeepStack features from the vision tower, interleaved mrope, learned vision positions.
+    "qwen3_vl_student_two_teachers_beta": dict(teachers=2, arch="qwen3_vl", beta=0.1),
 }
 
 
