@@ -48,8 +48,11 @@ class RunLog:
     def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, progress: bool = True,
                  resume_step: int | None = None):
         """``resume_step``: the run resumes after that step, so the file keeps exactly the records an
-        uninterrupted run had written by then (see :func:`records_until`) and TensorBoard hides the
-        events earlier runs logged for later steps; else the file starts empty."""
+        uninterrupted run had written by then (see :func:`records_until`); else the file starts empty.
+        TensorBoard shows the same: it hides every event an earlier run in the folder logged from
+        ``resume_step`` on (from step 0 on a fresh start), and the kept records of that step are logged
+        again (a step's training record and an evaluation logged after it share a step number, and only
+        the first is kept)."""
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.bar = None
@@ -64,8 +67,11 @@ class RunLog:
 
             self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="RIL", unit="step",
                             dynamic_ncols=True)
-        self.tensorboard = curves.tensorboard_writer(self.path.parent / "tensorboard",
-                                                     purge_step=None if resume_step is None else resume_step + 1)
+        purge = resume_step or 0
+        self.tensorboard = curves.tensorboard_writer(self.path.parent / "tensorboard", purge_step=purge)
+        for r in kept if self.tensorboard is not None else []:
+            if r["step"] >= purge:
+                curves.add_scalars(self.tensorboard, r)
 
     def log(self, metrics: dict) -> None:
         """Write one line; advance the bar (or print a short line when there is no terminal)."""

@@ -5,6 +5,7 @@ import io
 import math
 import random
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -140,30 +141,44 @@ def test_progress_bar_shows_every_number_under_its_own_label(tmp_path):
     log.close()
 
 
+def _final_eval(steps: int, rng: random.Random) -> dict:
+    return {"step": steps, "eval_accuracy": rng.random(), "eval_examples": 50}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (optional)")
-def test_a_resumed_run_leaves_one_tensorboard_event_per_step(tmp_path):
-    """A run killed after logging step ``steps`` and resumed from its checkpoint at ``resume``: TensorBoard
-    shows the killed run's events up to ``resume`` and the resumed run's after it, each step once."""
+@pytest.mark.parametrize("killed_at", ["mid_run", "after_final_eval", "before_first_checkpoint"])
+def test_a_resumed_run_leaves_one_tensorboard_event_per_step(tmp_path, killed_at):
+    """A run killed after logging some steps and started again in its folder: from its checkpoint at
+    ``resume`` (mid-run; or at the last step, killed after the final evaluation, which is logged after that
+    step's checkpoint under the same step number), or afresh (killed before its first checkpoint).
+    TensorBoard shows what metrics.jsonl holds: the killed run's events up to ``resume``, the new run's
+    after it, every scalar of every step once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rng = random.Random()
     steps = rng.randint(6, 12)
-    resume = rng.randint(1, steps - 2)
-    killed, resumed = fake_run(steps, rng, eval_every=steps + 1), fake_run(steps, rng, eval_every=steps + 1)
+    resume = {"mid_run": rng.randint(1, steps - 2), "after_final_eval": steps, "before_first_checkpoint": None}[killed_at]
+    killed, again = (fake_run(steps, rng, eval_every=steps + 1) + [_final_eval(steps, rng)] for _ in range(2))
     log = RunLog(tmp_path, enabled=True, total_steps=steps, progress=False)
     for r in killed:
         log.log(r)
     log.tensorboard.flush()  # what a killed run had written; it never closes
+    # TensorBoard reads a folder's event files in name order: the writer's start second, then a
+    # per-process counter (".9" sorts after ".10"). A run started again is a new process, seconds later.
+    time.sleep(1 - time.time() % 1 + 0.01)
     log = RunLog(tmp_path, enabled=True, total_steps=steps, progress=False, resume_step=resume)
-    for r in resumed[resume + 1:]:
+    kept = [] if resume is None else killed[:resume + 1]  # records 0..resume: step 0's evaluation, then steps
+    for r in again[len(kept):]:
         log.log(r)
     log.close()
-    expected = killed[:resume + 1] + resumed[resume + 1:]
+    expected = kept + again[len(kept):]
     assert read_metrics(tmp_path / "metrics.jsonl") == expected
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    for key in ("loss", "student_answer_reward", "disc_accuracy"):
+    keys = {k for r in expected for k in r if k != "step"}
+    assert set(events.Tags()["scalars"]) == keys
+    for key in keys:
         got = [(e.step, e.value) for e in events.Scalars(key)]
         want = [(r["step"], r[key]) for r in expected if key in r]
-        assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, steps + 1))
+        assert [s for s, _ in got] == [s for s, _ in want], key
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # stored as fp32
