@@ -38,11 +38,12 @@ import hashlib
 import json
 import math
 import re
+import threading
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
-try:  # optional: LaTeX / symbolic equivalence, used only where the rules find nothing to compare
+try:  # optional: reads LaTeX numbers for the rules, and decides symbolic equivalence where they find nothing
     import math_verify
 except ImportError:
     math_verify = None
@@ -281,6 +282,34 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
 
 
+# ---- math_verify ---------------------------------------------------------------------------------
+
+# A LaTeX number the rules cannot read: a command with its brace groups (nested up to three deep), after an
+# optional sign and integer ("\frac{1}{2}", "-\dfrac{3}{4}", "2\frac{1}{2}"), or digits grouped by "{,}"
+# ("1{,}000"). \boxed is not one: it is an answer marker to the rules, and what it holds is read on its own.
+_BRACES = r"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"
+_LATEX_NUMBER = re.compile(rf"-?\d*\\(?!boxed\b)[A-Za-z]+(?:{_BRACES})+|\d{{1,3}}(?:\{{,\}}\d{{3}})+")
+
+
+def _no_alarm(option: str) -> dict:
+    """math_verify's keyword argument ``option`` (``parse``'s ``parsing_timeout``, ``verify``'s
+    ``timeout_seconds``) set to None outside the main thread: its timeouts use SIGALRM, which only the main
+    thread can set, so elsewhere every call fails ("not equivalent"). The main thread keeps its timeouts,
+    against pathological inputs."""
+    return {} if threading.current_thread() is threading.main_thread() else {option: None}
+
+
+def _latex_number(match: re.Match) -> str:
+    """The LaTeX number ``match`` written as the integer or fraction math_verify reads there (" -3/4 " for
+    "-\\frac{3}{4}", spaced to be a token of its own), else as it is ("\\frac{a}{b}", "\\text{cm}"). What
+    math_verify leaves unevaluated ("\\sqrt{4}") is not evaluated here: that can take forever ("10^{10^{10^{10}}}")."""
+    try:
+        value = math_verify.parse(f"${match.group()}$", **_no_alarm("parsing_timeout"))[0]
+    except Exception:  # nothing parsed
+        return match.group()
+    return f" {value} " if getattr(value, "is_Rational", False) else match.group()
+
+
 # ---- the rule judge ------------------------------------------------------------------------------
 
 _LETTER_ANSWER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
@@ -299,7 +328,13 @@ class RuleJudge:
 
     Both texts are normalised (``tokens``): lowercase, punctuation and articles (a/an/the) dropped,
     numbers written one way ("3", "3.0", "three", ".5" / "0.5", "1,000" / "1000" and "one thousand"
-    agree: a scale word multiplies the number before it), "grey" = "gray".
+    agree: a scale word multiplies the number before it), "grey" = "gray". With ``math_verify`` (below),
+    LaTeX numbers in either text are first written as plain numbers: a command with its brace groups, after
+    an optional sign and integer, or digits grouped by "{,}", that math_verify reads as an integer or a
+    fraction ("\\frac{1}{2}", "\\dfrac{2}{4}", "-\\tfrac{3}{4}", "2\\frac{1}{2}", "1{,}000"; "\\boxed{" stays
+    the answer marker of rule 4). The rules then compare, negate and hedge them like any number:
+    "$\\boxed{\\frac{1}{2}}$" is right for 0.5, "0.5" for "\\frac{1}{2}"; "not \\frac{1}{2}" and "\\frac{1}{2} or
+    \\frac{1}{3}" are wrong.
     The ground-truth answer then picks one rule; the first that applies decides:
 
     1. letter answer ("A", "(B)", "b."): multiple choice, read from the response as written (so "a"
@@ -326,19 +361,25 @@ class RuleJudge:
          ``_CLASSES``), no other member of that class is named un-negated ("red and blue" is wrong
          for red).
        When nothing in the response could be compared (no occurrence, no number, negated or not) and
-       ``math_verify`` is importable, it decides symbolic equivalence ("\\frac{1}{2}" vs "0.5"); it is
-       optional and never overrides a rule that found a candidate ("not 7" stays wrong for 7).
+       ``math_verify`` is importable, it decides symbolic equivalence ("2\\sqrt{2}" vs "\\sqrt{8}"; an answer
+       with LaTeX but no "$" is given to it between "$"s, as it reads LaTeX); it is optional and never
+       overrides a rule that found a candidate ("not 7" stays wrong for 7).
+
+    math_verify runs with its timeouts in the main thread and without them in any other (they use SIGALRM,
+    which only the main thread can set), so a thread pool gets the same verdicts.
 
     Limits: a long response that mentions the answer in passing is judged right; number words above
     twenty that are not multiples of ten ("twenty-one") are not read, nor are compounds past a scale word
     ("one hundred twenty" is 100 and 20, two numbers); a scale word alone ("a hundred") is no number;
-    yes/no needs an explicit word.
+    yes/no needs an explicit word. LaTeX that needs computing is not read as a number ("\\sqrt{4}" is the
+    number 4, "2^{3}" the numbers 2 and 3), nor is any LaTeX without math_verify ("\\frac{1}{2}" is 1 and 2).
     """
 
     def __init__(self, use_math_verify: bool = True):
         self.use_math_verify = use_math_verify and math_verify is not None
         # The identity changes with anything that can change a verdict (the cache key).
-        self.name = "rule-v2" + ("+math_verify-v2" if self.use_math_verify else "")  # v2: negated numbers
+        # rule-v2: negated numbers; math_verify-v3: it reads LaTeX numbers for the rules, and works in threads
+        self.name = "rule-v2" + ("+math_verify-v3" if self.use_math_verify else "")
 
     def __call__(self, items: list[JudgeItem]) -> list[bool]:
         """One verdict per item."""
@@ -350,15 +391,20 @@ class RuleJudge:
         if _LETTER_ANSWER.fullmatch(answer.strip()):
             letters = {m.upper() for p in _LETTER_PATTERNS for m in p.findall(response.strip())}
             return letters == {_LETTER_ANSWER.fullmatch(answer.strip()).group(1).upper()}
-        ans, res = tokens(answer), tokens(response)
+        text = self._read_latex(response)  # for the rules; math_verify's own verdict gets the texts as written
+        ans, res = tokens(self._read_latex(answer)), tokens(text)
         if not res:
             return False
         if ans in (["yes"], ["true"], ["no"], ["false"]):
             said = {"yes" for t in res if t in _YES} | {"no" for t in res if t in _NO}
             return said == ({"yes"} if ans[0] in _YES else {"no"})
         if len(ans) == 1 and _number(ans[0]) is not None:
-            return self._numeric(_number(ans[0]), response, res, answer)
+            return self._numeric(_number(ans[0]), text, res, answer)
         return self._phrase(ans, res, answer, response)
+
+    def _read_latex(self, text: str) -> str:
+        """``text`` with its LaTeX numbers written as the rules read numbers (``_latex_number``), with math_verify."""
+        return _LATEX_NUMBER.sub(_latex_number, text) if self.use_math_verify else text
 
     def _numeric(self, value: float, response: str, res: list[str], answer: str) -> bool:
         marker = list(_ANSWER_MARKER.finditer(response.lower()))
@@ -389,7 +435,10 @@ class RuleJudge:
         if not self.use_math_verify:
             return False
         try:
-            return bool(math_verify.verify(math_verify.parse(answer), math_verify.parse(response)))
+            # math_verify reads LaTeX between $s (or in \boxed{}); a bare 2\sqrt{2} it would read as 2.
+            answer = f"${answer}$" if "\\" in answer and "$" not in answer else answer
+            gold, target = (math_verify.parse(t, **_no_alarm("parsing_timeout")) for t in (answer, response))
+            return bool(math_verify.verify(gold, target, **_no_alarm("timeout_seconds")))
         except Exception:  # math_verify raises on unparsable text; that is "not equivalent"
             return False
 

@@ -1,5 +1,8 @@
 """The rule judge on a table of real cases, the judge factory, and the in-memory judge cache."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from ril_fast import judge as judge_mod
@@ -147,9 +150,9 @@ def test_math_verify_only_where_rules_find_nothing(monkeypatch):
 
     monkeypatch.setattr(judge_mod, "math_verify", FakeMathVerify)
     judge = RuleJudge()
-    assert judge.name.endswith("+math_verify-v2")
+    assert judge.name.endswith("+math_verify-v3")
     assert judge.check(r"\frac{1}{2}", "0.5")  # nothing to compare: math_verify decides
-    assert calls == [(r"\frac{1}{2}", "0.5")]
+    assert calls == [(r"$\frac{1}{2}$", "0.5")]  # a LaTeX answer without $s is given to it between $s
     assert not judge.check("4", "3 or 4")  # the rules found candidates: their verdict stands
     assert not judge.check("red", "red or blue")
     assert len(calls) == 1
@@ -161,7 +164,7 @@ def test_math_verify_itself_where_the_rules_find_nothing():
     cannot compare are decided by symbolic equivalence; word answers it cannot parse stay the rules'."""
     pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
     judge = RuleJudge()
-    assert judge.use_math_verify and judge.name == "rule-v2+math_verify-v2"
+    assert judge.use_math_verify and judge.name == "rule-v2+math_verify-v3"
     right = [(r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"The answer is $\frac{2}{4}$"), ("3/4", "0.75")]
     wrong = [(r"\frac{1}{2}", "0.4"), (r"\sqrt{2}", r"$\sqrt{3}$"), ("3/4", "0.7")]
     assert [judge.check(a, r) for a, r in right] == [True] * len(right)
@@ -169,6 +172,65 @@ def test_math_verify_itself_where_the_rules_find_nothing():
     assert not RuleJudge(use_math_verify=False).check(r"\frac{1}{2}", "0.5")  # only math_verify reads it
     for answer, response, verdict in CASES:  # and it changes none of the rules' verdicts ("not 7" for 7)
         assert judge.check(answer, response) is verdict, (answer, response)
+
+
+# With math_verify: the LaTeX numbers it reads are compared, negated and hedged by the rules like any number
+# (answer, response, verdict).
+LATEX_CASES = [
+    ("0.5", r"$\boxed{\frac{1}{2}}$", True),
+    ("0.5", r"The answer is \frac{1}{2}.", True),
+    ("7", r"\boxed{7}", True),
+    ("-0.75", r"$-\frac{3}{4}$", True),
+    ("0.75", r"\dfrac{3}{4}", True),
+    ("0.25", r"$\tfrac{1}{4}$", True),
+    ("2.5", r"$2\frac{1}{2}$", True),  # a mixed number, as math_verify reads it
+    ("1000", r"$1{,}000$", True),
+    ("0.5", r"$x = 3$, so $\boxed{\frac{1}{2}}$", True),  # "\boxed{" is still the last answer marker
+    (r"\frac{1}{2}", "0.5", True),  # a LaTeX answer, a plain response
+    (r"$-\frac{3}{4}$", "-0.75", True),
+    (r"\frac{1}{2}", r"\dfrac{2}{4}", True),
+    (r"2\sqrt{2}", r"$\sqrt{8}$", True),  # no number the rules can compare: math_verify's own verdict
+    ("0.5", r"\frac{1}{3}", False),
+    ("-0.75", r"$\frac{3}{4}$", False),
+    ("0.5", r"It is not \frac{1}{2}.", False),
+    ("0.5", r"$\frac{1}{2}$ or $\frac{1}{3}$", False),
+    (r"\frac{1}{2}", "It is not 0.5.", False),
+    (r"\frac{1}{2}", r"\frac{1}{3}", False),
+    (r"2\sqrt{2}", "2", False),  # a bare LaTeX answer is read whole, not as its first number
+    ("0.5", r"$\frac{a}{b}$", False),
+    ("0.5", r"$\frac{10^{10^{10^{10}}}}{2}$", False),  # not evaluated (that would never end): no number
+    ("7", "It is not 7.", False),
+]
+
+
+@pytest.mark.parametrize("answer,response,verdict", LATEX_CASES)
+def test_math_verify_reads_latex_numbers(answer, response, verdict):
+    pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
+    assert RuleJudge().check(answer, response) is verdict
+
+
+def test_without_math_verify_latex_is_digits():
+    """The rules alone read no LaTeX (so "rule-v2" verdicts are unchanged): "\\frac{1}{2}" is 1 and 2."""
+    judge = RuleJudge(use_math_verify=False)
+    assert not judge.check("0.5", r"$\boxed{\frac{1}{2}}$") and not judge.check("-0.75", r"$-\frac{3}{4}$")
+
+
+def test_math_verify_gives_the_same_verdicts_in_threads():
+    """math_verify's timeouts use SIGALRM, which only the main thread can set: other threads (a thread pool,
+    a server's workers) run it without them and get the main thread's verdicts, not "not equivalent"."""
+    pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
+    judge = RuleJudge()
+    items = [JudgeItem("q", a, r) for a, r, _ in LATEX_CASES]
+    expected = [v for _, _, v in LATEX_CASES]
+    assert judge(items) == expected
+    assert judge_mod._no_alarm("timeout_seconds") == {}  # the main thread keeps its timeouts
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert list(pool.map(lambda item: judge([item])[0], items)) == expected
+    verdicts = []
+    thread = threading.Thread(target=lambda: verdicts.append(judge(items)))
+    thread.start()
+    thread.join()
+    assert verdicts == [expected]
 
 
 def test_make_judge():
