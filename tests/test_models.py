@@ -25,11 +25,11 @@ from ril_fast.packing import pack, pad
 from helpers import max_err, saved_for_backward, vision_rows_seen
 from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
 
-ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen2", "internvl")
+ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl")
 ATOL = 1e-5
 # image counts of the samples packed together: none, one and two images (of random sizes), mixed
-MIX = {"qwen2_5_vl": [1, 0, 2, 1, 0], "qwen2_vl": [2, 0, 1, 0], "qwen3_vl": [1, 2, 0, 1], "qwen2": [0, 0, 0, 0],
-       "internvl": [1, 0, 2]}
+MIX = {"qwen2_5_vl": [1, 0, 2, 1, 0], "qwen2_vl": [2, 0, 1, 0], "qwen3_vl": [1, 2, 0, 1], "qwen3_5": [0, 1, 2, 0],
+       "qwen2": [0, 0, 0, 0], "internvl": [1, 0, 2]}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_logprobs_against_hf_forward(arch, temperature, loaded):
     assert max_err(ours, oracle) <= ATOL
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2"])
 def test_padded_matches_packed(arch, loaded):
     model, proc = loaded[arch]
     enc = [proc.encode(s) for s in random_samples(MIX[arch])]
@@ -125,7 +125,7 @@ def test_padded_matches_packed(arch, loaded):
 
 
 @pytest.mark.parametrize("batcher", [pack, pad])
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "internvl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "internvl"])
 def test_shared_images_encoded_once(arch, batcher, loaded, tmp_path):
     """Responses to one prompt share its images: the vision tower sees the distinct images (Qwen-VL's
     patches, InternVL's tiles) only, and log-probs and gradients equal those of every sample encoding its
@@ -156,7 +156,7 @@ def test_shared_images_encoded_once(arch, batcher, loaded, tmp_path):
         assert max_err(g_a[n], g_b[n]) <= ATOL, n
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_5", "internvl"])
 def test_activation_checkpointing_saves_memory_not_numbers(arch, folders):
     """Inside ``recomputing`` the layers keep their inputs only (the bytes saved for the backward drop by
     more than half even in a 2-layer model) and the log-probs and gradients are those of a plain pass;
@@ -186,7 +186,7 @@ def test_activation_checkpointing_saves_memory_not_numbers(arch, folders):
         assert max_err(g_a[n], g_b[n]) <= ATOL, n
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_patch_embedding_runs_as_a_matmul(arch, loaded):
     """The vision tower's patch Conv3d (stride = kernel: one window per patch) runs as a matmul over the
     flattened patches: the Conv3d's values and weight gradient, its parameter untouched."""
@@ -208,7 +208,7 @@ def test_patch_embedding_runs_as_a_matmul(arch, loaded):
 
 
 @pytest.mark.parametrize("attn", [Attn.SDPA, Attn.EAGER])
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen2", "internvl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl"])
 def test_attention_paths_agree(arch, attn, folders, loaded):
     """The default attention (``ril_varlen``, reached through transformers' AttentionInterface; on CPU its
     padded-batch SDPA) equals transformers' SDPA and eager paths, packed and padded; the vision towers
@@ -225,7 +225,7 @@ def test_attention_paths_agree(arch, attn, folders, loaded):
             assert max_err(a, b) <= ATOL
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_vision_tower_one_attention_call_per_layer(arch, loaded, monkeypatch):
     """The Qwen-VL vision tower calls the attention function once per layer with every window's (Qwen3-VL:
     every image's) boundaries (not once per window), and its output equals the per-window SDPA path."""
@@ -248,7 +248,7 @@ def test_vision_tower_one_attention_call_per_layer(arch, loaded, monkeypatch):
         monkeypatch.setattr(visual.config, "_attn_implementation", "sdpa")
         reference = visual(batch.pixel_values, grid_thw=batch.image_grid_thw).pooler_output
     assert len(calls) == len(visual.blocks) and all(c is not None for c in calls)
-    if arch == "qwen3_vl":  # no windows: each image attends to itself
+    if arch in ("qwen3_vl", "qwen3_5"):  # no windows: each image attends to itself
         assert windows == [len(batch.image_grid_thw)] * len(calls)
     else:
         assert max(windows) > len(enc), "the test images must span several windows"
@@ -267,7 +267,7 @@ print(text.norm._get_name(), text.layers[0].mlp._get_name())  # Liger renames th
 """
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_liger_patches_qwen_vl(arch, folders):
     """Liger's RMSNorm and SwiGLU modules replace the decoder's (as ``load`` does on CUDA). In a fresh
     process: Liger patches transformers' classes for the whole process, and its kernels do not run under
@@ -276,7 +276,8 @@ def test_liger_patches_qwen_vl(arch, folders):
     out = subprocess.run([sys.executable, "-c", _LIGER_SCRIPT, str(folders[arch])], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    mlp = "Qwen3VLTextMLP" if arch == "qwen3_vl" else "LigerSwiGLUMLP"  # Liger has no SwiGLU patch for Qwen3-VL
+    # Liger has no SwiGLU patch for Qwen3-VL, and gives Qwen3.5 its Qwen3-MoE expert's module
+    mlp = {"qwen3_vl": "Qwen3VLTextMLP", "qwen3_5": "LigerQwen3MoeSwiGLUMLP"}.get(arch, "LigerSwiGLUMLP")
     assert out.stdout.split() == ["LigerRMSNorm", mlp]
 
 
@@ -301,7 +302,7 @@ print(json.dumps({k: float((v - out["cpu"]).abs().max()) for k, v in out.items()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2"])
 def test_varlen_flash_vs_sdpa_bf16_gpu(arch, folders):
     """GPU, against the CPU model in fp32 (transformers' SDPA, no Liger): the GPU model in fp32 (ril_varlen,
     Liger's kernels) agrees to fp32 rounding, and the varlen kernel in bf16 is as close as SDPA in bf16.
@@ -330,7 +331,8 @@ def test_hidden_states_and_head_shapes(loaded):
 # Discriminator
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,pool", [("qwen2_5_vl", "last"), ("qwen2_5_vl", "mean"), ("qwen2_vl", "last"),
-                                       ("qwen3_vl", "mean"), ("qwen2", "mean"), ("internvl", "last")])
+                                       ("qwen3_vl", "mean"), ("qwen3_5", "last"), ("qwen2", "mean"),
+                                       ("internvl", "last")])
 def test_discriminator_packed_matches_separate(arch, pool, folders):
     disc, proc = Discriminator.from_student(folders[arch], pool=pool, init_std=0.125, device="cpu")
     enc = [proc.encode(s) for s in random_samples(MIX[arch])]

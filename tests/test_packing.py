@@ -17,7 +17,7 @@ from models_fixtures import one_thread, random_image, random_samples, tiny_folde
 def processors(tmp_path_factory, one_thread):  # noqa: F811
     """Processors (rope index included) of the three tiny archs."""
     return {a: load(tiny_folder(tmp_path_factory, a), device="cpu")[1]
-            for a in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen2", "internvl")}
+            for a in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -27,13 +27,13 @@ def _ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_mrope_positions_hand_made(arch, processors):
     """Sample A text only, sample B one image of 4 x 6 patches (w x h; 56x84 pixels, Qwen3-VL's 16-pixel
     patches 64x96): grid (1, 6, 4) -> 3 x 2 merged tokens."""
     proc = processors[arch]
     tok = proc.tokenizer
-    patch = 16 if arch == "qwen3_vl" else 14
+    patch = 16 if arch in ("qwen3_vl", "qwen3_5") else 14
     a = dict(images=[], question="What is x?", response="x = 4.")
     b = dict(images=[random_image(4 * patch, 6 * patch)], question="Which shape?", response="A circle.")
     batch = pack([proc.encode(a), proc.encode(b)])

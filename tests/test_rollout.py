@@ -1,4 +1,4 @@
-"""Rollouts on tiny Qwen2.5-VL and Qwen3-VL (0, 1 or 2 images per question) and Qwen2 (text).
+"""Rollouts on tiny Qwen2.5-VL, Qwen3-VL and Qwen3.5 (0, 1 or 2 images per question) and Qwen2 (text).
 
 Oracles: (1) a hand-written sampling loop (full forward per token, softmax(logits / τ), one
 ``draw_one`` per step: the CPU sampler, itself checked against the categorical distribution) run from
@@ -27,9 +27,9 @@ from ril_fast.packing import Encoded, pack
 from ril_fast.rollout import Rollout, sample_responses
 from tests.models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
 
-ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen2")
-IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen3_vl": [1, 2, 0, 1], "qwen2": [0, 0, 0, 0]}
-EOS_BOOST = {"qwen2_5_vl": 10, "qwen3_vl": 5, "qwen2": 10}
+ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2")
+IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen3_vl": [1, 2, 0, 1], "qwen3_5": [2, 0, 1, 1], "qwen2": [0, 0, 0, 0]}
+EOS_BOOST = {"qwen2_5_vl": 10, "qwen3_vl": 5, "qwen3_5": 10, "qwen2": 10}
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +267,7 @@ def _packed_argmax(model, proc, example: dict, r: Rollout) -> list[int]:
         return (hidden @ lm_head_weight(model).T).argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_generation_positions_match_packing(arch, loaded, monkeypatch):
     """Greedy tokens (with the end-of-turn token) are the argmax of the packed forward over prompt +
     response: generation gives image tokens the same mrope positions as training. Negative control:

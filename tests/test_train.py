@@ -54,6 +54,9 @@ MODES = {
     "internvl_student_two_teachers_mu2": dict(teachers=2, arch="internvl", mu=2, max_new_tokens=16),
     # Qwen3-VL: DeepStack features from the vision tower, interleaved mrope, learned vision positions.
     "qwen3_vl_student_two_teachers_beta": dict(teachers=2, arch="qwen3_vl", beta=0.1),
+    # Qwen3.5: a hybrid decoder (a linear-attention layer, then full attention), with recomputation.
+    "qwen3_5_student_one_teacher_mu2": dict(teachers=1, arch="qwen3_5", mu=2,
+                                            **{"batch.activation_checkpointing": True}),
 }
 
 
