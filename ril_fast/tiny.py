@@ -189,6 +189,11 @@ _COMMON_VISION = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2,
                       initializer_range=0.1)
 
 
+# Qwen3-VL's and Qwen3.5's tower: 16-pixel patches and a learned 4x4 position grid resampled to each image.
+_QWEN3_VISION = dict(_COMMON_VISION, patch_size=16, hidden_size=32, intermediate_size=64, out_hidden_size=64,
+                     num_position_embeddings=16)
+
+
 def _qwen2_5_vision(out_hidden: int, hidden: int = VISION_HIDDEN) -> dict:
     """A tiny Qwen2.5-VL vision tower (``hidden`` wide, 2 blocks, one windowed, one full) projecting to
     ``out_hidden``."""
@@ -228,26 +233,22 @@ def _config(arch: str, vocab_size: int, vision_hidden: int = VISION_HIDDEN):
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     if arch == "qwen3_vl":
         # Qwen3's text model (q/k norms, explicit head_dim) with interleaved mrope over its 8 frequencies;
-        # a vision tower of 16-pixel patches, a learned 4x4 position grid resampled to each image, and
-        # DeepStack: both blocks' features are added to the first two decoder layers' image rows.
+        # DeepStack: both vision blocks' features are added to the first two decoder layers' image rows.
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2],
                                    "mrope_interleaved": True}
-        vision = dict(_COMMON_VISION, patch_size=16, hidden_size=32, intermediate_size=64, out_hidden_size=64,
-                      num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        vision = dict(_QWEN3_VISION, deepstack_visual_indexes=[0, 1])
         return Qwen3VLConfig(text_config=dict(text, head_dim=16), vision_config=vision,
                              tie_word_embeddings=False, **token_ids)
     if arch == "qwen3_5":
         # Qwen3.5: a hybrid decoder, a Gated DeltaNet (linear attention: a causal convolution, then a gated
         # delta-rule recurrence) before a gated full-attention layer with partial (half) interleaved mrope;
-        # Qwen3-VL's vision tower without DeepStack.
+        # the vision tower without DeepStack.
         text.update(head_dim=16, layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
                     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                     linear_num_value_heads=4)
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1],
                                    "mrope_interleaved": True, "partial_rotary_factor": 0.5}
-        vision = dict(_COMMON_VISION, patch_size=16, hidden_size=32, intermediate_size=64, out_hidden_size=64,
-                      num_position_embeddings=16)
-        return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+        return Qwen3_5Config(text_config=text, vision_config=_QWEN3_VISION, tie_word_embeddings=False, **token_ids)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
