@@ -273,9 +273,11 @@ def _singular(word: str, vocabulary: set[str]) -> str:
     return word
 
 
-def _affirmed_numbers(toks: list[str]) -> set[float]:
-    """The distinct numbers a response states and does not negate."""
-    return {_number(t) for i, t in enumerate(toks) if _number(t) is not None and not _negated(toks, i)}
+def _affirmed_numbers(toks: list[str], before: list[str] | None = None) -> set[float]:
+    """The distinct numbers of ``toks`` not negated. ``before``: the tokens before them in the response, where
+    a negation may also be ("not \\boxed{7}")."""
+    context, start = [*(before or []), *toks], len(before or [])
+    return {_number(t) for i, t in enumerate(toks) if _number(t) is not None and not _negated(context, start + i)}
 
 
 def _close(a: float, b: float) -> bool:
@@ -378,8 +380,9 @@ class RuleJudge:
     def __init__(self, use_math_verify: bool = True):
         self.use_math_verify = use_math_verify and math_verify is not None
         # The identity changes with anything that can change a verdict (the cache key).
-        # rule-v2: negated numbers; math_verify-v3: it reads LaTeX numbers for the rules, and works in threads
-        self.name = "rule-v2" + ("+math_verify-v3" if self.use_math_verify else "")
+        # rule-v3: a negation before an answer marker ("not \\boxed{7}"); math_verify-v3: it reads LaTeX numbers
+        # for the rules, and works in threads
+        self.name = "rule-v3" + ("+math_verify-v3" if self.use_math_verify else "")
 
     def __call__(self, items: list[JudgeItem]) -> list[bool]:
         """One verdict per item."""
@@ -410,7 +413,8 @@ class RuleJudge:
         marker = list(_ANSWER_MARKER.finditer(response.lower()))
         after = tokens(response[marker[-1].end():]) if marker else []
         after = after[:after.index(_BOUNDARY)] if _BOUNDARY in after else after
-        candidates = _affirmed_numbers(after) or _affirmed_numbers(res)
+        before = tokens(response[:marker[-1].end()]) if marker else None
+        candidates = _affirmed_numbers(after, before) or _affirmed_numbers(res)
         if not any(_number(t) is not None for t in res):  # a negated number is one the rules compared
             return self._math_verify(answer, response)
         return len(candidates) == 1 and _close(candidates.pop(), value)

@@ -69,6 +69,8 @@ CASES = [
     ("3", "4", False),
     ("4", "3 or 4", False),
     ("7", "It is not 7.", False),
+    ("7", r"It is not \boxed{7}.", False),  # the negation before the answer marker counts
+    ("7", "It is not 5; the answer is 7.", True),
     ("12", "There are twelve or thirteen.", False),
     ("0.5", ".5", True),  # a leading-dot decimal is a number
     ("0.5", "It is .5.", True),
@@ -164,7 +166,7 @@ def test_math_verify_itself_where_the_rules_find_nothing():
     cannot compare are decided by symbolic equivalence; word answers it cannot parse stay the rules'."""
     pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
     judge = RuleJudge()
-    assert judge.use_math_verify and judge.name == "rule-v2+math_verify-v3"
+    assert judge.use_math_verify and judge.name == "rule-v3+math_verify-v3"
     right = [(r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"The answer is $\frac{2}{4}$"), ("3/4", "0.75")]
     wrong = [(r"\frac{1}{2}", "0.4"), (r"\sqrt{2}", r"$\sqrt{3}$"), ("3/4", "0.7")]
     assert [judge.check(a, r) for a, r in right] == [True] * len(right)
@@ -210,7 +212,7 @@ def test_math_verify_reads_latex_numbers(answer, response, verdict):
 
 
 def test_without_math_verify_latex_is_digits():
-    """The rules alone read no LaTeX (so "rule-v2" verdicts are unchanged): "\\frac{1}{2}" is 1 and 2."""
+    """The rules alone read no LaTeX: "\\frac{1}{2}" is 1 and 2."""
     judge = RuleJudge(use_math_verify=False)
     assert not judge.check("0.5", r"$\boxed{\frac{1}{2}}$") and not judge.check("-0.75", r"$-\frac{3}{4}$")
 
@@ -238,8 +240,9 @@ def test_make_judge():
 
     assert isinstance(make_judge("rule"), RuleJudge)
     assert isinstance(make_judge(JudgeKind.RULE, use_math_verify=False), RuleJudge)
-    # v2: letters, scale words, ".5" and comma hedges read differently; v1 verdicts in a cache are stale
-    assert make_judge("rule", use_math_verify=False).name == "rule-v2"
+    # v3: a negation before an answer marker; v2: letters, scale words, ".5" and comma hedges: older verdicts
+    # in a cache are stale
+    assert make_judge("rule", use_math_verify=False).name == "rule-v3"
     http = make_judge("http", url="http://127.0.0.1:9/v1", model="judge-model")
     assert isinstance(http, HTTPJudge) and http.name == f"http:judge-model:{PROMPT_VERSION}:top10"
     with pytest.raises(ValueError, match="model"):
