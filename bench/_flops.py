@@ -7,7 +7,7 @@ query width (heads × head_dim) and P_dec the decoder's matmul parameters per la
 
     decoder forward, one sample of L tokens   2·L·P_dec·layers + 2·layers·d·L²     (causal: half of 4·d·L²)
     LM head, per row it is applied to         2·H·V              (training: the R response rows only)
-    vision tower, one image of n patches      2·n·(P_embed + depth·P_block) + 2·(n / m²)·P_merger
+    vision tower, one image of n patches      2·n·(P_embed + depth·P_block) + 2·(n / m²)·P_merger·mergers
                                               + 4·d_v·n² per full-attention block
                                               + 4·d_v·Σ_w n_w² per windowed block (windows of n_w patches)
     decoding token t of a response            2·P_dec·layers + 4·layers·d·(P + t) + 2·H·V
@@ -23,8 +23,16 @@ micro-batches keep them together wherever they fit. The phases:
     old_ref_logprobs   per frozen model (π_old when μ > 1, π_ref when β > 0): vision + decoder + LM head
     policy_update      μ × 3 × (vision + decoder + LM head on response rows)
 
-P_dec = H·d + 2·H·d_kv + d·H + 3·H·I (q, k, v, o, gate, up, down); P_block = 4·d_v² + 3·d_v·I_v; P_embed
-= 3·t_p·p²·d_v (the patch convolution); P_merger = (m²·d_v)² + m²·d_v·H.
+P_dec = H·d + 2·H·d_kv + d·H + 3·H·I (q, k, v, o, gate, up, down); P_block = 4·d_v² + k·d_v·I_v (k = 3 MLP
+matrices for Qwen2.5-VL, 2 for Qwen3-VL); P_embed = 3·t_p·p²·d_v (the patch convolution); P_merger =
+(m²·d_v)² + m²·d_v·H; mergers = 1 + the DeepStack blocks.
+
+The two vision towers: Qwen2.5-VL's has windowed blocks (all but ``fullatt_block_indexes``), a gated MLP
+and one merger; Qwen3-VL's attends over each whole image in every block, has a plain two-matrix MLP, and
+one more merger per DeepStack block (``deepstack_visual_indexes``; their outputs are added to the first
+decoder layers' image rows). Qwen3's q/k RMSNorms, DeepStack's adds and Qwen3-VL's resampled position
+embeddings (a weighted sum of 4 embedding rows per patch) cost no matmul. ``tests/bench/test_flops.py``
+checks the forward formulas against torch's FlopCounterMode on small models of both families.
 
 The optimiser is memory-bound: AdamW in fp32 with gradient clipping reads and writes about 32 bytes per
 parameter (read p, g, m, v; write p, m, v; read g once more for the norm).
@@ -37,7 +45,7 @@ ADAMW_BYTES_PER_PARAM = 32
 
 @dataclass(frozen=True)
 class Shapes:
-    """The dimensions FLOPs depend on, read from a Qwen2.5-VL config."""
+    """The dimensions FLOPs depend on, read from a Qwen2.5-VL or Qwen3-VL config."""
 
     hidden: int
     intermediate: int
@@ -50,21 +58,26 @@ class Shapes:
     vis_intermediate: int
     vis_depth: int
     vis_full_blocks: int
-    vis_window: int  # patches per side of a window
+    vis_window: int  # patches per side of a window (0: no windowed blocks)
     vis_patch_in: int  # channels × temporal patch × patch² (one patch's input values)
     merge: int
+    vis_mlp_matrices: int = 3  # gated (Qwen2.5-VL) or not (Qwen3-VL)
+    vis_mergers: int = 1  # the final merger + one per DeepStack block (Qwen3-VL)
 
     @classmethod
     def of(cls, config) -> "Shapes":
-        """Shapes of a transformers Qwen2.5-VL config (``AutoConfig.from_pretrained(student)``)."""
+        """Shapes of a transformers Qwen2.5-VL or Qwen3-VL config (``AutoConfig.from_pretrained(student)``)."""
         t, v = config.text_config, config.vision_config
         heads = t.num_attention_heads
+        qwen3 = config.model_type == "qwen3_vl"  # no windows, a two-matrix MLP, DeepStack mergers
         return cls(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers, heads=heads,
                    kv_heads=t.num_key_value_heads, head_dim=getattr(t, "head_dim", None) or t.hidden_size // heads,
                    vocab=t.vocab_size, vis_hidden=v.hidden_size, vis_intermediate=v.intermediate_size,
-                   vis_depth=v.depth, vis_full_blocks=len(v.fullatt_block_indexes),
-                   vis_window=v.window_size // v.patch_size,
-                   vis_patch_in=v.in_channels * v.temporal_patch_size * v.patch_size**2, merge=v.spatial_merge_size)
+                   vis_depth=v.depth, vis_full_blocks=v.depth if qwen3 else len(v.fullatt_block_indexes),
+                   vis_window=0 if qwen3 else v.window_size // v.patch_size,
+                   vis_patch_in=v.in_channels * v.temporal_patch_size * v.patch_size**2, merge=v.spatial_merge_size,
+                   vis_mlp_matrices=2 if qwen3 else 3,
+                   vis_mergers=1 + (len(v.deepstack_visual_indexes) if qwen3 else 0))
 
     # -- pieces ------------------------------------------------------------------------------------
     @property
@@ -84,15 +97,17 @@ class Shapes:
     def vision(self, grids) -> float:
         """Forward FLOPs of the vision tower over images of patch grids ``[(t, h, w), ...]``."""
         d, m2 = self.vis_hidden, self.merge**2
-        block = 4 * d * d + 3 * d * self.vis_intermediate
+        block = 4 * d * d + self.vis_mlp_matrices * d * self.vis_intermediate
         merger = (m2 * d) ** 2 + m2 * d * self.hidden
         windowed = self.vis_depth - self.vis_full_blocks
         total = 0.0
         for t, h, w in grids:
             n = t * h * w
-            total += 2 * n * (self.vis_patch_in * d + self.vis_depth * block) + 2 * (n // m2) * merger
+            total += 2 * n * (self.vis_patch_in * d + self.vis_depth * block)
+            total += 2 * (n // m2) * merger * self.vis_mergers
             total += 4 * d * n * n * self.vis_full_blocks
-            total += 4 * d * t * t * _square_sum(h, self.vis_window) * _square_sum(w, self.vis_window) * windowed
+            if windowed:
+                total += 4 * d * t * t * _square_sum(h, self.vis_window) * _square_sum(w, self.vis_window) * windowed
         return total
 
     def decode(self, prompt: int, generated: int) -> float:

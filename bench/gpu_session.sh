@@ -7,7 +7,10 @@
 #     1b       bench/throughput.py --preset 1b, one measured step, with the baselines
 #     3b       bench/throughput.py --preset 3b: the base configuration + baselines
 #     3b-ab    the same preset, packed vs padded and fused vs eager
-# The 3b stages take 8 questions per step (16 did not fit a call on an H200 on 2026-11-22); BENCH_ARGS
+#     qwen3vl-2b, qwen3vl-4b   as 3b, at Qwen3-VL-2B / 4B's shapes; the 4B's trained state with the discriminator
+#              is 124 GiB (H200 only), so its updates recompute each layer in the backward (--rl-only if that
+#              still runs out of memory); the 2B's is 59 GiB (an H100 wants BENCH_ARGS=--activation-checkpointing)
+# The 3b and qwen3vl stages take 8 questions per step (16 did not fit a call on an H200 on 2026-11-22); BENCH_ARGS
 # adds or overrides throughput.py options (the last of a repeated option wins).
 #
 # The machine's image has torch, triton and transformers but not liger-kernel; wheels in .whl/ (the
@@ -28,7 +31,8 @@ rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r ril_fast /tmp/pkg/ && cp -r kernel
 export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1
 WORK=/tmp/ril_bench
 
-[ $# -gt 0 ] || { echo "usage: bash bench/gpu_session.sh STAGE... (tests, kernels, 1b, 3b, 3b-ab)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: bash bench/gpu_session.sh STAGE... (tests, kernels, 1b, 3b, 3b-ab, qwen3vl-2b," \
+    "qwen3vl-4b)" >&2; exit 2; }
 for stage in "$@"; do
 case "$stage" in
 tests)
@@ -52,6 +56,12 @@ kernels)
 3b-ab)
     timeout 540 python3 bench/throughput.py --preset 3b --questions-per-step 8 --steps 1 --compare --no-baselines \
         ${BENCH_ARGS:-} --workdir $WORK/3b --out "$OUT/throughput.csv" 2>&1 | tee "$OUT/throughput_3b_ab.log" \
+        | grep -v "it/s\]"
+    ;;
+qwen3vl-2b|qwen3vl-4b)
+    ckpt=$([ "$stage" = qwen3vl-4b ] && echo --activation-checkpointing)
+    timeout 470 python3 bench/throughput.py --preset "$stage" --questions-per-step 8 --steps 1 --reps 1 $ckpt \
+        ${BENCH_ARGS:-} --workdir "$WORK/$stage" --out "$OUT/throughput.csv" 2>&1 | tee "$OUT/throughput_$stage.log" \
         | grep -v "it/s\]"
     ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;

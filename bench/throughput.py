@@ -2,6 +2,7 @@
 
     python bench/throughput.py --preset tiny                     # CPU smoke run (the test suite runs it)
     python bench/throughput.py --preset 3b --compare             # one GPU: every side-by-side below
+    python bench/throughput.py --preset qwen3vl-4b --activation-checkpointing   # Qwen3-VL-4B's shapes
     python bench/throughput.py --preset 3b --padded --eager      # choose the layouts / kernels to run
     torchrun --nproc_per_node=N bench/throughput.py --preset 7b --profile runs/trace     # FSDP2, N ranks
 
@@ -276,8 +277,8 @@ def _parse(argv):
     p.add_argument("--max-new-tokens", type=int, help="L_max; default: the preset's")
     p.add_argument("--max-tokens", type=int, help="micro-batch token budget; default: the preset's")
     p.add_argument("--layers", type=int, help="a shallower model of the preset's widths (a quick look)")
-    p.add_argument("--image-tokens", type=int, help="most tokens per image (28x28 pixels each); default: the "
-                                                    "preset's")
+    p.add_argument("--image-tokens", type=int, help="most tokens per image (28x28 pixels each; Qwen3-VL 32x32); "
+                                                    "default: the preset's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where the preset's student and data are built and cached "
                                      "(default runs/bench/<preset>)")

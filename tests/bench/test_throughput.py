@@ -65,6 +65,22 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
         assert heading in printed, heading
 
 
+def test_qwen3_vl_tiny_preset_reports_every_phase(tmp_path, monkeypatch, one_thread, bench):  # noqa: F811
+    """The Qwen3-VL path end to end (student folder, image processor, FLOPs of its tower and decoder)."""
+    out = tmp_path / "throughput.csv"
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "throughput.py"), "--preset", "qwen3vl-tiny", "--steps", "1",
+                                      "--no-baselines", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "work" / "student").model_type == "qwen3_vl"
+    phases = {r["phase"]: r for r in csv.DictReader(out.open())}
+    assert set(phases) == set(bench["PHASES"]) | {"communication", "step"}
+    for name in ("rollout", "disc_update", "disc_score", "old_ref_logprobs", "policy_update", "step"):
+        assert float(phases[name]["tflop"]) > 0 and float(phases[name]["seconds"]) > 0, name
+    assert float(phases["rollout"]["prompt_tokens"]) > 0
+
+
 def test_compared_configurations_compute_the_same_update(tmp_path_factory, one_thread, bench):  # noqa: F811
     """Packed and padded micro-batches, fused and eager kernels, and the Liger provider: the same Eq. 2
     loss and gradients on the same outputs (a side-by-side is only fair if the work is the same)."""
