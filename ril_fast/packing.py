@@ -63,6 +63,22 @@ class ModelKind(str, enum.Enum):
             return cls.INTERNVL
         return cls.TEXT
 
+    @classmethod
+    def of_config(cls, config) -> "ModelKind":
+        """The kind of a transformers config; a vision-language model of any other family (one with a
+        ``vision_config``: LLaVA, Gemma 3, SmolVLM, MoE Qwen-VLs, ...) is refused (``UnsupportedModel``)
+        rather than loaded as a text-only model."""
+        kind = cls.of(config.model_type)
+        if kind is cls.TEXT and getattr(config, "vision_config", None) is not None:
+            raise UnsupportedModel(f"model type {config.model_type!r} is a vision-language model ril_fast does not "
+                                   f"support (students: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL in its "
+                                   f"transformers form, or a text-only causal LM)")
+        return kind
+
+
+class UnsupportedModel(ValueError):
+    """A model folder of an architecture ril_fast cannot train."""
+
 
 def load_image(image):
     """A PIL image, or a path to one, as the RGB image HF image processors would see: EXIF orientation
@@ -137,7 +153,7 @@ class Processor:
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         config = AutoConfig.from_pretrained(path)
-        kind = ModelKind.of(config.model_type)
+        kind = ModelKind.of_config(config)
         tok = AutoTokenizer.from_pretrained(path)
         proc = cls(tokenizer=tok, kind=kind, end_token_id=tok.eos_token_id)
         if kind is ModelKind.TEXT:

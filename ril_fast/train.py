@@ -54,7 +54,7 @@ from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_
 from ril_fast.metrics import PhaseTimer, RunLog
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.models import enable_activation_checkpointing, load
-from ril_fast.packing import ModelKind, Processor
+from ril_fast.packing import ModelKind, Processor, UnsupportedModel
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
 from ril_fast.rollout import sample_responses
@@ -263,6 +263,8 @@ def load_data(cfg: Config, dist: distributed.Dist):
     batches, checked against the student's tokenizer; prints which ablation runs."""
     try:
         tokens = Processor.from_pretrained(cfg.student)
+    except UnsupportedModel as e:
+        raise ConfigError(f"student={cfg.student}: {e}") from None
     except (OSError, ValueError) as e:  # transformers' words for a missing folder or config.json
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {e}") from None
     examples = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)

@@ -71,6 +71,11 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     (tmp_path / "a_file").write_text("not a database, but long enough for SQLite to read a header" * 10)
     with pytest.raises(ConfigError, match=r"judge_cache=.*a_file: cannot use it as the verdict cache"):
         train.setup(load_config(_args(demo, tmp_path / "run", judge_cache=tmp_path / "a_file")))
+    from transformers import LlavaConfig
+
+    LlavaConfig().save_pretrained(tmp_path / "llava")  # a VLM family ril_fast cannot pack: not a text model
+    with pytest.raises(ConfigError, match=r"student=.*llava: model type 'llava' is a vision-language model ril_fast"):
+        train.setup(load_config(_args(demo, tmp_path / "run", student=tmp_path / "llava")))
     text_student = make_tiny(tmp_path / "text_student", arch="qwen2")
     with pytest.raises(DataError) as e:
         train.setup(load_config(_args(demo, tmp_path / "run", student=text_student)))
