@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     from ril_fast.data import DataError
+    from ril_fast.packing import UnsupportedModel
 
     try:
         main()
-    except DataError as e:  # the message names the file and line
+    except (DataError, UnsupportedModel) as e:  # the message names the file and line, or the model type
         raise SystemExit(f"error: {e}") from None

@@ -225,7 +225,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
 
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     config = AutoConfig.from_pretrained(path)
-    ModelKind.of_config(config)  # refuses a VLM family this module cannot pack
+    ModelKind.of_config(config, path)  # refuses a VLM family this module cannot pack
     if not lm_head:
         auto = AutoModel
     else:

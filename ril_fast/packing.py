@@ -64,15 +64,15 @@ class ModelKind(str, enum.Enum):
         return cls.TEXT
 
     @classmethod
-    def of_config(cls, config) -> "ModelKind":
-        """The kind of a transformers config; a vision-language model of any other family (one with a
-        ``vision_config``: LLaVA, Gemma 3, SmolVLM, MoE Qwen-VLs, ...) is refused (``UnsupportedModel``)
-        rather than loaded as a text-only model."""
+    def of_config(cls, config, path) -> "ModelKind":
+        """The kind of the transformers config of the model folder ``path``; a vision-language model of any
+        other family (one with a ``vision_config``: LLaVA, Gemma 3, SmolVLM, MoE Qwen-VLs, ...) is refused
+        (``UnsupportedModel``, its message starting with ``path``) rather than loaded as a text-only model."""
         kind = cls.of(config.model_type)
         if kind is cls.TEXT and getattr(config, "vision_config", None) is not None:
-            raise UnsupportedModel(f"model type {config.model_type!r} is a vision-language model ril_fast does not "
-                                   f"support (students: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL in its "
-                                   f"transformers form, or a text-only causal LM)")
+            raise UnsupportedModel(f"{path}: model type {config.model_type!r} is a vision-language model ril_fast "
+                                   f"does not support (students: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, InternVL in "
+                                   f"its transformers form, or a text-only causal LM)")
         return kind
 
 
@@ -153,7 +153,7 @@ class Processor:
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         config = AutoConfig.from_pretrained(path)
-        kind = ModelKind.of_config(config)
+        kind = ModelKind.of_config(config, path)
         tok = AutoTokenizer.from_pretrained(path)
         proc = cls(tokenizer=tok, kind=kind, end_token_id=tok.eos_token_id)
         if kind is ModelKind.TEXT:

@@ -263,8 +263,8 @@ def load_data(cfg: Config, dist: distributed.Dist):
     batches, checked against the student's tokenizer; prints which ablation runs."""
     try:
         tokens = Processor.from_pretrained(cfg.student)
-    except UnsupportedModel as e:
-        raise ConfigError(f"student={cfg.student}: {e}") from None
+    except UnsupportedModel as e:  # "DIR: model type ..."
+        raise ConfigError(f"student={e}") from None
     except (OSError, ValueError) as e:  # transformers' words for a missing folder or config.json
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {e}") from None
     examples = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)

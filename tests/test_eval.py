@@ -89,6 +89,19 @@ def test_cli_data_error_is_one_line_naming_the_file_and_line(demo, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_refuses_an_unsupported_vlm_in_one_line(demo, tmp_path):
+    from transformers import LlavaConfig
+
+    LlavaConfig().save_pretrained(tmp_path / "llava")
+    proc = subprocess.run([sys.executable, "-m", "ril_fast.eval", "--model", str(tmp_path / "llava"), "--data",
+                           str(demo.test), "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: {tmp_path / 'llava'}: model type 'llava' is a vision-language model"), \
+        proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_question_holding_a_control_token_is_refused(demo, tmp_path):
     """As the trainer's data: the student's tokenizer would read '<|im_end|>' in the text as its end of turn."""
     row = json.loads(demo.test.read_text().splitlines()[0])
