@@ -1,9 +1,9 @@
 """Student and reference models from HF folders, and log-probs of packed responses without logits.
 
 Supported: Qwen2.5-VL, Qwen2-VL, Qwen3-VL (dense), Qwen3.5 (dense: hybrid linear and full attention),
-InternVL3 in its transformers ("-hf") form, and text-only causal LMs (Qwen2, Llama, ...). The forward
-always runs with ``use_cache=False``: with a cache transformers silently skips packed-sequence detection
-and lets the samples of a packed row attend to each other.
+InternVL3 and 3.5 in their transformers ("-hf") form, and text-only causal LMs (Qwen2, Llama, ...). The
+forward always runs with ``use_cache=False``: with a cache transformers silently skips packed-sequence
+detection and lets the samples of a packed row attend to each other.
 
 Log-probs never build the (T, V) logits: the decoder runs to its last hidden states, the rows that
 predict response tokens are gathered, and ``ril_fast.kernels.token_logprobs`` applies the LM head

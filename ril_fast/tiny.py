@@ -1,6 +1,6 @@
 """HF model folders made here, for tests and demos: tiny random ones, and real SmolLM2. Nothing is downloaded.
 
-    python -m ril_fast.tiny OUT_DIR --arch {qwen2_5_vl,qwen2_vl,qwen3_vl,qwen3_5,qwen2,internvl} [--seed 0]
+    python -m ril_fast.tiny OUT_DIR --arch {qwen2_5_vl,qwen2_vl,qwen3_vl,qwen3_5,qwen2,internvl,internvl3_5} [--seed 0]
     python -m ril_fast.tiny OUT_DIR --arch smollm2        # real SmolLM2-135M-Instruct (from a PyPI gguf)
     python -m ril_fast.tiny OUT_DIR --arch smollm2_vl     # SmolLM2 + a tiny random vision tower
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl")
+ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5")
 
 # Qwen's special tokens and InternVL's image tokens, first in the vocabulary so their ids are fixed.
 SPECIAL_TOKENS = [
@@ -69,7 +69,7 @@ def chat_template(image_text: str) -> str:
     )
 
 
-IMAGE_TEXT = {"internvl": "<IMG_CONTEXT>\\n"}
+IMAGE_TEXT = {"internvl": "<IMG_CONTEXT>\\n", "internvl3_5": "<IMG_CONTEXT>\\n"}
 QWEN_IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -209,11 +209,13 @@ def _config(arch: str, vocab_size: int, vision_hidden: int = VISION_HIDDEN):
     text = _text_config(vocab_size)
     if arch == "qwen2":
         return Qwen2Config(**text)
-    if arch == "internvl":
+    if arch in ("internvl", "internvl3_5"):
         # 56-pixel tiles of 4x4 patches; pixel shuffle (downsample 0.5) leaves 2x2 = 4 tokens a tile.
+        # InternVL3's language model is a Qwen2.5, InternVL3.5's a Qwen3 (q/k norms, explicit head_dim).
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       image_size=[56, 56], patch_size=[14, 14], initializer_range=0.1)
-        return InternVLConfig(text_config=dict(text, model_type="qwen2"), vision_config=vision,
+        text = dict(text, model_type="qwen2") if arch == "internvl" else dict(text, model_type="qwen3", head_dim=16)
+        return InternVLConfig(text_config=text, vision_config=vision,
                               image_token_id=SPECIAL_TOKENS.index("<IMG_CONTEXT>"), image_seq_length=4,
                               downsample_ratio=0.5, tie_word_embeddings=False)
     # mrope splits head_dim / 2 = 8 rotary frequencies over (t, h, w).
@@ -259,7 +261,7 @@ def _image_processor_config(arch: str, image_tokens: int = IMAGE_TOKENS) -> dict
     GotOcr2ImageProcessor (InternVL): 56-pixel tiles, 1..4 tiles (+ a thumbnail when more than one)."""
     patch = 16 if arch in ("qwen3_vl", "qwen3_5") else 14
     factor = patch * 2
-    if arch == "internvl":
+    if arch.startswith("internvl"):
         kind = {
             "image_processor_type": "GotOcr2ImageProcessor",
             "size": {"height": 56, "width": 56},

@@ -65,7 +65,7 @@ def report(request, folder, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------
 # Which modules become FSDP units (no process group needed)
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5"])
 def test_units_found(arch, tmp_path_factory, one_thread):  # noqa: F811
     model, _ = load(tiny_folder(tmp_path_factory, arch), device="cpu")
     blocks = decoder_blocks(model)

@@ -25,11 +25,11 @@ from ril_fast.packing import pack, pad
 from helpers import max_err, saved_for_backward, vision_rows_seen
 from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
 
-ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl")
+ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5")
 ATOL = 1e-5
 # image counts of the samples packed together: none, one and two images (of random sizes), mixed
 MIX = {"qwen2_5_vl": [1, 0, 2, 1, 0], "qwen2_vl": [2, 0, 1, 0], "qwen3_vl": [1, 2, 0, 1], "qwen3_5": [0, 1, 2, 0],
-       "qwen2": [0, 0, 0, 0], "internvl": [1, 0, 2]}
+       "qwen2": [0, 0, 0, 0], "internvl": [1, 0, 2], "internvl3_5": [2, 1, 0]}
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +332,7 @@ def test_hidden_states_and_head_shapes(loaded):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,pool", [("qwen2_5_vl", "last"), ("qwen2_5_vl", "mean"), ("qwen2_vl", "last"),
                                        ("qwen3_vl", "mean"), ("qwen3_5", "last"), ("qwen2", "mean"),
-                                       ("internvl", "last")])
+                                       ("internvl", "last"), ("internvl3_5", "mean")])
 def test_discriminator_packed_matches_separate(arch, pool, folders):
     disc, proc = Discriminator.from_student(folders[arch], pool=pool, init_std=0.125, device="cpu")
     enc = [proc.encode(s) for s in random_samples(MIX[arch])]
