@@ -34,6 +34,7 @@ dict by default; ``judge_store(path)`` gives the persistent one, an SQLite file 
 """
 
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ import re
 import threading
 from collections.abc import MutableMapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Protocol
 
 try:  # optional: reads LaTeX numbers for the rules, and decides symbolic equivalence where they find nothing
@@ -290,7 +292,11 @@ def _close(a: float, b: float) -> bool:
 # optional sign and integer ("\frac{1}{2}", "-\dfrac{3}{4}", "2\frac{1}{2}"), or digits grouped by "{,}"
 # ("1{,}000"). \boxed is not one: it is an answer marker to the rules, and what it holds is read on its own.
 _BRACES = r"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"
-_LATEX_NUMBER = re.compile(rf"-?\d*\\(?!boxed\b)[A-Za-z]+(?:{_BRACES})+|\d{{1,3}}(?:\{{,\}}\d{{3}})+")
+# (?<!\d): a match starts at the first digit of a run (linear time on long digit runs).
+_LATEX_NUMBER = re.compile(rf"-?(?<!\d)\d*\\(?!boxed\b)[A-Za-z]+(?:{_BRACES})+|(?<!\d)\d{{1,3}}(?:\{{,\}}\d{{3}})+")
+# The common ones, read here as math_verify reads them (a test checks they agree), without its ~1 ms a parse:
+# [-][whole]\frac{a}{b} (also \dfrac, \tfrac; a whole part makes a mixed number) and digits grouped by "{,}".
+_SIMPLE_LATEX = re.compile(r"(-?)(\d*)\\[dt]?frac\{(\d+)\}\{(\d*[1-9]\d*)\}|(\d{1,3}(?:\{,\}\d{3})+)")
 
 
 def _no_alarm(option: str) -> dict:
@@ -303,13 +309,27 @@ def _no_alarm(option: str) -> dict:
 
 def _latex_number(match: re.Match) -> str:
     """The LaTeX number ``match`` written as the integer or fraction math_verify reads there (" -3/4 " for
-    "-\\frac{3}{4}", spaced to be a token of its own), else as it is ("\\frac{a}{b}", "\\text{cm}"). What
-    math_verify leaves unevaluated ("\\sqrt{4}") is not evaluated here: that can take forever ("10^{10^{10^{10}}}")."""
+    "-\\frac{3}{4}", spaced to be a token of its own), else as it is ("\\frac{a}{b}", "\\text{cm}")."""
+    value = _latex_value(match.group())
+    return match.group() if value is None else f" {value} "
+
+
+@functools.lru_cache(maxsize=4096)  # a response's fragments recur across a group's samples and steps
+def _latex_value(text: str) -> str | None:
+    """The integer or fraction math_verify reads in the LaTeX ``text`` ("-3/4", "1000"), or None. Simple
+    fractions and grouped digits are read here (``_SIMPLE_LATEX``). What math_verify leaves unevaluated
+    ("\\sqrt{4}") is not evaluated here: that can take forever ("10^{10^{10^{10}}}")."""
+    if simple := _SIMPLE_LATEX.fullmatch(text):
+        sign, whole, numerator, denominator, grouped = simple.groups()
+        if grouped:
+            return grouped.replace("{,}", "")
+        value = int(whole or 0) + Fraction(int(numerator), int(denominator))
+        return str(-value if sign else value)
     try:
-        value = math_verify.parse(f"${match.group()}$", **_no_alarm("parsing_timeout"))[0]
+        value = math_verify.parse(f"${text}$", **_no_alarm("parsing_timeout"))[0]
     except Exception:  # nothing parsed
-        return match.group()
-    return f" {value} " if getattr(value, "is_Rational", False) else match.group()
+        return None
+    return str(value) if getattr(value, "is_Rational", False) else None
 
 
 # ---- the rule judge ------------------------------------------------------------------------------
@@ -373,8 +393,10 @@ class RuleJudge:
     Limits: a long response that mentions the answer in passing is judged right; number words above
     twenty that are not multiples of ten ("twenty-one") are not read, nor are compounds past a scale word
     ("one hundred twenty" is 100 and 20, two numbers); a scale word alone ("a hundred") is no number;
-    yes/no needs an explicit word. LaTeX that needs computing is not read as a number ("\\sqrt{4}" is the
-    number 4, "2^{3}" the numbers 2 and 3), nor is any LaTeX without math_verify ("\\frac{1}{2}" is 1 and 2).
+    yes/no needs an explicit word. LaTeX is read as the number math_verify makes of it only where that is an
+    integer or a fraction ("\\frac{6}{3}" is 2, "\\binom{5}{2}" 10, "2\\frac{1}{2}" the mixed number 5/2);
+    what it leaves unevaluated is not computed here ("\\sqrt{4}" is the number 4, "2^{3}" the numbers 2 and 3),
+    and without math_verify no LaTeX is read ("\\frac{1}{2}" is 1 and 2).
     """
 
     def __init__(self, use_math_verify: bool = True):
@@ -406,14 +428,17 @@ class RuleJudge:
         return self._phrase(ans, res, answer, response)
 
     def _read_latex(self, text: str) -> str:
-        """``text`` with its LaTeX numbers written as the rules read numbers (``_latex_number``), with math_verify."""
+        """``text`` with its LaTeX numbers written as the rules read numbers (``_latex_number``), with
+        math_verify."""
         return _LATEX_NUMBER.sub(_latex_number, text) if self.use_math_verify else text
 
     def _numeric(self, value: float, response: str, res: list[str], answer: str) -> bool:
         marker = list(_ANSWER_MARKER.finditer(response.lower()))
         after = tokens(response[marker[-1].end():]) if marker else []
         after = after[:after.index(_BOUNDARY)] if _BOUNDARY in after else after
-        before = tokens(response[:marker[-1].end()]) if marker else None
+        # "not \\boxed{7}": the word before a box may negate it ("x without glasses = 7" is no negation)
+        boxed = bool(marker) and marker[-1].group().startswith("\\boxed")
+        before = tokens(response[:marker[-1].start()])[-1:] if boxed else None
         candidates = _affirmed_numbers(after, before) or _affirmed_numbers(res)
         if not any(_number(t) is not None for t in res):  # a negated number is one the rules compared
             return self._math_verify(answer, response)
