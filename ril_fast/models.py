@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ril_fast import attention
+from ril_fast import attention, recurrence
 from ril_fast.kernels import TokenLogprobs, token_logprobs
 from ril_fast.kernels.logprobs import token_logprobs_reference
 from ril_fast.packing import ModelKind, PackedBatch, PaddedBatch, Processor, pack
@@ -83,7 +83,11 @@ def _apply_liger(model, model_type: str) -> None:
         # Liger's RoPE does not cover Qwen3.5's partial rotary (its patch refuses rope=True).
         flags = dict(rope=model_type != "qwen3_5", rms_norm=True, swiglu=True, cross_entropy=False,
                      fused_linear_cross_entropy=False)
-        patch(model=model, **{k: v for k, v in flags.items() if k in params})
+        kwargs = {k: v for k, v in flags.items() if k in params}
+        try:
+            patch(model=model, **kwargs)
+        except TypeError:  # some patches take the whole VLM or its text model, not the base VLM (a discriminator's)
+            patch(model=model.language_model, **kwargs)
     except Exception as e:  # noqa: BLE001 - any Liger failure leaves the plain (correct) modules
         warnings.warn(f"Liger kernels not applied to {model_type}: {type(e).__name__}: {e}", stacklevel=2)
 
@@ -129,57 +133,6 @@ def _patches_as_matmul(model) -> None:
 def _patch_matmul(proj: torch.nn.Conv3d, patches: torch.Tensor) -> torch.Tensor:
     """(N, C, T, P, P) patches -> (N, embed): the patch Conv3d's one window per patch, as a matmul."""
     return F.linear(patches.flatten(1), proj.weight.flatten(1), proj.bias)
-
-
-def _recurrence_per_sample(model) -> None:
-    """Make the linear-attention layers of a hybrid model (Qwen3.5's Gated DeltaNet: a causal convolution,
-    then a recurrence over the sequence) run a packed row's samples each on its own, as its attention
-    layers do (``ril_fast.attention``). transformers takes sample boundaries there only from kernels that
-    may not be installed (flash-linear-attention, causal-conv1d); its PyTorch fallback runs the packed row
-    as one sequence, so each sample's state would flow into the next.
-
-    Hooks: each decoder layer adds its text position ids to the keyword arguments it hands on to its
-    linear-attention module (so activation checkpointing, which runs the layer's ``forward`` again with
-    the same arguments in the backward, hands them again), which, given one row with no cache and no
-    padding mask (a packed forward), lays the row's samples out as right-padded rows (the boundaries are
-    where the positions restart, as for attention), runs them, and keeps the real rows. Right padding
-    cannot reach a real position (every operation is causal). Anything else (generation with its cache, a
-    padded batch) runs as it is."""
-    for layer in model.modules():
-        if type(getattr(layer, "linear_attn", None)).__name__.endswith("GatedDeltaNet"):
-            layer.register_forward_pre_hook(_hand_positions, with_kwargs=True)
-            layer.linear_attn.register_forward_pre_hook(_samples_as_rows, with_kwargs=True)
-            layer.linear_attn.register_forward_hook(_rows_as_samples)
-
-
-def _hand_positions(layer, args, kwargs):
-    return args, {**kwargs, "packed_positions": kwargs.get("position_ids")}
-
-
-def _samples_as_rows(module, args, kwargs):
-    """(1, T, H) packed hidden states -> (S, L, H), one right-padded row per sample (see above)."""
-    kwargs = dict(kwargs)
-    positions, module.padded_rows = kwargs.pop("packed_positions", None), None
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    if (positions is None or hidden.shape[0] != 1 or kwargs.get("cache_params") is not None
-            or kwargs.get("attention_mask") is not None):
-        return args, kwargs
-    cu, width = attention._boundaries_from_positions(positions)
-    cu = cu.long()
-    token = torch.arange(hidden.shape[1], device=hidden.device)
-    sample = torch.searchsorted(cu[1:], token, right=True)
-    module.padded_rows = rows = sample * width + token - cu[sample]
-    padded = hidden.new_zeros((cu.numel() - 1) * width, hidden.shape[-1]).index_copy(0, rows, hidden[0])
-    padded = padded.view(cu.numel() - 1, width, -1)
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": padded}
-    return (padded, *args[1:]), kwargs
-
-
-def _rows_as_samples(module, args, output):
-    """The per-sample rows' outputs back to the packed (1, T, H) row."""
-    rows, module.padded_rows = module.padded_rows, None
-    return None if rows is None else output.flatten(0, 1).index_select(0, rows)[None]
 
 
 def _rope_index(model, image_token_id: int):
@@ -235,7 +188,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     model.to(device).eval()
     _vision_varlen(model)
     _patches_as_matmul(model)
-    _recurrence_per_sample(model)
+    recurrence.per_sample(model, path)
     if device.type == "cuda":
         _apply_liger(model, config.model_type)
     processor = Processor.from_pretrained(path)

@@ -258,12 +258,13 @@ def test_vision_tower_one_attention_call_per_layer(arch, loaded, monkeypatch):
 _LIGER_SCRIPT = """
 import sys, warnings
 from ril_fast.models import _apply_liger, load
-model, _ = load(sys.argv[1], device="cpu")
-with warnings.catch_warnings():
-    warnings.simplefilter("error")  # _apply_liger warns instead of raising when Liger cannot patch
-    _apply_liger(model, model.config.model_type)
-text = model.base_model.language_model
-print(text.norm._get_name(), text.layers[0].mlp._get_name())  # Liger renames the modules it patches
+for lm_head in (True, False):  # the student, and the discriminator's backbone (the base VLM)
+    model, _ = load(sys.argv[1], device="cpu", lm_head=lm_head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # _apply_liger warns instead of raising when Liger cannot patch
+        _apply_liger(model, model.config.model_type)
+    text = model.base_model.language_model
+    print(text.norm._get_name(), text.layers[0].mlp._get_name())  # Liger renames the modules it patches
 """
 
 
@@ -278,7 +279,7 @@ def test_liger_patches_qwen_vl(arch, folders):
     assert out.returncode == 0, out.stderr
     # Liger has no SwiGLU patch for Qwen3-VL, and gives Qwen3.5 its Qwen3-MoE expert's module
     mlp = {"qwen3_vl": "Qwen3VLTextMLP", "qwen3_5": "LigerQwen3MoeSwiGLUMLP"}.get(arch, "LigerSwiGLUMLP")
-    assert out.stdout.split() == ["LigerRMSNorm", mlp]
+    assert out.stdout.split() == ["LigerRMSNorm", mlp] * 2
 
 
 _GPU_SCRIPT = """

@@ -1,0 +1,70 @@
+"""Packed rows through a hybrid model's linear-attention layers (ril_fast.recurrence), on a tiny Qwen3.5.
+
+Oracle: each sample on its own (a packed row of one sample runs as it is). Log-probs and gradients of a
+packed row of very uneven samples (so that several groups of similar lengths are run) must equal them.
+"""
+
+import random
+
+import pytest
+import torch
+from transformers import MambaConfig, MambaForCausalLM
+
+from helpers import max_err
+from models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+from ril_fast import recurrence
+from ril_fast.models import load, response_logprobs
+from ril_fast.packing import UnsupportedModel
+
+
+def test_similar_lengths_groups_cost_at_most_twice_their_tokens():
+    rng = random.Random()
+    for _ in range(500):
+        lengths = [rng.choice([rng.randint(1, 40), rng.randint(1, 4000)]) for _ in range(rng.randint(1, 40))]
+        groups = recurrence.similar_lengths(lengths)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) * max(lengths[i] for i in g) <= 2 * sum(lengths[i] for i in g)
+    assert recurrence.similar_lengths([5, 100, 5, 5]) == [[1, 0], [2, 3]]  # a pair is always within 2x
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(tmp_path_factory, one_thread):  # noqa: F811
+    return load(tiny_folder(tmp_path_factory, "qwen3_5"), device="cpu")
+
+
+def test_uneven_packed_samples_equal_separate_ones(qwen3_5, monkeypatch):
+    model, proc = qwen3_5
+    samples = random_samples([1, 0, 2, 0, 1])
+    samples[1]["response"] = " ".join(["the red circle is on the left"] * 60) + "."  # one long sample
+    calls = []
+    mixer = type(next(m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")))
+    forward = mixer.forward
+    monkeypatch.setattr(mixer, "forward", lambda self, hidden, *a, **k: calls.append(hidden.shape[:2])
+                        or forward(self, hidden, *a, **k))
+    results = []
+    for packed in (True, False):
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        lps = response_logprobs(model, proc, samples, packed=packed)
+        weights = [torch.arange(lp.numel()).sin() for lp in lps]
+        sum((w * lp).sum() for w, lp in zip(weights, lps)).backward()
+        results.append(([lp.detach() for lp in lps], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None}, list(calls)))
+    (lp_p, g_p, calls_p), (lp_s, g_s, calls_s) = results
+    print(f"packed: the linear-attention layer ran on {calls_p}")
+    assert len(calls_p) >= 2 and all(n == 1 for n, _ in calls_s)  # several groups; alone, one row each
+    assert sum(n * width for n, width in calls_p) <= 2 * sum(width for _, width in calls_s)
+    assert max(max_err(a, b) for a, b in zip(lp_p, lp_s)) <= 1e-5
+    assert g_p.keys() == g_s.keys() and any("linear_attn" in n for n in g_p)
+    for n in g_p:
+        assert max_err(g_p[n], g_s[n]) <= 1e-5 * (1 + g_s[n].abs().max().item()), n
+
+
+def test_other_stateful_layers_are_refused(tmp_path):
+    """A model whose layers carry state along the sequence, other than the Gated DeltaNet handled here,
+    would mix packed samples: a Mamba model is refused by name."""
+    MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=64, state_size=4)).save_pretrained(
+        tmp_path / "mamba")
+    with pytest.raises(UnsupportedModel, match=r"mamba: its MambaMixer layers carry state along the sequence"):
+        load(tmp_path / "mamba", device="cpu")
