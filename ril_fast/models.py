@@ -172,7 +172,9 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     with the attention path ``attn`` (see :class:`Attn`) and, on CUDA, Liger's kernels. ``lm_head=False``
     loads the base model without the LM head (the discriminator's backbone). ``processor``: a
     :class:`ril_fast.packing.Processor` (tokenizer, image processor, chat template, image-token
-    expansion and, for Qwen-VL, the model's mrope position function).
+    expansion and, for Qwen-VL, the model's mrope position function). A model ril_fast cannot pack (another
+    VLM family, stateful sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``) raises
+    ``ril_fast.packing.UnsupportedModel``.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
