@@ -24,6 +24,59 @@ def assert_close_rule(out: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Te
     assert err <= 2 * base + atol, f"{what}: error {err:.3e} > 2 x reference error {base:.3e} + atol {atol:.1e}"
 
 
+def gated_delta_rule_in_dtype(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                              use_qk_l2norm_in_kernel=False, **kwargs):
+    """transformers' Qwen3.5 gated delta rule (its per-token PyTorch form, the same arithmetic) computed in the
+    inputs' dtype: transformers' own runs in fp32 whatever the model's dtype, so an fp64 Qwen3.5 is an fp64
+    oracle only with this in its place (:func:`fp64_gated_delta_rule`)."""
+    heads = value.shape[-2]
+    if key.shape[-2] != heads:  # each query/key head serves consecutive value heads
+        query, key = (x.repeat_interleave(heads // key.shape[-2], dim=2) for x in (query, key))
+    q, k, v, b, decay = (x.transpose(1, 2) for x in (query, key, value, beta, g))  # (B, H, T, ...)
+    if use_qk_l2norm_in_kernel:
+        q, k = (x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
+    q = q / q.shape[-1] ** 0.5
+    state = value.new_zeros(*v.shape[:2], k.shape[-1], v.shape[-1]) if initial_state is None else initial_state.to(v)
+    out = []
+    for t in range(q.shape[2]):
+        state = state * decay[:, :, t].exp()[..., None, None]
+        delta = (v[:, :, t] - (state * k[:, :, t, :, None]).sum(-2)) * b[:, :, t, None]
+        state = state + k[:, :, t, :, None] * delta[..., None, :]
+        out.append((state * q[:, :, t, :, None]).sum(-2))
+    return torch.stack(out, 2).transpose(1, 2), state if output_final_state else None
+
+
+@contextlib.contextmanager
+def fp64_gated_delta_rule():
+    """Inside the block, Qwen3.5's linear attention computes its recurrence in its inputs' dtype
+    (:func:`gated_delta_rule_in_dtype`)."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    saved = modeling_qwen3_5.torch_chunk_gated_delta_rule
+    modeling_qwen3_5.torch_chunk_gated_delta_rule = gated_delta_rule_in_dtype
+    try:
+        yield
+    finally:
+        modeling_qwen3_5.torch_chunk_gated_delta_rule = saved
+
+
+def assert_grads_close_rule(grads: dict, grads_same: dict, grads64: dict, atol: float, what: str = "",
+                            rtol: float = 1e-6):
+    """The tolerance rule (:func:`assert_close_rule`) on a model's whole gradient, its parameters' gradients
+    ``{name: tensor}`` flattened into one vector: the error against the fp64 gradients is at most twice that of
+    the reference computation in the same dtype, plus ``atol`` and ``rtol`` times the largest fp64 entry.
+    Over the whole vector, not parameter by parameter: a small parameter whose gradient sums many cancelling
+    terms (Qwen3.5's ``A_log``) can come out of the reference's summation order nearly exact and out of
+    another's at a few 1e-6. The ``rtol`` floor: one fp32 reduction over a packed row's thousands of tokens
+    (a convolution's weight gradient) rounds differently from per-sample sums added up, by ~1e-6 of the
+    gradient's scale, whichever is nearer the fp64 value in a given draw."""
+    assert grads.keys() == grads_same.keys() == grads64.keys(), what
+    names = sorted(grads)
+    flat = [torch.cat([g[n].flatten().double() for n in names]) for g in (grads, grads_same, grads64)]
+    worst = max(names, key=lambda n: max_err(grads[n], grads64[n]))
+    assert_close_rule(*flat, atol=atol + rtol * flat[2].abs().max().item(), what=f"{what} (largest error in {worst})")
+
+
 def poison_empty(monkeypatch):
     """Make every ``torch.empty``/``torch.empty_like`` call return NaN-filled (or int max) memory, so an
     element a kernel fails to write shows up as a wrong value instead of as a lucky zero."""

@@ -19,10 +19,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ril_fast import attention
 from ril_fast.discriminator import Discriminator
+from ril_fast.kernels.disc_head import disc_head_torch
 from ril_fast.models import (Attn, enable_activation_checkpointing, last_hidden_states, lm_head_weight, load,
                              packed_logprobs, recomputing, response_logprobs)
 from ril_fast.packing import pack, pad
-from helpers import assert_close_rule, max_err, saved_for_backward, vision_rows_seen
+from helpers import assert_grads_close_rule, fp64_gated_delta_rule, max_err, saved_for_backward, vision_rows_seen
 from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
 
 ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5")
@@ -51,28 +52,33 @@ def _weighted_loss(lps, weights):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_logprobs_match_separate(arch, loaded):
+def test_packed_logprobs_match_separate(arch, folders, loaded):
+    """Log-probs to 1e-5; gradients held to the tolerance rule against the samples run one by one in fp64
+    (``helpers.assert_grads_close_rule``: packed fp32 within twice the error of separate fp32, plus 1e-6). A fixed
+    bound does not fit every gradient: Qwen3.5's ``dt_bias`` / ``A_log`` gradients sum many cancelling terms
+    through a recurrence computed in fp32 whatever the model's dtype, and two summation orders differ by up
+    to ~2e-5 relative to the gradient (4 of 25 seeds over 1e-5)."""
     model, proc = loaded[arch]
+    model64, _ = load(folders[arch], dtype=torch.float64, device="cpu")
     samples = random_samples(MIX[arch])
     weights = None
-    results = {}
-    for packed in (True, False):
-        model.zero_grad(set_to_none=True)
-        lps = response_logprobs(model, proc, samples, packed=packed)
+    results = []
+    for m, packed in ((model, True), (model, False), (model64, False)):
+        m.zero_grad(set_to_none=True)
+        with fp64_gated_delta_rule() if m is model64 else contextlib.nullcontext():
+            lps = response_logprobs(m, proc, samples, packed=packed)
         weights = weights or [torch.randn_like(lp) for lp in lps]
-        _weighted_loss(lps, weights).backward()
-        results[packed] = ([lp.detach() for lp in lps], _grads(model))
-    (lp_p, g_p), (lp_s, g_s) = results[True], results[False]
+        _weighted_loss(lps, [w.to(lps[0].dtype) for w in weights]).backward()
+        results.append(([lp.detach() for lp in lps], _grads(m)))
+    (lp_p, g_p), (lp_s, g_s), (_, g_64) = results
     assert [lp.shape for lp in lp_p] == [lp.shape for lp in lp_s]
     err = max(max_err(a, b) for a, b in zip(lp_p, lp_s))
     print(f"{arch}: packed vs separate log-probs max abs diff {err:.2e}")
     assert err <= ATOL
-    assert g_p.keys() == g_s.keys()
+    assert g_p.keys() == g_s.keys() == g_64.keys()
     if arch != "qwen2":  # the vision tower is in the graph
         assert any(n.startswith(("model.visual", "model.vision_tower")) for n in g_p)
-    grad_err = max(max_err(g_p[n], g_s[n]) / (1 + g_s[n].abs().max().item()) for n in g_p)
-    print(f"{arch}: packed vs separate parameter gradients max rel diff {grad_err:.2e}")
-    assert grad_err <= ATOL
+    assert_grads_close_rule(g_p, g_s, g_64, atol=1e-6, what=arch)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
@@ -130,7 +136,7 @@ def test_shared_images_encoded_once(arch, batcher, folders, loaded, tmp_path):
     """Responses to one prompt share its images: the vision tower sees the distinct images (Qwen-VL's
     patches, InternVL's tiles) only, and log-probs and gradients equal those of every sample encoding its
     own copy of the pixels. Gradients sum the copies in another order, so they are held to the tolerance
-    rule against the fp64 model (``helpers.assert_close_rule``): a projector weight's gradient of ~12 summed
+    rule against the fp64 model (``helpers.assert_grads_close_rule``): a projector weight's gradient of ~12 summed
     over hundreds of rows differs by ~1e-5 between two fp32 summation orders."""
     model, proc = loaded[arch]
     samples = shared_image_samples(tmp_path, [1, 2, 0, 1], responses=3)
@@ -147,7 +153,8 @@ def test_shared_images_encoded_once(arch, batcher, folders, loaded, tmp_path):
             results.append((lp.detach(), _grads(model), batch))
     (lp_a, g_a, a), (lp_b, g_b, b) = results
     model64, _ = load(folders[arch], dtype=torch.float64, device="cpu")
-    (weights.double() * packed_logprobs(model64, b).logprobs).sum().backward()
+    with fp64_gated_delta_rule():
+        (weights.double() * packed_logprobs(model64, b).logprobs).sum().backward()
     g_64 = _grads(model64)
     assert a.vision_index is not None and b.vision_index is None
     if arch != "internvl":
@@ -157,8 +164,7 @@ def test_shared_images_encoded_once(arch, batcher, folders, loaded, tmp_path):
     print(f"{arch}: shared vs own images: log-probs max abs diff {max_err(lp_a, lp_b):.2e}")
     assert max_err(lp_a, lp_b) <= ATOL
     assert g_a.keys() == g_b.keys() == g_64.keys() and any("visual" in n or "vision_tower" in n for n in g_a)
-    for n in g_a:
-        assert_close_rule(g_a[n], g_b[n], g_64[n], atol=1e-6, what=n)
+    assert_grads_close_rule(g_a, g_b, g_64, atol=1e-6, what=arch)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_5", "internvl"])
@@ -340,22 +346,33 @@ def test_hidden_states_and_head_shapes(loaded):
                                        ("qwen3_vl", "mean"), ("qwen3_5", "last"), ("qwen2", "mean"),
                                        ("internvl", "last"), ("internvl3_5", "mean")])
 def test_discriminator_packed_matches_separate(arch, pool, folders):
+    """Logits to 1e-5; gradients held to the tolerance rule against the separate samples in fp64 (as in
+    ``test_packed_logprobs_match_separate``)."""
     disc, proc = Discriminator.from_student(folders[arch], pool=pool, init_std=0.125, device="cpu")
+    disc64, _ = Discriminator.from_student(folders[arch], pool=pool, dtype=torch.float64, device="cpu")
+    disc64.load_state_dict(disc.state_dict())  # the same random head
     enc = [proc.encode(s) for s in random_samples(MIX[arch])]
     upstream = torch.randn(len(enc))
-    results = {}
-    for packed in (True, False):
-        disc.zero_grad(set_to_none=True)
-        logits = disc(pack(enc)) if packed else torch.cat([disc(pack([e])) for e in enc])
-        (logits * upstream).sum().backward()
-        results[packed] = (logits.detach(), _grads(disc))
-    (l_p, g_p), (l_s, g_s) = results[True], results[False]
+    def separate64(e):  # the head's eager reference: the Triton / chunked head takes bf16 and fp32 only
+        batch = pack([e])
+        hidden = last_hidden_states(disc64.backbone, batch).flatten(0, 1)
+        return disc_head_torch(hidden, disc64.weight, disc64.bias, batch.resp_starts, batch.resp_ends, pool=disc64.pool)
+
+    results = []
+    for d, run in ((disc, lambda: disc(pack(enc))), (disc, lambda: torch.cat([disc(pack([e])) for e in enc])),
+                   (disc64, lambda: torch.cat([separate64(e) for e in enc]))):
+        d.zero_grad(set_to_none=True)
+        with fp64_gated_delta_rule() if d is disc64 else contextlib.nullcontext():
+            logits = run()
+        (logits * upstream.to(logits.dtype)).sum().backward()
+        results.append((logits.detach(), _grads(d)))
+    (l_p, g_p), (l_s, g_s), (_, g_64) = results
     assert l_p.shape == (len(enc),) and l_p.dtype == torch.float32
     err = max_err(l_p, l_s)
     print(f"{arch}/{pool}: discriminator packed vs separate logits max abs diff {err:.2e}")
     assert err <= ATOL
     assert {"weight", "bias"} <= g_p.keys() and any(n.startswith("backbone.") for n in g_p)
-    assert max(max_err(g_p[n], g_s[n]) / (1 + g_s[n].abs().max().item()) for n in g_p) <= ATOL
+    assert_grads_close_rule(g_p, g_s, g_64, atol=1e-6, what=f"{arch}/{pool}")
 
 
 def test_discriminator_starts_from_the_student(folders, loaded):
