@@ -295,8 +295,9 @@ _BRACES = r"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"
 # (?<!\d): a match starts at the first digit of a run (linear time on long digit runs).
 _LATEX_NUMBER = re.compile(rf"-?(?<!\d)\d*\\(?!boxed\b)[A-Za-z]+(?:{_BRACES})+|(?<!\d)\d{{1,3}}(?:\{{,\}}\d{{3}})+")
 # The common ones, read here as math_verify reads them (a test checks they agree), without its ~1 ms a parse:
-# [-][whole]\frac{a}{b} (also \dfrac, \tfrac; a whole part makes a mixed number) and digits grouped by "{,}".
-_SIMPLE_LATEX = re.compile(r"(-?)(\d*)\\[dt]?frac\{(\d+)\}\{(\d*[1-9]\d*)\}|(\d{1,3}(?:\{,\}\d{3})+)")
+# [-][whole]\frac{a}{b} (also \dfrac, \tfrac; a whole part makes a mixed number; a, b > 0: math_verify reads
+# "2\frac{0}{5}" as the product 2·0, no number) and digits grouped by "{,}".
+_SIMPLE_LATEX = re.compile(r"(-?)(\d*)\\[dt]?frac\{(\d*[1-9]\d*)\}\{(\d*[1-9]\d*)\}|(\d{1,3}(?:\{,\}\d{3})+)")
 
 
 def _no_alarm(option: str) -> dict:
