@@ -101,11 +101,13 @@ def test_same_seed_same_metrics(demo, tmp_path):
     assert strip[0] == strip[1]
 
 
-def test_two_ranks_under_torchrun(demo, tmp_path):
+@pytest.mark.parametrize("arch", [None, "qwen3_5"])  # the demo's student; a hybrid one (ril_fast.recurrence)
+def test_two_ranks_under_torchrun(demo, tmp_path, arch):
     out = tmp_path / "run"
+    student = demo.student if arch is None else make_tiny(tmp_path / "student", arch=arch)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ril_fast.train",
-           *_args(demo, out, demo.teachers, **{"batch.questions_per_step": 4,  # and FSDP2 with recomputation:
-                                                "batch.activation_checkpointing": True})]
+           *_args(demo, out, demo.teachers, student=student,
+                  **{"batch.questions_per_step": 4, "batch.activation_checkpointing": True})]  # FSDP2, recomputing
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
