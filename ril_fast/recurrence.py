@@ -73,6 +73,9 @@ class _Layout:
 
     def __init__(self, cu: torch.Tensor):
         starts = cu.tolist()
+        if starts[0] != 0:
+            raise ValueError(f"a packed row's text positions must restart at 0 for each sample; the first "
+                             f"{starts[0]} tokens belong to none")
         lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
         self.groups, taken = [], []
         for group in similar_lengths(lengths):
@@ -90,10 +93,11 @@ _layout_cache: tuple[torch.Tensor, int, _Layout] | None = None  # the last posit
 def _layout(positions: torch.Tensor) -> _Layout:
     """The layout of a packed row's samples (one per forward: every layer gets the same position tensor)."""
     global _layout_cache
-    if _layout_cache is None or _layout_cache[0] is not positions or _layout_cache[1] != positions._version:
+    cache = _layout_cache
+    if cache is None or cache[0] is not positions or cache[1] != positions._version:
         cu, _ = attention._boundaries_from_positions(positions)
-        _layout_cache = (positions, positions._version, _Layout(cu))
-    return _layout_cache[2]
+        cache = _layout_cache = (positions, positions._version, _Layout(cu))
+    return cache[2]
 
 
 def similar_lengths(lengths: list[int]) -> list[list[int]]:

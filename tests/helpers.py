@@ -49,13 +49,20 @@ def gated_delta_rule_in_dtype(query, key, value, g, beta, initial_state=None, ou
 @contextlib.contextmanager
 def fp64_gated_delta_rule():
     """Inside the block, Qwen3.5's linear attention computes its recurrence in its inputs' dtype
-    (:func:`gated_delta_rule_in_dtype`)."""
+    (:func:`gated_delta_rule_in_dtype`). Yields a list that gets one entry per call, so a test can check
+    that the layers did call it (a transformers that bound the function elsewhere would bypass it)."""
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
+    calls = []
+
+    def rule(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return gated_delta_rule_in_dtype(*args, **kwargs)
+
     saved = modeling_qwen3_5.torch_chunk_gated_delta_rule
-    modeling_qwen3_5.torch_chunk_gated_delta_rule = gated_delta_rule_in_dtype
+    modeling_qwen3_5.torch_chunk_gated_delta_rule = rule
     try:
-        yield
+        yield calls
     finally:
         modeling_qwen3_5.torch_chunk_gated_delta_rule = saved
 

@@ -46,12 +46,13 @@ def test_uneven_packed_samples_equal_separate_ones(tmp_path_factory, one_thread,
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(mixer, "forward", spy)
-    results = []
+    results, oracle_calls = [], []
     for m, packed in ((model, True), (model, False), (model64, False)):
         calls.clear()
         m.zero_grad(set_to_none=True)
-        with fp64_gated_delta_rule() if m is model64 else contextlib.nullcontext():
+        with fp64_gated_delta_rule() if m is model64 else contextlib.nullcontext() as rule_calls:
             lps = response_logprobs(m, proc, samples, packed=packed)
+        oracle_calls += rule_calls or []
         sum((torch.arange(lp.numel()).sin().to(lp.dtype) * lp).sum() for lp in lps).backward()
         results.append((torch.cat([lp.detach() for lp in lps]), {n: p.grad.clone() for n, p in m.named_parameters()
                                                                   if p.grad is not None}, list(calls)))
@@ -59,6 +60,7 @@ def test_uneven_packed_samples_equal_separate_ones(tmp_path_factory, one_thread,
     print(f"packed: the linear-attention layer ran on {calls_p}")
     assert len(calls_p) >= 2 and all(n == 1 for n, _ in calls_s)  # several groups; alone, one row each
     assert sum(n * width for n, width in calls_p) <= 2 * sum(width for _, width in calls_s)
+    assert oracle_calls and set(oracle_calls) == {torch.float64}  # the oracle's recurrence ran, in fp64
     assert_close_rule(lp_p, lp_s, lp_64, atol=1e-6, what="log-probs")
     assert any("linear_attn" in n for n in g_p)
     assert_grads_close_rule(g_p, g_s, g_64, atol=1e-6, what="gradients")
@@ -85,6 +87,11 @@ def test_the_fp64_oracle_computes_transformers_gated_delta_rule():
         assert max_err(ours, out) <= 1e-5
         for a, b in zip(g_ours, grads):
             assert max_err(a, b) <= 1e-4 * (1 + b.abs().max().item())
+
+
+def test_a_row_not_starting_a_sample_is_refused():
+    with pytest.raises(ValueError, match="the first 3 tokens belong to none"):
+        recurrence._Layout(torch.tensor([3, 9, 15], dtype=torch.int32))
 
 
 def test_other_stateful_layers_are_refused(tmp_path):
