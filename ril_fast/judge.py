@@ -391,15 +391,15 @@ class RuleJudge:
     math_verify runs with its timeouts in the main thread and without them in any other (they use SIGALRM,
     which only the main thread can set), so a thread pool gets the same verdicts.
 
-    Limits: a long response that mentions the answer in passing is judged right; number words above
-    twenty that are not multiples of ten ("twenty-one") are not read, nor are compounds past a scale word
-    ("one hundred twenty" is 100 and 20, two numbers); a scale word alone ("a hundred") is no number;
-    yes/no needs an explicit word. Before an answer marker only a box's preceding word can negate ("not
-    \\boxed{7}"): "I do not think the answer is 7" and "I do not believe x = 7" are right for 7 (the words before
-    "=" are the equation's left-hand side: "students without glasses = 7"). LaTeX is read as the number math_verify makes of it only where that is an
-    integer or a fraction ("\\frac{6}{3}" is 2, "\\binom{5}{2}" 10, "2\\frac{1}{2}" the mixed number 5/2);
-    what it leaves unevaluated is not computed here ("\\sqrt{4}" is the number 4, "2^{3}" the numbers 2 and 3),
-    and without math_verify no LaTeX is read ("\\frac{1}{2}" is 1 and 2).
+    Limits: a long response that mentions the answer in passing is judged right; number words above twenty that are
+    not multiples of ten ("twenty-one") are not read, nor are compounds past a scale word ("one hundred twenty" is
+    100 and 20, two numbers); a scale word alone ("a hundred") is no number; yes/no needs an explicit word. Before
+    an answer marker only a box's preceding word can negate ("not \\boxed{7}"): "I do not think the answer is 7" and
+    "I do not believe x = 7" are right for 7 (the words before "=" are the equation's left-hand side: "students
+    without glasses = 7"). LaTeX is read as the number math_verify makes of it only where that is an integer or a
+    fraction ("\\frac{6}{3}" is 2, "\\binom{5}{2}" 10, "2\\frac{1}{2}" the mixed number 5/2); what it leaves
+    unevaluated is not computed here ("\\sqrt{4}" is the number 4, "2^{3}" the numbers 2 and 3), and without
+    math_verify no LaTeX is read ("\\frac{1}{2}" is 1 and 2).
     """
 
     def __init__(self, use_math_verify: bool = True):
