@@ -157,7 +157,8 @@ def test_a_resumed_run_leaves_one_tensorboard_event_per_step(tmp_path, killed_at
 
     rng = random.Random()
     steps = rng.randint(6, 12)
-    resume = {"mid_run": rng.randint(1, steps - 2), "after_final_eval": steps, "before_first_checkpoint": None}[killed_at]
+    resume = {"mid_run": rng.randint(1, steps - 2), "after_final_eval": steps,
+              "before_first_checkpoint": None}[killed_at]
     killed, again = (fake_run(steps, rng, eval_every=steps + 1) + [_final_eval(steps, rng)] for _ in range(2))
     log = RunLog(tmp_path, enabled=True, total_steps=steps, progress=False)
     for r in killed:
