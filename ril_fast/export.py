@@ -67,11 +67,11 @@ def _empty(hf_dir: Path, *, lm_head: bool) -> torch.nn.Module:
     device, so a large model costs one allocation, not an initialisation)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from ril_fast.models import _VLM_TYPES
+    from ril_fast.packing import ModelKind
 
     config = AutoConfig.from_pretrained(hf_dir)
-    auto = AutoModel if not lm_head else (
-        AutoModelForImageTextToText if config.model_type in _VLM_TYPES else AutoModelForCausalLM)
+    text_only = ModelKind.of(config.model_type) is ModelKind.TEXT
+    auto = AutoModel if not lm_head else AutoModelForCausalLM if text_only else AutoModelForImageTextToText
     with torch.device("meta"):
         model = auto.from_config(config)
     return model.to_empty(device="cpu")

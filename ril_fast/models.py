@@ -27,8 +27,6 @@ from ril_fast.kernels import TokenLogprobs, token_logprobs
 from ril_fast.kernels.logprobs import token_logprobs_reference
 from ril_fast.packing import ModelKind, PackedBatch, PaddedBatch, Processor, pack
 
-_VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl")
-
 
 class Attn(str, enum.Enum):
     """Attention path. AUTO = VARLEN: ``ril_fast.attention`` (flash-attention varlen over the packed row on
@@ -180,11 +178,11 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
 
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     config = AutoConfig.from_pretrained(path)
-    ModelKind.of_config(config, path)  # refuses a VLM family this module cannot pack
+    kind = ModelKind.of_config(config, path)  # refuses a VLM family this module cannot pack
     if not lm_head:
         auto = AutoModel
     else:
-        auto = AutoModelForImageTextToText if config.model_type in _VLM_TYPES else AutoModelForCausalLM
+        auto = AutoModelForCausalLM if kind is ModelKind.TEXT else AutoModelForImageTextToText
     with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
         model = auto.from_pretrained(path, dtype=dtype, attn_implementation=Attn(attn).resolve())
     model.to(device).eval()
