@@ -13,7 +13,9 @@ multi-node run give each node its own file.
 """
 
 import os
+import random
 import sqlite3
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
@@ -35,11 +37,26 @@ class SqliteStore(MutableMapping):
         if self._conn is None or self._pid != os.getpid():
             # isolation_level=None: statements autocommit unless inside an explicit BEGIN.
             conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-            conn.execute(_SCHEMA)
+            self._set_up(conn)
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        # Switching to WAL takes an exclusive lock and SQLite answers "database is locked" at once, without
+        # its busy timeout, when another process holds any lock then (several ranks opening a new file at
+        # once): retry, within the same timeout.
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+                conn.execute(_SCHEMA)
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
 
     def __getitem__(self, key: str) -> bool:
         row = self._connection().execute("SELECT verdict FROM verdicts WHERE key = ?", (key,)).fetchone()

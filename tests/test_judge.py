@@ -431,6 +431,38 @@ def test_sqlite_store_is_shared_by_processes(tmp_path):
     assert again == [{"hits": 250, "misses": 0}]
 
 
+_OPENER = """
+import sys, time
+from ril_fast.judges_cache import SqliteStore
+folder, start, worker = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+for trial in range(8):  # every process opens the same new file at the same moment, 8 times
+    while time.time() < start + 0.25 * trial:
+        pass
+    store = SqliteStore(f"{folder}/{trial}.sqlite")
+    store[worker] = True
+    store.close()
+"""
+
+
+def test_sqlite_store_opened_by_many_processes_at_once(tmp_path):
+    """Six processes (say, the ranks of one node) open the same new file at once: none fails, all write. SQLite
+    answers "database is locked" at once, without its busy timeout, to a switch to WAL that meets another lock
+    (without the retry 15 of 30 such openings failed here)."""
+    import subprocess
+    import sys
+    import time
+
+    from ril_fast.judges_cache import SqliteStore
+
+    start = time.time() + 3.0  # after every interpreter has started
+    procs = [subprocess.Popen([sys.executable, "-c", _OPENER, str(tmp_path), str(start), str(w)],
+                              stderr=subprocess.PIPE, text=True) for w in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(errors)
+    for trial in range(8):
+        assert dict(SqliteStore(tmp_path / f"{trial}.sqlite")) == {str(w): True for w in range(6)}
+
+
 def test_sqlite_store_is_a_mapping(tmp_path):
     from ril_fast.judges_cache import SqliteStore
 
