@@ -28,7 +28,7 @@ def gated_delta_rule_in_dtype(query, key, value, g, beta, initial_state=None, ou
                               use_qk_l2norm_in_kernel=False, **kwargs):
     """transformers' Qwen3.5 gated delta rule (its per-token PyTorch form, the same arithmetic) computed in the
     inputs' dtype: transformers' own runs in fp32 whatever the model's dtype, so an fp64 Qwen3.5 is an fp64
-    oracle only with this in its place (:func:`fp64_gated_delta_rule`)."""
+    oracle only with this in its place (:func:`fp64_oracle`)."""
     heads = value.shape[-2]
     if key.shape[-2] != heads:  # each query/key head serves consecutive value heads
         query, key = (x.repeat_interleave(heads // key.shape[-2], dim=2) for x in (query, key))
@@ -47,10 +47,16 @@ def gated_delta_rule_in_dtype(query, key, value, g, beta, initial_state=None, ou
 
 
 @contextlib.contextmanager
-def fp64_gated_delta_rule():
-    """Inside the block, Qwen3.5's linear attention computes its recurrence in its inputs' dtype
-    (:func:`gated_delta_rule_in_dtype`). Yields a list that gets one entry per call, so a test can check
-    that the layers did call it (a transformers that bound the function elsewhere would bypass it)."""
+def fp64_oracle():
+    """Inside the block an fp64 model computes in fp64 throughout, so it is an oracle for the same model in
+    fp32. transformers computes parts of its models in fp32 whatever their dtype: RMSNorm (``.to(float32)``),
+    rotary tables, eager attention's softmax, and Qwen3.5's decay ``g`` (``A_log.float()``), gated norm and
+    recurrence. Here an fp64 tensor stays fp64 when cast to fp32 (``Tensor.float``, ``Tensor.to``,
+    ``softmax(dtype=float32)``) and Qwen3.5's recurrence is :func:`gated_delta_rule_in_dtype`; tensors of other
+    dtypes are cast as usual. Without it, an "fp64" Qwen3.5's packed and separate gradients differed by ~1e-6
+    and its fp32 roundings made the tolerance rule's reference error a noisy draw. Yields a list with one entry
+    per recurrence call (its dtype), so a test can check that the oracle's recurrence ran (a transformers that
+    bound the function elsewhere would bypass it)."""
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
     calls = []
@@ -59,12 +65,27 @@ def fp64_gated_delta_rule():
         calls.append(args[0].dtype)
         return gated_delta_rule_in_dtype(*args, **kwargs)
 
-    saved = modeling_qwen3_5.torch_chunk_gated_delta_rule
+    def to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.dtype == torch.float64 and out.dtype == torch.float32:
+            out = real_to(self, device=out.device).contiguous(memory_format=kwargs.get("memory_format",
+                                                                                         torch.preserve_format))
+        return out
+
+    def softmax(input, *args, dtype=None, **kwargs):
+        return real_softmax(input, *args, dtype=None if input.dtype == torch.float64 else dtype, **kwargs)
+
+    real_rule, real_to, real_float = modeling_qwen3_5.torch_chunk_gated_delta_rule, torch.Tensor.to, torch.Tensor.float
+    real_softmax = torch.nn.functional.softmax
     modeling_qwen3_5.torch_chunk_gated_delta_rule = rule
+    torch.Tensor.to = to
+    torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else real_float(self, *a, **k)
+    torch.nn.functional.softmax = softmax
     try:
         yield calls
     finally:
-        modeling_qwen3_5.torch_chunk_gated_delta_rule = saved
+        modeling_qwen3_5.torch_chunk_gated_delta_rule = real_rule
+        torch.Tensor.to, torch.Tensor.float, torch.nn.functional.softmax = real_to, real_float, real_softmax
 
 
 def assert_grads_close_rule(grads: dict, grads_same: dict, grads64: dict, atol: float, what: str = "",
