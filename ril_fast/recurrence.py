@@ -15,7 +15,8 @@ activation checkpointing, which runs a layer's ``forward`` again with the same a
 hands them again. Anything else (generation with its cache, a padded batch with a mask) runs as it is.
 
 A model with other layers that carry state along the sequence (Mamba, short convolutions, RWKV, ...)
-would mix a packed row's samples: ``per_sample`` refuses it.
+would mix a packed row's samples: ``per_sample`` refuses it, found by class name or by its config's
+``layer_types`` (more stateful layers declared there than Gated DeltaNet layers handled).
 """
 
 import functools
@@ -29,20 +30,28 @@ from ril_fast.packing import UnsupportedModel
 
 # Class names of sequence mixers that carry state along the sequence (transformers' names for them).
 _STATEFUL = re.compile(r"Mixer|ShortConv|Rwkv|Recurrent|Rglru|DeltaNet|DeltaAttention|Lightning|LSTM|Lstm|Ssm")
+# Layer types of such mixers in a config's ``layer_types`` (transformers' names, and older ones).
+_STATEFUL_TYPES = {"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba", "mamba2", "recurrent", "rwkv"}
 
 
 def per_sample(model, path) -> None:
     """Make the Gated DeltaNet layers of ``model`` (loaded from the folder ``path``) run each sample of a packed
     row on its own (see the module docstring); refuse a model with other stateful sequence mixers."""
-    handled = set()
+    handled, mixers = set(), 0
     for layer in model.modules():
         mixer = getattr(layer, "linear_attn", None)
         if type(mixer).__name__.endswith("GatedDeltaNet"):
             layer.register_forward_pre_hook(_hand_positions, with_kwargs=True)
             mixer.forward = types.MethodType(_per_sample_forward, mixer)  # bound: a deep copy rebinds it
             handled |= set(mixer.modules())
+            mixers += 1
     stateful = sorted({type(m).__name__ for m in model.modules()
                        if m not in handled and _STATEFUL.search(type(m).__name__)})
+    text = model.config.get_text_config()
+    layer_types = getattr(text, "layer_types", None) or getattr(text, "layers_block_type", None) or []
+    declared = [t for t in layer_types if t in _STATEFUL_TYPES]
+    if not stateful and len(declared) > mixers:  # a mixer under a class name not in _STATEFUL
+        stateful = [f"{len(declared) - mixers} {'/'.join(sorted(set(declared)))}"]
     if stateful:
         raise UnsupportedModel(f"{path}: its {', '.join(stateful)} layers carry state along the sequence, which "
                                f"would flow from one packed sample into the next; ril_fast cannot train it")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import MambaConfig, MambaForCausalLM
 
-from helpers import (assert_close_rule, assert_grads_close_rule, fp64_gated_delta_rule, gated_delta_rule_in_dtype,
+from helpers import (assert_close_rule, assert_grads_close_rule, fp64_oracle, gated_delta_rule_in_dtype,
                      max_err)
 from models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
 from ril_fast import recurrence
@@ -50,7 +50,7 @@ def test_uneven_packed_samples_equal_separate_ones(tmp_path_factory, one_thread,
     for m, packed in ((model, True), (model, False), (model64, False)):
         calls.clear()
         m.zero_grad(set_to_none=True)
-        with fp64_gated_delta_rule() if m is model64 else contextlib.nullcontext() as rule_calls:
+        with fp64_oracle() if m is model64 else contextlib.nullcontext() as rule_calls:
             lps = response_logprobs(m, proc, samples, packed=packed)
         oracle_calls += rule_calls or []
         sum((torch.arange(lp.numel()).sin().to(lp.dtype) * lp).sum() for lp in lps).backward()
@@ -101,3 +101,16 @@ def test_other_stateful_layers_are_refused(tmp_path):
         tmp_path / "mamba")
     with pytest.raises(UnsupportedModel, match=r"mamba: its MambaMixer layers carry state along the sequence"):
         load(tmp_path / "mamba", device="cpu")
+
+
+def test_stateful_layers_declared_in_the_config_are_refused(tmp_path_factory, one_thread):  # noqa: F811
+    """A stateful mixer under a class name ``recurrence`` does not know is still refused when the config's
+    ``layer_types`` declares more such layers than the Gated DeltaNet layers it handles."""
+    model, _ = load(tiny_folder(tmp_path_factory, "qwen3_5"), device="cpu")
+    text = model.config.get_text_config()
+    assert text.layer_types.count("linear_attention") >= 1
+    recurrence.per_sample(model, "qwen3_5")  # its own Gated DeltaNet layers: accepted
+    model, _ = load(tiny_folder(tmp_path_factory, "qwen2"), device="cpu")
+    model.config.get_text_config().layer_types = ["full_attention", "conv"]
+    with pytest.raises(UnsupportedModel, match=r"qwen2: its 1 conv layers carry state along the sequence"):
+        recurrence.per_sample(model, "qwen2")
