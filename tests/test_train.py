@@ -101,7 +101,7 @@ def test_same_seed_same_metrics(demo, tmp_path):
     assert strip[0] == strip[1]
 
 
-@pytest.mark.parametrize("arch", [None, "qwen3_vl", "qwen3_5"])  # the demo's student, DeepStack, a hybrid
+@pytest.mark.parametrize("arch", [None, "qwen3_vl", "qwen3_5", "internvl3_5"])  # demo student, DeepStack, hybrid, tiles
 def test_two_ranks_under_torchrun(demo, tmp_path, arch):
     out = tmp_path / "run"
     student = demo.student if arch is None else make_tiny(tmp_path / "student", arch=arch)
