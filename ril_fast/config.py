@@ -17,7 +17,7 @@ and ``eval_data`` take the demo's two teacher collections and its held-out test 
 
 The defaults are the built-in demo's, measured on it (a tiny random student, one-word answers, a
 10-minute CPU budget; README, "What the demo shows"): a real 1B-8B student needs its own ``optim.lr``
-(RL fine-tuning typically uses ~1e-6), ``optim.grad_clip`` (typically 1.0), ``max_new_tokens``,
+(RL fine-tuning typically uses ~1e-6), ``optim.grad_clip`` and ``disc.grad_clip`` (typically 1.0), ``max_new_tokens``,
 ``group_size`` and ``steps``.
 """
 
@@ -84,6 +84,10 @@ class Disc:
     """The discriminator D_φ (RIL only): Eq. 1 pre-training, then μ updates per batch."""
 
     lr: float = opt(1e-3, "learning rate of the discriminator's AdamW")
+    weight_decay: float = opt(0.01, "the discriminator's AdamW weight decay")
+    # The student's clip, which the demo's runs used for the discriminator too: its gradient norms (~0.7)
+    # are all above it, so every update has one size.
+    grad_clip: float = opt(0.02, "clip the discriminator's gradient's global norm to this (0 = no clipping)")
     pretrain_steps: int = opt(10, "Eq. 1 steps on initial-student vs teacher outputs before the RIL loop")
     pool: Pool = opt(Pool.LAST, "how a response's hidden states become one vector: last (end-of-turn row) or mean")
     threshold: float = opt(0.5, "r_sim = 1[D(q, o) < threshold]: the output reads as a teacher's")
@@ -197,6 +201,8 @@ class Config:
             (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (self.disc.lr > 0, "disc.lr must be > 0"),
+            (self.disc.weight_decay >= 0, "disc.weight_decay must be >= 0"),
+            (self.disc.grad_clip >= 0, "disc.grad_clip must be >= 0 (0 = off)"),
             (self.disc.pretrain_steps >= 0, "disc.pretrain_steps must be >= 0"),
             (0 < self.disc.threshold < 1, "disc.threshold must be in (0, 1)"),
             (0 <= self.loss.eps_low < 1, "loss.eps_low must be in [0, 1)"),

@@ -187,7 +187,8 @@ def setup(cfg: Config) -> Run:
         if cfg.batch.activation_checkpointing:
             enable_activation_checkpointing(disc.backbone)
         disc = distributed.shard_model(disc.eval(), mixed_precision=gpu)
-        disc_optimizer = torch.optim.AdamW(distributed.optimizer_groups(disc), lr=cfg.disc.lr)
+        disc_optimizer = torch.optim.AdamW(distributed.optimizer_groups(disc), lr=cfg.disc.lr,
+                                           weight_decay=cfg.disc.weight_decay)
 
     judge = make_judge_from_config(cfg)  # rule | hf | http, with the judge_* settings
     run = Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,
@@ -332,7 +333,8 @@ def load_checkpoint(run: Run, path: Path) -> None:
                           else "an RL-only run (no teachers)") + ", this run is not: use another output_dir")
     if run.disc_optimizer is not None and checkpoint.saved_param_groups(path, "disc") == 1:
         # Written before the discriminator's AdamW took distributed.optimizer_groups: it goes on as saved.
-        run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=cfg.disc.lr, foreach=False)
+        run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=cfg.disc.lr,
+                                               weight_decay=cfg.disc.weight_decay, foreach=False)
     saved = checkpoint.load(path, run.dist, states=_states(run), rng=run.rng)
     if saved.step > cfg.steps:
         raise ConfigError(f"resume={path}: the checkpoint is at step {saved.step}, past steps={cfg.steps}: raise "
@@ -354,7 +356,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
 def _apply_optimizer_settings(run: Run) -> None:
     """This run's optimiser settings over the restored ones (a checkpoint brings its own param groups):
     the student's peak rate, betas and weight decay (the rate at the schedule's current point), the
-    discriminator's rate."""
+    discriminator's rate and weight decay."""
     cfg, scheduler = run.cfg, run.scheduler
     scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
     for group, factor in zip(run.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
@@ -362,7 +364,7 @@ def _apply_optimizer_settings(run: Run) -> None:
                      betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
     scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
     for group in run.disc_optimizer.param_groups if run.disc_optimizer is not None else []:
-        group["lr"] = cfg.disc.lr
+        group.update(lr=cfg.disc.lr, weight_decay=cfg.disc.weight_decay)
 
 
 def checkpoint_if_due(run: Run, step: int) -> None:
@@ -464,7 +466,8 @@ def _global_count(run: Run, n: int) -> torch.Tensor:
 def _disc_update(run: Run, micro, sources, n_global) -> dict:
     labels = torch.tensor([float(s == STUDENT) for s in sources])
     stats = disc_pass(run.disc, micro, labels, n_global)
-    stats.update({f"disc_{k}": v for k, v in optimizer_step(run.disc, run.disc_optimizer, run.cfg.optim.grad_clip).items()})
+    stepped = optimizer_step(run.disc, run.disc_optimizer, run.cfg.disc.grad_clip)
+    stats.update({f"disc_{k}": v for k, v in stepped.items()})
     return stats
 
 

@@ -134,14 +134,14 @@ def test_settings_changed_on_resume_apply_to_the_optimisers(demo, finished, tmp_
     """The checkpoint's param groups carry the old rates; the resumed run takes the new ones at the
     schedule's current point."""
     args = _args(demo, finished, steps=4, resume=finished / "step-2", **{
-        "optim.lr": 1e-3, "optim.weight_decay": 0.5, "optim.beta1": 0.8, "disc.lr": 2e-4})
+        "optim.lr": 1e-3, "optim.weight_decay": 0.5, "optim.beta1": 0.8, "disc.lr": 2e-4, "disc.weight_decay": 0.2})
     run = train.setup(load_config(args + ["output_dir=" + str(tmp_path / "run")]))
     cfg = run.cfg
     group = run.optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(1e-3 * lr_factor(2 * cfg.mu, cfg.optim.warmup_steps, 4 * cfg.mu), rel=1e-12)
     assert (group["weight_decay"], group["betas"][0], group["initial_lr"]) == (0.5, 0.8, 1e-3)
     assert run.scheduler.get_last_lr() == [group["lr"]]
-    assert run.disc_optimizer.param_groups[0]["lr"] == 2e-4
+    assert {(g["lr"], g["weight_decay"]) for g in run.disc_optimizer.param_groups} == {(2e-4, 0.2)}
     run.scheduler.step()  # the schedule goes on from the new peak
     assert group["lr"] == pytest.approx(1e-3 * lr_factor(2 * cfg.mu + 1, cfg.optim.warmup_steps, 4 * cfg.mu))
     run.log.close()

@@ -120,6 +120,21 @@ def test_two_ranks_under_torchrun(demo, tmp_path, arch):
     assert (out / "final" / "config.json").is_file()
 
 
+def test_discriminator_takes_its_own_optimiser_settings(demo, tmp_path, monkeypatch):
+    """disc.weight_decay and disc.grad_clip go to the discriminator's AdamW and clipping, optim.* to the
+    student's only."""
+    run = train.setup(load_config(_args(demo, tmp_path / "run", demo.teachers, **{
+        "disc.weight_decay": 0.2, "disc.grad_clip": 0.3, "optim.weight_decay": 0.1, "optim.grad_clip": 0.05})))
+    assert {g["weight_decay"] for g in run.disc_optimizer.param_groups} == {0.2}
+    assert {g["weight_decay"] for g in run.optimizer.param_groups} == {0.1}
+    clips, step = [], train.optimizer_step
+    monkeypatch.setattr(train, "optimizer_step", lambda model, opt, clip: clips.append(
+        (opt is run.disc_optimizer, clip)) or step(model, opt, clip))
+    train.train_step(run, step=1)
+    run.log.close()
+    assert sorted(set(clips)) == [(False, 0.05), (True, 0.3)]
+
+
 def test_step_metrics_count_every_rank(demo, tmp_path, monkeypatch):
     """tokens_per_s and the teacher-verdict cache's hit rate are over all ranks' outputs, as the rewards
     are: a second rank is simulated by the gather, with its own cache counts."""
