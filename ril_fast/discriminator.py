@@ -4,7 +4,9 @@
 
 D is the probability that a response was written by the student (label 1 student, 0 teacher). The
 rows pooled are the response's own tokens (end-of-turn token included), so "last" pooling reads the
-end-of-turn token's state, which has attended to the question, the images and the whole response.
+end-of-turn token's state, which has attended to the question, the images and the whole response. A
+student response cut at ``max_new_tokens`` has no end-of-turn token (its last sampled token is read),
+while teacher responses always end with one: truncation alone is a cue D can learn.
 The head is kept in fp32 whatever the backbone's dtype, and starts at zero (D = 1/2 for every input)
 unless ``init_std`` asks for a random start.
 

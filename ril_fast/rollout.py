@@ -8,7 +8,8 @@ slower there): the generation settings are given in full and the model's own ``g
 (Qwen2.5-VL ships top_k=1, repetition_penalty=1.05, ...) is set aside for the call, so the log-probs
 the trainer computes at the same τ are those of the distribution the tokens came from (before any
 top-k or top-p cut: the log-probs are not renormalised over the kept tokens, as in other RL
-trainers). Generation stops at the end-of-turn token (``processor.end_token_id``) or after
+trainers; nor over the image placeholder tokens, which are never sampled: on the demo's student they
+hold ~1e-5 of the probability). Generation stops at the end-of-turn token (``processor.end_token_id``) or after
 ``max_new_tokens``.
 
 A sharded model (the ``Sharded`` root from ``ril_fast.distributed.shard_model``) runs inside
