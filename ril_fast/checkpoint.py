@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint._traverse import set_element
 
 from ril_fast.distributed import Dist, barrier
+from ril_fast.files import write_text_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_FILE = "trainer.json"
@@ -122,10 +123,7 @@ def single_process(intended: bool):
 
 def _write_json(path: Path, data: dict) -> None:
     """Write and fsync, so the rename that commits a checkpoint never precedes its contents."""
-    with open(path, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_text_atomic(path, json.dumps(data))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,9 +210,11 @@ def save(output_dir: str | Path, step: int, dist: Dist, *, states: dict[str, Sta
         _write_json(tmp / TRAINER_FILE, {"step": step, "world_size": dist.world_size, **trainer})
     barrier()
     if dist.is_main:
-        if final.exists():  # the same step saved again (a resumed run's SIGTERM): replace it whole
-            shutil.rmtree(final)
+        replaced = root / f".step-{step}.old.tmp"
+        if final.exists():  # the same step saved again (a resumed run's SIGTERM): replace it whole, the
+            os.replace(final, replaced)  # old one deleted only once the new one is in place
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in checkpoints(root)[:-keep] if keep else []:
             shutil.rmtree(old)
     barrier()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from ril_fast.files import write_text_atomic
 from ril_fast.judge import JudgeKind
 from ril_fast.kernels.disc_head import Pool
 from ril_fast.models import Kernels
@@ -233,8 +234,7 @@ class Config:
         """Write the full resolved config as YAML (``load_config(["--config", path])`` reads it back)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
-        return path
+        return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
     def describe(self) -> str:
         """One aligned ``key = value`` line per field, ``*`` marking values changed from the default."""

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ril_fast import curves
+from ril_fast.files import write_text_atomic
 
 # The numbers shown on the progress bar, in order, when present.
 _BAR_KEYS = ("student_answer_reward", "student_similarity_reward", "disc_accuracy", "loss", "eval_accuracy")
@@ -61,7 +62,7 @@ class RunLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = records_until(self.path, resume_step) if resume_step is not None and self.path.exists() else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash keeps the old file
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 

@@ -49,6 +49,7 @@ from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
 from ril_fast.export import export_hf, save_hf_files
+from ril_fast.files import write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
     export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main)
     run.log.close()
     if run.dist.is_main:
-        (out / f".{FINISHED}").write_text(json.dumps({"step": cfg.steps}))
-        os.replace(out / f".{FINISHED}", out / FINISHED)
+        write_text_atomic(out / FINISHED, json.dumps({"step": cfg.steps}))
         print(f"metrics: {out / 'metrics.jsonl'}\nexported student: {out / 'final'}", flush=True)
     distributed.barrier()
     return out

@@ -277,6 +277,37 @@ def test_rng_state_round_trips_through_json():
     assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
 
 
+def test_the_same_step_saved_again_replaces_it_whole(tmp_path, monkeypatch):
+    """A resumed run stopped before its next step saves its resume step again: the new checkpoint takes
+    the old one's place before the old one is deleted, so a kill during that delete (here: after its first
+    file) leaves a complete checkpoint, the new one; a finished save leaves nothing else in the folder."""
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    def states():
+        return {"student": checkpoint.TrainState(torch.nn.Linear(3, 2), None)}
+
+    def save(skipped):
+        return checkpoint.save(tmp_path, 4, dist, states=states(), trainer={}, counters={"skipped_steps": skipped},
+                               rng=random.Random(1), config=Config(), hf_files=lambda folder: folder.mkdir(), keep=1)
+
+    def load(path):
+        return checkpoint.load(path, dist, states=states(), rng=random.Random(2))
+
+    path = save(1)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save(2)
+    assert checkpoint.checkpoints(tmp_path) == [path] and load(path).counters == {"skipped_steps": 2}
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    save(3)
+    assert load(path).counters == {"skipped_steps": 3} and sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
+
+
 def test_one_process_save_and_load_warn_nothing(tmp_path):
     """One process is what world_size=1 means: DCP's "assuming the intent is to save in a single process"
     warning (printed on every save and load) is silenced; the checkpoint still round-trips exactly."""

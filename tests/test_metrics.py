@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ril_fast.curves import COLUMNS, DPI, PANEL_INCHES, PANELS, plot_curves
-from ril_fast.metrics import RunLog, bar_labels, read_metrics
+from ril_fast.metrics import RunLog, bar_labels, read_metrics, records_until
 
 PANEL_PX = (int(PANEL_INCHES[0] * DPI), int(PANEL_INCHES[1] * DPI))
 
@@ -183,3 +183,28 @@ def test_a_resumed_run_leaves_one_tensorboard_event_per_step(tmp_path, killed_at
         want = [(r["step"], r[key]) for r in expected if key in r]
         assert [s for s, _ in got] == [s for s, _ in want], key
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # stored as fp32
+
+
+def test_a_crash_while_a_resumed_run_rewrites_the_file_keeps_the_old_one(tmp_path, monkeypatch):
+    """A resumed run rewrites metrics.jsonl with the records it keeps: through a temporary file renamed over
+    it, so a crash before the rename (here: the flush to the disk fails) leaves every old record."""
+    import ril_fast.files
+
+    records = fake_run(6, random.Random(0))
+    log = RunLog(tmp_path, enabled=True, total_steps=6, progress=False)
+    for r in records:
+        log.log(r)
+    log.close()
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    (tmp_path / "metrics.jsonl.before").write_bytes(before)
+
+    def crash(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ril_fast.files.os, "fsync", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        RunLog(tmp_path, enabled=True, total_steps=6, progress=False, resume_step=3)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    monkeypatch.undo()
+    RunLog(tmp_path, enabled=True, total_steps=6, progress=False, resume_step=3).close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == records_until(tmp_path / "metrics.jsonl.before", 3)
