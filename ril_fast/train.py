@@ -154,7 +154,7 @@ def setup(cfg: Config) -> Run:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out}: exists and is not a folder")
     resume_from = resume_point(cfg)
-    if resume_from is not None and finished(cfg, resume_from):
+    if finished(cfg, resume_from):
         raise NothingToDo(cfg)
     if dist.is_main:
         print(cfg.describe(), flush=True)
@@ -251,12 +251,21 @@ def resume_point(cfg: Config) -> Path | None:
     return path
 
 
-def finished(cfg: Config, resume_from: Path) -> bool:
+def finished(cfg: Config, resume_from: Path | None) -> bool:
     """Resumed at its last step, and ``final/`` is the export of that step (``FINISHED``): nothing is
-    left to do."""
+    left to do. A run that wrote no checkpoint (``checkpoint_every=0``) and finished is done too at the
+    same ``steps``; at others it is refused, as it has nothing to continue from."""
     marker = Path(cfg.output_dir) / FINISHED
-    return checkpoint.saved_step(resume_from) == cfg.steps and marker.is_file() and \
-        json.loads(marker.read_text()) == {"step": cfg.steps}
+    done = json.loads(marker.read_text()).get("step") if marker.is_file() else None
+    if resume_from is not None:
+        return checkpoint.saved_step(resume_from) == cfg.steps and done == cfg.steps
+    if cfg.resume != "auto" or done is None:  # starting afresh
+        return False
+    if done == cfg.steps:
+        return True
+    raise ConfigError(f"output_dir={cfg.output_dir}: holds a run that finished at step {done} and wrote no "
+                      f"checkpoint to continue from (checkpoint_every=0): resume=none trains afresh over it, "
+                      f"or choose another output_dir")
 
 
 def load_data(cfg: Config, dist: distributed.Dist):

@@ -162,6 +162,26 @@ def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys, monkeypatch)
     assert (out / "config.yaml").read_bytes() == config  # the settings it ran with, not the unused new ones
 
 
+def test_a_finished_run_without_checkpoints_is_not_trained_again(demo, tmp_path, capsys, monkeypatch):
+    """checkpoint_every=0 writes no checkpoint: run again, the finished run has nothing to do (it used to be
+    trained again from scratch over its own record); with more steps it is refused, having nothing to
+    continue from; resume=none trains afresh."""
+    out = tmp_path / "run"
+    train.main(_args(demo, out, steps=2, checkpoint_every=0))
+    assert not list(out.glob("step-*"))
+    before = read_metrics(out / "metrics.jsonl")
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _no_models(m)
+        assert train.main(_args(demo, out, steps=2, checkpoint_every=0)) == out
+        assert "nothing to do: the run in" in capsys.readouterr().out
+        assert read_metrics(out / "metrics.jsonl") == before
+        with pytest.raises(ConfigError, match=r"finished at step 2 and wrote no checkpoint .*checkpoint_every=0"):
+            train.setup(load_config(_args(demo, out, steps=3, checkpoint_every=0)))
+    train.main(_args(demo, out, steps=1, checkpoint_every=0, resume="none"))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1]
+
+
 @pytest.mark.parametrize("cut", ["killed_while_exporting", "final_of_an_earlier_steps"])
 def test_a_run_whose_export_is_not_of_its_last_step_exports_again(demo, finished, tmp_path, capsys, cut):
     """final/ counts as done only with finished.json naming the last step (written after the export): a run
