@@ -49,7 +49,7 @@ from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
 from ril_fast.export import export_hf, save_hf_files
-from ril_fast.files import write_text_atomic
+from ril_fast.files import FolderInUse, lock_folder, unlock_folder, write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
         write_text_atomic(out / FINISHED, json.dumps({"step": cfg.steps}))
         print(f"metrics: {out / 'metrics.jsonl'}\nexported student: {out / 'final'}", flush=True)
     distributed.barrier()
+    unlock_folder(out)
     return out
 
 
@@ -165,6 +166,11 @@ def setup(cfg: Config) -> Run:
     except (sqlite3.DatabaseError, OSError) as e:
         raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
                           f"file): {e}") from None
+    if dist.is_main:  # from here on this run writes in output_dir
+        try:
+            lock_folder(out)
+        except FolderInUse as e:
+            raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
 
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32

@@ -83,6 +83,26 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     assert not (tmp_path / "run").exists()  # nothing written for a refused run
 
 
+def test_a_folder_another_run_is_writing_is_refused(demo, tmp_path):
+    """Two runs in one output_dir would interleave their metrics and prune each other's checkpoints: while
+    another process holds the folder (a run whose torchrun was killed goes on as an orphan), a run is refused
+    naming that process; once it ends, however it ends, the folder is free."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ril_fast.files import lock_folder; "
+                               "lock_folder(sys.argv[1]); print('held', flush=True); time.sleep(300)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match=rf"output_dir=.*run is in use by another process \(pid {holder.pid}\)"):
+            train.setup(load_config(_args(demo, out)))
+    finally:
+        holder.kill()
+        holder.wait()
+    run = train.setup(load_config(_args(demo, out)))  # SIGKILL dropped the lock
+    run.log.close()
+    assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+
+
 def test_under_torchrun_a_refusal_is_one_line(demo, tmp_path):
     """Every rank refuses; rank 0 alone prints the error (not one copy per rank)."""
     (tmp_path / "a_file").write_text("")
