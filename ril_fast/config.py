@@ -183,25 +183,17 @@ class Config:
             (self.resume != "", "resume must be auto, none or a checkpoint folder"),
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
             (self.output_dir != "", "output_dir must not be empty"),
-            (self.judge is not JudgeKind.HTTP or (self.judge_url and self.judge_model),
-             "judge=http needs judge_url and judge_model"),
-            (self.judge is not JudgeKind.HF or self.judge_model, "judge=hf needs judge_model (a model folder)"),
-            (self.judge_batch_size >= 1, "judge_batch_size must be >= 1"),
-            (self.judge_concurrency >= 1, "judge_concurrency must be >= 1"),
-            (self.judge_timeout_s > 0, "judge_timeout_s must be > 0"),
-            (self.judge_retries >= 0, "judge_retries must be >= 0"),
-            (self.judge is not JudgeKind.HTTP or self.judge_url.startswith(("http://", "https://")),
-             "judge_url must start with http:// or https://"),
+            *judge_checks(self),
             (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
             (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
             (self.rollout.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)"),
             (self.rollout.batch_size >= 1, "rollout.batch_size must be >= 1"),
-            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (0 < self.optim.lr < float("inf"), "optim.lr must be > 0 and finite"),
             (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
             (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
             (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-            (self.disc.lr > 0, "disc.lr must be > 0"),
+            (0 < self.disc.lr < float("inf"), "disc.lr must be > 0 and finite"),
             (self.disc.weight_decay >= 0, "disc.weight_decay must be >= 0"),
             (self.disc.grad_clip >= 0, "disc.grad_clip must be >= 0 (0 = off)"),
             (self.disc.pretrain_steps >= 0, "disc.pretrain_steps must be >= 0"),
@@ -263,6 +255,22 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------
+def judge_checks(s) -> list[tuple[bool, str]]:
+    """``(ok, message)`` for each check of the judge settings of ``s``: a :class:`Config`, or the judge CLIs'
+    parsed options (``ril_fast.judge.add_judge_arguments``: the same names, ``judge`` a string)."""
+    kind = s.judge
+    return [
+        (kind != JudgeKind.HTTP or bool(s.judge_url and s.judge_model), "judge=http needs judge_url and judge_model"),
+        (kind != JudgeKind.HF or bool(s.judge_model), "judge=hf needs judge_model (a model folder)"),
+        (s.judge_batch_size >= 1, "judge_batch_size must be >= 1"),
+        (s.judge_concurrency >= 1, "judge_concurrency must be >= 1"),
+        (s.judge_timeout_s > 0, "judge_timeout_s must be > 0"),
+        (s.judge_retries >= 0, "judge_retries must be >= 0"),
+        (kind != JudgeKind.HTTP or s.judge_url.startswith(("http://", "https://")),
+         "judge_url must start with http:// or https://"),
+    ]
+
+
 def load_config(argv: list[str]) -> Config:
     """Parse ``[--config FILE.yaml] [key=value ...]`` into a checked Config (see the module docstring).
 

@@ -219,7 +219,9 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
                 raise DataError(f"{where}: a teacher may not be called {STUDENT!r} (the name marks the student's "
                                 f"own outputs): rename the file or set the line's 'teacher' field")
             named_by_stem |= "teacher" not in record
-            if record.get("truncated") is True:
+            if not isinstance(record.get("truncated", False), bool):
+                raise DataError(f"{where}: 'truncated' must be true or false, got {record['truncated']!r}")
+            if record.get("truncated"):
                 bank.truncated.append(where)
                 continue
             if teacher not in bank.teachers:

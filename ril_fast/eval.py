@@ -16,6 +16,7 @@ overall and per answer type, and writes
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--max-new-tokens and --batch-size must be >= 1, --max-examples >= 0")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out}: exists and is not a folder")
+    check_model_folder(p, "--model", args.model)
+    check_judge_arguments(p, args)
     return args
+
+
+def check_model_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
+    """A usage error naming ``flag`` unless ``folder`` is a folder holding ``config.json``: found before any
+    model loads, and said in words (transformers would take a missing folder for a malformed hub id)."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        parser.error(f"{flag} {folder}: no such folder")
+    if not path.is_dir():
+        parser.error(f"{flag} {folder}: not a folder")
+    if not (path / "config.json").is_file():
+        parser.error(f"{flag} {folder}: no config.json in the folder (not a Hugging Face model folder)")
+
+
+def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for ``add_judge_arguments``' options that no judge can be built from: the trainer's checks
+    of its ``judge_*`` settings (``ril_fast.config.judge_checks``) in the options' words, and an hf judge's
+    model folder; before any model loads."""
+    from ril_fast.config import judge_checks
+
+    if args.judge == "none":
+        return
+    for ok, message in judge_checks(args):
+        if not ok:
+            parser.error(re.sub(r"\bjudge_(\w+)", lambda m: "--judge-" + m.group(1).replace("_", "-"),
+                                re.sub(r"\bjudge=(\w+)", r"--judge \1", message)))
+    if args.judge == "hf":
+        check_model_folder(parser, "--judge-model", args.judge_model)
 
 
 def summarise(records: list[dict]) -> dict:

@@ -84,6 +84,19 @@ def _load_weights(model: torch.nn.Module, checkpoint: Path, entry: str) -> None:
         dcp.load({entry: {"model": state}}, checkpoint_id=checkpoint / "dcp", no_dist=True, planner=SafeLoadPlanner())
 
 
+class DestinationError(OSError):
+    """An export folder that cannot be made: a file of its name is there, a parent is a file, no permission."""
+
+
+def _make_folder(folder: Path, what: str) -> None:
+    """Make ``folder`` (and its parents) to export the ``what`` to, or raise ``DestinationError`` naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "a file of that name is there" if folder.exists() and not folder.is_dir() else e.strerror or e
+        raise DestinationError(f"{folder}: cannot make the folder to export the {what} to: {reason}") from None
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str | Path | None = None) -> Path:
     """Write the student of ``checkpoint`` (a ``step-N`` folder) as a HF folder ``out``; with
     ``disc_out``, the discriminator too. Runs in one process without a process group. Returns ``out``."""
@@ -95,13 +108,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str 
     if not (checkpoint / "dcp").is_dir() or not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a ril_fast checkpoint (expected dcp/ and hf/config.json; "
                                 f"checkpoints are the step-N folders of a run's output_dir)")
+    out = Path(out)
+    _make_folder(out, "student")  # before any model loads: a destination that cannot be made fails now
+    if disc_out is not None:
+        _make_folder(Path(disc_out), "discriminator")
     processor = Processor.from_pretrained(hf_dir)
     student = _empty(hf_dir, lm_head=True)
     _load_weights(student, checkpoint, "student")
     if student.config.tie_word_embeddings:  # loaded into the input embeddings; the head shares them
         student.tie_weights()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
     if disc_out is not None:
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, disc_out=args.disc)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DestinationError) as e:  # the message names the checkpoint or the destination
         raise SystemExit(f"error: {e}") from None
     print(f"student: {out}" + (f"\ndiscriminator: {args.disc}" if args.disc else ""))
     return out

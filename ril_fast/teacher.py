@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ril_fast.data import DataError, Example, load_examples, to_sample
+from ril_fast.eval import check_judge_arguments, check_model_folder
 from ril_fast.judge import CachedJudge, JudgeItem, add_judge_arguments, judge_store, make_judge_from_config
 from ril_fast.judges_http import HTTPError, OpenAIClient
 
@@ -263,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if Path(args.out).is_dir():
         p.error(f"--out {args.out}: is a folder; give the collection's JSONL file (e.g. "
                 f"{Path(args.out) / 'NAME.jsonl'})")
+    if not args.model.startswith(("http://", "https://")):
+        check_model_folder(p, "--model", args.model)
+    check_judge_arguments(p, args)
     return args
 
 

@@ -51,10 +51,11 @@ from ril_fast.evaluate import evaluate
 from ril_fast.export import export_hf, save_hf_files
 from ril_fast.files import FolderInUse, lock_folder, unlock_folder, write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
-from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
+from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, judge_store, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
-from ril_fast.models import enable_activation_checkpointing, load
+from ril_fast.kernels._triton import interpreting
+from ril_fast.models import Kernels, enable_activation_checkpointing, load
 from ril_fast.packing import ModelKind, Processor, UnsupportedModel
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
@@ -166,11 +167,18 @@ def setup(cfg: Config) -> Run:
     except (sqlite3.DatabaseError, OSError) as e:
         raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
                           f"file): {e}") from None
+    if cfg.judge is JudgeKind.HF and not (Path(cfg.judge_model).expanduser() / "config.json").is_file():
+        raise ConfigError(f"judge_model={cfg.judge_model}: not a model folder (no config.json there)")
+    if cfg.loss.kernels is Kernels.TRITON and dist.device.type != "cuda" and not interpreting():
+        raise ConfigError("loss.kernels=triton: Triton kernels need a GPU, or on the CPU the interpreter "
+                          "(TRITON_INTERPRET=1); auto picks the chunked torch code here")
     if dist.is_main:  # from here on this run writes in output_dir
         try:
             lock_folder(out)
         except FolderInUse as e:
             raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
+        except OSError as e:
+            raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None
 
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -284,9 +292,7 @@ def load_data(cfg: Config, dist: distributed.Dist):
     except (OSError, ValueError) as e:  # transformers' words for a missing folder or config.json
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {e}") from None
     examples = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
-    if tokens.kind is ModelKind.TEXT and (with_images := next((e for e in examples if e.images), None)):
-        raise DataError(f"{with_images.where}: the example has images, but the student ({cfg.student}) is a "
-                        f"text-only model")
+    _no_images_for_a_text_student(cfg, tokens, examples)
     try:
         batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
                           world_size=dist.world_size)
@@ -302,6 +308,7 @@ def load_data(cfg: Config, dist: distributed.Dist):
     eval_examples = load_examples(cfg.eval_data, control_tokens=tokens.control_tokens) if cfg.eval_data else []
     if cfg.eval_max_examples:
         eval_examples = eval_examples[:cfg.eval_max_examples]
+    _no_images_for_a_text_student(cfg, tokens, eval_examples)
     if dist.is_main:
         if bank is None:
             print("mode: RL only (Dr.GRPO on the judge's reward; no teachers given)", flush=True)
@@ -312,6 +319,12 @@ def load_data(cfg: Config, dist: distributed.Dist):
                 print(f"left out {len(bank.truncated)} teacher responses marked truncated (the first: "
                       f"{bank.truncated[0]})", flush=True)
     return examples, bank, eval_examples, batches
+
+
+def _no_images_for_a_text_student(cfg: Config, tokens: Processor, examples: list[Example]) -> None:
+    if tokens.kind is ModelKind.TEXT and (with_images := next((e for e in examples if e.images), None)):
+        raise DataError(f"{with_images.where}: the example has images, but the student ({cfg.student}) is a "
+                        f"text-only model")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def test_yaml_then_overrides(tmp_path):
     (["rollout.top_p=1.5"], ["rollout.top_p must be in (0, 1]"]),
     (["rollout.top_k=-1"], ["rollout.top_k must be >= 0 (0 = off)"]),
     (["rollout.temperature=nan"], ["rollout.temperature must be > 0"]),
+    (["optim.lr=inf", "disc.lr=inf"], ["optim.lr must be > 0 and finite", "disc.lr must be > 0 and finite"]),
+    (["disc.grad_clip=-1", "disc.weight_decay=-1"], ["disc.grad_clip must be >= 0", "disc.weight_decay must be >= 0"]),
     (["beta=-1", "steps=-1"], ["beta (β) must be >= 0", "steps must be >= 0"]),
     (["judge=http"], ["judge=http needs judge_url and judge_model"]),
     (["teachers=", "group_size=1"], ["group_size (G) must be >= 2 in RL-only mode"]),

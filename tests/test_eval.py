@@ -140,3 +140,51 @@ def test_out_folder_is_made_before_evaluating(demo, tmp_path, monkeypatch):
         main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "a" / "b"),
               "--judge", "rule"])
     assert made == [True]
+
+
+@pytest.mark.parametrize("model, said", [("nowhere", "no such folder"), ("notes.txt", "not a folder"),
+                                         (".", "no config.json in the folder")])
+def test_model_that_is_not_a_model_folder_is_refused_before_any_model_loads(demo, tmp_path, capsys, monkeypatch,
+                                                                               model, said):
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / model), "--data", str(demo.test), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2  # argparse's status for a bad argument
+    assert f"error: --model {tmp_path / model}: {said}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("judge, said", [
+    (["--judge", "hf"], "--judge hf needs --judge-model"),
+    (["--judge", "hf", "--judge-model", "NOWHERE"], "--judge-model NOWHERE: no such folder"),
+    (["--judge", "http", "--judge-model", "m"], "--judge http needs --judge-url and --judge-model"),
+    (["--judge", "http", "--judge-url", "localhost:8000", "--judge-model", "m"],
+     "--judge-url must start with http:// or https://"),
+])
+def test_judge_options_that_build_no_judge_are_refused_before_any_model_loads(demo, tmp_path, capsys, monkeypatch,
+                                                                               judge, said):
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    judge = [a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in judge]
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "out"), *judge])
+    assert e.value.code == 2
+    assert "error: " + said.replace("NOWHERE", str(tmp_path / "nowhere")) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dest, disc, what", [("a_file", None, "student"), ("a_file/sub", None, "student"),
+                                              ("out", "a_file", "discriminator")])
+def test_export_to_a_destination_that_cannot_be_made_is_one_line(tmp_path, dest, disc, what):
+    """python -m ril_fast.export's destination (tests/test_checkpoint.py exports real checkpoints): refused
+    before the checkpoint's model is read, here a checkpoint folder holding no model at all."""
+    from ril_fast.export import main as export_main
+
+    checkpoint = tmp_path / "step-1"
+    (checkpoint / "dcp").mkdir(parents=True)
+    (checkpoint / "hf").mkdir()
+    (checkpoint / "hf" / "config.json").write_text("{}")
+    (tmp_path / "a_file").write_text("kept")
+    bad = tmp_path / (disc or dest)
+    reason = "a file of that name is there" if bad.name == "a_file" else "Not a directory"
+    with pytest.raises(SystemExit, match=f"^error: {bad}: cannot make the folder to export the {what} to: {reason}$"):
+        export_main([str(checkpoint), str(tmp_path / dest), *(["--disc", str(tmp_path / disc)] if disc else [])])
+    assert (tmp_path / "a_file").read_text() == "kept"

@@ -80,7 +80,22 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     with pytest.raises(DataError) as e:
         train.setup(load_config(_args(demo, tmp_path / "run", student=text_student)))
     assert str(e.value).startswith(f"{demo.train}:1: the example has images, but the student")
+    text_train = tmp_path / "text_train.jsonl"  # text-only training data, but evaluation data with images
+    text_train.write_text("".join(json.dumps({**json.loads(line), "images": []}) + "\n"
+                                  for line in demo.train.read_text().splitlines()))
+    with pytest.raises(DataError) as e:
+        train.setup(load_config(_args(demo, tmp_path / "run", student=text_student, train_data=text_train,
+                                      teachers="")))
+    assert str(e.value).startswith(f"{demo.test}:1: the example has images, but the student")
+    with pytest.raises(ConfigError, match=r"judge_model=.*nowhere: not a model folder"):
+        train.setup(load_config(_args(demo, tmp_path / "run", judge="hf", judge_model=tmp_path / "nowhere")))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match=r"loss.kernels=triton: Triton kernels need a GPU"):
+        train.setup(load_config(_args(demo, tmp_path / "run", **{"loss.kernels": "triton"})))
+    monkeypatch.delenv("TRITON_INTERPRET")
     assert not (tmp_path / "run").exists()  # nothing written for a refused run
+    with pytest.raises(ConfigError, match=r"output_dir=.*a_file/run: cannot write there"):
+        train.setup(load_config(_args(demo, tmp_path / "a_file" / "run")))
 
 
 def test_a_folder_another_run_is_writing_is_refused(demo, tmp_path):

@@ -278,3 +278,21 @@ def test_out_that_is_a_folder_is_refused_before_any_work(demo, tmp_path, capsys)
     assert (f"error: --out {tmp_path}: is a folder; give the collection's JSONL file "
             f"(e.g. {tmp_path / 'NAME.jsonl'})") in err
     assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--model", "NOWHERE"], "--model NOWHERE: no such folder"),
+    (["--judge", "hf"], "--judge hf needs --judge-model"),
+    (["--judge", "hf", "--judge-model", "NOWHERE"], "--judge-model NOWHERE: no such folder"),
+])
+def test_a_model_or_judge_that_cannot_load_is_refused_before_any_work(demo, tmp_path, capsys, monkeypatch, extra,
+                                                                       said):
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    nowhere = str(tmp_path / "nowhere")
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(SystemExit) as e:  # the last --model wins
+        main(["--model", str(demo.student), "--data", str(demo.train), "--out", str(out), "--no-progress",
+              *[a.replace("NOWHERE", nowhere) for a in extra]])
+    assert e.value.code == 2  # argparse's status for a bad argument
+    assert "error: " + said.replace("NOWHERE", nowhere) in capsys.readouterr().err
+    assert not out.exists()
