@@ -110,6 +110,19 @@ class OpenAIClient:
                 f.cancel()
             raise
 
+    def serving(self, model: str) -> str | None:
+        """What keeps this server from answering as ``model``, in words (None: nothing found): it cannot be
+        reached (after the retries) or refuses the request, or it lists its models (``GET {url}/models``) and
+        ``model`` is not one of them. A server without that route is given the benefit of the doubt."""
+        try:
+            reply = self.request("/models")
+        except HTTPError as e:
+            return None if "HTTP 404" in str(e) else str(e)
+        listed = [m.get("id") for m in reply.get("data") or [] if isinstance(m, dict)]
+        if listed and model not in listed:
+            return f"it serves {', '.join(map(str, listed[:10]))}, not {model!r}"
+        return None
+
     def first_model(self) -> str:
         """The id of the first model the server lists (``GET {url}/models``)."""
         reply = self.request("/models")

@@ -52,6 +52,7 @@ from ril_fast.export import export_hf, save_hf_files
 from ril_fast.files import FolderInUse, lock_folder, unlock_folder, write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, judge_store, make_judge_from_config
+from ril_fast.judges_http import OpenAIClient
 from ril_fast.metrics import PhaseTimer, RunLog
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.kernels._triton import interpreting
@@ -169,6 +170,9 @@ def setup(cfg: Config) -> Run:
                           f"file): {e}") from None
     if cfg.judge is JudgeKind.HF and not (Path(cfg.judge_model).expanduser() / "config.json").is_file():
         raise ConfigError(f"judge_model={cfg.judge_model}: not a model folder (no config.json there)")
+    if cfg.judge is JudgeKind.HTTP and (problem := OpenAIClient(
+            cfg.judge_url, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries).serving(cfg.judge_model)):
+        raise ConfigError(f"judge_url={cfg.judge_url}: the judge server cannot be used: {problem}")
     if cfg.loss.kernels is Kernels.TRITON and dist.device.type != "cuda" and not interpreting():
         raise ConfigError("loss.kernels=triton: Triton kernels need a GPU, or on the CPU the interpreter "
                           "(TRITON_INTERPRET=1); auto picks the chunked torch code here")

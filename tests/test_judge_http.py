@@ -121,3 +121,18 @@ def test_api_key_only_from_the_environment(monkeypatch):
         assert OpenAIClient(server.url).first_model() == "fake-model"
     auth = [headers.get("Authorization") for _, _, headers in server.requests]
     assert auth == [None, "Bearer sk-openai", "Bearer sk-ril", "Bearer sk-ril"]
+
+
+def test_serving_says_what_keeps_a_server_from_judging():
+    """The trainer's start-up check of judge=http: a served model is fine, another model or no server is said
+    in words, and a server without GET /models (404) is given the benefit of the doubt."""
+    with FakeOpenAI() as server:
+        client = OpenAIClient(server.url, retries=0, timeout_s=5.0)
+        assert client.serving("fake-model") is None
+        assert client.serving("other") == "it serves fake-model, not 'other'"
+        assert OpenAIClient(server.url + "/elsewhere", retries=0).serving("fake-model") is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    said = OpenAIClient(f"http://127.0.0.1:{port}/v1", retries=0, timeout_s=1.0).serving("fake-model")
+    assert "failed 1 times" in said and "Connection refused" in said

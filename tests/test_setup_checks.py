@@ -10,12 +10,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from fake_openai import FakeOpenAI
 from models_fixtures import one_thread  # noqa: F401
 from PIL import Image
 
@@ -89,6 +91,14 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     assert str(e.value).startswith(f"{demo.test}:1: the example has images, but the student")
     with pytest.raises(ConfigError, match=r"judge_model=.*nowhere: not a model folder"):
         train.setup(load_config(_args(demo, tmp_path / "run", judge="hf", judge_model=tmp_path / "nowhere")))
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(ConfigError, match=r"judge_url=.*: the judge server cannot be used: .*failed 1 times"):
+        train.setup(load_config(_args(demo, tmp_path / "run", judge="http", judge_url=nobody, judge_model="m",
+                                      judge_retries=0, judge_timeout_s=2)))
+    with FakeOpenAI() as server, pytest.raises(ConfigError, match=r"cannot be used: it serves fake-model, not 'm'"):
+        train.setup(load_config(_args(demo, tmp_path / "run", judge="http", judge_url=server.url, judge_model="m")))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match=r"loss.kernels=triton: Triton kernels need a GPU"):
         train.setup(load_config(_args(demo, tmp_path / "run", **{"loss.kernels": "triton"})))
