@@ -289,6 +289,9 @@ def finished(cfg: Config, resume_from: Path | None) -> bool:
 def load_data(cfg: Config, dist: distributed.Dist):
     """The training examples, the teacher bank (None: RL only), the evaluation examples and this rank's
     batches, checked against the student's tokenizer; prints which ablation runs."""
+    if not (Path(cfg.student).expanduser() / "config.json").is_file():  # said before transformers reads it as a hub id
+        raise ConfigError(f"student={cfg.student}: cannot open the model folder: "
+                          + ("no config.json in it" if Path(cfg.student).expanduser().is_dir() else "no such folder"))
     try:
         tokens = Processor.from_pretrained(cfg.student)
     except UnsupportedModel as e:  # "DIR: model type ..."

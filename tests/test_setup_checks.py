@@ -66,7 +66,7 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match=r"output_dir=.*a_file: exists and is not a folder"):
         train.setup(load_config(_args(demo, tmp_path / "a_file")))
-    with pytest.raises(ConfigError, match=r"student=.*nowhere: cannot open the model folder"):
+    with pytest.raises(ConfigError, match=r"student=.*nowhere: cannot open the model folder: no such folder$"):
         train.setup(load_config(_args(demo, tmp_path / "run", student=tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match=r"batch.questions_per_step=64: 16 examples cannot fill a batch of 64"):
         train.setup(load_config(_args(demo, tmp_path / "run", **{"batch.questions_per_step": 64})))
