@@ -168,14 +168,7 @@ def setup(cfg: Config) -> Run:
     except (sqlite3.DatabaseError, OSError) as e:
         raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
                           f"file): {e}") from None
-    if cfg.judge is JudgeKind.HF and not (Path(cfg.judge_model).expanduser() / "config.json").is_file():
-        raise ConfigError(f"judge_model={cfg.judge_model}: not a model folder (no config.json there)")
-    if cfg.judge is JudgeKind.HTTP and (problem := OpenAIClient(
-            cfg.judge_url, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries).serving(cfg.judge_model)):
-        raise ConfigError(f"judge_url={cfg.judge_url}: the judge server cannot be used: {problem}")
-    if cfg.loss.kernels is Kernels.TRITON and dist.device.type != "cuda" and not interpreting():
-        raise ConfigError("loss.kernels=triton: Triton kernels need a GPU, or on the CPU the interpreter "
-                          "(TRITON_INTERPRET=1); auto picks the chunked torch code here")
+    check_judge_and_kernels(cfg, dist)
     if dist.is_main:  # from here on this run writes in output_dir
         try:
             lock_folder(out)
@@ -248,6 +241,19 @@ def request_stop(run: Run, signum: int) -> None:
             "; torchrun kills the ranks after its --shutdown-timeout (30 s unless set): raise it where a step "
             "takes longer" if "TORCHELASTIC_RUN_ID" in os.environ else ""), flush=True)
     run.stop_requested.append(signum)
+
+
+def check_judge_and_kernels(cfg: Config, dist: distributed.Dist) -> None:
+    """The settings that name things outside the config, checked before any model loads: an hf judge's model
+    folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device."""
+    if cfg.judge is JudgeKind.HF and not (Path(cfg.judge_model).expanduser() / "config.json").is_file():
+        raise ConfigError(f"judge_model={cfg.judge_model}: not a model folder (no config.json there)")
+    if cfg.judge is JudgeKind.HTTP and (problem := OpenAIClient(
+            cfg.judge_url, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries).serving(cfg.judge_model)):
+        raise ConfigError(f"judge_url={cfg.judge_url}: the judge server cannot be used: {problem}")
+    if cfg.loss.kernels is Kernels.TRITON and dist.device.type != "cuda" and not interpreting():
+        raise ConfigError("loss.kernels=triton: Triton kernels need a GPU, or on the CPU the interpreter "
+                          "(TRITON_INTERPRET=1); auto picks the chunked torch code here")
 
 
 def resume_point(cfg: Config) -> Path | None:
