@@ -218,18 +218,34 @@ def setup(cfg: Config) -> Run:
 @contextlib.contextmanager
 def stop_on_signals(run: Run):
     """Inside the block, SIGTERM and Ctrl-C ask the run to stop after the step in flight
-    (``checkpoint_if_due``); the previous handlers come back after it."""
+    (``checkpoint_if_due``); the previous handlers come back after it. Under torchrun, the death of torchrun
+    is a SIGTERM too (:func:`sigterm_when_torchrun_dies`)."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
         return
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     for signum in saved:
         signal.signal(signum, lambda signum, frame: request_stop(run, signum))
+    sigterm_when_torchrun_dies()
     try:
         yield
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def sigterm_when_torchrun_dies() -> None:
+    """Under torchrun on Linux, ask the kernel for a SIGTERM to this rank when torchrun, its parent, dies. A
+    SIGKILLed torchrun (an OOM killer, a lost login) leaves its ranks running otherwise, in sessions of their
+    own, writing the run folder beside the run started again; with it each rank checkpoints and stops."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # torchrun died before the request: nothing will send it
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def request_stop(run: Run, signum: int) -> None:

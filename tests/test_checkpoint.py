@@ -219,6 +219,27 @@ def test_ctrl_c_under_torchrun_writes_a_checkpoint_and_stops(demo, reference, tm
     assert _step_metrics(out) == _step_metrics(reference(2))
 
 
+def test_a_rank_whose_torchrun_is_killed_checkpoints_and_stops(demo, tmp_path):
+    """torchrun starts its ranks in sessions of their own: SIGKILL torchrun alone and they would go on, writing
+    the folder. They get a SIGTERM from the kernel instead, finish the step, checkpoint and stop."""
+    out = tmp_path / "run"
+    proc = _start(_command(2, _args(demo, out, checkpoint_every=0, steps=50)), tmp_path / "log.txt")
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text(),
+              proc, tmp_path / "log.txt")
+    ranks = [pid for pid in _descendants(proc.pid) if "ril_fast.train" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(ranks) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 300
+    while any(_alive(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "the ranks of a killed torchrun are still running"
+        time.sleep(0.1)
+    log = (tmp_path / "log.txt").read_text()
+    saved = checkpoint.latest(out)
+    assert saved is not None and "stopped by SIGTERM after step" in log, log[-3000:]
+    assert 1 <= json.loads((saved / "trainer.json").read_text())["step"] < 50
+
+
 def test_export_cli_writes_the_checkpointed_student_and_discriminator(demo, reference, tmp_path):
     ref = reference(1)
     assert [p.name for p in checkpoint.checkpoints(ref)] == [
