@@ -297,6 +297,8 @@ _LATEX_NUMBER = re.compile(rf"-?(?<!\d)\d*\\(?!boxed\b)[A-Za-z]+(?:{_BRACES})+|(
 # The common ones, read here as math_verify reads them (a test checks they agree), without its ~1 ms a parse:
 # [-][whole]\frac{a}{b} (also \dfrac, \tfrac; a whole part makes a mixed number; a, b > 0: math_verify reads
 # "2\frac{0}{5}" as the product 2·0, no number) and digits grouped by "{,}".
+# A bare formula as a ground-truth answer ("x^2+1", "y=2x+3"): math_verify reads it only between $s.
+_BARE_FORMULA = re.compile(r"[\w\s.,()^=+\-*/<>]*[\^=+*/<>][\w\s.,()^=+\-*/<>]*")
 _SIMPLE_LATEX = re.compile(r"(-?)(\d*)\\[dt]?frac\{(\d*[1-9]\d*)\}\{(\d*[1-9]\d*)\}|(\d{1,3}(?:\{,\}\d{3})+)")
 
 
@@ -399,15 +401,17 @@ class RuleJudge:
     without glasses = 7"). LaTeX is read as the number math_verify makes of it only where that is an integer or a
     fraction ("\\frac{6}{3}" is 2, "\\binom{5}{2}" 10, "2\\frac{1}{2}" the mixed number 5/2); what it leaves
     unevaluated is not computed here ("\\sqrt{4}" is the number 4, "2^{3}" the numbers 2 and 3), and without
-    math_verify no LaTeX is read ("\\frac{1}{2}" is 1 and 2).
+    math_verify no LaTeX is read ("\\frac{1}{2}" is 1 and 2). A formula answer is compared by its words and
+    numbers, not its operators, where the response has them ("y=2x+3" is right for "y = 2x - 3"); only where it
+    has not does math_verify decide ("x^2+1" is right for "$1+x^2$").
     """
 
     def __init__(self, use_math_verify: bool = True):
         self.use_math_verify = use_math_verify and math_verify is not None
         # The identity changes with anything that can change a verdict (the cache key).
         # rule-v3: a negation before an answer marker ("not \\boxed{7}"); math_verify-v3: it reads LaTeX numbers
-        # for the rules, and works in threads
-        self.name = "rule-v3" + ("+math_verify-v3" if self.use_math_verify else "")
+        # for the rules, and works in threads; -v4: it reads a bare formula answer ("x^2+1")
+        self.name = "rule-v3" + ("+math_verify-v4" if self.use_math_verify else "")
 
     def __call__(self, items: list[JudgeItem]) -> list[bool]:
         """One verdict per item."""
@@ -467,8 +471,10 @@ class RuleJudge:
         if not self.use_math_verify:
             return False
         try:
-            # math_verify reads LaTeX between $s (or in \boxed{}); a bare 2\sqrt{2} it would read as 2.
-            answer = f"${answer}$" if "\\" in answer and "$" not in answer else answer
+            # math_verify reads LaTeX between $s (or in \boxed{}); a bare 2\sqrt{2} it would read as 2, a bare
+            # x^2+1 not at all.
+            bare = "$" not in answer and ("\\" in answer or _BARE_FORMULA.fullmatch(answer.strip()))
+            answer = f"${answer}$" if bare else answer
             gold, target = (math_verify.parse(t, **_no_alarm("parsing_timeout")) for t in (answer, response))
             return bool(math_verify.verify(gold, target, **_no_alarm("timeout_seconds")))
         except Exception:  # math_verify raises on unparsable text; that is "not equivalent"

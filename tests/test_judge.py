@@ -161,7 +161,7 @@ def test_math_verify_only_where_rules_find_nothing(monkeypatch):
     judge_mod._latex_value.cache_clear()  # LaTeX read by the real library must not be reused, nor the fake's kept
     monkeypatch.setattr(judge_mod, "_latex_value", functools.lru_cache(judge_mod._latex_value.__wrapped__))
     judge = RuleJudge()
-    assert judge.name.endswith("+math_verify-v3")
+    assert judge.name.endswith("+math_verify-v4")
     assert judge.check(r"\sqrt{2}", "1.41421356")  # nothing to compare: math_verify decides
     assert calls == [(r"$\sqrt{2}$", "1.41421356")]  # a LaTeX answer without $s is given to it between $s
     assert not judge.check("4", "3 or 4")  # the rules found candidates: their verdict stands
@@ -175,7 +175,7 @@ def test_math_verify_itself_where_the_rules_find_nothing():
     cannot compare are decided by symbolic equivalence; word answers it cannot parse stay the rules'."""
     pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
     judge = RuleJudge()
-    assert judge.use_math_verify and judge.name == "rule-v3+math_verify-v3"
+    assert judge.use_math_verify and judge.name == "rule-v3+math_verify-v4"
     right = [(r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"The answer is $\frac{2}{4}$"), ("3/4", "0.75")]
     wrong = [(r"\frac{1}{2}", "0.4"), (r"\sqrt{2}", r"$\sqrt{3}$"), ("3/4", "0.7")]
     assert [judge.check(a, r) for a, r in right] == [True] * len(right)
@@ -211,6 +211,10 @@ LATEX_CASES = [
     ("0.5", r"$\frac{a}{b}$", False),
     ("0.5", r"$\frac{10^{10^{10^{10}}}}{2}$", False),  # not evaluated (that would never end): no number
     ("7", "It is not 7.", False),
+    ("x^2+1", "The answer is $1+x^2$.", True),  # a bare formula answer, read as the LaTeX it is
+    ("y=2x+3", "The line is $y = 3 + 2x$.", True),
+    ("x^2+1", "The answer is $x^2+2$.", False),
+    ("x^2+1", "The answer is $(x+1)^2$.", False),
 ]
 
 
