@@ -188,6 +188,12 @@ class TeacherBank:
         return counts
 
 
+def refuse_images(examples: list[Example], model: str) -> None:
+    """For a text-only ``model`` (its words: "the student (DIR)"): a DataError at the first example with images."""
+    if first := next((e for e in examples if e.images), None):
+        raise DataError(f"{first.where}: the example has images, but {model} is a text-only model")
+
+
 def load_teachers(paths: list[str | Path], examples: list[Example], *,
                   count_tokens: Callable[[list[str]], list[int]] | None = None,
                   max_tokens: int | None = None, control_tokens: Collection[str] = ()) -> TeacherBank:
@@ -213,15 +219,17 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
             example_id = _id(record, where)
             if example_id not in known:
                 raise DataError(f"{where}: id {example_id!r} is not in the training data")
-            response = _text(record, "response", where, control_tokens)
+            truncated = record.get("truncated", False)
+            if not isinstance(truncated, bool):
+                raise DataError(f"{where}: 'truncated' must be true or false, got {truncated!r}")
+            # A line left out (truncated) is not trained on: control tokens in it do no harm.
+            response = _text(record, "response", where, () if truncated else control_tokens)
             teacher = _text(record, "teacher", where) if "teacher" in record else path.stem
             if teacher == STUDENT:
                 raise DataError(f"{where}: a teacher may not be called {STUDENT!r} (the name marks the student's "
                                 f"own outputs): rename the file or set the line's 'teacher' field")
             named_by_stem |= "teacher" not in record
-            if not isinstance(record.get("truncated", False), bool):
-                raise DataError(f"{where}: 'truncated' must be true or false, got {record['truncated']!r}")
-            if record.get("truncated"):
+            if truncated:
                 bank.truncated.append(where)
                 continue
             if teacher not in bank.teachers:

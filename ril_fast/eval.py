@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--max-new-tokens and --batch-size must be >= 1, --max-examples >= 0")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out}: exists and is not a folder")
+    try:  # made now: a folder that cannot be made fails before any model loads, not after the evaluation
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot make the folder: {e.strerror or e}")
     check_model_folder(p, "--model", args.model)
     check_judge_arguments(p, args)
     return args
@@ -61,6 +65,7 @@ def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
     of its ``judge_*`` settings (``ril_fast.config.judge_checks``) in the options' words, and an hf judge's
     model folder; before any model loads."""
     from ril_fast.config import judge_checks
+    from ril_fast.judges_http import OpenAIClient
 
     if args.judge == "none":
         return
@@ -70,6 +75,9 @@ def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
                                 re.sub(r"\bjudge=(\w+)", r"--judge \1", message)))
     if args.judge == "hf":
         check_model_folder(parser, "--judge-model", args.judge_model)
+    if args.judge == "http" and (problem := OpenAIClient(args.judge_url, timeout_s=args.judge_timeout_s,
+                                                         retries=args.judge_retries).serving(args.judge_model)):
+        parser.error(f"--judge-url {args.judge_url}: the judge server cannot be used: {problem}")
 
 
 def summarise(records: list[dict]) -> dict:
@@ -89,26 +97,27 @@ def summarise(records: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation (module docstring); returns the summary (on every rank)."""
     from ril_fast import distributed
-    from ril_fast.data import load_examples
+    from ril_fast.data import load_examples, refuse_images
     from ril_fast.evaluate import evaluate
     from ril_fast.judge import CachedJudge, judge_store, make_judge_from_config
     from ril_fast.models import load
-    from ril_fast.packing import Processor
+    from ril_fast.packing import ModelKind, Processor
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     dist = distributed.init()
     out = Path(args.out)
-    if dist.is_main:  # before the evaluation: a folder that cannot be made fails now, not after it
-        out.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(args.data, control_tokens=Processor.from_pretrained(args.model).control_tokens)
+    tokens = Processor.from_pretrained(args.model)
+    examples = load_examples(args.data, control_tokens=tokens.control_tokens)
     if args.max_examples:
         examples = examples[:args.max_examples]
+    if tokens.kind is ModelKind.TEXT:
+        refuse_images(examples, f"the model ({args.model})")
     model, processor = load(args.model, device=dist.device)
     judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
     mine: list[dict] = []
     metrics = evaluate(model, processor, examples, judge, dist, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, records=mine)
+                       batch_size=args.batch_size, records=mine, progress=sys.stderr.isatty())
     gathered = distributed.all_gather_objects(mine)
     order = {e.id: i for i, e in enumerate(examples)}
     records = sorted((r for rank in gathered for r in rank), key=lambda r: order[r["id"]])

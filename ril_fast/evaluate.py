@@ -16,13 +16,16 @@ from ril_fast.rollout import sample_responses
 
 
 def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist, *, max_new_tokens: int,
-             batch_size: int = 64, records: list | None = None) -> dict:
+             batch_size: int = 64, records: list | None = None, progress: bool = False) -> dict:
     """Greedy answers to ``examples`` (all ranks' list; this rank takes ``examples[rank::world]``).
 
     Returns ``{"eval_accuracy": float, "eval_accuracy/<type>": float, ..., "eval_examples": int}``.
     ``records``: when a list, one dict per example of this rank is appended to it: ``id``,
-    ``answer_type``, ``question``, ``answer``, ``response``, ``truncated``, ``correct``.
+    ``answer_type``, ``question``, ``answer``, ``response``, ``truncated``, ``correct``. ``progress``: a
+    progress bar of rank 0's examples on stderr.
     """
+    from tqdm import tqdm
+
     mine = examples[dist.rank::dist.world_size]
     types = sorted({e.answer_type or "all" for e in examples})
     correct = torch.zeros(len(types), dtype=torch.float64)
@@ -30,6 +33,7 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
     was_training = model.training
     model.eval()
     per_rank = -(-len(examples) // dist.world_size)  # the largest slice: every rank runs as many calls
+    bar = tqdm(total=len(mine), desc="eval", unit="example", disable=not (progress and dist.is_main))
     for start in range(0, max(per_rank, 1), batch_size):
         chunk = mine[start:start + batch_size]
         # Every rank runs the same number of generate calls (FSDP collectives); an empty slice repeats
@@ -46,6 +50,8 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
             k = types.index(e.answer_type or "all")
             correct[k] += float(ok)
             total[k] += 1
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     both = all_reduce_sum(torch.stack([correct, total]).to(dist.device)).cpu()
     correct, total = both[0], both[1]

@@ -44,7 +44,7 @@ import yaml
 
 from ril_fast import checkpoint, distributed, schedule
 from ril_fast.config import Config, ConfigError, load_config
-from ril_fast.data import Batches, DataError, Example, load_examples, load_teachers, to_sample
+from ril_fast.data import Batches, DataError, Example, load_examples, load_teachers, refuse_images, to_sample
 from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
@@ -321,7 +321,8 @@ def load_data(cfg: Config, dist: distributed.Dist):
     except (OSError, ValueError) as e:  # transformers' words for a missing folder or config.json
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {e}") from None
     examples = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
-    _no_images_for_a_text_student(cfg, tokens, examples)
+    if tokens.kind is ModelKind.TEXT:
+        refuse_images(examples, f"the student ({cfg.student})")
     try:
         batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
                           world_size=dist.world_size)
@@ -337,7 +338,8 @@ def load_data(cfg: Config, dist: distributed.Dist):
     eval_examples = load_examples(cfg.eval_data, control_tokens=tokens.control_tokens) if cfg.eval_data else []
     if cfg.eval_max_examples:
         eval_examples = eval_examples[:cfg.eval_max_examples]
-    _no_images_for_a_text_student(cfg, tokens, eval_examples)
+    if tokens.kind is ModelKind.TEXT:
+        refuse_images(eval_examples, f"the student ({cfg.student})")
     if dist.is_main:
         if bank is None:
             print("mode: RL only (Dr.GRPO on the judge's reward; no teachers given)", flush=True)
@@ -348,12 +350,6 @@ def load_data(cfg: Config, dist: distributed.Dist):
                 print(f"left out {len(bank.truncated)} teacher responses marked truncated (the first: "
                       f"{bank.truncated[0]})", flush=True)
     return examples, bank, eval_examples, batches
-
-
-def _no_images_for_a_text_student(cfg: Config, tokens: Processor, examples: list[Example]) -> None:
-    if tokens.kind is ModelKind.TEXT and (with_images := next((e for e in examples if e.images), None)):
-        raise DataError(f"{with_images.where}: the example has images, but the student ({cfg.student}) is a "
-                        f"text-only model")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -203,6 +203,10 @@ def test_truncated_teacher_lines_are_left_out(tmp_path):
     with pytest.raises(DataError) as e:
         load_teachers([path, empty], examples(2))
     assert str(e.value) == f"{empty}:1: no teacher responses in the file"
+    marked = write_jsonl(tmp_path / "marked.jsonl", [{"id": "q0", "response": "Round."},
+                                                     {"id": "q1", "response": "It is <|im_end|>", "truncated": True}])
+    bank = load_teachers([marked], examples(2), control_tokens=["<|im_end|>"])  # left out, so not refused
+    assert bank.truncated == [f"{marked}:2"] and bank.responses("q0") == {"marked": ["Round."]}
     for value in ("yes", 1, None):  # a marker that is not a boolean is refused, not read as "complete"
         odd = write_jsonl(tmp_path / "odd.jsonl", [{"id": "q0", "response": "The", "truncated": value}])
         with pytest.raises(DataError, match=rf"odd\.jsonl:1: 'truncated' must be true or false, got {value!r}"):

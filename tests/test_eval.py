@@ -188,3 +188,41 @@ def test_export_to_a_destination_that_cannot_be_made_is_one_line(tmp_path, dest,
     with pytest.raises(SystemExit, match=f"^error: {bad}: cannot make the folder to export the {what} to: {reason}$"):
         export_main([str(checkpoint), str(tmp_path / dest), *(["--disc", str(tmp_path / disc)] if disc else [])])
     assert (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_more_bad_input_is_one_line_before_any_model_loads(demo, tmp_path, capsys, monkeypatch):
+    """--out under a file, a judge server that cannot be reached, image data for a text-only model: one
+    `error:` line each, before any model loads (these were tracebacks, after the evaluation for two)."""
+    import socket
+
+    from ril_fast.tiny import make_tiny
+
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "a_file").write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    base = ["--model", str(demo.student), "--data", str(demo.test)]
+    cases = [(["--out", str(tmp_path / "a_file" / "out")], f"--out {tmp_path / 'a_file' / 'out'}: cannot make the "
+              "folder: Not a directory"),
+             (["--out", str(tmp_path / "out"), "--judge", "http", "--judge-url", nobody, "--judge-model", "m",
+               "--judge-retries", "0"], f"--judge-url {nobody}: the judge server cannot be used: GET {nobody}/models: "
+              "failed 1 times")]
+    for extra, said in cases:
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        assert e.value.code == 2 and f"error: {said}" in capsys.readouterr().err
+    text_model = make_tiny(tmp_path / "text", arch="qwen2")
+    done = subprocess.run([sys.executable, "-m", "ril_fast.eval", "--model", str(text_model), "--data", str(demo.test),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip() == (f"error: {demo.test}:1: the example has images, but the model ({text_model}) "
+                                   f"is a text-only model")
+
+
+def test_a_terminal_shows_the_evaluation_progress(demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "out"),
+          "--max-examples", "5", "--max-new-tokens", "3", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert "eval: 100%" in err and "5/5" in err, err[-1000:]
