@@ -2,16 +2,23 @@
 
     python -m ril_fast.teacher --model DIR_OR_URL --data train.jsonl --out teachers/NAME.jsonl \\
         --num-responses K --max-new-tokens L [--temperature 1.0] [--top-p 1.0] [--batch-size 32] \\
-        [--served-model NAME] [--concurrency 16] [--n-per-request 8] [--teacher NAME] [--judge rule|hf|http ...]
+        [--seed N] [--served-model NAME] [--concurrency 16] [--n-per-request 8] [--teacher NAME] \\
+        [--judge rule|hf|http ...]
 
 ``--model`` is either
 * a local HF folder that ``ril_fast.models.load`` opens (a Qwen-VL / InternVL VLM, or a text LM for
-  text-only data): batched sampling with ``ril_fast.rollout.sample_responses``, ``--batch-size``
-  sequences per ``generate`` call; or
+  text-only data; data with images for a text-only model is refused, naming the first such example's
+  file:line, before the model loads): batched sampling with ``ril_fast.rollout.sample_responses``,
+  ``--batch-size`` sequences per ``generate`` call, each batch seeded from ``--seed`` and its first job.
+  ``--seed`` defaults to one drawn from the OS (printed on stderr), so that a rerun draws afresh; a given
+  ``--seed`` makes the responses reproducible (for the same pending jobs and ``--batch-size``), so a
+  rerun with the same seed draws the same ones again; or
 * the base URL of an OpenAI-compatible server (``http://HOST:PORT/v1``, e.g. vLLM serving a 72B VLM):
   one ``/chat/completions`` request per example and batch, asking with ``"n"`` for all of the example's
   responses still pending in the batch (at most ``--n-per-request``; more take further requests), so its
-  images are uploaded and encoded once, not K times; ``--concurrency`` requests in flight, each
+  images are uploaded and encoded once, not K times; ``--concurrency`` requests in flight (a batch waits
+  for its last request, so a server teacher's batch is ``--batch-size`` rounded up to whole requests of
+  min(K, ``--n-per-request``) responses, and to at least ``--concurrency`` such requests), each
   example's images sent as ``data:`` URLs before its question; ``--served-model`` names the model
   (default: the first the server lists). A server that ignores ``n`` (fewer choices than asked) is asked
   again for the missing responses, with a hint on stderr to pass ``--n-per-request 1`` (one request per
@@ -33,10 +40,19 @@ cache file are the same).
 
 Append-only and resumable: responses are written in batches of ``--batch-size``, each batch flushed
 before the next starts, so a crash loses at most the batch in progress. On start the output file is
-read; the (id, index) pairs already there are skipped, and a last line cut short by a crash is
-removed. Run the same command again to finish: no line is written twice, none is lost. An empty
-response (whitespace only) is not written — ``load_teachers`` refuses empty responses — and is asked
-for again by the next run.
+read and checked: a line that is not ril_fast.teacher's (no id / index) is an error, and the file is
+left as it was. The (id, index) pairs already there are skipped; a last line cut short by a crash (not
+JSON) is removed, and a whole last line missing its newline is given one. Run the same command again to
+finish: no line is written twice, none is lost. A response that ``load_teachers`` would refuse — empty
+(whitespace only), or holding one of the teacher's control tokens (a local teacher's
+``Processor.control_tokens``, e.g. ``<|endoftext|>``: its responses are decoded with special tokens kept;
+the trainer checks the student's, the same for a student of the teacher's family; none are known for a
+server, whose text vLLM gives without them) — is not written; how many is said at the end, and the next
+run asks for them again.
+
+Errors in the input (a data or output file's line, a model folder ril_fast cannot use, a server that
+fails for good) end the command with one line, ``error: ...``, and status 1; bad options (an ``--out``
+under a file included) with argparse's status 2, before any model loads.
 """
 
 import argparse
@@ -44,12 +60,13 @@ import base64
 import hashlib
 import json
 import mimetypes
+import secrets
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ril_fast.data import DataError, Example, load_examples, to_sample
+from ril_fast.data import DataError, Example, load_examples, refuse_images, to_sample
 from ril_fast.eval import check_judge_arguments, check_model_folder
 from ril_fast.judge import CachedJudge, JudgeItem, add_judge_arguments, judge_store, make_judge_from_config
 from ril_fast.judges_http import HTTPError, OpenAIClient
@@ -66,28 +83,43 @@ class Job:
 # ----------------------------------------------------------------------------------------------------
 # Resuming: what the output already holds
 # ----------------------------------------------------------------------------------------------------
+_LINE_START = b'{"id": '  # how each line written here begins (json.dumps of a record whose first key is id)
+
+
+def _pair(line: bytes, where: str) -> tuple[str, int]:
+    """The (id, index) of a line of ril_fast.teacher; a ``DataError`` naming ``where`` for any other line."""
+    try:
+        record = json.loads(line)
+        return str(record["id"]), int(record["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: not a line of ril_fast.teacher (no id / index: {e}); "
+                        f"write to another --out") from None
+
+
 def written_pairs(out: Path) -> set[tuple[str, int]]:
-    """The (id, index) pairs of the complete lines of ``out`` (empty if it does not exist). A last line
-    without its newline (the process died writing it) is cut off the file."""
+    """The (id, index) pairs of the lines of ``out`` (empty if it does not exist); a ``DataError`` when a
+    line is not one of ril_fast.teacher's. Only a file found to be the tool's own is changed: a last line
+    without its newline is cut off when it is the start of a line the process died writing (not JSON,
+    beginning as this module's lines do), and given its newline when it is a whole line."""
     if not out.exists():
         return set()
     raw = out.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if end < len(raw):
-        with out.open("r+b") as f:
-            f.truncate(end)
-        print(f"{out}: removed an incomplete last line ({len(raw) - end} bytes) left by an interrupted run",
-              file=sys.stderr)
-    pairs = set()
-    for number, line in enumerate(raw[:end].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            pairs.add((str(record["id"]), int(record["index"])))
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{out}:{number}: not a line of ril_fast.teacher (no id / index: {e}); "
-                            f"write to another --out") from None
+    *lines, tail = raw.split(b"\n")
+    pairs = {_pair(line, f"{out}:{number}") for number, line in enumerate(lines, start=1) if line.strip()}
+    if not tail.strip():
+        return pairs
+    try:
+        json.loads(tail)
+    except ValueError:  # cut short (UnicodeDecodeError, too, is a ValueError)
+        if tail.startswith(_LINE_START) or _LINE_START.startswith(tail):
+            with out.open("r+b") as f:
+                f.truncate(len(raw) - len(tail))
+            print(f"{out}: removed an incomplete last line ({len(tail)} bytes) left by an interrupted run",
+                  file=sys.stderr)
+            return pairs
+    pairs.add(_pair(tail, f"{out}:{len(lines) + 1}"))
+    with out.open("ab") as f:  # a whole line, its newline missing: the next line must not join it
+        f.write(b"\n")
     return pairs
 
 
@@ -100,7 +132,9 @@ def pending_jobs(examples: list[Example], k: int, done: set[tuple[str, int]]) ->
 # Teachers: a local HF model or an OpenAI-compatible server; a batch of jobs -> (text, truncated) each
 # ----------------------------------------------------------------------------------------------------
 class LocalTeacher:
-    """Batched sampling from a local HF model folder (``ril_fast.rollout.sample_responses``)."""
+    """Batched sampling from a local HF model folder (``ril_fast.rollout.sample_responses``), each batch
+    seeded from ``seed`` and its first job. ``control_tokens``: the model's (``Processor.control_tokens``),
+    which its responses are decoded with."""
 
     def __init__(self, folder: str, *, max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
                  seed: int):
@@ -109,12 +143,13 @@ class LocalTeacher:
         self.model, self.processor = load(folder)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size, self.seed = batch_size, seed
+        self.control_tokens = self.processor.control_tokens
 
     def __call__(self, jobs: list[Job]) -> list[tuple[str, bool]]:
         """One sampled response per job (greedy when the temperature is 0)."""
         from ril_fast.rollout import sample_responses
 
-        # The seed is a function of the batch's first job, not of where this run started.
+        # The seed is a function of the run's seed and the batch's first job, not of where this run started.
         first = jobs[0]
         seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{first.example.id}:{first.index}".encode()).digest()[:4],
                               "little")
@@ -158,6 +193,7 @@ class ServerTeacher:
         # vLLM answers n > 1 with greedy sampling by an HTTP 400 ("n must be 1 when using greedy sampling").
         self.n_per_request = 1 if temperature == 0 else n_per_request
         self.ignores_n = False  # seen a reply with fewer choices than asked for (the hint is printed once)
+        self.control_tokens = ()  # unknown without the served model's tokenizer (vLLM leaves special tokens out)
         self._lock = threading.Lock()
 
     def choices(self, body: dict, n: int) -> list[tuple[str, bool]]:
@@ -208,18 +244,26 @@ class ServerTeacher:
 # ----------------------------------------------------------------------------------------------------
 def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, judge=None, total: int,
             progress: bool = True) -> dict:
-    """Append one line per job's response to ``out``, a batch at a time (see the module docstring).
-    Returns ``{"written": n, "empty": n}``."""
+    """Append one line per job's response to ``out``, a batch at a time (see the module docstring); a
+    response that is empty or holds one of ``teacher.control_tokens`` is not written, only counted.
+    Returns ``{"written": n, "empty": n, "control_tokens": n}``."""
     from tqdm import tqdm
 
-    written = empty = 0
+    written = empty = control = 0
     bar = tqdm(total=total, initial=total - len(jobs), unit="response", desc=name, disable=not progress,
                dynamic_ncols=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as f:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
-            kept = [(job, text, truncated) for job, (text, truncated) in zip(chunk, teacher(chunk)) if text.strip()]
+            kept = []
+            for job, (text, truncated) in zip(chunk, teacher(chunk)):
+                if not text.strip():
+                    empty += 1
+                elif any(token in text for token in teacher.control_tokens):
+                    control += 1
+                else:
+                    kept.append((job, text, truncated))
             verdicts = judge([JudgeItem(j.example.question, j.example.answer, t) for j, t, _ in kept]) if judge else []
             for n, (job, text, truncated) in enumerate(kept):
                 record = {"id": job.example.id, "index": job.index, "teacher": name, "response": text,
@@ -229,10 +273,20 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()  # the batch is in the file before the next one starts
             written += len(kept)
-            empty += len(chunk) - len(kept)
             bar.update(len(chunk))
     bar.close()
-    return {"written": written, "empty": empty}
+    return {"written": written, "empty": empty, "control_tokens": control}
+
+
+def _no_images_for_a_text_model(folder: str, jobs: list[Job]) -> None:
+    """Refuse (``DataError``, naming the data file and line) jobs with images for a text-only model folder,
+    from its config: before the model loads."""
+    from transformers import AutoConfig
+
+    from ril_fast.packing import ModelKind
+
+    if ModelKind.of_config(AutoConfig.from_pretrained(folder), folder) is ModelKind.TEXT:
+        refuse_images([j.example for j in jobs], f"the teacher ({folder})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -245,8 +299,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=512, help="L: most tokens per response")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
-    p.add_argument("--batch-size", type=int, default=32, help="responses generated, judged and written together")
-    p.add_argument("--seed", type=int, default=0, help="local model: seed of the sampling")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="responses generated, judged and written together (server: at least --concurrency requests)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="local model: seed of the sampling (default: drawn from the OS, so that a rerun draws afresh)")
     p.add_argument("--teacher", default="", help="the teacher's name in the file (default: the output's stem)")
     p.add_argument("--served-model", default="", help="server: the model name (default: the first listed)")
     p.add_argument("--concurrency", type=int, default=16, help="server: requests in flight")
@@ -264,6 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if Path(args.out).is_dir():
         p.error(f"--out {args.out}: is a folder; give the collection's JSONL file (e.g. "
                 f"{Path(args.out) / 'NAME.jsonl'})")
+    if not (above := next(d for d in Path(args.out).parents if d.exists())).is_dir():
+        p.error(f"--out {args.out}: {above} is a file, not a folder")
     if not args.model.startswith(("http://", "https://")):
         check_model_folder(p, "--model", args.model)
     check_judge_arguments(p, args)
@@ -271,7 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the command; returns ``{"written", "empty", "skipped", "total"}`` (responses)."""
+    """Run the command; returns ``{"written", "empty", "control_tokens", "skipped", "total"}`` (responses;
+    ``empty`` and ``control_tokens``: those not written, see the module docstring)."""
     args = parse_args(argv)
     out = Path(args.out)
     examples = load_examples(args.data)
@@ -281,23 +340,35 @@ def main(argv: list[str] | None = None) -> dict:
     name = args.teacher or out.stem
     print(f"{name}: {total - len(jobs)} of {total} responses already in {out}; {len(jobs)} to collect",
           file=sys.stderr)
-    stats = {"written": 0, "empty": 0}
+    stats = {"written": 0, "empty": 0, "control_tokens": 0}
+    local = not args.model.startswith(("http://", "https://"))
     if jobs:
-        if args.model.startswith(("http://", "https://")):
+        batch_size = args.batch_size
+        if local:
+            _no_images_for_a_text_model(args.model, jobs)
+            seed = secrets.randbits(32) if args.seed is None else args.seed
+            print(f"{name}: sampling seed {seed}", file=sys.stderr)
+            teacher = LocalTeacher(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, batch_size=args.batch_size, seed=seed)
+        else:
             teacher = ServerTeacher(args.model, args.served_model, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, concurrency=args.concurrency,
                                     timeout_s=args.timeout_s, retries=args.retries, n_per_request=args.n_per_request)
-        else:
-            teacher = LocalTeacher(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+            # Whole requests, and enough of them to keep --concurrency in flight (the batch waits for its last).
+            per_request = min(args.num_responses, teacher.n_per_request)
+            batch_size = per_request * max(args.concurrency, -(-args.batch_size // per_request))
         judge = None
         if args.judge != "none":
             judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
-        stats = collect(teacher, jobs, out, name=name, batch_size=args.batch_size, judge=judge, total=total,
+        stats = collect(teacher, jobs, out, name=name, batch_size=batch_size, judge=judge, total=total,
                         progress=not args.no_progress)
-    if stats["empty"]:
-        print(f"{stats['empty']} empty responses were not written; run the command again to ask for them",
-              file=sys.stderr)
+    if unwritten := stats["empty"] + stats["control_tokens"]:
+        again = (" (greedy decoding, --temperature 0, is likely to give the same responses again)"
+                 if args.temperature == 0 else " with another --seed (the same seed draws the same responses)"
+                 if local and args.seed is not None else "")
+        print(f"{unwritten} responses were not written ({stats['empty']} empty, {stats['control_tokens']} holding a "
+              f"control token of the teacher's, which ril_fast.data.load_teachers refuses); run the command again to "
+              f"ask for them{again}", file=sys.stderr)
     return {**stats, "skipped": total - len(jobs), "total": total}
 
 
@@ -306,5 +377,5 @@ if __name__ == "__main__":
 
     try:
         main()
-    except (DataError, UnsupportedModel) as e:  # the message names the file and line, or the model type
-        raise SystemExit(f"error: {e}") from None
+    except (DataError, UnsupportedModel, HTTPError) as e:  # the message names the file and line, the model
+        raise SystemExit(f"error: {e}") from None  # type, or the server and what failed

@@ -6,15 +6,17 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fake_openai import FakeOpenAI
-from models_fixtures import one_thread  # noqa: F401
+from models_fixtures import one_thread, tiny_folder  # noqa: F401
 
 from ril_fast.data import DataError, load_examples, load_teachers
 from ril_fast.demo import build_demo
@@ -70,7 +72,7 @@ def test_server_teacher_sends_images_as_data_urls(demo, tmp_path):
         stats = main(["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "2",
                       "--max-new-tokens", "7", "--temperature", "0.5", "--concurrency", "3", "--no-progress",
                       "--teacher", "big-vlm"])
-    assert stats == {"written": 80, "empty": 0, "skipped": 0, "total": 80}
+    assert stats == {"written": 80, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 80}
     bodies = [body for path, body, _ in server.requests if path == "/v1/chat/completions"]
     assert [p for p, _, _ in server.requests if p != "/v1/chat/completions"] == ["/v1/models"]
     by_question = {}
@@ -121,7 +123,7 @@ def test_server_teacher_asks_for_an_examples_responses_in_one_request(demo, tmp_
         server.teacher_reply = lambda body, text: {"choices": reply(body, text)["choices"][::-1]}
         stats = main(["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "4",
                       "--n-per-request", "8", "--concurrency", "3", "--no-progress"])
-    assert stats == {"written": 160, "empty": 0, "skipped": 0, "total": 160}
+    assert stats == {"written": 160, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 160}
     assert _asked(server, examples) == {e.id: [4] for e in examples}
     by_id = {}
     for line in _lines(out):
@@ -145,7 +147,7 @@ def test_server_teacher_resumed_asks_only_for_the_missing_indices(demo, tmp_path
     with FakeOpenAI() as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--no-progress"])
-    assert stats == {"written": 6, "empty": 0, "skipped": 6, "total": 12}
+    assert stats == {"written": 6, "empty": 0, "control_tokens": 0, "skipped": 6, "total": 12}
     assert _asked(server, examples) == {e0: [2], e2: [4]}
     new = {(line["id"], line["index"]): line["response"] for line in _lines(out)[len(kept):]}
     assert set(new) == {(e0, 1), (e0, 3)} | {(e2, k) for k in range(4)}
@@ -160,7 +162,7 @@ def test_server_that_ignores_n_still_yields_every_response(demo, tmp_path, capsy
     with FakeOpenAI(ignore_n=True) as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--concurrency", "3", "--no-progress"])
-    assert stats == {"written": 12, "empty": 0, "skipped": 0, "total": 12}
+    assert stats == {"written": 12, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 12}
     pairs = [(line["id"], line["index"]) for line in _lines(out)]
     assert sorted(pairs) == sorted((e.id, k) for e in examples for k in range(4))
     # One choice a reply: asked for 4, then for the 3, 2 and 1 still missing.
@@ -182,7 +184,7 @@ def test_server_requests_per_example(demo, tmp_path, args, asked):
     with FakeOpenAI() as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--no-progress", *args])
-    assert stats == {"written": 12, "empty": 0, "skipped": 0, "total": 12}
+    assert stats == {"written": 12, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 12}
     assert _asked(server, examples) == {e.id: asked for e in examples}
     assert written_pairs(out) == {(e.id, k) for e in examples for k in range(4)}
 
@@ -215,7 +217,7 @@ def test_server_reply_cut_inside_an_emoji_is_written_and_judged(demo, tmp_path):
             "choices": [{"message": {"content": "It is blue \ud83d"}, "finish_reason": "stop"}]}
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2",
                       "--judge", "rule", "--no-progress"])
-    assert stats == {"written": 6, "empty": 0, "skipped": 0, "total": 6}
+    assert stats == {"written": 6, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 6}
     examples = load_examples(data)
     answers = {e.id: e.answer for e in examples}
     lines = _lines(out)
@@ -296,3 +298,155 @@ def test_a_model_or_judge_that_cannot_load_is_refused_before_any_work(demo, tmp_
     assert e.value.code == 2  # argparse's status for a bad argument
     assert "error: " + said.replace("NOWHERE", nowhere) in capsys.readouterr().err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# A local text model whose sampling is stubbed: what it "generates" is set by the test
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> Path:
+    return tiny_folder(tmp_path_factory, "qwen2")
+
+
+def _text_data(tmp_path: Path, n: int) -> Path:
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i),
+                                        "images": []}) + "\n" for i in range(n)))
+    return data
+
+
+def _stub_sampling(monkeypatch, respond) -> list[int]:
+    """Replace ``sample_responses`` by one that gives ``respond(seed, i)`` as the i-th sequence's text; the
+    seeds it was called with are returned (appended to as it is called)."""
+    seeds = []
+
+    def sample_responses(model, processor, examples, *, seed, **kwargs):
+        seeds.append(seed)
+        return [[SimpleNamespace(text=respond(seed, i), truncated=False)] for i in range(len(examples))]
+
+    monkeypatch.setattr("ril_fast.rollout.sample_responses", sample_responses)
+    return seeds
+
+
+def test_local_teacher_rerun_draws_the_empty_responses_afresh(text_model, tmp_path, monkeypatch, capsys):
+    """An empty response is asked for again by the next run, which must not draw the same sample again (the
+    seed from the OS by default); a given --seed reproduces the draws."""
+    drawn = {}  # seed -> its draw: the same seed draws the same; the first draw is empty
+    seeds = _stub_sampling(monkeypatch, lambda seed, i: drawn.setdefault(seed, "a response" if drawn else ""))
+    data = _text_data(tmp_path, 1)
+
+    def run(out: str, *extra: str) -> dict:
+        return main(["--model", str(text_model), "--data", str(data), "--out", str(tmp_path / out),
+                     "--num-responses", "2", "--max-new-tokens", "4", "--no-progress", *extra])
+
+    assert run("t.jsonl")["empty"] == 2
+    assert "2 responses were not written (2 empty, 0 holding a control token" in capsys.readouterr().err
+    assert run("t.jsonl") == {"written": 2, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 2}
+    assert len(seeds) == 2 and seeds[0] != seeds[1]
+    assert {line["response"] for line in _lines(tmp_path / "t.jsonl")} == {"a response"}
+    assert run("s1.jsonl", "--seed", "7") == run("s2.jsonl", "--seed", "7")
+    assert seeds[2] == seeds[3]  # the same seed, the same draw
+
+
+def test_local_teacher_response_with_a_control_token_is_not_written(text_model, tmp_path, monkeypatch, capsys):
+    """The local teacher decodes with special tokens kept: a response holding one of its control tokens, which
+    load_teachers refuses, is treated as an empty one: not written, counted, asked for again."""
+    from ril_fast.packing import Processor
+
+    control = Processor.from_pretrained(text_model).control_tokens
+    assert {"<|endoftext|>", "<|im_end|>"} <= set(control)
+    texts = ["fine", "stop<|im_end|>", "  ", "x <|endoftext|> y"]
+    _stub_sampling(monkeypatch, lambda seed, i: texts[i])
+    data = _text_data(tmp_path, 1)
+    out = tmp_path / "c.jsonl"
+    argv = ["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "4",
+            "--max-new-tokens", "4", "--no-progress"]
+    assert main(argv) == {"written": 1, "empty": 1, "control_tokens": 2, "skipped": 0, "total": 4}
+    assert "3 responses were not written (1 empty, 2 holding a control token" in capsys.readouterr().err
+    assert [(line["index"], line["response"]) for line in _lines(out)] == [(0, "fine")]
+    texts[:] = ["again"] * 4
+    assert main(argv) == {"written": 3, "empty": 0, "control_tokens": 0, "skipped": 1, "total": 4}
+    bank = load_teachers([out], load_examples(data), control_tokens=control)
+    assert bank.counts() == {"c": 4}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming a file: only the tool's own file is changed
+# ----------------------------------------------------------------------------------------------------
+_OWN = b'{"id": "t0", "index": 0, "teacher": "t", "response": "a", "truncated": false}\n'
+
+
+@pytest.mark.parametrize("content, error", [
+    (b'{"id": "t0", "response": "a"}\n{"id": "t1", "response": "b"}', ":1: not a line of ril_fast.teacher"),
+    (b'{"id": "t1", "response": "b"}', ":1: not a line of ril_fast.teacher"),  # JSON: a whole line, not ours
+    (_OWN + b"my notes", ":2: not a line of ril_fast.teacher"),  # not the start of one of ours
+    (_OWN + b'{"id": "t1", "response": "b"}', ":2: not a line of ril_fast.teacher"),
+])
+def test_resume_leaves_a_file_not_of_the_tool_as_it_was(tmp_path, content, error):
+    out = tmp_path / "foreign.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(DataError, match=error):
+        written_pairs(out)
+    assert out.read_bytes() == content
+
+
+def test_resume_cuts_only_an_incomplete_last_line_and_ends_a_whole_one(tmp_path):
+    out = tmp_path / "own.jsonl"
+    whole = _OWN.replace(b'"t0"', b'"t1"').rstrip(b"\n")
+    out.write_bytes(_OWN + whole)  # a whole last line, its newline missing: kept, and given its newline
+    assert written_pairs(out) == {("t0", 0), ("t1", 0)} and out.read_bytes() == _OWN + whole + b"\n"
+    for cut in (b"{", whole[:20], whole[:-1], "{\"id\": \"é".encode()[:-1]):  # the last: inside a UTF-8 character
+        out.write_bytes(_OWN + cut)
+        assert written_pairs(out) == {("t0", 0)} and out.read_bytes() == _OWN
+
+
+# ----------------------------------------------------------------------------------------------------
+# One-line errors, before any model loads where they can be
+# ----------------------------------------------------------------------------------------------------
+def test_cli_server_that_cannot_be_reached_is_a_one_line_error(demo, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    out = tmp_path / "t.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "ril_fast.teacher", "--model", url, "--data", str(demo.train),
+                           "--out", str(out), "--retries", "0", "--no-progress"], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith(f"error: GET {url}/models: failed 1 times"), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_out_under_a_file_is_refused_before_any_work(demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / "afile" / "sub" / "t.jsonl"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(demo.student), "--data", str(demo.train), "--out", str(out), "--no-progress"])
+    assert e.value.code == 2
+    assert f"error: --out {out}: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_text_model_on_data_with_images_is_refused_before_it_loads(demo, text_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(DataError, match=rf"^{demo.train}:1: the example has images, but the teacher "
+                                        rf"\({text_model}\) is a text-only model$"):
+        main(["--model", str(text_model), "--data", str(demo.train), "--out", str(out), "--no-progress"])
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Throughput: a server teacher keeps --concurrency requests in flight
+# ----------------------------------------------------------------------------------------------------
+def test_server_teacher_keeps_concurrency_requests_in_flight(demo, tmp_path):
+    """A batch waits for its last request: a server teacher's batch holds whole requests, at least
+    --concurrency of them, whatever --batch-size says."""
+    data = _first(demo, 12)
+    examples = load_examples(data)
+    out = tmp_path / "busy.jsonl"
+    with FakeOpenAI(delay_s=0.2) as server:
+        stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
+                      "--batch-size", "6", "--concurrency", "6", "--no-progress"])
+    assert stats == {"written": 48, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 48}
+    assert server.max_in_flight == 6
+    assert _asked(server, examples) == {e.id: [4] for e in examples}  # whole requests (batches of 6 would split some)
