@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from ril_fast import judge as judge_mod
+from ril_fast import judges_rule as rule_mod
 from ril_fast.config import Config, ConfigError, load_config
 from ril_fast.judge import (PROMPT_VERSION, CachedJudge, JudgeItem, JudgeKind, RuleJudge, add_judge_arguments, decide,
                             judge_key, judge_messages, make_judge, make_judge_from_config, verdict_word)
@@ -157,11 +158,11 @@ def test_math_verify_only_where_rules_find_nothing(monkeypatch):
             calls.append((gold, target))
             return True
 
-    monkeypatch.setattr(judge_mod, "math_verify", FakeMathVerify)
-    judge_mod._latex_value.cache_clear()  # LaTeX read by the real library must not be reused, nor the fake's kept
-    monkeypatch.setattr(judge_mod, "_latex_value", functools.lru_cache(judge_mod._latex_value.__wrapped__))
+    monkeypatch.setattr(rule_mod, "math_verify", FakeMathVerify)
+    rule_mod._latex_value.cache_clear()  # LaTeX read by the real library must not be reused, nor the fake's kept
+    monkeypatch.setattr(rule_mod, "_latex_value", functools.lru_cache(rule_mod._latex_value.__wrapped__))
     judge = RuleJudge()
-    assert judge.name.endswith("+math_verify-v4")
+    assert judge.name.endswith("+math_verify-v5")
     assert judge.check(r"\sqrt{2}", "1.41421356")  # nothing to compare: math_verify decides
     assert calls == [(r"$\sqrt{2}$", "1.41421356")]  # a LaTeX answer without $s is given to it between $s
     assert not judge.check("4", "3 or 4")  # the rules found candidates: their verdict stands
@@ -175,7 +176,7 @@ def test_math_verify_itself_where_the_rules_find_nothing():
     cannot compare are decided by symbolic equivalence; word answers it cannot parse stay the rules'."""
     pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
     judge = RuleJudge()
-    assert judge.use_math_verify and judge.name == "rule-v3+math_verify-v4"
+    assert judge.use_math_verify and judge.name == "rule-v4+math_verify-v5"
     right = [(r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"The answer is $\frac{2}{4}$"), ("3/4", "0.75")]
     wrong = [(r"\frac{1}{2}", "0.4"), (r"\sqrt{2}", r"$\sqrt{3}$"), ("3/4", "0.7")]
     assert [judge.check(a, r) for a, r in right] == [True] * len(right)
@@ -224,6 +225,101 @@ def test_math_verify_reads_latex_numbers(answer, response, verdict):
     assert RuleJudge().check(answer, response) is verdict
 
 
+# Formula answers (rule 5), decided by the rules alone: the same verdict with and without math_verify.
+FORMULA_CASES = [
+    ("y=2x+3", "The line is y = 2x + 3.", True),
+    ("y = 2x - 3", "y=2x+3", False),  # operators count
+    ("y=2x+3", "y = 2x - 3", False),
+    ("y=2x+3", "The line is y = 2x + 3x.", False),  # part of a longer formula
+    ("y=2x+3", "z - y = 2x + 3", False),
+    ("y = 2x + 3", "y=2x+3.5", False),
+    ("y=2x+3", "y = 2x + 3 is the line", True),
+    ("y=2x+3", "Y = 2X + 3", True),
+    ("y=2x+3", "we get y = 2 x + 3", True),
+    ("x^2+1", "x^{2} + 1", True),
+    ("x^2+1", "$x^2 - 1$", False),
+    ("x > 2", "x < 2", False),
+    ("x<2", "x<=2", False),
+    (r"x \le 2", "x ≤ 2", True),
+    (r"2x \cdot 3", "2x*3", True),
+    ("a+b", "a-b", False),
+    ("x-1", "x+1", False),
+    ("x-1", "The answer is x - 1.", True),
+    ("C++", "I would use C++ here.", True),
+    ("C++", "C", False),
+    ("y=2x+3", "It is not y = 2x + 3.", False),
+    ("y=2x+3", "y = 2x + 3 or y = 2x - 3", False),
+    ("y=2x+3", "Either y = 2x-3, or y = 2x+3", False),
+    ("y=2x+3", "Not x = 1. So y = 2x + 3", True),  # the negation is in another sentence
+    ("T-shirt", "a t shirt", True),  # a hyphenated word is no formula
+    ("3/4 cup", "0.75 cups", True),  # nor a fraction
+]
+# Formula answers the response writes another way, without LaTeX: only math_verify finds them.
+FORMULA_MATH_VERIFY_CASES = [
+    ("y=2x+3", "The line is y = 3 + 2x.", True),
+    ("a+b", "b + a", True),
+    ("x^2+1", "so 1 + x^2", True),
+    ("y=2x+3", "It is not y = 3 + 2x.", False),
+    ("y=2x+3", "y = 3 + 2x or y = 2x", False),
+    ("x^2+1", "so (x+1)^2", False),
+]
+
+
+@pytest.mark.parametrize("math", [True, False])
+@pytest.mark.parametrize("answer,response,verdict", FORMULA_CASES)
+def test_formula_answers_keep_their_operators(answer, response, verdict, math):
+    if math:
+        pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
+    assert RuleJudge(use_math_verify=math).check(answer, response) is verdict
+
+
+@pytest.mark.parametrize("answer,response,verdict", FORMULA_MATH_VERIFY_CASES)
+def test_formulas_written_otherwise_are_math_verifys(answer, response, verdict):
+    pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
+    assert RuleJudge().check(answer, response) is verdict
+    assert RuleJudge(use_math_verify=False).check(answer, response) is False  # the rules alone cannot tell
+
+
+def test_random_formulas_are_matched_as_written_and_told_apart_by_an_operator():
+    """Fresh random polynomials y = c_k x^k ± ... ± c_0: found whatever their spacing, case and LaTeX dress; one
+    sign flipped, or the relation reversed, and they are wrong."""
+    rng = random.Random()
+
+    def dress(text: str) -> str:  # spacing, case and LaTeX that do not change the formula
+        text = "".join(c + " " * rng.randint(0, 2) if c in "=+-^<>" else c for c in text)
+        text = text.upper() if rng.random() < 0.3 else text
+        text = text.replace("^2", "^{2}") if rng.random() < 0.5 else text
+        return f"${text}$" if rng.random() < 0.5 else text
+
+    for use_math_verify in ([True, False] if rule_mod.math_verify else [False]):
+        judge = RuleJudge(use_math_verify=use_math_verify)
+        for _ in range(30):
+            terms = [f"{rng.randint(1, 9)}x^{k}" if k > 1 else f"{rng.randint(1, 9)}x" if k else str(rng.randint(1, 9))
+                     for k in range(rng.randint(1, 3), -1, -1)]
+            signs = [rng.choice("+-") for _ in terms[1:]]
+            relation = rng.choice(["=", "<", ">"])
+            answer = f"y{relation}" + terms[0] + "".join(s + t for s, t in zip(signs, terms[1:]))
+            assert judge.check(answer, f"So {dress(answer)}.") is True, answer
+            flipped = rng.randrange(len(signs))
+            other_signs = [("-" if s == "+" else "+") if i == flipped else s for i, s in enumerate(signs)]
+            wrong = f"y{relation}" + terms[0] + "".join(s + t for s, t in zip(other_signs, terms[1:]))
+            reversed_ = answer.replace(relation, {"=": "<", "<": ">", ">": "<"}[relation], 1)
+            for other in (wrong, reversed_):
+                assert judge.check(answer, f"So {dress(other)}.") is False, (answer, other)
+
+
+def test_formula_rule_on_degenerate_responses():
+    """Long runs a cold student emits are judged in linear time (a digit run was quadratic in the bare-formula
+    pattern, ~4 min for 50,000 digits; a formula repeated thousands of times quadratic in the match check) and
+    a formula that repeats glued to itself is part of a longer formula."""
+    judge = RuleJudge()
+    for response in ["1" * 50_000 + "+", "y=2x+3" * 10_000, "1 = " * 20_000 + "x", "1." * 20_000 + "+"]:
+        assert judge.check("y=2x+3", response) is False
+    assert judge.check("y=2x+3", "y = 2x + 3, " * 5_000) is True
+    assert rule_mod._formula_matches("y = 2x + 3y = 2x + 3", "y = 2x + 3") == []
+    assert rule_mod._formula_matches("so y = 2x + 3. and y = 2x + 3", "y = 2x + 3") == [(3, 13), (19, 29)]
+
+
 def test_simple_latex_is_read_as_math_verify_reads_it():
     """Fractions (plain, mixed, signed, \\dfrac / \\tfrac) and "{,}"-grouped digits are read without
     math_verify (~1 ms a parse), as it reads them: fresh random fragments, each compared with its parse."""
@@ -235,19 +331,19 @@ def test_simple_latex_is_read_as_math_verify_reads_it():
         fragments.add(f"{rng.choice(['', '-'])}{whole}\\{rng.choice(['', 'd', 't'])}frac{{{rng.randint(1, 99)}}}"
                       f"{{{rng.randint(1, 99)}}}")
     for text in fragments:
-        assert judge_mod._SIMPLE_LATEX.fullmatch(text), text
-        assert judge_mod._latex_value(text) == str(math_verify.parse(f"${text}$")[0]), text
+        assert rule_mod._SIMPLE_LATEX.fullmatch(text), text
+        assert rule_mod._latex_value(text) == str(math_verify.parse(f"${text}$")[0]), text
     for text in (r"\frac{1}{0}", r"2\frac{0}{5}"):  # left to math_verify: no number, the product 2·0
-        assert judge_mod._SIMPLE_LATEX.fullmatch(text) is None and judge_mod._latex_value(text) is None, text
+        assert rule_mod._SIMPLE_LATEX.fullmatch(text) is None and rule_mod._latex_value(text) is None, text
 
 
 def test_latex_numbers_start_at_a_digit_runs_first_digit():
     """A LaTeX number starts at the first digit of a run (so the pattern also reads long digit runs in linear
     time: 40,000 digits took 3 s when every digit could start a match): "1234{,}567" is no grouped number,
     not "1" then "234{,}567"; a mixed number keeps its whole part."""
-    assert judge_mod._LATEX_NUMBER.findall("1234{,}567") == []
-    assert judge_mod._LATEX_NUMBER.findall(r"12\frac{1}{2} and 1{,}000") == [r"12\frac{1}{2}", "1{,}000"]
-    assert judge_mod._LATEX_NUMBER.findall("9" * 40_000 + r" -\frac{1}{2}") == [r"-\frac{1}{2}"]
+    assert rule_mod._LATEX_NUMBER.findall("1234{,}567") == []
+    assert rule_mod._LATEX_NUMBER.findall(r"12\frac{1}{2} and 1{,}000") == [r"12\frac{1}{2}", "1{,}000"]
+    assert rule_mod._LATEX_NUMBER.findall("9" * 40_000 + r" -\frac{1}{2}") == [r"-\frac{1}{2}"]
 
 
 def test_without_math_verify_latex_is_digits():
@@ -264,7 +360,7 @@ def test_math_verify_gives_the_same_verdicts_in_threads():
     items = [JudgeItem("q", a, r) for a, r, _ in LATEX_CASES]
     expected = [v for _, _, v in LATEX_CASES]
     assert judge(items) == expected
-    assert judge_mod._no_alarm("timeout_seconds") == {}  # the main thread keeps its timeouts
+    assert rule_mod._no_alarm("timeout_seconds") == {}  # the main thread keeps its timeouts
     with ThreadPoolExecutor(max_workers=2) as pool:
         assert list(pool.map(lambda item: judge([item])[0], items)) == expected
     verdicts = []
@@ -281,7 +377,7 @@ def test_make_judge():
     assert isinstance(make_judge(JudgeKind.RULE, use_math_verify=False), RuleJudge)
     # v3: a negation before an answer marker; v2: letters, scale words, ".5" and comma hedges: older verdicts
     # in a cache are stale
-    assert make_judge("rule", use_math_verify=False).name == "rule-v3"
+    assert make_judge("rule", use_math_verify=False).name == "rule-v4"
     http = make_judge("http", url="http://127.0.0.1:9/v1", model="judge-model")
     assert isinstance(http, HTTPJudge) and http.name == f"http:judge-model:{PROMPT_VERSION}:top10"
     with pytest.raises(ValueError, match="model"):

@@ -1,0 +1,419 @@
+"""The rule judge: a correctness verdict by normalised matching, no model (``RuleJudge``).
+
+``ril_fast.judge`` picks it (``judge=rule``, the default) and holds the interface every judge shares. The
+rules are in ``RuleJudge``'s docstring; ``math_verify`` (the optional ``math`` extra, which
+scripts/setup.sh installs) reads LaTeX numbers for them and decides symbolic equivalence where they find
+nothing to compare.
+"""
+
+import functools
+import math
+import re
+import threading
+from fractions import Fraction
+from typing import TYPE_CHECKING
+
+try:  # optional: reads LaTeX numbers for the rules, and decides symbolic equivalence where they find nothing
+    import math_verify
+except ImportError:
+    math_verify = None
+
+if TYPE_CHECKING:
+    from ril_fast.judge import JudgeItem
+
+# ---- normalisation -------------------------------------------------------------------------------
+
+_ARTICLES = {"a", "an", "the"}
+_YES = {"yes", "yeah", "yep", "yup", "true"}
+_NO = {"no", "nope", "false"}
+_NEGATIONS = {"not", "no", "never", "neither", "nor", "without", "none"}
+_NEGATION_WINDOW = 3  # words looked back from a match for a negation ("is not really a triangle")
+_BOUNDARY = "|"  # clause punctuation: negation and phrase matches do not cross it
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+          "sixteen seventeen eighteen nineteen twenty").split()
+_TENS = "thirty forty fifty sixty seventy eighty ninety".split()
+_NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)} | {w: 10 * i for i, w in enumerate(_TENS, 3)}
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9}  # "two hundred" = 200
+# Closed answer classes: a response naming two members of the answer's class is hedging ("red or blue").
+_CLASSES = [
+    {"red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray",
+     "teal", "cyan", "magenta", "violet", "gold", "silver", "beige", "maroon", "navy"},
+    {"circle", "square", "rectangle", "triangle", "oval", "ellipse", "star", "hexagon", "pentagon",
+     "diamond", "heart", "cross", "rhombus", "trapezoid", "octagon", "cube", "sphere", "cylinder", "cone"},
+]
+_SYNONYMS = {"grey": "gray", "colour": "color"}
+_TOKEN = re.compile(r"(?<![\w.])-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?%?|[^\W\d_]+|[,.;:!?]")  # ".5" is a number
+_ANSWER_MARKER = re.compile(r"answer\s*(?:is|:)|=|\\boxed\{|####")
+
+
+def _number(token: str) -> float | None:
+    """The value of a number token ("3", "3.0", "-2", "1/2", "50%", "three"), else None."""
+    if token in _NUMBER_WORDS:
+        return float(_NUMBER_WORDS[token])
+    token = token.rstrip("%")
+    try:
+        if "/" in token:
+            num, den = token.split("/")
+            value = float(num) / float(den) if float(den) else None
+        else:
+            value = float(token)
+    except ValueError:
+        return None
+    # float() also reads the words "nan", "inf" and "infinity": they are words here, not numbers.
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _canonical(token: str) -> str:
+    """One spelling per value: numbers as "3" / "2.5", British spellings as American."""
+    value = _number(token)
+    if value is not None:
+        return str(int(value)) if value == int(value) else repr(value)
+    return _SYNONYMS.get(token, token)
+
+
+def tokens(text: str) -> list[str]:
+    """Normalised tokens of ``text``: lowercase, contractions expanded ("isn't" -> "is not"),
+    thousands separators dropped ("1,000" -> "1000"), articles dropped, numbers canonical
+    ("three", "3.0" -> "3", ".5" -> "0.5") and a number followed by a scale word folded into one
+    ("two hundred", "2 hundred" -> "200"), other punctuation dropped except clause punctuation, which
+    becomes "|"."""
+    text = text.lower().replace("\u2019", "'")
+    text = re.sub(r"n't\b", " not", text)
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    out = []
+    for tok in _TOKEN.findall(text):
+        if tok in ",.;:!?":
+            if out and out[-1] != _BOUNDARY:
+                out.append(_BOUNDARY)
+        elif tok in _SCALES and out and _number(out[-1]) is not None:
+            out[-1] = _canonical(str(_number(out[-1]) * _SCALES[tok]))
+        elif tok not in _ARTICLES:
+            out.append(_canonical(tok))
+    return out[:-1] if out and out[-1] == _BOUNDARY else out
+
+
+def _negated(toks: list[str], start: int) -> bool:
+    """Whether a negation word comes shortly before ``toks[start]`` in the same clause."""
+    for tok in reversed(toks[max(0, start - _NEGATION_WINDOW):start]):
+        if tok == _BOUNDARY or tok == "but":
+            return False
+        if tok in _NEGATIONS:
+            return True
+    return False
+
+
+def _occurrences(toks: list[str], phrase: list[str]) -> list[int]:
+    """Start indices of ``phrase`` in ``toks``; its last word may carry a plural -s / -es."""
+    n, last = len(phrase), phrase[-1]
+    return [i for i in range(len(toks) - n + 1)
+            if toks[i:i + n - 1] == phrase[:-1] and toks[i + n - 1] in (last, last + "s", last + "es")]
+
+
+def _beside(toks: list[str], start: int, end: int) -> list[str]:
+    """The words just before and just after ``toks[start:end]``, looking past one clause mark on either
+    side: a hedge is often split off by a comma ("a dog, or maybe a cat")."""
+    before = toks[max(0, start - 1):start]
+    if before == [_BOUNDARY]:
+        before = toks[max(0, start - 2):start - 1]
+    after = toks[end:end + 1]
+    if after == [_BOUNDARY]:
+        after = toks[end + 1:end + 2]
+    return before + after
+
+
+def _singular(word: str, vocabulary: set[str]) -> str:
+    """``word`` without a plural -s / -es when that gives a member of ``vocabulary``."""
+    for stem in (word[:-1], word[:-2]):
+        if stem in vocabulary:
+            return stem
+    return word
+
+
+def _affirmed_numbers(toks: list[str], before: list[str] | None = None) -> set[float]:
+    """The distinct numbers of ``toks`` not negated. ``before``: the tokens before them in the response, where
+    a negation may also be ("not \\boxed{7}")."""
+    context, start = [*(before or []), *toks], len(before or [])
+    return {_number(t) for i, t in enumerate(toks) if _number(t) is not None and not _negated(context, start + i)}
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+
+
+# ---- math_verify ---------------------------------------------------------------------------------
+
+# A LaTeX number the rules cannot read: a command with its brace groups (nested up to three deep), after an
+# optional sign and integer ("\frac{1}{2}", "-\dfrac{3}{4}", "2\frac{1}{2}"), or digits grouped by "{,}"
+# ("1{,}000"). \boxed is not one: it is an answer marker to the rules, and what it holds is read on its own.
+_BRACES = r"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"
+# (?<!\d): a match starts at the first digit of a run (linear time on long digit runs).
+_LATEX_NUMBER = re.compile(rf"-?(?<!\d)\d*\\(?!boxed\b)[A-Za-z]+(?:{_BRACES})+|(?<!\d)\d{{1,3}}(?:\{{,\}}\d{{3}})+")
+# The common ones, read here as math_verify reads them (a test checks they agree), without its ~1 ms a parse:
+# [-][whole]\frac{a}{b} (also \dfrac, \tfrac; a whole part makes a mixed number; a, b > 0: math_verify reads
+# "2\frac{0}{5}" as the product 2·0, no number) and digits grouped by "{,}".
+# A bare formula as a ground-truth answer ("x^2+1", "y=2x+3"): math_verify reads it only between $s.
+_BARE_FORMULA = re.compile(r"[\w\s.,()^=+\-*/<>]*[\^=+*/<>][\w\s.,()^=+\-*/<>]*")
+_SIMPLE_LATEX = re.compile(r"(-?)(\d*)\\[dt]?frac\{(\d*[1-9]\d*)\}\{(\d*[1-9]\d*)\}|(\d{1,3}(?:\{,\}\d{3})+)")
+
+
+def _no_alarm(option: str) -> dict:
+    """math_verify's keyword argument ``option`` (``parse``'s ``parsing_timeout``, ``verify``'s
+    ``timeout_seconds``) set to None outside the main thread: its timeouts use SIGALRM, which only the main
+    thread can set, so elsewhere every call fails ("not equivalent"). The main thread keeps its timeouts,
+    against pathological inputs."""
+    return {} if threading.current_thread() is threading.main_thread() else {option: None}
+
+
+def _latex_number(match: re.Match) -> str:
+    """The LaTeX number ``match`` written as the integer or fraction math_verify reads there (" -3/4 " for
+    "-\\frac{3}{4}", spaced to be a token of its own), else as it is ("\\frac{a}{b}", "\\text{cm}")."""
+    value = _latex_value(match.group())
+    return match.group() if value is None else f" {value} "
+
+
+@functools.lru_cache(maxsize=4096)  # a response's fragments recur across a group's samples and steps
+def _latex_value(text: str) -> str | None:
+    """The integer or fraction math_verify reads in the LaTeX ``text`` ("-3/4", "1000"), or None. Simple
+    fractions and grouped digits are read here (``_SIMPLE_LATEX``). What math_verify leaves unevaluated
+    ("\\sqrt{4}") is not evaluated here: that can take forever ("10^{10^{10^{10}}}")."""
+    if simple := _SIMPLE_LATEX.fullmatch(text):
+        sign, whole, numerator, denominator, grouped = simple.groups()
+        if grouped:
+            return grouped.replace("{,}", "")
+        value = int(whole or 0) + Fraction(int(numerator), int(denominator))
+        return str(-value if sign else value)
+    try:
+        value = math_verify.parse(f"${text}$", **_no_alarm("parsing_timeout"))[0]
+    except Exception:  # nothing parsed
+        return None
+    return str(value) if getattr(value, "is_Rational", False) else None
+
+
+# ---- formula answers -----------------------------------------------------------------------------
+
+# A formula answer: an operator other than a fraction's "/" ("3/4 cup") or a word's hyphen ("T-shirt",
+# "COVID-19"): "y = 2x + 3", "x^2+1", "x < 2", "x/2", "x-1", "2x - 3", "a \cdot b", "C++".
+_LATEX_OPERATOR = r"\\(?:cdot|times|leq?|geq?|neq)(?![A-Za-z])|[×·−≤≥≠]"
+_LETTER = r"[A-Za-z](?![A-Za-z])"  # a letter alone, not the start of a word
+_FORMULA_ANSWER = re.compile(rf"[=+*^<>]|{_LATEX_OPERATOR}|(?<!\d)/|/(?!\d)"
+                             rf"|(?<![A-Za-z]){_LETTER}\s*[-−]\s*(?:\d|{_LETTER})|\d\s*[-−]\s*{_LETTER}")
+_FORMULA_SPELLING = {r"\cdot": "*", r"\times": "*", "×": "*", "·": "*", "−": "-", r"\le": "<=", r"\leq": "<=",
+                     "≤": "<=", r"\ge": ">=", r"\geq": ">=", "≥": ">=", r"\neq": "!=", "≠": "!="}
+_FORMULA_SYMBOL = re.compile(_LATEX_OPERATOR)
+_FORMULA_NOISE = re.compile(r"\$|\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\[,;:! ]|[{}]")
+_OPERATORS = "=+\\-*/^<>!"
+# What may not touch a formula's match on either side, lest it be part of a longer formula ("y = 2x + 3" in
+# "y = 2x + 3x" or "z - y = 2x + 3"): a letter or digit, or an operator past a space; a "." only before a digit.
+_BEFORE_MATCH = re.compile(rf"[\w\\)]$|[{_OPERATORS}] ?$")  # on the two characters before the match
+_AFTER_MATCH = re.compile(rf"[\w(]|\.\d| ?[{_OPERATORS}]")
+# A formula written without LaTeX in a response: operands (a number, a number times one letter "2x", one letter)
+# joined by operators, a parenthesis allowed on either side of an operand ("y = 3 + 2x", "(x+1)^2", "x <= -2").
+_OPERAND = rf"\(*-?(?:(?<![\d.])\d+(?:\.\d+)?(?:{_LETTER})?|(?<![A-Za-z\\]){_LETTER})\)*"
+_BARE_RUN = re.compile(rf"{_OPERAND}(?:\s*(?:[<>!]=|[=+\-*/^<>])\s*{_OPERAND})+")
+_MAX_RUNS = 8  # the bare formulas of a response given to math_verify, its last ones (~1 ms each) ...
+_MAX_RUN_CHARS = 300  # ... of at most so many characters (math_verify takes seconds on a formula of thousands)
+
+
+def formula_form(text: str) -> str:
+    """``text`` written one way for comparing formulas: lowercase; LaTeX's $s, braces, \\left / \\right and
+    spacing commands dropped; \\cdot, \\times, × and · as "*", \\le / \\ge / \\neq (≤ ≥ ≠) as <= >= !=, "−" as
+    "-"; one space around each operator character and between words, none between a number and a lone letter:
+    "$y=2 x^{2} \\cdot 3$" is "y = 2x ^ 2 * 3"."""
+    text = _FORMULA_SYMBOL.sub(lambda m: _FORMULA_SPELLING[m.group()], text)
+    text = re.sub(rf"([{_OPERATORS}])", r" \1 ", _FORMULA_NOISE.sub("", text.lower()))
+    return re.sub(r"(?<=\d) (?=[a-z](?![a-z]))", "", " ".join(text.split()))  # "2 x" is "2x"; "3 is" stays
+
+
+def _formula_matches(text: str, formula: str) -> list[tuple[int, int]]:
+    """The (start, end) of each occurrence of ``formula`` in ``text`` (both ``formula_form``) that is not part of
+    a longer formula."""
+    spans, start = [], text.find(formula)
+    while start >= 0 and formula:
+        end = start + len(formula)
+        if not _BEFORE_MATCH.search(text[max(0, start - 2):start]) and not _AFTER_MATCH.match(text, end):
+            spans.append((start, end))
+        start = text.find(formula, start + 1)
+    return spans
+
+
+def _affirmed(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` is neither negated (a negation word among the 3 before it, in its clause) nor
+    hedged (beside "or")."""
+    placeholder = "qqmatchqq"  # one token where the match is, so clause marks on either side are kept
+    before = tokens(f"{text[:start]} {placeholder}")[:-1]
+    context = [*before, placeholder, *tokens(f"{placeholder} {text[end:]}")[1:]]
+    return not _negated(context, len(before)) and "or" not in _beside(context, len(before), len(before) + 1)
+
+
+# ---- the rule judge ------------------------------------------------------------------------------
+
+_LETTER_ANSWER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
+_LETTER_PATTERNS = [
+    re.compile(r"^\(?([A-Za-z])\)?[.:)]?$"),  # the whole response: "B", "(b)", "B."
+    re.compile(r"\(([A-Za-z])\)"),  # "(B)" anywhere
+    re.compile(r"^([A-Z])[.:)](?:\s|$)"),  # "B. because ..." at the start
+    re.compile(r"^([A-Z]) is\b"),  # "B is correct"
+    # "The answer is B" / "answer: b"; a lowercase "a" only where no word follows ("the answer is a circle")
+    re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:\-]?\s*\(?([A-Z]|[b-z]|a(?=\W*$))\b"),
+]
+
+
+class RuleJudge:
+    """Judges by normalised matching; no model. The question is not used.
+
+    Both texts are normalised (``tokens``): lowercase, punctuation and articles (a/an/the) dropped,
+    numbers written one way ("3", "3.0", "three", ".5" / "0.5", "1,000" / "1000" and "one thousand"
+    agree: a scale word multiplies the number before it), "grey" = "gray". With ``math_verify`` (below),
+    LaTeX numbers in either text are first written as plain numbers: a command with its brace groups, after
+    an optional sign and integer, or digits grouped by "{,}", that math_verify reads as an integer or a
+    fraction ("\\frac{1}{2}", "\\dfrac{2}{4}", "-\\tfrac{3}{4}", "2\\frac{1}{2}", "1{,}000"; "\\boxed{" stays
+    the answer marker of rule 4). The rules then compare, negate and hedge them like any number:
+    "$\\boxed{\\frac{1}{2}}$" is right for 0.5, "0.5" for "\\frac{1}{2}"; "not \\frac{1}{2}" and "\\frac{1}{2} or
+    \\frac{1}{3}" are wrong.
+    The ground-truth answer then picks one rule; the first that applies decides:
+
+    1. letter answer ("A", "(B)", "b."): multiple choice, read from the response as written (so "a"
+       counts as the letter A here, though an article elsewhere). The response's letters are read from
+       the whole response ("A", "(a)", "A."), "(B)" anywhere, "B." / "B)" / "B is" at its start,
+       "answer is B" / "answer is b", "option B", "choice: B" ("answer is a" only where no word follows
+       the "a": "the answer is a circle" is no letter). Right iff exactly one distinct letter is found
+       and it is the answer's; an empty response has none.
+    2. empty response (nothing left once normalised): wrong.
+    3. yes/no answer ("yes", "no", "true", "false"): right iff the response contains words of
+       exactly one polarity (yes/yeah/yep/true vs no/nope/false) and it is the answer's. "Yes, it
+       is." is yes; "There is no triangle." is no; a response with both, or with neither, is wrong.
+    4. numeric answer (a single number): the candidates are the numbers after the last answer marker
+       ("answer is", "answer:", "=", "\\boxed{", "####") if it is followed by any, else every number in
+       the response; numbers negated ("not 3") are dropped. Right iff the candidates are exactly one
+       value, equal to the answer's (relative tolerance 1e-6). "3 or 4" is wrong for 3.
+    5. formula answer (an operator other than a fraction's "/" or a word's hyphen: "y = 2x + 3", "x^2+1",
+       "x < 2", "x-1", "C++"): both texts are written one way (``formula_form``: spacing, case, LaTeX's
+       $s and braces, \\cdot / \\times as *, \\le / \\ge as <= / >=), and the answer's occurrences in the
+       response that are not part of a longer formula ("y = 2x + 3x", "z - y = 2x + 3") are its candidates;
+       where there are none, the response's last formulas written without LaTeX ("y = 3 + 2x") that
+       math_verify finds equivalent to the answer. Right iff a candidate is neither negated nor hedged (as
+       in rule 6); with no candidate, math_verify decides on the whole response ("$1 + x^2$" in LaTeX).
+       Operators count: "y = 2x - 3" is wrong for "y=2x+3", "x < 2" for "x > 2".
+    6. anything else (a word or phrase): right iff the response is the answer, or contains the
+       answer as a phrase (its last word may be plural) that is
+       - not negated: no "not / no / never / neither / nor / without / none" among the 3 words before
+         it in the same clause ("not a triangle" is wrong; "not red, but blue" is right for blue);
+       - not hedged: not directly beside "or", a comma between them or not ("red or blue", "a dog,
+         or maybe a cat");
+       - alone in its class: when the answer is a colour or a shape (the closed lists in
+         ``_CLASSES``), no other member of that class is named un-negated ("red and blue" is wrong
+         for red).
+       When nothing in the response could be compared (no occurrence, no number, negated or not) and
+       ``math_verify`` is importable, it decides symbolic equivalence ("2\\sqrt{2}" vs "\\sqrt{8}"; an answer
+       with LaTeX but no "$" is given to it between "$"s, as it reads LaTeX); it is optional and never
+       overrides a rule that found a candidate ("not 7" stays wrong for 7).
+
+    math_verify runs with its timeouts in the main thread and without them in any other (they use SIGALRM,
+    which only the main thread can set), so a thread pool gets the same verdicts.
+
+    Limits: a long response that mentions the answer in passing is judged right; number words above twenty that are
+    not multiples of ten ("twenty-one") are not read, nor are compounds past a scale word ("one hundred twenty" is
+    100 and 20, two numbers); a scale word alone ("a hundred") is no number; yes/no needs an explicit word. Before
+    an answer marker only a box's preceding word can negate ("not \\boxed{7}"): "I do not think the answer is 7" and
+    "I do not believe x = 7" are right for 7 (the words before "=" are the equation's left-hand side: "students
+    without glasses = 7"). LaTeX is read as the number math_verify makes of it only where that is an integer or a
+    fraction ("\\frac{6}{3}" is 2, "\\binom{5}{2}" 10, "2\\frac{1}{2}" the mixed number 5/2); what it leaves
+    unevaluated is not computed here ("\\sqrt{4}" is the number 4, "2^{3}" the numbers 2 and 3), and without
+    math_verify no LaTeX is read ("\\frac{1}{2}" is 1 and 2). A formula written without LaTeX is read by
+    math_verify only as operands joined by operators (numbers, one letter, a number times one letter): "y = 2x +
+    3" is found in "y=2*x+3" only by math_verify, "x/2" is not found in "0.5x"; without math_verify a formula
+    must be written as the answer is (spacing, case and LaTeX aside).
+    """
+
+    def __init__(self, use_math_verify: bool = True):
+        self.use_math_verify = use_math_verify and math_verify is not None
+        # The identity changes with anything that can change a verdict (the cache key).
+        # rule-v3: a negation before an answer marker ("not \\boxed{7}"); -v4: formula answers keep their
+        # operators (rule 5). math_verify-v3: it reads LaTeX numbers for the rules, and works in threads; -v4: it
+        # reads a bare formula answer ("x^2+1"); -v5: it reads a response's formulas written without LaTeX
+        self.name = "rule-v4" + ("+math_verify-v5" if self.use_math_verify else "")
+
+    def __call__(self, items: "list[JudgeItem]") -> list[bool]:
+        """One verdict per item."""
+        return [self.check(item.answer, item.response) for item in items]
+
+    def check(self, answer: str, response: str) -> bool:
+        """Whether ``response`` agrees with the ground-truth ``answer`` (the rules above)."""
+        # Letters are read from the raw text, before tokens() drops "a" as an article ("A", "(a)").
+        if _LETTER_ANSWER.fullmatch(answer.strip()):
+            letters = {m.upper() for p in _LETTER_PATTERNS for m in p.findall(response.strip())}
+            return letters == {_LETTER_ANSWER.fullmatch(answer.strip()).group(1).upper()}
+        text = self._read_latex(response)  # for the rules; math_verify's own verdict gets the texts as written
+        ans, res = tokens(self._read_latex(answer)), tokens(text)
+        if not res:
+            return False
+        if ans in (["yes"], ["true"], ["no"], ["false"]):
+            said = {"yes" for t in res if t in _YES} | {"no" for t in res if t in _NO}
+            return said == ({"yes"} if ans[0] in _YES else {"no"})
+        if len(ans) == 1 and _number(ans[0]) is not None:
+            return self._numeric(_number(ans[0]), text, res, answer)
+        if _FORMULA_ANSWER.search(answer):
+            return self._formula(answer, response)
+        return self._phrase(ans, res, answer, response)
+
+    def _read_latex(self, text: str) -> str:
+        """``text`` with its LaTeX numbers written as the rules read numbers (``_latex_number``), with
+        math_verify."""
+        return _LATEX_NUMBER.sub(_latex_number, text) if self.use_math_verify else text
+
+    def _numeric(self, value: float, response: str, res: list[str], answer: str) -> bool:
+        marker = list(_ANSWER_MARKER.finditer(response.lower()))
+        after = tokens(response[marker[-1].end():]) if marker else []
+        after = after[:after.index(_BOUNDARY)] if _BOUNDARY in after else after
+        # "not \\boxed{7}": the word before a box may negate it ("x without glasses = 7" is no negation)
+        boxed = bool(marker) and marker[-1].group().startswith("\\boxed")
+        before = tokens(response[:marker[-1].start()])[-1:] if boxed else None
+        candidates = _affirmed_numbers(after, before) or _affirmed_numbers(res)
+        if not any(_number(t) is not None for t in res):  # a negated number is one the rules compared
+            return self._math_verify(answer, response)
+        return len(candidates) == 1 and _close(candidates.pop(), value)
+
+    def _phrase(self, ans: list[str], res: list[str], answer: str, response: str) -> bool:
+        if not ans:
+            return False
+        found = _occurrences(res, ans)
+        if not found:
+            return self._math_verify(answer, response)
+        n = len(ans)
+        kept = [i for i in found if not _negated(res, i) and "or" not in _beside(res, i, i + n)]
+        if not kept:
+            return False
+        for members in _CLASSES:
+            if n == 1 and ans[0] in members:
+                rivals = {_singular(t, members) for i, t in enumerate(res) if not _negated(res, i)}
+                return not (rivals & members) - {ans[0]}
+        return True
+
+    def _formula(self, answer: str, response: str) -> bool:
+        text, formula = formula_form(response), formula_form(answer)
+        found = [(text, span) for span in _formula_matches(text, formula)] or self._equivalent_runs(answer, response)
+        if not found:
+            return self._math_verify(answer, response)
+        return any(_affirmed(where, *span) for where, span in found)
+
+    def _equivalent_runs(self, answer: str, response: str) -> list[tuple[str, tuple[int, int]]]:
+        """(``response``, span) of each of its last ``_MAX_RUNS`` formulas written without LaTeX (``_BARE_RUN``)
+        that math_verify finds equivalent to ``answer``; none without math_verify."""
+        if not self.use_math_verify:
+            return []
+        runs = [run for run in _BARE_RUN.finditer(response) if len(run.group()) <= _MAX_RUN_CHARS][-_MAX_RUNS:]
+        return [(response, run.span()) for run in runs if self._math_verify(answer, f"${run.group()}$")]
+
+    def _math_verify(self, answer: str, response: str) -> bool:
+        if not self.use_math_verify:
+            return False
+        try:
+            # math_verify reads LaTeX between $s (or in \boxed{}); a bare 2\sqrt{2} it would read as 2, a bare
+            # x^2+1 not at all.
+            bare = "$" not in answer and ("\\" in answer or _BARE_FORMULA.fullmatch(answer.strip())
+                                           or _FORMULA_ANSWER.search(answer))
+            answer = f"${answer}$" if bare else answer
+            gold, target = (math_verify.parse(t, **_no_alarm("parsing_timeout")) for t in (answer, response))
+            return bool(math_verify.verify(gold, target, **_no_alarm("timeout_seconds")))
+        except Exception:  # math_verify raises on unparsable text; that is "not equivalent"
+            return False
