@@ -1,6 +1,7 @@
-"""Files written whole or not at all (a crash in the middle of a write leaves the old contents), and a run
-folder's lock (two runs writing one folder would interleave their records and prune each other's
-checkpoints)."""
+"""Files written whole or not at all (a crash in the middle of a write leaves the old contents), and locks
+held for a process's life: a run folder's (two runs writing one folder would interleave their records and
+prune each other's checkpoints) and a file's (two teacher collections appending to one file would write the
+same responses twice)."""
 
 import fcntl
 import os
@@ -20,38 +21,60 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-class FolderInUse(RuntimeError):
-    """Another process holds the folder's lock (:func:`lock_folder`)."""
+class InUse(RuntimeError):
+    """Another process holds the lock (:func:`lock_file`, :func:`lock_folder`)."""
 
 
-_held: dict[Path, object] = {}  # this process's locks, by folder
+_held: dict[Path, object] = {}  # this process's locks, by lock file
+
+
+def lock_file(path: str | Path) -> None:
+    """Take ``path``'s lock, the file ``.{name}.lock`` beside it (its folder made if missing), for this process
+    until it ends, however it ends:
+    an exclusive ``flock``, which the system drops with the process. Taking it again in the same process is a
+    no-op; :func:`unlock_file` gives it back. Raises :class:`InUse`, naming the holder's process id, when another
+    process holds it."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _lock(path.parent / f".{path.name}.lock", str(path))
+
+
+def unlock_file(path: str | Path) -> None:
+    """Give back this process's lock of ``path`` (nothing if it holds none)."""
+    path = Path(path).resolve()
+    _unlock(path.parent / f".{path.name}.lock")
 
 
 def lock_folder(folder: str | Path) -> None:
-    """Take ``folder/.lock`` (made with the folder if missing) for this process until it ends, however it ends:
-    an exclusive ``flock``, which the system drops with the process. Taking it again in the same process is a
-    no-op; :func:`unlock_folder` gives it back. Raises :class:`FolderInUse`, naming the holder's process id,
-    when another process holds it."""
+    """Take ``folder/.lock`` (made with the folder if missing) for this process, as :func:`lock_file` does."""
     folder = Path(folder).resolve()
-    if folder in _held:
-        return
     folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / ".lock", "a+")
+    _lock(folder / ".lock", str(folder))
+
+
+def unlock_folder(folder: str | Path) -> None:
+    """Give back this process's lock of ``folder`` (nothing if it holds none)."""
+    _unlock(Path(folder).resolve() / ".lock")
+
+
+def _lock(lock: Path, what: str) -> None:
+    if lock in _held:
+        return
+    f = open(lock, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise FolderInUse(f"{folder} is in use by another process (pid {holder})") from None
+        raise InUse(f"{what} is in use by another process (pid {holder})") from None
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _held[folder] = f
+    _held[lock] = f
 
 
-def unlock_folder(folder: str | Path) -> None:
-    """Give back this process's lock of ``folder`` (nothing if it holds none)."""
-    f = _held.pop(Path(folder).resolve(), None)
+def _unlock(lock: Path) -> None:
+    f = _held.pop(lock, None)
     if f is not None:
         f.close()

@@ -48,11 +48,13 @@ finish: no line is written twice, none is lost. A response that ``load_teachers`
 ``Processor.control_tokens``, e.g. ``<|endoftext|>``: its responses are decoded with special tokens kept;
 the trainer checks the student's, the same for a student of the teacher's family; none are known for a
 server, whose text vLLM gives without them) — is not written; how many is said at the end, and the next
-run asks for them again.
+run asks for them again. One command at a time appends to a file: a second one started on the same ``--out``
+(which would ask for the same responses and write them twice) stops at once, naming the first's process
+id (an ``flock`` on ``.NAME.jsonl.lock`` beside the file, which the system drops when the process ends).
 
 Errors in the input (a data or output file's line, a model folder ril_fast cannot use, a server that
-fails for good) end the command with one line, ``error: ...``, and status 1; bad options (an ``--out``
-under a file included) with argparse's status 2, before any model loads.
+fails for good, an output file in use) end the command with one line, ``error: ...``, and status 1; bad
+options (an ``--out`` under a file included) with argparse's status 2, before any model loads.
 """
 
 import argparse
@@ -68,6 +70,7 @@ from pathlib import Path
 
 from ril_fast.data import DataError, Example, load_examples, refuse_images, to_sample
 from ril_fast.eval import check_judge_arguments, check_model_folder
+from ril_fast.files import InUse, lock_file, unlock_file
 from ril_fast.judge import CachedJudge, JudgeItem, add_judge_arguments, judge_store, make_judge_from_config
 from ril_fast.judges_http import HTTPError, OpenAIClient
 
@@ -332,6 +335,16 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the command; returns ``{"written", "empty", "control_tokens", "skipped", "total"}`` (responses;
     ``empty`` and ``control_tokens``: those not written, see the module docstring)."""
     args = parse_args(argv)
+    # A second collection into the same file would ask for the same responses and write them twice.
+    lock_file(args.out)
+    try:
+        return _run(args)
+    finally:
+        unlock_file(args.out)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """``main``'s work, with the output file locked."""
     out = Path(args.out)
     examples = load_examples(args.data)
     done = written_pairs(out)
@@ -377,5 +390,5 @@ if __name__ == "__main__":
 
     try:
         main()
-    except (DataError, UnsupportedModel, HTTPError) as e:  # the message names the file and line, the model
+    except (DataError, UnsupportedModel, HTTPError, InUse) as e:  # the message names the file and line, the model
         raise SystemExit(f"error: {e}") from None  # type, or the server and what failed

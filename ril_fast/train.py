@@ -49,7 +49,7 @@ from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
 from ril_fast.export import export_hf, save_hf_files
-from ril_fast.files import FolderInUse, lock_folder, unlock_folder, write_text_atomic
+from ril_fast.files import InUse, lock_folder, unlock_folder, write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, judge_store, make_judge_from_config
 from ril_fast.judges_http import OpenAIClient
@@ -172,7 +172,7 @@ def setup(cfg: Config) -> Run:
     if dist.is_main:  # from here on this run writes in output_dir
         try:
             lock_folder(out)
-        except FolderInUse as e:
+        except InUse as e:
             raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
         except OSError as e:
             raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None

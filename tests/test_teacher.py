@@ -456,3 +456,29 @@ def test_server_teacher_keeps_concurrency_requests_in_flight(demo, tmp_path):
     assert stats == {"written": 48, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 48}
     assert server.max_in_flight == 6
     assert _asked(server, examples) == {e.id: [4] for e in examples}  # whole requests (batches of 6 would split some)
+
+
+def test_a_file_another_collection_is_writing_is_refused(text_model, tmp_path, monkeypatch):
+    """Two collections appending to one file would ask for the same responses and write them twice: while another
+    process holds the file, the command stops at once with one error line naming it, the file untouched; once
+    that process ends, however it ends, the file is free. Another file beside it is not held."""
+    _stub_sampling(monkeypatch, lambda seed, i: f"response {i}")
+    data = _text_data(tmp_path, 2)
+    out = tmp_path / "teachers" / "t.jsonl"
+    argv = ["--model", str(text_model), "--data", str(data), "--num-responses", "2", "--max-new-tokens", "4",
+            "--no-progress"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ril_fast.files import lock_file; "
+                               "lock_file(sys.argv[1]); print('held', flush=True); time.sleep(300)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = subprocess.run([sys.executable, "-m", "ril_fast.teacher", *argv, "--out", str(out)],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1 and not out.exists()
+        assert refused.stderr.strip().splitlines() == [f"error: {out} is in use by another process (pid {holder.pid})"]
+        assert main([*argv, "--out", str(out.with_name("u.jsonl"))])["written"] == 4  # another file is free
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main([*argv, "--out", str(out)])["written"] == 4  # SIGKILL dropped the lock
+    assert len(_lines(out)) == 4
