@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ril_fast.files import model_folder_problem
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (module docstring)."""
@@ -51,13 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_model_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
     """A usage error naming ``flag`` unless ``folder`` is a folder holding ``config.json``: found before any
     model loads, and said in words (transformers would take a missing folder for a malformed hub id)."""
-    path = Path(folder).expanduser()
-    if not path.exists():
-        parser.error(f"{flag} {folder}: no such folder")
-    if not path.is_dir():
-        parser.error(f"{flag} {folder}: not a folder")
-    if not (path / "config.json").is_file():
-        parser.error(f"{flag} {folder}: no config.json in the folder (not a Hugging Face model folder)")
+    if problem := model_folder_problem(folder):
+        parser.error(f"{flag} {folder}: {problem}")
 
 
 def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

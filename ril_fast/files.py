@@ -1,7 +1,8 @@
 """Files written whole or not at all (a crash in the middle of a write leaves the old contents), and locks
 held for a process's life: a run folder's (two runs writing one folder would interleave their records and
 prune each other's checkpoints) and a file's (two teacher collections appending to one file would write the
-same responses twice)."""
+same responses twice); and what is wrong with a model folder, said before transformers reads a missing one as
+a hub id."""
 
 import fcntl
 import os
@@ -19,6 +20,19 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def model_folder_problem(folder: str | Path) -> str | None:
+    """What makes ``folder`` no Hugging Face model folder ("no such folder", "not a folder", "no config.json in
+    the folder"), or None when it holds a ``config.json``."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        return "no such folder"
+    if not path.is_dir():
+        return "not a folder"
+    if not (path / "config.json").is_file():
+        return "no config.json in the folder (not a Hugging Face model folder)"
+    return None
 
 
 class InUse(RuntimeError):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ril_fast.files import model_folder_problem
 from ril_fast.judge import PROMPT_VERSION, JudgeItem, decide, judge_messages
 
 _SPELLINGS = ("yes", "Yes", "YES", "no", "No", "NO")
@@ -53,8 +54,8 @@ class HFJudge:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         folder = Path(model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"the hf judge's model folder {folder} has no config.json")
+        if problem := model_folder_problem(folder):
+            raise FileNotFoundError(f"the hf judge's model folder {folder}: {problem}")
         self.device = torch.device(device if device is not None else
                                    torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)

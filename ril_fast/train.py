@@ -49,7 +49,7 @@ from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
 from ril_fast.export import export_hf, save_hf_files
-from ril_fast.files import InUse, lock_folder, unlock_folder, write_text_atomic
+from ril_fast.files import InUse, lock_folder, model_folder_problem, unlock_folder, write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, judge_store, make_judge_from_config
 from ril_fast.judges_http import OpenAIClient
@@ -262,8 +262,8 @@ def request_stop(run: Run, signum: int) -> None:
 def check_judge_and_kernels(cfg: Config, dist: distributed.Dist) -> None:
     """The settings that name things outside the config, checked before any model loads: an hf judge's model
     folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device."""
-    if cfg.judge is JudgeKind.HF and not (Path(cfg.judge_model).expanduser() / "config.json").is_file():
-        raise ConfigError(f"judge_model={cfg.judge_model}: not a model folder (no config.json there)")
+    if cfg.judge is JudgeKind.HF and (problem := model_folder_problem(cfg.judge_model)):
+        raise ConfigError(f"judge_model={cfg.judge_model}: {problem}")
     if cfg.judge is JudgeKind.HTTP and (problem := OpenAIClient(
             cfg.judge_url, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries).serving(cfg.judge_model)):
         raise ConfigError(f"judge_url={cfg.judge_url}: the judge server cannot be used: {problem}")
@@ -311,9 +311,8 @@ def finished(cfg: Config, resume_from: Path | None) -> bool:
 def load_data(cfg: Config, dist: distributed.Dist):
     """The training examples, the teacher bank (None: RL only), the evaluation examples and this rank's
     batches, checked against the student's tokenizer; prints which ablation runs."""
-    if not (Path(cfg.student).expanduser() / "config.json").is_file():  # said before transformers reads it as a hub id
-        raise ConfigError(f"student={cfg.student}: cannot open the model folder: "
-                          + ("no config.json in it" if Path(cfg.student).expanduser().is_dir() else "no such folder"))
+    if problem := model_folder_problem(cfg.student):
+        raise ConfigError(f"student={cfg.student}: cannot open the model folder: {problem}")
     try:
         tokens = Processor.from_pretrained(cfg.student)
     except UnsupportedModel as e:  # "DIR: model type ..."

@@ -89,7 +89,7 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
         train.setup(load_config(_args(demo, tmp_path / "run", student=text_student, train_data=text_train,
                                       teachers="")))
     assert str(e.value).startswith(f"{demo.test}:1: the example has images, but the student")
-    with pytest.raises(ConfigError, match=r"judge_model=.*nowhere: not a model folder"):
+    with pytest.raises(ConfigError, match=r"judge_model=.*nowhere: no such folder"):
         train.setup(load_config(_args(demo, tmp_path / "run", judge="hf", judge_model=tmp_path / "nowhere")))
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
