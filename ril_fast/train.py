@@ -103,6 +103,7 @@ class Run:
 
 def main(argv: list[str] | None = None) -> Path:
     """Train as configured by ``argv`` (``[--config FILE] key=value ...``); returns the run folder."""
+    sigterm_when_torchrun_dies()  # from the start: a rank loading its models when torchrun dies stops there
     try:
         run = setup(load_config(sys.argv[1:] if argv is None else argv))
     except NothingToDo as done:
@@ -219,14 +220,13 @@ def setup(cfg: Config) -> Run:
 def stop_on_signals(run: Run):
     """Inside the block, SIGTERM and Ctrl-C ask the run to stop after the step in flight
     (``checkpoint_if_due``); the previous handlers come back after it. Under torchrun, the death of torchrun
-    is a SIGTERM too (:func:`sigterm_when_torchrun_dies`)."""
+    is a SIGTERM too (:func:`sigterm_when_torchrun_dies`, which ``main`` calls first)."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
         return
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     for signum in saved:
         signal.signal(signum, lambda signum, frame: request_stop(run, signum))
-    sigterm_when_torchrun_dies()
     try:
         yield
     finally:
@@ -237,14 +237,16 @@ def stop_on_signals(run: Run):
 def sigterm_when_torchrun_dies() -> None:
     """Under torchrun on Linux, ask the kernel for a SIGTERM to this rank when torchrun, its parent, dies. A
     SIGKILLed torchrun (an OOM killer, a lost login) leaves its ranks running otherwise, in sessions of their
-    own, writing the run folder beside the run started again; with it each rank checkpoints and stops."""
+    own, writing the run folder beside the run started again; with it each rank checkpoints and stops (while
+    its models load, before ``stop_on_signals``, SIGTERM just ends it: there is nothing to save yet)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
 
+    parent = os.getppid()  # torchrun; pid 1 where it is a container's first process, so no sign of its death
     pr_set_pdeathsig = 1  # <linux/prctl.h>
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # torchrun died before the request: nothing will send it
+    if os.getppid() != parent:  # torchrun died before the request: nothing will send it
         os.kill(os.getpid(), signal.SIGTERM)
 
 

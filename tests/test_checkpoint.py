@@ -240,6 +240,29 @@ def test_a_rank_whose_torchrun_is_killed_checkpoints_and_stops(demo, tmp_path):
     assert 1 <= json.loads((saved / "trainer.json").read_text())["step"] < 50
 
 
+_PARENT_PROBE = """
+import os, signal, sys
+parents = [int(p) for p in sys.argv[1:]]  # what os.getppid says, call after call (the last one from then on)
+os.getppid = lambda: parents.pop(0) if len(parents) > 1 else parents[0]
+os.environ["TORCHELASTIC_RUN_ID"] = "probe"
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append("SIGTERM"))
+from ril_fast.train import sigterm_when_torchrun_dies
+sigterm_when_torchrun_dies()
+print(got)
+"""
+
+
+@pytest.mark.parametrize("parents, stops", [([1, 1], False), ([4242, 4242], False), ([4242, 1], True)])
+def test_a_rank_stops_if_torchrun_died_before_it_asked_for_the_signal(parents, stops):
+    """A rank whose parent changed while it asked for its parent-death signal (torchrun died first) stops; one
+    whose parent is pid 1 throughout (torchrun as a container's first process) goes on: a rule "parent 1 means
+    torchrun died" stopped every run of such a container after its first step."""
+    done = subprocess.run([sys.executable, "-c", _PARENT_PROBE, *map(str, parents)], capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.strip() == ("['SIGTERM']" if stops else "[]"), done.stderr[-2000:]
+
+
 def test_export_cli_writes_the_checkpointed_student_and_discriminator(demo, reference, tmp_path):
     ref = reference(1)
     assert [p.name for p in checkpoint.checkpoints(ref)] == [
