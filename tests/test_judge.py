@@ -370,7 +370,7 @@ def test_math_verify_gives_the_same_verdicts_in_threads():
     assert verdicts == [expected]
 
 
-def test_make_judge():
+def test_make_judge(tmp_path):
     from ril_fast.judges_http import HTTPJudge
 
     assert isinstance(make_judge("rule"), RuleJudge)
@@ -384,8 +384,10 @@ def test_make_judge():
         make_judge("http", url="http://127.0.0.1:9/v1", model="")
     with pytest.raises(ValueError, match="http://"):
         make_judge("http", url="127.0.0.1:9/v1", model="m")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="/nonexistent/folder: no such folder"):
         make_judge("hf", model="/nonexistent/folder")
+    with pytest.raises(FileNotFoundError, match="no config.json in the folder"):
+        make_judge("hf", model=str(tmp_path))
     with pytest.raises(ValueError):
         make_judge("llm")
 
