@@ -6,6 +6,7 @@ change the batches is refused, leaving the folder's config.yaml as it was; setti
 apply (the optimisers' included); a finished run has nothing to redo; Ctrl-C stops like SIGTERM.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -99,10 +100,12 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
                                       judge_retries=0, judge_timeout_s=2)))
     with FakeOpenAI() as server, pytest.raises(ConfigError, match=r"cannot be used: it serves fake-model, not 'm'"):
         train.setup(load_config(_args(demo, tmp_path / "run", judge="http", judge_url=server.url, judge_model="m")))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ConfigError, match=r"loss.kernels=triton: Triton kernels need a GPU"):
-        train.setup(load_config(_args(demo, tmp_path / "run", **{"loss.kernels": "triton"})))
-    monkeypatch.delenv("TRITON_INTERPRET")
+    with monkeypatch.context() as m:  # a CPU rank without the interpreter, also on a machine with a GPU
+        m.setenv("TRITON_INTERPRET", "0")
+        real_init = train.distributed.init
+        m.setattr(train.distributed, "init", lambda: dataclasses.replace(real_init(), device=torch.device("cpu")))
+        with pytest.raises(ConfigError, match=r"loss.kernels=triton: Triton kernels need a GPU"):
+            train.setup(load_config(_args(demo, tmp_path / "run", **{"loss.kernels": "triton"})))
     assert not (tmp_path / "run").exists()  # nothing written for a refused run
     with pytest.raises(ConfigError, match=r"output_dir=.*a_file/run: cannot write there"):
         train.setup(load_config(_args(demo, tmp_path / "a_file" / "run")))
