@@ -32,14 +32,22 @@ _FAULT = re.compile(r"FAULT:([\w-]+)")
 class FakeOpenAI:
     """Start with ``with FakeOpenAI() as server:``; ``server.url`` is the API base (``.../v1``).
 
-    ``delay_s``: every reply waits this long (to see requests in flight). ``logprobs``: judge replies
-    carry top log-probs (False: the token alone). ``slow_s``: the sleep of a slow fault. ``ignore_n``:
-    teacher replies have one choice whatever ``n`` asks for (as a server without ``n``).
-    ``requests``: (path, body, headers) of every request seen.
+    ``delay_s``: every reply waits this long. ``logprobs``: judge replies carry top log-probs (False: the
+    token alone). ``slow_s``: the sleep of a slow fault. ``ignore_n``: teacher replies have one choice
+    whatever ``n`` asks for (as a server without ``n``). ``requests``: (path, body, headers) of every
+    request seen; ``max_in_flight``: the most POSTs in flight at once.
+
+    ``hold``: each POST is held until ``hold`` of them are in flight together, then those are answered
+    (a ``threading.Barrier``, used again for the next ``hold``): a client that keeps ``hold`` requests in
+    flight shows ``max_in_flight == hold`` however slowly it sends them, whatever sleep lengths. One that
+    never has ``hold`` in flight fails the wait after ``hold_timeout_s``; from then on nothing is held,
+    so its test fails on ``max_in_flight`` instead of hanging.
     """
 
-    def __init__(self, *, delay_s: float = 0.0, slow_s: float = 1.0, logprobs: bool = True, ignore_n: bool = False):
+    def __init__(self, *, delay_s: float = 0.0, slow_s: float = 1.0, logprobs: bool = True, ignore_n: bool = False,
+                 hold: int = 0, hold_timeout_s: float = 30.0):
         self.delay_s, self.slow_s, self.logprobs, self.ignore_n = delay_s, slow_s, logprobs, ignore_n
+        self.gate = threading.Barrier(hold, timeout=hold_timeout_s) if hold else None
         self.requests: list[tuple[str, dict, dict]] = []
         self.attempts: Counter = Counter()
         self.in_flight = self.max_in_flight = 0
@@ -116,6 +124,11 @@ class FakeOpenAI:
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     self.in_flight = True
                 try:
+                    if fake.gate is not None:
+                        try:
+                            fake.gate.wait()
+                        except threading.BrokenBarrierError:  # fewer than hold came: hold nothing from now on
+                            pass
                     self._reply(body)
                 finally:
                     self._done()

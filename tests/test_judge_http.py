@@ -26,10 +26,10 @@ def _judge(server, **kw):
 
 
 @pytest.mark.parametrize("logprobs", [True, False], ids=["top_logprobs", "token_only"])
-def test_verdicts_on_real_cases_in_order(logprobs):
+def test_verdicts_on_real_cases_in_order(logprobs, _fresh_seed):
     """The server judges with the rule judge: every verdict must come back, in the order asked, whether
     it is read from the summed top log-probs or, without them, from the token."""
-    cases = random.Random(int(time.time())).sample(CASES, len(CASES))
+    cases = random.Random(_fresh_seed).sample(CASES, len(CASES))  # RIL_TEST_SEED replays the order
     rule = RuleJudge(use_math_verify=False)
     with FakeOpenAI(logprobs=logprobs) as server:
         verdicts = _judge(server)(_items(cases))
@@ -62,29 +62,30 @@ def test_top_logprobs_is_part_of_the_cache_identity(monkeypatch):
 
 
 def test_requests_in_flight_up_to_the_limit():
-    with FakeOpenAI(delay_s=0.05) as server:  # replies slow enough that the requests overlap
-        verdicts = _judge(server, concurrency=4)(_items(CASES[:24]))
+    with FakeOpenAI(hold=4) as server:  # a request is answered once 4 are in flight (24 requests: 6 rounds)
+        verdicts = _judge(server, concurrency=4, timeout_s=60.0)(_items(CASES[:24]))  # longer than the hold
     assert len(verdicts) == 24
     assert server.max_in_flight == 4
 
 
 def test_5xx_and_timeouts_are_retried():
-    with FakeOpenAI(slow_s=1.0) as server:
+    # A slow reply comes 5 s late, past the 2 s timeout; a plain one well within it, even on a busy machine.
+    with FakeOpenAI(slow_s=5.0) as server:
         items = [JudgeItem("q", "red", "red FAULT:500x2"), JudgeItem("q", "red", "blue FAULT:slow-once"),
                  JudgeItem("q", "red", "red")]
-        assert _judge(server, timeout_s=0.3, retries=2)(items) == [True, False, True]
+        assert _judge(server, timeout_s=2.0, retries=2)(items) == [True, False, True]
     attempts = sorted(server.attempts.values())
     assert attempts == [1, 2, 3]  # the plain item once, the slow one twice, the 500 one three times
 
 
 def test_gives_up_after_the_last_retry_with_a_clear_error():
-    with FakeOpenAI(slow_s=1.0) as server:
+    with FakeOpenAI(slow_s=5.0) as server:  # a slow reply comes 5 s late, past the 2 s timeout below
         start = time.perf_counter()
         with pytest.raises(HTTPError, match=r"failed 3 times .*last failure: HTTP 500.*injected server error"):
             _judge(server, retries=2, backoff_s=0.1)([JudgeItem("q", "a", "FAULT:500")])
         assert time.perf_counter() - start >= 0.1 + 0.2  # back-off 0.1 s, then 0.2 s
-        with pytest.raises(HTTPError, match=r"failed 2 times \(timeout 0.2 s.*last failure: .*timed out"):
-            _judge(server, retries=1, timeout_s=0.2)([JudgeItem("q", "a", "r"), JudgeItem("q", "a", "FAULT:slow")])
+        with pytest.raises(HTTPError, match=r"failed 2 times \(timeout 2.0 s.*last failure: .*timed out"):
+            _judge(server, retries=1, timeout_s=2.0)([JudgeItem("q", "a", "r"), JudgeItem("q", "a", "FAULT:slow")])
     assert [n for text, n in server.attempts.items() if "FAULT:500" in text] == [3]
 
 

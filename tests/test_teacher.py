@@ -450,7 +450,7 @@ def test_server_teacher_keeps_concurrency_requests_in_flight(demo, tmp_path):
     data = _first(demo, 12)
     examples = load_examples(data)
     out = tmp_path / "busy.jsonl"
-    with FakeOpenAI(delay_s=0.5) as server:
+    with FakeOpenAI(hold=6) as server:  # a request is answered once 6 are in flight (12 requests: 2 rounds)
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--batch-size", "6", "--concurrency", "6", "--no-progress"])
     assert stats == {"written": 48, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 48}
