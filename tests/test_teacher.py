@@ -235,7 +235,7 @@ def test_server_reply_cut_inside_an_emoji_is_written_and_judged(demo, tmp_path):
 
 def test_killed_mid_run_resumes_with_no_duplicate_and_no_lost_line(demo, tmp_path):
     out = tmp_path / "killed.jsonl"
-    with FakeOpenAI(delay_s=0.03) as server:
+    with FakeOpenAI(delay_s=0.2) as server:  # 2 requests a batch: 4 lines per 0.2 s, 80 in 4 s
         argv = ["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "2",
                 "--max-new-tokens", "8", "--batch-size", "4", "--concurrency", "2", "--no-progress"]
         proc = subprocess.Popen([sys.executable, "-m", "ril_fast.teacher", *argv], cwd=ROOT,
