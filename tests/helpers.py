@@ -1,5 +1,5 @@
-"""Shared test tools: the project's one tolerance rule, output poisoning, and counters of what a model
-saves for the backward and what its vision tower is given."""
+"""Shared test tools: the project's one tolerance rule, output poisoning, random PPO ratios kept off the clip
+bounds, and counters of what a model saves for the backward and what its vision tower is given."""
 
 import contextlib
 
@@ -22,6 +22,15 @@ def assert_close_rule(out: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Te
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten poisoned output?)"
     err, base = max_err(out, ref64), max_err(ref_same, ref64)
     assert err <= 2 * base + atol, f"{what}: error {err:.3e} > 2 x reference error {base:.3e} + atol {atol:.1e}"
+
+
+def nudge_off_clip_bounds(lp: torch.Tensor, old: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """Move old log-probs whose ratio ``exp(lp - old)`` lies within 1e-4 of a clip bound (``1 - eps_low``,
+    ``1 + eps_high``) by 1%: there two computations of the ratio (fp32 and fp64, packed and unpacked) may take
+    different branches of the PPO min (a gradient of rho*A versus 0), which no tolerance should have to absorb."""
+    rho = torch.exp(lp.double() - old.double())
+    near = ((rho - (1 - eps_low)).abs() < 1e-4) | ((rho - (1 + eps_high)).abs() < 1e-4)
+    return torch.where(near, old - 0.01, old)
 
 
 def gated_delta_rule_in_dtype(query, key, value, g, beta, initial_state=None, output_final_state=False,

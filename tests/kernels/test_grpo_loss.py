@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close_rule, poison_empty
+from helpers import assert_close_rule, nudge_off_clip_bounds, poison_empty
 
 from ril_fast.kernels.grpo_loss import GRPOStats, dr_grpo_loss, dr_grpo_loss_ref
 
@@ -28,14 +28,6 @@ CASES = [
 ]
 
 
-def _nudge_off_clip_bounds(lp: torch.Tensor, old: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
-    """Move old log-probs whose ratio lies within 1e-4 of a clip bound by 1%: there fp32 and fp64 may take
-    different branches of the min (a gradient of rho*A versus 0), which no tolerance should have to absorb."""
-    rho = torch.exp(lp.double() - old.double())
-    near = ((rho - (1 - eps_low)).abs() < 1e-4) | ((rho - (1 + eps_high)).abs() < 1e-4)
-    return torch.where(near, old - 0.01, old)
-
-
 def _make_inputs(n, with_old, with_ref, eps_low, eps_high, mask_dtype, device):
     lp = -3 * torch.rand(n, device=device)  # log-probs in (-3, 0]
     adv = torch.randn(n, device=device)
@@ -46,7 +38,7 @@ def _make_inputs(n, with_old, with_ref, eps_low, eps_high, mask_dtype, device):
         start = int(torch.randint(n - n // 4, ()))
         mask[start : start + n // 4] = False
     # std 0.3 in log space puts ~half the ratios outside [0.8, 1.2]: both branches of the min are hit
-    old = _nudge_off_clip_bounds(lp, lp + 0.3 * torch.randn(n, device=device), eps_low, eps_high) if with_old else None
+    old = nudge_off_clip_bounds(lp, lp + 0.3 * torch.randn(n, device=device), eps_low, eps_high) if with_old else None
     ref = lp + 0.3 * torch.randn(n, device=device) if with_ref else None
     return lp, adv, mask.to(mask_dtype), old, ref
 
@@ -232,7 +224,7 @@ def test_matches_liger(impl, with_old, with_ref, beta, eps_low, eps_high, device
     adv = torch.randn(B, device=device)
     with torch.no_grad():
         lp0 = _eager_logprobs(hidden, weight, ids)
-    old = _nudge_off_clip_bounds(lp0, lp0 + 0.3 * torch.randn_like(lp0), eps_low, eps_high) if with_old else None
+    old = nudge_off_clip_bounds(lp0, lp0 + 0.3 * torch.randn_like(lp0), eps_low, eps_high) if with_old else None
     ref = lp0 + 0.3 * torch.randn_like(lp0) if with_ref else None
     g = torch.randn((), device=device)
 
