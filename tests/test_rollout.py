@@ -193,9 +193,12 @@ def test_sampling_is_softmax_over_temperature(arch, temperature, top_k, eos_load
 
 def test_draw_one_samples_the_categorical_distribution():
     """Fresh random rows (a third of the entries zero, unnormalised): 40,000 draws per row land on each
-    entry with its probability, within 5 binomial standard deviations; zeros are never drawn."""
+    entry with its probability, within 5 binomial standard deviations; zeros are never drawn.
+
+    Nonzero entries are at least 0.05 (a probability of at least 0.001 once normalised, ~40 draws): a rarer
+    entry, drawn even once, would lie past 5 standard deviations, where the normal bound does not hold."""
     B, V, n = 4, 50, 40_000
-    probs = torch.rand(B, V) * (torch.rand(B, V) > 0.33)
+    probs = (0.05 + 0.95 * torch.rand(B, V)) * (torch.rand(B, V) > 0.33)
     counts = torch.zeros(B, V)
     for _ in range(n // 1000):
         idx = rollout.draw_one(probs.repeat_interleave(1000, 0)).view(B, 1000)
