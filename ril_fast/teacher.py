@@ -31,7 +31,7 @@ The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` re
 response::
 
     {"id": "q17", "index": 0, "teacher": "NAME", "response": "...", "truncated": false,
-     "correct": true, "judge": "rule-v4+math_verify-v5"}    # the last two only with --judge
+     "correct": true, "judge": "rule-v5+math_verify-v6"}    # the last two only with --judge
 
 ``index`` is k in 0..K-1; ``teacher`` is ``--teacher`` (default: the output file's stem);
 ``truncated``: the response hit ``--max-new-tokens``. With ``--judge`` each response is judged as

@@ -162,7 +162,7 @@ def test_math_verify_only_where_rules_find_nothing(monkeypatch):
     rule_mod._latex_value.cache_clear()  # LaTeX read by the real library must not be reused, nor the fake's kept
     monkeypatch.setattr(rule_mod, "_latex_value", functools.lru_cache(rule_mod._latex_value.__wrapped__))
     judge = RuleJudge()
-    assert judge.name.endswith("+math_verify-v5")
+    assert judge.name.endswith("+math_verify-v6")
     assert judge.check(r"\sqrt{2}", "1.41421356")  # nothing to compare: math_verify decides
     assert calls == [(r"$\sqrt{2}$", "1.41421356")]  # a LaTeX answer without $s is given to it between $s
     assert not judge.check("4", "3 or 4")  # the rules found candidates: their verdict stands
@@ -176,7 +176,7 @@ def test_math_verify_itself_where_the_rules_find_nothing():
     cannot compare are decided by symbolic equivalence; word answers it cannot parse stay the rules'."""
     pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
     judge = RuleJudge()
-    assert judge.use_math_verify and judge.name == "rule-v4+math_verify-v5"
+    assert judge.use_math_verify and judge.name == "rule-v5+math_verify-v6"
     right = [(r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"The answer is $\frac{2}{4}$"), ("3/4", "0.75")]
     wrong = [(r"\frac{1}{2}", "0.4"), (r"\sqrt{2}", r"$\sqrt{3}$"), ("3/4", "0.7")]
     assert [judge.check(a, r) for a, r in right] == [True] * len(right)
@@ -253,6 +253,61 @@ FORMULA_CASES = [
     ("y=2x+3", "Not x = 1. So y = 2x + 3", True),  # the negation is in another sentence
     ("T-shirt", "a t shirt", True),  # a hyphenated word is no formula
     ("3/4 cup", "0.75 cups", True),  # nor a fraction
+    ("C++", "**C++**", True),  # markdown's bold is no operator
+    ("Disney+", "The answer is **Disney+**.", True),
+    ("Rep/Lean Rep", "**Rep/Lean Rep**", True),
+    ("y=2x+3", "The equation is **y = 2x + 3**.", True),
+    ("y=2x+3", r"\boxed{y=2x+3}", True),
+    ("x-1", "The answer is (x-1)^2.", False),  # parentheses do not hide a longer formula
+    ("x+1", "f(x) = 2(x+1)", False),
+    ("x^2+1", "(x^2+1)^2", False),
+    ("2x+3", "f(x) = (2x+3)/5", False),
+    ("x+1", "2^x + 1", False),
+    ("x+1", r"\sin x + 1", False),
+    ("x+1", "ax + 1", False),
+    ("3x+2", "13x+2", False),
+    ("x+1", "x + 1.5", False),
+    ("x+1", "x+1.", True),
+    ("2x+3", "y = 2x + 3", True),  # "=" may come before an answer that holds no relation
+    ("x^2+1", "f(x) = x^2 + 1", True),
+    (r"\sqrt{x+1}", r"\sqrt{x}+1", False),  # braces are kept where they group
+    (r"\frac{1}{x+1}", r"$\frac{1}{x}+1$", False),
+    ("2^{x+1}", "2^{x}+1", False),
+    ("2^{x+1}", "2^(x+1)", True),
+    (r"y=\frac{1}{12}x+1", r"y = \frac{11}{2}x + 1", False),
+    (r"y=\frac{1}{2}x+1", r"y = \dfrac{1}{2}x + 1", True),
+    (r"y=\frac{1}{2}x+1", r"$y = \frac{1}{2} x + 1$", True),
+    ("x^{2}+2x+1", "x^2+2x+1", True),
+    ("x=2", "The answer is 2.", True),  # a variable's value, where the response writes no equation
+    ("x=2", "Therefore, x is 2.", True),
+    ("x=2", "x = 3, so there are 2 solutions", False),
+    ("x=2", "x = 3. The answer is 2", False),
+    ("x=2", "we have 3x = 2", False),
+    ("x=2", "x = 22", False),
+    ("x=2", "x = -2", False),
+    ("x=-2", "x=−2", True),
+    ("x=2", r"\(x = 2\)", True),
+    ("x=2", "so x = 2, y = 4", True),
+    (r"x \leq 2", r"x \leqslant 2", True),  # spellings
+    (r"x \neq 2", r"x \ne 2", True),
+    ("x<2", r"$x \lt 2$", True),
+    (r"x=\pm 2", "x = ±2", True),
+    ("x^2", "x²", True),
+    ("y=x^2+1", "y = x² + 1", True),
+    ("y=2x+3", "y = 2·x + 3", True),
+    ("y=2x+3", "y=2*x+3", True),
+    ("Na+", "Na^+", True),  # an ion's charge
+    ("SO4^2-", "SO4^{2-}", True),
+    ("Ca2+", "Ca^{2+}", True),
+    ("60 km/h", "The speed is 60.0 km/h.", True),  # a number with a unit is a phrase
+    ("60 km/h", "60km/h", True),
+    ("60 km/h", "v = 60 km/h", True),
+    ("60 km/h", "The speed is 60 km/h or 70 km/h.", False),
+    ("5 cm^2", "The area is 5.0 cm^2.", True),
+    ("5 cm^2", "The area is 15 cm^2", False),
+    ("9.8 m/s^2", "g = 9.8 m/s^2", True),
+    ("3-D", "It is 3D", True),  # a number's hyphen before a capital is a word's
+    ("2-D", "It is a 2D shape", True),
 ]
 # Formula answers the response writes another way, without LaTeX: only math_verify finds them.
 FORMULA_MATH_VERIFY_CASES = [
@@ -262,6 +317,21 @@ FORMULA_MATH_VERIFY_CASES = [
     ("y=2x+3", "It is not y = 3 + 2x.", False),
     ("y=2x+3", "y = 3 + 2x or y = 2x", False),
     ("x^2+1", "so (x+1)^2", False),
+    (r"y=\frac{1}{2}x+1", "y = 0.5x + 1", True),
+    ("x=2", "x = 2.0", True),
+    (r"\pi/2", r"\frac{\pi}{2}", True),  # LaTeX outside $s is given to math_verify between them
+    ("x/2", r"The answer is \frac{x}{2}.", True),
+    (r"2 \times 10^5", "200000", True),  # an answer without letters is the number it evaluates to
+    ("(x+1)^2", "x^2+2x+1", True),
+    ("x=5", "x + 3 = 8 so x = 6", False),  # only the response's last formula is its answer
+    ("x=2", "We compute 6 - 4 and get x = 5.", False),
+    ("x=2", "First 1 + 1, then x = 5.", False),
+    ("y=2x+3", "slope 2, intercept 3: 2x + 3, but y = 2x - 3", False),
+    ("x>2", "x-2>0 so x<2", False),
+    ("y=x^2", "the area is x^2, so y = 2x", False),
+    ("y=2x+3", "y = 2x + 5, so the intercept is 2x+3", False),  # of the answer's shape
+    ("y=2x+3", "z = 3 + 2x", False),
+    ("x=2", "so x = 2 + 1 = 3", False),
 ]
 
 
@@ -313,11 +383,25 @@ def test_formula_rule_on_degenerate_responses():
     pattern, ~4 min for 50,000 digits; a formula repeated thousands of times quadratic in the match check) and
     a formula that repeats glued to itself is part of a longer formula."""
     judge = RuleJudge()
-    for response in ["1" * 50_000 + "+", "y=2x+3" * 10_000, "1 = " * 20_000 + "x", "1." * 20_000 + "+"]:
+    for response in ["1" * 50_000 + "+", "y=2x+3" * 10_000, "1 = " * 20_000 + "x", "1." * 20_000 + "+",
+                     "\\boxed{" * 20_000 + "x", "^{" * 20_000 + "x", "(" * 50_000 + "x+1", "Na^+" * 20_000]:
         assert judge.check("y=2x+3", response) is False
     assert judge.check("y=2x+3", "y = 2x + 3, " * 5_000) is True
     assert rule_mod._formula_matches("y = 2x + 3y = 2x + 3", "y = 2x + 3") == []
     assert rule_mod._formula_matches("so y = 2x + 3. and y = 2x + 3", "y = 2x + 3") == [(3, 13), (19, 29)]
+
+
+def test_power_towers_are_not_given_to_math_verify():
+    """math_verify never returns on a power tower where it runs without its timeouts (any thread but the main one):
+    a response's last formula, or an answer without letters, that holds one is not given to it."""
+    pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
+    judge, verdicts = RuleJudge(), []
+    cases = [("x=2", "so x = 9^9^9^9"), ("x^2+1", "9^9^9^9"), ("9^9^9^9", "9"), ("x=2", "x = 2^(3^(4^5))"),
+             ("2^{1000000}", "2"), (r"\binom{10000}{5000}", "7")]
+    worker = threading.Thread(target=lambda: verdicts.extend(judge.check(*case) for case in cases), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and verdicts == [False] * len(cases)
 
 
 def test_simple_latex_is_read_as_math_verify_reads_it():
@@ -377,7 +461,7 @@ def test_make_judge(tmp_path):
     assert isinstance(make_judge(JudgeKind.RULE, use_math_verify=False), RuleJudge)
     # v3: a negation before an answer marker; v2: letters, scale words, ".5" and comma hedges: older verdicts
     # in a cache are stale
-    assert make_judge("rule", use_math_verify=False).name == "rule-v4"
+    assert make_judge("rule", use_math_verify=False).name == "rule-v5"
     http = make_judge("http", url="http://127.0.0.1:9/v1", model="judge-model")
     assert isinstance(http, HTTPJudge) and http.name == f"http:judge-model:{PROMPT_VERSION}:top10"
     with pytest.raises(ValueError, match="model"):
