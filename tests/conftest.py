@@ -1,7 +1,9 @@
 """Test-wide set-up. Runs before any test module imports ril_fast.kernels."""
 
 import os
+import random
 
+import numpy as np
 import torch
 
 # Triton reads TRITON_INTERPRET when a @triton.jit decorator runs, i.e. when a kernel module is first
@@ -20,12 +22,17 @@ def device() -> torch.device:
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """Seed torch from the OS each test (fresh inputs every run) and print it so a failure replays.
+    """Seed torch, Python's ``random`` and numpy's global RNG from the OS each test (fresh inputs every run)
+    and print the seed so a failure replays.
 
-    Set RIL_TEST_SEED to replay a failing run exactly.
+    Set RIL_TEST_SEED to replay a failing run exactly. A test that wants its own generator takes this
+    fixture's value (``random.Random(_fresh_seed)``, ``torch.Generator().manual_seed(_fresh_seed)``), never
+    an unseeded one or ``torch.seed()``, which RIL_TEST_SEED could not replay.
     """
     seed = int(os.environ.get("RIL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
     torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     print(f"[{request.node.nodeid}] RIL_TEST_SEED={seed}")
     yield seed
 

@@ -43,8 +43,8 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_metrics_round_trip_and_only_the_main_rank_writes(tmp_path):
-    rng = random.Random()
+def test_metrics_round_trip_and_only_the_main_rank_writes(tmp_path, _fresh_seed):
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     records = fake_run(rng.randint(3, 12), rng)
     log = RunLog(tmp_path / "run", enabled=True, total_steps=len(records), progress=False)
     for r in records:
@@ -57,8 +57,8 @@ def test_metrics_round_trip_and_only_the_main_rank_writes(tmp_path):
 
 
 @pytest.mark.parametrize("teachers", [True, False], ids=["ril", "rl_only"])
-def test_close_draws_curves_png_of_the_expected_size(tmp_path, capsys, teachers):
-    rng = random.Random()
+def test_close_draws_curves_png_of_the_expected_size(tmp_path, capsys, teachers, _fresh_seed):
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     records = fake_run(rng.randint(20, 40), rng, teachers=teachers)
     log = RunLog(tmp_path, enabled=True, total_steps=len(records), progress=False)
     for r in records:
@@ -87,10 +87,10 @@ def test_plot_curves_without_data_draws_nothing(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (optional)")
-def test_tensorboard_events_hold_every_scalar(tmp_path):
+def test_tensorboard_events_hold_every_scalar(tmp_path, _fresh_seed):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    rng = random.Random()
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     records = fake_run(rng.randint(3, 8), rng)
     log = RunLog(tmp_path, enabled=True, total_steps=len(records), progress=False)
     for r in records:
@@ -110,7 +110,7 @@ def test_tensorboard_events_hold_every_scalar(tmp_path):
         assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6)  # stored as fp32
 
 
-def test_progress_bar_labels_are_distinct():
+def test_progress_bar_labels_are_distinct(_fresh_seed):
     # The old labels: first word[:4] + "_" + last word[:4] made both student rewards "stud_rewa".
     keys = ["student_answer_reward", "student_similarity_reward", "teacher_answer_reward", "disc_accuracy",
             "disc_loss", "loss", "eval_accuracy", "eval_accuracy/color", "kl"]
@@ -124,7 +124,7 @@ def test_progress_bar_labels_are_distinct():
     assert bar_labels(clashing) == {"student_answer_reward": "student_answer_reward", "ans_reward": "ans_reward",
                                     "sim_reward": "sim_reward", "loss": "loss", "disc_acc": "disc_acc",
                                     "eval_accuracy": "eval_acc"}
-    rng = random.Random()
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     pool = keys + clashing + ["stud_rewa", "loss_loss", "eval_acc", "disc_loss"]
     for _ in range(200):
         chosen = rng.sample(pool, rng.randint(1, len(pool)))
@@ -147,7 +147,7 @@ def _final_eval(steps: int, rng: random.Random) -> dict:
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (optional)")
 @pytest.mark.parametrize("killed_at", ["mid_run", "after_final_eval", "before_first_checkpoint"])
-def test_a_resumed_run_leaves_one_tensorboard_event_per_step(tmp_path, killed_at):
+def test_a_resumed_run_leaves_one_tensorboard_event_per_step(tmp_path, killed_at, _fresh_seed):
     """A run killed after logging some steps and started again in its folder: from its checkpoint at
     ``resume`` (mid-run; or at the last step, killed after the final evaluation, which is logged after that
     step's checkpoint under the same step number), or afresh (killed before its first checkpoint).
@@ -155,7 +155,7 @@ def test_a_resumed_run_leaves_one_tensorboard_event_per_step(tmp_path, killed_at
     after it, every scalar of every step once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    rng = random.Random()
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     steps = rng.randint(6, 12)
     resume = {"mid_run": rng.randint(1, steps - 2), "after_final_eval": steps,
               "before_first_checkpoint": None}[killed_at]

@@ -22,8 +22,8 @@ from ril_fast.models import load, response_logprobs
 from ril_fast.packing import UnsupportedModel
 
 
-def test_similar_lengths_groups_cost_at_most_twice_their_tokens():
-    rng = random.Random()
+def test_similar_lengths_groups_cost_at_most_twice_their_tokens(_fresh_seed):
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     for _ in range(500):
         lengths = [rng.choice([rng.randint(1, 40), rng.randint(1, 4000)]) for _ in range(rng.randint(1, 40))]
         groups = recurrence.similar_lengths(lengths)

@@ -19,8 +19,8 @@ def test_factor_by_hand():
     assert lr_factor(1, 0, 5) == pytest.approx((1 + math.cos(math.pi / 5)) / 2)
 
 
-def test_shape_on_random_lengths():
-    rng = random.Random()
+def test_shape_on_random_lengths(_fresh_seed):
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     total, warmup = rng.randint(20, 500), rng.randint(0, 9)
     f = [lr_factor(k, warmup, total) for k in range(total)]
     peak = max(warmup, 1) - 1
@@ -29,8 +29,8 @@ def test_shape_on_random_lengths():
     assert 0 < f[-1] < 0.5 / (total - max(warmup, 1))  # the last step still moves, barely
 
 
-def test_scheduler_follows_the_config_over_steps_times_mu():
-    rng = random.Random()
+def test_scheduler_follows_the_config_over_steps_times_mu(_fresh_seed):
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     steps, mu, warmup, lr = rng.randint(3, 30), rng.randint(1, 3), rng.randint(0, 3), rng.uniform(1e-4, 1e-2)
     cfg = load_config([f"steps={steps}", f"mu={mu}", f"optim.warmup_steps={warmup}", f"optim.lr={lr}"])
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
