@@ -18,6 +18,9 @@ try:  # optional: reads LaTeX numbers for the rules, and decides symbolic equiva
 except ImportError:
     math_verify = None
 
+from ril_fast.judges_formula import (BRACES, delimited, formula_form, has_latex, is_formula, last_bare_formula,
+                                     occurrences, same_shape, too_costly, variable_value)
+
 if TYPE_CHECKING:
     from ril_fast.judge import JudgeItem
 
@@ -145,9 +148,8 @@ def _close(a: float, b: float) -> bool:
 # A LaTeX number the rules cannot read: a command with its brace groups (nested up to three deep), after an
 # optional sign and integer ("\frac{1}{2}", "-\dfrac{3}{4}", "2\frac{1}{2}"), or digits grouped by "{,}"
 # ("1{,}000"). \boxed is not one: it is an answer marker to the rules, and what it holds is read on its own.
-_BRACES = r"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"
 # (?<!\d): a match starts at the first digit of a run (linear time on long digit runs).
-_LATEX_NUMBER = re.compile(rf"-?(?<!\d)\d*\\(?!boxed\b)[A-Za-z]+(?:{_BRACES})+|(?<!\d)\d{{1,3}}(?:\{{,\}}\d{{3}})+")
+_LATEX_NUMBER = re.compile(rf"-?(?<!\d)\d*\\(?!boxed\b)[A-Za-z]+(?:{BRACES})+|(?<!\d)\d{{1,3}}(?:\{{,\}}\d{{3}})+")
 # The common ones, read here as math_verify reads them (a test checks they agree), without its ~1 ms a parse:
 # [-][whole]\frac{a}{b} (also \dfrac, \tfrac; a whole part makes a mixed number; a, b > 0: math_verify reads
 # "2\frac{0}{5}" as the product 2·0, no number) and digits grouped by "{,}".
@@ -176,113 +178,32 @@ def _latex_value(text: str) -> str | None:
     """The integer or fraction math_verify reads in the LaTeX ``text`` ("-3/4", "1000"), or None. Simple
     fractions and grouped digits are read here (``_SIMPLE_LATEX``). What math_verify leaves unevaluated
     ("\\sqrt{4}") is not evaluated here: that can take forever ("10^{10^{10^{10}}}")."""
-    if simple := _SIMPLE_LATEX.fullmatch(text):
-        sign, whole, numerator, denominator, grouped = simple.groups()
-        if grouped:
-            return grouped.replace("{,}", "")
-        value = int(whole or 0) + Fraction(int(numerator), int(denominator))
-        return str(-value if sign else value)
     try:
+        if simple := _SIMPLE_LATEX.fullmatch(text):
+            sign, whole, numerator, denominator, grouped = simple.groups()
+            if grouped:
+                return grouped.replace("{,}", "")
+            value = int(whole or 0) + Fraction(int(numerator), int(denominator))
+            return str(-value if sign else value)
         value = math_verify.parse(f"${text}$", **_no_alarm("parsing_timeout"))[0]
         return str(value) if getattr(value, "is_Rational", False) else None
-    except Exception:  # nothing parsed, or too many digits to write
+    except Exception:  # nothing parsed, or too many digits to read or write (a run of 5,000 digits)
         return None
 
 
-# ---- formula answers -----------------------------------------------------------------------------
-
-# A formula answer: an operator other than a fraction's "/" ("3/4 cup") or a word's hyphen ("T-shirt",
-# "COVID-19", "3-D"): "y = 2x + 3", "x^2+1", "x < 2", "x/2", "x-1", "2x - 3", "a \cdot b", "C++". A number
-# with a unit is none ("60 km/h", "5 cm^2", "9.8 m/s^2": the phrase rule reads "60.0 km/h").
-_LATEX_OPERATOR = r"\\(?:cdot|times|leq?|geq?|neq?|leqslant|geqslant|lt|gt|pm)(?![A-Za-z])|[×·−≤≥≠±]"
-_LETTER = r"[A-Za-z](?![A-Za-z])"  # a letter alone, not the start of a word
-_FORMULA_ANSWER = re.compile(rf"[=+*^<>]|{_LATEX_OPERATOR}|(?<!\d)/|/(?!\d)"
-                             rf"|(?<![A-Za-z]){_LETTER}\s*[-−]\s*(?:\d|{_LETTER})"
-                             rf"|\d\s*[-−]\s*[a-z](?![A-Za-z])|\d\s+[-−]\s*{_LETTER}|\d\s*[-−]\s+{_LETTER}")
-_UNIT_ANSWER = re.compile(r"-?[\d.,]*\d(?:\s+|(?=[A-Za-z°%]{2}))[A-Za-z°%]+(?:\s*[/^]\s*[A-Za-z\d]+)*")
-# How formula_form spells things written several ways.
-_FORMULA_SPELLING = {r"\cdot": "*", r"\times": "*", "×": "*", "·": "*", "−": "-", r"\le": "<=", r"\leq": "<=",
-                     r"\leqslant": "<=", "≤": "<=", r"\ge": ">=", r"\geq": ">=", r"\geqslant": ">=", "≥": ">=",
-                     r"\ne": "!=", r"\neq": "!=", "≠": "!=", r"\lt": "<", r"\gt": ">", r"\pm": r" \pm ", "±": r" \pm ",
-                     r"\dfrac": r"\frac", r"\tfrac": r"\frac", "²": "^2", "³": "^3"}
-_FORMULA_SYMBOL = re.compile(rf"{_LATEX_OPERATOR}|\\[dt]frac(?![A-Za-z])|[²³]")
-# Dress dropped: $s, \( \) \[ \], \left / \right, spacing commands, \displaystyle, markdown's ** and __, backticks.
-_FORMULA_NOISE = re.compile(r"\$|\\(?:left|right|displaystyle)(?![A-Za-z])|\\[,;:! ()\[\]]|\*\*|__|`")
-_WRAPPER = re.compile(rf"\\(?:boxed|text|mathrm|mathbf|mathit)\s*({_BRACES})")  # \boxed{..}: what it holds
-_SCRIPT = re.compile(r"([\^_])\s*\{([^{}]*)\}")  # x^{2} is x^2, 2^{x+1} is 2^(x+1)
-# An ion's charge, after an element or a count and before no operand: Na^+ is Na+, SO4^{2-} is SO42-.
-_CHARGE = re.compile(r"(?:(?<=[A-Z\d])|(?<=[A-Z][a-z]))\^\{?(\d*[+-])\}?(?![\w({])(?!\s*(?:[\d({\\]|[a-z](?![a-z])))")
-_OPERATORS = "=+\\-*/^<>!"
-_RELATION = re.compile(r"[=<>]")  # in formula_form: = < > <= >= !=
-# What may not touch a formula's match on either side, lest it be part of a longer formula ("y = 2x + 3" in
-# "y = 2x + 3x", "z - y = 2x + 3", "(x - 1)^2", "\sin x + 1"): a letter, digit or LaTeX command, or an operator
-# past a space, parentheses between them or not; a "." only before a digit. "=" may come before a formula that
-# holds no relation ("y = 2x + 3" holds the answer "2x+3").
-_BEFORE_MATCH = re.compile(rf"(?:[\w\\)]|\\[a-z]+ |[{_OPERATORS}] ?)\(*$")  # on the 20 characters before
-_BEFORE_EQUALS = re.compile(r"(?<![<>!=])= ?\(*$")
-_AFTER_MATCH = re.compile(rf"\)*(?:[\w(]| ?[{_OPERATORS}])|\.\d")
-# A formula written without LaTeX in a response: operands (a number, a number times one letter "2x", one letter)
-# joined by operators, a parenthesis allowed on either side of an operand ("y = 3 + 2x", "(x+1)^2", "x <= -2").
-_OPERAND = rf"\(*-?(?:(?<![\d.])\d+(?:\.\d+)?(?:{_LETTER})?|(?<![A-Za-z\\]){_LETTER})\)*"
-_BARE_RUN = re.compile(rf"{_OPERAND}(?:\s*(?:[<>!]=|[=+\-*/^<>])\s*{_OPERAND})+")
-_MAX_RUN_CHARS = 300  # math_verify takes seconds on a formula of thousands of characters ...
-_TOWER = re.compile(r"\^[^=+\-*/<>]*\^|\^\s*[({]*\s*\d{3,}")  # ... and forever on 9^9^9^9 or 2^1000000
-_VARIABLE_VALUE = re.compile(r"[A-Za-z]\s*=\s*(-?(?:\d+(?:\.\d+)?|\.\d+))")  # "x = 2"
-_LATEX = re.compile(r"\$|\\[A-Za-z(\[]")
-_DELIMITED = re.compile(r"\$|\\[(\[]|\\boxed\b")  # LaTeX math_verify reads; it reads no other ...
-_LATEX_FRAGMENT = re.compile(rf"-?\d*\\[A-Za-z]+(?:{_BRACES})+")  # ... so these are given to it between $s
-
+# ---- formula answers (rule 5; the text work is ril_fast.judges_formula's) --------------------
 
 @functools.lru_cache(maxsize=1024)
 def _evaluated(formula: str) -> str | None:
-    """The integer or fraction the formula without letters ``formula`` evaluates to, as math_verify reads it
-    ("200000" for "2 \\times 10^5"), else None. Not for power towers (``_TOWER``): they take forever."""
+    """The number the formula without letters ``formula`` evaluates to, as math_verify reads it ("200000" for
+    "2 \\times 10^5", "0.0015" for "1.5 \\times 10^{-3}"), else None. Not for what ``too_costly`` names."""
     try:
         value = math_verify.parse(f"${formula}$", **_no_alarm("parsing_timeout"))[0].doit()
-        return str(value) if getattr(value, "is_Rational", False) else None
+        if getattr(value, "is_Rational", False):
+            return str(value)
+        return repr(float(value)) if getattr(value, "is_Float", False) else None
     except Exception:  # nothing parsed, nothing to evaluate, or too many digits to write
         return None
-
-
-def _unwrapped(text: str) -> str:
-    """``text`` with \\boxed{..}, \\text{..} (and \\mathrm, \\mathbf, \\mathit) replaced by what they hold and a
-    script's braces dropped around one token ("x^{2}" is "x^2") or made parentheses ("2^{x+1}" is "2^(x+1)");
-    other braces are kept ("\\sqrt{x+1}" is not "\\sqrt{x}+1")."""
-    for _ in range(4):  # nested wrappers, up to four deep
-        script = _SCRIPT.sub(lambda m: m[1] + (m[2] if re.fullmatch(r"\s*\\?[\w.]+\s*", m[2]) else f"({m[2]})"),
-                             text)
-        unwrapped = _WRAPPER.sub(lambda m: f" {m[1][1:-1]} ", script)
-        if unwrapped == text:
-            break
-        text = unwrapped
-    return text
-
-
-def formula_form(text: str) -> str:
-    """``text`` written one way for comparing formulas: lowercase; LaTeX's $s, \\left / \\right, spacing commands,
-    markdown's ** and __ dropped, \\boxed{..} and \\text{..} unwrapped, a script's braces dropped around one token
-    (others kept); \\cdot, \\times, × and · as "*", \\le / \\ge / \\ne (≤ ≥ ≠, \\leqslant ..., \\lt, \\gt) as <= >= !=
-    < >, "−" as "-", ± as \\pm, \\dfrac / \\tfrac as \\frac, ² as ^2; one space around each operator character and
-    between words, none inside parentheses, none between a number (or a closing brace) and a lone letter (a "*"
-    between them is dropped): "$y=2 x^{2} \\cdot 3$" is "y = 2x ^ 2 * 3", "**y = 2·x**" is "y = 2x"."""
-    text = _CHARGE.sub(r"\1", _FORMULA_SYMBOL.sub(lambda m: _FORMULA_SPELLING[m.group()], text))
-    text = re.sub(rf"([{_OPERATORS}])", r" \1 ", _unwrapped(_FORMULA_NOISE.sub("", text.lower())))
-    text = re.sub(r"\( | \)", lambda m: m.group().strip(), " ".join(text.split()))
-    return re.sub(r"(?<=[\d}]) (?:\* )?(?=[a-z](?![a-z]))", "", text)  # "2 x", "2 * x" are "2x"; "3 is" stays
-
-
-def _formula_matches(text: str, formula: str) -> list[tuple[int, int]]:
-    """The (start, end) of each occurrence of ``formula`` in ``text`` (both ``formula_form``) that is not part of
-    a longer formula."""
-    spans, start = [], text.find(formula)
-    equals_may_precede = not _RELATION.search(formula)
-    while start >= 0 and formula:
-        end, before = start + len(formula), text[max(0, start - 20):start]
-        joined = _BEFORE_MATCH.search(before) and not (equals_may_precede and _BEFORE_EQUALS.search(before))
-        if not joined and not _AFTER_MATCH.match(text, end):
-            spans.append((start, end))
-        start = text.find(formula, start + 1)
-    return spans
 
 
 def _affirmed(text: str, start: int, end: int) -> bool:
@@ -293,18 +214,6 @@ def _affirmed(text: str, start: int, end: int) -> bool:
     before = tokens(f"{text[max(0, start - 100):start]} {placeholder}")[:-1]
     context = [*before, placeholder, *tokens(f"{placeholder} {text[end:end + 100]}")[1:]]
     return not _negated(context, len(before)) and "or" not in _beside(context, len(before), len(before) + 1)
-
-
-def _same_shape(run: str, formula: str) -> bool:
-    """Whether the formula ``run`` (``formula_form``) may be compared with the answer ``formula``: both a relation
-    or neither, with the same left-hand side where the answer's is one letter ("z = 2x + 3", "3x = 2" are not
-    "y = 2x + 3", "x = 2"), a letter where the answer has one."""
-    if bool(_RELATION.search(run)) != bool(_RELATION.search(formula)):
-        return False
-    if re.search("[a-z]", formula) and not re.search("[a-z]", run):
-        return False
-    lhs = _RELATION.split(formula, 1)[0].strip()
-    return not (_RELATION.search(formula) and re.fullmatch("[a-z]", lhs) and _RELATION.split(run, 1)[0].strip() != lhs)
 
 
 # ---- the rule judge ------------------------------------------------------------------------------
@@ -348,18 +257,21 @@ class RuleJudge:
        ("answer is", "answer:", "=", "\\boxed{", "####") if it is followed by any, else every number in
        the response; numbers negated ("not 3") are dropped. Right iff the candidates are exactly one
        value, equal to the answer's (relative tolerance 1e-6). "3 or 4" is wrong for 3.
-    5. formula answer (an operator other than a fraction's "/" or a word's hyphen: "y = 2x + 3", "x^2+1",
-       "x < 2", "x-1", "C++"; a number with a unit, "60 km/h" or "5 cm^2", is a phrase): both texts are written
-       one way (``formula_form``: spacing, case, markdown's bold, LaTeX's $s, \\boxed{} and spellings, \\cdot
-       / \\times as *, \\le / \\ge as <= / >=, a script's braces around one token), and the answer's
-       occurrences in the response that are not part of a longer formula ("y = 2x + 3x", "z - y = 2x + 3",
-       "(x-1)^2", "2(x+1)", "\\sin x + 1") are its candidates; where there are none, the response's last formula
-       written without LaTeX ("y = 3 + 2x") where it has the answer's shape (a relation or not, the same
-       one-letter left-hand side) and math_verify finds it equivalent. Right iff a candidate is neither negated
-       nor hedged (as in rule 6). With no candidate: math_verify decides on the response's LaTeX ("$1 + x^2$",
-       "\\frac{x}{2}"); without LaTeX, an answer "x = 2" is the number 2 where the response writes no "=" ("The
-       answer is 2."), and one without letters the number it evaluates to ("2 \\times 10^5" is 200000, with
-       math_verify); else wrong. Operators count: "y = 2x - 3" is wrong for "y=2x+3", "x < 2" for "x > 2".
+    5. formula answer (``judges_formula.is_formula``: an operator other than a fraction's "/", a word's hyphen or a
+       footnote's "*": "y = 2x + 3", "x^2+1", "x < 2", "x-1", "4 - \\pi", "C++"; a number with a unit, "60 km/h",
+       "5 cm^2", "€2.50/kg", is a phrase): both texts are written one way (``judges_formula.formula_form``:
+       spacing, case, markdown's bold, LaTeX's $s and \\boxed{}, spellings such as \\cdot / × for *, \\le / ≤
+       for <=, decimals, a script's braces around one token, an ion's charge), and the answer's occurrences in
+       the response that are not part of a longer formula ("y = 2x + 3x", "z - y = 2x + 3", "(x-1)^2", "2(x+1)",
+       "\\sin x + 1", "\\frac{x+1}{2}", "|x+1|", "0.5x + 3") are its candidates; where there are none, the
+       response's last formula written without LaTeX ("y = 3 + 2x") where it has the answer's shape (a relation or
+       not, the same one-letter left-hand side) and math_verify finds it equivalent. Right iff a candidate is
+       neither negated nor hedged (as in rule 6). With no candidate: math_verify decides on the response's LaTeX
+       alone ("$1 + x^2$", "\\frac{x}{2}"; not the plain "2" of "$x = 3$, one of 2 roots"); without LaTeX, an
+       answer "x = 2" (a name, "=", a number) is the number 2 where the response writes no relation and no "^"
+       ("The answer is 2."; "x < 2" is wrong), and one without letters the number it evaluates to ("2 \\times
+       10^5" is 200000, with math_verify); else wrong. Operators count: "y = 2x - 3" is wrong for "y=2x+3", "x < 2"
+       for "x > 2".
     6. anything else (a word or phrase): right iff the response is the answer, or contains the
        answer as a phrase (its last word may be plural) that is
        - not negated: no "not / no / never / neither / nor / without / none" among the 3 words before
@@ -375,7 +287,9 @@ class RuleJudge:
        overrides a rule that found a candidate ("not 7" stays wrong for 7).
 
     math_verify runs with its timeouts in the main thread and without them in any other (they use SIGALRM,
-    which only the main thread can set), so a thread pool gets the same verdicts.
+    which only the main thread can set), so a thread pool gets the same verdicts, except on what makes it time out:
+    formulas known to take it minutes or forever (``judges_formula.too_costly``: power towers, exponents of three
+    digits or summing past 40) are not given to it in rule 5; elsewhere a thread waits for it.
 
     Limits: a long response that mentions the answer in passing is judged right; number words above twenty that are
     not multiples of ten ("twenty-one") are not read, nor are compounds past a scale word ("one hundred twenty" is
@@ -389,7 +303,9 @@ class RuleJudge:
     math_verify only as operands joined by operators (numbers, one letter, a number times one letter), and only a
     response's last one: "x/2" is not found in "0.5x", "x = 2.0" is right for "x=2" only with math_verify;
     without math_verify a formula must be written as the answer is (spacing, case and LaTeX aside). A formula's
-    negation is read only from the words before it: "x > 2 is false" is right for "x > 2".
+    negation is read only from the words before it: "x > 2 is false" is right for "x > 2". LaTeX outside $s
+    is read as its commands alone: "y = \\frac{1}{2}x + 1" is not found right for "y = 0.5x + 1". A response
+    "A+" is empty once normalised ("a" is an article): rule 2 finds it wrong, also for the answer "A+".
     """
 
     def __init__(self, use_math_verify: bool = True):
@@ -421,7 +337,7 @@ class RuleJudge:
             return said == ({"yes"} if ans[0] in _YES else {"no"})
         if len(ans) == 1 and _number(ans[0]) is not None:
             return self._numeric(_number(ans[0]), text, res, answer)
-        if _FORMULA_ANSWER.search(answer) and not _UNIT_ANSWER.fullmatch(answer.strip()):
+        if is_formula(answer):
             return self._formula(answer, response)
         return self._phrase(ans, res, answer, response)
 
@@ -460,49 +376,45 @@ class RuleJudge:
 
     def _formula(self, answer: str, response: str) -> bool:
         text, formula = formula_form(response), formula_form(answer)
-        if spans := _formula_matches(text, formula):
+        if spans := occurrences(text, formula):
             return any(_affirmed(text, *span) for span in spans)
         if span := self._equivalent_last_run(formula, answer, response):
             return _affirmed(response, *span)
-        if _LATEX.search(response):
-            delimited = _DELIMITED.search(response)
-            return self._math_verify(answer, response if delimited else _LATEX_FRAGMENT.sub(r"$\g<0>$", response))
+        if has_latex(response):  # math_verify reads LaTeX only, not the last plain number ("... of the 2 roots")
+            return not too_costly(response) and self._math_verify(answer, delimited(response), latex_only=True)
         # The answer's value, where the response writes no formula: "The answer is 2." for "x=2", "200000" for
-        # "2 \times 10^5".
-        if (variable := _VARIABLE_VALUE.fullmatch(answer.strip())) and "=" not in response:
-            return self.check(variable[1], response)
-        if self.use_math_verify and not _TOWER.search(answer) and (value := _evaluated(answer.strip())):
+        # "2 \times 10^5" (but "x < 2" is not "x = 2").
+        if (value := variable_value(answer)) is not None and not re.search(r"[=<>^]", text):
+            return self.check(value, response)
+        if self.use_math_verify and not too_costly(answer) and (value := _evaluated(answer.strip())):
             return self.check(value, response)
         return False
 
     def _equivalent_last_run(self, formula: str, answer: str, response: str) -> tuple[int, int] | None:
-        """The span of ``response``'s last formula written without LaTeX (``_BARE_RUN``) where it has the shape of
-        the answer (``formula``: ``_same_shape``) and math_verify finds it equivalent; None without math_verify.
-        Only the last: an equivalent formula met on the way ("x + 3 = 8 so x = 6" holds "x = 5") is no answer."""
-        if not self.use_math_verify:
+        """The span of ``response``'s last formula written without LaTeX (``last_bare_formula``) where it has the
+        shape of the answer (``formula``: ``same_shape``) and math_verify finds it equivalent; None without
+        math_verify. Only the last: an equivalent formula met on the way ("x + 3 = 8 so x = 6" holds "x = 5") is
+        no answer."""
+        if not self.use_math_verify or (span := last_bare_formula(response)) is None:
             return None
-        run = None
-        for run in _BARE_RUN.finditer(response):
-            pass
-        if run is None or len(run.group()) > _MAX_RUN_CHARS or _TOWER.search(run.group()):
-            return None
-        start, end = run.span()  # "2(x+1)", "\\sin x + 1": the run is part of a longer formula
-        if _BEFORE_MATCH.search(response[max(0, start - 20):start]) or _AFTER_MATCH.match(response, end):
-            return None
-        if not _same_shape(formula_form(run.group()), formula):
-            return None
-        return run.span() if self._math_verify(answer, f"${run.group()}$") else None
+        run = response[span[0]:span[1]]
+        return span if same_shape(formula_form(run), formula) and self._math_verify(answer, f"${run}$") else None
 
-    def _math_verify(self, answer: str, response: str) -> bool:
+    def _math_verify(self, answer: str, response: str, latex_only: bool = False) -> bool:
+        """Whether math_verify finds ``response`` equivalent to ``answer``; with ``latex_only`` it reads only the
+        response's LaTeX (by default also plain numbers and expressions: its last plain number, where it has no
+        LaTeX)."""
         if not self.use_math_verify:
             return False
         try:
             # math_verify reads LaTeX between $s (or in \boxed{}); a bare 2\sqrt{2} it would read as 2, a bare
             # x^2+1 not at all.
             bare = "$" not in answer and ("\\" in answer or _BARE_FORMULA.fullmatch(answer.strip())
-                                           or _FORMULA_ANSWER.search(answer))
+                                           or is_formula(answer))
             answer = f"${answer}$" if bare else answer
-            gold, target = (math_verify.parse(t, **_no_alarm("parsing_timeout")) for t in (answer, response))
+            gold = math_verify.parse(answer, **_no_alarm("parsing_timeout"))
+            configs = {"extraction_config": [math_verify.LatexExtractionConfig()]} if latex_only else {}
+            target = math_verify.parse(response, **configs, **_no_alarm("parsing_timeout"))
             return bool(math_verify.verify(gold, target, **_no_alarm("timeout_seconds")))
         except Exception:  # math_verify raises on unparsable text; that is "not equivalent"
             return False
