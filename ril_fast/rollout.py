@@ -15,7 +15,7 @@ hold ~1e-5 of the probability). Generation stops at the end-of-turn token (``pro
 A sharded model (the ``Sharded`` root from ``ril_fast.distributed.shard_model``) runs inside
 ``ril_fast.distributed.gathered``: its parameters are all-gathered once for the whole call, and the
 forwards of generation run no collectives, so ranks may hold different numbers of prompts and finish
-at different steps.
+at different steps; its decoder blocks run without FSDP's forward hooks (``bare_blocks``).
 """
 
 import contextlib
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast.distributed import gathered, unwrap
+from ril_fast.distributed import bare_blocks, gathered, unwrap
 from ril_fast.models import vision_once
 from ril_fast.packing import Encoded, Processor, image_inputs
 
@@ -175,7 +175,7 @@ def sample_responses(model, processor: Processor, examples: list[dict], *, group
     step = max_batch or len(prompts)
     flat: list[Rollout] = []
     rng_devices = [device] if device.type == "cuda" else []
-    with gathered(model), _neutral_generation_config(hf), torch.no_grad(), _fast_cpu_sampling(), \
+    with gathered(model), torch.no_grad(), bare_blocks(hf), _neutral_generation_config(hf), _fast_cpu_sampling(), \
             torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), step):

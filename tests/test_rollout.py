@@ -14,6 +14,7 @@ Random tiny models rarely emit the end-of-turn token, so the ``eos`` models scal
 the end-of-turn handling is exercised.
 """
 
+import contextlib
 import copy
 import inspect
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from helpers import vision_rows_seen
-from ril_fast import packing, rollout
+from ril_fast import distributed, packing, rollout
 from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.packing import Encoded, pack
 from ril_fast.rollout import Rollout, sample_responses
@@ -312,3 +313,77 @@ def test_a_questions_prompts_share_their_images(arch, tmp_path_factory, monkeypa
     distinct = sum(proc.encode_prompt(ex["question"], ex["images"]).pixel_values.shape[0] for ex in examples)
     assert seen == [distinct, G * distinct]
     assert [[r.token_ids for r in g] for g in shared] == [[r.token_ids for r in g] for g in own]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A sharded student: its decoder blocks decode without FSDP's forward hooks (distributed.bare_blocks)
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_rank():
+    """This process as a 1-rank gloo group (FSDP2 needs one), left as it was found."""
+    created = not torch.distributed.is_initialized()
+    distributed.init()
+    yield
+    if created:
+        distributed.destroy()
+
+
+def _fsdp_states_seen(blocks: list) -> tuple[list, list]:
+    """Hooks of ours that run after FSDP's forward pre-hook (FSDP prepends its own) and record each block's
+    FSDP training state: FORWARD when FSDP's pre-hook ran, IDLE when the block ran bare."""
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(m._get_fsdp_state()._training_state))
+               for b in blocks]
+    return seen, handles
+
+
+@pytest.mark.parametrize("arch", ARCHS + ("internvl",))
+def test_sharded_bf16_generation_runs_blocks_bare(arch, eos_loaded, tmp_path_factory, one_rank):
+    """Generation by a sharded bf16 student runs its decoder blocks without FSDP's hooks (the hooks of
+    ours stay), samples what the hooked blocks sample (FSDP's input casts were no-ops: every block input
+    is already bf16), and gives the hooks back afterwards (the control run goes through them)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    if arch == "internvl":
+        model, proc = load(tiny_folder(tmp_path_factory, arch), device="cpu")
+    else:
+        model, proc = eos_loaded[arch]
+    sharded = distributed.shard_model(copy.deepcopy(model), mixed_precision=True)
+    blocks = distributed.decoder_blocks(sharded)
+    seen, handles = _fsdp_states_seen(blocks)
+    examples = random_samples(IMAGES.get(arch, [1, 0, 2]))
+    seed = int(torch.randint(1 << 30, ()))
+    bare = sample_responses(sharded, proc, examples, group_size=2, max_new_tokens=8, seed=seed)
+    bare_seen, seen[:] = seen[:], []
+    real = rollout.bare_blocks
+    rollout.bare_blocks = lambda m: contextlib.nullcontext(m)
+    try:
+        hooked = sample_responses(sharded, proc, examples, group_size=2, max_new_tokens=8, seed=seed)
+    finally:
+        rollout.bare_blocks = real
+    for h in handles:
+        h.remove()
+    assert [[r.token_ids for r in g] for g in bare] == [[r.token_ids for r in g] for g in hooked]
+    assert len(bare_seen) == len(seen) >= len(blocks) * 2  # the prefill and at least one more token
+    assert set(bare_seen) == {TrainingState.IDLE}
+    assert set(seen) == {TrainingState.FORWARD}
+
+
+def test_bare_blocks_is_scoped(loaded, one_rank):
+    """Refused with grad enabled; outside gathered() the blocks keep their hooks (they must gather); inside,
+    FSDP's hooks are gone, and come back (the same hook dicts) when the block exits, by an error too."""
+    model, _ = loaded["qwen2"]
+    sharded = distributed.shard_model(copy.deepcopy(model), mixed_precision=False)
+    block = distributed.decoder_blocks(sharded)[0]
+    before = (block._forward_pre_hooks, block._forward_hooks)
+    assert before[0] and before[1]
+    with pytest.raises(RuntimeError, match="no-grad"), distributed.bare_blocks(sharded):
+        pass
+    with torch.no_grad(), distributed.bare_blocks(sharded):
+        assert (block._forward_pre_hooks, block._forward_hooks) == before
+    with pytest.raises(ValueError, match="inside"), torch.no_grad(), distributed.gathered(sharded), \
+            distributed.bare_blocks(sharded):
+        assert not block._forward_pre_hooks and not block._forward_hooks
+        raise ValueError("inside")
+    assert (block._forward_pre_hooks, block._forward_hooks) == before
+    assert block._forward_pre_hooks is before[0] and block._forward_hooks is before[1]
