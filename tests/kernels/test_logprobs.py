@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import assert_close_rule, poison_empty
+from helpers import assert_close_rule, nudge_off_clip_bounds, poison_empty
 
 import ril_fast.kernels.logprobs as lp_mod
 from ril_fast.kernels import token_logprobs
@@ -184,10 +184,13 @@ def test_logprobs_into_loss_matches_liger(impl, device):
     ids = torch.randint(0, V, (B, T), device=device)
     attn = (torch.arange(T, device=device)[None, :] < torch.randint(1, T + 1, (B, 1), device=device)).long()
     adv = torch.randn(B, device=device)
-    with torch.no_grad():
-        lp0 = token_logprobs_reference(hidden.reshape(-1, H), weight, ids.reshape(-1)).logprobs.reshape(B, T)
-    old, ref = lp0 + 0.1 * torch.randn_like(lp0), lp0 + 0.1 * torch.randn_like(lp0)
     temperature = 0.9
+    with torch.no_grad():
+        lp0 = token_logprobs_reference(hidden.reshape(-1, H), weight, ids.reshape(-1),
+                                       temperature=temperature).logprobs.reshape(B, T)
+    # Liger's and our defaults clip the ratio to [0.8, 1.2]
+    old = nudge_off_clip_bounds(lp0, lp0 + 0.1 * torch.randn_like(lp0), 0.2, 0.2)
+    ref = lp0 + 0.1 * torch.randn_like(lp0)
     liger = LigerFusedLinearGRPOLoss(beta=0.05, use_ref_model=True, loss_type="dr_grpo", max_completion_length=L_max,
                                      compiled=False, temperature=temperature)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
