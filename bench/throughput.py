@@ -342,7 +342,8 @@ def main(argv=None):
     if main_rank:
         print(f"# ril_fast throughput: preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''} "
               f"on {device} x{dist.world_size} — git {sha} — {date}")
-        print(f"measured peaks: {'bf16' if CUDA else 'fp32'} matmul {peak_tflops:.4g} TFLOP/s, copy {copy_gbps:.4g} GB/s")
+        print(f"measured peaks: {'bf16' if CUDA else 'fp32'} matmul {peak_tflops:.4g} TFLOP/s, "
+              f"copy {copy_gbps:.4g} GB/s")
         print(f"student {plan['student_params'] / 1e9:.3g} B params; trained state (fp32 weights, AdamW, one "
               f"model's gradients) {plan['state'] / 2**30:.3g} GiB + reference {plan['reference'] / 2**30:.3g} GiB "
               f"before activations, over {dist.world_size} rank(s)")
@@ -418,8 +419,9 @@ def report(tables, isolated, base) -> None:
                ("tflop", "TFLOP/step"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_gib", "peak GiB"),
                ("gb_per_s", "GB/s"), ("note", "note")]
     first = tables[0][1][0]
-    print(f"\nworkload per step: {first['questions_per_step']} questions, G = {first['group_size']}, μ = {first['mu']}, "
-          f"β = {first['beta']}, L_max = {first['max_new_tokens']}; mean tokens: prompt {first['prompt_tokens']}, "
+    print(f"\nworkload per step: {first['questions_per_step']} questions, G = {first['group_size']}, "
+          f"μ = {first['mu']}, β = {first['beta']}, L_max = {first['max_new_tokens']}; "
+          f"mean tokens: prompt {first['prompt_tokens']}, "
           f"student response {first['student_tokens']}, teacher response {first['teacher_tokens'] or '-'}")
     for (layout, kernels), rows in tables:
         print(f"\n### {layout} + {kernels}{' (base)' if (layout, kernels) == base else ''}\n")

@@ -389,7 +389,8 @@ def token_logprobs(
         dtypes, d weight accumulated in fp32).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(f"hidden must be (N, H) and weight (V, H); "
+                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden and weight must share a dtype; got {hidden.dtype} and {weight.dtype}")
     if targets.shape != hidden.shape[:1] or targets.dtype not in (torch.int64, torch.int32):

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"model": str(args.model), "data": str(args.data), "judge": judge.name, **summarise(records),
                "max_new_tokens": args.max_new_tokens, "seconds": round(time.perf_counter() - start, 3)}
     # evaluate()'s own reduction over ranks and the gathered records must tell the same story.
-    assert abs(summary["accuracy"] - metrics["eval_accuracy"]) < 1e-9 and summary["examples"] == metrics["eval_examples"]
+    assert abs(summary["accuracy"] - metrics["eval_accuracy"]) < 1e-9
+    assert summary["examples"] == metrics["eval_examples"]
     if dist.is_main:
         with (out / "examples.jsonl").open("w", encoding="utf-8") as f:
             for r in records:

@@ -301,8 +301,9 @@ def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
 
 
 def test_records_until_keeps_what_an_uninterrupted_run_had_written(tmp_path):
-    records = [{"step": 0, "eval_accuracy": 0.1}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0, "eval_accuracy": 0.2},
-               {"step": 3, "loss": 3.0}, {"step": 3, "eval_accuracy": 0.3}]
+    records = [{"step": 0, "eval_accuracy": 0.1}, {"step": 1, "loss": 1.0},
+               {"step": 2, "loss": 2.0, "eval_accuracy": 0.2}, {"step": 3, "loss": 3.0},
+               {"step": 3, "eval_accuracy": 0.3}]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # cut short by a kill
     assert records_until(path, 2) == records[:3]

@@ -325,7 +325,8 @@ torch.manual_seed(int(sys.argv[3]))
 samples = random_samples(json.loads(sys.argv[2]))
 out = {}
 # The CPU model first: on CUDA, load applies Liger, which patches transformers for the whole process.
-for name, dtype, attn, device in (("cpu", torch.float32, Attn.SDPA, "cpu"), ("fp32", torch.float32, Attn.VARLEN, "cuda"),
+for name, dtype, attn, device in (("cpu", torch.float32, Attn.SDPA, "cpu"),
+                                  ("fp32", torch.float32, Attn.VARLEN, "cuda"),
                                   ("sdpa", torch.bfloat16, Attn.SDPA, "cuda"),
                                   ("varlen", torch.bfloat16, Attn.VARLEN, "cuda")):
     model, proc = load(sys.argv[1], dtype=dtype, attn=attn, device=device)

@@ -121,9 +121,11 @@ def test_reward_stats_by_hand():
     three = build_groups(students + [["s5", "s6"]], teachers + [[("T", "t5"), ("U", "t6")]],
                          torch.cat([r_ans, torch.tensor([1.0, 1, 0, 0])]), torch.cat([disc, torch.full((4,), 0.9)]))
     typed = reward_stats(three, ["shape", "color", "color"])
-    assert typed["teacher_advantage/color"] == pytest.approx((0.25 - 0.5) / 2) and typed["teacher_advantage/shape"] == 0.25
+    assert typed["teacher_advantage/color"] == pytest.approx((0.25 - 0.5) / 2)
+    assert typed["teacher_advantage/shape"] == 0.25
     assert typed["teacher_advantage"] == pytest.approx((0.25 + 0.25 - 0.5) / 3)
-    assert "student_answer_reward/shape" not in reward_stats(build_groups(students, teachers, r_ans, disc), [None, None])
+    untyped = reward_stats(build_groups(students, teachers, r_ans, disc), [None, None])
+    assert "student_answer_reward/shape" not in untyped
     assert reward_stats([]) == {}
 
 

@@ -92,7 +92,8 @@ def test_demo_settings_vocabulary_and_image_tokens(tmp_path):
     wide = make_tiny(tmp_path / "wide", "qwen2_5_vl", vision_hidden=64, image_tokens=16)
     config = AutoConfig.from_pretrained(wide).vision_config
     assert (config.hidden_size, config.intermediate_size, config.out_hidden_size) == (64, 128, 64)
-    grid = AutoImageProcessor.from_pretrained(wide)(images=[random_image(64, 64)], return_tensors="pt")["image_grid_thw"]
+    processor = AutoImageProcessor.from_pretrained(wide)
+    grid = processor(images=[random_image(64, 64)], return_tensors="pt")["image_grid_thw"]
     assert grid.tolist() == [[1, 8, 8]]  # upscaled to 112x112: 8x8 patches, merged 2x2 into 16 tokens
     assert _digest(make_tiny(tmp_path / "again", **STUDENT))["tokenizer.json"] == _digest(big)["tokenizer.json"]
     with pytest.raises(ValueError, match="Qwen2.5-VL settings"):

@@ -186,7 +186,8 @@ text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_pr
 pixels = image_processor(images=[Image.open(image).convert("RGB")], return_tensors="pt")
 n_image = int(pixels["image_grid_thw"].prod()) // model.config.vision_config.spatial_merge_size ** 2
 pad = model.config.image_token_id
-ids = [t for i in tokenizer(text, add_special_tokens=False)["input_ids"] for t in ([pad] * n_image if i == pad else [i])]
+ids = [t for i in tokenizer(text, add_special_tokens=False)["input_ids"]
+       for t in ([pad] * n_image if i == pad else [i])]
 ids = torch.tensor([ids])
 with torch.no_grad():
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,

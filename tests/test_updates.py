@@ -146,7 +146,8 @@ def test_disc_pass_is_eq1_and_learns(qwen_vl):
     path, _, proc = qwen_vl
     disc, _ = Discriminator.from_student(path, device="cpu", init_std=0.02)
     student = random_samples([1, 0, 1, 0])
-    teacher = [dict(s, response="The answer is clearly stated here: " + s["response"]) for s in random_samples([0, 1, 0, 1])]
+    teacher = [dict(s, response="The answer is clearly stated here: " + s["response"])
+               for s in random_samples([0, 1, 0, 1])]
     samples = student + teacher
     labels = torch.tensor([1.0] * len(student) + [0.0] * len(teacher))
     encoded = encode_all(proc, samples)

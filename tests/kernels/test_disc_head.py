@@ -98,7 +98,8 @@ def check_against_oracle(hidden, weight, bias, starts, ends, pool, impl, atol, r
     ref = value_and_grads(lambda h, w, b: oracle(h, w, b, starts, ends, pool), hidden, weight, bias, g)
     if impl == "triton":
         poison_empty(monkeypatch)
-    got = value_and_grads(lambda h, w, b: disc_head(h, w, b, starts, ends, pool=pool, impl=impl), hidden, weight, bias, g)
+    got = value_and_grads(lambda h, w, b: disc_head(h, w, b, starts, ends, pool=pool, impl=impl),
+                          hidden, weight, bias, g)
     assert got[0].dtype == torch.float32
     assert [t.dtype for t in got[1:]] == [hidden.dtype, weight.dtype, bias.dtype]
     for name, out, same, r64 in zip(["logits", "d hidden", "d weight", "d bias"], got, ref, ref64):
