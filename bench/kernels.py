@@ -133,6 +133,7 @@ def logprobs_loss_providers(n, h, v, dtype):
 
 
 def grpo_loss_providers(n):
+    """The Dr.GRPO loss over ``n`` random tokens (old and reference log-probs, β = 0.04), per implementation."""
     device = "cuda" if CUDA else "cpu"
     lp = (torch.randn(n, device=device) - 2).requires_grad_()
     adv, mask = torch.randn(n, device=device), torch.rand(n, device=device) > 0.1
@@ -143,6 +144,8 @@ def grpo_loss_providers(n):
 
 
 def disc_head_providers(n, h, seqs, dtype):
+    """The discriminator head's mean pooling over ``seqs`` equal samples of ``n`` tokens in all (``h`` wide,
+    ``dtype``; each sample's second half is its response), per implementation."""
     device = "cuda" if CUDA else "cpu"
     hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
     weight = torch.randn(h, device=device, requires_grad=True)
@@ -164,6 +167,7 @@ def disc_head_providers(n, h, seqs, dtype):
 # Main
 # ----------------------------------------------------------------------------------------------------
 def main(argv=None):
+    """Time every provider of every kernel (forward, backward, full), print the tables and write the CSV rows."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, help="tokens (default 16384 on GPU, 1024 on CPU)")
     p.add_argument("--h", type=int, help="hidden size (default 3584 on GPU, 256 on CPU)")

@@ -113,10 +113,12 @@ class Encoded:
 
     @property
     def length(self) -> int:
+        """Tokens of the whole sample, prompt and response."""
         return self.input_ids.numel()
 
     @property
     def response_len(self) -> int:
+        """Tokens of the response."""
         return self.length - self.prompt_len
 
 
