@@ -33,6 +33,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_rank():
+    """This process as a 1-rank gloo group (FSDP2 needs one), left as it was found."""
+    from ril_fast import distributed
+
+    created = not torch.distributed.is_initialized()
+    distributed.init()
+    yield
+    if created:
+        distributed.destroy()
+
+
 def random_image(width: int, height: int) -> Image.Image:
     """An RGB image of random pixels (from torch's generator, so the test seed replays it)."""
     return Image.fromarray((torch.rand(height, width, 3) * 255).byte().numpy())

@@ -11,6 +11,7 @@ leaves room for a different reduction order elsewhere. bf16 follows the project'
 the error of the unsharded model run in bf16, plus 1e-3.
 """
 
+import copy
 import json
 import os
 import resource
@@ -22,11 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ril_fast.discriminator import Discriminator
-from ril_fast.distributed import Sharded, decoder_blocks, vision_tower
-from ril_fast.models import load
-from tests.models_fixtures import one_thread, tiny_folder  # noqa: F401
+from ril_fast.distributed import (Sharded, _reshards_after_forward, call, decoder_blocks, fsdp_modules, shard_model,
+                                  vision_tower)
+from ril_fast.models import load, packed_logprobs
+from ril_fast.packing import pack
+from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_folder  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "fsdp_checks.py"
@@ -94,6 +99,42 @@ def test_sharded_wrapper_calls_through():
     wrapper = Sharded(lin)
     assert torch.equal(wrapper(x), lin(x))
     assert torch.equal(wrapper(x, fn=lambda m, v, scale: m(v) * scale, scale=2.0), lin(x) * 2)
+
+
+class _CopyCount(TorchDispatchMode):
+    """Counts the copies (``copy_``, ``_to_copy``, split copies) that the ops inside the block run."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += "copy" in func.__name__
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_rank_keeps_the_gathered_blocks_from_forward_to_backward(folder, one_rank, one_thread):  # noqa: F811
+    """On one rank the blocks and the vision tower do not free their gathered parameters after forward
+    (the backward would repeat every parameter's copies to gather them again): fewer copies, the same
+    log-probs and gradients bit for bit as resharding, and every parameter sharded again after backward."""
+    model, proc = load(folder, device="cpu")
+    batch = pack([proc.encode(s) for s in random_samples([1, 0, 2])])
+    weights = torch.randn(sum(batch.response_lengths))
+    runs = {}
+    for reshard in (None, True):
+        sharded = shard_model(copy.deepcopy(model), mixed_precision=False, reshard_after_forward=reshard)
+        units = fsdp_modules(sharded)[1:]  # all but the root, which always keeps its parameters
+        assert len(units) == 3 and [_reshards_after_forward(u) for u in units] == [bool(reshard)] * 3
+        with _CopyCount() as counted:
+            lp = call(sharded, packed_logprobs, batch).logprobs
+            (lp * weights).sum().backward()
+        assert all(isinstance(p, DTensor) for p in sharded.parameters())
+        runs[reshard] = lp.detach(), {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}, counted.copies
+    (lp_kept, grads_kept, copies_kept), (lp_resharded, grads_resharded, copies_resharded) = runs[None], runs[True]
+    assert torch.equal(lp_kept, lp_resharded)
+    assert grads_kept.keys() == grads_resharded.keys()
+    assert all(torch.equal(grads_kept[n], grads_resharded[n]) for n in grads_kept)
+    assert copies_kept < copies_resharded
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ril_fast import distributed, packing, rollout
 from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.packing import Encoded, pack
 from ril_fast.rollout import Rollout, sample_responses
-from tests.models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
+from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_folder  # noqa: F401
 
 ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2")
 IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen3_vl": [1, 2, 0, 1], "qwen3_5": [2, 0, 1, 1], "qwen2": [0, 0, 0, 0]}
@@ -318,16 +318,6 @@ def test_a_questions_prompts_share_their_images(arch, tmp_path_factory, monkeypa
 # ----------------------------------------------------------------------------------------------------
 # A sharded student: its decoder blocks decode without FSDP's forward hooks (distributed.bare_blocks)
 # ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def one_rank():
-    """This process as a 1-rank gloo group (FSDP2 needs one), left as it was found."""
-    created = not torch.distributed.is_initialized()
-    distributed.init()
-    yield
-    if created:
-        distributed.destroy()
-
-
 def _fsdp_states_seen(blocks: list) -> tuple[list, list]:
     """Hooks of ours that run after FSDP's forward pre-hook (FSDP prepends its own) and record each block's
     FSDP training state: FORWARD when FSDP's pre-hook ran, IDLE when the block ran bare."""
