@@ -22,7 +22,7 @@ Where this departs from, or fills in, the paper (its code is not public):
   modules enter training mode during the updates, which transformers needs to recompute them; their
   attention and dropout modules stay in eval mode.)
 
-Checkpoints (``ril_fast.checkpoint``) are written every ``checkpoint_every`` steps, after the last step
+Checkpoints (``ril_fast.lifecycle``) are written every ``checkpoint_every`` steps, after the last step
 and on SIGTERM or Ctrl-C; the same command run again continues from the newest one, with the same
 per-step metrics as a run that was never stopped (after the last step: nothing to do).
 """
@@ -31,16 +31,13 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sqlite3
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from ril_fast import checkpoint, distributed, schedule
 from ril_fast.config import Config, ConfigError, load_config
@@ -48,7 +45,7 @@ from ril_fast.data import Batches, DataError, Example, load_examples, load_teach
 from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
-from ril_fast.export import export_hf, save_hf_files
+from ril_fast.export import export_hf
 from ril_fast.files import InUse, lock_folder, model_folder_problem, unlock_folder, write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, judge_store, make_judge_from_config
@@ -56,14 +53,13 @@ from ril_fast.judges_http import OpenAIClient
 from ril_fast.metrics import PhaseTimer, RunLog
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.kernels._triton import interpreting
+from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, finished, load_checkpoint, resume_point, save_checkpoint,
+                               sigterm_when_torchrun_dies, stop_on_signals)
 from ril_fast.models import Kernels, enable_activation_checkpointing, load
 from ril_fast.packing import ModelKind, Processor, UnsupportedModel
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
 from ril_fast.rollout import sample_responses
-
-
-FINISHED = "finished.json"  # written last, after final/ is complete: the step final/ was exported at
 
 
 class NothingToDo(Exception):
@@ -216,51 +212,6 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-@contextlib.contextmanager
-def stop_on_signals(run: Run):
-    """Inside the block, SIGTERM and Ctrl-C ask the run to stop after the step in flight
-    (``checkpoint_if_due``); the previous handlers come back after it. Under torchrun, the death of torchrun
-    is a SIGTERM too (:func:`sigterm_when_torchrun_dies`, which ``main`` calls first)."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        return
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    for signum in saved:
-        signal.signal(signum, lambda signum, frame: request_stop(run, signum))
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-
-
-def sigterm_when_torchrun_dies() -> None:
-    """Under torchrun on Linux, ask the kernel for a SIGTERM to this rank when torchrun, its parent, dies. A
-    SIGKILLed torchrun (an OOM killer, a lost login) leaves its ranks running otherwise, in sessions of their
-    own, writing the run folder beside the run started again; with it each rank checkpoints and stops (while
-    its models load, before ``stop_on_signals``, SIGTERM just ends it: there is nothing to save yet)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()  # torchrun; pid 1 where it is a container's first process, so no sign of its death
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # torchrun died before the request: nothing will send it
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def request_stop(run: Run, signum: int) -> None:
-    """SIGTERM or Ctrl-C: finish the step, checkpoint, stop. Repeats change nothing: torchrun passes a
-    Ctrl-C on to ranks that got it from the terminal already (and kills them after its grace period)."""
-    if run.dist.is_main and not run.stop_requested:
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        print(f"\n{name}: stopping after this step and its checkpoint" + (
-            "; torchrun kills the ranks after its --shutdown-timeout (30 s unless set): raise it where a step "
-            "takes longer" if "TORCHELASTIC_RUN_ID" in os.environ else ""), flush=True)
-    run.stop_requested.append(signum)
-
-
 def check_judge_and_kernels(cfg: Config, dist: distributed.Dist) -> None:
     """The settings that name things outside the config, checked before any model loads: an hf judge's model
     folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device."""
@@ -272,42 +223,6 @@ def check_judge_and_kernels(cfg: Config, dist: distributed.Dist) -> None:
     if cfg.loss.kernels is Kernels.TRITON and dist.device.type != "cuda" and not interpreting():
         raise ConfigError("loss.kernels=triton: Triton kernels need a GPU, or on the CPU the interpreter "
                           "(TRITON_INTERPRET=1); auto picks the chunked torch code here")
-
-
-def resume_point(cfg: Config) -> Path | None:
-    """The checkpoint the run continues from (``checkpoint.resolve``). Starting afresh or from an earlier
-    checkpoint is refused while ``output_dir`` holds later ones of another run: the next ``resume=auto``
-    and the pruning of old checkpoints would take theirs for this run's."""
-    try:
-        path = checkpoint.resolve(cfg.resume, cfg.output_dir)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.resume == "auto":
-        return path
-    step = -1 if path is None else checkpoint.saved_step(path)
-    later = [p.name for p in checkpoint.checkpoints(cfg.output_dir) if checkpoint.saved_step(p) > step]
-    if later:
-        raise ConfigError(f"resume={cfg.resume}: output_dir={cfg.output_dir} holds checkpoints of another run "
-                          f"({', '.join(later)}) that this one would mix with: choose another output_dir, or "
-                          f"delete them")
-    return path
-
-
-def finished(cfg: Config, resume_from: Path | None) -> bool:
-    """Resumed at its last step, and ``final/`` is the export of that step (``FINISHED``): nothing is
-    left to do. A run that wrote no checkpoint (``checkpoint_every=0``) and finished is done too at the
-    same ``steps``; at others it is refused, as it has nothing to continue from."""
-    marker = Path(cfg.output_dir) / FINISHED
-    done = json.loads(marker.read_text()).get("step") if marker.is_file() else None
-    if resume_from is not None:
-        return checkpoint.saved_step(resume_from) == cfg.steps and done == cfg.steps
-    if cfg.resume != "auto" or done is None:  # starting afresh
-        return False
-    if done == cfg.steps:
-        return True
-    raise ConfigError(f"output_dir={cfg.output_dir}: holds a run that finished at step {done} and wrote no "
-                      f"checkpoint to continue from (checkpoint_every=0): resume=none trains afresh over it, "
-                      f"or choose another output_dir")
 
 
 def load_data(cfg: Config, dist: distributed.Dist):
@@ -351,92 +266,6 @@ def load_data(cfg: Config, dist: distributed.Dist):
                 print(f"left out {len(bank.truncated)} teacher responses marked truncated (the first: "
                       f"{bank.truncated[0]})", flush=True)
     return examples, bank, eval_examples, batches
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints (ril_fast.checkpoint): models, optimisers, schedulers, data position, RNGs, counters
-# ----------------------------------------------------------------------------------------------------
-def _states(run: Run) -> dict:
-    states = {"student": checkpoint.TrainState(run.student, run.optimizer)}
-    if run.disc is not None:
-        states["disc"] = checkpoint.TrainState(run.disc, run.disc_optimizer)
-    return states
-
-
-_RUN_COUNTERS = ("skipped_steps", "bad_in_a_row")  # the same on every rank; "questions" is per rank
-
-
-def save_checkpoint(run: Run, step: int) -> Path:
-    """Write ``output_dir/step-{step}/`` (every rank calls this)."""
-    trainer = {"batches": run.batches.state_dict(), "scheduler": run.scheduler.state_dict(),
-               "counters": {k: run.counters[k] for k in _RUN_COUNTERS}}
-    return checkpoint.save(run.cfg.output_dir, step, run.dist, states=_states(run), trainer=trainer,
-                           counters=run.counters, rng=run.rng, config=run.cfg,
-                           hf_files=lambda folder: save_hf_files(run.student, run.processor, folder),
-                           keep=run.cfg.keep_checkpoints)
-
-
-def load_checkpoint(run: Run, path: Path) -> None:
-    """Continue ``run`` from the checkpoint at ``path``: the next step is the one after it. Settings
-    changed since it was written apply from here on (the optimisers' take this run's values); a
-    checkpoint that cannot continue this run (past ``steps``, another mode or batch size) is refused."""
-    cfg, changed = run.cfg, run.cfg.differences(path / "config.yaml")
-    saved_teachers = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("teachers")
-    if bool(saved_teachers) != bool(cfg.teachers):
-        raise ConfigError(f"resume={path}: the checkpoint is of " + ("an RIL run (teachers=...)" if saved_teachers
-                          else "an RL-only run (no teachers)") + ", this run is not: use another output_dir")
-    if run.disc_optimizer is not None and checkpoint.saved_param_groups(path, "disc") == 1:
-        # Written before the discriminator's AdamW took distributed.optimizer_groups: it goes on as saved.
-        run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=cfg.disc.lr,
-                                               weight_decay=cfg.disc.weight_decay, foreach=False)
-    saved = checkpoint.load(path, run.dist, states=_states(run), rng=run.rng)
-    if saved.step > cfg.steps:
-        raise ConfigError(f"resume={path}: the checkpoint is at step {saved.step}, past steps={cfg.steps}: raise "
-                          f"steps, or resume from an earlier checkpoint")
-    try:
-        run.batches.load_state_dict(saved.trainer["batches"])
-    except ValueError as e:
-        raise ConfigError(f"resume={path}: {e}: use the checkpoint's setting or another output_dir") from None
-    run.scheduler.load_state_dict(saved.trainer["scheduler"])
-    _apply_optimizer_settings(run)
-    run.counters.update(saved.trainer.get("counters", {}))  # kept when resharding drops the per-rank files
-    run.counters.update(saved.counters)
-    run.start_step = saved.step
-    if run.dist.is_main:
-        print(f"resuming from {path} (step {saved.step} of {cfg.steps})"
-              + (f"; settings changed since: {', '.join(changed)}" if changed else ""), flush=True)
-
-
-def _apply_optimizer_settings(run: Run) -> None:
-    """This run's optimiser settings over the restored ones (a checkpoint brings its own param groups):
-    the student's peak rate, betas and weight decay (the rate at the schedule's current point), the
-    discriminator's rate and weight decay."""
-    cfg, scheduler = run.cfg, run.scheduler
-    scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
-    for group, factor in zip(run.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-        group.update(initial_lr=cfg.optim.lr, lr=cfg.optim.lr * factor(scheduler.last_epoch),
-                     betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
-    scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
-    for group in run.disc_optimizer.param_groups if run.disc_optimizer is not None else []:
-        group.update(lr=cfg.disc.lr, weight_decay=cfg.disc.weight_decay)
-
-
-def checkpoint_if_due(run: Run, step: int) -> None:
-    """Save after ``step`` when it is a multiple of ``checkpoint_every`` or any rank got SIGTERM; in the
-    latter case stop the run once the checkpoint is written."""
-    stop = _agree(run, bool(run.stop_requested))
-    if stop or (run.cfg.checkpoint_every and step % run.cfg.checkpoint_every == 0):
-        path = save_checkpoint(run, step)
-    if stop:
-        run.log.close()
-        cause = "Ctrl-C" if signal.SIGINT in run.stop_requested else "SIGTERM"
-        raise SystemExit(f"stopped by {cause} after step {step}: checkpoint {path} "
-                         f"written; run the same command to resume" if run.dist.is_main else 1)
-
-
-def _agree(run: Run, flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any (so all ranks stop after the same step)."""
-    return bool(distributed.all_reduce_max(torch.tensor(int(flag), device=run.dist.device)))
 
 
 # ----------------------------------------------------------------------------------------------------

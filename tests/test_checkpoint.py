@@ -247,7 +247,7 @@ os.getppid = lambda: parents.pop(0) if len(parents) > 1 else parents[0]
 os.environ["TORCHELASTIC_RUN_ID"] = "probe"
 got = []
 signal.signal(signal.SIGTERM, lambda *_: got.append("SIGTERM"))
-from ril_fast.train import sigterm_when_torchrun_dies
+from ril_fast.lifecycle import sigterm_when_torchrun_dies
 sigterm_when_torchrun_dies()
 print(got)
 """

@@ -22,7 +22,7 @@ from fake_openai import FakeOpenAI
 from models_fixtures import one_thread  # noqa: F401
 from PIL import Image
 
-from ril_fast import checkpoint, train
+from ril_fast import checkpoint, lifecycle, train
 from ril_fast.config import ConfigError, load_config
 from ril_fast.data import DataError
 from ril_fast.demo import build_demo
@@ -274,8 +274,8 @@ def test_ctrl_c_stops_after_the_step_like_sigterm(capsys):
     rank gets a terminal's Ctrl-C twice, from the terminal and from torchrun."""
     run = SimpleNamespace(stop_requested=[], dist=SimpleNamespace(is_main=True))
     for _ in range(2):
-        train.request_stop(run, signal.SIGINT)
-    train.request_stop(run, signal.SIGTERM)
+        lifecycle.request_stop(run, signal.SIGINT)
+    lifecycle.request_stop(run, signal.SIGTERM)
     assert run.stop_requested == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
     assert capsys.readouterr().out.count("Ctrl-C: stopping after this step") == 1
 
