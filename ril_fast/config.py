@@ -115,6 +115,10 @@ class Batch:
     activation_checkpointing: bool = opt(False, "student and discriminator updates keep each layer's input only "
                                                 "and recompute the rest in the backward: activation memory of "
                                                 "one layer instead of all, for ~1/3 more update compute")
+    keep_gathered: bool = opt(True, "on one rank, each layer keeps its gathered (bf16 on GPU) weights from its "
+                                    "forward to its backward instead of gathering them again: fewer copies, one "
+                                    "more copy of the model in memory during updates (several ranks: always "
+                                    "gathered again)")
 
 
 # ----------------------------------------------------------------------------------------------------

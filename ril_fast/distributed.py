@@ -71,6 +71,11 @@ def init() -> Dist:
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
+def world_size() -> int:
+    """Ranks in the default group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` (any shape and dtype, on this rank's device) over all ranks, in place; returns it."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -210,7 +215,7 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
     if reshard_after_forward is None:
-        reshard_after_forward = dist.get_world_size() > 1
+        reshard_after_forward = world_size() > 1
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     vision = vision_tower(model)

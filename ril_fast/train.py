@@ -179,7 +179,9 @@ def setup(cfg: Config) -> Run:
     student, processor = load(cfg.student, dtype=torch.float32, device=dist.device)
     if cfg.batch.activation_checkpointing:  # acts in the updates only (models.recomputing)
         enable_activation_checkpointing(student)
-    student = distributed.shard_model(student, mixed_precision=gpu)  # in eval mode: see the module docstring
+    reshard = None if cfg.batch.keep_gathered else True  # None: only with more than one rank
+    student = distributed.shard_model(student, mixed_precision=gpu,  # in eval mode: see the module docstring
+                                      reshard_after_forward=reshard)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = schedule.make_scheduler(optimizer, cfg)  # warm-up, then cosine decay
@@ -194,7 +196,7 @@ def setup(cfg: Config) -> Run:
         disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool)
         if cfg.batch.activation_checkpointing:
             enable_activation_checkpointing(disc.backbone)
-        disc = distributed.shard_model(disc.eval(), mixed_precision=gpu)
+        disc = distributed.shard_model(disc.eval(), mixed_precision=gpu, reshard_after_forward=reshard)
         disc_optimizer = torch.optim.AdamW(distributed.optimizer_groups(disc), lr=cfg.disc.lr,
                                            weight_decay=cfg.disc.weight_decay)
 
@@ -470,6 +472,8 @@ def explain_oom(cfg: Config, phase: str, micro=None):
                     f"{len(biggest.batch.lengths)} sequences: lower batch.max_tokens (now {cfg.batch.max_tokens})")
             if phase.endswith("_update") and not cfg.batch.activation_checkpointing:
                 hint += ", or set batch.activation_checkpointing=true"
+            if phase.endswith("_update") and cfg.batch.keep_gathered and distributed.world_size() == 1:
+                hint += ", or batch.keep_gathered=false"
         raise RuntimeError(f"out of memory in the {phase} phase; {hint}") from e
 
 

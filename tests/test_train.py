@@ -17,6 +17,7 @@ from models_fixtures import one_thread  # noqa: F401
 from safetensors.torch import load_file
 
 from ril_fast.demo import build_demo
+from ril_fast.distributed import _reshards_after_forward, fsdp_modules
 from ril_fast.metrics import read_metrics
 from ril_fast.tiny import make_tiny
 from ril_fast import train
@@ -240,14 +241,25 @@ def _pinned(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in UNPINNED} for r in records]
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
-def test_golden_metrics(demo, tmp_path, recompute):
+@pytest.mark.parametrize("recompute, keep_gathered", [(False, True), (True, True), (False, False)],
+                         ids=["stored", "recomputed", "resharded"])
+def test_golden_metrics(demo, tmp_path, monkeypatch, recompute, keep_gathered):
     """Two teachers, μ = 2, β > 0, evaluations before, during and after: every logged value equals the
     pinned one (floats to 1e-5 relative: the rewards, accuracies and counts are exact fractions, so a
     single changed sample or verdict shows). With activation checkpointing the same values: recomputing
-    the layers in the backward changes the memory, not the numbers."""
+    the layers in the backward changes the memory, not the numbers; so does gathering each layer's
+    weights again for the backward (``batch.keep_gathered=false``; this one rank keeps them by default)."""
+    resharding, shard_model = [], train.distributed.shard_model
+
+    def recorded(model, **kw):
+        sharded = shard_model(model, **kw)
+        resharding.append([_reshards_after_forward(u) for u in fsdp_modules(sharded)[1:]])  # all but the root
+        return sharded
+
+    monkeypatch.setattr(train.distributed, "shard_model", recorded)
     out = main(_args(demo, tmp_path / "run", demo.teachers, steps=3, mu=2, beta=0.1, eval_every=2,
-                     **{"batch.activation_checkpointing": recompute}))
+                     **{"batch.activation_checkpointing": recompute, "batch.keep_gathered": keep_gathered}))
+    assert resharding == [[not keep_gathered] * 3] * 2  # student and discriminator: blocks and vision tower
     got = _pinned(read_metrics(out / "metrics.jsonl"))
     if os.environ.get("RIL_UPDATE_GOLDEN") and not recompute:
         GOLDEN.parent.mkdir(exist_ok=True)
