@@ -88,7 +88,8 @@ def make_config(args, workload, out_dir: Path, *, padded: bool, kernels: Kernels
         # Throughput does not depend on the learning rate; a tiny one keeps random weights from diverging.
         "optim": {"lr": 1e-7}, "disc": {"lr": 1e-7},
         "batch": {"questions_per_step": args.questions_per_step, "max_tokens": args.max_tokens, "padded": padded,
-                  "activation_checkpointing": args.activation_checkpointing},
+                  "activation_checkpointing": args.activation_checkpointing,
+                  "keep_gathered": not args.gather_again},
         "loss": {"kernels": kernels},
         "rollout": {"batch_size": max(64, args.questions_per_step * args.group_size)},
     })
@@ -221,6 +222,8 @@ def phase_rows(args, cfg: Config, shapes: Shapes, records: list[dict], *, n_stud
         if cfg.batch.activation_checkpointing and name in ("policy_update", "disc_update"):
             row["note"] = "; ".join(filter(None, [row.get("note"), "activation checkpointing (recomputation "
                                                                     "not counted in tflop)"]))
+        if world == 1 and not cfg.batch.keep_gathered and name in ("policy_update", "disc_update"):
+            row["note"] = "; ".join(filter(None, [row.get("note"), "weights gathered again for the backward"]))
         rows.append(row)
     comm = dict(settings, phase="communication", seconds="", share="")
     if world == 1:
@@ -270,6 +273,8 @@ def _parse(argv):
     p.add_argument("--rl-only", action="store_true", help="no teachers, no discriminator (Dr.GRPO only)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="the updates recompute each layer in the backward (less memory; room for --max-tokens)")
+    p.add_argument("--gather-again", action="store_true", help="on one GPU, gather each layer's weights again "
+                   "for the backward (batch.keep_gathered=false: one bf16 copy of the model less in the updates)")
     p.add_argument("--mu", type=int, default=1, help="μ: updates per batch (> 1 adds the π_old pass)")
     p.add_argument("--beta", type=float, default=0.04, help="β: KL weight (> 0 adds the reference model)")
     p.add_argument("--questions-per-step", type=int, help="default: the preset's")

@@ -66,10 +66,12 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
 
 
 def test_qwen3_vl_tiny_preset_reports_every_phase(tmp_path, monkeypatch, one_thread, bench):  # noqa: F811
-    """The Qwen3-VL path end to end (student folder, image processor, FLOPs of its tower and decoder)."""
+    """The Qwen3-VL path end to end (student folder, image processor, FLOPs of its tower and decoder), with
+    the layers' weights gathered again for the backward (--gather-again)."""
     out = tmp_path / "throughput.csv"
     monkeypatch.setattr(sys, "argv", [str(BENCH / "throughput.py"), "--preset", "qwen3vl-tiny", "--steps", "1",
-                                      "--no-baselines", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+                                      "--no-baselines", "--gather-again", "--workdir", str(tmp_path / "work"),
+                                      "--out", str(out)])
     runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
     from transformers import AutoConfig
 
@@ -78,6 +80,7 @@ def test_qwen3_vl_tiny_preset_reports_every_phase(tmp_path, monkeypatch, one_thr
     assert set(phases) == set(bench["PHASES"]) | {"communication", "step"}
     for name in ("rollout", "disc_update", "disc_score", "old_ref_logprobs", "policy_update", "step"):
         assert float(phases[name]["tflop"]) > 0 and float(phases[name]["seconds"]) > 0, name
+    assert all("weights gathered again" in phases[p]["note"] for p in ("policy_update", "disc_update"))
     assert float(phases["rollout"]["prompt_tokens"]) > 0
 
 
