@@ -6,20 +6,25 @@ Only the main rank writes. Every value logged is a plain float or int, so the fi
 """
 
 import json
+import resource
 import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from ril_fast import curves
 from ril_fast.files import write_text_atomic
 
-# The numbers shown on the progress bar, in order, when present.
-_BAR_KEYS = ("student_answer_reward", "student_similarity_reward", "disc_accuracy", "loss", "eval_accuracy")
+# The numbers shown on the progress bar (or the step's printed line), in order, when present.
+_BAR_KEYS = ("student_answer_reward", "student_similarity_reward", "disc_accuracy", "loss", "kl", "clip_frac",
+             "grad_norm", "tokens_per_s", "peak_memory_gib", "eval_accuracy")
 # Their short names on the bar; a key not listed shows as itself. No label may be another listed key.
 _BAR_LABELS = {"loss": "loss", "disc_loss": "disc_loss", "disc_accuracy": "disc_acc",
                "student_answer_reward": "ans_reward", "student_similarity_reward": "sim_reward",
+               "clip_frac": "clip", "grad_norm": "gnorm", "tokens_per_s": "tok/s", "peak_memory_gib": "mem_gib",
                "eval_accuracy": "eval_acc"}
 
 
@@ -87,9 +92,10 @@ class RunLog:
             if metrics.get("step", 0) > self.bar.n:
                 self.bar.update(metrics["step"] - self.bar.n)
             labels = bar_labels(shown)
-            self.bar.set_postfix({labels[k]: f"{v:.3g}" for k, v in shown.items()})
+            self.bar.set_postfix({labels[k]: _number(v) for k, v in shown.items()})
         else:
-            print(f"step {metrics.get('step')}: " + ", ".join(f"{k} {v:.3g}" for k, v in shown.items()), flush=True)
+            print(f"step {metrics.get('step')}: " + ", ".join(f"{k} {_number(v)}" for k, v in shown.items()),
+                  flush=True)
 
     def close(self) -> None:
         """Close the progress bar and the TensorBoard writer; draw ``curves.png`` from the whole
@@ -105,6 +111,26 @@ class RunLog:
                                  title=str(self.path.parent))
         if png is not None:
             print(f"curves: {png}", flush=True)
+
+
+def _number(v: float) -> str:
+    """Three significant digits; whole numbers from 1,000 up (tokens/s) without an exponent."""
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The memory high-water mark in GiB: on CUDA the most the caching allocator held in tensors since
+    :func:`reset_peak_memory`; on a CPU the process's peak resident set since it started (it cannot be reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark for :func:`peak_memory_gib` (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def bar_labels(keys) -> dict[str, str]:

@@ -50,7 +50,7 @@ from ril_fast.files import InUse, lock_folder, model_folder_problem, unlock_fold
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, judge_store, make_judge_from_config
 from ril_fast.judges_http import OpenAIClient
-from ril_fast.metrics import PhaseTimer, RunLog
+from ril_fast.metrics import PhaseTimer, RunLog, peak_memory_gib, reset_peak_memory
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.kernels._triton import interpreting
 from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, finished, load_checkpoint, resume_point, save_checkpoint,
@@ -374,6 +374,7 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
     old/ref log-probs, μ policy updates. Returns the step's metrics. ``timer``: times the phases (a
     fresh ``PhaseTimer`` by default; bench/throughput.py passes one that also synchronises the GPU)."""
     cfg, timer, t0 = run.cfg, timer or PhaseTimer(), time.perf_counter()
+    reset_peak_memory(run.dist.device)
     questions = next(run.batches)
 
     # π_old ← π_θ: sample G student outputs per q; take G teacher outputs per q from the collection.
@@ -424,12 +425,13 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
     seconds = time.perf_counter() - t0
     tokens = sum(mb.batch.lengths[k] for mb in micro for k in mb.real)
     cache = (run.teacher_judge.hits, run.teacher_judge.misses)
-    per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache))
-    all_groups, all_types, all_tokens, all_cache = zip(*per_rank)
+    memory = peak_memory_gib(run.dist.device)
+    per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache, memory))
+    all_groups, all_types, all_tokens, all_cache, all_memory = zip(*per_rank)
     rewards = reward_stats([g for gs in all_groups for g in gs], [t for ts in all_types for t in ts])
     return {"step": step, **rewards, **disc_stats, **policy, "lr": lr, "skipped_steps": run.counters["skipped_steps"],
             **_judge_cache_stats(run, all_cache), "tokens_per_s": sum(all_tokens) / seconds, "step_time_s": seconds,
-            **timer.as_metrics()}
+            "peak_memory_gib": round(max(all_memory), 3), **timer.as_metrics()}
 
 
 def _judge_cache_stats(run: Run, hits_misses: list[tuple[int, int]]) -> dict:

@@ -7,6 +7,7 @@ Modes (the paper's ablations and the loop's switches): RL only, one teacher, two
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,7 @@ def test_every_mode_runs_and_moves_the_student(demo, tmp_path, mode):
 def test_same_seed_same_metrics(demo, tmp_path):
     """Two runs of one config on one machine log identical step metrics (timings aside)."""
     runs = [read_metrics(main(_args(demo, tmp_path / f"run{i}", demo.teachers)) / "metrics.jsonl") for i in range(2)]
-    strip = [[{k: v for k, v in r.items() if not k.startswith("time/") and k not in ("tokens_per_s", "step_time_s")}
+    strip = [[{k: v for k, v in r.items() if not k.startswith("time/") and k not in UNPINNED}
               for r in run] for run in runs]
     assert strip[0] == strip[1]
 
@@ -138,22 +139,25 @@ def test_discriminator_takes_its_own_optimiser_settings(demo, tmp_path, monkeypa
 
 def test_step_metrics_count_every_rank(demo, tmp_path, monkeypatch):
     """tokens_per_s and the teacher-verdict cache's hit rate are over all ranks' outputs, as the rewards
-    are: a second rank is simulated by the gather, with its own cache counts."""
+    are, and the peak memory is the largest rank's: a second rank is simulated by the gather, with its own
+    cache counts and peak."""
     run = train.setup(load_config(_args(demo, tmp_path / "run", demo.teachers)))
     sent = []
 
     def gather(obj):
         sent.append(obj)
-        groups, types, tokens, _ = obj
-        return [obj, (groups, types, tokens, (0, 10))]
+        groups, types, tokens, _, memory = obj
+        return [obj, (groups, types, tokens, (0, 10), memory + 5.0)]
 
     monkeypatch.setattr(train.distributed, "all_gather_objects", gather)
     metrics = train.train_step(run, step=1)
     run.log.close()
-    (_, _, tokens, (hits, misses)), = sent
+    (_, _, tokens, (hits, misses), memory), = sent
     assert tokens > 0 and misses > 0
     assert metrics["tokens_per_s"] * metrics["step_time_s"] == pytest.approx(2 * tokens)
     assert metrics["teacher_judge_cache_hit_rate"] == pytest.approx(hits / (hits + misses + 10))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this process's peak (KiB) in GiB
+    assert 0 < memory <= rss and metrics["peak_memory_gib"] == round(memory + 5.0, 3)
 
     # The same step with zero-weight filler micro-batches (as a rank with fewer outputs gets): the same
     # tokens, the fillers' not counted.
@@ -234,7 +238,7 @@ def test_final_folder_opens_in_plain_transformers_and_answers_as_the_trainer_doe
 #     RIL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_train.py -k golden
 # and say why in the commit. Timings, and what follows from them, are not pinned.
 GOLDEN = Path(__file__).parent / "golden" / "train_metrics.json"
-UNPINNED = ("tokens_per_s", "step_time_s")
+UNPINNED = ("tokens_per_s", "step_time_s", "peak_memory_gib")
 
 
 def _pinned(records: list[dict]) -> list[dict]:
