@@ -78,7 +78,7 @@ def world_size() -> int:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` (any shape and dtype, on this rank's device) over all ranks, in place; returns it."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -86,15 +86,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Elementwise max of ``tensor`` (any shape and dtype, on this rank's device) over all ranks, in place;
     returns it."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 
 def all_gather_objects(obj) -> list:
     """Every rank's ``obj`` (picklable), in rank order (``[obj]`` without a group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
+    if world_size() > 1:
+        out = [None] * world_size()
         dist.all_gather_object(out, obj)
         return out
     return [obj]

@@ -328,7 +328,7 @@ def _fsdp_states_seen(blocks: list) -> tuple[list, list]:
 
 
 @pytest.mark.parametrize("arch", ARCHS + ("internvl",))
-def test_sharded_bf16_generation_runs_blocks_bare(arch, eos_loaded, tmp_path_factory, one_rank):
+def test_sharded_bf16_generation_runs_blocks_bare(arch, eos_loaded, tmp_path_factory, monkeypatch, one_rank):
     """Generation by a sharded bf16 student runs its decoder blocks without FSDP's hooks (the hooks of
     ours stay), samples what the hooked blocks sample (FSDP's input casts were no-ops: every block input
     is already bf16), and gives the hooks back afterwards (the control run goes through them)."""
@@ -345,12 +345,8 @@ def test_sharded_bf16_generation_runs_blocks_bare(arch, eos_loaded, tmp_path_fac
     seed = int(torch.randint(1 << 30, ()))
     bare = sample_responses(sharded, proc, examples, group_size=2, max_new_tokens=8, seed=seed)
     bare_seen, seen[:] = seen[:], []
-    real = rollout.bare_blocks
-    rollout.bare_blocks = lambda m: contextlib.nullcontext(m)
-    try:
-        hooked = sample_responses(sharded, proc, examples, group_size=2, max_new_tokens=8, seed=seed)
-    finally:
-        rollout.bare_blocks = real
+    monkeypatch.setattr(rollout, "bare_blocks", contextlib.nullcontext)  # the blocks keep FSDP's hooks
+    hooked = sample_responses(sharded, proc, examples, group_size=2, max_new_tokens=8, seed=seed)
     for h in handles:
         h.remove()
     assert [[r.token_ids for r in g] for g in bare] == [[r.token_ids for r in g] for g in hooked]
