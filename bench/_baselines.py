@@ -15,11 +15,11 @@ import time
 
 import torch
 from _common import CUDA, RssPeak, synchronize
-from _flops import Sample, Shapes, forward_flops, rollout_flops
 
 from ril_fast import distributed
 from ril_fast.data import load_examples, to_sample
 from ril_fast.distributed import call
+from ril_fast.flops import Sample, Shapes, rollout_flops, training_flops
 from ril_fast.microbatch import micro_batches, model_device, rank_agreement, sync_gradients
 from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.policy import LossConfig, frozen_logprobs, policy_pass
@@ -110,7 +110,7 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
     loss_cfg = LossConfig(cfg.loss.eps_low, cfg.loss.eps_high, cfg.beta, cfg.rollout.temperature, cfg.loss.kernels)
     ref = frozen_logprobs(run.reference, micro, cfg.rollout.temperature, kernels=cfg.loss.kernels) \
         if run.reference is not None else None
-    flops = 3 * forward_flops(shapes, [Sample.of(e) for e in encoded], head=True)
+    flops = training_flops(shapes, [Sample.of(e) for e in encoded], head=True)
     def liger(compiled: bool = CUDA):
         return liger_policy_pass(run.student, micro, advantages, normalizer, loss_cfg, cfg.max_new_tokens, ref=ref,
                                  compiled=compiled)

@@ -1,10 +1,10 @@
 """What every ril_fast benchmark shares: timing, memory, the measured peaks, the run's identity, CSV rows.
 
 Peaks are measured in the same run as the figures they divide (a utilisation against a datasheet number
-hides clock throttling, a busy machine and a wrong dtype): ``matmul_peak_tflops`` for FLOP/s and
-``copy_bandwidth_gbps`` for memory-bound work. On a CPU, times are ``time.perf_counter`` medians and
-memory is the process's resident size; on a GPU, ``triton.testing.do_bench`` medians and the CUDA
-allocator's peak.
+hides clock throttling, a busy machine and a wrong dtype): ``ril_fast.flops.matmul_peak_tflops`` for FLOP/s
+(the trainer's MFU divides by it too) and ``copy_bandwidth_gbps`` for memory-bound work. On a CPU, times
+are ``time.perf_counter`` medians and memory is the process's resident size; on a GPU,
+``triton.testing.do_bench`` medians and the CUDA allocator's peak.
 """
 
 import csv
@@ -96,15 +96,6 @@ def peak_mb(fn) -> float:
 # ----------------------------------------------------------------------------------------------------
 # Peaks measured now
 # ----------------------------------------------------------------------------------------------------
-def matmul_peak_tflops(dtype: torch.dtype) -> float:
-    """Dense square matmul TFLOP/s measured now (8192² on GPU, 1024² on CPU; the fastest of several
-    calls): the denominator of every utilisation (MFU) column."""
-    n = 8192 if CUDA else 1024
-    a = torch.randn(n, n, device="cuda" if CUDA else "cpu", dtype=dtype)
-    b = torch.randn_like(a)
-    return 2 * n**3 / (time_ms(lambda: a @ b, reps=5, best=True) * 1e-3) / 1e12
-
-
 def copy_bandwidth_gbps() -> float:
     """Device memory bandwidth measured now, GB/s: a copy of 1 GiB on GPU (64 MiB on CPU) moves twice
     its size (read + write). The floor of memory-bound work such as the optimizer step."""

@@ -11,8 +11,8 @@ import time
 
 import torch
 from _common import CUDA, RssPeak, synchronize
-from _flops import Sample
 
+from ril_fast.flops import Sample
 from ril_fast.metrics import PhaseTimer
 
 

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, also under runpy / pytest
-from _common import (CUDA, append_csv, device_name, git_sha, markdown_table, matmul_peak_tflops,  # noqa: E402
+from _common import (CUDA, append_csv, device_name, git_sha, markdown_table,  # noqa: E402
                      peak_mb, sig, time_ms)
 
+from ril_fast.flops import matmul_peak_tflops  # noqa: E402
 from ril_fast.kernels import disc_head, dr_grpo_loss, token_logprobs  # noqa: E402
 from ril_fast.kernels.grpo_loss import dr_grpo_loss_ref  # noqa: E402
 from ril_fast.kernels.logprobs import token_logprobs_reference  # noqa: E402
@@ -186,7 +187,7 @@ def main(argv=None):
     torch.manual_seed(0)
 
     device, sha, date = device_name(), git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
-    peak = matmul_peak_tflops(dtype)
+    peak = matmul_peak_tflops(torch.device("cuda" if CUDA else "cpu"), dtype)
     print(f"# ril_fast kernels on {device} — git {sha} — {date}")
     print(f"measured {str(dtype).split('.')[-1]} matmul peak: {peak:.1f} TFLOP/s")
     if not CUDA:

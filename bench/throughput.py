@@ -13,7 +13,7 @@ updates, judge, discriminator scores, old/reference log-probs, policy updates, o
 ``--warmup`` unmeasured steps it measures ``--steps`` steps and reports per phase
 
     seconds per step, its share of the step, tokens per second (what a phase's tokens are: TOKENS below),
-    achieved TFLOP/s from analytic model FLOPs (``bench/_flops.py`` gives every formula), MFU against a
+    achieved TFLOP/s from analytic model FLOPs (``ril_fast/flops.py`` gives every formula), MFU against a
     dense matmul peak measured in the same run (bf16 on GPU, fp32 on CPU), and peak memory (GPU: the
     allocator's peak inside the phase; CPU: the process's resident size).
 
@@ -58,14 +58,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py etc., also under runpy / pytest
 from _common import (CUDA, append_csv, copy_bandwidth_gbps, device_name, git_sha, markdown_table,  # noqa: E402
-                     matmul_peak_tflops, sig)
-from _flops import ADAMW_BYTES_PER_PARAM, Sample, Shapes, phase_flops  # noqa: E402
+                     sig)
 from _baselines import compare_policy_update, plain_generate, rollout_inputs, time_rollout  # noqa: E402
 from _probe import PhaseProbe, RecordingProcessor, collective_seconds  # noqa: E402
 from _workload import PRESETS, build  # noqa: E402
 
 from ril_fast import distributed, train  # noqa: E402
 from ril_fast.config import Config  # noqa: E402
+from ril_fast.flops import ADAMW_BYTES_PER_PARAM, Sample, Shapes, matmul_peak_tflops, phase_flops  # noqa: E402
 from ril_fast.models import Kernels  # noqa: E402
 
 PHASES = ("rollout", "disc_update", "judge", "disc_score", "old_ref_logprobs", "policy_update", "optimizer")
@@ -340,7 +340,7 @@ def main(argv=None):
     shapes = Shapes.of(config)
 
     device, sha, date = device_name(), git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
-    peak_tflops = matmul_peak_tflops(torch.bfloat16 if CUDA else torch.float32)
+    peak_tflops = matmul_peak_tflops(dist.device, torch.bfloat16 if CUDA else torch.float32)
     copy_gbps = copy_bandwidth_gbps()
     plan = memory_plan(config, disc=not args.rl_only, reference=args.beta > 0)
     main_rank = dist.is_main

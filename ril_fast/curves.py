@@ -22,6 +22,7 @@ PANELS = (
     ("gradient norm (before clipping)", ("grad_norm", "disc_grad_norm")),
     ("held-out accuracy", ("eval_accuracy", "eval_accuracy/*")),
     ("tokens / s", ("tokens_per_s",)),
+    ("model FLOPs utilisation", ("mfu",)),
     ("peak memory (GiB)", ("peak_memory_gib",)),
     ("learning rate", ("lr",)),
 )

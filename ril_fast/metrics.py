@@ -20,7 +20,7 @@ from ril_fast.files import write_text_atomic
 
 # The numbers shown on the progress bar (or the step's printed line), in order, when present.
 _BAR_KEYS = ("student_answer_reward", "student_similarity_reward", "disc_accuracy", "loss", "kl", "clip_frac",
-             "grad_norm", "tokens_per_s", "peak_memory_gib", "eval_accuracy")
+             "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib", "eval_accuracy")
 # Their short names on the bar; a key not listed shows as itself. No label may be another listed key.
 _BAR_LABELS = {"loss": "loss", "disc_loss": "disc_loss", "disc_accuracy": "disc_acc",
                "student_answer_reward": "ans_reward", "student_similarity_reward": "sim_reward",
@@ -92,9 +92,9 @@ class RunLog:
             if metrics.get("step", 0) > self.bar.n:
                 self.bar.update(metrics["step"] - self.bar.n)
             labels = bar_labels(shown)
-            self.bar.set_postfix({labels[k]: _number(v) for k, v in shown.items()})
+            self.bar.set_postfix({labels[k]: _number(k, v) for k, v in shown.items()})
         else:
-            print(f"step {metrics.get('step')}: " + ", ".join(f"{k} {_number(v)}" for k, v in shown.items()),
+            print(f"step {metrics.get('step')}: " + ", ".join(f"{k} {_number(k, v)}" for k, v in shown.items()),
                   flush=True)
 
     def close(self) -> None:
@@ -113,8 +113,10 @@ class RunLog:
             print(f"curves: {png}", flush=True)
 
 
-def _number(v: float) -> str:
-    """Three significant digits; whole numbers from 1,000 up (tokens/s) without an exponent."""
+def _number(key: str, v: float) -> str:
+    """Three significant digits; whole numbers from 1,000 up (tokens/s) without an exponent; MFU in percent."""
+    if key == "mfu":
+        return f"{100 * v:.3g}%"
     return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 

@@ -46,6 +46,7 @@ from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
 from ril_fast.export import export_hf
+from ril_fast.flops import Sample, Shapes, matmul_peak_tflops, phase_flops
 from ril_fast.files import InUse, lock_folder, model_folder_problem, unlock_folder, write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, JudgeKind, judge_store, make_judge_from_config
@@ -95,6 +96,8 @@ class Run:
     start_step: int = 0  # the step a resumed run continues after (0: a fresh run)
     counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "bad_in_a_row": 0, "questions": 0})
     stop_requested: list = field(default_factory=list)  # the signals received (SIGTERM: checkpoint and stop)
+    shapes: Shapes | None = None  # the student's, for the step's model FLOPs (ril_fast.flops)
+    peak_tflops: float = 0.0  # this rank's matmul peak in the training dtype, measured at set-up: MFU's denominator
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -177,6 +180,7 @@ def setup(cfg: Config) -> Run:
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     student, processor = load(cfg.student, dtype=torch.float32, device=dist.device)
+    shapes = Shapes.of_model(student)
     if cfg.batch.activation_checkpointing:  # acts in the updates only (models.recomputing)
         enable_activation_checkpointing(student)
     reshard = None if cfg.batch.keep_gathered else True  # None: only with more than one rank
@@ -204,7 +208,8 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,
               reference=reference, disc=disc, disc_optimizer=disc_optimizer, judge=judge,
               teacher_judge=CachedJudge(judge, store=verdicts), bank=bank, batches=batches,
-              eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"), log=None)
+              eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"), log=None, shapes=shapes,
+              peak_tflops=matmul_peak_tflops(dist.device, dtype))
     if resume_from is not None:
         load_checkpoint(run, resume_from)
     if dist.is_main:  # only now: a refused resume leaves the folder's config as it was
@@ -320,14 +325,15 @@ def _name_the_failing_prompt(run: Run, questions: list[Example]) -> None:
 
 def _micro(run: Run, samples: list[dict]):
     """The step's packed micro-batches, the same count on every rank, with images in the same ones; on
-    this rank's device once for the step's passes (small: token ids, positions and pixels)."""
+    this rank's device once for the step's passes (small: token ids, positions and pixels). Returns them
+    and the samples' encodings."""
     encoded = encode_all(run.processor, samples)
     _check_lengths(run, samples, encoded)
     micro = micro_batches(encoded, run.cfg.batch.max_tokens, padded=run.cfg.batch.padded,
                           **rank_agreement(run.processor, run.dist.device))
     for mb in micro:
         mb.batch = mb.batch.to(run.dist.device)
-    return micro
+    return micro, encoded
 
 
 def _check_lengths(run: Run, samples: list[dict], encoded) -> None:
@@ -360,7 +366,7 @@ def pretrain_disc_step(run: Run) -> dict:
     """One Eq. 1 step on a fresh batch: initial-student samples (label 1) vs teacher outputs (label 0)."""
     questions = next(run.batches)
     samples, sources, _, _ = collect_outputs(run, questions, seed=_seed(run, -1 - run.counters["questions"]))
-    micro = _micro(run, samples)
+    micro, _ = _micro(run, samples)
     return _disc_update(run, micro, sources, _global_count(run, len(samples)))
 
 
@@ -380,7 +386,7 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
     # π_old ← π_θ: sample G student outputs per q; take G teacher outputs per q from the collection.
     with timer("rollout"), explain_oom(cfg, "rollout"):
         samples, sources, student_texts, teacher_outputs = collect_outputs(run, questions, _seed(run, step))
-        micro = _micro(run, samples)
+        micro, encoded = _micro(run, samples)
         n_global = _global_count(run, len(samples))
 
     # Repeat μ times: update D_φ with Eq. 1 on this batch's student and teacher outputs.
@@ -426,12 +432,28 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
     tokens = sum(mb.batch.lengths[k] for mb in micro for k in mb.real)
     cache = (run.teacher_judge.hits, run.teacher_judge.misses)
     memory = peak_memory_gib(run.dist.device)
-    per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache, memory))
-    all_groups, all_types, all_tokens, all_cache, all_memory = zip(*per_rank)
+    cost = (model_flops(run, encoded, sources), run.peak_tflops)
+    per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache, memory, cost))
+    all_groups, all_types, all_tokens, all_cache, all_memory, all_cost = zip(*per_rank)
     rewards = reward_stats([g for gs in all_groups for g in gs], [t for ts in all_types for t in ts])
+    flops, peaks = map(sum, zip(*all_cost))
     return {"step": step, **rewards, **disc_stats, **policy, "lr": lr, "skipped_steps": run.counters["skipped_steps"],
             **_judge_cache_stats(run, all_cache), "tokens_per_s": sum(all_tokens) / seconds, "step_time_s": seconds,
-            "peak_memory_gib": round(max(all_memory), 3), **timer.as_metrics()}
+            "mfu": flops / (seconds * peaks * 1e12), "peak_memory_gib": round(max(all_memory), 3),
+            **timer.as_metrics()}
+
+
+def model_flops(run: Run, encoded: list, sources: list[str]) -> float:
+    """This rank's model FLOPs in the step (``ril_fast.flops``: the matmuls of the rollout, the
+    discriminator's updates and scores, the frozen log-probs and the policy updates; nothing recomputed).
+    ``encoded``: the step's outputs in group order, a question's G student outputs first."""
+    cfg = run.cfg
+    samples = [Sample.of(e) for e in encoded]
+    students = [x for x, source in zip(samples, sources) if source == STUDENT]
+    prompts = [x.prompt_only() for x in students[::cfg.group_size]]  # each question's rendered prompt
+    frozen = int(cfg.mu > 1) + int(run.reference is not None)
+    return sum(phase_flops(run.shapes, prompts, students, samples, group_size=cfg.group_size, mu=cfg.mu,
+                           frozen_models=frozen, disc=run.disc is not None).values())
 
 
 def _judge_cache_stats(run: Run, hits_misses: list[tuple[int, int]]) -> dict:

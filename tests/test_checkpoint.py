@@ -31,7 +31,7 @@ from ril_fast.metrics import read_metrics, records_until
 STEPS, EVERY = 5, 2  # checkpoints at steps 2 and 4
 # Costs, not results: timings, memory, and the teacher-verdict cache's hit rate (the in-memory cache starts
 # empty in a resumed process; set judge_cache= to keep it across runs).
-COSTS = ("tokens_per_s", "step_time_s", "peak_memory_gib", "teacher_judge_cache_hit_rate")
+COSTS = ("tokens_per_s", "step_time_s", "mfu", "peak_memory_gib", "teacher_judge_cache_hit_rate")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ def fake_run(steps: int, rng: random.Random, *, teachers: bool = True, eval_ever
     for step in range(1, steps + 1):
         r = {"step": step, "student_answer_reward": rng.random(), "loss": rng.gauss(0, 0.1), "kl": rng.random() * 1e-3,
              "grad_norm": rng.random() * 2, "tokens_per_s": rng.uniform(500, 3000), "lr": 3e-3 * rng.random(),
-             "skipped": 0.0, "time/rollout": rng.random(), "peak_memory_gib": rng.uniform(1, 80)}
+             "skipped": 0.0, "time/rollout": rng.random(), "peak_memory_gib": rng.uniform(1, 80),
+             "mfu": rng.uniform(0, 0.6)}
         if teachers:
             r.update(student_similarity_reward=rng.random(), teacher_answer_reward=1.0,
                      teacher_similarity_reward=rng.random(), disc_accuracy=rng.random(), disc_grad_norm=rng.random())
@@ -136,9 +137,9 @@ def test_progress_bar_shows_every_number_under_its_own_label(tmp_path):
     log.bar = tqdm(total=3, file=io.StringIO())
     log.log({"step": 1, "student_answer_reward": 0.25, "student_similarity_reward": 0.75, "disc_accuracy": 0.5,
              "loss": -0.125, "eval_accuracy": 0.375, "kl": 0.001, "clip_frac": 0.0625, "grad_norm": 1.5,
-             "tokens_per_s": 12345.6, "peak_memory_gib": 1.171875, "lr": 0.003})
+             "tokens_per_s": 12345.6, "mfu": 0.41275, "peak_memory_gib": 1.171875, "lr": 0.003})
     assert log.bar.postfix == ("ans_reward=0.25, sim_reward=0.75, disc_acc=0.5, loss=-0.125, kl=0.001, clip=0.0625, "
-                               "gnorm=1.5, tok/s=12346, mem_gib=1.17, eval_acc=0.375")
+                               "gnorm=1.5, tok/s=12346, mfu=41.3%, mem_gib=1.17, eval_acc=0.375")
     assert log.bar.n == 1
     log.close()
 

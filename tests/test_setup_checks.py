@@ -309,7 +309,7 @@ def test_dropout_is_off_in_every_model(demo, tmp_path):
     for model in (run.student, run.disc, run.reference):
         assert not any(m.training for m in model.modules())
     samples, _, _, _ = train.collect_outputs(run, next(run.batches), seed=0)
-    micro = train._micro(run, samples)
+    micro, _ = train._micro(run, samples)
     first, second = (frozen_logprobs(run.student, micro, 1.0) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     scores = [disc_probs(run.disc, micro, len(samples)) for _ in range(2)]

@@ -4,6 +4,8 @@ Modes (the paper's ablations and the loop's switches): RL only, one teacher, two
 β = 0 and > 0; a Qwen2.5-VL and an InternVL student; and two ranks under torchrun (gloo).
 """
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +21,8 @@ from safetensors.torch import load_file
 
 from ril_fast.demo import build_demo
 from ril_fast.distributed import _reshards_after_forward, fsdp_modules
-from ril_fast.metrics import read_metrics
+from ril_fast.flops import Sample, phase_flops
+from ril_fast.metrics import PhaseTimer, read_metrics
 from ril_fast.tiny import make_tiny
 from ril_fast import train
 from ril_fast.config import load_config
@@ -138,23 +141,25 @@ def test_discriminator_takes_its_own_optimiser_settings(demo, tmp_path, monkeypa
 
 
 def test_step_metrics_count_every_rank(demo, tmp_path, monkeypatch):
-    """tokens_per_s and the teacher-verdict cache's hit rate are over all ranks' outputs, as the rewards
-    are, and the peak memory is the largest rank's: a second rank is simulated by the gather, with its own
-    cache counts and peak."""
+    """tokens_per_s, MFU and the teacher-verdict cache's hit rate are over all ranks' outputs, as the
+    rewards are, and the peak memory is the largest rank's: a second rank is simulated by the gather, with
+    its own cache counts, peak memory, model FLOPs and matmul peak."""
     run = train.setup(load_config(_args(demo, tmp_path / "run", demo.teachers)))
     sent = []
 
     def gather(obj):
         sent.append(obj)
-        groups, types, tokens, _, memory = obj
-        return [obj, (groups, types, tokens, (0, 10), memory + 5.0)]
+        groups, types, tokens, _, memory, (flops, peak) = obj
+        return [obj, (groups, types, tokens, (0, 10), memory + 5.0, (3 * flops, 2 * peak))]
 
     monkeypatch.setattr(train.distributed, "all_gather_objects", gather)
     metrics = train.train_step(run, step=1)
     run.log.close()
-    (_, _, tokens, (hits, misses), memory), = sent
-    assert tokens > 0 and misses > 0
+    (_, _, tokens, (hits, misses), memory, (flops, peak)), = sent
+    assert tokens > 0 and misses > 0 and flops > 0
+    assert peak == run.peak_tflops > 0
     assert metrics["tokens_per_s"] * metrics["step_time_s"] == pytest.approx(2 * tokens)
+    assert metrics["mfu"] == pytest.approx(4 * flops / (metrics["step_time_s"] * 3 * peak * 1e12))
     assert metrics["teacher_judge_cache_hit_rate"] == pytest.approx(hits / (hits + misses + 10))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this process's peak (KiB) in GiB
     assert 0 < memory <= rss and metrics["peak_memory_gib"] == round(memory + 5.0, 3)
@@ -168,7 +173,73 @@ def test_step_metrics_count_every_rank(demo, tmp_path, monkeypatch):
     train.train_step(run, step=1)
     run.log.close()
     assert any((mb.weight == 0).any() for mb in made[-1])
-    assert sent[1][2] == tokens
+    assert sent[1][2] == tokens and sent[1][5][0] == flops  # fillers are no work of the step
+
+
+class _CountingTimer(PhaseTimer):
+    """The trainer's phase timer, also counting each phase's FLOPs with torch's FlopCounterMode."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops, self.ops = {}, set()
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with super().__call__(phase), FlopCounterMode(display=False) as counter:
+            yield
+        self.flops[phase] = self.flops.get(phase, 0) + counter.get_total_flops()
+        self.ops |= {str(op) for counts in counter.get_flop_counts().values() for op in counts}
+
+
+@pytest.mark.parametrize("mu, beta, teachers", [(2, 0.1, True), (1, 0.0, False)])
+def test_step_flops_are_what_the_step_computes(demo, tmp_path, monkeypatch, mu, beta, teachers):
+    """MFU's numerator against torch's FlopCounterMode around each phase of a step (3 questions, G = 3):
+    the discriminator's updates and scores, the frozen passes (π_old for μ > 1, π_ref for β > 0) and the
+    policy updates equal ril_fast.flops' phases exactly; the rollout, its useful work plus what batched
+    generation computes besides (prompts left-padded to the longest, every row decoded until the longest
+    response ends). FlopCounterMode has no formula for the CPU's fused attention kernel, so attention is
+    left out of both sides (tests/test_flops.py checks its terms against eager attention). The trainer
+    takes each question's prompt from its outputs: the same FLOPs as the prompts the rollout rendered."""
+    run = train.setup(load_config(_args(demo, tmp_path / "run", demo.teachers if teachers else [], mu=mu,
+                                        beta=beta, group_size=3, **{"batch.questions_per_step": 3})))
+    rendered, seen, inner, count = [], [], run.processor, train.model_flops
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def encode_prompt(self, question, images=None):
+            rendered.append(inner.encode_prompt(question, images))
+            return rendered[-1]
+
+    run.processor = Recording()
+    monkeypatch.setattr(train, "model_flops", lambda *a: seen.append(a) or count(*a))
+    timer = _CountingTimer()
+    train.train_step(run, step=1, timer=timer)
+    run.log.close()
+    (_, encoded, sources), = seen
+    samples = [Sample.of(e) for e in encoded]
+    students = [x for x, s in zip(samples, sources) if s == "student"]
+    prompts = [Sample.of(e) for e in rendered]
+    assert len(prompts) == 3 and all(p.grids for p in prompts)
+    assert len(students) == 9 and len(samples) == (18 if teachers else 9)
+    frozen = int(mu > 1) + int(beta > 0)
+    assert count(run, encoded, sources) == sum(phase_flops(run.shapes, prompts, students, samples, group_size=3,
+                                                           mu=mu, frozen_models=frozen, disc=teachers).values())
+
+    assert timer.ops == {"aten.mm", "aten.addmm"}  # no attention op counted (nor a convolution: a matmul here)
+    s = dataclasses.replace(run.shapes, query_width=0, vis_width=0)  # no attention terms
+    phases = phase_flops(s, prompts, students, samples, group_size=3, mu=mu, frozen_models=frozen, disc=teachers)
+    assert (phases["disc_score"] > 0) == teachers and (phases["old_ref_logprobs"] > 0) == (frozen > 0)
+    for phase in ("disc_update", "disc_score", "old_ref_logprobs", "policy_update"):
+        assert timer.flops.get(phase, 0) == phases[phase], phase
+    longest_prompt, longest_response, head = max(p.prompt for p in prompts), max(x.response for x in students), \
+        2 * s.hidden * s.vocab
+    generated = sum(s.vision(p.grids) for p in prompts) + 9 * (2 * longest_prompt * s.decoder_params + head) \
+        + 9 * (longest_response - 1) * (2 * s.decoder_params + head)
+    assert phases["rollout"] <= timer.flops["rollout"] == generated
 
 
 # Run in a fresh interpreter: only transformers opens the exported folder, and the script fails if
@@ -238,7 +309,7 @@ def test_final_folder_opens_in_plain_transformers_and_answers_as_the_trainer_doe
 #     RIL_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_train.py -k golden
 # and say why in the commit. Timings, and what follows from them, are not pinned.
 GOLDEN = Path(__file__).parent / "golden" / "train_metrics.json"
-UNPINNED = ("tokens_per_s", "step_time_s", "peak_memory_gib")
+UNPINNED = ("tokens_per_s", "step_time_s", "mfu", "peak_memory_gib")
 
 
 def _pinned(records: list[dict]) -> list[dict]:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from models_fixtures import one_thread, tiny_folder  # noqa: F401
 
+from ril_fast.flops import Shapes
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from _flops import Shapes  # noqa: E402
 from _workload import PRESETS, model_config, stop_after  # noqa: E402
 
 
@@ -32,7 +33,8 @@ def test_qwen3_vl_presets_have_the_published_sizes(name, published):
     vision = shallow.config.vision_config
     assert len(shallow.model.language_model.layers) == vision.depth == 2
     assert vision.deepstack_visual_indexes == [0, 1]
-    assert Shapes.of(shallow.config).vis_mergers == 3
+    merger = sum(p.numel() for p in shallow.model.visual.merger.parameters() if p.dim() == 2)
+    assert Shapes.of(shallow.config).vis_merge_params == 3 * merger  # the final merger and 2 DeepStack ones
 
 
 @pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
