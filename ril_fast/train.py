@@ -205,11 +205,13 @@ def setup(cfg: Config) -> Run:
                                            weight_decay=cfg.disc.weight_decay)
 
     judge = make_judge_from_config(cfg)  # rule | hf | http, with the judge_* settings
+    distributed.barrier()  # ranks that share a CPU measure its peak together: each its share, as they will train
+    peak_tflops = matmul_peak_tflops(dist.device, dtype)
     run = Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,
               reference=reference, disc=disc, disc_optimizer=disc_optimizer, judge=judge,
               teacher_judge=CachedJudge(judge, store=verdicts), bank=bank, batches=batches,
               eval_examples=eval_examples, rng=random.Random(f"{cfg.seed}:{dist.rank}"), log=None, shapes=shapes,
-              peak_tflops=matmul_peak_tflops(dist.device, dtype))
+              peak_tflops=peak_tflops)
     if resume_from is not None:
         load_checkpoint(run, resume_from)
     if dist.is_main:  # only now: a refused resume leaves the folder's config as it was
