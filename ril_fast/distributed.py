@@ -314,13 +314,15 @@ def gathered(model: nn.Module):
 @contextlib.contextmanager
 def bare_blocks(model: nn.Module):
     """Inside the block, the decoder blocks of ``model`` that an enclosing :func:`gathered` holds run
-    without FSDP's forward hooks, for no-grad forwards only (generation).
+    without FSDP's forward hooks, for no-grad forwards only (generation, the frozen log-probs, the
+    discriminator's scores).
 
     Held parameters are already gathered, so the hooks have nothing left to do but cost: per block and
     per forward they cast the inputs (already in the parameters' dtype), wait on FSDP's streams and
     record the forward order, hundreds of Python calls per generated token (a 24-block tiny model
-    decodes 1.3-1.4x faster on the CPU without them, token for token the same). The hooks of the vision
-    tower and the root stay (they run once per ``generate``), as do hooks that are not FSDP's. Blocks
+    decodes 1.3-1.4x faster on the CPU without them, token for token the same; its packed scoring passes
+    run 1.15x faster in bf16, 1.09x in fp32, bit for bit the same). The hooks of the vision tower and the
+    root stay (they run once per ``generate`` or micro-batch), as do hooks that are not FSDP's. Blocks
     not held keep theirs (they must gather). On exit every block has its own hooks back, in order.
     """
     if torch.is_grad_enabled():

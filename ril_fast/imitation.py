@@ -13,7 +13,7 @@ probability that o is the student's; the similarity reward is r_sim = 1[D < 0.5]
 import torch
 import torch.nn.functional as F
 
-from ril_fast.distributed import all_reduce_sum, gathered
+from ril_fast.distributed import all_reduce_sum, bare_blocks, gathered
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
 from ril_fast.models import recomputing
 
@@ -44,11 +44,11 @@ def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: t
 @torch.no_grad()
 def disc_probs(disc, micro: list[MicroBatch], n: int) -> torch.Tensor:
     """D = sigmoid(logit) ``(n,)`` fp32 (on CPU) for the step's ``n`` responses, in response order.
-    The parameters are gathered once for all micro-batches (``gathered``) and the scores stay on the
-    device until the last one."""
+    The parameters are gathered once for all micro-batches (``gathered``), the decoder blocks then run
+    without FSDP's hooks (``bare_blocks``), and the scores stay on the device until the last one."""
     device = model_device(disc)
     probs = torch.full((n,), float("nan"), device=device)
-    with gathered(disc):
+    with gathered(disc), bare_blocks(disc):
         for mb in micro:
             p = torch.sigmoid(disc(mb.batch.to(device))).float()
             rows = torch.tensor(mb.real, dtype=torch.long, device=device)

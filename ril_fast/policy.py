@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast.distributed import all_reduce_sum, call, gathered
+from ril_fast.distributed import all_reduce_sum, bare_blocks, call, gathered
 from ril_fast.kernels import dr_grpo_loss
 from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
 from ril_fast.models import Kernels, packed_logprobs, recomputing
@@ -37,9 +37,10 @@ def frozen_logprobs(model, micro: list[MicroBatch], temperature: float,
                     kernels: Kernels | str = Kernels.AUTO) -> list[torch.Tensor]:
     """Per micro-batch, the response tokens' log-probs ``(R,)`` fp32 under ``model`` without a graph:
     π_old at the start of a step (μ > 1) and π_ref (β > 0). A sharded model's parameters are gathered
-    once for all micro-batches (``gathered``), not per micro-batch."""
+    once for all micro-batches (``gathered``), not per micro-batch, and its decoder blocks then run
+    without FSDP's hooks (``bare_blocks``)."""
     device = model_device(model)
-    with gathered(model):
+    with gathered(model), bare_blocks(model):
         return [call(model, packed_logprobs, mb.batch.to(device), temperature=temperature, kernels=kernels).logprobs
                 for mb in micro]
 

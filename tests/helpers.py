@@ -152,3 +152,13 @@ def vision_rows_seen(model):
         yield seen
     finally:
         hook.remove()
+
+
+def fsdp_states_seen(blocks: list) -> tuple[list, list]:
+    """Hooks on ``blocks`` that run after FSDP's forward pre-hook (FSDP prepends its own) and record each
+    block's FSDP training state: FORWARD when FSDP's pre-hook ran, IDLE when the block ran bare
+    (``distributed.bare_blocks``) -> (the states seen, the hook handles to remove)."""
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(m._get_fsdp_state()._training_state))
+               for b in blocks]
+    return seen, handles

@@ -21,7 +21,7 @@ import inspect
 import pytest
 import torch
 
-from helpers import vision_rows_seen
+from helpers import fsdp_states_seen, vision_rows_seen
 from ril_fast import distributed, packing, rollout
 from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.packing import Encoded, pack
@@ -318,15 +318,6 @@ def test_a_questions_prompts_share_their_images(arch, tmp_path_factory, monkeypa
 # ----------------------------------------------------------------------------------------------------
 # A sharded student: its decoder blocks decode without FSDP's forward hooks (distributed.bare_blocks)
 # ----------------------------------------------------------------------------------------------------
-def _fsdp_states_seen(blocks: list) -> tuple[list, list]:
-    """Hooks of ours that run after FSDP's forward pre-hook (FSDP prepends its own) and record each block's
-    FSDP training state: FORWARD when FSDP's pre-hook ran, IDLE when the block ran bare."""
-    seen = []
-    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(m._get_fsdp_state()._training_state))
-               for b in blocks]
-    return seen, handles
-
-
 @pytest.mark.parametrize("arch", ARCHS + ("internvl",))
 def test_sharded_bf16_generation_runs_blocks_bare(arch, eos_loaded, tmp_path_factory, monkeypatch, one_rank):
     """Generation by a sharded bf16 student runs its decoder blocks without FSDP's hooks (the hooks of
@@ -340,7 +331,7 @@ def test_sharded_bf16_generation_runs_blocks_bare(arch, eos_loaded, tmp_path_fac
         model, proc = eos_loaded[arch]
     sharded = distributed.shard_model(copy.deepcopy(model), mixed_precision=True)
     blocks = distributed.decoder_blocks(sharded)
-    seen, handles = _fsdp_states_seen(blocks)
+    seen, handles = fsdp_states_seen(blocks)
     examples = random_samples(IMAGES.get(arch, [1, 0, 2]))
     seed = int(torch.randint(1 << 30, ()))
     bare = sample_responses(sharded, proc, examples, group_size=2, max_new_tokens=8, seed=seed)

@@ -5,12 +5,15 @@ zero-weight fillers) equals the gradient of the same loss computed in one pass f
 log-probs and the eager Dr.GRPO reference.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import max_err, nudge_off_clip_bounds, saved_for_backward
-from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
+from helpers import fsdp_states_seen, max_err, nudge_off_clip_bounds, saved_for_backward
+from models_fixtures import one_rank, one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
 
+from ril_fast import distributed, imitation, policy
 from ril_fast.discriminator import Discriminator
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.kernels.grpo_loss import dr_grpo_loss_ref
@@ -222,3 +225,34 @@ def test_updates_recompute_with_activation_checkpointing(qwen_vl, update):
     assert got.keys() == want.keys()
     for n in want:
         assert max_err(got[n], want[n]) <= 1e-6 * (1 + want[n].abs().max().item()), n
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl", "qwen2"])
+def test_sharded_bf16_scoring_passes_run_blocks_bare(arch, tmp_path_factory, monkeypatch, one_rank):  # noqa: F811
+    """The no-grad passes of a sharded bf16 model (π_old / π_ref log-probs, the discriminator's scores) run
+    its decoder blocks without FSDP's hooks and give, bit for bit, what the hooked blocks give (FSDP's
+    input casts were no-ops there) over several micro-batches."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    path = tiny_folder(tmp_path_factory, arch)
+    model, proc = load(path, device="cpu")
+    disc, _ = Discriminator.from_student(path, device="cpu", init_std=0.1)
+    student = distributed.shard_model(model, mixed_precision=True)
+    disc = distributed.shard_model(disc, mixed_precision=True)
+    encoded = encode_all(proc, random_samples([0] * 5 if arch == "qwen2" else [1, 0, 2, 1, 0]))
+    micro = micro_batches(encoded, 2 * max(e.length for e in encoded))
+    assert len(micro) > 1
+    blocks = distributed.decoder_blocks(student) + distributed.decoder_blocks(disc)
+    assert len(blocks) == 4  # the tiny models' 2 blocks each
+    seen, handles = fsdp_states_seen(blocks)
+    bare = frozen_logprobs(student, micro, 0.9), disc_probs(disc, micro, len(encoded))
+    bare_seen, seen[:] = seen[:], []
+    monkeypatch.setattr(policy, "bare_blocks", contextlib.nullcontext)  # the blocks keep FSDP's hooks
+    monkeypatch.setattr(imitation, "bare_blocks", contextlib.nullcontext)
+    hooked = frozen_logprobs(student, micro, 0.9), disc_probs(disc, micro, len(encoded))
+    for h in handles:
+        h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(bare[0], hooked[0], strict=True))
+    assert torch.equal(bare[1], hooked[1]) and not bare[1].isnan().any()
+    assert len(bare_seen) == len(seen) == 2 * 2 * len(micro)  # each model's 2 blocks, per micro-batch
+    assert set(bare_seen) == {TrainingState.IDLE} and set(seen) == {TrainingState.FORWARD}
