@@ -117,8 +117,11 @@ class Batch:
                                                 "one layer instead of all, for ~1/3 more update compute")
     keep_gathered: bool = opt(True, "on one rank, each layer keeps its gathered (bf16 on GPU) weights from its "
                                     "forward to its backward instead of gathering them again: fewer copies, one "
-                                    "more copy of the model in memory during updates (several ranks: always "
-                                    "gathered again)")
+                                    "more copy of the model in memory during updates (weights sharded over "
+                                    "several ranks: always gathered again)")
+    shard_ranks: int = opt(0, "ranks that shard one copy of the models (FSDP2); 0: all ranks. Over several nodes, "
+                              "the GPUs of a node (e.g. 8) is HSDP: each node holds a sharded copy and only "
+                              "gradients cross nodes; must divide the number of ranks")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,6 +208,7 @@ class Config:
             (0 <= self.loss.eps_low < 1, "loss.eps_low must be in [0, 1)"),
             (self.loss.eps_high >= 0, "loss.eps_high must be >= 0"),
             (self.batch.questions_per_step >= 1, "batch.questions_per_step must be >= 1"),
+            (self.batch.shard_ranks >= 0, "batch.shard_ranks must be >= 0 (0 = all ranks)"),
             (self.batch.max_tokens > self.max_new_tokens,
              "batch.max_tokens must exceed max_new_tokens: a sample holds a prompt and a response"),
         ]

@@ -9,8 +9,9 @@ the root unit ``Sharded(model)``; code that reaches into the model past its ``fo
 log-probs through ``base_model`` and the LM head weight) runs as the root's forward:
 ``sharded(batch, fn=packed_logprobs)``.
 
-Wrap order (shared/STYLE.md): each decoder block, the vision tower as one unit, then the root.
-Gradients are summed over ranks, not averaged: the trainer already divides the Dr.GRPO loss by a
+Wrap order (shared/STYLE.md): each decoder block, the vision tower as one unit, then the root. Over
+several nodes, ``shard_ranks`` = the GPUs of a node makes it HSDP (each node holds a sharded copy; only
+gradients cross nodes). Gradients are summed over ranks, not averaged: the trainer already divides the Dr.GRPO loss by a
 global normaliser (all outputs of the step on all ranks), so FSDP's default 1/world_size would divide
 a second time. ``gathered`` keeps every parameter unsharded through a rollout phase, so HF
 ``generate`` all-gathers once per phase instead of once per generated token.
@@ -188,9 +189,14 @@ def call(model: nn.Module, fn, *args, **kwargs):
     return fn(model, *args, **kwargs)
 
 
+def shard_size(shard_ranks: int = 0) -> int:
+    """The ranks that shard one copy of the parameters: ``shard_ranks``, or all ranks when 0."""
+    return shard_ranks or world_size()
+
+
 def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool = True,
-                reshard_after_forward: bool | None = None) -> Sharded:
-    """Shard ``model`` with FSDP2 over all ranks of the default group -> the root unit ``Sharded(model)``.
+                reshard_after_forward: bool | None = None, shard_ranks: int = 0) -> Sharded:
+    """Shard ``model`` with FSDP2 over the ranks of the default group -> the root unit ``Sharded(model)``.
 
     ``fully_shard`` on each decoder block, on the vision tower as one unit, then on the root (the
     embeddings, the final norm, the LM head or discriminator head). ``mixed_precision``: parameters
@@ -203,19 +209,28 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     DTensors in one param group: :func:`optimizer_groups`). Call the result, not ``model``: see
     :class:`Sharded`. For generation see :func:`gathered`.
 
+    ``shard_ranks``: how many ranks shard one copy of the parameters; 0 (default): all of them (FSDP). A
+    divisor of the world size, such as the GPUs of a node, is HSDP: each ``shard_ranks`` consecutive ranks
+    (one node under torchrun) shard a copy, the copies are replicas, and only the gradients cross between
+    them (reduce-scattered within a copy, then all-reduced across copies); all-gathers stay within a copy.
+
     ``reshard_after_forward``: whether the blocks and the vision tower free their gathered parameters after
-    forward and gather them again for backward (default: only with more than one rank). On one rank a
-    shard is the whole parameter, and gathering again repeats the copies and the bf16 cast of every
-    parameter (24-block tiny Qwen2.5-VL, bf16: 10,928 -> 10,292 ops per forward + backward); keeping them
-    costs one gathered copy of the model (bf16 on a GPU: 2 bytes per parameter) from a forward to its
-    backward, which frees it.
+    forward and gather them again for backward (default: only when a copy is sharded over more than one
+    rank). On one rank a shard is the whole parameter, and gathering again repeats the copies and the bf16
+    cast of every parameter (24-block tiny Qwen2.5-VL, bf16: 10,928 -> 10,292 ops per forward + backward);
+    keeping them costs one gathered copy of the model (bf16 on a GPU: 2 bytes per parameter) from a forward
+    to its backward, which frees it.
     """
     device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world, shard = dist.get_world_size(), shard_size(shard_ranks)
+    if shard < 1 or world % shard:
+        raise ValueError(f"shard_ranks={shard_ranks}: must divide the number of ranks ({world}); 0 shards over all")
+    mesh = init_device_mesh(device.type, (world,)) if shard == world else \
+        init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
     if reshard_after_forward is None:
-        reshard_after_forward = world_size() > 1
+        reshard_after_forward = shard > 1
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     vision = vision_tower(model)

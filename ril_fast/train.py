@@ -168,7 +168,7 @@ def setup(cfg: Config) -> Run:
     except (sqlite3.DatabaseError, OSError) as e:
         raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
                           f"file): {e}") from None
-    check_judge_and_kernels(cfg, dist)
+    check_surroundings(cfg, dist)
     if dist.is_main:  # from here on this run writes in output_dir
         try:
             lock_folder(out)
@@ -183,9 +183,9 @@ def setup(cfg: Config) -> Run:
     shapes = Shapes.of_model(student)
     if cfg.batch.activation_checkpointing:  # acts in the updates only (models.recomputing)
         enable_activation_checkpointing(student)
-    reshard = None if cfg.batch.keep_gathered else True  # None: only with more than one rank
-    student = distributed.shard_model(student, mixed_precision=gpu,  # in eval mode: see the module docstring
-                                      reshard_after_forward=reshard)
+    reshard = None if cfg.batch.keep_gathered else True  # None: only when a copy is sharded over several ranks
+    shard = dict(reshard_after_forward=reshard, shard_ranks=cfg.batch.shard_ranks)
+    student = distributed.shard_model(student, mixed_precision=gpu, **shard)  # in eval mode: see the module docstring
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = schedule.make_scheduler(optimizer, cfg)  # warm-up, then cosine decay
@@ -200,7 +200,7 @@ def setup(cfg: Config) -> Run:
         disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool)
         if cfg.batch.activation_checkpointing:
             enable_activation_checkpointing(disc.backbone)
-        disc = distributed.shard_model(disc.eval(), mixed_precision=gpu, reshard_after_forward=reshard)
+        disc = distributed.shard_model(disc.eval(), mixed_precision=gpu, **shard)
         disc_optimizer = torch.optim.AdamW(distributed.optimizer_groups(disc), lr=cfg.disc.lr,
                                            weight_decay=cfg.disc.weight_decay)
 
@@ -221,9 +221,13 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def check_judge_and_kernels(cfg: Config, dist: distributed.Dist) -> None:
-    """The settings that name things outside the config, checked before any model loads: an hf judge's model
-    folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device."""
+def check_surroundings(cfg: Config, dist: distributed.Dist) -> None:
+    """The settings that depend on things outside the config, checked before any model loads: an hf judge's
+    model folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device,
+    the number of ranks the shards are spread over."""
+    if dist.world_size % distributed.shard_size(cfg.batch.shard_ranks):
+        raise ConfigError(f"batch.shard_ranks={cfg.batch.shard_ranks}: must divide the number of ranks "
+                          f"({dist.world_size}), e.g. the GPUs of one node; 0 shards over all ranks")
     if cfg.judge is JudgeKind.HF and (problem := model_folder_problem(cfg.judge_model)):
         raise ConfigError(f"judge_model={cfg.judge_model}: {problem}")
     if cfg.judge is JudgeKind.HTTP and (problem := OpenAIClient(
@@ -498,7 +502,8 @@ def explain_oom(cfg: Config, phase: str, micro=None):
                     f"{len(biggest.batch.lengths)} sequences: lower batch.max_tokens (now {cfg.batch.max_tokens})")
             if phase.endswith("_update") and not cfg.batch.activation_checkpointing:
                 hint += ", or set batch.activation_checkpointing=true"
-            if phase.endswith("_update") and cfg.batch.keep_gathered and distributed.world_size() == 1:
+            if phase.endswith("_update") and cfg.batch.keep_gathered and \
+                    distributed.shard_size(cfg.batch.shard_ranks) == 1:
                 hint += ", or batch.keep_gathered=false"
         raise RuntimeError(f"out of memory in the {phase} phase; {hint}") from e
 

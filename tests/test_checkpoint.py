@@ -376,3 +376,27 @@ def test_one_process_save_and_load_warn_nothing(tmp_path):
     state, loaded = optimizer.state_dict()["state"], again_optimizer.state_dict()["state"]
     assert state.keys() == loaded.keys()
     assert all(torch.equal(state[k][name], loaded[k][name]) for k in state for name in state[k])
+
+
+def test_hsdp_checkpoint_resumes_as_fsdp(demo, tmp_path):
+    """Four ranks as HSDP (``batch.shard_ranks=2``: two replicas, each sharded over two ranks) checkpoint at
+    step 2; four ranks of plain FSDP resume from that checkpoint (DCP lays the weights and AdamW states out
+    anew) and log step 3 as the HSDP run does, and end with its weights (the AdamW moments of the checkpoint
+    moved them). Only the gradient sums' order
+    differs (HSDP reduces within a replica, then across the two; FSDP over all four at once), so gradient
+    norms agree to fp32 rounding (1e-5 relative) and weights to 1e-6, the rest exactly."""
+    hsdp, fsdp = tmp_path / "hsdp", tmp_path / "fsdp"
+    settings = dict(steps=3, mu=1)  # μ = 1: every logged value of step 3 comes before its one update
+    _finish(_command(4, _args(demo, hsdp, **settings, **{"batch.shard_ranks": 2})), tmp_path / "hsdp.txt")
+    _finish(_command(4, _args(demo, fsdp, **settings, resume=hsdp / "step-2")), tmp_path / "fsdp.txt")
+    assert f"resuming from {hsdp / 'step-2'}" in (tmp_path / "fsdp.txt").read_text()
+    last = [[r for r in _step_metrics(out) if r["step"] == 3] for out in (hsdp, fsdp)]
+    assert len(last[0]) == len(last[1]) == 2  # the step's record, then the final evaluation
+    for got, want in zip(last[1], last[0]):
+        assert got.keys() == want.keys()
+        norms = [k for k in want if k.endswith("grad_norm")]
+        assert {k: got[k] for k in want if k not in norms} == {k: want[k] for k in want if k not in norms}
+        assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in norms)
+    wa, wb = (load_file(str(next((out / "final").glob("*.safetensors")))) for out in (hsdp, fsdp))
+    print("max weight difference", max((wa[k] - wb[k]).abs().max().item() for k in wa))
+    assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() <= 1e-6 for k in wa)

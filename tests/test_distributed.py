@@ -3,7 +3,8 @@
 Each launch runs tests/dist_scripts/fsdp_checks.py once (one process start-up costs seconds, so the
 script measures everything and writes a JSON report that the tests below assert on). Launches: two
 ranks under torchrun, one rank under torchrun, one rank from plain ``python`` (no torchrun
-environment): the same code path.
+environment): the same code path; and four ranks as HSDP (``shard_ranks=2``: two replicas, each sharded
+over two ranks), where every check holds as for plain FSDP.
 
 Tolerances: fp32 sharded and unsharded runs do the same arithmetic (the all-gathered parameters are
 bitwise the originals; the gradient sum over 2 ranks is one addition), so they agree exactly; 1e-6
@@ -36,10 +37,11 @@ from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_fol
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "fsdp_checks.py"
 EXACT = 1e-6
-LAUNCHES = {
-    "torchrun2": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-    "torchrun1": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"],
-    "python": [],
+LAUNCHES = {  # the launcher, and the script's arguments after the model folder and the report
+    "torchrun2": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []),
+    "torchrun1": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"], []),
+    "python": ([], []),
+    "hsdp4": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"], ["2"]),  # 2 copies x 2 shards
 }
 
 
@@ -47,7 +49,8 @@ def _launch(kind: str, folder: Path, out: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, *LAUNCHES[kind], str(SCRIPT), str(folder), str(out)]
+    launcher, args = LAUNCHES[kind]
+    cmd = [sys.executable, *launcher, str(SCRIPT), str(folder), str(out), *args]
     cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))  # noqa: E731
     t0, c0 = time.perf_counter(), cpu()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)  # a hang fails here
@@ -153,6 +156,8 @@ def test_launch_is_fast_and_sharded(report):
     assert report["cpu_s"] < 60
     assert report["fsdp_modules"] == 4  # 2 decoder blocks + vision tower + root
     assert report["params_are_dtensors"] and report["params_are_dtensors_after"]
+    hsdp = report["world_size"] == 4
+    assert report["placements"] == ["(Replicate(), Shard(dim=0))" if hsdp else "(Shard(dim=0),)"]
 
 
 def test_forward_equals_unsharded(report):

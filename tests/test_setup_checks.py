@@ -71,6 +71,8 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
         train.setup(load_config(_args(demo, tmp_path / "run", student=tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match=r"batch.questions_per_step=64: 16 examples cannot fill a batch of 64"):
         train.setup(load_config(_args(demo, tmp_path / "run", **{"batch.questions_per_step": 64})))
+    with pytest.raises(ConfigError, match=r"batch.shard_ranks=2: must divide the number of ranks \(1\)"):
+        train.setup(load_config(_args(demo, tmp_path / "run", **{"batch.shard_ranks": 2})))
     (tmp_path / "a_file").write_text("not a database, but long enough for SQLite to read a header" * 10)
     with pytest.raises(ConfigError, match=r"judge_cache=.*a_file: cannot use it as the verdict cache"):
         train.setup(load_config(_args(demo, tmp_path / "run", judge_cache=tmp_path / "a_file")))

@@ -2,6 +2,10 @@
 
     torchrun --standalone --nproc_per_node=2 tests/dist_scripts/fsdp_checks.py MODEL_DIR OUT.json
     python tests/dist_scripts/fsdp_checks.py MODEL_DIR OUT.json          # one rank, no torchrun env
+    torchrun --standalone --nproc_per_node=4 tests/dist_scripts/fsdp_checks.py MODEL_DIR OUT.json 2   # HSDP
+
+The optional third argument is ``shard_ranks`` for every ``shard_model`` call (2 of 4 ranks: HSDP, two
+sharded replicas).
 
 Every rank measures; errors are max-reduced over ranks and rank 0 writes them to OUT.json, where the
 test asserts on them. Each rank's data comes from a seed of its rank, so every rank can rebuild every
@@ -10,6 +14,7 @@ model's gradients.
 """
 
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -114,7 +119,8 @@ def max_over_ranks(x: float) -> float:
     return distributed.all_reduce_max(torch.tensor([x], dtype=torch.float64)).item()
 
 
-def main(folder: str, out_path: str) -> None:
+def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
+    shard_model = functools.partial(distributed.shard_model, shard_ranks=shard_ranks)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     d = distributed.init()
@@ -132,9 +138,10 @@ def main(folder: str, out_path: str) -> None:
 
     # -- fp32 sharding: forward and summed gradients --------------------------------------------------
     counter = AllGatherCounter()
-    model = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=False)
+    model = shard_model(load(folder, device="cpu")[0], mixed_precision=False)
     res["fsdp_modules"] = len(distributed.fsdp_modules(model))
     res["params_are_dtensors"] = all(isinstance(p, DTensor) for p in model.parameters())
+    res["placements"] = sorted({str(p.placements) for p in model.parameters()})
     with counter.counting():
         loss = summed_loss(model, batch, weights)
         res["gathers_forward_before_rollout"] = counter.count
@@ -158,7 +165,7 @@ def main(folder: str, out_path: str) -> None:
     mixed_ref = summed_grads(ref, [(pack(enc), w) for enc, w in map(mixed_data, range(d.world_size))])
     enc, w = mixed_data(d.rank)
     (mb,) = micro_batches(enc, 10**6, **rank_agreement(proc, d.device))
-    fresh = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=False)
+    fresh = shard_model(load(folder, device="cpu")[0], mixed_precision=False)
     per_sample = w.split([e.response_len for e in enc])  # in response order; the micro-batch's order may differ
     tokens = torch.cat([per_sample[i] if weight else torch.zeros(n)  # a filler's tokens weigh 0
                         for i, weight, n in zip(mb.index, mb.weight.tolist(), mb.batch.response_lengths)])
@@ -168,7 +175,7 @@ def main(folder: str, out_path: str) -> None:
     del fresh
 
     # -- control: FSDP's default divide factor gives the mean, not the sum ------------------------------
-    default = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=False, sum_gradients=False)
+    default = shard_model(load(folder, device="cpu")[0], mixed_precision=False, sum_gradients=False)
     summed_loss(default, batch, weights).backward()
     default_grads = full_grads(default)
     res["default_grad_err_vs_mean"] = max_over_ranks(
@@ -185,7 +192,7 @@ def main(folder: str, out_path: str) -> None:
         res["bf16_unsharded_forward_err"] = max_over_ranks((logprobs(ref16, batch) - ref_lp).abs().max().item())
     res["bf16_unsharded_grad_err_vs_sum"] = grad_err(ref16_grads, ref_grads)
     del ref16, ref16_grads
-    mixed = distributed.shard_model(load(folder, device="cpu")[0], mixed_precision=True)
+    mixed = shard_model(load(folder, device="cpu")[0], mixed_precision=True)
     mixed_loss = summed_loss(mixed, batch, weights)
     with torch.no_grad():
         res["bf16_forward_err"] = max_over_ranks((logprobs(mixed, batch) - ref_lp).abs().max().item())
@@ -273,7 +280,7 @@ def main(folder: str, out_path: str) -> None:
     disc_ref, _ = Discriminator.from_student(folder, device="cpu", init_std=0.5)
     disc, _ = Discriminator.from_student(folder, device="cpu")
     disc.load_state_dict(disc_ref.state_dict())
-    disc = distributed.shard_model(disc, mixed_precision=False)
+    disc = shard_model(disc, mixed_precision=False)
     res["disc_fsdp_modules"] = len(distributed.fsdp_modules(disc))
     for r in range(d.world_size):
         _, b, _ = rank_data(proc, r)
@@ -305,4 +312,4 @@ def main(folder: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
