@@ -207,6 +207,9 @@ def setup(cfg: Config) -> Run:
     judge = make_judge_from_config(cfg)  # rule | hf | http, with the judge_* settings
     distributed.barrier()  # ranks that share a CPU measure its peak together: each its share, as they will train
     peak_tflops = matmul_peak_tflops(dist.device, dtype)
+    if dist.is_main:
+        print(f"matmul peak measured for MFU: {peak_tflops:.3g} TFLOP/s ({str(dtype)[6:]}, {dist.device.type})",
+              flush=True)
     run = Run(cfg=cfg, dist=dist, student=student, processor=processor, optimizer=optimizer, scheduler=scheduler,
               reference=reference, disc=disc, disc_optimizer=disc_optimizer, judge=judge,
               teacher_judge=CachedJudge(judge, store=verdicts), bank=bank, batches=batches,
