@@ -63,7 +63,7 @@ from _baselines import compare_policy_update, plain_generate, rollout_inputs, ti
 from _probe import PhaseProbe, RecordingProcessor, collective_seconds  # noqa: E402
 from _workload import PRESETS, build  # noqa: E402
 
-from ril_fast import distributed, train  # noqa: E402
+from ril_fast import distributed, memory, train  # noqa: E402
 from ril_fast.config import Config  # noqa: E402
 from ril_fast.flops import ADAMW_BYTES_PER_PARAM, Sample, Shapes, matmul_peak_tflops, phase_flops  # noqa: E402
 from ril_fast.models import Kernels  # noqa: E402
@@ -307,23 +307,6 @@ def _parse(argv):
     return args, preset
 
 
-def memory_plan(config, *, disc: bool, reference: bool) -> dict[str, float]:
-    """Bytes the trained state takes before any activation: fp32 weights + AdamW moments (12 B/param)
-    of the student and the discriminator, one model's fp32 gradients at a time (optimizer steps free
-    them), the frozen reference in bf16 on GPU (fp32 on CPU)."""
-    from transformers import AutoModelForImageTextToText
-
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    student = sum(p.numel() for p in model.parameters())
-    backbone = sum(p.numel() for p in model.model.parameters())
-    trained = student + (backbone if disc else 0)
-    plan = {"student_params": student, "state": 12 * trained + 4 * student,
-            "reference": (2 if CUDA else 4) * student if reference else 0}
-    plan["total"] = plan["state"] + plan["reference"]
-    return plan
-
-
 def main(argv=None):
     """Run the benchmark (see the module docstring); returns the CSV rows written."""
     from transformers import AutoConfig
@@ -342,23 +325,20 @@ def main(argv=None):
     device, sha, date = device_name(), git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
     peak_tflops = matmul_peak_tflops(dist.device, torch.bfloat16 if CUDA else torch.float32)
     copy_gbps = copy_bandwidth_gbps()
-    plan = memory_plan(config, disc=not args.rl_only, reference=args.beta > 0)
+    plan = memory.plan(config, disc=not args.rl_only, reference=args.beta > 0, gpu=CUDA, shard=dist.world_size)
     main_rank = dist.is_main
     if main_rank:
         print(f"# ril_fast throughput: preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''} "
               f"on {device} x{dist.world_size} — git {sha} — {date}")
         print(f"measured peaks: {'bf16' if CUDA else 'fp32'} matmul {peak_tflops:.4g} TFLOP/s, "
               f"copy {copy_gbps:.4g} GB/s")
-        print(f"student {plan['student_params'] / 1e9:.3g} B params; trained state (fp32 weights, AdamW, one "
-              f"model's gradients) {plan['state'] / 2**30:.3g} GiB + reference {plan['reference'] / 2**30:.3g} GiB "
-              f"before activations, over {dist.world_size} rank(s)")
+        print(f"memory: {plan.describe()}")
     if CUDA:
-        capacity = torch.cuda.get_device_properties(dist.device).total_memory * dist.world_size
-        if plan["total"] > capacity:
-            raise SystemExit(f"preset {args.preset} cannot fit: its trained state alone takes "
-                             f"{plan['total'] / 2**30:.1f} GiB and the {dist.world_size} GPU(s) have "
-                             f"{capacity / 2**30:.1f} GiB. Use more ranks (torchrun; FSDP2 shards it), --rl-only "
-                             f"(no discriminator), --beta 0 (no reference) or a smaller preset.")
+        capacity = torch.cuda.get_device_properties(dist.device).total_memory
+        if plan.per_rank > capacity:
+            raise SystemExit(f"preset {args.preset} cannot fit: its models need {plan.describe()}, and a GPU has "
+                             f"{capacity / 2**30:.1f} GiB. Use more ranks (torchrun; FSDP2 shards the trained state), "
+                             f"--rl-only (no discriminator), --beta 0 (no reference) or a smaller preset.")
 
     base = (args.layouts[0], args.kernel_sets[0])
     configurations = [base] + [(x, base[1]) for x in args.layouts[1:]] + [(base[0], k) for k in args.kernel_sets[1:]]
@@ -382,7 +362,7 @@ def main(argv=None):
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue
-            these = phase_rows(args, cfg, shapes, records, n_student=plan["student_params"], world=dist.world_size,
+            these = phase_rows(args, cfg, shapes, records, n_student=plan.student_params, world=dist.world_size,
                                peak_tflops=peak_tflops, copy_gbps=copy_gbps, comms=comms)
             tables.append(((layout, kernels), these))
             rows += these

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ril_fast import checkpoint, distributed, schedule
+from ril_fast import checkpoint, distributed, memory, schedule
 from ril_fast.config import Config, ConfigError, load_config
 from ril_fast.data import Batches, DataError, Example, load_examples, load_teachers, refuse_images, to_sample
 from ril_fast.demo import build_demo, needs_demo, with_demo
@@ -169,6 +169,7 @@ def setup(cfg: Config) -> Run:
         raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
                           f"file): {e}") from None
     check_surroundings(cfg, dist)
+    check_memory(cfg, dist, disc=bank is not None)
     if dist.is_main:  # from here on this run writes in output_dir
         try:
             lock_folder(out)
@@ -239,6 +240,19 @@ def check_surroundings(cfg: Config, dist: distributed.Dist) -> None:
     if cfg.loss.kernels is Kernels.TRITON and dist.device.type != "cuda" and not interpreting():
         raise ConfigError("loss.kernels=triton: Triton kernels need a GPU, or on the CPU the interpreter "
                           "(TRITON_INTERPRET=1); auto picks the chunked torch code here")
+
+
+def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
+    """Refuse, before any model loads, a student whose models cannot fit on some rank's device even before
+    activations (``ril_fast.memory``): every rank checks its own and all stop together."""
+    from transformers import AutoConfig
+
+    plan = memory.plan(AutoConfig.from_pretrained(cfg.student), disc=disc, reference=cfg.beta > 0,
+                       gpu=dist.device.type == "cuda", shard=distributed.shard_size(cfg.batch.shard_ranks))
+    problems = [p for p in distributed.all_gather_objects(memory.shortfall(plan, memory.available_bytes(dist.device)))
+                if p]
+    if problems:
+        raise ConfigError(f"student={cfg.student}: {problems[0]}")
 
 
 def load_data(cfg: Config, dist: distributed.Dist):

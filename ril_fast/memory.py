@@ -1,0 +1,95 @@
+"""The memory a run's models take before any activation, checked before any of them loads.
+
+A student too big for the machine would otherwise fail late and unclearly: a CUDA out-of-memory error
+while loading the second or third model, or on a CPU the kernel's OOM killer ending the process with no
+message at all. :func:`plan` counts the parameters on the meta device (no memory, no weights) and
+:func:`shortfall` compares what one rank will hold with what its device has free:
+
+    trained state   fp32 weights + AdamW's two fp32 moments (12 B/param) of the student and the
+                    discriminator, + one model's fp32 gradients (4 B/param; each optimiser step frees
+                    them), sharded over the ranks of a copy (``batch.shard_ranks``)
+    reference       π_ref, only when β > 0: unsharded, on every rank (bf16 on a GPU, fp32 on a CPU)
+    gathered        the student's weights gathered for a rollout (bf16 on a GPU; fp32 on CPU ranks that
+                    shard them; on one CPU rank the shard is the weight itself: nothing more)
+
+Activations come on top (``batch.max_tokens`` bounds them), so passing the check is necessary, not
+sufficient; failing it means the run cannot fit.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+STATE_BYTES = 12  # fp32 weights + AdamW's two fp32 moments, per trained parameter
+GRADIENT_BYTES = 4  # fp32 gradients, per parameter of the model being updated
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes before any activation: ``per_rank`` is what one rank holds; the rest say why."""
+
+    student_params: int
+    disc_params: int  # 0 without a discriminator (RL only)
+    trained_state: int  # over all ranks of a copy together
+    reference: int  # per rank
+    gathered: int  # per rank
+    shard: int  # ranks the trained state is sharded over
+
+    @property
+    def per_rank(self) -> int:
+        """Bytes one rank holds: its share of the trained state, the reference, the gathered student."""
+        return -(-self.trained_state // self.shard) + self.reference + self.gathered
+
+    def describe(self) -> str:
+        """The plan in words, in GiB."""
+        def gib(n: int) -> str:
+            return f"{n / 2**30:.3g} GiB"
+
+        disc = f" and the discriminator ({self.disc_params / 1e9:.3g} B)" if self.disc_params else ""
+        return (f"{gib(self.per_rank)} per rank before any activation: fp32 weights, AdamW moments and one model's "
+                f"gradients of the student ({self.student_params / 1e9:.3g} B parameters){disc}, "
+                f"{gib(self.trained_state)} sharded over {self.shard} rank(s)"
+                + (f"; the reference, {gib(self.reference)} on every rank" if self.reference else "")
+                + (f"; the student gathered for rollouts, {gib(self.gathered)}" if self.gathered else ""))
+
+
+def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int) -> Plan:
+    """The memory plan of a student of transformers ``config``: with a discriminator (``disc``), a reference
+    model (``reference``), on GPUs (bf16 copies) or CPUs, its trained state sharded over ``shard`` ranks."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForCausalLM if getattr(config, "vision_config", None) is None else AutoModelForImageTextToText
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    student = sum(p.numel() for p in model.parameters())
+    # The discriminator: the student's backbone (no LM head) and a d -> 1 head.
+    disc_params = sum(p.numel() for p in model.base_model.parameters()) + config.get_text_config().hidden_size + 1 \
+        if disc else 0
+    copy = 2 if gpu else 4  # bytes per parameter of an unsharded copy: bf16 on a GPU, fp32 on a CPU
+    return Plan(student_params=student, disc_params=disc_params,
+                trained_state=STATE_BYTES * (student + disc_params) + GRADIENT_BYTES * student,
+                reference=copy * student if reference else 0,
+                gathered=copy * student if gpu or shard > 1 else 0, shard=shard)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for this rank: the GPU's free bytes, or on a CPU the machine's available memory shared by
+    the ranks on it (torchrun's ``LOCAL_WORLD_SIZE``); None where it cannot be read (no /proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def shortfall(p: Plan, available: int | None) -> str | None:
+    """Why ``p`` cannot fit in ``available`` bytes per rank, or None when it may."""
+    if available is None or p.per_rank <= available:
+        return None
+    return (f"the models need {p.describe()}, but this rank has {available / 2**30:.3g} GiB free: use more GPUs "
+            f"(torchrun; the trained state is sharded over batch.shard_ranks, 0 = all ranks), beta=0 (no reference "
+            f"model), or a smaller student")
