@@ -219,6 +219,8 @@ def phase_rows(args, cfg: Config, shapes: Shapes, records: list[dict], *, n_stud
             row["note"] = "includes the discriminator's optimiser step"
         elif name == "rollout":
             row["note"] = "HF generate; also encodes and packs the step's outputs"
+        elif name == "step":  # the trainer's own figure (same formulas and peak; a mean of per-step ratios)
+            row["note"] = f"trainer's mfu {sig(_mean(m['mfu'] for m, _, _ in per_step))}"
         if cfg.batch.activation_checkpointing and name in ("policy_update", "disc_update"):
             row["note"] = "; ".join(filter(None, [row.get("note"), "activation checkpointing (recomputation "
                                                                     "not counted in tflop)"]))

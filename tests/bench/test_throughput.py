@@ -52,6 +52,10 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
         # The step's FLOPs are the phases' sum; its time at least theirs.
         total = sum(float(phases[p]["tflop"] or 0) for p in bench["PHASES"])
         assert float(phases["step"]["tflop"]) == pytest.approx(total, rel=1e-3)
+        # One measured step: the trainer logged the same MFU (its FLOPs from the outputs it encoded, the
+        # bench's from the prompts it recorded; the same measured peak).
+        trainer = float(phases["step"]["note"].removeprefix("trainer's mfu "))
+        assert float(phases["step"]["mfu"]) == pytest.approx(trainer, rel=1e-3) and trainer > 0
     isolated = {(r["phase"], r["provider"]): r for r in rows if r["phase"].endswith("_isolated")}
     assert set(isolated) == {("policy_update_isolated", "ril_fast"), ("policy_update_isolated", "liger"),
                              ("rollout_isolated", "ril_fast"), ("rollout_isolated", "hf_generate")}
