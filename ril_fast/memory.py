@@ -46,9 +46,12 @@ class Plan:
         def gib(n: int) -> str:
             return f"{n / 2**30:.3g} GiB"
 
-        disc = f" and the discriminator ({self.disc_params / 1e9:.3g} B)" if self.disc_params else ""
+        def count(n: int) -> str:
+            return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
+
+        disc = f" and the discriminator ({count(self.disc_params)})" if self.disc_params else ""
         return (f"{gib(self.per_rank)} per rank before any activation: fp32 weights, AdamW moments and one model's "
-                f"gradients of the student ({self.student_params / 1e9:.3g} B parameters){disc}, "
+                f"gradients of the student ({count(self.student_params)} parameters){disc}, "
                 f"{gib(self.trained_state)} sharded over {self.shard} rank(s)"
                 + (f"; the reference, {gib(self.reference)} on every rank" if self.reference else "")
                 + (f"; the student gathered for rollouts, {gib(self.gathered)}" if self.gathered else ""))

@@ -253,6 +253,8 @@ def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
                 if p]
     if problems:
         raise ConfigError(f"student={cfg.student}: {problems[0]}")
+    if dist.is_main:
+        print(f"memory: {plan.describe()}", flush=True)
 
 
 def load_data(cfg: Config, dist: distributed.Dist):
