@@ -190,8 +190,14 @@ def call(model: nn.Module, fn, *args, **kwargs):
 
 
 def shard_size(shard_ranks: int = 0) -> int:
-    """The ranks that shard one copy of the parameters: ``shard_ranks``, or all ranks when 0."""
-    return shard_ranks or world_size()
+    """The ranks that shard one copy of the parameters: ``shard_ranks``, or all ranks when 0. ValueError
+    (its message starting ``shard_ranks=N:``) unless that divides the number of ranks."""
+    world = world_size()
+    shard = shard_ranks or world
+    if shard < 1 or world % shard:
+        raise ValueError(f"shard_ranks={shard_ranks}: must divide the number of ranks ({world}), e.g. the GPUs of "
+                         f"one node; 0 shards over all ranks")
+    return shard
 
 
 def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool = True,
@@ -222,9 +228,7 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     to its backward, which frees it.
     """
     device = next(model.parameters()).device
-    world, shard = dist.get_world_size(), shard_size(shard_ranks)
-    if shard < 1 or world % shard:
-        raise ValueError(f"shard_ranks={shard_ranks}: must divide the number of ranks ({world}); 0 shards over all")
+    world, shard = world_size(), shard_size(shard_ranks)
     mesh = init_device_mesh(device.type, (world,)) if shard == world else \
         init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

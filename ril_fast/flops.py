@@ -84,11 +84,9 @@ class Shapes:
     def of(cls, config) -> "Shapes":
         """Shapes of a transformers config (``AutoConfig.from_pretrained(student)``), read from the model it
         builds on the meta device (no memory, no weights)."""
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+        from ril_fast.models import meta_model
 
-        auto = AutoModelForCausalLM if getattr(config, "vision_config", None) is None else AutoModelForImageTextToText
-        with torch.device("meta"):
-            return cls.of_model(auto.from_config(config))
+        return cls.of_model(meta_model(config))
 
     @classmethod
     def of_model(cls, model: torch.nn.Module) -> "Shapes":

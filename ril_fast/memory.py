@@ -60,11 +60,9 @@ class Plan:
 def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int) -> Plan:
     """The memory plan of a student of transformers ``config``: with a discriminator (``disc``), a reference
     model (``reference``), on GPUs (bf16 copies) or CPUs, its trained state sharded over ``shard`` ranks."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from ril_fast.models import meta_model
 
-    auto = AutoModelForCausalLM if getattr(config, "vision_config", None) is None else AutoModelForImageTextToText
-    with torch.device("meta"):
-        model = auto.from_config(config)
+    model = meta_model(config)
     student = sum(p.numel() for p in model.parameters())
     # The discriminator: the student's backbone (no LM head) and a d -> 1 head.
     disc_params = sum(p.numel() for p in model.base_model.parameters()) + config.get_text_config().hidden_size + 1 \

@@ -148,6 +148,23 @@ def _rope_index(model, image_token_id: int):
     return rope_index
 
 
+def model_class(config, *, lm_head: bool = True):
+    """The transformers Auto class :func:`load` builds a model of ``config`` with: the base model without the
+    LM head (``lm_head=False``), else a causal LM for a text-only model, an image-text-to-text model for a VLM."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if not lm_head:
+        return AutoModel
+    return AutoModelForCausalLM if ModelKind.of(config.model_type) is ModelKind.TEXT else AutoModelForImageTextToText
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The student :func:`load` would build from ``config``, on the meta device: its modules and parameter
+    shapes without memory or weights (for counting parameters and FLOPs)."""
+    with torch.device("meta"):
+        return model_class(config).from_config(config)
+
+
 @contextlib.contextmanager
 def _quiet(enabled: bool):
     """Silence transformers' warnings inside the block."""
@@ -174,17 +191,14 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     VLM family, stateful sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``) raises
     ``ril_fast.packing.UnsupportedModel``.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     config = AutoConfig.from_pretrained(path)
-    kind = ModelKind.of_config(config, path)  # refuses a VLM family this module cannot pack
-    if not lm_head:
-        auto = AutoModel
-    else:
-        auto = AutoModelForCausalLM if kind is ModelKind.TEXT else AutoModelForImageTextToText
+    ModelKind.of_config(config, path)  # refuses a VLM family this module cannot pack
     with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
-        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=Attn(attn).resolve())
+        model = model_class(config, lm_head=lm_head).from_pretrained(path, dtype=dtype,
+                                                                     attn_implementation=Attn(attn).resolve())
     model.to(device).eval()
     _vision_varlen(model)
     _patches_as_matmul(model)

@@ -229,9 +229,10 @@ def check_surroundings(cfg: Config, dist: distributed.Dist) -> None:
     """The settings that depend on things outside the config, checked before any model loads: an hf judge's
     model folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device,
     the number of ranks the shards are spread over."""
-    if dist.world_size % distributed.shard_size(cfg.batch.shard_ranks):
-        raise ConfigError(f"batch.shard_ranks={cfg.batch.shard_ranks}: must divide the number of ranks "
-                          f"({dist.world_size}), e.g. the GPUs of one node; 0 shards over all ranks")
+    try:
+        distributed.shard_size(cfg.batch.shard_ranks)
+    except ValueError as e:  # "shard_ranks=N: must divide ..."
+        raise ConfigError(f"batch.{e}") from None
     if cfg.judge is JudgeKind.HF and (problem := model_folder_problem(cfg.judge_model)):
         raise ConfigError(f"judge_model={cfg.judge_model}: {problem}")
     if cfg.judge is JudgeKind.HTTP and (problem := OpenAIClient(
