@@ -20,7 +20,7 @@ from ril_fast import distributed
 from ril_fast.data import load_examples, to_sample
 from ril_fast.distributed import call
 from ril_fast.flops import Sample, Shapes, rollout_flops, training_flops
-from ril_fast.microbatch import micro_batches, model_device, rank_agreement, sync_gradients
+from ril_fast.microbatch import micro_batches, rank_agreement, sync_gradients
 from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.policy import LossConfig, frozen_logprobs, policy_pass
 from ril_fast.rollout import sample_responses
@@ -81,7 +81,7 @@ def liger_policy_pass(model, micro, advantages: torch.Tensor, normalizer: torch.
     loss_fn = LigerFusedLinearGRPOLoss(beta=cfg.beta, use_ref_model=ref is not None, loss_type="dr_grpo",
                                        max_completion_length=max_new_tokens, epsilon_low=cfg.eps_low,
                                        epsilon_high=cfg.eps_high, temperature=cfg.temperature, compiled=compiled)
-    device = model_device(model)
+    device = distributed.compute_device(model)
     total = torch.zeros((), device=device)
     for k, mb in enumerate(micro):
         sync_gradients(model, k == len(micro) - 1)

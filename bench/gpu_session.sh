@@ -2,7 +2,8 @@
 # What a lent GPU machine runs (stages sized to end inside the device tool's 10 minutes a call).
 #
 #   bash bench/gpu_session.sh STAGE...   # stages run in order:
-#     tests    the environment; the GPU tests (kernels compiled for real, varlen attention in bf16)
+#     tests    the environment; the GPU tests (kernels compiled for real, varlen attention in bf16, CPU offload;
+#              the last builds the demo: carry easy-vqa's wheel too)
 #     kernels  bench/kernels.py at Qwen2.5-VL-7B's head shape
 #     1b       bench/throughput.py --preset 1b, one measured step, with the baselines
 #     3b       bench/throughput.py --preset 3b: the base configuration + baselines
@@ -40,7 +41,9 @@ tests)
     python3 -c "import torch, triton, transformers, liger_kernel, importlib.util as u; print('torch', torch.__version__, \
 '| triton', triton.__version__, '| transformers', transformers.__version__, '| flash_attn', bool(u.find_spec('flash_attn')))"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_attention.py \
-        "tests/test_models.py::test_varlen_flash_vs_sdpa_bf16_gpu" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+        "tests/test_models.py::test_varlen_flash_vs_sdpa_bf16_gpu" \
+        "tests/test_train.py::test_cpu_offload_keeps_the_trained_state_off_the_gpu" 2>&1 | tee "$OUT/gpu_tests.log" \
+        | tail -15
     ;;
 kernels)
     timeout 120 python3 bench/kernels.py --out "$OUT/kernels.csv" 2>&1 | tee "$OUT/kernels.log" | grep -v "^Load"

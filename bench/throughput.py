@@ -89,7 +89,7 @@ def make_config(args, workload, out_dir: Path, *, padded: bool, kernels: Kernels
         "optim": {"lr": 1e-7}, "disc": {"lr": 1e-7},
         "batch": {"questions_per_step": args.questions_per_step, "max_tokens": args.max_tokens, "padded": padded,
                   "activation_checkpointing": args.activation_checkpointing,
-                  "keep_gathered": not args.gather_again},
+                  "keep_gathered": not args.gather_again, "cpu_offload": args.cpu_offload},
         "loss": {"kernels": kernels},
         "rollout": {"batch_size": max(64, args.questions_per_step * args.group_size)},
     })
@@ -224,6 +224,8 @@ def phase_rows(args, cfg: Config, shapes: Shapes, records: list[dict], *, n_stud
         if cfg.batch.activation_checkpointing and name in ("policy_update", "disc_update"):
             row["note"] = "; ".join(filter(None, [row.get("note"), "activation checkpointing (recomputation "
                                                                     "not counted in tflop)"]))
+        if cfg.batch.cpu_offload and name in ("policy_update", "disc_update", "optimizer"):
+            row["note"] = "; ".join(filter(None, [row.get("note"), "CPU offload (optimiser on the CPU)"]))
         if world == 1 and not cfg.batch.keep_gathered and name in ("policy_update", "disc_update"):
             row["note"] = "; ".join(filter(None, [row.get("note"), "weights gathered again for the backward"]))
         rows.append(row)
@@ -277,6 +279,8 @@ def _parse(argv):
                    help="the updates recompute each layer in the backward (less memory; room for --max-tokens)")
     p.add_argument("--gather-again", action="store_true", help="on one GPU, gather each layer's weights again "
                    "for the backward (batch.keep_gathered=false: one bf16 copy of the model less in the updates)")
+    p.add_argument("--cpu-offload", action="store_true", help="the trained state in the CPU's memory, the "
+                   "optimizers stepping there (batch.cpu_offload: a bigger student on one GPU)")
     p.add_argument("--mu", type=int, default=1, help="μ: updates per batch (> 1 adds the π_old pass)")
     p.add_argument("--beta", type=float, default=0.04, help="β: KL weight (> 0 adds the reference model)")
     p.add_argument("--questions-per-step", type=int, help="default: the preset's")
@@ -327,7 +331,8 @@ def main(argv=None):
     device, sha, date = device_name(), git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
     peak_tflops = matmul_peak_tflops(dist.device, torch.bfloat16 if CUDA else torch.float32)
     copy_gbps = copy_bandwidth_gbps()
-    plan = memory.plan(config, disc=not args.rl_only, reference=args.beta > 0, gpu=CUDA, shard=dist.world_size)
+    plan = memory.plan(config, disc=not args.rl_only, reference=args.beta > 0, gpu=CUDA, shard=dist.world_size,
+                       offload=args.cpu_offload)
     main_rank = dist.is_main
     if main_rank:
         print(f"# ril_fast throughput: preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''} "
@@ -340,7 +345,8 @@ def main(argv=None):
         if plan.per_rank > capacity:
             raise SystemExit(f"preset {args.preset} cannot fit: its models need {plan.describe()}, and a GPU has "
                              f"{capacity / 2**30:.1f} GiB. Use more ranks (torchrun; FSDP2 shards the trained state), "
-                             f"--rl-only (no discriminator), --beta 0 (no reference) or a smaller preset.")
+                             f"{'' if args.cpu_offload else '--cpu-offload, '}--rl-only (no discriminator), --beta 0 "
+                             f"(no reference) or a smaller preset.")
 
     base = (args.layouts[0], args.kernel_sets[0])
     configurations = [base] + [(x, base[1]) for x in args.layouts[1:]] + [(base[0], k) for k in args.kernel_sets[1:]]

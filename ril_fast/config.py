@@ -122,6 +122,11 @@ class Batch:
     shard_ranks: int = opt(0, "ranks that shard one copy of the models (FSDP2); 0: all ranks. Over several nodes, "
                               "the GPUs of a node (e.g. 8) is HSDP: each node holds a sharded copy and only "
                               "gradients cross nodes; must divide the number of ranks")
+    cpu_offload: bool = opt(False, "keep the student's and the discriminator's sharded fp32 weights, gradients and "
+                                   "AdamW moments in the CPU's memory (FSDP2 CPU offload; the optimizers step there): "
+                                   "the GPU holds gathered bf16 weights, the reference and activations (a 3B student: "
+                                   "14 instead of 112 GiB before activations), for copies between CPU and GPU every "
+                                   "pass (on CPUs: no effect)")
 
 
 # ----------------------------------------------------------------------------------------------------

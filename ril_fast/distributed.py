@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 # Attribute names of a vision tower in transformers' VLMs (Qwen-VL: visual; InternVL, LLaVA: vision_tower).
@@ -201,7 +201,7 @@ def shard_size(shard_ranks: int = 0) -> int:
 
 
 def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool = True,
-                reshard_after_forward: bool | None = None, shard_ranks: int = 0) -> Sharded:
+                reshard_after_forward: bool | None = None, shard_ranks: int = 0, cpu_offload: bool = False) -> Sharded:
     """Shard ``model`` with FSDP2 over the ranks of the default group -> the root unit ``Sharded(model)``.
 
     ``fully_shard`` on each decoder block, on the vision tower as one unit, then on the root (the
@@ -226,6 +226,13 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     cast of every parameter (24-block tiny Qwen2.5-VL, bf16: 10,928 -> 10,292 ops per forward + backward);
     keeping them costs one gathered copy of the model (bf16 on a GPU: 2 bytes per parameter) from a forward
     to its backward, which frees it.
+
+    ``cpu_offload``: the shards (fp32 weights, their gradients, and so the optimizer's moments, which follow the
+    weights) live in the CPU's memory, pinned when the model is on a GPU; each unit copies its shard to the GPU
+    to all-gather it and its gradient back after the reduce-scatter, and the optimizer steps on the CPU. The GPU
+    holds only gathered weights and activations, for copies between CPU and GPU every forward and backward (FSDP2's
+    ``CPUOffloadPolicy``). 0-d parameters, which FSDP does not manage, stay on the device. Forwards still run on
+    the model's device: see :func:`compute_device`.
     """
     device = next(model.parameters()).device
     world, shard = world_size(), shard_size(shard_ranks)
@@ -235,11 +242,14 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
               if mixed_precision else MixedPrecisionPolicy())
     if reshard_after_forward is None:
         reshard_after_forward = shard > 1
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in decoder_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload,
+                    reshard_after_forward=reshard_after_forward)
     vision = vision_tower(model)
     if vision is not None:
-        fully_shard(vision, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(vision, mesh=mesh, mp_policy=policy, offload_policy=offload,
+                    reshard_after_forward=reshard_after_forward)
     # FSDP cannot shard 0-d parameters (the discriminator's bias): they stay plain, replicated tensors
     # whose gradients are summed over ranks by a hook.
     scalars = {p for p in model.parameters() if p.ndim == 0}
@@ -250,7 +260,7 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     # uncast: they include fp32 tensors for ``fn`` (reference log-probs) that must stay fp32.
     root_policy = dataclasses.replace(policy, cast_forward_inputs=False)
     root = fully_shard(Sharded(model).train(model.training), mesh=mesh, mp_policy=root_policy,
-                       reshard_after_forward=False,
+                       offload_policy=offload, reshard_after_forward=False,
                        **({"ignored_params": scalars} if scalars else {}))
     if sum_gradients:
         for module in fsdp_modules(root):
@@ -259,6 +269,16 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     # any forward has run.
     root._get_fsdp_state()._lazy_init()
     return root
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """The device ``model``'s forwards run on, where its inputs go: for a model sharded by :func:`shard_model`,
+    the device of its mesh (where FSDP gathers the weights to, also when their shards live on the CPU:
+    ``cpu_offload``); otherwise its parameters' device."""
+    param = next(model.parameters())
+    if not isinstance(param, DTensor) or param.device_mesh.device_type == "cpu":
+        return param.device
+    return torch.device(param.device_mesh.device_type, torch.accelerator.current_device_index())
 
 
 def optimizer_groups(model: nn.Module) -> list[dict]:

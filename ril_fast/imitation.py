@@ -13,8 +13,8 @@ probability that o is the student's; the similarity reward is r_sim = 1[D < 0.5]
 import torch
 import torch.nn.functional as F
 
-from ril_fast.distributed import all_reduce_sum, bare_blocks, gathered
-from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
+from ril_fast.distributed import all_reduce_sum, bare_blocks, compute_device, gathered
+from ril_fast.microbatch import MicroBatch, sync_gradients
 from ril_fast.models import recomputing
 
 
@@ -25,7 +25,7 @@ def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: t
     ``normalizer``: 0-dim tensor, the global number of responses. Returns the loss summed over all ranks
     and the accuracy (D ≥ 0.5 read as "student") over every rank's real (non-filler) responses.
     """
-    device = model_device(disc)
+    device = compute_device(disc)
     totals = torch.zeros(3, device=device)  # loss, correct, count
     with recomputing(disc):
         for k, mb in enumerate(micro):
@@ -46,7 +46,7 @@ def disc_probs(disc, micro: list[MicroBatch], n: int) -> torch.Tensor:
     """D = sigmoid(logit) ``(n,)`` fp32 (on CPU) for the step's ``n`` responses, in response order.
     The parameters are gathered once for all micro-batches (``gathered``), the decoder blocks then run
     without FSDP's hooks (``bare_blocks``), and the scores stay on the device until the last one."""
-    device = model_device(disc)
+    device = compute_device(disc)
     probs = torch.full((n,), float("nan"), device=device)
     with gathered(disc), bare_blocks(disc):
         for mb in micro:

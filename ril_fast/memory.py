@@ -12,6 +12,10 @@ message at all. :func:`plan` counts the parameters on the meta device (no memory
     gathered        the student's weights gathered for a rollout (bf16 on a GPU; fp32 on CPU ranks that
                     shard them; on one CPU rank the shard is the weight itself: nothing more)
 
+With ``batch.cpu_offload`` on GPUs the trained state moves to the CPU's memory: the GPU keeps the reference
+and the gathered student, and each rank's share of the trained state is checked against its share of the
+CPU's available memory.
+
 Activations come on top (``batch.max_tokens`` bounds them), so passing the check is necessary, not
 sufficient; failing it means the run cannot fit.
 """
@@ -35,11 +39,23 @@ class Plan:
     reference: int  # per rank
     gathered: int  # per rank
     shard: int  # ranks the trained state is sharded over
+    offload: bool = False  # the trained state is in the CPU's memory (GPU ranks with batch.cpu_offload)
+
+    @property
+    def trained_share(self) -> int:
+        """Bytes of the trained state on one rank."""
+        return -(-self.trained_state // self.shard)
 
     @property
     def per_rank(self) -> int:
-        """Bytes one rank holds: its share of the trained state, the reference, the gathered student."""
-        return -(-self.trained_state // self.shard) + self.reference + self.gathered
+        """Bytes one rank holds on its device: its share of the trained state (unless offloaded), the reference,
+        the gathered student."""
+        return (0 if self.offload else self.trained_share) + self.reference + self.gathered
+
+    @property
+    def host_per_rank(self) -> int:
+        """Bytes one rank holds in the CPU's memory besides its device: its share of an offloaded trained state."""
+        return self.trained_share if self.offload else 0
 
     def describe(self) -> str:
         """The plan in words, in GiB."""
@@ -50,16 +66,18 @@ class Plan:
             return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
 
         disc = f" and the discriminator ({count(self.disc_params)})" if self.disc_params else ""
+        where = f", in the CPU's memory ({gib(self.host_per_rank)} per rank)" if self.offload else ""
         return (f"{gib(self.per_rank)} per rank before any activation: fp32 weights, AdamW moments and one model's "
                 f"gradients of the student ({count(self.student_params)} parameters){disc}, "
-                f"{gib(self.trained_state)} sharded over {self.shard} rank(s)"
+                f"{gib(self.trained_state)} sharded over {self.shard} rank(s){where}"
                 + (f"; the reference, {gib(self.reference)} on every rank" if self.reference else "")
                 + (f"; the student gathered for rollouts, {gib(self.gathered)}" if self.gathered else ""))
 
 
-def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int) -> Plan:
+def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, offload: bool = False) -> Plan:
     """The memory plan of a student of transformers ``config``: with a discriminator (``disc``), a reference
-    model (``reference``), on GPUs (bf16 copies) or CPUs, its trained state sharded over ``shard`` ranks."""
+    model (``reference``), on GPUs (bf16 copies) or CPUs, its trained state sharded over ``shard`` ranks and,
+    on GPUs, offloaded to the CPU's memory (``offload``; on CPUs that is where it is anyway)."""
     from ril_fast.models import meta_model
 
     model = meta_model(config)
@@ -71,7 +89,7 @@ def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int) -> Plan:
     return Plan(student_params=student, disc_params=disc_params,
                 trained_state=STATE_BYTES * (student + disc_params) + GRADIENT_BYTES * student,
                 reference=copy * student if reference else 0,
-                gathered=copy * student if gpu or shard > 1 else 0, shard=shard)
+                gathered=copy * student if gpu or shard > 1 else 0, shard=shard, offload=offload and gpu)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -87,10 +105,15 @@ def available_bytes(device: torch.device) -> int | None:
     return kib * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def shortfall(p: Plan, available: int | None) -> str | None:
-    """Why ``p`` cannot fit in ``available`` bytes per rank, or None when it may."""
-    if available is None or p.per_rank <= available:
-        return None
-    return (f"the models need {p.describe()}, but this rank has {available / 2**30:.3g} GiB free: use more GPUs "
-            f"(torchrun; the trained state is sharded over batch.shard_ranks, 0 = all ranks), beta=0 (no reference "
-            f"model), or a smaller student")
+def shortfall(p: Plan, available: int | None, host_available: int | None = None) -> str | None:
+    """Why ``p`` cannot fit in ``available`` bytes of this rank's device, or (offloaded) in ``host_available`` bytes
+    of the CPU's memory for this rank; None when it may. None for either: not known, not checked."""
+    if available is not None and p.per_rank > available:
+        offload = "" if p.offload else ", batch.cpu_offload=true (the trained state in the CPU's memory)"
+        return (f"the models need {p.describe()}, but this rank has {available / 2**30:.3g} GiB free: use more GPUs "
+                f"(torchrun; the trained state is sharded over batch.shard_ranks, 0 = all ranks){offload}, beta=0 (no "
+                f"reference model), or a smaller student")
+    if host_available is not None and p.host_per_rank > host_available:
+        return (f"the models need {p.describe()}, but this rank's share of the CPU's available memory is "
+                f"{host_available / 2**30:.3g} GiB: use more nodes (torchrun), or a smaller student")
+    return None

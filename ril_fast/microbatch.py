@@ -125,11 +125,6 @@ def encode_all(processor: Processor, samples: list[dict]) -> list[Encoded]:
     return [processor.encode(s) for s in samples]
 
 
-def model_device(model) -> torch.device:
-    """The device of a model's parameters."""
-    return next(model.parameters()).device
-
-
 def sync_gradients(model, enabled: bool) -> None:
     """FSDP2: reduce-scatter gradients only on the last micro-batch of an accumulation (a no-op for an
     unsharded model)."""

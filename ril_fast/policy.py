@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast.distributed import all_reduce_sum, bare_blocks, call, gathered
+from ril_fast.distributed import all_reduce_sum, bare_blocks, call, compute_device, gathered
 from ril_fast.kernels import dr_grpo_loss
-from ril_fast.microbatch import MicroBatch, model_device, sync_gradients
+from ril_fast.microbatch import MicroBatch, sync_gradients
 from ril_fast.models import Kernels, packed_logprobs, recomputing
 
 
@@ -39,7 +39,7 @@ def frozen_logprobs(model, micro: list[MicroBatch], temperature: float,
     π_old at the start of a step (μ > 1) and π_ref (β > 0). A sharded model's parameters are gathered
     once for all micro-batches (``gathered``), not per micro-batch, and its decoder blocks then run
     without FSDP's hooks (``bare_blocks``)."""
-    device = model_device(model)
+    device = compute_device(model)
     with gathered(model), bare_blocks(model):
         return [call(model, packed_logprobs, mb.batch.to(device), temperature=temperature, kernels=kernels).logprobs
                 for mb in micro]
@@ -55,7 +55,7 @@ def policy_pass(model, micro: list[MicroBatch], advantages: torch.Tensor, normal
     :func:`frozen_logprobs`, or None (on-policy / no KL). Returns the loss summed over all ranks and
     token-weighted means of the kernel's statistics over all ranks, as floats.
     """
-    device = model_device(model)
+    device = compute_device(model)
     totals = torch.zeros(5, device=device)  # loss, kl·tokens, clip·tokens, ratio·tokens, tokens
     with recomputing(model):
         for k, mb in enumerate(micro):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast.distributed import bare_blocks, gathered, unwrap
+from ril_fast.distributed import bare_blocks, compute_device, gathered, unwrap
 from ril_fast.models import vision_once
 from ril_fast.packing import Encoded, Processor, image_inputs
 
@@ -169,7 +169,7 @@ def sample_responses(model, processor: Processor, examples: list[dict], *, group
     config = _generation_config(processor, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                                 top_p=top_p, top_k=top_k, pad_id=pad_id)
     hf = unwrap(model)
-    device = next(hf.parameters()).device
+    device = compute_device(model)
     prompts = [processor.encode_prompt(ex["question"], ex.get("images")) for ex in examples]
     prompts = [p for p in prompts for _ in range(group_size)]
     step = max_batch or len(prompts)

@@ -400,3 +400,20 @@ def test_hsdp_checkpoint_resumes_as_fsdp(demo, tmp_path):
     wa, wb = (load_file(str(next((out / "final").glob("*.safetensors")))) for out in (hsdp, fsdp))
     print("max weight difference", max((wa[k] - wb[k]).abs().max().item() for k in wa))
     assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() <= 1e-6 for k in wa)
+
+
+def test_offloaded_checkpoint_resumes_without_offload(demo, tmp_path):
+    """Two ranks with the trained state in the CPU's memory (``batch.cpu_offload``: FSDP2's offload path, AdamW's
+    fused CPU kernel) checkpoint at step 2; two ranks without offload resume from it and log step 3 exactly as
+    the offloaded run does (μ = 1: step 3's values all come before its update), and end with its weights to
+    1e-6 (the fused and the for-loop AdamW kernels may round apart; on this machine they agreed exactly)."""
+    offloaded, plain = tmp_path / "offloaded", tmp_path / "plain"
+    settings = dict(steps=3, mu=1)
+    _finish(_command(2, _args(demo, offloaded, **settings, **{"batch.cpu_offload": "true"})), tmp_path / "off.txt")
+    _finish(_command(2, _args(demo, plain, **settings, resume=offloaded / "step-2")), tmp_path / "plain.txt")
+    assert f"resuming from {offloaded / 'step-2'}" in (tmp_path / "plain.txt").read_text()
+    last = [[r for r in _step_metrics(out) if r["step"] == 3] for out in (offloaded, plain)]
+    assert len(last[0]) == 2 and last[1] == last[0]  # the step's record, then the final evaluation
+    wa, wb = (load_file(str(next((out / "final").glob("*.safetensors")))) for out in (offloaded, plain))
+    print("max weight difference", max((wa[k] - wb[k]).abs().max().item() for k in wa))
+    assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() <= 1e-6 for k in wa)

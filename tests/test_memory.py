@@ -58,6 +58,29 @@ def test_plan_shards_the_trained_state_only():
     assert bare.disc_params == bare.reference == 0 and bare.trained_state == 16 * n
 
 
+def test_offload_moves_the_trained_state_to_the_cpu():
+    """batch.cpu_offload on GPUs: the device keeps the reference and the gathered student, the CPU's memory each
+    rank's share of the trained state, and each is checked against its own free memory. On CPUs there is
+    nowhere else to put it: the plan is the plain one."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    plain = memory.plan(config, disc=True, reference=True, gpu=True, shard=2)
+    off = memory.plan(config, disc=True, reference=True, gpu=True, shard=2, offload=True)
+    assert plain.host_per_rank == 0 and off.host_per_rank == plain.trained_share == -(-plain.trained_state // 2)
+    assert off.per_rank == plain.per_rank - plain.trained_share == plain.reference + plain.gathered
+    assert memory.plan(config, disc=True, reference=True, gpu=False, shard=2, offload=True) == \
+        memory.plan(config, disc=True, reference=True, gpu=False, shard=2)
+    # The device check suggests offloading until it is on; then the CPU's memory is checked too.
+    assert "batch.cpu_offload=true" in memory.shortfall(plain, plain.per_rank - 1)
+    assert memory.shortfall(plain, plain.per_rank, host_available=0) is None  # nothing on the host to check
+    assert "batch.cpu_offload" not in memory.shortfall(off, off.per_rank - 1)
+    assert memory.shortfall(off, off.per_rank, host_available=off.host_per_rank) is None
+    assert "CPU's available memory" in memory.shortfall(off, off.per_rank, host_available=off.host_per_rank - 1)
+    assert "in the CPU's memory" in off.describe() and "CPU" not in plain.describe()
+
+
 def test_a_student_that_cannot_fit_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     """With less memory free than the plan needs, set-up stops before loading any model, naming the student,
     the bytes needed and what to change; with the memory this machine has, the same run sets up."""

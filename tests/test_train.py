@@ -20,7 +20,7 @@ from models_fixtures import one_thread  # noqa: F401
 from safetensors.torch import load_file
 
 from ril_fast.demo import build_demo
-from ril_fast.distributed import _reshards_after_forward, fsdp_modules
+from ril_fast.distributed import _param_groups, _reshards_after_forward, fsdp_modules
 from ril_fast.flops import Sample, phase_flops
 from ril_fast.metrics import PhaseTimer, read_metrics
 from ril_fast.tiny import make_tiny
@@ -318,27 +318,37 @@ def _pinned(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in UNPINNED} for r in records]
 
 
-@pytest.mark.parametrize("recompute, keep_gathered", [(False, True), (True, True), (False, False)],
-                         ids=["stored", "recomputed", "resharded"])
-def test_golden_metrics(demo, tmp_path, monkeypatch, recompute, keep_gathered):
+@pytest.mark.parametrize("recompute, keep_gathered, offload", [(False, True, False), (True, True, False),
+                                                               (False, False, False), (False, True, True)],
+                         ids=["stored", "recomputed", "resharded", "offloaded"])
+def test_golden_metrics(demo, tmp_path, monkeypatch, recompute, keep_gathered, offload):
     """Two teachers, μ = 2, β > 0, evaluations before, during and after: every logged value equals the
     pinned one (floats to 1e-5 relative: the rewards, accuracies and counts are exact fractions, so a
     single changed sample or verdict shows). With activation checkpointing the same values: recomputing
     the layers in the backward changes the memory, not the numbers; so does gathering each layer's
-    weights again for the backward (``batch.keep_gathered=false``; this one rank keeps them by default)."""
-    resharding, shard_model = [], train.distributed.shard_model
+    weights again for the backward (``batch.keep_gathered=false``; this one rank keeps them by default),
+    and keeping the trained state in the CPU's memory (``batch.cpu_offload``: on a CPU the copies are no-ops,
+    so this checks the wiring, FSDP's offload path and AdamW's fused CPU kernel, which the offloaded
+    optimisers use)."""
+    resharding, offloaded, optimizers = [], [], []
+    shard_model, adamw = train.distributed.shard_model, torch.optim.AdamW
 
     def recorded(model, **kw):
         sharded = shard_model(model, **kw)
         resharding.append([_reshards_after_forward(u) for u in fsdp_modules(sharded)[1:]])  # all but the root
+        offloaded.append({p.offload_to_cpu for u in fsdp_modules(sharded) for g in _param_groups(u)
+                          for p in g.fsdp_params})
         return sharded
 
     monkeypatch.setattr(train.distributed, "shard_model", recorded)
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: optimizers.append(k.get("fused")) or adamw(*a, **k))
     out = main(_args(demo, tmp_path / "run", demo.teachers, steps=3, mu=2, beta=0.1, eval_every=2,
-                     **{"batch.activation_checkpointing": recompute, "batch.keep_gathered": keep_gathered}))
+                     **{"batch.activation_checkpointing": recompute, "batch.keep_gathered": keep_gathered,
+                        "batch.cpu_offload": offload}))
     assert resharding == [[not keep_gathered] * 3] * 2  # student and discriminator: blocks and vision tower
+    assert offloaded == [{offload}] * 2 and optimizers == [True if offload else None] * 2  # AdamW fused on the CPU
     got = _pinned(read_metrics(out / "metrics.jsonl"))
-    if os.environ.get("RIL_UPDATE_GOLDEN") and not recompute:
+    if os.environ.get("RIL_UPDATE_GOLDEN") and not recompute and not offload:
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())
@@ -347,3 +357,25 @@ def test_golden_metrics(demo, tmp_path, monkeypatch, recompute, keep_gathered):
         for key in w:
             assert math.isclose(g[key], w[key], rel_tol=1e-5, abs_tol=1e-7), \
                 f"record {step} ({w.get('step')}), {key}: {g[key]!r} != pinned {w[key]!r}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on a CPU there is nowhere to offload to")
+def test_cpu_offload_keeps_the_trained_state_off_the_gpu(demo, tmp_path, monkeypatch):
+    """``batch.cpu_offload`` on a GPU: the student's and the discriminator's shards (and so their gradients and
+    AdamW moments) sit in pinned CPU memory, the forwards run on the GPU, and a run with μ = 2 and β > 0 trains:
+    finite metrics, a student that moved. (The golden test checks the same run's numbers on a CPU.)"""
+    sharded = []
+    shard_model = train.distributed.shard_model
+    monkeypatch.setattr(train.distributed, "shard_model", lambda model, **kw: sharded.append(shard_model(model, **kw))
+                        or sharded[-1])
+    out = main(_args(demo, tmp_path / "run", demo.teachers, mu=2, beta=0.1, **{"batch.cpu_offload": True}))
+    assert len(sharded) == 2
+    for model in sharded:
+        assert train.distributed.compute_device(model).type == "cuda"
+        shards = [p.to_local() for p in model.parameters() if p.ndim > 0]
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in shards)
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(v) for r in steps for v in r.values() if isinstance(v, float))
+    before, after = _weights(demo.student), _weights(out / "final")
+    assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before)
