@@ -359,10 +359,11 @@ def main(argv=None):
             try:
                 records, baselines, comms = run_configuration(args, cfg, shapes, base=is_base,
                                                          profile_dir=Path(args.profile) if args.profile else None)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _out_of_memory(e):
+            except (torch.OutOfMemoryError, RuntimeError, train.DoesNotFit) as e:
+                if not (_out_of_memory(e) or isinstance(e, train.DoesNotFit)):
                     raise
-                message = f"out of memory: {e}"
+                message = f"does not fit (refused before loading): {e}" if isinstance(e, train.DoesNotFit) else \
+                    f"out of memory: {e}"
                 if main_rank:
                     print(f"\n{layout} + {kernels}: {message}", file=sys.stderr)
                 rows.append(dict(preset=args.preset, world_size=dist.world_size, layout=layout, kernels=kernels,

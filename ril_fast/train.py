@@ -63,6 +63,11 @@ from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher
 from ril_fast.rollout import sample_responses
 
 
+class DoesNotFit(ConfigError):
+    """The models cannot fit in the memory some rank has free: raised by :func:`setup` before any model loads
+    (the message names the student, the GiB needed and free, and what to change)."""
+
+
 class NothingToDo(Exception):
     """The run in ``output_dir`` finished (its last step exported): raised by :func:`setup` before any
     model loads."""
@@ -260,7 +265,7 @@ def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
     problems = [p for p in distributed.all_gather_objects(
         memory.shortfall(plan, memory.available_bytes(dist.device), host)) if p]
     if problems:
-        raise ConfigError(f"student={cfg.student}: {problems[0]}")
+        raise DoesNotFit(f"student={cfg.student}: {problems[0]}")
     if dist.is_main:
         print(f"memory: {plan.describe()}", flush=True)
 

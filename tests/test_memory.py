@@ -96,6 +96,6 @@ def test_a_student_that_cannot_fit_is_refused_before_any_model_loads(tmp_path, m
                                           r"activation: .*the reference, .*, but this rank has 0.000977 GiB free: "
                                           r"use more GPUs") as e:
         train.setup(load_config(args))
-    assert "and the discriminator" in str(e.value) and not loaded
+    assert "and the discriminator" in str(e.value) and not loaded and isinstance(e.value, train.DoesNotFit)
     monkeypatch.undo()
     train.setup(load_config(args)).log.close()

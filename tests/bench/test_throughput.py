@@ -131,3 +131,19 @@ def test_compared_configurations_compute_the_same_update(tmp_path_factory, one_t
         for name in grads:
             torch.testing.assert_close(grads[name], base_grads[name], rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{name} ({padded}, {kernels}, {liger}): {m}")
+
+
+def test_a_configuration_that_cannot_fit_is_a_row_not_a_crash(tmp_path, monkeypatch, one_thread, bench):  # noqa: F811
+    """When the trainer refuses a configuration before loading (too little free memory), the benchmark records
+    it as a row saying so, as it does a CUDA out-of-memory error, and ends normally."""
+    from ril_fast import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)  # 1 MiB
+    out = tmp_path / "throughput.csv"
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "throughput.py"), "--preset", "tiny", "--steps", "1",
+                                      "--no-baselines", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["phase"], r["layout"], r["kernels"]) for r in rows] == [("step", "packed", "fused")]
+    assert rows[0]["note"].startswith("does not fit (refused before loading): student=")  # cut at 300 characters
+    assert "the models need" in rows[0]["note"]
