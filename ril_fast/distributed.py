@@ -3,8 +3,9 @@
     python -m ril_fast.train ...                          one process: a 1-rank group on a HashStore
     torchrun --nproc_per_node=N -m ril_fast.train ...     N ranks, rendezvous from torchrun's env
 
-Both launches take the same code path: there is always a process group (nccl on CUDA, gloo on CPU),
-and ``shard_model`` always wraps with FSDP2, so parameters are DTensors even on one rank. It returns
+Both launches take the same code path: there is always a process group (nccl on CUDA, with gloo for
+CPU tensors; gloo on CPU), and ``shard_model`` always wraps with FSDP2, so parameters are DTensors even on
+one rank. It returns
 the root unit ``Sharded(model)``; code that reaches into the model past its ``forward`` (packed
 log-probs through ``base_model`` and the LM head weight) runs as the root's forward:
 ``sharded(batch, fn=packed_logprobs)``.
@@ -53,7 +54,8 @@ def init() -> Dist:
 
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the group is torchrun's; without
     them a 1-process group on an in-memory store. Backend nccl on CUDA (device ``cuda:LOCAL_RANK``, made
-    current), gloo on CPU. Calling it again returns the same ``Dist``.
+    current) with gloo beside it for CPU tensors (the collectives on offloaded shards: ``shard_model``'s
+    ``cpu_offload``), gloo on CPU. Calling it again returns the same ``Dist``.
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -61,7 +63,7 @@ def init() -> Dist:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
