@@ -89,7 +89,8 @@ def make_config(args, workload, out_dir: Path, *, padded: bool, kernels: Kernels
         "optim": {"lr": 1e-7}, "disc": {"lr": 1e-7},
         "batch": {"questions_per_step": args.questions_per_step, "max_tokens": args.max_tokens, "padded": padded,
                   "activation_checkpointing": args.activation_checkpointing,
-                  "keep_gathered": not args.gather_again, "cpu_offload": args.cpu_offload},
+                  "keep_gathered": not args.gather_again, "cpu_offload": args.cpu_offload,
+                  "offload_pinned": not args.offload_pageable},
         "loss": {"kernels": kernels},
         "rollout": {"batch_size": max(64, args.questions_per_step * args.group_size)},
     })
@@ -225,7 +226,8 @@ def phase_rows(args, cfg: Config, shapes: Shapes, records: list[dict], *, n_stud
             row["note"] = "; ".join(filter(None, [row.get("note"), "activation checkpointing (recomputation "
                                                                     "not counted in tflop)"]))
         if cfg.batch.cpu_offload and name in ("policy_update", "disc_update", "optimizer"):
-            row["note"] = "; ".join(filter(None, [row.get("note"), "CPU offload (optimiser on the CPU)"]))
+            pinning = "pinned" if cfg.batch.offload_pinned else "pageable"
+            row["note"] = "; ".join(filter(None, [row.get("note"), f"CPU offload, {pinning} (optimiser on the CPU)"]))
         if world == 1 and not cfg.batch.keep_gathered and name in ("policy_update", "disc_update"):
             row["note"] = "; ".join(filter(None, [row.get("note"), "weights gathered again for the backward"]))
         rows.append(row)
@@ -281,6 +283,8 @@ def _parse(argv):
                    "for the backward (batch.keep_gathered=false: one bf16 copy of the model less in the updates)")
     p.add_argument("--cpu-offload", action="store_true", help="the trained state in the CPU's memory, the "
                    "optimizers stepping there (batch.cpu_offload: a bigger student on one GPU)")
+    p.add_argument("--offload-pageable", action="store_true", help="with --cpu-offload, pageable host memory "
+                   "instead of pinned (batch.offload_pinned=false: no rounding up to powers of two, slower copies)")
     p.add_argument("--mu", type=int, default=1, help="μ: updates per batch (> 1 adds the π_old pass)")
     p.add_argument("--beta", type=float, default=0.04, help="β: KL weight (> 0 adds the reference model)")
     p.add_argument("--questions-per-step", type=int, help="default: the preset's")
@@ -318,7 +322,7 @@ def main(argv=None):
     from transformers import AutoConfig
 
     args, preset = _parse(argv)
-    dist = distributed.init()
+    dist = distributed.init(cpu_collectives=args.cpu_offload)
     workdir = Path(args.workdir or Path(__file__).resolve().parents[1] / "runs" / "bench"
                    / (args.preset + (f"-{args.layers}l" if args.layers else "")))
     if dist.is_main:
@@ -332,7 +336,7 @@ def main(argv=None):
     peak_tflops = matmul_peak_tflops(dist.device, torch.bfloat16 if CUDA else torch.float32)
     copy_gbps = copy_bandwidth_gbps()
     plan = memory.plan(config, disc=not args.rl_only, reference=args.beta > 0, gpu=CUDA, shard=dist.world_size,
-                       offload=args.cpu_offload)
+                       offload=args.cpu_offload, pinned=not args.offload_pageable)
     main_rank = dist.is_main
     if main_rank:
         print(f"# ril_fast throughput: preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''} "

@@ -3,8 +3,8 @@
     python -m ril_fast.train ...                          one process: a 1-rank group on a HashStore
     torchrun --nproc_per_node=N -m ril_fast.train ...     N ranks, rendezvous from torchrun's env
 
-Both launches take the same code path: there is always a process group (nccl on CUDA, with gloo for
-CPU tensors; gloo on CPU), and ``shard_model`` always wraps with FSDP2, so parameters are DTensors even on
+Both launches take the same code path: there is always a process group (nccl on CUDA, gloo on CPU),
+and ``shard_model`` always wraps with FSDP2, so parameters are DTensors even on
 one rank. It returns
 the root unit ``Sharded(model)``; code that reaches into the model past its ``forward`` (packed
 log-probs through ``base_model`` and the LM head weight) runs as the root's forward:
@@ -49,13 +49,14 @@ class Dist:
         return self.rank == 0
 
 
-def init() -> Dist:
+def init(cpu_collectives: bool = False) -> Dist:
     """Join (or create) the default process group and pick this process's device.
 
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the group is torchrun's; without
     them a 1-process group on an in-memory store. Backend nccl on CUDA (device ``cuda:LOCAL_RANK``, made
-    current) with gloo beside it for CPU tensors (the collectives on offloaded shards: ``shard_model``'s
-    ``cpu_offload``), gloo on CPU. Calling it again returns the same ``Dist``.
+    current), gloo on CPU; ``cpu_collectives`` adds gloo beside nccl on CUDA for collectives on CPU tensors
+    (``shard_model``'s ``cpu_offload``: the gradient norm over offloaded shards). The first call decides;
+    calling it again returns the same ``Dist``.
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -63,7 +64,7 @@ def init() -> Dist:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl"
+        backend = "cpu:gloo,cuda:nccl" if cpu_collectives else "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
@@ -203,7 +204,8 @@ def shard_size(shard_ranks: int = 0) -> int:
 
 
 def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool = True,
-                reshard_after_forward: bool | None = None, shard_ranks: int = 0, cpu_offload: bool = False) -> Sharded:
+                reshard_after_forward: bool | None = None, shard_ranks: int = 0, cpu_offload: bool = False,
+                pin_memory: bool = True) -> Sharded:
     """Shard ``model`` with FSDP2 over the ranks of the default group -> the root unit ``Sharded(model)``.
 
     ``fully_shard`` on each decoder block, on the vision tower as one unit, then on the root (the
@@ -230,11 +232,12 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     to its backward, which frees it.
 
     ``cpu_offload``: the shards (fp32 weights, their gradients, and so the optimizer's moments, which follow the
-    weights) live in the CPU's memory, pinned when the model is on a GPU; each unit copies its shard to the GPU
-    to all-gather it and its gradient back after the reduce-scatter, and the optimizer steps on the CPU. The GPU
-    holds only gathered weights and activations, for copies between CPU and GPU every forward and backward (FSDP2's
-    ``CPUOffloadPolicy``). 0-d parameters, which FSDP does not manage, stay on the device. Forwards still run on
-    the model's device: see :func:`compute_device`.
+    weights) live in the CPU's memory, pinned when the model is on a GPU and ``pin_memory``; each unit copies its
+    shard to the GPU to all-gather it and its gradient back after the reduce-scatter, and the optimizer steps on
+    the CPU. The GPU holds gathered weights, gradients until they are reduced, and activations, for copies
+    between CPU and GPU every forward and backward (FSDP2's ``CPUOffloadPolicy``). 0-d parameters, which FSDP
+    does not manage, stay on the device. Forwards still run on the model's device: see :func:`compute_device`. On GPUs the process group needs a CPU backend for the
+    gradient norm over the offloaded shards: ``init(cpu_collectives=True)``.
     """
     device = next(model.parameters()).device
     world, shard = world_size(), shard_size(shard_ranks)
@@ -244,7 +247,7 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
               if mixed_precision else MixedPrecisionPolicy())
     if reshard_after_forward is None:
         reshard_after_forward = shard > 1
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=pin_memory and device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload,
                     reshard_after_forward=reshard_after_forward)
@@ -271,6 +274,13 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     # any forward has run.
     root._get_fsdp_state()._lazy_init()
     return root
+
+
+def copy_ranks(model: nn.Module) -> int:
+    """How many ranks shard one copy of ``model``'s parameters (``shard_model``'s ``shard_ranks``; 1 for a model
+    that is not sharded)."""
+    param = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
+    return 1 if param is None else param.device_mesh.size(param.device_mesh.ndim - 1)
 
 
 def compute_device(model: nn.Module) -> torch.device:

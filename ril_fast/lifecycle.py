@@ -105,7 +105,8 @@ def load_checkpoint(run, path: Path) -> None:
     if run.disc_optimizer is not None and checkpoint.saved_param_groups(path, "disc") == 1:
         # Written before the discriminator's AdamW took distributed.optimizer_groups: it goes on as saved.
         run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=cfg.disc.lr,
-                                               weight_decay=cfg.disc.weight_decay, foreach=False)
+                                               weight_decay=cfg.disc.weight_decay, foreach=False,
+                                               fused=run.optimizer.defaults.get("fused"))
     saved = checkpoint.load(path, run.dist, states=_states(run), rng=run.rng)
     if saved.step > cfg.steps:
         raise ConfigError(f"resume={path}: the checkpoint is at step {saved.step}, past steps={cfg.steps}: raise "
@@ -127,7 +128,7 @@ def load_checkpoint(run, path: Path) -> None:
 def _apply_optimizer_settings(run) -> None:
     """This run's optimiser settings over the restored ones (a checkpoint brings its own param groups):
     the student's peak rate, betas and weight decay (the rate at the schedule's current point), the
-    discriminator's rate and weight decay."""
+    discriminator's rate and weight decay, and both optimisers' kernels (fused or not: ``batch.cpu_offload``)."""
     cfg, scheduler = run.cfg, run.scheduler
     scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
     for group, factor in zip(run.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
@@ -136,6 +137,22 @@ def _apply_optimizer_settings(run) -> None:
     scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
     for group in run.disc_optimizer.param_groups if run.disc_optimizer is not None else []:
         group.update(lr=cfg.disc.lr, weight_decay=cfg.disc.weight_decay)
+    for optimizer in filter(None, (run.optimizer, run.disc_optimizer)):
+        _take_own_kernels(optimizer)
+
+
+def _take_own_kernels(optimizer) -> None:
+    """The kernel choice ``optimizer`` was built with (``fused``, ``foreach``) over the one its param groups
+    brought back from a checkpoint, with the step counters where that kernel reads them (fp32, on each
+    parameter's device for a fused one, else on the CPU, as torch's optimisers lay them out)."""
+    kernels = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    for group in optimizer.param_groups:
+        group.update(kernels)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                where = p.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+                state["step"] = state["step"].to(device=where, dtype=torch.float32)
 
 
 def checkpoint_if_due(run, step: int) -> None:

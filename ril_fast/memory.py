@@ -6,18 +6,25 @@ message at all. :func:`plan` counts the parameters on the meta device (no memory
 :func:`shortfall` compares what one rank will hold with what its device has free:
 
     trained state   fp32 weights + AdamW's two fp32 moments (12 B/param) of the student and the
-                    discriminator, + one model's fp32 gradients (4 B/param; each optimiser step frees
-                    them), sharded over the ranks of a copy (``batch.shard_ranks``)
+                    discriminator, sharded over the ranks of a copy (``batch.shard_ranks``)
+    gradients       the updated model's fp32 gradients (4 B/param of the student, the larger): sharded where a
+                    copy is sharded over several ranks (reduce-scattered at every micro-batch:
+                    ``microbatch.sync_gradients``; offloaded, in the CPU's memory), whole on a rank that
+                    holds a whole copy (accumulated unsharded over a step's micro-batches, on the device)
     reference       π_ref, only when β > 0: unsharded, on every rank (bf16 on a GPU, fp32 on a CPU)
     gathered        the student's weights gathered for a rollout (bf16 on a GPU; fp32 on CPU ranks that
                     shard them; on one CPU rank the shard is the weight itself: nothing more)
 
-With ``batch.cpu_offload`` on GPUs the trained state moves to the CPU's memory: the GPU keeps the reference
-and the gathered student, and each rank's share of the trained state is checked against its share of the
-CPU's available memory.
+With ``batch.cpu_offload`` on GPUs the trained state and the sharded gradients move to the CPU's memory,
+checked against each rank's share of the CPU's available memory; the GPU keeps the reference, the gathered
+student and, on one rank per copy, the accumulated gradients. Pinned (``batch.offload_pinned``, the
+default), FSDP's offloaded weights and gradients go through torch's pinned-memory cache, which rounds each
+tensor up to a power of two and keeps freed ones (both models' gradients): the plan counts them so (a
+shard of 1.24 GB takes 2 GiB).
 
-Activations come on top (``batch.max_tokens`` bounds them), so passing the check is necessary, not
-sufficient; failing it means the run cannot fit.
+Activations come on top (``batch.max_tokens`` bounds them), as does the fp32 model that loading puts on
+the device before sharding, so passing the check is necessary, not sufficient; failing it means the run
+cannot fit.
 """
 
 import os
@@ -31,31 +38,35 @@ GRADIENT_BYTES = 4  # fp32 gradients, per parameter of the model being updated
 
 @dataclass(frozen=True)
 class Plan:
-    """Bytes before any activation: ``per_rank`` is what one rank holds; the rest say why."""
+    """Bytes before any activation: ``per_rank`` is what one rank holds on its device, ``host_per_rank`` what it
+    holds in the CPU's memory besides (offloaded); the rest say why."""
 
     student_params: int
     disc_params: int  # 0 without a discriminator (RL only)
     trained_state: int  # over all ranks of a copy together
+    gradients: int  # per rank, on the device
     reference: int  # per rank
     gathered: int  # per rank
     shard: int  # ranks the trained state is sharded over
-    offload: bool = False  # the trained state is in the CPU's memory (GPU ranks with batch.cpu_offload)
+    host: int = 0  # per rank in the CPU's memory: the offloaded trained state and sharded gradients
+    pinned: bool = False  # the offloaded weights and gradients are in pinned memory
 
     @property
-    def trained_share(self) -> int:
-        """Bytes of the trained state on one rank."""
-        return -(-self.trained_state // self.shard)
+    def offload(self) -> bool:
+        """Whether the trained state is in the CPU's memory (GPU ranks with ``batch.cpu_offload``)."""
+        return self.host > 0
 
     @property
     def per_rank(self) -> int:
-        """Bytes one rank holds on its device: its share of the trained state (unless offloaded), the reference,
-        the gathered student."""
-        return (0 if self.offload else self.trained_share) + self.reference + self.gathered
+        """Bytes one rank holds on its device: its share of the trained state (unless offloaded), the accumulated
+        gradients, the reference, the gathered student."""
+        return (0 if self.offload else -(-self.trained_state // self.shard)) + self.gradients + self.reference \
+            + self.gathered
 
     @property
     def host_per_rank(self) -> int:
-        """Bytes one rank holds in the CPU's memory besides its device: its share of an offloaded trained state."""
-        return self.trained_share if self.offload else 0
+        """Bytes one rank holds in the CPU's memory besides its device (0 unless offloaded)."""
+        return self.host
 
     def describe(self) -> str:
         """The plan in words, in GiB."""
@@ -66,30 +77,58 @@ class Plan:
             return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
 
         disc = f" and the discriminator ({count(self.disc_params)})" if self.disc_params else ""
-        where = f", in the CPU's memory ({gib(self.host_per_rank)} per rank)" if self.offload else ""
-        return (f"{gib(self.per_rank)} per rank before any activation: fp32 weights, AdamW moments and one model's "
-                f"gradients of the student ({count(self.student_params)} parameters){disc}, "
-                f"{gib(self.trained_state)} sharded over {self.shard} rank(s){where}"
+        where = (f", in the CPU's memory with their sharded gradients ({gib(self.host)} per rank"
+                 f"{', pinned' if self.pinned else ''})") if self.offload else ""
+        return (f"{gib(self.per_rank)} per rank before any activation: fp32 weights and AdamW moments of the student "
+                f"({count(self.student_params)} parameters){disc}, {gib(self.trained_state)} sharded over "
+                f"{self.shard} rank(s){where}"
+                + (f"; the student's fp32 gradients on the device, {gib(self.gradients)}" if self.gradients else "")
                 + (f"; the reference, {gib(self.reference)} on every rank" if self.reference else "")
                 + (f"; the student gathered for rollouts, {gib(self.gathered)}" if self.gathered else ""))
 
 
-def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, offload: bool = False) -> Plan:
+def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, offload: bool = False,
+         pinned: bool = True) -> Plan:
     """The memory plan of a student of transformers ``config``: with a discriminator (``disc``), a reference
     model (``reference``), on GPUs (bf16 copies) or CPUs, its trained state sharded over ``shard`` ranks and,
-    on GPUs, offloaded to the CPU's memory (``offload``; on CPUs that is where it is anyway)."""
+    on GPUs, offloaded to the CPU's memory (``offload``; on CPUs that is where it is anyway), in pinned memory
+    or not (``pinned``)."""
     from ril_fast.models import meta_model
 
     model = meta_model(config)
-    student = sum(p.numel() for p in model.parameters())
+    shapes = [p.shape for p in model.parameters()]
     # The discriminator: the student's backbone (no LM head) and a d -> 1 head.
-    disc_params = sum(p.numel() for p in model.base_model.parameters()) + config.get_text_config().hidden_size + 1 \
-        if disc else 0
+    disc_shapes = [p.shape for p in model.base_model.parameters()] + [
+        torch.Size([config.get_text_config().hidden_size]), torch.Size([])] if disc else []
+    student, disc_params = (sum(s.numel() for s in group) for group in (shapes, disc_shapes))
     copy = 2 if gpu else 4  # bytes per parameter of an unsharded copy: bf16 on a GPU, fp32 on a CPU
-    return Plan(student_params=student, disc_params=disc_params,
-                trained_state=STATE_BYTES * (student + disc_params) + GRADIENT_BYTES * student,
-                reference=copy * student if reference else 0,
-                gathered=copy * student if gpu or shard > 1 else 0, shard=shard, offload=offload and gpu)
+    host, trained = 0, shapes + disc_shapes
+    if offload and gpu and pinned:  # pinned fp32 weights and gradients (both models' stay cached), AdamW's moments
+        host = 2 * sum(_pinned(GRADIENT_BYTES * _shard_numel(s, shard)) for s in trained) + \
+            (STATE_BYTES - 4) * sum(_shard_numel(s, shard) for s in trained)
+    elif offload and gpu:  # weights and moments, and the student's sharded gradients (the discriminator's are freed)
+        host = STATE_BYTES * sum(_shard_numel(s, shard) for s in trained) + \
+            GRADIENT_BYTES * sum(_shard_numel(s, shard) for s in shapes)
+    # Gradients on the device: whole on a rank that holds a whole copy; else sharded, or offloaded with the rest.
+    gradients = GRADIENT_BYTES * student if shard == 1 else \
+        0 if offload and gpu else -(-GRADIENT_BYTES * student // shard)
+    return Plan(student_params=student, disc_params=disc_params, trained_state=STATE_BYTES * (student + disc_params),
+                gradients=gradients, reference=copy * student if reference else 0,
+                gathered=copy * student if gpu or shard > 1 else 0, shard=shard, host=host,
+                pinned=offload and gpu and pinned)
+
+
+def _shard_numel(shape: torch.Size, shard: int) -> int:
+    """Elements of one rank's shard of a parameter: FSDP2 pads dim 0 to a multiple of the ranks (a 0-d one,
+    which FSDP leaves alone, is whole)."""
+    if not shape:
+        return 1
+    return -(-shape[0] // shard) * shape[1:].numel()
+
+
+def _pinned(nbytes: int) -> int:
+    """What torch's pinned-memory cache takes for ``nbytes``: the next power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -114,6 +153,7 @@ def shortfall(p: Plan, available: int | None, host_available: int | None = None)
                 f"(torchrun; the trained state is sharded over batch.shard_ranks, 0 = all ranks){offload}, beta=0 (no "
                 f"reference model), or a smaller student")
     if host_available is not None and p.host_per_rank > host_available:
+        pageable = ", batch.offload_pinned=false (pageable memory: no rounding up, slower copies)" if p.pinned else ""
         return (f"the models need {p.describe()}, but this rank's share of the CPU's available memory is "
-                f"{host_available / 2**30:.3g} GiB: use more nodes (torchrun), or a smaller student")
+                f"{host_available / 2**30:.3g} GiB: use more nodes (torchrun){pageable}, or a smaller student")
     return None

@@ -125,8 +125,17 @@ def encode_all(processor: Processor, samples: list[dict]) -> list[Encoded]:
     return [processor.encode(s) for s in samples]
 
 
-def sync_gradients(model, enabled: bool) -> None:
-    """FSDP2: reduce-scatter gradients only on the last micro-batch of an accumulation (a no-op for an
-    unsharded model)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
+def sync_gradients(model, last: bool) -> None:
+    """Set FSDP2's gradient reduction for the next backward of an accumulation over micro-batches (``last``: its
+    final micro-batch). Where a copy of the weights is sharded over several ranks, every micro-batch
+    reduce-scatters, so a rank keeps only its shard of the gradients (unsharded they would take 4 bytes per
+    parameter of the whole model on every rank), and only the last all-reduces across copies (HSDP: the one
+    exchange between nodes). On one rank per copy they accumulate unsharded and are reduced once, at the last
+    (the shard is the whole gradient: reducing earlier would only copy). A no-op for an unsharded model."""
+    if not hasattr(model, "set_requires_gradient_sync"):
+        return
+    if distributed.copy_ranks(model) > 1:
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(last)
+    else:
+        model.set_requires_gradient_sync(last)

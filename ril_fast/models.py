@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ril_fast import attention, recurrence
+from ril_fast.distributed import compute_device
 from ril_fast.kernels import TokenLogprobs, token_logprobs
 from ril_fast.kernels.logprobs import token_logprobs_reference
 from ril_fast.packing import ModelKind, PackedBatch, PaddedBatch, Processor, pack
@@ -329,7 +330,7 @@ def response_logprobs(model, processor: Processor, samples: list[dict], *, packe
     """Log-probs of each sample's response tokens (end-of-turn token included), one ``(R_s,)`` fp32 tensor
     per sample. ``packed=True``: all samples in one packed forward; ``False``: one forward per sample.
     Samples are dicts ``{"images": [...], "question": str, "response": str}`` (see ril_fast.packing)."""
-    device = next(model.parameters()).device
+    device = compute_device(model)
     encoded = [processor.encode(s) for s in samples]
     groups = [encoded] if packed else [[e] for e in encoded]
     out = []

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> Path:
 def setup(cfg: Config) -> Run:
     """Process group, data, the three models (reference only when β > 0, discriminator only with
     teachers), optimisers and judges. Bad settings and data fail here, before any model loads."""
-    dist = distributed.init()
+    dist = distributed.init(cpu_collectives=cfg.batch.cpu_offload)
     if needs_demo(cfg):
         if dist.is_main:
             build_demo()
@@ -190,7 +190,8 @@ def setup(cfg: Config) -> Run:
     if cfg.batch.activation_checkpointing:  # acts in the updates only (models.recomputing)
         enable_activation_checkpointing(student)
     reshard = None if cfg.batch.keep_gathered else True  # None: only when a copy is sharded over several ranks
-    shard = dict(reshard_after_forward=reshard, shard_ranks=cfg.batch.shard_ranks, cpu_offload=cfg.batch.cpu_offload)
+    shard = dict(reshard_after_forward=reshard, shard_ranks=cfg.batch.shard_ranks, cpu_offload=cfg.batch.cpu_offload,
+                 pin_memory=cfg.batch.offload_pinned)
     # Offloaded, AdamW steps on the CPU: its fused kernel makes one pass over each tensor, 7x faster there than
     # torch's default per-tensor loop (67 M parameters, 2 threads). (CPU runs keep the default: the demo's
     # optimiser is 13 ms of a 1.4 s step, and its measured trajectory would change by rounding.)
@@ -260,7 +261,7 @@ def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
 
     plan = memory.plan(AutoConfig.from_pretrained(cfg.student), disc=disc, reference=cfg.beta > 0,
                        gpu=dist.device.type == "cuda", shard=distributed.shard_size(cfg.batch.shard_ranks),
-                       offload=cfg.batch.cpu_offload)
+                       offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned)
     host = memory.available_bytes(torch.device("cpu")) if plan.offload else None
     problems = [p for p in distributed.all_gather_objects(
         memory.shortfall(plan, memory.available_bytes(dist.device), host)) if p]

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ril_fast import checkpoint
-from ril_fast.config import Config
+from ril_fast import checkpoint, train
+from ril_fast.config import Config, load_config
 from ril_fast.demo import build_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.distributed import Dist
@@ -400,13 +400,22 @@ def test_hsdp_checkpoint_resumes_as_fsdp(demo, tmp_path):
     wa, wb = (load_file(str(next((out / "final").glob("*.safetensors")))) for out in (hsdp, fsdp))
     print("max weight difference", max((wa[k] - wb[k]).abs().max().item() for k in wa))
     assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() <= 1e-6 for k in wa)
+    for source, offload, fused in ((offloaded / "step-2", False, None), (plain / "step-3", True, True)):
+        run = train.setup(load_config(_args(demo, tmp_path / f"again-{offload}", steps=4, resume=source,
+                                            **{"batch.cpu_offload": offload})))
+        for optimizer in (run.optimizer, run.disc_optimizer):
+            assert {g["fused"] for g in optimizer.param_groups} == {fused}, source
+            steps = [s["step"] for s in optimizer.state.values()]
+            assert steps and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in steps)
+        run.log.close()
 
 
 def test_offloaded_checkpoint_resumes_without_offload(demo, tmp_path):
     """Two ranks with the trained state in the CPU's memory (``batch.cpu_offload``: FSDP2's offload path, AdamW's
     fused CPU kernel) checkpoint at step 2; two ranks without offload resume from it and log step 3 exactly as
     the offloaded run does (μ = 1: step 3's values all come before its update), and end with its weights to
-    1e-6 (the fused and the for-loop AdamW kernels may round apart; on this machine they agreed exactly)."""
+    1e-6 (the fused and the for-loop AdamW kernels round apart). A resumed run steps with the kernel its own
+    settings choose, not the checkpoint's: fused when offloaded, else torch's default."""
     offloaded, plain = tmp_path / "offloaded", tmp_path / "plain"
     settings = dict(steps=3, mu=1)
     _finish(_command(2, _args(demo, offloaded, **settings, **{"batch.cpu_offload": "true"})), tmp_path / "off.txt")
@@ -417,3 +426,11 @@ def test_offloaded_checkpoint_resumes_without_offload(demo, tmp_path):
     wa, wb = (load_file(str(next((out / "final").glob("*.safetensors")))) for out in (offloaded, plain))
     print("max weight difference", max((wa[k] - wb[k]).abs().max().item() for k in wa))
     assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() <= 1e-6 for k in wa)
+    for source, offload, fused in ((offloaded / "step-2", False, None), (plain / "step-3", True, True)):
+        run = train.setup(load_config(_args(demo, tmp_path / f"again-{offload}", steps=4, resume=source,
+                                            **{"batch.cpu_offload": offload})))
+        for optimizer in (run.optimizer, run.disc_optimizer):
+            assert {g["fused"] for g in optimizer.param_groups} == {fused}, source
+            steps = [s["step"] for s in optimizer.state.values()]
+            assert steps and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in steps)
+        run.log.close()

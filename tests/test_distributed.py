@@ -172,6 +172,12 @@ def test_gradients_are_the_sum_over_ranks(report):
     # the discriminator, over two accumulated backwards, with its 0-d bias outside FSDP
     assert report["disc_grad_err_vs_sum"] <= EXACT and report["disc_bias_grad_err"] <= EXACT
     assert report["disc_optimizer_step"]
+    # Two micro-batches accumulated as the trainer does (microbatch.sync_gradients): the same sum. A copy sharded
+    # over several ranks reduce-scatters at every micro-batch, so no rank keeps a whole gradient in between; a rank
+    # holding a whole copy accumulates the whole gradient and reduces once.
+    assert report["copy_ranks"] == (2 if report["world_size"] > 1 else 1)  # torchrun2: 2; hsdp4: 2 copies x 2
+    assert report["accumulated_grad_err_vs_sum"] <= EXACT
+    assert report["accumulated_whole_gradients"] == (report["copy_ranks"] == 1)
 
 
 def test_images_on_one_rank_only(report):

@@ -1,15 +1,20 @@
 """ril_fast/memory.py: the memory plan counts what the trainer's models really hold, and a student that cannot
 fit is refused before any model loads."""
 
+import math
+
 import pytest
 import torch
-from models_fixtures import tiny_folder
+from models_fixtures import random_samples, tiny_folder
 
-from ril_fast import memory, train
+from ril_fast import distributed, memory, train
 from ril_fast.config import ConfigError, load_config
 from ril_fast.demo import build_demo
 from ril_fast.discriminator import Discriminator
-from ril_fast.models import load
+from ril_fast.distributed import _param_groups, fsdp_modules
+from ril_fast.microbatch import sync_gradients
+from ril_fast.models import load, packed_logprobs
+from ril_fast.packing import pack
 
 
 def _bytes(tensors) -> int:
@@ -19,11 +24,12 @@ def _bytes(tensors) -> int:
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl", "qwen2"])
 def test_plan_counts_the_models_as_loaded(arch, tmp_path_factory):
     """Parameter counts from the meta device equal the loaded student's and discriminator's; fp32 weights and
-    AdamW's moments after a step are the plan's 12 bytes per trained parameter."""
+    AdamW's moments after a step are the plan's 12 bytes per trained parameter; the gradients FSDP2 accumulates
+    over micro-batches (sync off until the last) are the plan's, whole on the rank."""
     from transformers import AutoConfig
 
     folder = tiny_folder(tmp_path_factory, arch)
-    student, _ = load(folder, device="cpu")
+    student, processor = load(folder, device="cpu")
     disc, _ = Discriminator.from_student(folder, device="cpu")
     p = memory.plan(AutoConfig.from_pretrained(folder), disc=True, reference=True, gpu=False, shard=1)
     assert p.student_params == sum(x.numel() for x in student.parameters())
@@ -36,15 +42,27 @@ def test_plan_counts_the_models_as_loaded(arch, tmp_path_factory):
         optimizer.step()
         held += _bytes(model.parameters()) + _bytes(t for s in optimizer.state.values() for k, t in s.items()
                                                     if k != "step")  # AdamW's step counters aside
-    gradients = _bytes(student.parameters())  # the larger model's, fp32
-    assert p.trained_state == held + gradients
+    assert p.trained_state == held
     assert p.reference == _bytes(student.parameters())  # fp32 on a CPU
-    assert p.gathered == 0 and p.per_rank == held + gradients + p.reference  # one CPU rank: no extra copy
+    # FSDP2 with gradient sync off (every micro-batch but a step's last) keeps each gradient unsharded, in fp32.
+    distributed.init()
+    student.zero_grad(set_to_none=True)
+    sharded = distributed.shard_model(student, mixed_precision=False)
+    sync_gradients(sharded, False)
+    batch = pack([processor.encode(s) for s in random_samples([1, 0] if arch != "qwen2" else [0, 0])])
+    sharded(batch, fn=packed_logprobs).logprobs.sum().backward()
+    params = [fp for u in fsdp_modules(sharded) for g in _param_groups(u) for fp in g.fsdp_params]
+    accumulated = [fp.unsharded_param.grad if fp.unsharded_accumulated_grad is None else fp.unsharded_accumulated_grad
+                   for fp in params]  # the latter where gradients are reduced in another dtype (bf16 on GPUs)
+    assert all(a is not None and a.dtype == torch.float32 for a in accumulated)
+    assert all(fp.sharded_param.grad is None for fp in params)  # nothing sharded until the last micro-batch
+    assert p.gradients == _bytes(accumulated) == _bytes(student.parameters())  # the larger model's
+    assert p.gathered == 0 and p.per_rank == held + p.gradients + p.reference  # one CPU rank: no extra copy
 
 
 def test_plan_shards_the_trained_state_only():
-    """Over 4 ranks the trained state is split; the reference and the gathered student are whole on each (bf16
-    on GPUs); without a discriminator or a reference their bytes are gone."""
+    """Over 4 ranks the trained state and the gradients are split; the reference and the gathered student are
+    whole on each (bf16 on GPUs); without a discriminator or a reference their bytes are gone."""
     from transformers import Qwen2Config
 
     config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -53,32 +71,54 @@ def test_plan_shards_the_trained_state_only():
     four = memory.plan(config, disc=True, reference=True, gpu=True, shard=4)
     n = one.student_params
     assert one.reference == one.gathered == four.reference == four.gathered == 2 * n
-    assert four.per_rank == -(-one.trained_state // 4) + 4 * n < one.per_rank
+    assert one.gradients == 4 * four.gradients == 4 * n
+    assert four.per_rank == -(-one.trained_state // 4) + n + 4 * n < one.per_rank
     bare = memory.plan(config, disc=False, reference=False, gpu=True, shard=1)
-    assert bare.disc_params == bare.reference == 0 and bare.trained_state == 16 * n
+    assert bare.disc_params == bare.reference == 0 and bare.trained_state == 12 * n and bare.per_rank == 18 * n
 
 
 def test_offload_moves_the_trained_state_to_the_cpu():
-    """batch.cpu_offload on GPUs: the device keeps the reference and the gathered student, the CPU's memory each
-    rank's share of the trained state, and each is checked against its own free memory. On CPUs there is
-    nowhere else to put it: the plan is the plain one."""
-    from transformers import Qwen2Config
+    """batch.cpu_offload on GPUs: the device keeps the accumulated gradients, the reference and the gathered student;
+    the CPU's memory each rank's share of the trained state and of the sharded gradients, pinned tensors rounded up
+    to powers of two as torch's pinned cache does (fp32 weights and both models' gradients; AdamW's moments are not
+    pinned), or pageable and exact; each is checked against its own free memory. On CPUs there is nowhere else to
+    put it: the plan is the plain one."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    plain = memory.plan(config, disc=True, reference=True, gpu=True, shard=2)
-    off = memory.plan(config, disc=True, reference=True, gpu=True, shard=2, offload=True)
-    assert plain.host_per_rank == 0 and off.host_per_rank == plain.trained_share == -(-plain.trained_state // 2)
-    assert off.per_rank == plain.per_rank - plain.trained_share == plain.reference + plain.gathered
+    student = Qwen2ForCausalLM(config)
+    disc = [p.numel() for p in student.model.parameters()] + [64, 1]  # the backbone and the d -> 1 head
+    numels = [p.numel() for p in student.parameters()] + disc
+    s, d = student.num_parameters(), sum(disc)
+    plain = memory.plan(config, disc=True, reference=True, gpu=True, shard=1)
+    pinned = memory.plan(config, disc=True, reference=True, gpu=True, shard=1, offload=True)
+    pageable = memory.plan(config, disc=True, reference=True, gpu=True, shard=1, offload=True, pinned=False)
+    assert plain.host_per_rank == 0 and pageable.host_per_rank == 12 * (s + d) + 4 * s
+    assert pinned.host_per_rank == sum(2 * 2 ** math.ceil(math.log2(4 * n)) + 8 * n for n in numels)
+    assert pageable.host_per_rank < pinned.host_per_rank < 2 * pageable.host_per_rank
+    for off in (pinned, pageable):
+        assert off.per_rank == plain.per_rank - plain.trained_state == 4 * s + plain.reference + plain.gathered
     assert memory.plan(config, disc=True, reference=True, gpu=False, shard=2, offload=True) == \
         memory.plan(config, disc=True, reference=True, gpu=False, shard=2)
-    # The device check suggests offloading until it is on; then the CPU's memory is checked too.
+    # Over 2 ranks each holds a shard: FSDP2 pads dim 0 to a multiple of 2 (the 0-d bias it leaves whole).
+    def half(shape):
+        return math.ceil(shape[0] / 2) * math.prod(shape[1:]) if shape else 1
+
+    student_shapes = [p.shape for p in student.parameters()]
+    disc_shapes = [p.shape for p in student.model.parameters()] + [torch.Size([64]), torch.Size([])]
+    two = memory.plan(config, disc=True, reference=True, gpu=True, shard=2, offload=True, pinned=False)
+    assert two.host_per_rank == 12 * sum(map(half, student_shapes + disc_shapes)) + 4 * sum(map(half, student_shapes))
+    # The device check suggests offloading until it is on; then the CPU's memory is checked too, and a pinned
+    # plan that does not fit there suggests pageable memory.
     assert "batch.cpu_offload=true" in memory.shortfall(plain, plain.per_rank - 1)
     assert memory.shortfall(plain, plain.per_rank, host_available=0) is None  # nothing on the host to check
-    assert "batch.cpu_offload" not in memory.shortfall(off, off.per_rank - 1)
-    assert memory.shortfall(off, off.per_rank, host_available=off.host_per_rank) is None
-    assert "CPU's available memory" in memory.shortfall(off, off.per_rank, host_available=off.host_per_rank - 1)
-    assert "in the CPU's memory" in off.describe() and "CPU" not in plain.describe()
+    assert "batch.cpu_offload" not in memory.shortfall(pinned, pinned.per_rank - 1)
+    assert memory.shortfall(pinned, pinned.per_rank, host_available=pinned.host_per_rank) is None
+    short = memory.shortfall(pinned, pinned.per_rank, host_available=pinned.host_per_rank - 1)
+    assert "CPU's available memory" in short and "batch.offload_pinned=false" in short
+    assert "offload_pinned" not in memory.shortfall(pageable, 0, host_available=0)
+    assert "pinned)" in pinned.describe() and "CPU" not in plain.describe()
 
 
 def test_a_student_that_cannot_fit_is_refused_before_any_model_loads(tmp_path, monkeypatch):

@@ -360,20 +360,26 @@ def test_golden_metrics(demo, tmp_path, monkeypatch, recompute, keep_gathered, o
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on a CPU there is nowhere to offload to")
-def test_cpu_offload_keeps_the_trained_state_off_the_gpu(demo, tmp_path, monkeypatch):
-    """``batch.cpu_offload`` on a GPU: the student's and the discriminator's shards (and so their gradients and
-    AdamW moments) sit in pinned CPU memory, the forwards run on the GPU, and a run with μ = 2 and β > 0 trains:
-    finite metrics, a student that moved. (The golden test checks the same run's numbers on a CPU.)"""
-    sharded = []
-    shard_model = train.distributed.shard_model
-    monkeypatch.setattr(train.distributed, "shard_model", lambda model, **kw: sharded.append(shard_model(model, **kw))
-                        or sharded[-1])
-    out = main(_args(demo, tmp_path / "run", demo.teachers, mu=2, beta=0.1, **{"batch.cpu_offload": True}))
-    assert len(sharded) == 2
-    for model in sharded:
+def test_cpu_offload_keeps_the_trained_state_off_the_gpu(demo, tmp_path):
+    """``batch.cpu_offload`` on a GPU: after set-up the student's and the discriminator's shards (and so their
+    gradients and AdamW moments) sit in pinned CPU memory, the GPU holds less than half the fp32 weights (the bf16
+    reference, buffers, the discriminator's 0-d bias) and the forwards run on the GPU; a run with μ = 2 and
+    β > 0 then trains: finite metrics, a student that moved. (The golden test checks the same run's numbers on a
+    CPU.)"""
+    args = _args(demo, tmp_path / "run", demo.teachers, mu=2, beta=0.1, **{"batch.cpu_offload": True})
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    run = train.setup(load_config(args + [f"output_dir={tmp_path / 'set-up'}"]))  # the last value of a key wins
+    held = torch.cuda.memory_allocated() - before
+    for model in (run.student, run.disc):
         assert train.distributed.compute_device(model).type == "cuda"
         shards = [p.to_local() for p in model.parameters() if p.ndim > 0]
         assert all(t.device.type == "cpu" and t.is_pinned() for t in shards)
+    weights = sum(p.numel() * 4 for m in (run.student, run.disc) for p in m.parameters())  # fp32, not offloaded
+    assert held < weights / 2, (held, weights)  # offloaded: the bf16 reference (2 B/param of the student) and scraps
+    run.log.close()
+    del run
+    out = main(args)
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for r in steps for v in r.values() if isinstance(v, float))

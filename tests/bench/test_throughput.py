@@ -72,10 +72,12 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
 def test_qwen3_vl_tiny_preset_reports_every_phase(tmp_path, monkeypatch, one_thread, bench):  # noqa: F811
     """The Qwen3-VL path end to end (student folder, image processor, FLOPs of its tower and decoder), with
     the layers' weights gathered again for the backward (--gather-again) and the trained state offloaded to the
-    CPU's memory (--cpu-offload, which on a CPU changes where nothing is, but runs FSDP's offload path)."""
+    CPU's memory (--cpu-offload --offload-pageable, which on a CPU changes where nothing is, but runs FSDP's
+    offload path)."""
     out = tmp_path / "throughput.csv"
     monkeypatch.setattr(sys, "argv", [str(BENCH / "throughput.py"), "--preset", "qwen3vl-tiny", "--steps", "1",
-                                      "--no-baselines", "--gather-again", "--cpu-offload", "--workdir",
+                                      "--no-baselines", "--gather-again", "--cpu-offload", "--offload-pageable",
+                                      "--workdir",
                                       str(tmp_path / "work"), "--out", str(out)])
     runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
     from transformers import AutoConfig
@@ -86,7 +88,7 @@ def test_qwen3_vl_tiny_preset_reports_every_phase(tmp_path, monkeypatch, one_thr
     for name in ("rollout", "disc_update", "disc_score", "old_ref_logprobs", "policy_update", "step"):
         assert float(phases[name]["tflop"]) > 0 and float(phases[name]["seconds"]) > 0, name
     assert all("weights gathered again" in phases[p]["note"] for p in ("policy_update", "disc_update"))
-    assert all("CPU offload" in phases[p]["note"] for p in ("policy_update", "disc_update", "optimizer"))
+    assert all("CPU offload, pageable" in phases[p]["note"] for p in ("policy_update", "disc_update", "optimizer"))
     assert float(phases["rollout"]["prompt_tokens"]) > 0
 
 

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from ril_fast import distributed, rollout  # noqa: E402
 from ril_fast.discriminator import Discriminator  # noqa: E402
 from ril_fast.imitation import disc_probs  # noqa: E402
-from ril_fast.microbatch import MicroBatch, micro_batches, rank_agreement  # noqa: E402
+from ril_fast.microbatch import MicroBatch, micro_batches, rank_agreement, sync_gradients  # noqa: E402
 from ril_fast.models import load, packed_logprobs  # noqa: E402
 from ril_fast.packing import pack  # noqa: E402
 from ril_fast.policy import frozen_logprobs  # noqa: E402
@@ -173,6 +173,19 @@ def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
     res["mixed_images_fillers"] = int(max_over_ranks(float((mb.weight == 0).sum())))
     res["mixed_images_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(fresh), mixed_ref))
     del fresh
+
+    # -- accumulation over two micro-batches as the trainer runs it (microbatch.sync_gradients) ----------
+    acc = shard_model(load(folder, device="cpu")[0], mixed_precision=False)
+    for k in range(2):
+        sync_gradients(acc, last=k == 1)
+        summed_loss(acc, batch, weights / 2).backward()
+        if k == 0:  # a copy sharded over several ranks keeps no whole gradient between micro-batches
+            params = [p for u in distributed.fsdp_modules(acc) for g in distributed._param_groups(u)
+                      for p in g.fsdp_params]
+            res["accumulated_whole_gradients"] = any(p.unsharded_param.grad is not None for p in params)
+    res["accumulated_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(acc), ref_grads))
+    res["copy_ranks"] = distributed.copy_ranks(acc)
+    del acc
 
     # -- control: FSDP's default divide factor gives the mean, not the sum ------------------------------
     default = shard_model(load(folder, device="cpu")[0], mixed_precision=False, sum_gradients=False)
