@@ -236,8 +236,9 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     shard to the GPU to all-gather it and its gradient back after the reduce-scatter, and the optimizer steps on
     the CPU. The GPU holds gathered weights, gradients until they are reduced, and activations, for copies
     between CPU and GPU every forward and backward (FSDP2's ``CPUOffloadPolicy``). 0-d parameters, which FSDP
-    does not manage, stay on the device. Forwards still run on the model's device: see :func:`compute_device`. On GPUs the process group needs a CPU backend for the
-    gradient norm over the offloaded shards: ``init(cpu_collectives=True)``.
+    does not manage, stay on the device. Forwards still run on the model's device: see :func:`compute_device`.
+    On GPUs the process group needs a CPU backend for the gradient norm over the offloaded shards:
+    ``init(cpu_collectives=True)``.
     """
     device = next(model.parameters()).device
     world, shard = world_size(), shard_size(shard_ranks)
