@@ -400,14 +400,6 @@ def test_hsdp_checkpoint_resumes_as_fsdp(demo, tmp_path):
     wa, wb = (load_file(str(next((out / "final").glob("*.safetensors")))) for out in (hsdp, fsdp))
     print("max weight difference", max((wa[k] - wb[k]).abs().max().item() for k in wa))
     assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() <= 1e-6 for k in wa)
-    for source, offload, fused in ((offloaded / "step-2", False, None), (plain / "step-3", True, True)):
-        run = train.setup(load_config(_args(demo, tmp_path / f"again-{offload}", steps=4, resume=source,
-                                            **{"batch.cpu_offload": offload})))
-        for optimizer in (run.optimizer, run.disc_optimizer):
-            assert {g["fused"] for g in optimizer.param_groups} == {fused}, source
-            steps = [s["step"] for s in optimizer.state.values()]
-            assert steps and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in steps)
-        run.log.close()
 
 
 def test_offloaded_checkpoint_resumes_without_offload(demo, tmp_path):

@@ -105,7 +105,8 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     with monkeypatch.context() as m:  # a CPU rank without the interpreter, also on a machine with a GPU
         m.setenv("TRITON_INTERPRET", "0")
         real_init = train.distributed.init
-        m.setattr(train.distributed, "init", lambda: dataclasses.replace(real_init(), device=torch.device("cpu")))
+        m.setattr(train.distributed, "init",
+                  lambda **kw: dataclasses.replace(real_init(**kw), device=torch.device("cpu")))
         with pytest.raises(ConfigError, match=r"loss.kernels=triton: Triton kernels need a GPU"):
             train.setup(load_config(_args(demo, tmp_path / "run", **{"loss.kernels": "triton"})))
     assert not (tmp_path / "run").exists()  # nothing written for a refused run
