@@ -1,6 +1,7 @@
 """Config: defaults, YAML < overrides, typed parsing with clear errors, save/load round trip."""
 
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -200,3 +201,10 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     path.write_text("optim:\n  <<: {lr: 0.5, grad_clip: 2.0}\n  lr: 0.25\n")
     config = load_config(["--config", str(path)])
     assert (config.optim.lr, config.optim.grad_clip) == (0.25, 2.0)
+
+
+def test_the_real_student_example_is_a_valid_config():
+    """docs/real_student.yaml (the README's recipe) loads as it is: every key exists and every value parses."""
+    config = load_config(["--config", str(Path(__file__).resolve().parents[1] / "docs" / "real_student.yaml")])
+    assert not config.rl_only and len(config.teachers) == 2 and config.judge is JudgeKind.HTTP
+    assert config.optim.lr == 1e-6 and config.batch.activation_checkpointing and config.group_size == 4
