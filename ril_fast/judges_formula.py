@@ -168,10 +168,18 @@ def same_shape(run: str, formula: str) -> bool:
 
 # ---- the rest --------------------------------------------------------------------------------------
 
+def latex_command(not_named: str = "") -> str:
+    """The pattern of a LaTeX command with its brace groups (nested up to three deep), after an optional sign and
+    integer ("\\frac{1}{2}", "-\\dfrac{3}{4}", "2\\frac{1}{2}"), other than the commands ``not_named`` (a
+    lookahead, e.g. ``r"(?!boxed\\b)"``). (?<!\\d): a match starts at the first digit of a run (linear time on
+    long digit runs)."""
+    return r"-?(?<!\d)\d*\\" + not_named + r"[A-Za-z]+(?:" + BRACES + ")+"
+
+
 _VARIABLE_VALUE = re.compile(r"[A-Za-z]\w{0,19}\s*=\s*(-?(?:\d+(?:\.\d+)?|\.\d+))")  # "x = 2", "AB = 6", "pH = 7"
 _LATEX = re.compile(r"\$|\\[A-Za-z(\[]")
 _DELIMITED = re.compile(r"\$|\\[(\[]|\\boxed\b")  # LaTeX math_verify reads; it reads no other ...
-_LATEX_FRAGMENT = re.compile(rf"-?(?<!\d)\d*\\[A-Za-z]+(?:{BRACES})+")  # ... so these are put between $s
+_LATEX_FRAGMENT = re.compile(latex_command())  # ... so these are put between $s
 
 
 def variable_value(answer: str) -> str | None:

@@ -18,7 +18,7 @@ try:  # optional: reads LaTeX numbers for the rules, and decides symbolic equiva
 except ImportError:
     math_verify = None
 
-from ril_fast.judges_formula import (BRACES, delimited, formula_form, has_latex, is_formula, last_bare_formula,
+from ril_fast.judges_formula import (delimited, formula_form, has_latex, is_formula, last_bare_formula, latex_command,
                                      occurrences, same_shape, too_costly, variable_value)
 
 if TYPE_CHECKING:
@@ -145,11 +145,10 @@ def _close(a: float, b: float) -> bool:
 
 # ---- math_verify ---------------------------------------------------------------------------------
 
-# A LaTeX number the rules cannot read: a command with its brace groups (nested up to three deep), after an
-# optional sign and integer ("\frac{1}{2}", "-\dfrac{3}{4}", "2\frac{1}{2}"), or digits grouped by "{,}"
-# ("1{,}000"). \boxed is not one: it is an answer marker to the rules, and what it holds is read on its own.
-# (?<!\d): a match starts at the first digit of a run (linear time on long digit runs).
-_LATEX_NUMBER = re.compile(rf"-?(?<!\d)\d*\\(?!boxed\b)[A-Za-z]+(?:{BRACES})+|(?<!\d)\d{{1,3}}(?:\{{,\}}\d{{3}})+")
+# A LaTeX number the rules cannot read: a command with its brace groups ("\frac{1}{2}", "-\dfrac{3}{4}",
+# "2\frac{1}{2}"), or digits grouped by "{,}" ("1{,}000"). \boxed is not one: it is an answer marker to the
+# rules, and what it holds is read on its own.
+_LATEX_NUMBER = re.compile(latex_command(r"(?!boxed\b)") + r"|(?<!\d)\d{1,3}(?:\{,\}\d{3})+")
 # The common ones, read here as math_verify reads them (a test checks they agree), without its ~1 ms a parse:
 # [-][whole]\frac{a}{b} (also \dfrac, \tfrac; a whole part makes a mixed number; a, b > 0: math_verify reads
 # "2\frac{0}{5}" as the product 2·0, no number) and digits grouped by "{,}".
