@@ -4,17 +4,16 @@
     torchrun --nproc_per_node=N -m ril_fast.train ...     N ranks, rendezvous from torchrun's env
 
 Both launches take the same code path: there is always a process group (nccl on CUDA, gloo on CPU),
-and ``shard_model`` always wraps with FSDP2, so parameters are DTensors even on
-one rank. It returns
+and ``shard_model`` always wraps with FSDP2, so parameters are DTensors even on one rank. It returns
 the root unit ``Sharded(model)``; code that reaches into the model past its ``forward`` (packed
 log-probs through ``base_model`` and the LM head weight) runs as the root's forward:
 ``sharded(batch, fn=packed_logprobs)``.
 
 Wrap order (shared/STYLE.md): each decoder block, the vision tower as one unit, then the root. Over
 several nodes, ``shard_ranks`` = the GPUs of a node makes it HSDP (each node holds a sharded copy; only
-gradients cross nodes). Gradients are summed over ranks, not averaged: the trainer already divides the Dr.GRPO loss by a
-global normaliser (all outputs of the step on all ranks), so FSDP's default 1/world_size would divide
-a second time. ``gathered`` keeps every parameter unsharded through a rollout phase, so HF
+gradients cross nodes). Gradients are summed over ranks, not averaged: the trainer already divides the
+Dr.GRPO loss by a global normaliser (all outputs of the step on all ranks), so FSDP's default
+1/world_size would divide a second time. ``gathered`` keeps every parameter unsharded through a rollout phase, so HF
 ``generate`` all-gathers once per phase instead of once per generated token.
 """
 

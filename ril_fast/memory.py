@@ -48,13 +48,13 @@ class Plan:
     reference: int  # per rank
     gathered: int  # per rank
     shard: int  # ranks the trained state is sharded over
-    host: int = 0  # per rank in the CPU's memory: the offloaded trained state and sharded gradients
+    host_per_rank: int = 0  # bytes in the CPU's memory besides the device: the offloaded state and gradients
     pinned: bool = False  # the offloaded weights and gradients are in pinned memory
 
     @property
     def offload(self) -> bool:
         """Whether the trained state is in the CPU's memory (GPU ranks with ``batch.cpu_offload``)."""
-        return self.host > 0
+        return self.host_per_rank > 0
 
     @property
     def per_rank(self) -> int:
@@ -62,11 +62,6 @@ class Plan:
         gradients, the reference, the gathered student."""
         return (0 if self.offload else -(-self.trained_state // self.shard)) + self.gradients + self.reference \
             + self.gathered
-
-    @property
-    def host_per_rank(self) -> int:
-        """Bytes one rank holds in the CPU's memory besides its device (0 unless offloaded)."""
-        return self.host
 
     def describe(self) -> str:
         """The plan in words, in GiB."""
@@ -77,7 +72,7 @@ class Plan:
             return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
 
         disc = f" and the discriminator ({count(self.disc_params)})" if self.disc_params else ""
-        where = (f", in the CPU's memory with their sharded gradients ({gib(self.host)} per rank"
+        where = (f", in the CPU's memory with their sharded gradients ({gib(self.host_per_rank)} per rank"
                  f"{', pinned' if self.pinned else ''})") if self.offload else ""
         return (f"{gib(self.per_rank)} per rank before any activation: fp32 weights and AdamW moments of the student "
                 f"({count(self.student_params)} parameters){disc}, {gib(self.trained_state)} sharded over "
@@ -114,7 +109,7 @@ def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, offload:
         0 if offload and gpu else -(-GRADIENT_BYTES * student // shard)
     return Plan(student_params=student, disc_params=disc_params, trained_state=STATE_BYTES * (student + disc_params),
                 gradients=gradients, reference=copy * student if reference else 0,
-                gathered=copy * student if gpu or shard > 1 else 0, shard=shard, host=host,
+                gathered=copy * student if gpu or shard > 1 else 0, shard=shard, host_per_rank=host,
                 pinned=offload and gpu and pinned)
 
 
