@@ -204,13 +204,15 @@ def shard_size(shard_ranks: int = 0) -> int:
 
 def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool = True,
                 reshard_after_forward: bool | None = None, shard_ranks: int = 0, cpu_offload: bool = False,
-                pin_memory: bool = True) -> Sharded:
+                pin_memory: bool = True, device: torch.device | None = None) -> Sharded:
     """Shard ``model`` with FSDP2 over the ranks of the default group -> the root unit ``Sharded(model)``.
 
     ``fully_shard`` on each decoder block, on the vision tower as one unit, then on the root (the
     embeddings, the final norm, the LM head or discriminator head). ``mixed_precision``: parameters
-    all-gathered in bf16, gradients reduced in fp32 (for CUDA); else plain fp32 (CPU). The model must be
-    on this rank's device, with the same weights on every rank. ``sum_gradients`` (default) makes the
+    all-gathered in bf16, gradients reduced in fp32 (for CUDA); else plain fp32 (CPU). The model must have
+    the same weights on every rank, on this rank's ``device`` (default: where its parameters are) or in the
+    CPU's memory: FSDP moves each unit to ``device`` as it shards it, so a GPU never holds more of the
+    unsharded model than one unit (a decoder block, the vision tower, or the root's embeddings and head). ``sum_gradients`` (default) makes the
     gradient reduction a sum over ranks: the caller's loss carries the global normaliser. Parameters
     (of ``model``, shared with the result; names gain a ``module.`` prefix on the wrapper) become
     DTensors sharded on dim 0 (``p.full_tensor()`` gathers one), except 0-d ones, which FSDP cannot
@@ -239,7 +241,7 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     On GPUs the process group needs a CPU backend for the gradient norm over the offloaded shards:
     ``init(cpu_collectives=True)``.
     """
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     world, shard = world_size(), shard_size(shard_ranks)
     mesh = init_device_mesh(device.type, (world,)) if shard == world else \
         init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
@@ -259,6 +261,7 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     # whose gradients are summed over ranks by a hook.
     scalars = {p for p in model.parameters() if p.ndim == 0}
     for p in scalars:
+        p.data = p.data.to(device)
         p.register_hook(_sum_over_ranks)
     # The root's parameters are used first in forward and first in backward: keeping them gathered in
     # between saves an all-gather (torch's own default for the root). The root passes its inputs on

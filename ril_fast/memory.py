@@ -11,9 +11,11 @@ message at all. :func:`plan` counts the parameters on the meta device (no memory
                     copy is sharded over several ranks (reduce-scattered at every micro-batch:
                     ``microbatch.sync_gradients``; offloaded, in the CPU's memory), whole on a rank that
                     holds a whole copy (accumulated unsharded over a step's micro-batches, on the device)
-    reference       π_ref, only when β > 0: unsharded, on every rank (bf16 on a GPU, fp32 on a CPU)
+    reference       π_ref, only when β > 0 (bf16 on a GPU, fp32 on a CPU): sharded like the student where a
+                    copy is sharded over several ranks, else whole
     gathered        the student's weights gathered for a rollout (bf16 on a GPU; fp32 on CPU ranks that
-                    shard them; on one CPU rank the shard is the weight itself: nothing more)
+                    shard them; on one CPU rank the shard is the weight itself: nothing more); a sharded
+                    reference gathered for its pass takes as much, at another time
 
 With ``batch.cpu_offload`` on GPUs the trained state and the sharded gradients move to the CPU's memory,
 checked against each rank's share of the CPU's available memory; the GPU keeps the reference, the gathered
@@ -22,9 +24,9 @@ default), FSDP's offloaded weights and gradients go through torch's pinned-memor
 tensor up to a power of two and keeps freed ones (both models' gradients): the plan counts them so (a
 shard of 1.24 GB takes 2 GiB).
 
-Activations come on top (``batch.max_tokens`` bounds them), as does the fp32 model that loading puts on
-the device before sharding, so passing the check is necessary, not sufficient; failing it means the run
-cannot fit.
+Activations come on top (``batch.max_tokens`` bounds them), as does one unsharded unit (a decoder block, the
+vision tower, or the embeddings and head) while each model is being sharded, so passing the check is
+necessary, not sufficient; failing it means the run cannot fit.
 """
 
 import os
@@ -78,7 +80,8 @@ class Plan:
                 f"({count(self.student_params)} parameters){disc}, {gib(self.trained_state)} sharded over "
                 f"{self.shard} rank(s){where}"
                 + (f"; the student's fp32 gradients on the device, {gib(self.gradients)}" if self.gradients else "")
-                + (f"; the reference, {gib(self.reference)} on every rank" if self.reference else "")
+                + (f"; the reference, {gib(self.reference)}{' (its shard)' if self.shard > 1 else ''}"
+                   if self.reference else "")
                 + (f"; the student gathered for rollouts, {gib(self.gathered)}" if self.gathered else ""))
 
 
@@ -107,8 +110,9 @@ def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, offload:
     # Gradients on the device: whole on a rank that holds a whole copy; else sharded, or offloaded with the rest.
     gradients = GRADIENT_BYTES * student if shard == 1 else \
         0 if offload and gpu else -(-GRADIENT_BYTES * student // shard)
+    reference = copy * (student if shard == 1 else sum(_shard_numel(s, shard) for s in shapes)) if reference else 0
     return Plan(student_params=student, disc_params=disc_params, trained_state=STATE_BYTES * (student + disc_params),
-                gradients=gradients, reference=copy * student if reference else 0,
+                gradients=gradients, reference=reference,
                 gathered=copy * student if gpu or shard > 1 else 0, shard=shard, host_per_rank=host,
                 pinned=offload and gpu and pinned)
 

@@ -181,12 +181,14 @@ def _quiet(enabled: bool):
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | str = Attn.AUTO,
-         device: str | torch.device | None = None, lm_head: bool = True):
+         device: str | torch.device | None = None, lm_head: bool = True, weights_on_cpu: bool = False):
     """Load a model folder (or a cached hub id) -> ``(model, processor)``.
 
     ``model``: the HF model on ``device`` (default: CUDA when available) in ``dtype``, in eval mode,
     with the attention path ``attn`` (see :class:`Attn`) and, on CUDA, Liger's kernels. ``lm_head=False``
-    loads the base model without the LM head (the discriminator's backbone). ``processor``: a
+    loads the base model without the LM head (the discriminator's backbone). ``weights_on_cpu``: the model is set
+    up for ``device`` but its weights stay in the CPU's memory, for ``ril_fast.distributed.shard_model(device=)``
+    to move one unit at a time (a GPU never holds the whole unsharded model). ``processor``: a
     :class:`ril_fast.packing.Processor` (tokenizer, image processor, chat template, image-token
     expansion and, for Qwen-VL, the model's mrope position function). A model ril_fast cannot pack (another
     VLM family, stateful sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``) raises
@@ -200,7 +202,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
         model = model_class(config, lm_head=lm_head).from_pretrained(path, dtype=dtype,
                                                                      attn_implementation=Attn(attn).resolve())
-    model.to(device).eval()
+    model.to("cpu" if weights_on_cpu else device).eval()
     _vision_varlen(model)
     _patches_as_matmul(model)
     recurrence.per_sample(model, path)

@@ -185,7 +185,9 @@ def setup(cfg: Config) -> Run:
 
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
-    student, processor = load(cfg.student, dtype=torch.float32, device=dist.device)
+    # Each model loads into the CPU's memory and shard_model moves it to the device one unit at a time: a GPU
+    # never holds a whole fp32 model (30 GB for 7B parameters).
+    student, processor = load(cfg.student, dtype=torch.float32, device=dist.device, weights_on_cpu=True)
     shapes = Shapes.of_model(student)
     if cfg.batch.activation_checkpointing:  # acts in the updates only (models.recomputing)
         enable_activation_checkpointing(student)
@@ -196,22 +198,27 @@ def setup(cfg: Config) -> Run:
     # torch's default per-tensor loop (67 M parameters, 2 threads). (CPU runs keep the default: the demo's
     # optimiser is 13 ms of a 1.4 s step, and its measured trajectory would change by rounding.)
     fused = dict(fused=True) if cfg.batch.cpu_offload else {}
-    student = distributed.shard_model(student, mixed_precision=gpu, **shard)  # in eval mode: see the module docstring
+    # In eval mode: see the module docstring.
+    student = distributed.shard_model(student, mixed_precision=gpu, device=dist.device, **shard)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay, **fused)
     scheduler = schedule.make_scheduler(optimizer, cfg)  # warm-up, then cosine decay
 
     reference = None
-    if cfg.beta > 0:
-        reference, _ = load(cfg.student, dtype=dtype, device=dist.device)
+    if cfg.beta > 0:  # sharded like the student where a copy is (between its passes a rank keeps its shard)
+        sharded = distributed.shard_size(cfg.batch.shard_ranks) > 1
+        reference, _ = load(cfg.student, dtype=dtype, device=dist.device, weights_on_cpu=sharded)
         reference.requires_grad_(False)
+        if sharded:
+            reference = distributed.shard_model(reference, mixed_precision=gpu, sum_gradients=False, device=dist.device,
+                                                shard_ranks=cfg.batch.shard_ranks)
 
     disc = disc_optimizer = None
     if bank is not None:
-        disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool)
+        disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool, weights_on_cpu=True)
         if cfg.batch.activation_checkpointing:
             enable_activation_checkpointing(disc.backbone)
-        disc = distributed.shard_model(disc.eval(), mixed_precision=gpu, **shard)
+        disc = distributed.shard_model(disc.eval(), mixed_precision=gpu, device=dist.device, **shard)
         disc_optimizer = torch.optim.AdamW(distributed.optimizer_groups(disc), lr=cfg.disc.lr,
                                            weight_decay=cfg.disc.weight_decay, **fused)
 

@@ -195,6 +195,17 @@ def test_divide_factor_is_what_makes_the_sum(report):
         assert report["default_grad_err_vs_sum"] > 0.1
 
 
+def test_frozen_reference_is_sharded_like_the_student(report):
+    """The trainer's reference where a copy is sharded: a frozen model sharded without gradient hooks gives the
+    unsharded model's log-probs, and a rank holds its shard, the bytes the memory plan counts."""
+    assert report["reference_logprobs_err"] <= EXACT
+    assert report["reference_bytes"] == report["reference_plan_bytes"]
+    if report["copy_ranks"] == 1:
+        assert report["reference_bytes"] == report["student_bytes"]
+    else:  # half, padded: rank 0's shard of a parameter has the larger half of its rows
+        assert report["student_bytes"] / 2 <= report["reference_bytes"] < 0.6 * report["student_bytes"]
+
+
 def test_mixed_precision(report):
     assert report["bf16_gathered_param_dtypes"] == ["torch.bfloat16"]
     assert report["bf16_grad_dtypes"] == ["torch.float32"]

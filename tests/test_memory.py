@@ -61,8 +61,8 @@ def test_plan_counts_the_models_as_loaded(arch, tmp_path_factory):
 
 
 def test_plan_shards_the_trained_state_only():
-    """Over 4 ranks the trained state and the gradients are split; the reference and the gathered student are
-    whole on each (bf16 on GPUs); without a discriminator or a reference their bytes are gone."""
+    """Over 4 ranks the trained state, the gradients and the reference are split; the gathered student is whole on
+    each (bf16 on GPUs); without a discriminator or a reference their bytes are gone."""
     from transformers import Qwen2Config
 
     config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -70,9 +70,9 @@ def test_plan_shards_the_trained_state_only():
     one = memory.plan(config, disc=True, reference=True, gpu=True, shard=1)
     four = memory.plan(config, disc=True, reference=True, gpu=True, shard=4)
     n = one.student_params
-    assert one.reference == one.gathered == four.reference == four.gathered == 2 * n
+    assert one.reference == one.gathered == four.gathered == 4 * four.reference == 2 * n  # every dim 0 divides by 4
     assert one.gradients == 4 * four.gradients == 4 * n
-    assert four.per_rank == -(-one.trained_state // 4) + n + 4 * n < one.per_rank
+    assert four.per_rank == -(-one.trained_state // 4) + n + n // 2 + 2 * n < one.per_rank
     bare = memory.plan(config, disc=False, reference=False, gpu=True, shard=1)
     assert bare.disc_params == bare.reference == 0 and bare.trained_state == 12 * n and bare.per_rank == 18 * n
 

@@ -110,9 +110,10 @@ def test_same_seed_same_metrics(demo, tmp_path):
 def test_two_ranks_under_torchrun(demo, tmp_path, arch):
     out = tmp_path / "run"
     student = demo.student if arch is None else make_tiny(tmp_path / "student", arch=arch)
+    # FSDP2, recomputing, and a reference model (β > 0) sharded like the student
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ril_fast.train",
            *_args(demo, out, demo.teachers, student=student,
-                  **{"batch.questions_per_step": 4, "batch.activation_checkpointing": True})]  # FSDP2, recomputing
+                  beta=0.1, **{"batch.questions_per_step": 4, "batch.activation_checkpointing": True})]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,6 +123,8 @@ def test_two_ranks_under_torchrun(demo, tmp_path, arch):
     # Metrics are over both ranks' outputs: the discriminator's BCE after one pre-training step is near
     # ln 2 (0.68 on one rank), not one rank's half of it.
     assert abs(steps[0]["disc_loss"] - math.log(2)) < 0.1, steps[0]["disc_loss"]
+    # Step 1 scores the initial student against the reference, which each rank holds a shard of: the same model.
+    assert steps[0]["kl"] < 1e-6 and steps[-1]["kl"] > steps[0]["kl"], [r["kl"] for r in steps]
     assert (out / "final" / "config.json").is_file()
 
 

@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_param_group  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from ril_fast import distributed, rollout  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from ril_fast import distributed, memory, rollout  # noqa: E402
 from ril_fast.discriminator import Discriminator  # noqa: E402
 from ril_fast.imitation import disc_probs  # noqa: E402
 from ril_fast.microbatch import MicroBatch, micro_batches, rank_agreement, sync_gradients  # noqa: E402
@@ -288,6 +290,17 @@ def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
     with torch.no_grad():
         res["frozen_logprobs_err"] = max_over_ranks(max((lp - logprobs(model, batch)).abs().max().item()
                                                         for lp in old))
+    # A frozen model sharded as the trainer shards the reference where a copy is sharded (no gradients): the
+    # unsharded model's log-probs, and rank 0 holds the memory plan's bytes of it.
+    frozen = shard_model(load(folder, device="cpu")[0].requires_grad_(False), mixed_precision=False,
+                         sum_gradients=False)
+    res["reference_logprobs_err"] = max_over_ranks(max((lp - ref_lp).abs().max().item()
+                                                       for lp in frozen_logprobs(frozen, micro, temperature=1.0)))
+    plan = memory.plan(AutoConfig.from_pretrained(folder), disc=False, reference=True, gpu=False,
+                       shard=distributed.copy_ranks(frozen))
+    res["reference_bytes"] = sum(p.to_local().numel() * p.element_size() for p in frozen.parameters())
+    res["reference_plan_bytes"], res["student_bytes"] = plan.reference, 4 * plan.student_params
+    del frozen
 
     # -- the discriminator shards the same way; its 0-d bias stays a plain tensor, summed by a hook ------
     disc_ref, _ = Discriminator.from_student(folder, device="cpu", init_std=0.5)
