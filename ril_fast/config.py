@@ -125,7 +125,7 @@ class Batch:
     cpu_offload: bool = opt(False, "keep the student's and the discriminator's sharded fp32 weights, gradients and "
                                    "AdamW moments in the CPU's memory (FSDP2 CPU offload; the optimizers step there): "
                                    "the GPU holds gathered bf16 weights, the reference, a step's gradients (one rank "
-                                   "per copy) and activations (3B: 28 instead of 112 GiB before activations), for "
+                                   "per copy; HSDP: their shard) and activations (3B: 28 instead of 112 GiB before activations), for "
                                    "copies between CPU and GPU every pass (on CPUs, where it all is already: the "
                                    "same numbers, through FSDP's offload path and AdamW's fused CPU kernel)")
     offload_pinned: bool = opt(True, "with cpu_offload on GPUs, the offloaded weights and gradients in pinned memory: "

@@ -9,8 +9,10 @@ message at all. :func:`plan` counts the parameters on the meta device (no memory
                     discriminator, sharded over the ranks of a copy (``batch.shard_ranks``)
     gradients       the updated model's fp32 gradients (4 B/param of the student, the larger): sharded where a
                     copy is sharded over several ranks (reduce-scattered at every micro-batch:
-                    ``microbatch.sync_gradients``; offloaded, in the CPU's memory), whole on a rank that
-                    holds a whole copy (accumulated unsharded over a step's micro-batches, on the device)
+                    ``microbatch.sync_gradients``; offloaded, in the CPU's memory, except that with several
+                    copies (HSDP) FSDP sums the reduce-scattered gradients on the device until the all-reduce
+                    across copies at a step's last micro-batch), whole on a rank that holds a whole copy
+                    (accumulated unsharded over a step's micro-batches, on the device)
     reference       π_ref, only when β > 0 (bf16 on a GPU, fp32 on a CPU): sharded like the student where a
                     copy is sharded over several ranks, else whole
     gathered        the student's weights gathered for a rollout (bf16 on a GPU; fp32 on CPU ranks that
@@ -85,12 +87,12 @@ class Plan:
                 + (f"; the student gathered for rollouts, {gib(self.gathered)}" if self.gathered else ""))
 
 
-def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, offload: bool = False,
+def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, copies: int = 1, offload: bool = False,
          pinned: bool = True) -> Plan:
     """The memory plan of a student of transformers ``config``: with a discriminator (``disc``), a reference
-    model (``reference``), on GPUs (bf16 copies) or CPUs, its trained state sharded over ``shard`` ranks and,
-    on GPUs, offloaded to the CPU's memory (``offload``; on CPUs that is where it is anyway), in pinned memory
-    or not (``pinned``)."""
+    model (``reference``), on GPUs (bf16 copies) or CPUs, its trained state sharded over ``shard`` ranks in each of
+    ``copies`` replicas (HSDP: the ranks are ``shard * copies``) and, on GPUs, offloaded to the CPU's memory
+    (``offload``; on CPUs that is where it is anyway), in pinned memory or not (``pinned``)."""
     from ril_fast.models import meta_model
 
     model = meta_model(config)
@@ -107,9 +109,10 @@ def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, offload:
     elif offload and gpu:  # weights and moments, and the student's sharded gradients (the discriminator's are freed)
         host = STATE_BYTES * sum(_shard_numel(s, shard) for s in trained) + \
             GRADIENT_BYTES * sum(_shard_numel(s, shard) for s in shapes)
-    # Gradients on the device: whole on a rank that holds a whole copy; else sharded, or offloaded with the rest.
+    # Gradients on the device: whole on a rank that holds a whole copy; else sharded, or offloaded with the rest
+    # unless HSDP's deferred all-reduce holds them (FSDP2 sums its partial results on the device).
     gradients = GRADIENT_BYTES * student if shard == 1 else \
-        0 if offload and gpu else -(-GRADIENT_BYTES * student // shard)
+        0 if offload and gpu and copies == 1 else GRADIENT_BYTES * sum(_shard_numel(s, shard) for s in shapes)
     reference = copy * (student if shard == 1 else sum(_shard_numel(s, shard) for s in shapes)) if reference else 0
     return Plan(student_params=student, disc_params=disc_params, trained_state=STATE_BYTES * (student + disc_params),
                 gradients=gradients, reference=reference,

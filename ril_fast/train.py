@@ -266,8 +266,9 @@ def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
     all stop together."""
     from transformers import AutoConfig
 
+    shard = distributed.shard_size(cfg.batch.shard_ranks)
     plan = memory.plan(AutoConfig.from_pretrained(cfg.student), disc=disc, reference=cfg.beta > 0,
-                       gpu=dist.device.type == "cuda", shard=distributed.shard_size(cfg.batch.shard_ranks),
+                       gpu=dist.device.type == "cuda", shard=shard, copies=dist.world_size // shard,
                        offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned)
     host = memory.available_bytes(torch.device("cpu")) if plan.offload else None
     problems = [p for p in distributed.all_gather_objects(

@@ -178,6 +178,12 @@ def test_gradients_are_the_sum_over_ranks(report):
     assert report["copy_ranks"] == (2 if report["world_size"] > 1 else 1)  # torchrun2: 2; hsdp4: 2 copies x 2
     assert report["accumulated_grad_err_vs_sum"] <= EXACT
     assert report["accumulated_whole_gradients"] == (report["copy_ranks"] == 1)
+    # HSDP (2 copies of 2): FSDP sums each micro-batch's reduce-scattered gradients on the device until the deferred
+    # all-reduce, offloaded or not; the memory plan of an offloaded run counts them (and nothing with one copy).
+    hsdp = report["world_size"] > report["copy_ranks"] > 1
+    assert (report["accumulated_partial_bytes"] > 0) == hsdp
+    if report["copy_ranks"] > 1:
+        assert report["plan_offloaded_gradient_bytes"] == report["accumulated_partial_bytes"]
 
 
 def test_images_on_one_rank_only(report):

@@ -109,6 +109,11 @@ def test_offload_moves_the_trained_state_to_the_cpu():
     disc_shapes = [p.shape for p in student.model.parameters()] + [torch.Size([64]), torch.Size([])]
     two = memory.plan(config, disc=True, reference=True, gpu=True, shard=2, offload=True, pinned=False)
     assert two.host_per_rank == 12 * sum(map(half, student_shapes + disc_shapes)) + 4 * sum(map(half, student_shapes))
+    assert two.gradients == 0 and two.per_rank == two.reference + two.gathered
+    # HSDP, two copies of two: the reduce-scattered gradients wait on the device for the all-reduce across copies.
+    hsdp = memory.plan(config, disc=True, reference=True, gpu=True, shard=2, copies=2, offload=True, pinned=False)
+    assert hsdp.gradients == 4 * sum(map(half, student_shapes)) and hsdp.per_rank == two.per_rank + hsdp.gradients
+    assert hsdp.host_per_rank == two.host_per_rank
     # The device check suggests offloading until it is on; then the CPU's memory is checked too, and a pinned
     # plan that does not fit there suggests pageable memory.
     assert "batch.cpu_offload=true" in memory.shortfall(plain, plain.per_rank - 1)

@@ -185,8 +185,15 @@ def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
             params = [p for u in distributed.fsdp_modules(acc) for g in distributed._param_groups(u)
                       for p in g.fsdp_params]
             res["accumulated_whole_gradients"] = any(p.unsharded_param.grad is not None for p in params)
+            partial = [g._partial_reduce_output for u in distributed.fsdp_modules(acc)
+                       for g in distributed._param_groups(u)]  # HSDP: reduce-scattered, all-reduce deferred
+            res["accumulated_partial_bytes"] = sum(t.numel() * t.element_size() for t in partial if t is not None)
     res["accumulated_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(acc), ref_grads))
     res["copy_ranks"] = distributed.copy_ranks(acc)
+    copies = d.world_size // res["copy_ranks"]
+    res["plan_offloaded_gradient_bytes"] = memory.plan(AutoConfig.from_pretrained(folder), disc=False, reference=False,
+                                                       gpu=True, shard=res["copy_ranks"], copies=copies,
+                                                       offload=True).gradients
     del acc
 
     # -- control: FSDP's default divide factor gives the mean, not the sum ------------------------------
