@@ -112,6 +112,7 @@ def barrier() -> None:
 def destroy() -> None:
     """Leave the process group (no-op without one)."""
     if dist.is_initialized():
+        _MESHES.clear()
         dist.destroy_process_group()
 
 
@@ -242,9 +243,8 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     ``init(cpu_collectives=True)``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    world, shard = world_size(), shard_size(shard_ranks)
-    mesh = init_device_mesh(device.type, (world,)) if shard == world else \
-        init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    shard = shard_size(shard_ranks)
+    mesh = _mesh(device.type, shard)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
     if reshard_after_forward is None:
@@ -277,6 +277,21 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     # any forward has run.
     root._get_fsdp_state()._lazy_init()
     return root
+
+
+_MESHES: dict = {}  # (default group, device type, shard) -> mesh: the models of a run share one
+
+
+def _mesh(device_type: str, shard: int):
+    """The device mesh of ``shard``-rank copies over all ranks, made once per process group: each 2-D (HSDP)
+    mesh has process groups of its own (NCCL communicators, with GPU buffers), which the student, the
+    discriminator and the reference share."""
+    world = world_size()
+    key = (dist.group.WORLD, device_type, shard)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device_type, (world,)) if shard == world else \
+            init_device_mesh(device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    return _MESHES[key]
 
 
 def copy_ranks(model: nn.Module) -> int:

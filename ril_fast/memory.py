@@ -14,14 +14,14 @@ message at all. :func:`plan` counts the parameters on the meta device (no memory
                     across copies at a step's last micro-batch), whole on a rank that holds a whole copy
                     (accumulated unsharded over a step's micro-batches, on the device)
     reference       π_ref, only when β > 0 (bf16 on a GPU, fp32 on a CPU): sharded like the student where a
-                    copy is sharded over several ranks, else whole
+                    copy is sharded over several ranks, else whole; offloaded with the trained state
     gathered        the student's weights gathered for a rollout (bf16 on a GPU; fp32 on CPU ranks that
                     shard them; on one CPU rank the shard is the weight itself: nothing more); a sharded
                     reference gathered for its pass takes as much, at another time
 
-With ``batch.cpu_offload`` on GPUs the trained state and the sharded gradients move to the CPU's memory,
-checked against each rank's share of the CPU's available memory; the GPU keeps the reference, the gathered
-student and, on one rank per copy, the accumulated gradients. Pinned (``batch.offload_pinned``, the
+With ``batch.cpu_offload`` on GPUs the trained state, the sharded gradients and the reference move to the CPU's
+memory, checked against each rank's share of the CPU's available memory; the GPU keeps the gathered student
+and, on one rank per copy, the accumulated gradients. Pinned (``batch.offload_pinned``, the
 default), FSDP's offloaded weights and gradients go through torch's pinned-memory cache, which rounds each
 tensor up to a power of two and keeps freed ones (both models' gradients): the plan counts them so (a
 shard of 1.24 GB takes 2 GiB).
@@ -62,10 +62,10 @@ class Plan:
 
     @property
     def per_rank(self) -> int:
-        """Bytes one rank holds on its device: its share of the trained state (unless offloaded), the accumulated
-        gradients, the reference, the gathered student."""
-        return (0 if self.offload else -(-self.trained_state // self.shard)) + self.gradients + self.reference \
-            + self.gathered
+        """Bytes one rank holds on its device: its share of the trained state and the reference (unless offloaded),
+        the accumulated gradients, the gathered student."""
+        kept = 0 if self.offload else -(-self.trained_state // self.shard) + self.reference
+        return kept + self.gradients + self.gathered
 
     def describe(self) -> str:
         """The plan in words, in GiB."""
@@ -83,7 +83,7 @@ class Plan:
                 f"{self.shard} rank(s){where}"
                 + (f"; the student's fp32 gradients on the device, {gib(self.gradients)}" if self.gradients else "")
                 + (f"; the reference, {gib(self.reference)}{' (its shard)' if self.shard > 1 else ''}"
-                   if self.reference else "")
+                   f"{', in the CPU' if self.offload else ''}" if self.reference else "")
                 + (f"; the student gathered for rollouts, {gib(self.gathered)}" if self.gathered else ""))
 
 
@@ -102,18 +102,24 @@ def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, copies: 
         torch.Size([config.get_text_config().hidden_size]), torch.Size([])] if disc else []
     student, disc_params = (sum(s.numel() for s in group) for group in (shapes, disc_shapes))
     copy = 2 if gpu else 4  # bytes per parameter of an unsharded copy: bf16 on a GPU, fp32 on a CPU
-    host, trained = 0, shapes + disc_shapes
-    if offload and gpu and pinned:  # pinned fp32 weights and gradients (both models' stay cached), AdamW's moments
-        host = 2 * sum(_pinned(GRADIENT_BYTES * _shard_numel(s, shard)) for s in trained) + \
-            (STATE_BYTES - 4) * sum(_shard_numel(s, shard) for s in trained)
-    elif offload and gpu:  # weights and moments, and the student's sharded gradients (the discriminator's are freed)
-        host = STATE_BYTES * sum(_shard_numel(s, shard) for s in trained) + \
-            GRADIENT_BYTES * sum(_shard_numel(s, shard) for s in shapes)
+    trained, frozen = shapes + disc_shapes, shapes if reference else []
+
+    def shards(group, nbytes: int, pin: bool = False) -> int:  # one rank's shards of ``group``, pinned or not
+        return sum((_pinned if pin else int)(nbytes * _shard_numel(s, shard)) for s in group)
+
+    host = 0
+    if offload and gpu and pinned:  # pinned fp32 weights and gradients (both models' stay cached), AdamW's moments,
+        # the reference's pinned weights
+        host = 2 * shards(trained, GRADIENT_BYTES, pin=True) + shards(trained, STATE_BYTES - 4) + \
+            shards(frozen, copy, pin=True)
+    elif offload and gpu:  # weights and moments, the student's sharded gradients (the discriminator's are freed), the
+        # reference's weights
+        host = shards(trained, STATE_BYTES) + shards(shapes, GRADIENT_BYTES) + shards(frozen, copy)
     # Gradients on the device: whole on a rank that holds a whole copy; else sharded, or offloaded with the rest
     # unless HSDP's deferred all-reduce holds them (FSDP2 sums its partial results on the device).
     gradients = GRADIENT_BYTES * student if shard == 1 else \
-        0 if offload and gpu and copies == 1 else GRADIENT_BYTES * sum(_shard_numel(s, shard) for s in shapes)
-    reference = copy * (student if shard == 1 else sum(_shard_numel(s, shard) for s in shapes)) if reference else 0
+        0 if offload and gpu and copies == 1 else shards(shapes, GRADIENT_BYTES)
+    reference = shards(frozen, copy)
     return Plan(student_params=student, disc_params=disc_params, trained_state=STATE_BYTES * (student + disc_params),
                 gradients=gradients, reference=reference,
                 gathered=copy * student if gpu or shard > 1 else 0, shard=shard, host_per_rank=host,

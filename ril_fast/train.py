@@ -205,13 +205,14 @@ def setup(cfg: Config) -> Run:
     scheduler = schedule.make_scheduler(optimizer, cfg)  # warm-up, then cosine decay
 
     reference = None
-    if cfg.beta > 0:  # sharded like the student where a copy is (between its passes a rank keeps its shard)
-        sharded = distributed.shard_size(cfg.batch.shard_ranks) > 1
+    if cfg.beta > 0:  # sharded like the student where a copy is, offloaded with it: between its passes a rank keeps
+        # its shard, where the student keeps its own
+        sharded = distributed.shard_size(cfg.batch.shard_ranks) > 1 or cfg.batch.cpu_offload
         reference, _ = load(cfg.student, dtype=dtype, device=dist.device, weights_on_cpu=sharded)
         reference.requires_grad_(False)
         if sharded:
             reference = distributed.shard_model(reference, mixed_precision=gpu, sum_gradients=False, device=dist.device,
-                                                shard_ranks=cfg.batch.shard_ranks)
+                                                **shard)
 
     disc = disc_optimizer = None
     if bank is not None:

@@ -204,7 +204,7 @@ def test_divide_factor_is_what_makes_the_sum(report):
 def test_frozen_reference_is_sharded_like_the_student(report):
     """The trainer's reference where a copy is sharded: a frozen model sharded without gradient hooks gives the
     unsharded model's log-probs, and a rank holds its shard, the bytes the memory plan counts."""
-    assert report["reference_logprobs_err"] <= EXACT
+    assert report["reference_logprobs_err"] <= EXACT and report["models_share_one_mesh"]
     assert report["reference_bytes"] == report["reference_plan_bytes"]
     if report["copy_ranks"] == 1:
         assert report["reference_bytes"] == report["student_bytes"]

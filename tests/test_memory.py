@@ -78,11 +78,11 @@ def test_plan_shards_the_trained_state_only():
 
 
 def test_offload_moves_the_trained_state_to_the_cpu():
-    """batch.cpu_offload on GPUs: the device keeps the accumulated gradients, the reference and the gathered student;
-    the CPU's memory each rank's share of the trained state and of the sharded gradients, pinned tensors rounded up
-    to powers of two as torch's pinned cache does (fp32 weights and both models' gradients; AdamW's moments are not
-    pinned), or pageable and exact; each is checked against its own free memory. On CPUs there is nowhere else to
-    put it: the plan is the plain one."""
+    """batch.cpu_offload on GPUs: the device keeps the accumulated gradients and the gathered student; the CPU's memory
+    each rank's share of the trained state, of the sharded gradients and of the bf16 reference, pinned tensors rounded
+    up to powers of two as torch's pinned cache does (fp32 weights, both models' gradients, the reference; AdamW's
+    moments are not pinned), or pageable and exact; each is checked against its own free memory. On CPUs there is
+    nowhere else to put it: the plan is the plain one."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -94,11 +94,14 @@ def test_offload_moves_the_trained_state_to_the_cpu():
     plain = memory.plan(config, disc=True, reference=True, gpu=True, shard=1)
     pinned = memory.plan(config, disc=True, reference=True, gpu=True, shard=1, offload=True)
     pageable = memory.plan(config, disc=True, reference=True, gpu=True, shard=1, offload=True, pinned=False)
-    assert plain.host_per_rank == 0 and pageable.host_per_rank == 12 * (s + d) + 4 * s
-    assert pinned.host_per_rank == sum(2 * 2 ** math.ceil(math.log2(4 * n)) + 8 * n for n in numels)
+    assert plain.host_per_rank == 0 and pageable.host_per_rank == 12 * (s + d) + 4 * s + 2 * s  # + bf16 reference
+    reference = [p.numel() for p in student.parameters()]
+    assert pinned.host_per_rank == sum(2 * 2 ** math.ceil(math.log2(4 * n)) + 8 * n for n in numels) + \
+        sum(2 ** math.ceil(math.log2(2 * n)) for n in reference)
     assert pageable.host_per_rank < pinned.host_per_rank < 2 * pageable.host_per_rank
-    for off in (pinned, pageable):
-        assert off.per_rank == plain.per_rank - plain.trained_state == 4 * s + plain.reference + plain.gathered
+    for off in (pinned, pageable):  # the device keeps the accumulated gradients and the gathered student
+        assert off.per_rank == plain.per_rank - plain.trained_state - plain.reference == 4 * s + plain.gathered
+        assert off.reference == plain.reference == 2 * s
     assert memory.plan(config, disc=True, reference=True, gpu=False, shard=2, offload=True) == \
         memory.plan(config, disc=True, reference=True, gpu=False, shard=2)
     # Over 2 ranks each holds a shard: FSDP2 pads dim 0 to a multiple of 2 (the 0-d bias it leaves whole).
@@ -108,8 +111,8 @@ def test_offload_moves_the_trained_state_to_the_cpu():
     student_shapes = [p.shape for p in student.parameters()]
     disc_shapes = [p.shape for p in student.model.parameters()] + [torch.Size([64]), torch.Size([])]
     two = memory.plan(config, disc=True, reference=True, gpu=True, shard=2, offload=True, pinned=False)
-    assert two.host_per_rank == 12 * sum(map(half, student_shapes + disc_shapes)) + 4 * sum(map(half, student_shapes))
-    assert two.gradients == 0 and two.per_rank == two.reference + two.gathered
+    assert two.host_per_rank == 12 * sum(map(half, student_shapes + disc_shapes)) + 6 * sum(map(half, student_shapes))
+    assert two.gradients == 0 and two.per_rank == two.gathered
     # HSDP, two copies of two: the reduce-scattered gradients wait on the device for the all-reduce across copies.
     hsdp = memory.plan(config, disc=True, reference=True, gpu=True, shard=2, copies=2, offload=True, pinned=False)
     assert hsdp.gradients == 4 * sum(map(half, student_shapes)) and hsdp.per_rank == two.per_rank + hsdp.gradients

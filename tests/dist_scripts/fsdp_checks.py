@@ -307,6 +307,9 @@ def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
                        shard=distributed.copy_ranks(frozen))
     res["reference_bytes"] = sum(p.to_local().numel() * p.element_size() for p in frozen.parameters())
     res["reference_plan_bytes"], res["student_bytes"] = plan.reference, 4 * plan.student_params
+    meshes = {id(g.mesh_info.mesh) for m in (model, frozen) for u in distributed.fsdp_modules(m)
+              for g in distributed._param_groups(u)}
+    res["models_share_one_mesh"] = len(meshes) == 1  # one set of process groups (HSDP: communicators of its own)
     del frozen
 
     # -- the discriminator shards the same way; its 0-d bias stays a plain tensor, summed by a hook ------
