@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from ril_fast.export import ExportDtype
 from ril_fast.files import write_text_atomic
 from ril_fast.judge import JudgeKind
 from ril_fast.kernels.disc_head import Pool
@@ -164,6 +165,10 @@ class Config:
     max_new_tokens: int = opt(12, "L_max: generation budget, also Dr.GRPO's constant normaliser")
     seed: int = opt(0, "seed of data order, sampling and initialisation")
     output_dir: str = opt("runs/ril", "run folder: config.yaml, metrics.jsonl, curves, final/ model")
+    export_dtype: ExportDtype = opt(ExportDtype.AUTO, "final/'s weights: auto (the dtype the forwards ran in: "
+                                                      "bfloat16 on GPUs, so final/ is the model the run sampled "
+                                                      "and evaluated, at half the size; float32 on CPUs) | float32 "
+                                                      "(the optimiser's master weights) | bfloat16")
     eval_data: str | None = opt(None, "held-out JSONL scored with greedy answers; empty: no evaluation; "
                                       "none: the demo's test split when train_data is the demo's")
     eval_every: int = opt(50, "evaluate every this many steps, and before the first and after the last (0: only then)")

@@ -6,12 +6,17 @@
 The trainer writes the final student to ``output_dir/final/`` with :func:`export_hf`: safetensors
 weights, ``config.json``, the tokenizer (with its chat template) and the image-processor config, so
 ``AutoModelForImageTextToText.from_pretrained(final)`` (or ``AutoModelForCausalLM``) loads it and
-generates. The command line does the same from a checkpoint (``ril_fast.checkpoint``), on one CPU
-process, with the same code; ``--disc`` also writes the discriminator in its own folder format
-(``ril_fast.discriminator``: a HF base model + ``disc_head.safetensors``).
+generates. Its weights are by default in the dtype the trainer's forwards ran in (``export_dtype=auto``):
+bf16 on GPUs, where the rollouts and evaluations sampled the bf16 cast of the fp32 master weights, so
+``final/`` is that model at half the size; fp32 on CPUs. The command line does the same from a checkpoint
+(``ril_fast.checkpoint``), on one CPU process, with the same code (fp32 master weights unless ``--dtype
+bfloat16``); ``--disc`` also writes the discriminator in its own folder format (``ril_fast.discriminator``:
+a HF base model + ``disc_head.safetensors``).
 """
 
 import argparse
+import enum
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +29,21 @@ from ril_fast.checkpoint import SafeLoadPlanner, single_process
 from ril_fast.distributed import barrier, fsdp_modules, unwrap
 
 _PREFIX = "module."  # parameter names of a model under the trainer's Sharded root
+
+
+class ExportDtype(str, enum.Enum):
+    """The dtype of an exported student's weights. AUTO: the one its forwards ran in (bf16 on a GPU, under
+    FSDP's mixed precision; fp32 on a CPU); FLOAT32: the optimiser's master weights; BFLOAT16: their bf16 cast."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+    def on(self, device: torch.device) -> torch.dtype:
+        """The torch dtype for a run on ``device``."""
+        if self is ExportDtype.AUTO:
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.value)
 
 
 def save_processor(processor, out: str | Path) -> None:
@@ -41,9 +61,10 @@ def save_hf_files(model: torch.nn.Module, processor, out: str | Path) -> None:
     save_processor(processor, out)
 
 
-def export_hf(model: torch.nn.Module, processor, out: str | Path, *, is_main: bool) -> Path:
+def export_hf(model: torch.nn.Module, processor, out: str | Path, *, is_main: bool,
+              dtype: torch.dtype | None = None) -> Path:
     """Gather the full state dict (every rank must call this) and write it, with the processor's files,
-    to ``out`` on the main rank. Returns ``out``."""
+    to ``out`` on the main rank, its floating-point tensors in ``dtype`` (default: as they are). Returns ``out``."""
     out = Path(out)
     hf = unwrap(model)
     if fsdp_modules(model):
@@ -53,10 +74,25 @@ def export_hf(model: torch.nn.Module, processor, out: str | Path, *, is_main: bo
         state = {k: v.detach().cpu() for k, v in hf.state_dict().items()}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         hf.save_pretrained(out, state_dict=state, safe_serialization=True)
+        if dtype is not None:
+            _declare_dtype(out / "config.json", dtype)
         save_processor(processor, out)
     barrier()
     return out
+
+
+def _declare_dtype(config_json: Path, dtype: torch.dtype) -> None:
+    """Make a saved ``config.json`` (and its sub-configs: a VLM's text and vision configs) name ``dtype``, the
+    dtype its weights were written in (``save_pretrained`` writes the model's own), so that loaders that follow
+    the config (``from_pretrained(dtype="auto")``, vLLM) load them as they are."""
+    config = json.loads(config_json.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for part in [config, *(v for v in config.values() if isinstance(v, dict) and "dtype" in v)]:
+        part["dtype"] = name
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,9 +133,11 @@ def _make_folder(folder: Path, what: str) -> None:
         raise DestinationError(f"{folder}: cannot make the folder to export the {what} to: {reason}") from None
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str | Path | None = None) -> Path:
-    """Write the student of ``checkpoint`` (a ``step-N`` folder) as a HF folder ``out``; with
-    ``disc_out``, the discriminator too. Runs in one process without a process group. Returns ``out``."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str | Path | None = None,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Write the student of ``checkpoint`` (a ``step-N`` folder) as a HF folder ``out``, its weights in ``dtype``
+    (default: the fp32 master weights); with ``disc_out``, the discriminator too (fp32). Runs in one process
+    without a process group. Returns ``out``."""
     from ril_fast.discriminator import Discriminator
     from ril_fast.packing import Processor
 
@@ -117,7 +155,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str 
     _load_weights(student, checkpoint, "student")
     if student.config.tie_word_embeddings:  # loaded into the input embeddings; the head shares them
         student.tie_weights()
-    student.save_pretrained(out, safe_serialization=True)
+    student.to(dtype).save_pretrained(out, safe_serialization=True)
+    _declare_dtype(out / "config.json", dtype)
     save_processor(processor, out)
     if disc_out is not None:
         pool = yaml.safe_load((checkpoint / "config.yaml").read_text())["disc"]["pool"]
@@ -133,9 +172,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("checkpoint", help="a checkpoint folder: output_dir/step-N")
     parser.add_argument("out", help="folder to write the student to (HF format, safetensors)")
     parser.add_argument("--disc", metavar="DISC_DIR", help="also write the discriminator to this folder")
+    parser.add_argument("--dtype", choices=[ExportDtype.FLOAT32.value, ExportDtype.BFLOAT16.value],
+                        default=ExportDtype.FLOAT32.value,
+                        help="the student's weights: float32 (the master weights, default) or bfloat16 (what a GPU "
+                             "run's forwards ran in, and its final/: half the size)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, disc_out=args.disc)
+        out = export_checkpoint(args.checkpoint, args.out, disc_out=args.disc, dtype=getattr(torch, args.dtype))
     except (FileNotFoundError, DestinationError) as e:  # the message names the checkpoint or the destination
         raise SystemExit(f"error: {e}") from None
     print(f"student: {out}" + (f"\ndiscriminator: {args.disc}" if args.disc else ""))

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> Path:
         save_checkpoint(run, cfg.steps)  # the last step too: the same command run again has nothing to redo
     evaluate_and_log(run, step=cfg.steps)
 
-    export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main)
+    export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main,
+              dtype=cfg.export_dtype.on(run.dist.device))
     run.log.close()
     if run.dist.is_main:
         write_text_atomic(out / FINISHED, json.dumps({"step": cfg.steps}))

@@ -283,6 +283,13 @@ def test_export_cli_writes_the_checkpointed_student_and_discriminator(demo, refe
     initial = load_file(str(next(Path(demo.student).glob("*.safetensors"))))
     exported = load_file(str(next((tmp_path / "student").glob("*.safetensors"))))
     assert any(not torch.equal(initial[k], exported[k]) for k in initial)
+    # --dtype bfloat16: the bf16 cast of the same weights, a config that says so
+    export_main([str(ref / f"step-{2 * EVERY}"), str(tmp_path / "student16"), "--dtype", "bfloat16"])
+    half = load_file(str(next((tmp_path / "student16").glob("*.safetensors"))))
+    assert half.keys() == exported.keys() and all(torch.equal(half[k], exported[k].to(half[k].dtype)) for k in half)
+    assert {t.dtype for t in half.values() if t.is_floating_point()} == {torch.bfloat16}
+    config = json.loads((tmp_path / "student16" / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
     disc, _ = Discriminator.load(tmp_path / "disc")
     assert torch.isfinite(disc.weight).all() and disc.weight.abs().sum() > 0  # trained away from its zero start
 

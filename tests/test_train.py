@@ -317,6 +317,39 @@ GOLDEN = Path(__file__).parent / "golden" / "train_metrics.json"
 UNPINNED = ("tokens_per_s", "step_time_s", "mfu", "peak_memory_gib")
 
 
+def test_final_folder_in_bf16_is_the_bf16_cast_of_the_master_weights(demo, tmp_path):
+    """``export_dtype``: auto is bf16 on GPUs (the dtype their forwards ran in) and fp32 on CPUs. A sharded student
+    exported in bf16 holds the bf16 cast of every fp32 weight its fp32 export holds, and its config (the VLM's
+    text and vision configs too) names bf16, so ``from_pretrained(dtype="auto")`` loads it as written."""
+    from transformers import AutoModelForImageTextToText
+
+    from ril_fast.distributed import init, shard_model
+    from ril_fast.export import ExportDtype, export_hf
+    from ril_fast.models import load
+
+    assert ExportDtype.AUTO.on(torch.device("cuda", 0)) == torch.bfloat16
+    assert ExportDtype.AUTO.on(torch.device("cpu")) == ExportDtype.FLOAT32.on(torch.device("cpu")) == torch.float32
+    assert ExportDtype.BFLOAT16.on(torch.device("cpu")) == torch.bfloat16
+    init()
+    model, processor = load(demo.student, device="cpu")
+    with torch.no_grad():  # weights no bf16 holds exactly
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    sharded = shard_model(model, mixed_precision=False)
+    full, half = (export_hf(sharded, processor, tmp_path / name, is_main=True, dtype=dtype)
+                  for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)))
+    weights = {name: load_file(str(next(folder.glob("*.safetensors")))) for name, folder in (("fp32", full),
+                                                                                             ("bf16", half))}
+    assert weights["fp32"].keys() == weights["bf16"].keys()
+    assert {t.dtype for t in weights["fp32"].values()} == {torch.float32}
+    assert all(torch.equal(weights["bf16"][k], weights["fp32"][k].to(torch.bfloat16)) for k in weights["fp32"])
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in weights["fp32"].values())
+    config = json.loads((half / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
+    loaded = AutoModelForImageTextToText.from_pretrained(half, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
 def _pinned(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in UNPINNED} for r in records]
 
