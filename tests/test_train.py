@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from models_fixtures import one_thread  # noqa: F401
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ril_fast.demo import build_demo
 from ril_fast.distributed import _param_groups, _reshards_after_forward, fsdp_modules
@@ -317,10 +317,14 @@ GOLDEN = Path(__file__).parent / "golden" / "train_metrics.json"
 UNPINNED = ("tokens_per_s", "step_time_s", "mfu", "peak_memory_gib")
 
 
-def test_final_folder_in_bf16_is_the_bf16_cast_of_the_master_weights(demo, tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["separate_head", "tied_head"])
+def test_final_folder_in_bf16_is_the_bf16_cast_of_the_master_weights(demo, tmp_path, tied):
     """``export_dtype``: auto is bf16 on GPUs (the dtype their forwards ran in) and fp32 on CPUs. A sharded student
     exported in bf16 holds the bf16 cast of every fp32 weight its fp32 export holds, and its config (the VLM's
-    text and vision configs too) names bf16, so ``from_pretrained(dtype="auto")`` loads it as written."""
+    text and vision configs too) names bf16, so ``from_pretrained(dtype="auto")`` loads it as written. An LM head
+    tied to the embeddings (Qwen2.5-VL-3B's) is written once, as ``save_pretrained`` writes it, and loads tied."""
+    import shutil
+
     from transformers import AutoModelForImageTextToText
 
     from ril_fast.distributed import init, shard_model
@@ -330,8 +334,20 @@ def test_final_folder_in_bf16_is_the_bf16_cast_of_the_master_weights(demo, tmp_p
     assert ExportDtype.AUTO.on(torch.device("cuda", 0)) == torch.bfloat16
     assert ExportDtype.AUTO.on(torch.device("cpu")) == ExportDtype.FLOAT32.on(torch.device("cpu")) == torch.float32
     assert ExportDtype.BFLOAT16.on(torch.device("cpu")) == torch.bfloat16
+    student = demo.student
+    if tied:  # the demo student with its head tied to the embeddings
+        student = tmp_path / "tied"
+        shutil.copytree(demo.student, student)
+        config = json.loads((student / "config.json").read_text())
+        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+        (student / "config.json").write_text(json.dumps(config))
+        weights = next(student.glob("*.safetensors"))
+        state = load_file(str(weights))
+        del state["lm_head.weight"]  # a tied checkpoint holds the embeddings only
+        save_file(state, str(weights), metadata={"format": "pt"})
     init()
-    model, processor = load(demo.student, device="cpu")
+    model, processor = load(student, device="cpu")
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     with torch.no_grad():  # weights no bf16 holds exactly
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
@@ -346,8 +362,10 @@ def test_final_folder_in_bf16_is_the_bf16_cast_of_the_master_weights(demo, tmp_p
     assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in weights["fp32"].values())
     config = json.loads((half / "config.json").read_text())
     assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
+    assert ("lm_head.weight" in weights["bf16"]) == (not tied)
     loaded = AutoModelForImageTextToText.from_pretrained(half, dtype="auto")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert (loaded.lm_head.weight is loaded.get_input_embeddings().weight) == tied
 
 
 def _pinned(records: list[dict]) -> list[dict]:
