@@ -4,9 +4,14 @@ prune each other's checkpoints) and a file's (two teacher collections appending 
 same responses twice); and what is wrong with a model folder, said before transformers reads a missing one as
 a hub id."""
 
+import errno
 import fcntl
 import os
+import warnings
 from pathlib import Path
+
+# What flock says on a file system that keeps no locks (some FUSE and network mounts).
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -47,7 +52,8 @@ def lock_file(path: str | Path) -> None:
     until it ends, however it ends:
     an exclusive ``flock``, which the system drops with the process. Taking it again in the same process is a
     no-op; :func:`unlock_file` gives it back. Raises :class:`InUse`, naming the holder's process id, when another
-    process holds it."""
+    process holds it. On a file system that keeps no locks it warns that a second process will not be refused and
+    goes on."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     _lock(path.parent / f".{path.name}.lock", str(path))
@@ -82,6 +88,12 @@ def _lock(lock: Path, what: str) -> None:
         holder = f.read().strip() or "unknown"
         f.close()
         raise InUse(f"{what} is in use by another process (pid {holder})") from None
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            f.close()
+            raise
+        warnings.warn(f"{what}: not locked, the file system keeps no locks ({e.strerror}): another process using it "
+                      f"at the same time will not be refused", stacklevel=3)
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()

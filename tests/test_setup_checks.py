@@ -134,6 +134,28 @@ def test_a_folder_another_run_is_writing_is_refused(demo, tmp_path):
     assert (out / ".lock").read_text() == f"{os.getpid()}\n"
 
 
+def test_a_file_system_without_locks_warns_and_trains(demo, tmp_path, monkeypatch):
+    """Where flock fails because the file system keeps no locks (ENOLCK: some FUSE and network mounts), the run warns
+    that a second run in its folder would not be refused and goes on; any other failure to lock still refuses it."""
+    import errno
+    import fcntl
+
+    from ril_fast import files
+
+    def no_locks(f, flags, code=errno.ENOLCK):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"run: not locked, the file system keeps no locks \(No locks available\)"):
+        run = train.setup(load_config(_args(demo, tmp_path / "run")))
+    run.log.close()
+    files.unlock_folder(tmp_path / "run")
+    assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()}\n"
+    monkeypatch.setattr(fcntl, "flock", lambda f, flags: no_locks(f, flags, errno.EACCES))
+    with pytest.raises(ConfigError, match=r"output_dir=.*elsewhere: cannot write there: .*Permission denied"):
+        train.setup(load_config(_args(demo, tmp_path / "elsewhere")))
+
+
 def test_under_torchrun_a_refusal_is_one_line(demo, tmp_path):
     """Every rank refuses; rank 0 alone prints the error (not one copy per rank)."""
     (tmp_path / "a_file").write_text("")
