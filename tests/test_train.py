@@ -417,21 +417,22 @@ def test_golden_metrics(demo, tmp_path, monkeypatch, recompute, keep_gathered, o
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on a CPU there is nowhere to offload to")
 def test_cpu_offload_keeps_the_trained_state_off_the_gpu(demo, tmp_path):
     """``batch.cpu_offload`` on a GPU: after set-up the student's, the discriminator's and the reference's shards
-    (and so the gradients and AdamW moments) sit in pinned CPU memory, the GPU holds less than a quarter of the
-    trained models' fp32 weights (buffers, the discriminator's 0-d bias; a bf16 reference alone would be a quarter)
-    and the forwards run on the GPU; a run with μ = 2 and β > 0 then trains: finite metrics, a student that moved.
+    (and so the gradients and AdamW moments) sit in pinned CPU memory, the models keep on the GPU under 1% of the
+    trained models' fp32 weights (buffers, the discriminator's 0-d bias) and the forwards run on the GPU; a run with μ = 2 and β > 0 then trains: finite metrics, a student that moved.
     (The golden test checks the same run's numbers on a CPU.)"""
     args = _args(demo, tmp_path / "run", demo.teachers, mu=2, beta=0.1, **{"batch.cpu_offload": True})
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
     run = train.setup(load_config(args + [f"output_dir={tmp_path / 'set-up'}"]))  # the last value of a key wins
-    held = torch.cuda.memory_allocated() - before
-    for model in (run.student, run.disc, run.reference):
+    models = (run.student, run.disc, run.reference)
+    for model in models:
         assert train.distributed.compute_device(model).type == "cuda"
         shards = [p.to_local() for p in model.parameters() if p.ndim > 0]
         assert all(t.device.type == "cpu" and t.is_pinned() for t in shards)
-    weights = sum(p.numel() * 4 for m in (run.student, run.disc) for p in m.parameters())  # fp32, not offloaded
-    assert held < weights / 4, (held, weights)
+    # What the models keep on the GPU (not the process's allocations: cuBLAS workspaces and the matmul peak's
+    # scraps would swamp a tiny student): buffers and the 0-d bias.
+    tensors = [t for m in models for t in (*(p.to_local() if p.ndim else p for p in m.parameters()), *m.buffers())]
+    on_gpu = sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+    weights = sum(p.numel() * 4 for m in (run.student, run.disc) for p in m.parameters())  # fp32
+    assert on_gpu < weights / 100, (on_gpu, weights)
     run.log.close()
     del run
     out = main(args)
