@@ -418,8 +418,9 @@ def test_golden_metrics(demo, tmp_path, monkeypatch, recompute, keep_gathered, o
 def test_cpu_offload_keeps_the_trained_state_off_the_gpu(demo, tmp_path):
     """``batch.cpu_offload`` on a GPU: after set-up the student's, the discriminator's and the reference's shards
     (and so the gradients and AdamW moments) sit in pinned CPU memory, the models keep on the GPU under 1% of the
-    trained models' fp32 weights (buffers, the discriminator's 0-d bias) and the forwards run on the GPU; a run with μ = 2 and β > 0 then trains: finite metrics, a student that moved.
-    (The golden test checks the same run's numbers on a CPU.)"""
+    trained models' fp32 weights (buffers, the discriminator's 0-d bias) and the forwards run on the GPU; a run
+    with μ = 2 and β > 0 then trains: finite metrics, a student that moved. (The golden test checks the same run's
+    numbers on a CPU.)"""
     args = _args(demo, tmp_path / "run", demo.teachers, mu=2, beta=0.1, **{"batch.cpu_offload": True})
     run = train.setup(load_config(args + [f"output_dir={tmp_path / 'set-up'}"]))  # the last value of a key wins
     models = (run.student, run.disc, run.reference)
