@@ -45,11 +45,12 @@ class Discriminator(nn.Module):
 
     @classmethod
     def from_student(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | str = Attn.AUTO,
-                     device=None, pool: Pool | str = Pool.LAST, init_std: float = 0.0, weights_on_cpu: bool = False):
+                     device=None, pool: Pool | str = Pool.LAST, init_std: float = 0.0, weights_on_cpu: bool = False,
+                     empty: bool = False):
         """A fresh discriminator from the student folder ``path`` -> ``(discriminator, processor)``
-        (``weights_on_cpu``: see :func:`ril_fast.models.load`)."""
+        (``weights_on_cpu``, ``empty``: see :func:`ril_fast.models.load`)."""
         backbone, processor = load(path, dtype=dtype, attn=attn, device=device, lm_head=False,
-                                   weights_on_cpu=weights_on_cpu)
+                                   weights_on_cpu=weights_on_cpu, empty=empty)
         return cls(backbone, pool=pool, init_std=init_std), processor
 
     def forward(self, batch: PackedBatch | PaddedBatch) -> torch.Tensor:

@@ -25,6 +25,7 @@ import weakref
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -205,7 +206,7 @@ def shard_size(shard_ranks: int = 0) -> int:
 
 def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool = True,
                 reshard_after_forward: bool | None = None, shard_ranks: int = 0, cpu_offload: bool = False,
-                pin_memory: bool = True, device: torch.device | None = None) -> Sharded:
+                pin_memory: bool = True, device: torch.device | None = None, from_rank0: bool = False) -> Sharded:
     """Shard ``model`` with FSDP2 over the ranks of the default group -> the root unit ``Sharded(model)``.
 
     ``fully_shard`` on each decoder block, on the vision tower as one unit, then on the root (the
@@ -213,7 +214,11 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     all-gathered in bf16, gradients reduced in fp32 (for CUDA); else plain fp32 (CPU). The model must have
     the same weights on every rank, on this rank's ``device`` (default: where its parameters are) or in the
     CPU's memory: FSDP moves each unit to ``device`` as it shards it, so a GPU never holds more of the
-    unsharded model than one unit (a decoder block, the vision tower, or the root's embeddings and head). ``sum_gradients`` (default) makes the
+    unsharded model than one unit (a decoder block, the vision tower, or the root's embeddings and head).
+    ``from_rank0``: only rank 0's model holds the weights; the other ranks' were built empty on the meta device
+    (``ril_fast.models.load(empty=True)``) and receive their shard of every parameter, and a copy of every
+    buffer, from rank 0 over the process group, so that one process reads the checkpoint, not every rank of
+    every node (not with ``cpu_offload``). ``sum_gradients`` (default) makes the
     gradient reduction a sum over ranks: the caller's loss carries the global normaliser. Parameters
     (of ``model``, shared with the result; names gain a ``module.`` prefix on the wrapper) become
     DTensors sharded on dim 0 (``p.full_tensor()`` gathers one), except 0-d ones, which FSDP cannot
@@ -243,6 +248,13 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     ``init(cpu_collectives=True)``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if from_rank0 and cpu_offload:
+        raise ValueError("from_rank0 does not go with cpu_offload: every rank loads its own weights then")
+    if device.type == "meta":
+        raise ValueError("an empty model (on the meta device) needs the device to shard it onto: device=")
+    # Rank 0's unsharded weights, for the others' shards (held here while FSDP moves the model's own).
+    weights = {f"module.{k}": v for k, v in model.state_dict().items()} if from_rank0 and dist.get_rank() == 0 \
+        else None
     shard = shard_size(shard_ranks)
     mesh = _mesh(device.type, shard)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -261,8 +273,8 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     # whose gradients are summed over ranks by a hook.
     scalars = {p for p in model.parameters() if p.ndim == 0}
     for p in scalars:
-        p.data = p.data.to(device)
-        p.register_hook(_sum_over_ranks)
+        if not p.is_meta:
+            p.data = p.data.to(device)
     # The root's parameters are used first in forward and first in backward: keeping them gathered in
     # between saves an all-gather (torch's own default for the root). The root passes its inputs on
     # uncast: they include fp32 tensors for ``fn`` (reference log-probs) that must stay fp32.
@@ -273,10 +285,33 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     if sum_gradients:
         for module in fsdp_modules(root):
             _sum_gradients(module)
+    if from_rank0:
+        _receive_from_rank0(root, weights, _mesh_device(mesh))
+    for p in model.parameters():  # after filling: an empty model's 0-d parameters are new objects then
+        if p.ndim == 0:
+            p.register_hook(_sum_over_ranks)
     # Make it the root now rather than at its first forward, so that ``gathered`` can unshard before
     # any forward has run.
     root._get_fsdp_state()._lazy_init()
     return root
+
+
+def _receive_from_rank0(root: nn.Module, weights: dict | None, device: torch.device) -> None:
+    """Fill the sharded ``root`` on every rank from rank 0's unsharded ``weights`` (its state dict with the root's
+    names; None on the other ranks, whose models are empty on the meta device): parameters and persistent buffers
+    are broadcast one at a time and each rank keeps its shard; the other buffers (rotary frequencies) are copied."""
+    if weights is None:
+        root.to_empty(device=device)
+    set_model_state_dict(root, weights or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in root.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _mesh_device(mesh) -> torch.device:
+    """The device FSDP puts a unit on for ``mesh`` (this rank's current accelerator, or the CPU)."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.accelerator.current_device_index())
 
 
 _MESHES: dict = {}  # (default group, device type, shard) -> mesh: the models of a run share one
@@ -306,9 +341,7 @@ def compute_device(model: nn.Module) -> torch.device:
     the device of its mesh (where FSDP gathers the weights to, also when their shards live on the CPU:
     ``cpu_offload``); otherwise its parameters' device."""
     param = next(model.parameters())
-    if not isinstance(param, DTensor) or param.device_mesh.device_type == "cpu":
-        return param.device
-    return torch.device(param.device_mesh.device_type, torch.accelerator.current_device_index())
+    return _mesh_device(param.device_mesh) if isinstance(param, DTensor) else param.device
 
 
 def optimizer_groups(model: nn.Module) -> list[dict]:

@@ -181,14 +181,17 @@ def _quiet(enabled: bool):
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | str = Attn.AUTO,
-         device: str | torch.device | None = None, lm_head: bool = True, weights_on_cpu: bool = False):
+         device: str | torch.device | None = None, lm_head: bool = True, weights_on_cpu: bool = False,
+         empty: bool = False):
     """Load a model folder (or a cached hub id) -> ``(model, processor)``.
 
     ``model``: the HF model on ``device`` (default: CUDA when available) in ``dtype``, in eval mode,
     with the attention path ``attn`` (see :class:`Attn`) and, on CUDA, Liger's kernels. ``lm_head=False``
     loads the base model without the LM head (the discriminator's backbone). ``weights_on_cpu``: the model is set
     up for ``device`` but its weights stay in the CPU's memory, for ``ril_fast.distributed.shard_model(device=)``
-    to move one unit at a time (a GPU never holds the whole unsharded model). ``processor``: a
+    to move one unit at a time (a GPU never holds the whole unsharded model). ``empty``: the model without its
+    weights, on the meta device (nothing read but the folder's config and tensor names), for a rank that receives
+    them from rank 0 (``shard_model(from_rank0=True)``). ``processor``: a
     :class:`ril_fast.packing.Processor` (tokenizer, image processor, chat template, image-token
     expansion and, for Qwen-VL, the model's mrope position function). A model ril_fast cannot pack (another
     VLM family, stateful sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``) raises
@@ -200,9 +203,11 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     config = AutoConfig.from_pretrained(path)
     ModelKind.of_config(config, path)  # refuses a VLM family this module cannot pack
     with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
-        model = model_class(config, lm_head=lm_head).from_pretrained(path, dtype=dtype,
-                                                                     attn_implementation=Attn(attn).resolve())
-    model.to("cpu" if weights_on_cpu else device).eval()
+        model = model_class(config, lm_head=lm_head).from_pretrained(
+            path, dtype=dtype, attn_implementation=Attn(attn).resolve(), **({"device_map": "meta"} if empty else {}))
+    if not empty:
+        model.to("cpu" if weights_on_cpu else device)
+    model.eval()
     _vision_varlen(model)
     _patches_as_matmul(model)
     recurrence.per_sample(model, path)

@@ -187,14 +187,17 @@ def setup(cfg: Config) -> Run:
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     # Each model loads into the CPU's memory and shard_model moves it to the device one unit at a time: a GPU
-    # never holds a whole fp32 model (30 GB for 7B parameters).
-    student, processor = load(cfg.student, dtype=torch.float32, device=dist.device, weights_on_cpu=True)
+    # never holds a whole fp32 model (30 GB for 7B parameters). With several ranks only rank 0 reads the weights
+    # (the others build the models empty and receive their shards from it), unless offloaded.
+    from_rank0 = dist.world_size > 1 and not cfg.batch.cpu_offload
+    empty = from_rank0 and not dist.is_main
+    student, processor = load(cfg.student, dtype=torch.float32, device=dist.device, weights_on_cpu=True, empty=empty)
     shapes = Shapes.of_model(student)
     if cfg.batch.activation_checkpointing:  # acts in the updates only (models.recomputing)
         enable_activation_checkpointing(student)
     reshard = None if cfg.batch.keep_gathered else True  # None: only when a copy is sharded over several ranks
     shard = dict(reshard_after_forward=reshard, shard_ranks=cfg.batch.shard_ranks, cpu_offload=cfg.batch.cpu_offload,
-                 pin_memory=cfg.batch.offload_pinned)
+                 pin_memory=cfg.batch.offload_pinned, from_rank0=from_rank0)
     # Offloaded, AdamW steps on the CPU: its fused kernel makes one pass over each tensor, 7x faster there than
     # torch's default per-tensor loop (67 M parameters, 2 threads). (CPU runs keep the default: the demo's
     # optimiser is 13 ms of a 1.4 s step, and its measured trajectory would change by rounding.)
@@ -209,7 +212,8 @@ def setup(cfg: Config) -> Run:
     if cfg.beta > 0:  # sharded like the student where a copy is, offloaded with it: between its passes a rank keeps
         # its shard, where the student keeps its own
         sharded = distributed.shard_size(cfg.batch.shard_ranks) > 1 or cfg.batch.cpu_offload
-        reference, _ = load(cfg.student, dtype=dtype, device=dist.device, weights_on_cpu=sharded)
+        reference, _ = load(cfg.student, dtype=dtype, device=dist.device, weights_on_cpu=sharded,
+                            empty=sharded and empty)
         reference.requires_grad_(False)
         if sharded:
             reference = distributed.shard_model(reference, mixed_precision=gpu, sum_gradients=False, device=dist.device,
@@ -217,7 +221,8 @@ def setup(cfg: Config) -> Run:
 
     disc = disc_optimizer = None
     if bank is not None:
-        disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool, weights_on_cpu=True)
+        disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool, weights_on_cpu=True,
+                                             empty=empty)
         if cfg.batch.activation_checkpointing:
             enable_activation_checkpointing(disc.backbone)
         disc = distributed.shard_model(disc.eval(), mixed_precision=gpu, device=dist.device, **shard)

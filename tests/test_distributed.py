@@ -212,6 +212,14 @@ def test_frozen_reference_is_sharded_like_the_student(report):
         assert report["student_bytes"] / 2 <= report["reference_bytes"] < 0.6 * report["student_bytes"]
 
 
+def test_only_rank_0_reads_the_weights(report):
+    """shard_model(from_rank0=True): the models of ranks other than 0 are built empty and receive rank 0's weights:
+    the unsharded model's log-probs and buffers, and a discriminator whose gradients (its plain 0-d bias's too) are
+    the sum over ranks."""
+    assert report["from_rank0_others_empty"] and report["from_rank0_buffers_equal"]
+    assert report["from_rank0_forward_err"] <= EXACT and report["from_rank0_disc_grad_err_vs_sum"] <= EXACT
+
+
 def test_mixed_precision(report):
     assert report["bf16_gathered_param_dtypes"] == ["torch.bfloat16"]
     assert report["bf16_grad_dtypes"] == ["torch.float32"]

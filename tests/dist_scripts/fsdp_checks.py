@@ -336,6 +336,26 @@ def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
         res["gathers_disc_probs_3_micro"] = counter.count
     with torch.no_grad():
         res["disc_probs_err"] = max_over_ranks((probs - torch.sigmoid(disc_ref(batch))).abs().max().item())
+    # -- only rank 0 reads the weights (the trainer's way over several ranks): the others build the models empty
+    # (meta device) and receive their shards and buffers; the discriminator's 0-d bias is a new object there,
+    # whose gradient is still summed over ranks
+    cpu = torch.device("cpu")
+    received = load(folder, device="cpu", weights_on_cpu=True, empty=d.rank != 0)[0]
+    res["from_rank0_others_empty"] = bool(max_over_ranks(float(
+        all(p.is_meta for p in received.parameters()) != (d.rank != 0))) == 0)
+    received = shard_model(received, mixed_precision=False, device=cpu, from_rank0=True)
+    with torch.no_grad():
+        res["from_rank0_forward_err"] = max_over_ranks((logprobs(received, batch) - ref_lp).abs().max().item())
+    res["from_rank0_buffers_equal"] = max_over_ranks(float(not all(
+        torch.equal(x, y) for x, y in zip(distributed.unwrap(received).buffers(), ref.buffers())))) == 0
+    del received
+    head = Discriminator.from_student(folder, device="cpu", weights_on_cpu=True, empty=d.rank != 0)[0]
+    if d.rank == 0:
+        head.load_state_dict(disc_ref.state_dict())
+    head = shard_model(head, mixed_precision=False, device=cpu, from_rank0=True)
+    (head(batch) * torch.arange(1.0, 4.0)).sum().backward()
+    res["from_rank0_disc_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(head), disc_ref_grads))
+    del head
     # The trainer's param groups (DTensors, then the plain bias) with the foreach kernels CUDA defaults to.
     torch.optim.AdamW(distributed.optimizer_groups(disc), lr=1e-3, foreach=True).step()
     res["disc_optimizer_step"] = True
