@@ -190,8 +190,8 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     loads the base model without the LM head (the discriminator's backbone). ``weights_on_cpu``: the model is set
     up for ``device`` but its weights stay in the CPU's memory, for ``ril_fast.distributed.shard_model(device=)``
     to move one unit at a time (a GPU never holds the whole unsharded model). ``empty``: the model without its
-    weights, on the meta device (nothing read but the folder's config and tensor names), for a rank that receives
-    them from rank 0 (``shard_model(from_rank0=True)``). ``processor``: a
+    weights, on the meta device (nothing read but the folder's configs), for a rank that receives them from rank 0
+    (``shard_model(from_rank0=True)``). ``processor``: a
     :class:`ril_fast.packing.Processor` (tokenizer, image processor, chat template, image-token
     expansion and, for Qwen-VL, the model's mrope position function). A model ril_fast cannot pack (another
     VLM family, stateful sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``) raises
@@ -202,10 +202,17 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     config = AutoConfig.from_pretrained(path)
     ModelKind.of_config(config, path)  # refuses a VLM family this module cannot pack
-    with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
-        model = model_class(config, lm_head=lm_head).from_pretrained(
-            path, dtype=dtype, attn_implementation=Attn(attn).resolve(), **({"device_map": "meta"} if empty else {}))
-    if not empty:
+    auto, attn_implementation = model_class(config, lm_head=lm_head), Attn(attn).resolve()
+    if empty:  # the modules only, on the meta device: from_pretrained would read every weight even for meta
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        if model.can_generate() and (Path(path) / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    else:
+        with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
+            model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         model.to("cpu" if weights_on_cpu else device)
     model.eval()
     _vision_varlen(model)

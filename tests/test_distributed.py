@@ -96,6 +96,29 @@ def test_units_found_in_discriminator(tmp_path_factory, one_thread):  # noqa: F8
     assert len(decoder_blocks(disc)) == 2
 
 
+def test_an_empty_model_reads_no_weights(folder, tmp_path):
+    """load(empty=True), for the ranks that receive their weights from rank 0: the modules on the meta device, with
+    a normal load's parameter names, shapes and dtypes, buffers and generation settings, from a folder whose weight
+    files cannot be read (control: a normal load of it fails)."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    for weights in copy.glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    empty, _ = load(copy, device="cpu", empty=True)
+    full, _ = load(folder, device="cpu")
+    assert all(p.is_meta for p in empty.parameters()) and all(b.is_meta for b in empty.buffers())
+    assert [(n, p.shape, p.dtype) for n, p in empty.named_parameters()] == \
+        [(n, p.shape, p.dtype) for n, p in full.named_parameters()]
+    assert [n for n, _ in empty.named_buffers()] == [n for n, _ in full.named_buffers()]
+    assert empty.generation_config.to_dict() == full.generation_config.to_dict()
+    disc, _ = Discriminator.from_student(copy, device="cpu", empty=True)
+    assert {p.device.type for p in disc.parameters()} == {"meta"}
+    with pytest.raises(Exception, match="(?i)safetensors|header|deserializ"):
+        load(copy, device="cpu")
+
+
 def test_sharded_wrapper_calls_through():
     lin = nn.Linear(3, 2)
     x = torch.randn(4, 3)
