@@ -579,3 +579,6 @@ if __name__ == "__main__":
         main()
     except (ConfigError, DataError) as e:  # the message names the setting, or the file and line
         raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", "0")) == 0 else 1) from None
+    # Leave the process group before the interpreter tears down: a gloo group destroyed during finalization once
+    # aborted a rank that had finished (4 ranks under torchrun: "terminate called without an active exception").
+    distributed.destroy()
