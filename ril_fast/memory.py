@@ -115,10 +115,10 @@ def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, copies: 
     elif offload and gpu:  # weights and moments, the student's sharded gradients (the discriminator's are freed), the
         # reference's weights
         host = shards(trained, STATE_BYTES) + shards(shapes, GRADIENT_BYTES) + shards(frozen, copy)
-    # Gradients on the device: whole on a rank that holds a whole copy; else sharded, or offloaded with the rest
-    # unless HSDP's deferred all-reduce holds them (FSDP2 sums its partial results on the device).
-    gradients = GRADIENT_BYTES * student if shard == 1 else \
-        0 if offload and gpu and copies == 1 else shards(shapes, GRADIENT_BYTES)
+    # Gradients on the device, one rank's shard of them (the whole on a rank that holds a whole copy, accumulated
+    # there); sharded over several ranks and offloaded they go to the CPU with the rest, unless HSDP's deferred
+    # all-reduce holds them (FSDP2 sums its partial results on the device).
+    gradients = 0 if offload and gpu and shard > 1 and copies == 1 else shards(shapes, GRADIENT_BYTES)
     reference = shards(frozen, copy)
     return Plan(student_params=student, disc_params=disc_params, trained_state=STATE_BYTES * (student + disc_params),
                 gradients=gradients, reference=reference,
