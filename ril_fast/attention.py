@@ -8,8 +8,9 @@ flash-attention path uses), and are computed once per forward, not once per laye
 
 Kernels, picked per call:
 * CUDA, fp16/bf16, flash-attn importable: ``flash_attn.flash_attn_varlen_func``;
-* CUDA, fp16/bf16 otherwise: PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (torch ≥ 2.9);
-* anything else (CPU, fp32): the samples right-padded into one batch and one
+* CUDA, fp16/bf16 otherwise: PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (torch ≥ 2.9), unless
+  the call needs what the installed release lacks (dropout; a non-default scale on 2.9);
+* anything else (CPU, fp32, those calls): the samples right-padded into one batch and one
   ``scaled_dot_product_attention`` call with a per-sample mask (``_padded``); ``_reference``, one SDPA
   call per sample, is what it is tested against.
 
@@ -27,7 +28,9 @@ varlen call per layer. A call with no boundaries is plain SDPA. A 2-D padding ma
 handled by gathering the real tokens into a varlen row.
 """
 
+import functools
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -109,22 +112,53 @@ def _padded(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: fl
     return out.transpose(1, 2).flatten(0, 1).index_select(0, sample * max_q + token - cu_q[sample])
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float | None) -> torch.Tensor:
-    """PyTorch's varlen flash kernel; its signature moved between releases (is_causal -> window_size)."""
-    from torch.nn.attention.varlen import varlen_attn
+@functools.cache
+def _flash_attn():
+    """flash-attn's varlen function, or None where flash-attn is not installed (looked up once: Python does not
+    remember a failed import, and this runs in every layer)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
 
-    params = inspect.signature(varlen_attn).parameters
-    kw = {"scale": scale}
+
+@functools.cache
+def _torch_varlen_params() -> frozenset[str] | None:
+    """The keyword arguments of torch's ``varlen_attn`` (None before torch 2.9, which has none)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _torch_varlen_kwargs(params: frozenset[str] | None, *, causal: bool, scale: float | None, head_dim: int,
+                         gqa: bool, dropout: float) -> dict | None:
+    """The keyword arguments of a ``varlen_attn`` call with ``params`` (its signature moved between releases: 2.9
+    has ``is_causal`` and no ``scale``; later ones add ``scale``, then ``window_size`` for ``is_causal`` and
+    ``enable_gqa``), ``enable_gqa`` left out where the caller must repeat K and V; None where it cannot run this
+    call: no such function, dropout (it has none), or a scale other than 1/sqrt(head_dim) without ``scale``."""
+    default_scale = scale is None or math.isclose(scale, head_dim ** -0.5, rel_tol=1e-6)
+    if params is None or dropout > 0 or ("scale" not in params and not default_scale):
+        return None
+    kw = {"scale": scale} if "scale" in params else {}
     if "window_size" in params:
         kw["window_size"] = (-1, 0) if causal else (-1, -1)
     else:
         kw["is_causal"] = causal
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if gqa and "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    return kw
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, kw: dict) -> torch.Tensor:
+    """PyTorch's varlen flash kernel with the keyword arguments of :func:`_torch_varlen_kwargs`."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if q.shape[1] != k.shape[1] and "enable_gqa" not in kw:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
 
@@ -141,12 +175,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool, scal
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        try:
-            from flash_attn import flash_attn_varlen_func
-        except ImportError:
-            return _torch_varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, causal, scale)
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k,
-                                      dropout_p=dropout, softmax_scale=scale, causal=causal)
+        if (flash := _flash_attn()) is not None:
+            return flash(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, dropout_p=dropout, softmax_scale=scale,
+                         causal=causal)
+        kw = _torch_varlen_kwargs(_torch_varlen_params(), causal=causal, scale=scale, head_dim=q.shape[-1],
+                                  gqa=q.shape[1] != k.shape[1], dropout=dropout)
+        if kw is not None:
+            return _torch_varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, kw)
     return _padded(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, causal, scale, dropout)
 
 

@@ -87,6 +87,23 @@ def test_uneven_lengths_fall_back_to_the_loop(monkeypatch):
     assert max_err(out, _dense_oracle(q, q, q, lengths, lengths, True, None)) <= 1e-12
 
 
+def test_torch_varlen_gets_what_its_release_takes():
+    """torch's varlen_attn changed its signature across releases: 2.9 (is_causal, no scale), then scale, then
+    window_size and enable_gqa (2.13, installed here). Each gets only keywords it has; a call it cannot run
+    (dropout; on 2.9 a scale other than 1/sqrt(head_dim)) goes to the padded SDPA path (None)."""
+    kwargs = attention._torch_varlen_kwargs
+    v29, with_scale = frozenset({"is_causal", "return_aux"}), frozenset({"is_causal", "return_aux", "scale"})
+    installed = attention._torch_varlen_params()
+    assert installed is not None and {"scale", "window_size", "enable_gqa"} <= installed
+    call = dict(causal=True, scale=0.125, head_dim=64, gqa=True, dropout=0.0)
+    assert kwargs(v29, **call) == {"is_causal": True}  # 0.125 is 64 ** -0.5: its own default
+    assert kwargs(v29, **call | {"scale": 0.2}) is None
+    assert kwargs(with_scale, **call | {"scale": 0.2, "causal": False}) == {"scale": 0.2, "is_causal": False}
+    assert kwargs(installed, **call) == {"scale": 0.125, "window_size": (-1, 0), "enable_gqa": True}
+    assert kwargs(installed, **call | {"causal": False, "gqa": False}) == {"scale": 0.125, "window_size": (-1, -1)}
+    assert kwargs(installed, **call | {"dropout": 0.1}) is None and kwargs(None, **call) is None
+
+
 @pytest.mark.parametrize("tq", [1, 2])
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2)])
 def test_decoding_through_the_transformers_entry_point(tq, hq, hkv):
