@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from ril_fast.data import LongPrompts
 from ril_fast.export import ExportDtype
 from ril_fast.files import write_text_atomic
 from ril_fast.judge import JudgeKind
@@ -163,6 +164,15 @@ class Config:
     mu: int = opt(1, "μ: discriminator and policy updates per batch (1: π_old = π_θ, ratio 1)")
     beta: float = opt(0.0, "β: weight of the k3 KL to the reference model (0: no reference model)")
     max_new_tokens: int = opt(12, "L_max: generation budget, also Dr.GRPO's constant normaliser")
+    max_image_pixels: int = opt(0, "Qwen-VL students: resize each image to at most this many pixels (a token per "
+                                   "28x28, Qwen3-VL 32x32: 1003520 is ~1280 tokens; a side never under one token; "
+                                   "final/'s image processor keeps it); 0: the student's image processor's own "
+                                   "(Qwen2.5-VL: 12845056, ~16384 tokens)")
+    long_prompts: LongPrompts = opt(LongPrompts.REFUSE, "an example whose prompt (images included) leaves no room "
+                                                        "for max_new_tokens within batch.max_tokens (held-out ones: "
+                                                        "the model's context), or whose image the image processor "
+                                                        "refuses, found before any model loads: refuse (the run "
+                                                        "stops, naming its line) | skip (left out, counted)")
     seed: int = opt(0, "seed of data order, sampling and initialisation")
     output_dir: str = opt("runs/ril", "run folder: config.yaml, metrics.jsonl, curves, final/ model")
     export_dtype: ExportDtype = opt(ExportDtype.AUTO, "final/'s weights: auto (the dtype the forwards ran in: "
@@ -198,6 +208,7 @@ class Config:
             (self.mu >= 1, "mu (μ) must be >= 1"),
             (self.beta >= 0, "beta (β) must be >= 0"),
             (self.max_new_tokens >= 1, "max_new_tokens (L_max) must be >= 1"),
+            (self.max_image_pixels >= 0, "max_image_pixels must be >= 0 (0 = the student's image processor's own)"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
             (self.eval_max_examples >= 0, "eval_max_examples must be >= 0"),
             (self.log_every >= 1, "log_every must be >= 1"),

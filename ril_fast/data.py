@@ -28,6 +28,7 @@ global order depends only on (seed, examples, questions_per_step), so a run resu
 
 from __future__ import annotations
 
+import enum
 import json
 import random
 from collections.abc import Callable, Collection
@@ -38,6 +39,8 @@ from pathlib import Path
 class DataError(ValueError):
     """A malformed data file; the message starts with ``FILE:LINE:``."""
 
+
+_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 
 STUDENT = "student"  # the source of a student output (``ril_fast.rewards``): no teacher may be called so
 
@@ -52,6 +55,7 @@ class Example:
     images: list[Path]
     answer_type: str | None = None
     where: str = ""  # "FILE:LINE" it was read from, for error messages
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each image, upright
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,8 +112,10 @@ def _text(record: dict, name: str, where: str, control_tokens: Collection[str] =
     return value
 
 
-def _images(record: dict, folder: Path, where: str, verified: set[Path]) -> list[Path]:
-    """The example's image paths, resolved against ``folder`` and each checked once with PIL."""
+def _images(record: dict, folder: Path, where: str, verified: dict[Path, tuple[int, int]]) -> list[Path]:
+    """The example's image paths, resolved against ``folder`` and each checked once with PIL, which reads its
+    (width, height) into ``verified`` on the way: as the model sees it, turned upright by its EXIF orientation
+    (``ril_fast.packing.load_image``), so prompt lengths can be counted without decoding a pixel."""
     from PIL import Image
 
     if "images" not in record:
@@ -125,19 +131,27 @@ def _images(record: dict, folder: Path, where: str, verified: set[Path]) -> list
                 raise DataError(f"{where}: image {name!r} not found (looked for {path})")
             try:
                 with Image.open(path) as im:
-                    im.verify()
+                    im.verify()  # it must come first after opening, and leaves the image unusable
+                with Image.open(path) as im:
+                    verified[path] = _upright_size(im)
             except Exception as e:  # PIL raises many types for a broken file
                 raise DataError(f"{where}: cannot read image {name!r}: {e}") from None
-            verified.add(path)
         paths.append(path)
     return paths
+
+
+def _upright_size(im) -> tuple[int, int]:
+    """(width, height) of an opened PIL image once its EXIF orientation is applied. The orientation is read where
+    the header holds it: a PNG's ``getexif()`` would decode the pixels to look behind them."""
+    exif = im.getexif() if im.format != "PNG" or "exif" in im.info else {}
+    return im.size[::-1] if exif.get(_ORIENTATION) in (5, 6, 7, 8) else im.size  # a quarter turn swaps them
 
 
 def load_examples(path: str | Path, *, control_tokens: Collection[str] = ()) -> list[Example]:
     """Every example of a training/evaluation JSONL file, in file order (format in the module docstring).
     A question holding one of ``control_tokens`` (``Processor.control_tokens``) is an error."""
     path = Path(path)
-    examples, first_line, verified = [], {}, set()
+    examples, first_line, verified = [], {}, {}
     for number, record in _records(path):
         where = f"{path}:{number}"
         example_id = _id(record, where)
@@ -147,14 +161,10 @@ def load_examples(path: str | Path, *, control_tokens: Collection[str] = ()) -> 
         answer_type = record.get("answer_type")
         if answer_type is not None and (not isinstance(answer_type, str) or not answer_type.strip()):
             raise DataError(f"{where}: 'answer_type' must be a non-empty string or null, got {answer_type!r}")
-        examples.append(Example(
-            id=example_id,
-            question=_text(record, "question", where, control_tokens),
-            answer=_text(record, "answer", where),
-            images=_images(record, path.parent, where, verified),
-            answer_type=answer_type,
-            where=where,
-        ))
+        question, answer = _text(record, "question", where, control_tokens), _text(record, "answer", where)
+        images = _images(record, path.parent, where, verified)
+        examples.append(Example(id=example_id, question=question, answer=answer, images=images,
+                                answer_type=answer_type, where=where, image_sizes=[verified[p] for p in images]))
     if not examples:
         raise DataError(f"{path}:1: no examples in the file")
     return examples
@@ -186,6 +196,54 @@ class TeacherBank:
             for teacher, responses in per_teacher.items():
                 counts[teacher] += len(responses)
         return counts
+
+
+class LongPrompts(str, enum.Enum):
+    """What becomes of an example whose prompt leaves no room for a full-length response (its ``long_prompts=``
+    setting). REFUSE: the run stops before any model loads, naming its line; SKIP: it is left out and counted."""
+
+    REFUSE = "refuse"
+    SKIP = "skip"
+
+
+def fitting(examples: list[Example], prompt_lengths: Callable[[list], list[int]], *, budget: int,
+            max_new_tokens: int, setting: str, long_prompts: LongPrompts,
+            hint: str = "") -> tuple[list[Example], list[str]]:
+    """The examples whose prompt leaves room for ``max_new_tokens`` within ``budget`` tokens (``setting`` names
+    it: "batch.max_tokens", "the model's context"), and "FILE:LINE: why" for each other one.
+
+    ``prompt_lengths``: ``[(question, image sizes)] -> [tokens]`` (``Processor.prompt_lengths``), raising
+    ValueError for an image its image processor refuses, which leaves that example out too. With REFUSE a
+    DataError at the first example left out, which names it, says what to change (and ``hint``) and counts the
+    others."""
+    prompts = [(e.question, e.image_sizes) for e in examples]
+    try:
+        lengths = prompt_lengths(prompts)
+    except ValueError:  # some image is refused: count each example alone to tell which
+        lengths = []
+        for prompt in prompts:
+            try:
+                lengths.extend(prompt_lengths([prompt]))
+            except ValueError as e:
+                lengths.append(str(e))
+    kept, left_out, remedies = [], [], []
+    for e, n in zip(examples, lengths):
+        if isinstance(n, str):
+            left_out.append(f"{e.where}: the image processor refuses an image of the example ({n})")
+            remedies.append("resize the image or drop the example")
+        elif n + max_new_tokens > budget:
+            left_out.append(f"{e.where}: the prompt takes {n} tokens (images included); with max_new_tokens="
+                            f"{max_new_tokens} that exceeds {setting} ({budget} tokens)")
+            remedies.append(("raise batch.max_tokens, " if setting == "batch.max_tokens" else "")
+                            + "use fewer or smaller images, or drop the example")
+        else:
+            kept.append(e)
+    if left_out and long_prompts is LongPrompts.REFUSE:
+        notes = [hint] if hint else []
+        if len(left_out) > 1:
+            notes.append(f"{len(left_out) - 1} more such example(s) in the file")
+        raise DataError(f"{left_out[0]}: {remedies[0]}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return kept, left_out
 
 
 def refuse_images(examples: list[Example], model: str) -> None:

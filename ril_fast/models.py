@@ -182,7 +182,7 @@ def _quiet(enabled: bool):
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | str = Attn.AUTO,
          device: str | torch.device | None = None, lm_head: bool = True, weights_on_cpu: bool = False,
-         empty: bool = False):
+         empty: bool = False, max_image_pixels: int = 0):
     """Load a model folder (or a cached hub id) -> ``(model, processor)``.
 
     ``model``: the HF model on ``device`` (default: CUDA when available) in ``dtype``, in eval mode,
@@ -193,7 +193,8 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     weights, on the meta device (nothing read but the folder's configs), for a rank that receives them from rank 0
     (``shard_model(from_rank0=True)``). ``processor``: a
     :class:`ril_fast.packing.Processor` (tokenizer, image processor, chat template, image-token
-    expansion and, for Qwen-VL, the model's mrope position function). A model ril_fast cannot pack (another
+    expansion and, for Qwen-VL, the model's mrope position function; ``max_image_pixels``: see
+    ``Processor.from_pretrained``). A model ril_fast cannot pack (another
     VLM family, stateful sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``) raises
     ``ril_fast.packing.UnsupportedModel``.
     """
@@ -220,7 +221,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     recurrence.per_sample(model, path)
     if device.type == "cuda":
         _apply_liger(model, config.model_type)
-    processor = Processor.from_pretrained(path)
+    processor = Processor.from_pretrained(path, max_image_pixels=max_image_pixels)
     if processor.kind is ModelKind.QWEN_VL:
         processor.rope_index = _rope_index(model, config.image_token_id)
     return model, processor

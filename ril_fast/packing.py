@@ -80,6 +80,10 @@ class UnsupportedModel(ValueError):
     """A model folder of an architecture ril_fast cannot train."""
 
 
+class UnsupportedSetting(ValueError):
+    """A setting the model's processor cannot take; the message starts with ``setting=value:``."""
+
+
 def load_image(image):
     """A PIL image, or a path to one, as the RGB image HF image processors would see: EXIF orientation
     applied, transparency composited onto white (transformers' ``convert_to_rgb``; a plain
@@ -150,17 +154,26 @@ class Processor:
         self._cached_prompt = functools.lru_cache(maxsize=self.prompt_cache_size)(self._encode_prompt)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Processor":
-        """The processor of a local HF folder (or a cached hub id); ``rope_index`` left unset."""
+    def from_pretrained(cls, path: str | Path, *, max_image_pixels: int = 0) -> "Processor":
+        """The processor of a local HF folder (or a cached hub id); ``rope_index`` left unset. ``max_image_pixels``
+        (Qwen-VL; 0: the folder's own): images are resized to at most this many pixels (and the image
+        processor saved with the processor's files says so)."""
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         config = AutoConfig.from_pretrained(path)
         kind = ModelKind.of_config(config, path)
         tok = AutoTokenizer.from_pretrained(path)
         proc = cls(tokenizer=tok, kind=kind, end_token_id=tok.eos_token_id)
+        if max_image_pixels and kind is not ModelKind.QWEN_VL:
+            raise UnsupportedSetting(f"max_image_pixels={max_image_pixels}: only Qwen-VL students resize images to a "
+                                     f"pixel budget; {path} is a {config.model_type} model")
         if kind is ModelKind.TEXT:
             return proc
-        proc.image_processor = AutoImageProcessor.from_pretrained(path)
+        proc.image_processor = AutoImageProcessor.from_pretrained(
+            path, **({"max_pixels": max_image_pixels} if max_image_pixels else {}))
+        if max_image_pixels and max_image_pixels < proc.image_processor.size["shortest_edge"]:
+            raise UnsupportedSetting(f"max_image_pixels={max_image_pixels}: {path}'s image processor enlarges every "
+                                     f"image to at least {proc.image_processor.size['shortest_edge']} pixels")
         proc.image_token_id = config.image_token_id
         if kind is ModelKind.QWEN_VL:
             proc.merge_size = config.vision_config.spatial_merge_size
@@ -194,6 +207,23 @@ class Processor:
     def response_lengths(self, texts: list[str]) -> list[int]:
         """Tokens each text takes as a finished response in :meth:`encode` (end-of-turn token included)."""
         return [len(ids) + 1 for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def prompt_lengths(self, prompts: list[tuple[str, list[tuple[int, int]]]]) -> list[int]:
+        """Tokens each prompt takes in :meth:`encode_prompt`, images expanded, from its question and its images'
+        (width, height) alone: no pixel is decoded, so a whole data set is counted before training. Raises
+        ValueError for an image size the image processor refuses (e.g. an extreme aspect ratio)."""
+        texts = [self.prompt_text(question, len(sizes)) for question, sizes in prompts]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # Each image's one placeholder token becomes its span (_expand_images).
+        return [len(t) + sum(self.image_tokens(w, h) - 1 for w, h in sizes) for t, (_, sizes) in zip(ids, prompts)]
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Tokens that an image of ``width`` x ``height`` pixels takes in a prompt (its span in
+        :meth:`_expand_images`), by the image processor's own count of its patches (Qwen-VL) or tiles (InternVL)."""
+        if self.kind is ModelKind.QWEN_VL:
+            return self.image_processor.get_number_of_image_patches(height, width, {}) // self.merge_size**2
+        tiles = self.image_processor.get_number_of_image_patches(height, width, {"crop_to_patches": True})
+        return self.image_seq_length * tiles + 2  # <img> ... </img>
 
     def encode(self, sample: dict) -> Encoded:
         """Render, tokenise and (for VLMs) process the images of one sample. See the module docstring."""

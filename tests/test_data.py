@@ -7,7 +7,9 @@ import random
 import pytest
 from PIL import Image
 
-from ril_fast.data import Batches, DataError, Example, load_examples, load_teachers, to_sample
+from ril_fast.data import (Batches, DataError, Example, LongPrompts, fitting, load_examples, load_teachers,
+                           to_sample)
+from ril_fast.packing import load_image
 
 GOOD = {"id": "a", "question": "What shape?", "answer": "circle", "images": ["img/a.png"]}
 
@@ -73,6 +75,62 @@ def test_load_examples(folder):
     assert (ex[0].answer_type, ex[1].answer_type) == (None, "yes/no")
     assert (ex[1].question, ex[1].answer) == ("Is it red?", "yes")
     assert [e.where for e in ex] == [f"{path}:1", f"{path}:3", f"{path}:4"]
+
+
+def test_image_sizes_are_read_upright(tmp_path):
+    """Each example carries its images' (width, height) as the model sees them (``load_image``: EXIF orientation
+    applied), read without decoding them, in JPEG, WebP and PNG, turned a quarter, half turned, or not at all."""
+    files = []
+    for i, (fmt, orientation) in enumerate([("jpeg", 6), ("jpeg", 8), ("jpeg", 3), ("webp", 5), ("png", 6),
+                                            ("png", None), ("jpeg", None)]):
+        im = Image.new("RGB", (40 + i, 17 + 2 * i), (i, 0, 0))
+        exif = im.getexif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        im.save(tmp_path / f"{i}.{fmt}", exif=exif)
+        files.append(f"{i}.{fmt}")
+    path = write_jsonl(tmp_path / "train.jsonl", [
+        {"id": "all", "question": "q?", "answer": "x", "images": files},
+        {"id": "again", "question": "q?", "answer": "x", "images": files[::-1]}])
+    first, second = load_examples(path)
+    upright = [load_image(p).size for p in first.images]
+    assert first.image_sizes == upright and second.image_sizes == upright[::-1]
+    assert sum(w < h for w, h in upright) == 4  # the four quarter turns (orientations 5, 6, 8, and the PNG's 6)
+
+
+def _counter(lengths: dict):
+    """A stand-in for ``Processor.prompt_lengths``: each question's length from ``lengths``; a question mapped to
+    a string is refused as the image processor refuses an image (ValueError with that text)."""
+    def count(prompts):
+        if any(isinstance(lengths[q], str) for q, _ in prompts):
+            raise ValueError(next(lengths[q] for q, _ in prompts if isinstance(lengths[q], str)))
+        return [lengths[q] for q, _ in prompts]
+    return count
+
+
+def test_prompts_that_leave_no_room_are_refused_or_left_out():
+    exs = [Example(id=str(i), question=f"q{i}", answer="x", images=[], where=f"t.jsonl:{i + 1}") for i in range(6)]
+    lengths = {"q0": 10, "q1": 89, "q2": 90, "q3": 91, "q4": "absolute aspect ratio must be smaller than 200",
+               "q5": 5}
+    kw = dict(budget=100, max_new_tokens=10, setting="batch.max_tokens")
+    kept, left_out = fitting(exs, _counter(lengths), long_prompts=LongPrompts.SKIP, **kw)
+    assert [e.id for e in kept] == ["0", "1", "2", "5"]  # 90 + 10 = 100 fits exactly
+    assert left_out == ["t.jsonl:4: the prompt takes 91 tokens (images included); with max_new_tokens=10 that exceeds "
+                        "batch.max_tokens (100 tokens)",
+                        "t.jsonl:5: the image processor refuses an image of the example (absolute aspect ratio must "
+                        "be smaller than 200)"]
+    with pytest.raises(DataError) as e:
+        fitting(exs, _counter(lengths), long_prompts=LongPrompts.REFUSE, hint="long_prompts=skip drops them", **kw)
+    assert str(e.value) == (f"{left_out[0]}: raise batch.max_tokens, use fewer or smaller images, or drop the example "
+                            f"(long_prompts=skip drops them; 1 more such example(s) in the file)")
+    with pytest.raises(DataError) as e:
+        fitting(exs[4:], _counter(lengths), long_prompts=LongPrompts.REFUSE, **kw)
+    assert str(e.value) == f"{left_out[1]}: resize the image or drop the example"
+    with pytest.raises(DataError) as e:  # the model's context bounds the room: raising max_tokens would not help
+        fitting(exs[3:4], _counter(lengths), long_prompts=LongPrompts.REFUSE, **kw | {"setting": "the model's context"})
+    assert str(e.value).endswith("exceeds the model's context (100 tokens): use fewer or smaller images, or drop the "
+                                 "example")
+    assert fitting(exs[:3], _counter(lengths), long_prompts=LongPrompts.REFUSE, **kw) == (exs[:3], [])
 
 
 BAD_EXAMPLES = [

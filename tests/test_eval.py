@@ -226,3 +226,23 @@ def test_a_terminal_shows_the_evaluation_progress(demo, tmp_path, capsys, monkey
           "--max-examples", "5", "--max-new-tokens", "3", "--batch-size", "2"])
     err = capsys.readouterr().err
     assert "eval: 100%" in err and "5/5" in err, err[-1000:]
+
+
+def test_an_image_the_processor_refuses_is_refused_before_the_model_loads(demo, tmp_path, monkeypatch):
+    """As in the trainer, every prompt is counted from its image sizes first: an image of aspect ratio 300 names
+    its line, and nothing is evaluated."""
+    from PIL import Image
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad example was refused")
+
+    monkeypatch.setattr("ril_fast.models.load", load)
+    Image.new("RGB", (3000, 10)).save(tmp_path / "thin.png")
+    row = json.loads(demo.test.read_text().splitlines()[0])
+    data = demo.root / "thin.jsonl"  # beside the images its other line's paths are relative to
+    data.write_text(json.dumps(row) + "\n" + json.dumps(row | {"id": "x", "images": [str(tmp_path / "thin.png")]})
+                    + "\n")
+    with pytest.raises(DataError, match=f"^{data}:2: the image processor refuses an image of the example "
+                                        r"\(absolute aspect ratio must be smaller than 200, got 300.0\): resize the "
+                                        r"image or drop the example$"):
+        main(["--model", str(demo.student), "--data", str(data), "--out", str(tmp_path / "out"), "--judge", "rule"])

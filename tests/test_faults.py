@@ -61,6 +61,23 @@ def test_a_prompt_longer_than_the_budget_names_its_line(demo, tmp_path):
     assert "exceeds batch.max_tokens (20 tokens): raise batch.max_tokens" in message
 
 
+def test_the_steps_own_length_check_names_the_line(demo):
+    """Each step checks its encoded prompts again (an image file replaced since the data was read would escape
+    the check before loading, which counts from the sizes it read then)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    cfg = train.load_config(_args(demo, "unused", **{"batch.max_tokens": 90}))
+    run = SimpleNamespace(cfg=cfg, student=SimpleNamespace(config=AutoConfig.from_pretrained(demo.student)))
+    samples = [{"where": "a.jsonl:3"}, {"where": "a.jsonl:9"}]
+    train._check_lengths(run, samples[:1], [SimpleNamespace(prompt_len=79)])  # 79 + 11 = 90 fits
+    with pytest.raises(DataError) as e:
+        train._check_lengths(run, samples, [SimpleNamespace(prompt_len=79), SimpleNamespace(prompt_len=80)])
+    assert str(e.value).startswith("a.jsonl:9: the prompt takes 80 tokens (images included); with max_new_tokens=11 "
+                                   "that exceeds batch.max_tokens (90 tokens)")
+
+
 def test_non_finite_updates_are_skipped_then_stop_the_run(demo, tmp_path, monkeypatch):
     real = train.policy_pass
     poisoned_steps = []

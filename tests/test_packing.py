@@ -338,3 +338,72 @@ def test_cached_prompt_equals_a_fresh_encoding(arch, processors, tmp_path, _fres
             assert torch.equal(a.mrope, proc.rope_index(a.input_ids[None], a.image_grid_thw)[:, 0])
     after = proc._cached_prompt.cache_info()
     assert (after.misses - before.misses, after.hits - before.hits) == (1, len(responses) - 1)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl"])
+def test_prompt_lengths_from_image_sizes_equal_the_encodings(arch, processors, _fresh_seed):
+    """Counted from a question and its images' (width, height) alone, as the trainer counts every example before
+    training, a prompt takes the tokens its encoding takes: 0-3 images a prompt (none for the text model) of
+    random sizes from well under the image processor's fewest pixels to far over its most, random questions."""
+    from PIL import Image
+
+    proc = processors[arch]
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
+    prompts = []
+    for _ in range(12):
+        images = 0 if arch == "qwen2" else rng.randint(0, 3)
+        sizes = [(rng.randint(12, 1500), rng.randint(12, 1500)) for _ in range(images)]
+        prompts.append((" ".join(rng.choice(["what", "shape", "is", "the", "red", "12"]) for _ in range(
+            rng.randint(1, 30))) + "?", sizes))
+    counted = proc.prompt_lengths(prompts)
+    encoded = [proc.encode_prompt(q, [Image.new("RGB", size) for size in sizes]).prompt_len for q, sizes in prompts]
+    assert counted == encoded
+    if arch != "qwen2":  # the sizes did change the image tokens: an image's span is not a constant
+        spans = {proc.image_tokens(w, h) for _, sizes in prompts for w, h in sizes}
+        assert len(spans) > 1, spans
+
+
+def test_max_image_pixels_caps_images_and_travels_with_the_saved_processor(processors, tmp_path, tmp_path_factory,
+                                                                           _fresh_seed):
+    """``max_image_pixels`` overrides the folder's own budget (written as the real Qwen2.5-VL writes it:
+    ``max_pixels`` 12,845,056): every image of random size is resized to at most that many pixels (or to a short
+    side of 28, Qwen's least), the counted
+    prompt lengths still equal the encodings, and the saved image processor (final/, checkpoints) resizes the
+    same way. A budget under the processor's floor, or for a student that tiles images, is refused."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from ril_fast.export import save_processor
+    from ril_fast.packing import Processor, UnsupportedSetting
+
+    real = shutil.copytree(tiny_folder(tmp_path_factory, "qwen2_5_vl"), tmp_path / "real")
+    config = json.loads((real / "preprocessor_config.json").read_text())
+    del config["size"]
+    (real / "preprocessor_config.json").write_text(json.dumps(config | {"min_pixels": 3136, "max_pixels": 12845056}))
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
+    budget = rng.randint(3136, 60000)
+    limited = dataclasses.replace(Processor.from_pretrained(real, max_image_pixels=budget),
+                                  rope_index=processors["qwen2_5_vl"].rope_index)
+    own = Processor.from_pretrained(real)
+    sizes = [(rng.randint(20, 2000), rng.randint(20, 2000)) for _ in range(8)]
+    grid = limited.encode_prompt("q?", [Image.new("RGB", s) for s in sizes]).image_grid_thw
+    # Pixels after resizing (14x14 a patch): within the budget, unless the image is so thin that its short side
+    # already is the one merged patch (28 pixels) that Qwen's resizing never goes under.
+    thin = grid[:, 1:].min(1).values == 2
+    assert ((grid[:, 1] * grid[:, 2] * 14 * 14 <= budget) | thin).all(), (budget, grid, sizes)
+    prompts = [("q?", [s]) for s in sizes]
+    assert limited.prompt_lengths(prompts) == [limited.encode_prompt(q, [Image.new("RGB", s) for s in ss]).prompt_len
+                                               for q, ss in prompts]
+    assert sum(map(own.image_tokens, *zip(*sizes))) > sum(map(limited.image_tokens, *zip(*sizes)))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    shutil.copy(real / "config.json", saved)
+    save_processor(limited, saved)
+    again = Processor.from_pretrained(saved)
+    assert [again.image_tokens(w, h) for w, h in sizes] == [limited.image_tokens(w, h) for w, h in sizes]
+    with pytest.raises(UnsupportedSetting, match=r"max_image_pixels=3000: .* enlarges every image to at least 3136"):
+        Processor.from_pretrained(real, max_image_pixels=3000)
+    with pytest.raises(UnsupportedSetting, match=r"max_image_pixels=9000: only Qwen-VL students .* internvl model"):
+        Processor.from_pretrained(tiny_folder(tmp_path_factory, "internvl"), max_image_pixels=9000)

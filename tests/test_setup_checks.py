@@ -81,7 +81,12 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     LlavaConfig().save_pretrained(tmp_path / "llava")  # a VLM family ril_fast cannot pack: not a text model
     with pytest.raises(ConfigError, match=r"student=.*llava: model type 'llava' is a vision-language model ril_fast"):
         train.setup(load_config(_args(demo, tmp_path / "run", student=tmp_path / "llava")))
+    with pytest.raises(ConfigError, match=r"^max_image_pixels=40000: .*student's image processor enlarges every "
+                                          r"image to at least 50176 pixels$"):  # the demo's: 64 tokens an image
+        train.setup(load_config(_args(demo, tmp_path / "run", max_image_pixels=40000)))
     text_student = make_tiny(tmp_path / "text_student", arch="qwen2")
+    with pytest.raises(ConfigError, match=r"^max_image_pixels=9000: only Qwen-VL students resize images"):
+        train.setup(load_config(_args(demo, tmp_path / "run", student=text_student, max_image_pixels=9000)))
     with pytest.raises(DataError) as e:
         train.setup(load_config(_args(demo, tmp_path / "run", student=text_student)))
     assert str(e.value).startswith(f"{demo.train}:1: the example has images, but the student")
@@ -166,7 +171,8 @@ def test_under_torchrun_a_refusal_is_one_line(demo, tmp_path):
     assert done.stderr.count("error: output_dir=") == 1, done.stderr[-3000:]
 
 
-def test_a_prompt_that_cannot_be_rendered_names_its_line(demo, tmp_path):
+def test_a_prompt_that_cannot_be_rendered_names_its_line(demo, tmp_path, monkeypatch):
+    _no_models(monkeypatch)
     Image.new("RGB", (3000, 10), (200, 0, 0)).save(tmp_path / "thin.png")
     lines = [json.loads(line) for line in demo.train.read_text().splitlines()]
     for record in lines:
@@ -176,6 +182,54 @@ def test_a_prompt_that_cannot_be_rendered_names_its_line(demo, tmp_path):
     with pytest.raises(DataError) as e:
         train.main(_args(demo, tmp_path / "run", train_data=data, eval_data=""))
     assert str(e.value).split(": ")[0].startswith(f"{data}:") and "aspect ratio" in str(e.value), str(e.value)
+
+
+def test_long_prompts_are_refused_or_left_out_before_any_model_loads(demo, tmp_path, monkeypatch, capsys):
+    """Three training examples given three images each no longer fit beside a full-length response in a
+    batch.max_tokens that all the others fit in, and a held-out example gets an image the image processor refuses:
+    long_prompts=refuse stops the run before any model loads, naming the first line and counting the others;
+    skip leaves exactly those out (of every batch, and of the evaluation) and says so."""
+    from ril_fast.packing import Processor
+
+    _no_models(monkeypatch)
+    records = [json.loads(line) for line in demo.train.read_text().splitlines()]
+    for record in records:  # the copies are elsewhere: their images by absolute paths
+        record["images"] = [str(demo.train.parent / name) for name in record["images"]]
+    for record in records[4:12:3]:
+        record["images"] = record["images"] * 3
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    Image.new("RGB", (3000, 10), (200, 0, 0)).save(tmp_path / "thin.png")
+    held_out = [json.loads(line) for line in demo.test.read_text().splitlines()]
+    for record in held_out:
+        record["images"] = [str(demo.test.parent / name) for name in record["images"]]
+    held_out[1]["images"] = [str(tmp_path / "thin.png")]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    proc = Processor.from_pretrained(demo.student)
+    lengths = proc.prompt_lengths([(r["question"], [(64, 64)] * len(r["images"])) for r in records])
+    fits = max(n for r, n in zip(records, lengths) if len(r["images"]) == 1)
+    assert min(n for r, n in zip(records, lengths) if len(r["images"]) == 3) > fits
+    args = _args(demo, tmp_path / "run", train_data=data, eval_data=test, eval_max_examples=0,
+                 **{"batch.max_tokens": fits + 12})  # max_new_tokens=12: the longest one-image prompt just fits
+    with pytest.raises(DataError) as e:
+        train.setup(load_config(args))
+    assert str(e.value).startswith(f"{data}:5: the prompt takes {lengths[4]} tokens (images included); with "
+                                   f"max_new_tokens=12 that exceeds batch.max_tokens ({fits + 12} tokens): raise "
+                                   f"batch.max_tokens"), str(e.value)
+    assert str(e.value).endswith(": raise batch.max_tokens, use fewer or smaller images, or drop the example "
+                                 "(long_prompts=skip leaves such examples out; 2 more such example(s) in the file)")
+    dist = SimpleNamespace(rank=0, world_size=1, is_main=True)
+    capsys.readouterr()
+    examples, bank, eval_examples, batches = train.load_data(load_config(args + ["long_prompts=skip"]), dist)
+    assert [e.id for e in examples] == [r["id"] for i, r in enumerate(records) if i not in (4, 7, 10)]
+    assert [e.id for e in eval_examples] == [r["id"] for i, r in enumerate(held_out) if i != 1]
+    served = {e.id for _ in range(3 * batches.steps_per_epoch) for e in next(batches)}  # three epochs
+    assert served == {e.id for e in examples} and bank is not None
+    printed = capsys.readouterr().out
+    assert f"left out 3 of {len(records)} training examples (long_prompts=skip); the first: {data}:5: " in printed
+    assert (f"left out 1 of {len(held_out)} held-out examples (long_prompts=skip); the first: {test}:2: the image "
+            f"processor refuses an image of the example (absolute aspect ratio must be smaller than 200") in printed
 
 
 def test_a_start_that_would_mix_two_runs_is_refused(demo, finished, tmp_path, monkeypatch):
