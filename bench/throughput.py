@@ -344,13 +344,6 @@ def main(argv=None):
         print(f"measured peaks: {'bf16' if CUDA else 'fp32'} matmul {peak_tflops:.4g} TFLOP/s, "
               f"copy {copy_gbps:.4g} GB/s")
         print(f"memory: {plan.describe()}")
-    if CUDA:
-        capacity = torch.cuda.get_device_properties(dist.device).total_memory
-        if plan.per_rank > capacity:
-            raise SystemExit(f"preset {args.preset} cannot fit: its models need {plan.describe()}, and a GPU has "
-                             f"{capacity / 2**30:.1f} GiB. Use more ranks (torchrun; FSDP2 shards the trained state), "
-                             f"{'' if args.cpu_offload else '--cpu-offload, '}--rl-only (no discriminator), --beta 0 "
-                             f"(no reference) or a smaller preset.")
 
     base = (args.layouts[0], args.kernel_sets[0])
     configurations = [base] + [(x, base[1]) for x in args.layouts[1:]] + [(base[0], k) for k in args.kernel_sets[1:]]
