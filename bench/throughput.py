@@ -67,6 +67,7 @@ from ril_fast import distributed, memory, train  # noqa: E402
 from ril_fast.config import Config  # noqa: E402
 from ril_fast.flops import ADAMW_BYTES_PER_PARAM, Sample, Shapes, matmul_peak_tflops, phase_flops  # noqa: E402
 from ril_fast.models import Kernels  # noqa: E402
+from ril_fast.preflight import DoesNotFit  # noqa: E402
 
 PHASES = ("rollout", "disc_update", "judge", "disc_score", "old_ref_logprobs", "policy_update", "optimizer")
 COLUMNS = ["date", "git_sha", "device", "world_size", "preset", "layers", "provider", "layout", "kernels", "dtype",
@@ -356,10 +357,10 @@ def main(argv=None):
             try:
                 records, baselines, comms = run_configuration(args, cfg, shapes, base=is_base,
                                                          profile_dir=Path(args.profile) if args.profile else None)
-            except (torch.OutOfMemoryError, RuntimeError, train.DoesNotFit) as e:
-                if not (_out_of_memory(e) or isinstance(e, train.DoesNotFit)):
+            except (torch.OutOfMemoryError, RuntimeError, DoesNotFit) as e:
+                if not (_out_of_memory(e) or isinstance(e, DoesNotFit)):
                     raise
-                message = f"does not fit (refused before loading): {e}" if isinstance(e, train.DoesNotFit) else \
+                message = f"does not fit (refused before loading): {e}" if isinstance(e, DoesNotFit) else \
                     f"out of memory: {e}"
                 if main_rank:
                     print(f"\n{layout} + {kernels}: {message}", file=sys.stderr)

@@ -15,6 +15,7 @@ from ril_fast.distributed import _param_groups, fsdp_modules
 from ril_fast.microbatch import sync_gradients
 from ril_fast.models import load, packed_logprobs
 from ril_fast.packing import pack
+from ril_fast.preflight import DoesNotFit
 
 
 def _bytes(tensors) -> int:
@@ -144,6 +145,6 @@ def test_a_student_that_cannot_fit_is_refused_before_any_model_loads(tmp_path, m
                                           r"activation: .*the reference, .*, but this rank has 0.000977 GiB free: "
                                           r"use more GPUs") as e:
         train.setup(load_config(args))
-    assert "and the discriminator" in str(e.value) and not loaded and isinstance(e.value, train.DoesNotFit)
+    assert "and the discriminator" in str(e.value) and not loaded and isinstance(e.value, DoesNotFit)
     monkeypatch.undo()
     train.setup(load_config(args)).log.close()

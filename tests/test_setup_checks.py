@@ -22,7 +22,7 @@ from fake_openai import FakeOpenAI
 from models_fixtures import one_thread  # noqa: F401
 from PIL import Image
 
-from ril_fast import checkpoint, lifecycle, train
+from ril_fast import checkpoint, lifecycle, preflight, train
 from ril_fast.config import ConfigError, load_config
 from ril_fast.data import DataError
 from ril_fast.demo import build_demo
@@ -221,7 +221,7 @@ def test_long_prompts_are_refused_or_left_out_before_any_model_loads(demo, tmp_p
                                  "(long_prompts=skip leaves such examples out; 2 more such example(s) in the file)")
     dist = SimpleNamespace(rank=0, world_size=1, is_main=True)
     capsys.readouterr()
-    examples, bank, eval_examples, batches = train.load_data(load_config(args + ["long_prompts=skip"]), dist)
+    examples, bank, eval_examples, batches = preflight.load_data(load_config(args + ["long_prompts=skip"]), dist)
     assert [e.id for e in examples] == [r["id"] for i, r in enumerate(records) if i not in (4, 7, 10)]
     assert [e.id for e in eval_examples] == [r["id"] for i, r in enumerate(held_out) if i != 1]
     served = {e.id for _ in range(3 * batches.steps_per_epoch) for e in next(batches)}  # three epochs

@@ -1,0 +1,142 @@
+"""What a run checks before any model loads, each failure one line that names the setting or FILE:LINE.
+
+* ``load_data``: the training and held-out examples, the teacher bank and the batches, read against the
+  student's tokenizer and image processor; every prompt is counted, images included, from the image files'
+  headers, so one that leaves no room for a full-length response stops the run here (``long_prompts``);
+* ``check_surroundings``: what the settings point at outside the config (a judge's folder or server, the
+  device Triton kernels need, the number of ranks);
+* ``check_memory``: the models' memory on every rank (``ril_fast.memory``), before any of them loads.
+"""
+
+import torch
+from transformers import AutoConfig
+
+from ril_fast import distributed, memory
+from ril_fast.config import Config, ConfigError
+from ril_fast.data import Batches, DataError, Example, fitting, load_examples, load_teachers, refuse_images
+from ril_fast.files import model_folder_problem
+from ril_fast.judge import JudgeKind
+from ril_fast.judges_http import OpenAIClient
+from ril_fast.kernels._triton import interpreting
+from ril_fast.models import Kernels
+from ril_fast.packing import ModelKind, Processor, UnsupportedModel, UnsupportedSetting
+
+
+class DoesNotFit(ConfigError):
+    """The models cannot fit in the memory some rank has free: raised by :func:`check_memory`, before any model loads
+    (the message names the student, the GiB needed and free, and what to change)."""
+
+
+def load_data(cfg: Config, dist: distributed.Dist):
+    """The training examples, the teacher bank (None: RL only), the evaluation examples and this rank's
+    batches, checked against the student's tokenizer and image processor (every prompt leaves room for a
+    full-length response: ``long_prompts``); prints which ablation runs."""
+    if problem := model_folder_problem(cfg.student):
+        raise ConfigError(f"student={cfg.student}: cannot open the model folder: {problem}")
+    try:
+        tokens = Processor.from_pretrained(cfg.student, max_image_pixels=cfg.max_image_pixels)
+    except UnsupportedModel as e:  # "DIR: model type ..."
+        raise ConfigError(f"student={e}") from None
+    except UnsupportedSetting as e:  # "max_image_pixels=N: ..."
+        raise ConfigError(str(e)) from None
+    except (OSError, ValueError) as e:  # transformers' words for a missing folder or config.json
+        raise ConfigError(f"student={cfg.student}: cannot open the model folder: {e}") from None
+    context = context_length(AutoConfig.from_pretrained(cfg.student))
+    every = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
+    if tokens.kind is ModelKind.TEXT:
+        refuse_images(every, f"the student ({cfg.student})")
+    examples = _fitting(cfg, dist, every, tokens, *token_budget(cfg, context), what="training")
+    try:
+        batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
+                          world_size=dist.world_size)
+    except ValueError as e:
+        raise ConfigError(f"batch.questions_per_step={cfg.batch.questions_per_step}: {e}") from None
+    bank = None
+    if not cfg.rl_only:  # every example's id is known to the teacher files, left out or not
+        bank = load_teachers(cfg.teachers, every, max_tokens=cfg.max_new_tokens,
+                             count_tokens=tokens.response_lengths, control_tokens=tokens.control_tokens)
+        if missing := bank.missing(examples):
+            raise DataError(f"{missing[0].where}: example {missing[0].id!r} has no response in any teacher "
+                            f"collection ({len(missing)} such examples); RIL needs G teacher outputs per question")
+    eval_examples = load_examples(cfg.eval_data, control_tokens=tokens.control_tokens) if cfg.eval_data else []
+    if cfg.eval_max_examples:
+        eval_examples = eval_examples[:cfg.eval_max_examples]
+    if tokens.kind is ModelKind.TEXT:
+        refuse_images(eval_examples, f"the student ({cfg.student})")
+    if eval_examples:  # greedy answers are generated, not packed: only the context bounds them
+        eval_examples = _fitting(cfg, dist, eval_examples, tokens, context or float("inf"), "the model's context",
+                                 what="held-out")
+    if dist.is_main:
+        if bank is None:
+            print("mode: RL only (Dr.GRPO on the judge's reward; no teachers given)", flush=True)
+        else:
+            print(f"mode: RIL with {len(bank.teachers)} teacher(s): "
+                  + ", ".join(f"{name} ({n} responses)" for name, n in bank.counts().items()), flush=True)
+            if bank.truncated:
+                print(f"left out {len(bank.truncated)} teacher responses marked truncated (the first: "
+                      f"{bank.truncated[0]})", flush=True)
+    return examples, bank, eval_examples, batches
+
+
+def context_length(config) -> int | None:
+    """The model's context length in tokens (None where its config does not say)."""
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def token_budget(cfg: Config, context: int | None) -> tuple[int, str]:
+    """The tokens one training sample may take, prompt and response, and the setting that bounds them."""
+    if context is not None and context < cfg.batch.max_tokens:
+        return context, "the model's context"
+    return cfg.batch.max_tokens, "batch.max_tokens"
+
+
+def _fitting(cfg: Config, dist: distributed.Dist, examples: list[Example], processor: Processor, budget: float,
+             setting: str, *, what: str) -> list[Example]:
+    """The ``examples`` whose prompts leave room for ``max_new_tokens`` within ``budget`` tokens (``setting`` names
+    it), counted from the question and the image sizes before any model loads. The others stop the run
+    (``long_prompts=refuse``, naming the first one's line) or are left out and counted (``skip``)."""
+    kept, left_out = fitting(examples, processor.prompt_lengths, budget=budget, max_new_tokens=cfg.max_new_tokens,
+                             setting=setting, long_prompts=cfg.long_prompts,
+                             hint="long_prompts=skip leaves such examples out")
+    if not kept:
+        raise DataError(f"{left_out[0]}: no {what} example leaves room for a response (long_prompts=skip left "
+                        f"out all {len(examples)})")
+    if left_out and dist.is_main:
+        print(f"left out {len(left_out)} of {len(examples)} {what} examples (long_prompts=skip); the first: "
+              f"{left_out[0]}", flush=True)
+    return kept
+
+
+def check_surroundings(cfg: Config, dist: distributed.Dist) -> None:
+    """The settings that depend on things outside the config, checked before any model loads: an hf judge's
+    model folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device,
+    the number of ranks the shards are spread over."""
+    try:
+        distributed.shard_size(cfg.batch.shard_ranks)
+    except ValueError as e:  # "shard_ranks=N: must divide ..."
+        raise ConfigError(f"batch.{e}") from None
+    if cfg.judge is JudgeKind.HF and (problem := model_folder_problem(cfg.judge_model)):
+        raise ConfigError(f"judge_model={cfg.judge_model}: {problem}")
+    if cfg.judge is JudgeKind.HTTP and (problem := OpenAIClient(
+            cfg.judge_url, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries).serving(cfg.judge_model)):
+        raise ConfigError(f"judge_url={cfg.judge_url}: the judge server cannot be used: {problem}")
+    if cfg.loss.kernels is Kernels.TRITON and dist.device.type != "cuda" and not interpreting():
+        raise ConfigError("loss.kernels=triton: Triton kernels need a GPU, or on the CPU the interpreter "
+                          "(TRITON_INTERPRET=1); auto picks the chunked torch code here")
+
+
+def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
+    """Refuse, before any model loads, a student whose models cannot fit on some rank's device (or, offloaded, in
+    its share of the CPU's memory) even before activations (``ril_fast.memory``): every rank checks its own and
+    all stop together."""
+    shard = distributed.shard_size(cfg.batch.shard_ranks)
+    plan = memory.plan(AutoConfig.from_pretrained(cfg.student), disc=disc, reference=cfg.beta > 0,
+                       gpu=dist.device.type == "cuda", shard=shard, copies=dist.world_size // shard,
+                       offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned)
+    host = memory.available_bytes(torch.device("cpu")) if plan.offload else None
+    problems = [p for p in distributed.all_gather_objects(
+        memory.shortfall(plan, memory.available_bytes(dist.device), host)) if p]
+    if problems:
+        raise DoesNotFit(f"student={cfg.student}: {problems[0]}")
+    if dist.is_main:
+        print(f"memory: {plan.describe()}", flush=True)
