@@ -6,6 +6,9 @@
 * ``check_surroundings``: what the settings point at outside the config (a judge's folder or server, the
   device Triton kernels need, the number of ranks);
 * ``check_memory``: the models' memory on every rank (``ril_fast.memory``), before any of them loads.
+
+``python -m ril_fast.preflight --gpus 8 --gpu-gib 80 --config FILE`` runs the data and memory checks for a planned
+run on any machine (no weight is read) and prints the lengths and the plan they rest on (:func:`main`).
 """
 
 import torch
@@ -140,3 +143,74 @@ def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
         raise DoesNotFit(f"student={cfg.student}: {problems[0]}")
     if dist.is_main:
         print(f"memory: {plan.describe()}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# python -m ril_fast.preflight: the checks alone, for GPUs this machine need not have
+# ----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ril_fast.preflight [--gpus N] [--gpu-gib G] [--config FILE] [key=value ...]``: what the trainer
+    would check before loading for that run on N GPUs of G GiB each, run here (a laptop will do: the student
+    folder's config, tokenizer and image-processor files and the images' headers are read, no weight), with the
+    numbers to choose settings by: prompt and teacher-response lengths, the memory plan. Returns the exit status:
+    0 when the run would start, 1 when the trainer would refuse it (the reason printed as ``error: ...``)."""
+    import argparse
+    import sys
+    from types import SimpleNamespace
+
+    from ril_fast.config import load_config
+    from ril_fast.demo import build_demo, needs_demo, with_demo
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ril_fast.preflight", epilog="every other argument is the trainer's: --config FILE, key=value",
+        description="What the trainer checks before loading, for a run on GPUs this machine need not have: the data "
+                    "(prompt and teacher-response lengths) and the memory plan. No weight is read.")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs of the run, all nodes together (default 1)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80: H100)")
+    args, rest = parser.parse_known_args(argv)
+    if args.gpus < 1 or args.gpu_gib <= 0:
+        parser.error("--gpus must be >= 1 and --gpu-gib > 0")
+    try:
+        cfg = load_config(rest)
+        if needs_demo(cfg):
+            cfg = with_demo(cfg, build_demo())
+        shard = cfg.batch.shard_ranks or args.gpus
+        if args.gpus % shard:
+            raise ConfigError(f"batch.shard_ranks={shard}: must divide the number of GPUs ({args.gpus})")
+        print(f"preflight of {cfg.student} for {args.gpus} GPU(s) of {args.gpu_gib:g} GiB (read: configs, tokenizer, "
+              f"image headers; no weights)", flush=True)
+        examples, bank, eval_examples, _ = load_data(cfg, SimpleNamespace(rank=0, world_size=args.gpus, is_main=True))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    processor = Processor.from_pretrained(cfg.student, max_image_pixels=cfg.max_image_pixels)
+    budget, setting = token_budget(cfg, context_length(AutoConfig.from_pretrained(cfg.student)))
+    lengths = processor.prompt_lengths([(e.question, e.image_sizes) for e in examples])
+    print(f"training examples that fit: {len(examples)}; held-out: {len(eval_examples)}")
+    print(f"prompt tokens, images included: {_spread(lengths)}; {setting} {budget} leaves "
+          f"{budget - cfg.max_new_tokens} beside max_new_tokens={cfg.max_new_tokens}")
+    if bank is not None:
+        texts = [r for per_teacher in bank.by_id.values() for rs in per_teacher.values() for r in rs]
+        print(f"teacher responses' tokens (end of turn included): {_spread(processor.response_lengths(texts))}; "
+              f"max_new_tokens={cfg.max_new_tokens}")
+    plan = memory.plan(AutoConfig.from_pretrained(cfg.student), disc=bank is not None, reference=cfg.beta > 0,
+                       gpu=True, shard=shard, copies=args.gpus // shard, offload=cfg.batch.cpu_offload,
+                       pinned=cfg.batch.offload_pinned)
+    if problem := memory.shortfall(plan, int(args.gpu_gib * 2**30)):
+        print(f"error: student={cfg.student}: {problem}", file=sys.stderr)
+        return 1
+    left = args.gpu_gib - plan.per_rank / 2**30
+    print(f"memory: {plan.describe()}; {left:.3g} GiB of each GPU left for activations (bounded by batch.max_tokens"
+          f"={cfg.batch.max_tokens}{', recomputed' if cfg.batch.activation_checkpointing else ''})")
+    print("not checked here: the judge's server or folder, the host's memory, the weights themselves")
+    return 0
+
+
+def _spread(values: list[int]) -> str:
+    """min, median, 99th percentile and max of ``values``, in words."""
+    v = sorted(values)
+    return f"min {v[0]}, median {v[len(v) // 2]}, 99th percentile {v[min(len(v) - 1, len(v) * 99 // 100)]}, max {v[-1]}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""``python -m ril_fast.preflight``: the trainer's checks before loading, run for GPUs this machine lacks, with the
+lengths and the memory plan they rest on; its exit status says whether the trainer would start."""
+
+import json
+import shutil
+
+import pytest
+from models_fixtures import one_thread, tiny_folder  # noqa: F401
+from transformers import AutoConfig
+
+from ril_fast import memory
+from ril_fast.demo import build_demo
+from ril_fast.models import load
+from ril_fast.preflight import main
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, one_thread):  # noqa: F811
+    return build_demo(tmp_path_factory.mktemp("demo"), max_train=16, max_test=4)
+
+
+def _args(demo, **extra) -> list[str]:
+    args = dict(student=demo.student, train_data=demo.train, teachers=",".join(map(str, demo.teachers)),
+                eval_data=demo.test, max_new_tokens=12, **{"batch.questions_per_step": 4})
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def test_it_reports_the_lengths_the_run_would_see(demo, capsys):
+    """The prompt lengths it prints are those of the prompts' real encodings (images decoded and processed), and
+    the teacher responses' those of their tokenisation; the demo's tiny models fit."""
+    assert main(["--gpus", "2", *_args(demo)]) == 0
+    out = capsys.readouterr().out
+    _, processor = load(demo.student, device="cpu")
+    rows = [json.loads(line) for line in demo.train.read_text().splitlines()]
+    lengths = sorted(processor.encode_prompt(r["question"], [demo.train.parent / p for p in r["images"]]).prompt_len
+                     for r in rows)
+    assert f"training examples that fit: {len(rows)}; held-out: 4" in out
+    assert f"prompt tokens, images included: min {lengths[0]}, median {lengths[len(lengths) // 2]}, 99th percentile " \
+           f"{lengths[-1]}, max {lengths[-1]}; batch.max_tokens 4096 leaves 4084 beside max_new_tokens=12" in out
+    texts = [json.loads(line)["response"] for path in demo.teachers for line in path.read_text().splitlines()]
+    tokens = sorted(len(processor.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    assert f"teacher responses' tokens (end of turn included): min {tokens[0]}, median {tokens[len(tokens) // 2]}" in out
+    assert "memory: " in out and "sharded over 2 rank(s)" in out
+
+
+def test_a_real_sized_student_is_planned_from_its_config_alone(demo, tmp_path, tmp_path_factory, capsys):
+    """A Qwen2.5-VL-3B-shaped config beside the tiny tokenizer (the tiny weights, of other shapes, are never read):
+    refused on one 80 GiB GPU with the trainer's words, planned on eight, the numbers those of ``memory.plan``."""
+    student = shutil.copytree(tiny_folder(tmp_path_factory, "qwen2_5_vl"), tmp_path / "student")
+    config = json.loads((student / "config.json").read_text())
+    config["text_config"].update(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                 num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                 layer_types=["full_attention"] * 36, tie_word_embeddings=True)
+    config["tie_word_embeddings"] = True  # as the real 3B: 3.75 B parameters
+    config["vision_config"].update(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                   out_hidden_size=2048)
+    (student / "config.json").write_text(json.dumps(config))
+    plans = {n: memory.plan(AutoConfig.from_pretrained(student), disc=True, reference=False, gpu=True, shard=n,
+                            copies=1) for n in (1, 8)}
+    assert 3.7e9 < plans[1].student_params < 3.8e9
+    assert main(["--gpus", "1", *_args(demo, student=student)]) == 1
+    assert f"error: student={student}: the models need {plans[1].describe()}, but this rank has 80 GiB free" in \
+        capsys.readouterr().err
+    assert main(["--gpus", "8", *_args(demo, student=student, **{"batch.questions_per_step": 8})]) == 0
+    out = capsys.readouterr().out
+    assert f"memory: {plans[8].describe()}; {80 - plans[8].per_rank / 2**30:.3g} GiB of each GPU left" in out
+
+
+def test_what_the_trainer_would_refuse_is_an_error(demo, capsys):
+    assert main(_args(demo, **{"batch.max_tokens": 20})) == 1
+    assert f"error: {demo.train}:1: the prompt takes" in capsys.readouterr().err
+    assert main(["--gpus", "6", *_args(demo, **{"batch.shard_ranks": 4})]) == 1
+    assert "error: batch.shard_ranks=4: must divide the number of GPUs (6)" in capsys.readouterr().err
