@@ -164,10 +164,10 @@ class Config:
     mu: int = opt(1, "μ: discriminator and policy updates per batch (1: π_old = π_θ, ratio 1)")
     beta: float = opt(0.0, "β: weight of the k3 KL to the reference model (0: no reference model)")
     max_new_tokens: int = opt(12, "L_max: generation budget, also Dr.GRPO's constant normaliser")
-    max_image_pixels: int = opt(0, "Qwen-VL students: resize each image to at most this many pixels (a token per "
-                                   "28x28, Qwen3-VL 32x32: 1003520 is ~1280 tokens; a side never under one token; "
-                                   "final/'s image processor keeps it); 0: the student's image processor's own "
-                                   "(Qwen2.5-VL: 12845056, ~16384 tokens)")
+    max_image_pixels: int = opt(0, "Qwen-VL students: resize each image to at most this many pixels, in place of "
+                                   "the image processor's own limit (a token per 28x28, Qwen3-VL 32x32: 1003520 is "
+                                   "~1280 tokens; a side never under one token; final/'s image processor keeps it); "
+                                   "0: the student's own (Qwen2.5-VL: 12845056, ~16384 tokens)")
     long_prompts: LongPrompts = opt(LongPrompts.REFUSE, "an example whose prompt (images included) leaves no room "
                                                         "for max_new_tokens within batch.max_tokens (held-out ones: "
                                                         "the model's context), or whose image the image processor "

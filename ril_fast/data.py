@@ -41,6 +41,8 @@ class DataError(ValueError):
 
 
 _ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
+# PNG chunks, read as Pillow opens a file, that may hold an orientation: eXIf, ImageMagick's EXIF profile, XMP
+_PNG_ORIENTATION_CHUNKS = {"exif", "Raw profile type exif", "XML:com.adobe.xmp"}
 
 STUDENT = "student"  # the source of a student output (``ril_fast.rewards``): no teacher may be called so
 
@@ -141,10 +143,14 @@ def _images(record: dict, folder: Path, where: str, verified: dict[Path, tuple[i
 
 
 def _upright_size(im) -> tuple[int, int]:
-    """(width, height) of an opened PIL image once its EXIF orientation is applied. The orientation is read where
-    the header holds it: a PNG's ``getexif()`` would decode the pixels to look behind them."""
-    exif = im.getexif() if im.format != "PNG" or "exif" in im.info else {}
-    return im.size[::-1] if exif.get(_ORIENTATION) in (5, 6, 7, 8) else im.size  # a quarter turn swaps them
+    """(width, height) of an opened PIL image as ``ril_fast.packing.load_image`` will give it: turned upright by its
+    EXIF (or XMP) orientation, which is read without decoding the pixels where the file allows it. Pillow turns a
+    TIFF upright as it opens it. A PNG is looked at further only when a chunk before its pixels may hold an
+    orientation (then ``getexif()`` decodes it to read them); an eXIf chunk after the pixels goes unseen, and
+    a prompt that this makes longer than counted is still stopped by the step's own check."""
+    if im.format == "TIFF" or (im.format == "PNG" and not _PNG_ORIENTATION_CHUNKS & im.info.keys()):
+        return im.size
+    return im.size[::-1] if im.getexif().get(_ORIENTATION) in (5, 6, 7, 8) else im.size  # a quarter turn swaps them
 
 
 def load_examples(path: str | Path, *, control_tokens: Collection[str] = ()) -> list[Example]:
@@ -368,7 +374,9 @@ class Batches:
         for key, mine in (("seed", self.seed), ("num_examples", len(self.examples)),
                           ("questions_per_step", self.questions_per_step)):
             if state[key] != mine:
-                raise ValueError(f"cannot resume: the saved batches had {key}={state[key]}, this run has {mine}")
+                why = (" (the training data changed, or long_prompts=skip left out other examples: batch.max_tokens, "
+                       "max_new_tokens and max_image_pixels decide which)") if key == "num_examples" else ""
+                raise ValueError(f"cannot resume: the saved batches had {key}={state[key]}, this run has {mine}{why}")
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._permutation(self.epoch)
 

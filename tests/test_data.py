@@ -78,16 +78,30 @@ def test_load_examples(folder):
 
 
 def test_image_sizes_are_read_upright(tmp_path):
-    """Each example carries its images' (width, height) as the model sees them (``load_image``: EXIF orientation
-    applied), read without decoding them, in JPEG, WebP and PNG, turned a quarter, half turned, or not at all."""
+    """Each example carries its images' (width, height) as the model sees them (``load_image``: EXIF or XMP
+    orientation applied), read from the headers: JPEG, WebP, TIFF (which Pillow turns as it opens it), PNG with
+    the orientation in an eXIf chunk, in ImageMagick's EXIF text chunk or in XMP; turned a quarter, half turned,
+    or not at all."""
+    from PIL import PngImagePlugin, TiffImagePlugin
+
+    def exif(orientation):
+        e = Image.Exif()
+        e[0x0112] = orientation
+        return e.tobytes()
+
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="8"/></rdf:RDF></x:xmpmeta>')
+    raw_profile, xmp_chunk = PngImagePlugin.PngInfo(), PngImagePlugin.PngInfo()
+    raw_profile.add_text("Raw profile type exif", f"\nexif\n{len(exif(6)):8}\n{exif(6).hex()}\n", zip=True)
+    xmp_chunk.add_itxt("XML:com.adobe.xmp", xmp)
+    tiff_tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tiff_tags[0x0112] = 5
+    saves = [("jpg", dict(exif=exif(6))), ("jpg", dict(exif=exif(8))), ("jpg", dict(exif=exif(3))), ("jpg", {}),
+             ("webp", dict(exif=exif(5))), ("png", dict(exif=exif(6))), ("png", {}), ("png", dict(pnginfo=raw_profile)),
+             ("png", dict(pnginfo=xmp_chunk)), ("tif", dict(tiffinfo=tiff_tags))]
     files = []
-    for i, (fmt, orientation) in enumerate([("jpeg", 6), ("jpeg", 8), ("jpeg", 3), ("webp", 5), ("png", 6),
-                                            ("png", None), ("jpeg", None)]):
-        im = Image.new("RGB", (40 + i, 17 + 2 * i), (i, 0, 0))
-        exif = im.getexif()
-        if orientation is not None:
-            exif[0x0112] = orientation
-        im.save(tmp_path / f"{i}.{fmt}", exif=exif)
+    for i, (fmt, options) in enumerate(saves):
+        Image.new("RGB", (40 + i, 17 + 2 * i), (i, 0, 0)).save(tmp_path / f"{i}.{fmt}", **options)
         files.append(f"{i}.{fmt}")
     path = write_jsonl(tmp_path / "train.jsonl", [
         {"id": "all", "question": "q?", "answer": "x", "images": files},
@@ -95,7 +109,7 @@ def test_image_sizes_are_read_upright(tmp_path):
     first, second = load_examples(path)
     upright = [load_image(p).size for p in first.images]
     assert first.image_sizes == upright and second.image_sizes == upright[::-1]
-    assert sum(w < h for w, h in upright) == 4  # the four quarter turns (orientations 5, 6, 8, and the PNG's 6)
+    assert [w < h for w, h in upright] == [True, True, False, False, True, True, False, True, True, True]
 
 
 def _counter(lengths: dict):
@@ -332,6 +346,9 @@ def test_resume_continues_exactly(k):
 def test_batches_refuse_bad_settings():
     with pytest.raises(ValueError, match="cannot resume"):
         Batches(examples(10), 4, seed=1).load_state_dict(Batches(examples(10), 4, seed=2).state_dict())
+    with pytest.raises(ValueError, match=r"had num_examples=10, this run has 9 \(the training data changed, or "
+                                         r"long_prompts=skip left out other examples: batch.max_tokens"):
+        Batches(examples(9), 4).load_state_dict(Batches(examples(10), 4).state_dict())
     with pytest.raises(ValueError, match="cannot fill"):
         Batches(examples(3), 4)
     with pytest.raises(ValueError, match="cannot give each"):
