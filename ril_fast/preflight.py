@@ -33,7 +33,28 @@ class DoesNotFit(ConfigError):
 def load_data(cfg: Config, dist: distributed.Dist):
     """The training examples, the teacher bank (None: RL only), the evaluation examples and this rank's
     batches, checked against the student's tokenizer and image processor (every prompt leaves room for a
-    full-length response: ``long_prompts``); prints which ablation runs."""
+    full-length response: ``long_prompts``); prints which ablation runs. Rank 0 alone reads the files (every
+    image is opened) and sends what it read to the other ranks; its errors are raised on every rank."""
+    examples, bank, eval_examples = distributed.on_rank0(lambda: _read_data(cfg, dist))
+    try:
+        batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
+                          world_size=dist.world_size)
+    except ValueError as e:
+        raise ConfigError(f"batch.questions_per_step={cfg.batch.questions_per_step}: {e}") from None
+    if dist.is_main:
+        if bank is None:
+            print("mode: RL only (Dr.GRPO on the judge's reward; no teachers given)", flush=True)
+        else:
+            print(f"mode: RIL with {len(bank.teachers)} teacher(s): "
+                  + ", ".join(f"{name} ({n} responses)" for name, n in bank.counts().items()), flush=True)
+            if bank.truncated:
+                print(f"left out {len(bank.truncated)} teacher responses marked truncated (the first: "
+                      f"{bank.truncated[0]})", flush=True)
+    return examples, bank, eval_examples, batches
+
+
+def _read_data(cfg: Config, dist: distributed.Dist):
+    """:func:`load_data`'s examples, teacher bank and evaluation examples, read and checked."""
     if problem := model_folder_problem(cfg.student):
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {problem}")
     try:
@@ -49,11 +70,6 @@ def load_data(cfg: Config, dist: distributed.Dist):
     if tokens.kind is ModelKind.TEXT:
         refuse_images(every, f"the student ({cfg.student})")
     examples = _fitting(cfg, dist, every, tokens, *token_budget(cfg, context), what="training")
-    try:
-        batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
-                          world_size=dist.world_size)
-    except ValueError as e:
-        raise ConfigError(f"batch.questions_per_step={cfg.batch.questions_per_step}: {e}") from None
     bank = None
     if not cfg.rl_only:  # every example's id is known to the teacher files, left out or not
         bank = load_teachers(cfg.teachers, every, max_tokens=cfg.max_new_tokens,
@@ -69,16 +85,7 @@ def load_data(cfg: Config, dist: distributed.Dist):
     if eval_examples:  # greedy answers are generated, not packed: only the context bounds them
         eval_examples = _fitting(cfg, dist, eval_examples, tokens, context or float("inf"), "the model's context",
                                  what="held-out")
-    if dist.is_main:
-        if bank is None:
-            print("mode: RL only (Dr.GRPO on the judge's reward; no teachers given)", flush=True)
-        else:
-            print(f"mode: RIL with {len(bank.teachers)} teacher(s): "
-                  + ", ".join(f"{name} ({n} responses)" for name, n in bank.counts().items()), flush=True)
-            if bank.truncated:
-                print(f"left out {len(bank.truncated)} teacher responses marked truncated (the first: "
-                      f"{bank.truncated[0]})", flush=True)
-    return examples, bank, eval_examples, batches
+    return examples, bank, eval_examples
 
 
 def context_length(config) -> int | None:

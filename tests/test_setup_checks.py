@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -230,6 +231,27 @@ def test_long_prompts_are_refused_or_left_out_before_any_model_loads(demo, tmp_p
     assert f"left out 3 of {len(records)} training examples (long_prompts=skip); the first: {data}:5: " in printed
     assert (f"left out 1 of {len(held_out)} held-out examples (long_prompts=skip); the first: {test}:2: the image "
             f"processor refuses an image of the example (absolute aspect ratio must be smaller than 200") in printed
+
+
+def test_only_rank_0_reads_the_data(demo, tmp_path):
+    """Over two ranks (torchrun, gloo) rank 0 alone opens the image files, and every rank gets the same examples,
+    teacher responses and held-out examples, takes its own half of each batch, and raises rank 0's error."""
+    out = tmp_path / "seen.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    script = Path(__file__).parent / "dist_scripts" / "data_checks.py"
+    settings = _args(demo, tmp_path / "run", **{"batch.questions_per_step": 4})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(out), *settings], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    zero, one = json.loads(out.read_text())
+    assert zero["opened"] >= 16 + 4 and one["opened"] == 0  # every training and held-out image, once or more
+    for key in ("examples", "eval", "teachers"):
+        assert zero[key] == one[key], key
+    assert len(zero["examples"]) == 16 and len(zero["eval"]) == 2 and len(zero["teachers"]) == 16
+    assert len(zero["batch"]) == len(one["batch"]) == 2 and not set(zero["batch"]) & set(one["batch"])
+    assert zero["error"] == one["error"] and zero["error"].startswith(f"{demo.train}:1: the prompt takes")
 
 
 def test_a_start_that_would_mix_two_runs_is_refused(demo, finished, tmp_path, monkeypatch):

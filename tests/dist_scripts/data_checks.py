@@ -1,0 +1,43 @@
+"""Reading the training data on several CPU ranks (gloo), run by tests/test_setup_checks.py:
+
+    torchrun --standalone --nproc_per_node=2 tests/dist_scripts/data_checks.py OUT.json key=value ...
+
+Every rank counts the image files it opens while ``ril_fast.preflight.load_data`` reads the data the trainer's
+``key=value`` settings name, once as given and once with a ``batch.max_tokens`` that no prompt fits in; rank 0
+writes what each rank saw to OUT.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import PIL.Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ril_fast import distributed, preflight  # noqa: E402
+from ril_fast.config import load_config  # noqa: E402
+from ril_fast.data import DataError  # noqa: E402
+
+
+def main(out_path: str, settings: list[str]) -> None:
+    dist = distributed.init()
+    opened = []
+    real_open = PIL.Image.open
+    PIL.Image.open = lambda *a, **k: opened.append(a[0]) or real_open(*a, **k)
+    examples, bank, eval_examples, batches = preflight.load_data(load_config(settings), dist)
+    seen = dict(opened=len(opened), examples=[e.__dict__ for e in examples], eval=[e.id for e in eval_examples],
+                teachers=bank.by_id if bank is not None else None, batch=[e.id for e in next(batches)])
+    try:
+        preflight.load_data(load_config(settings + ["batch.max_tokens=20"]), dist)
+        seen["error"] = None
+    except DataError as e:
+        seen["error"] = str(e)
+    per_rank = distributed.all_gather_objects(json.loads(json.dumps(seen, default=str)))
+    if dist.is_main:
+        Path(out_path).write_text(json.dumps(per_rank))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
