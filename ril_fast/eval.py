@@ -91,31 +91,41 @@ def summarise(records: list[dict]) -> dict:
             "per_type": dict(sorted(per_type.items()))}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the evaluation (module docstring); returns the summary (on every rank)."""
-    from ril_fast import distributed
-    from ril_fast.data import LongPrompts, fitting, load_examples, refuse_images
-    from ril_fast.evaluate import evaluate
-    from ril_fast.judge import CachedJudge, judge_store, make_judge_from_config
-    from ril_fast.models import load
-    from ril_fast.packing import ModelKind, Processor
+def read_examples(args: argparse.Namespace) -> list:
+    """The examples of ``--data`` (the first ``--max-examples``), checked before the model loads against its
+    tokenizer and image processor: a prompt that leaves no room for ``--max-new-tokens`` in the model's context,
+    or an image the image processor refuses, names its line (leaving it out would change the accuracy's
+    denominator)."""
     from transformers import AutoConfig
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    start = time.perf_counter()
-    dist = distributed.init()
-    out = Path(args.out)
+    from ril_fast.data import LongPrompts, fitting, load_examples, refuse_images
+    from ril_fast.packing import ModelKind, Processor
+    from ril_fast.preflight import context_length
+
     tokens = Processor.from_pretrained(args.model)
     examples = load_examples(args.data, control_tokens=tokens.control_tokens)
     if args.max_examples:
         examples = examples[:args.max_examples]
     if tokens.kind is ModelKind.TEXT:
         refuse_images(examples, f"the model ({args.model})")
-    # Before the model loads: a prompt that leaves no room for --max-new-tokens in the model's context, or an image
-    # the image processor refuses, names its line (skipping it would change the accuracy's denominator).
-    context = getattr(AutoConfig.from_pretrained(args.model).get_text_config(), "max_position_embeddings", None)
-    fitting(examples, tokens.prompt_lengths, budget=context or float("inf"), max_new_tokens=args.max_new_tokens,
-            setting="the model's context", long_prompts=LongPrompts.REFUSE)
+    fitting(examples, tokens.prompt_lengths, budget=context_length(AutoConfig.from_pretrained(args.model)) or
+            float("inf"), max_new_tokens=args.max_new_tokens, setting="the model's context",
+            long_prompts=LongPrompts.REFUSE)
+    return examples
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the evaluation (module docstring); returns the summary (on every rank)."""
+    from ril_fast import distributed
+    from ril_fast.evaluate import evaluate
+    from ril_fast.judge import CachedJudge, judge_store, make_judge_from_config
+    from ril_fast.models import load
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    dist = distributed.init()
+    out = Path(args.out)
+    examples = distributed.on_rank0(lambda: read_examples(args))
     model, processor = load(args.model, device=dist.device)
     judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
     mine: list[dict] = []

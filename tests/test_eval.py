@@ -246,3 +246,20 @@ def test_an_image_the_processor_refuses_is_refused_before_the_model_loads(demo, 
                                         r"\(absolute aspect ratio must be smaller than 200, got 300.0\): resize the "
                                         r"image or drop the example$"):
         main(["--model", str(demo.student), "--data", str(data), "--out", str(tmp_path / "out"), "--judge", "rule"])
+
+
+def test_two_ranks_answer_the_same_as_one(demo, tmp_path):
+    """Under torchrun with two ranks (gloo) each rank answers its share of the examples (rank 0 alone reads the
+    data): the records and the summary are those of one process, example for example."""
+    one, records = _run(demo, demo.test, tmp_path / "one", "--judge", "rule")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "ril_fast.eval", "--model", str(demo.student), "--data", str(demo.test), "--out",
+                           str(tmp_path / "two"), "--max-new-tokens", "5", "--batch-size", "5", "--judge", "rule"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(env, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert [json.loads(line) for line in (tmp_path / "two" / "examples.jsonl").read_text().splitlines()] == records
+    assert {k: v for k, v in two.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
