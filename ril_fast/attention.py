@@ -41,6 +41,8 @@ VISION_NAME = "ril_flash_varlen"  # set on loaded vision towers only (see above)
 # cu_seqlens of the last position-ids tensor seen (every layer of one forward gets the same tensor),
 # keyed by the tensor and its version counter so an in-place edit between forwards is not missed.
 _boundaries_cache: tuple[torch.Tensor, int, torch.Tensor, int] | None = None
+# The rows kept by the last 2-D padding mask seen (every layer of a padded prefill gets the same mask), keyed alike.
+_mask_cache: tuple | None = None
 
 
 def _boundaries_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -191,6 +193,22 @@ def _cu_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     return F.pad(lens.cumsum(0), (1, 0)).to(torch.int32), int(lens.max())
 
 
+def _rows_from_mask(mask: torch.Tensor, tq: int) -> tuple:
+    """For a 2-D padding mask (B, Tk) whose rows' queries are their last ``tq`` positions: the flat indices of the
+    real query rows (of B·tq) and key rows (of B·Tk), and the cu_seqlens (int32) and longest length of each.
+    Computed once per mask (four host synchronisations), not again in every layer."""
+    global _mask_cache
+    cache = _mask_cache
+    if cache is not None and cache[0] is mask and cache[1] == mask._version and cache[2] == tq:
+        return cache[3]
+    keep_k = mask.bool()
+    keep_q = keep_k[:, -tq:]
+    rows = (keep_q.reshape(-1).nonzero().flatten(), keep_k.reshape(-1).nonzero().flatten(), *_cu_from_mask(keep_q),
+            *_cu_from_mask(keep_k))
+    _mask_cache = (mask, mask._version, tq, rows)
+    return rows
+
+
 def _decode(query, key, value, mask: torch.Tensor | None, scale: float | None, dropout: float) -> torch.Tensor:
     """One query per row against the whole cache (cached generation, every decoding step): query (B, Hq, 1, D),
     key/value (B, Hkv, Tk, D), mask (B, Tk) (nonzero on real keys; None: all real) -> (B, 1, Hq, D). A row whose
@@ -255,7 +273,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         return out.transpose(1, 2), None
     q = query.transpose(1, 2).reshape(B * Tq, Hq, D).contiguous()
     k, v = (x.transpose(1, 2).reshape(B * Tk, x.shape[1], D).contiguous() for x in (key, value))
-    keep = None
+    rows_q = None  # the real query rows, where padding was gathered out
     if kwargs.get("cu_seq_lens_q") is not None:
         cu, max_len = kwargs["cu_seq_lens_q"].to(torch.int32), int(kwargs["max_length_q"])
         cu_k = kwargs.get("cu_seq_lens_k", cu).to(torch.int32)
@@ -263,11 +281,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     elif attention_mask is not None:
         if attention_mask.ndim != 2:
             raise ValueError(f"ril_varlen takes a 2-D padding mask, got shape {tuple(attention_mask.shape)}")
-        keep_k = attention_mask.bool()
-        keep = keep_k[:, -Tq:]
-        cu, max_len = _cu_from_mask(keep)
-        cu_k, max_k = _cu_from_mask(keep_k)
-        q, k, v = q[keep.reshape(-1)], k[keep_k.reshape(-1)], v[keep_k.reshape(-1)]
+        rows_q, rows_k, cu, max_len, cu_k, max_k = _rows_from_mask(attention_mask, Tq)
+        q, k, v = q.index_select(0, rows_q), k.index_select(0, rows_k), v.index_select(0, rows_k)
     elif packed_row:
         cu, max_len = _boundaries_from_positions(position_ids)
         cu_k, max_k = cu, max_len
@@ -277,8 +292,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         max_len, max_k = Tq, Tk
     out = varlen_attention(q, k, v, cu, max_len, causal=causal, scale=scaling, dropout=dropout,
                            cu_seqlens_k=cu_k, max_seqlen_k=max_k)
-    if keep is not None:
-        out = out.new_zeros(B * Tq, Hq, D).index_put_((keep.reshape(-1),), out)
+    if rows_q is not None:
+        out = out.new_zeros(B * Tq, Hq, D).index_copy_(0, rows_q, out)
     return out.reshape(B, Tq, Hq, D), None
 
 

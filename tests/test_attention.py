@@ -269,3 +269,42 @@ def test_decoding_steps_make_no_host_synchronisation(tmp_path_factory, one_threa
             h.remove()
     assert any(steps), "no decoding step ran"
     assert not syncs.count, dict(syncs.count)
+
+
+def test_a_padded_prefill_synchronises_once_not_per_layer(monkeypatch):
+    """Every layer of a left-padded prefill gets the same 2-D mask: the rows it keeps are found in the first
+    layer's call (its host synchronisations) and reused by the next ones, which synchronise not at all around the
+    kernel (the kernel is not counted: on a CPU it is the padded SDPA path, on a GPU flash-attention, which needs
+    none) and give what a fresh computation gives; a mask edited in place is read again."""
+    B, Tk, hq, hkv, D = 3, 9, 4, 2, 8
+    mask = torch.ones(B, Tk, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[2, :2] = 0
+    module = torch.nn.Module()
+    module.is_causal = True
+    layers = [[torch.randn(B, h, Tk, D, dtype=torch.float64) for h in (hq, hkv, hkv)] for _ in range(3)]
+    syncs, outs = _HostSyncs(), []
+    kernel = attention.varlen_attention
+
+    def uncounted(*args, **kwargs):
+        on, syncs.on = syncs.on, False
+        try:
+            return kernel(*args, **kwargs)
+        finally:
+            syncs.on = on
+
+    monkeypatch.setattr(attention, "varlen_attention", uncounted)
+    with syncs:
+        for n, (q, k, v) in enumerate(layers):
+            syncs.on = n > 0
+            outs.append(attention.varlen_attention_forward(module, q, k, v, mask, scaling=None)[0])
+    assert not syncs.count, dict(syncs.count)
+    attention._mask_cache = None
+    for (q, k, v), out in zip(layers, outs):
+        assert torch.equal(out, attention.varlen_attention_forward(module, q, k, v, mask, scaling=None)[0])
+        real = mask.bool()
+        assert (out[~real] == 0).all() and out[real].abs().sum() > 0  # padding queries give zeros
+    mask[1, 0] = 0  # in place: the cached rows no longer hold
+    out = attention.varlen_attention_forward(module, *layers[0], mask, scaling=None)[0]
+    attention._mask_cache = None
+    assert torch.equal(out, attention.varlen_attention_forward(module, *layers[0], mask, scaling=None)[0])
