@@ -117,7 +117,7 @@ def _text(record: dict, name: str, where: str, control_tokens: Collection[str] =
 def _images(record: dict, folder: Path, where: str, verified: dict[Path, tuple[int, int]]) -> list[Path]:
     """The example's image paths, resolved against ``folder`` and each checked once with PIL, which reads its
     (width, height) into ``verified`` on the way: as the model sees it, turned upright by its EXIF orientation
-    (``ril_fast.packing.load_image``), so prompt lengths can be counted without decoding a pixel."""
+    (``ril_fast.processor.load_image``), so prompt lengths can be counted without decoding a pixel."""
     from PIL import Image
 
     if "images" not in record:
@@ -143,7 +143,7 @@ def _images(record: dict, folder: Path, where: str, verified: dict[Path, tuple[i
 
 
 def _upright_size(im) -> tuple[int, int]:
-    """(width, height) of an opened PIL image as ``ril_fast.packing.load_image`` will give it: turned upright by its
+    """(width, height) of an opened PIL image as ``ril_fast.processor.load_image`` will give it: turned upright by its
     EXIF (or XMP) orientation, which is read without decoding the pixels where the file allows it. Pillow turns a
     TIFF upright as it opens it. A PNG is looked at further only when a chunk before its pixels may hold an
     orientation (then ``getexif()`` decodes it to read them); an eXIf chunk after the pixels goes unseen, and
@@ -385,7 +385,7 @@ class Batches:
 # Examples -> packing samples
 # ----------------------------------------------------------------------------------------------------
 def to_sample(example: Example, response: str = "", *, truncated: bool = False) -> dict:
-    """The ``ril_fast.packing`` sample of an example and a response (empty: the prompt alone, for rollouts).
+    """The ``ril_fast.processor`` sample of an example and a response (empty: the prompt alone, for rollouts).
 
     ``truncated``: the response was cut at the generation budget (no end-of-turn token follows it).
     """

@@ -99,7 +99,7 @@ def read_examples(args: argparse.Namespace) -> list:
     from transformers import AutoConfig
 
     from ril_fast.data import LongPrompts, fitting, load_examples, refuse_images
-    from ril_fast.packing import ModelKind, Processor
+    from ril_fast.processor import ModelKind, Processor
     from ril_fast.preflight import context_length
 
     tokens = Processor.from_pretrained(args.model)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     from ril_fast.data import DataError
-    from ril_fast.packing import UnsupportedModel
+    from ril_fast.processor import UnsupportedModel
 
     try:
         main()

@@ -116,7 +116,7 @@ def _empty(hf_dir: Path, *, lm_head: bool) -> torch.nn.Module:
     device, so a large model costs one allocation, not an initialisation)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from ril_fast.packing import ModelKind
+    from ril_fast.processor import ModelKind
 
     config = AutoConfig.from_pretrained(hf_dir)
     text_only = ModelKind.of(config.model_type) is ModelKind.TEXT
@@ -152,7 +152,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str 
     (default: the fp32 master weights); with ``disc_out``, the discriminator too (fp32). Runs in one process
     without a process group. Returns ``out``."""
     from ril_fast.discriminator import Discriminator
-    from ril_fast.packing import Processor
+    from ril_fast.processor import Processor
 
     checkpoint = Path(checkpoint)
     hf_dir = checkpoint / "hf"

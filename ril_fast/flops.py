@@ -184,7 +184,7 @@ class Sample:
 
     @classmethod
     def of(cls, encoded) -> "Sample":
-        """From a ``ril_fast.packing.Encoded`` (its pixel tensor names its image set)."""
+        """From a ``ril_fast.processor.Encoded`` (its pixel tensor names its image set)."""
         grids = [] if encoded.image_grid_thw is None else [tuple(g) for g in encoded.image_grid_thw.tolist()]
         pixels = encoded.pixel_values
         tiles = len(pixels) if pixels is not None and encoded.image_grid_thw is None else 0

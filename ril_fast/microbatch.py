@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from ril_fast import distributed
-from ril_fast.packing import (Encoded, ModelKind, PackedBatch, PaddedBatch, Processor, first_fit_decreasing,
-                              image_groups, pack, pad)
+from ril_fast.packing import PackedBatch, PaddedBatch, first_fit_decreasing, image_groups, pack, pad
+from ril_fast.processor import Encoded, ModelKind, Processor
 
 
 @dataclass

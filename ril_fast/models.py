@@ -26,7 +26,8 @@ from ril_fast import attention, recurrence
 from ril_fast.distributed import compute_device
 from ril_fast.kernels import TokenLogprobs, token_logprobs
 from ril_fast.kernels.logprobs import token_logprobs_reference
-from ril_fast.packing import ModelKind, PackedBatch, PaddedBatch, Processor, pack
+from ril_fast.packing import PackedBatch, PaddedBatch, pack
+from ril_fast.processor import ModelKind, Processor
 
 
 class Attn(str, enum.Enum):
@@ -192,11 +193,11 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     to move one unit at a time (a GPU never holds the whole unsharded model). ``empty``: the model without its
     weights, on the meta device (nothing read but the folder's configs), for a rank that receives them from rank 0
     (``shard_model(from_rank0=True)``). ``processor``: a
-    :class:`ril_fast.packing.Processor` (tokenizer, image processor, chat template, image-token
+    :class:`ril_fast.processor.Processor` (tokenizer, image processor, chat template, image-token
     expansion and, for Qwen-VL, the model's mrope position function; ``max_image_pixels``: see
     ``Processor.from_pretrained``). A model ril_fast cannot pack (another
     VLM family, stateful sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``) raises
-    ``ril_fast.packing.UnsupportedModel``.
+    ``ril_fast.processor.UnsupportedModel``.
     """
     from transformers import AutoConfig
 

@@ -22,7 +22,7 @@ from ril_fast.judge import JudgeKind
 from ril_fast.judges_http import OpenAIClient
 from ril_fast.kernels._triton import interpreting
 from ril_fast.models import Kernels
-from ril_fast.packing import ModelKind, Processor, UnsupportedModel, UnsupportedSetting
+from ril_fast.processor import ModelKind, Processor, UnsupportedModel, UnsupportedSetting
 
 
 class DoesNotFit(ConfigError):

@@ -26,7 +26,7 @@ import types
 import torch
 
 from ril_fast import attention
-from ril_fast.packing import UnsupportedModel
+from ril_fast.processor import UnsupportedModel
 
 # Class names of sequence mixers that carry state along the sequence (transformers' names for them).
 _STATEFUL = re.compile(r"Mixer|ShortConv|Rwkv|Recurrent|Rglru|DeltaNet|DeltaAttention|Lightning|LSTM|Lstm|Ssm")

@@ -1,6 +1,6 @@
 """Rollouts: G sampled responses per question from the student (or one greedy response, for evaluation).
 
-Prompts are rendered by the packing ``Processor`` (chat template, image-token expansion), left-padded
+Prompts are rendered by the ``ril_fast.processor.Processor`` (chat template, image-token expansion), left-padded
 into one batch (G copies of each prompt, whose images go through the vision tower once) and run
 through HF ``generate`` with the KV cache. Sampling is exactly softmax(logits / τ), optionally top-k
 and top-p truncated (on a CPU each token is drawn by :func:`draw_one`, torch's multinomial being 35x
@@ -26,7 +26,8 @@ import torch
 
 from ril_fast.distributed import bare_blocks, compute_device, gathered, unwrap
 from ril_fast.models import vision_once
-from ril_fast.packing import Encoded, Processor, image_inputs
+from ril_fast.packing import image_inputs
+from ril_fast.processor import Encoded, Processor
 
 
 @dataclass

@@ -286,7 +286,7 @@ def _no_images_for_a_text_model(folder: str, jobs: list[Job]) -> None:
     from its config: before the model loads."""
     from transformers import AutoConfig
 
-    from ril_fast.packing import ModelKind
+    from ril_fast.processor import ModelKind
 
     if ModelKind.of_config(AutoConfig.from_pretrained(folder), folder) is ModelKind.TEXT:
         refuse_images([j.example for j in jobs], f"the teacher ({folder})")
@@ -386,7 +386,7 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    from ril_fast.packing import UnsupportedModel
+    from ril_fast.processor import UnsupportedModel
 
     try:
         main()

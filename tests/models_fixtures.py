@@ -101,3 +101,12 @@ def smollm2_lm(request, tmp_path_factory) -> Path:
         smollm2_folder(folder)
         done.write_text(stamp)  # last: a folder cut short by a crash is rebuilt
     return folder
+
+
+@pytest.fixture(scope="module")
+def processors(tmp_path_factory, one_thread):  # noqa: F811
+    """Processors (rope index included) of the tiny archs, by name."""
+    from ril_fast.models import load
+
+    return {a: load(tiny_folder(tmp_path_factory, a), device="cpu")[1]
+            for a in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl")}

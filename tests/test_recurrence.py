@@ -19,7 +19,7 @@ from helpers import (assert_close_rule, assert_grads_close_rule, fp64_oracle, ga
 from models_fixtures import one_thread, random_samples, tiny_folder  # noqa: F401
 from ril_fast import recurrence
 from ril_fast.models import load, response_logprobs
-from ril_fast.packing import UnsupportedModel
+from ril_fast.processor import UnsupportedModel
 
 
 def test_similar_lengths_groups_cost_at_most_twice_their_tokens(_fresh_seed):

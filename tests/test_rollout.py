@@ -24,7 +24,8 @@ import torch
 from helpers import fsdp_states_seen, vision_rows_seen
 from ril_fast import distributed, packing, rollout
 from ril_fast.models import last_hidden_states, lm_head_weight, load
-from ril_fast.packing import Encoded, pack
+from ril_fast.packing import pack
+from ril_fast.processor import Encoded
 from ril_fast.rollout import Rollout, sample_responses
 from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_folder  # noqa: F401
 

@@ -190,7 +190,7 @@ def test_long_prompts_are_refused_or_left_out_before_any_model_loads(demo, tmp_p
     batch.max_tokens that all the others fit in, and a held-out example gets an image the image processor refuses:
     long_prompts=refuse stops the run before any model loads, naming the first line and counting the others;
     skip leaves exactly those out (of every batch, and of the evaluation) and says so."""
-    from ril_fast.packing import Processor
+    from ril_fast.processor import Processor
 
     _no_models(monkeypatch)
     records = [json.loads(line) for line in demo.train.read_text().splitlines()]

@@ -357,7 +357,7 @@ def test_local_teacher_rerun_draws_the_empty_responses_afresh(text_model, tmp_pa
 def test_local_teacher_response_with_a_control_token_is_not_written(text_model, tmp_path, monkeypatch, capsys):
     """The local teacher decodes with special tokens kept: a response holding one of its control tokens, which
     load_teachers refuses, is treated as an empty one: not written, counted, asked for again."""
-    from ril_fast.packing import Processor
+    from ril_fast.processor import Processor
 
     control = Processor.from_pretrained(text_model).control_tokens
     assert {"<|endoftext|>", "<|im_end|>"} <= set(control)
