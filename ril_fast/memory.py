@@ -126,6 +126,17 @@ def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, copies: 
                 pinned=offload and gpu and pinned)
 
 
+def kv_cache_bytes(config, tokens: int, *, gpu: bool) -> int:
+    """Bytes of the KV cache a rollout's generate builds for ``tokens`` positions in all (sequences x length),
+    bf16 on a GPU, fp32 on a CPU: keys and values of every softmax-attention layer (a hybrid model's
+    linear-attention layers keep a fixed-size state instead, not counted)."""
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    layers = sum(kind != "linear_attention" for kind in kinds)
+    return tokens * layers * 2 * text.num_key_value_heads * head_dim * (2 if gpu else 4)
+
+
 def _shard_numel(shape: torch.Size, shard: int) -> int:
     """Elements of one rank's shard of a parameter: FSDP2 pads dim 0 to a multiple of the ranks (a 0-d one,
     which FSDP leaves alone, is whole)."""

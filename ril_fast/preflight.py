@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     left = args.gpu_gib - plan.per_rank / 2**30
     print(f"memory: {plan.describe()}; {left:.3g} GiB of each GPU left for activations (bounded by batch.max_tokens"
           f"={cfg.batch.max_tokens}{', recomputed' if cfg.batch.activation_checkpointing else ''})")
+    # A rollout call left-pads its prompts to the longest: its KV cache at most holds every row at full length.
+    rows = min(cfg.rollout.batch_size, cfg.group_size * -(-cfg.batch.questions_per_step // args.gpus))
+    kv = memory.kv_cache_bytes(AutoConfig.from_pretrained(cfg.student), rows * (max(lengths) + cfg.max_new_tokens),
+                               gpu=True) / 2**30
+    print(f"rollout KV cache: up to {kv:.3g} GiB a rank ({rows} sequences of at most {max(lengths)} + "
+          f"{cfg.max_new_tokens} tokens, bf16)" + ("" if kv <= left else
+                                                   f": more than the {left:.3g} GiB left: lower rollout.batch_size"))
     print("not checked here: the judge's server or folder, the host's memory, the weights themselves")
     return 0
 

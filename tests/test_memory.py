@@ -148,3 +148,25 @@ def test_a_student_that_cannot_fit_is_refused_before_any_model_loads(tmp_path, m
     assert "and the discriminator" in str(e.value) and not loaded and isinstance(e.value, DoesNotFit)
     monkeypatch.undo()
     train.setup(load_config(args)).log.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_5", "internvl", "qwen2"])
+def test_kv_cache_bytes_are_those_generate_keeps(arch, tmp_path_factory):
+    """The rollout's KV cache, counted from the config, is the keys and values a real ``generate`` keeps: every
+    softmax-attention layer's (Qwen3.5's linear-attention layers hold a fixed state instead), for each row and
+    position it has run (the prompt and all new tokens but the last), fp32 here as on a CPU."""
+    from transformers import AutoConfig
+
+    folder = tiny_folder(tmp_path_factory, arch)
+    model, processor = load(folder, device="cpu")
+    rows, prompt, new = 3, 7, 5
+    ids = torch.randint(100, 500, (rows, prompt))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    kept = [t for layer in out.past_key_values.layers for t in (getattr(layer, "keys", None),
+                                                                getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)]
+    assert kept and all(t.shape[0] == rows and t.shape[2] == prompt + new - 1 for t in kept)
+    assert _bytes(kept) == memory.kv_cache_bytes(AutoConfig.from_pretrained(folder), rows * (prompt + new - 1),
+                                                 gpu=False)

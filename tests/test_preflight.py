@@ -42,6 +42,10 @@ def test_it_reports_the_lengths_the_run_would_see(demo, capsys):
     tokens = sorted(len(processor.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
     assert f"teacher responses' tokens (end of turn included): min {tokens[0]}, median {tokens[len(tokens) // 2]}" in out
     assert "memory: " in out and "sharded over 2 rank(s)" in out
+    # G = 2 outputs of each of the 2 questions a rank gets in one generate call, padded to the longest prompt.
+    kv = memory.kv_cache_bytes(AutoConfig.from_pretrained(demo.student), 4 * (lengths[-1] + 12), gpu=True)
+    assert f"rollout KV cache: up to {kv / 2**30:.3g} GiB a rank (4 sequences of at most {lengths[-1]} + 12 " \
+           f"tokens" in out
 
 
 def test_a_real_sized_student_is_planned_from_its_config_alone(demo, tmp_path, tmp_path_factory, capsys):
@@ -51,7 +55,8 @@ def test_a_real_sized_student_is_planned_from_its_config_alone(demo, tmp_path, t
     config = json.loads((student / "config.json").read_text())
     config["text_config"].update(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                  num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-                                 layer_types=["full_attention"] * 36, tie_word_embeddings=True)
+                                 layer_types=["full_attention"] * 36, tie_word_embeddings=True,
+                                 max_position_embeddings=128000)
     config["tie_word_embeddings"] = True  # as the real 3B: 3.75 B parameters
     config["vision_config"].update(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                    out_hidden_size=2048)
@@ -65,6 +70,12 @@ def test_a_real_sized_student_is_planned_from_its_config_alone(demo, tmp_path, t
     assert main(["--gpus", "8", *_args(demo, student=student, **{"batch.questions_per_step": 8})]) == 0
     out = capsys.readouterr().out
     assert f"memory: {plans[8].describe()}; {80 - plans[8].per_rank / 2**30:.3g} GiB of each GPU left" in out
+    assert "lower rollout.batch_size" not in out
+    # 64 sequences of 30,000 new tokens: 36 layers x 2 x 2 KV heads x 128 x 2 bytes = 36.9 kB a token, 71 GB.
+    long = {"batch.questions_per_step": 8, "group_size": 64, "max_new_tokens": 30000, "batch.max_tokens": 40000}
+    assert main(["--gpus", "8", *_args(demo, student=student, **long)]) == 0
+    assert "GiB a rank (64 sequences of at most" in (out := capsys.readouterr().out)
+    assert f"more than the {80 - plans[8].per_rank / 2**30:.3g} GiB left: lower rollout.batch_size" in out
 
 
 def test_what_the_trainer_would_refuse_is_an_error(demo, capsys):
