@@ -19,6 +19,7 @@ Dr.GRPO loss by a global normaliser (all outputs of the step on all ranks), so F
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import pickle
 import weakref
@@ -105,28 +106,45 @@ def all_gather_objects(obj) -> list:
     return [obj]
 
 
+ON_RANK0_TIMEOUT = datetime.timedelta(hours=2)  # how long the other ranks wait for rank 0's work in on_rank0
+_WAITING: dict = {}  # default group -> the gloo group on_rank0 waits on
+
+
 def on_rank0(fn):
     """``fn()`` computed on rank 0 alone and its result (picklable) sent to every rank: for work every rank
     would otherwise repeat on shared storage, such as reading every image file of a data set (128 ranks would
     read it 128 times). An exception ``fn`` raises there is raised on every rank, so that none waits for a
-    result that never comes. Without a group, ``fn()``."""
+    result that never comes (one that cannot travel goes as a RuntimeError with its words). The other ranks
+    wait on a CPU (gloo) group of their own for up to ``ON_RANK0_TIMEOUT``, not the default group's timeout
+    (NCCL's: 10 minutes), and the result never passes through a GPU. Without a group, ``fn()``."""
     if world_size() == 1:
         return fn()
+    group = _WAITING.get(dist.group.WORLD)
+    if group is None:  # every rank calls on_rank0 at the same points, so every rank makes the group here
+        group = _WAITING[dist.group.WORLD] = dist.new_group(backend="gloo", timeout=ON_RANK0_TIMEOUT)
     box = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = (fn(), None)
+            result = fn()
+            box[0] = pickle.dumps((result, None))  # here, so that a result that cannot travel is an error too
         except Exception as e:  # noqa: BLE001 - every rank raises it below
-            try:
-                pickle.dumps(e)
-            except Exception:  # noqa: BLE001 - an exception that cannot travel goes as its words
-                e = RuntimeError(f"on rank 0: {type(e).__name__}: {e}")
-            box[0] = (None, e)
-    dist.broadcast_object_list(box, src=0)
-    result, error = box[0]
+            result, box[0] = None, pickle.dumps((None, _travelling(e)))
+    dist.broadcast_object_list(box, src=0, group=group)
+    if dist.get_rank() == 0 and result is not None:
+        return result
+    result, error = pickle.loads(box[0])
     if error is not None:
         raise error
     return result
+
+
+def _travelling(e: Exception) -> Exception:
+    """``e`` if it survives pickling on its way to the other ranks, else a RuntimeError with its words."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - any failure to rebuild it
+        return RuntimeError(f"on rank 0: {type(e).__name__}: {e}")
 
 
 def barrier() -> None:
@@ -139,6 +157,7 @@ def destroy() -> None:
     """Leave the process group (no-op without one)."""
     if dist.is_initialized():
         _MESHES.clear()
+        _WAITING.clear()
         dist.destroy_process_group()
 
 

@@ -7,7 +7,7 @@
   device Triton kernels need, the number of ranks);
 * ``check_memory``: the models' memory on every rank (``ril_fast.memory``), before any of them loads.
 
-``python -m ril_fast.preflight --gpus 8 --gpu-gib 80 --config FILE`` runs the data and memory checks for a planned
+``python -m ril_fast.preflight --gpus 8 --gpu-gib 78 --config FILE`` runs the data and memory checks for a planned
 run on any machine (no weight is read) and prints the lengths and the plan they rest on (:func:`main`).
 """
 
@@ -35,7 +35,7 @@ def load_data(cfg: Config, dist: distributed.Dist):
     batches, checked against the student's tokenizer and image processor (every prompt leaves room for a
     full-length response: ``long_prompts``); prints which ablation runs. Rank 0 alone reads the files (every
     image is opened) and sends what it read to the other ranks; its errors are raised on every rank."""
-    examples, bank, eval_examples = distributed.on_rank0(lambda: _read_data(cfg, dist))
+    examples, bank, eval_examples = distributed.on_rank0(lambda: _read_data(cfg))
     try:
         batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
                           world_size=dist.world_size)
@@ -53,8 +53,8 @@ def load_data(cfg: Config, dist: distributed.Dist):
     return examples, bank, eval_examples, batches
 
 
-def _read_data(cfg: Config, dist: distributed.Dist):
-    """:func:`load_data`'s examples, teacher bank and evaluation examples, read and checked."""
+def _read_data(cfg: Config):
+    """:func:`load_data`'s examples, teacher bank and evaluation examples, read and checked (on rank 0)."""
     if problem := model_folder_problem(cfg.student):
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {problem}")
     try:
@@ -69,7 +69,7 @@ def _read_data(cfg: Config, dist: distributed.Dist):
     every = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
     if tokens.kind is ModelKind.TEXT:
         refuse_images(every, f"the student ({cfg.student})")
-    examples = _fitting(cfg, dist, every, tokens, *token_budget(cfg, context), what="training")
+    examples = _fitting(cfg, every, tokens, *token_budget(cfg, context), what="training")
     bank = None
     if not cfg.rl_only:  # every example's id is known to the teacher files, left out or not
         bank = load_teachers(cfg.teachers, every, max_tokens=cfg.max_new_tokens,
@@ -83,7 +83,7 @@ def _read_data(cfg: Config, dist: distributed.Dist):
     if tokens.kind is ModelKind.TEXT:
         refuse_images(eval_examples, f"the student ({cfg.student})")
     if eval_examples:  # greedy answers are generated, not packed: only the context bounds them
-        eval_examples = _fitting(cfg, dist, eval_examples, tokens, context or float("inf"), "the model's context",
+        eval_examples = _fitting(cfg, eval_examples, tokens, context or float("inf"), "the model's context",
                                  what="held-out")
     return examples, bank, eval_examples
 
@@ -100,8 +100,8 @@ def token_budget(cfg: Config, context: int | None) -> tuple[int, str]:
     return cfg.batch.max_tokens, "batch.max_tokens"
 
 
-def _fitting(cfg: Config, dist: distributed.Dist, examples: list[Example], processor: Processor, budget: float,
-             setting: str, *, what: str) -> list[Example]:
+def _fitting(cfg: Config, examples: list[Example], processor: Processor, budget: float, setting: str, *,
+             what: str) -> list[Example]:
     """The ``examples`` whose prompts leave room for ``max_new_tokens`` within ``budget`` tokens (``setting`` names
     it), counted from the question and the image sizes before any model loads. The others stop the run
     (``long_prompts=refuse``, naming the first one's line) or are left out and counted (``skip``)."""
@@ -111,7 +111,7 @@ def _fitting(cfg: Config, dist: distributed.Dist, examples: list[Example], proce
     if not kept:
         raise DataError(f"{left_out[0]}: no {what} example leaves room for a response (long_prompts=skip left "
                         f"out all {len(examples)})")
-    if left_out and dist.is_main:
+    if left_out:
         print(f"left out {len(left_out)} of {len(examples)} {what} examples (long_prompts=skip); the first: "
               f"{left_out[0]}", flush=True)
     return kept
@@ -157,10 +157,11 @@ def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """``python -m ril_fast.preflight [--gpus N] [--gpu-gib G] [--config FILE] [key=value ...]``: what the trainer
-    would check before loading for that run on N GPUs of G GiB each, run here (a laptop will do: the student
-    folder's config, tokenizer and image-processor files and the images' headers are read, no weight), with the
-    numbers to choose settings by: prompt and teacher-response lengths, the memory plan. Returns the exit status:
-    0 when the run would start, 1 when the trainer would refuse it (the reason printed as ``error: ...``)."""
+    would check before loading for that run on N GPUs with G GiB free each, run here (a laptop will do: the
+    student folder's config, tokenizer and image-processor files and the images are read, no weight), with the
+    numbers to choose settings by: prompt and teacher-response lengths, the memory plan, the rollout's KV cache.
+    Returns the exit status: 0 when the trainer would start the run, 1 when it would refuse it (the reason printed
+    as ``error: ...``). With ``batch.cpu_offload`` the host's memory is checked when ``--host-gib`` is given."""
     import argparse
     import sys
     from types import SimpleNamespace
@@ -171,12 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ril_fast.preflight", epilog="every other argument is the trainer's: --config FILE, key=value",
         description="What the trainer checks before loading, for a run on GPUs this machine need not have: the data "
-                    "(prompt and teacher-response lengths) and the memory plan. No weight is read.")
+                    "(prompt and teacher-response lengths), the memory plan and the rollout's KV cache. No weight is "
+                    "read.")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs of the run, all nodes together (default 1)")
-    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80: H100)")
+    parser.add_argument("--gpu-gib", type=float, default=78.0, help="memory one GPU has free for the run, in GiB "
+                        "(default 78: an H100 80GB, ~79.2 GiB in all, once CUDA has started)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs that share a node's memory (default: --gpus, at "
+                        "most 8)")
+    parser.add_argument("--host-gib", type=float, help="memory a node has available, in GiB: checked against the "
+                        "offloaded state (batch.cpu_offload); not given, not checked")
     args, rest = parser.parse_known_args(argv)
-    if args.gpus < 1 or args.gpu_gib <= 0:
-        parser.error("--gpus must be >= 1 and --gpu-gib > 0")
+    per_node = args.gpus_per_node or min(args.gpus, 8)
+    if args.gpus < 1 or args.gpu_gib <= 0 or per_node < 1 or (args.host_gib is not None and args.host_gib <= 0):
+        parser.error("--gpus and --gpus-per-node must be >= 1, --gpu-gib and --host-gib > 0")
     try:
         cfg = load_config(rest)
         if needs_demo(cfg):
@@ -184,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         shard = cfg.batch.shard_ranks or args.gpus
         if args.gpus % shard:
             raise ConfigError(f"batch.shard_ranks={shard}: must divide the number of GPUs ({args.gpus})")
-        print(f"preflight of {cfg.student} for {args.gpus} GPU(s) of {args.gpu_gib:g} GiB (read: configs, tokenizer, "
-              f"image headers; no weights)", flush=True)
+        print(f"preflight of {cfg.student} for {args.gpus} GPU(s) with {args.gpu_gib:g} GiB free (read: configs, "
+              f"tokenizer, the images; no weights)", flush=True)
         examples, bank, eval_examples, _ = load_data(cfg, SimpleNamespace(rank=0, world_size=args.gpus, is_main=True))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    config = AutoConfig.from_pretrained(cfg.student)
     processor = Processor.from_pretrained(cfg.student, max_image_pixels=cfg.max_image_pixels)
-    budget, setting = token_budget(cfg, context_length(AutoConfig.from_pretrained(cfg.student)))
+    budget, setting = token_budget(cfg, context_length(config))
     lengths = processor.prompt_lengths([(e.question, e.image_sizes) for e in examples])
     print(f"training examples that fit: {len(examples)}; held-out: {len(eval_examples)}")
     print(f"prompt tokens, images included: {_spread(lengths)}; {setting} {budget} leaves "
@@ -200,23 +209,25 @@ def main(argv: list[str] | None = None) -> int:
         texts = [r for per_teacher in bank.by_id.values() for rs in per_teacher.values() for r in rs]
         print(f"teacher responses' tokens (end of turn included): {_spread(processor.response_lengths(texts))}; "
               f"max_new_tokens={cfg.max_new_tokens}")
-    plan = memory.plan(AutoConfig.from_pretrained(cfg.student), disc=bank is not None, reference=cfg.beta > 0,
-                       gpu=True, shard=shard, copies=args.gpus // shard, offload=cfg.batch.cpu_offload,
-                       pinned=cfg.batch.offload_pinned)
-    if problem := memory.shortfall(plan, int(args.gpu_gib * 2**30)):
-        print(f"error: student={cfg.student}: {problem}", file=sys.stderr)
+    plan = memory.plan(config, disc=bank is not None, reference=cfg.beta > 0, gpu=True, shard=shard,
+                       copies=args.gpus // shard, offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned)
+    host = None if args.host_gib is None else int(args.host_gib * 2**30) // per_node  # the trainer's share a rank
+    if problem := memory.shortfall(plan, int(args.gpu_gib * 2**30), host):
+        print(f"error: student={cfg.student}: {problem} (here: --gpus, --gpu-gib, --host-gib)", file=sys.stderr)
         return 1
     left = args.gpu_gib - plan.per_rank / 2**30
     print(f"memory: {plan.describe()}; {left:.3g} GiB of each GPU left for activations (bounded by batch.max_tokens"
           f"={cfg.batch.max_tokens}{', recomputed' if cfg.batch.activation_checkpointing else ''})")
     # A rollout call left-pads its prompts to the longest: its KV cache at most holds every row at full length.
     rows = min(cfg.rollout.batch_size, cfg.group_size * -(-cfg.batch.questions_per_step // args.gpus))
-    kv = memory.kv_cache_bytes(AutoConfig.from_pretrained(cfg.student), rows * (max(lengths) + cfg.max_new_tokens),
-                               gpu=True) / 2**30
+    kv = memory.kv_cache_bytes(config, rows * (max(lengths) + cfg.max_new_tokens), gpu=True) / 2**30
     print(f"rollout KV cache: up to {kv:.3g} GiB a rank ({rows} sequences of at most {max(lengths)} + "
           f"{cfg.max_new_tokens} tokens, bf16)" + ("" if kv <= left else
                                                    f": more than the {left:.3g} GiB left: lower rollout.batch_size"))
-    print("not checked here: the judge's server or folder, the host's memory, the weights themselves")
+    unchecked = ["the judge's server or folder", "the weights themselves"]
+    if plan.offload and host is None:
+        unchecked.append(f"the host's memory ({plan.host_per_rank / 2**30:.3g} GiB a rank: --host-gib)")
+    print(f"not checked here: {', '.join(unchecked)}")
     return 0
 
 

@@ -40,7 +40,8 @@ def test_it_reports_the_lengths_the_run_would_see(demo, capsys):
            f"{lengths[-1]}, max {lengths[-1]}; batch.max_tokens 4096 leaves 4084 beside max_new_tokens=12" in out
     texts = [json.loads(line)["response"] for path in demo.teachers for line in path.read_text().splitlines()]
     tokens = sorted(len(processor.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
-    assert f"teacher responses' tokens (end of turn included): min {tokens[0]}, median {tokens[len(tokens) // 2]}" in out
+    assert f"teacher responses' tokens (end of turn included): min {tokens[0]}, median " \
+           f"{tokens[len(tokens) // 2]}" in out
     assert "memory: " in out and "sharded over 2 rank(s)" in out
     # G = 2 outputs of each of the 2 questions a rank gets in one generate call, padded to the longest prompt.
     kv = memory.kv_cache_bytes(AutoConfig.from_pretrained(demo.student), 4 * (lengths[-1] + 12), gpu=True)
@@ -64,18 +65,36 @@ def test_a_real_sized_student_is_planned_from_its_config_alone(demo, tmp_path, t
     plans = {n: memory.plan(AutoConfig.from_pretrained(student), disc=True, reference=False, gpu=True, shard=n,
                             copies=1) for n in (1, 8)}
     assert 3.7e9 < plans[1].student_params < 3.8e9
-    assert main(["--gpus", "1", *_args(demo, student=student)]) == 1
+    assert main(["--gpus", "1", "--gpu-gib", "80", *_args(demo, student=student)]) == 1
     assert f"error: student={student}: the models need {plans[1].describe()}, but this rank has 80 GiB free" in \
         capsys.readouterr().err
-    assert main(["--gpus", "8", *_args(demo, student=student, **{"batch.questions_per_step": 8})]) == 0
+    eight = ["--gpus", "8", "--gpu-gib", "80"]
+    assert main([*eight, *_args(demo, student=student, **{"batch.questions_per_step": 8})]) == 0
     out = capsys.readouterr().out
     assert f"memory: {plans[8].describe()}; {80 - plans[8].per_rank / 2**30:.3g} GiB of each GPU left" in out
     assert "lower rollout.batch_size" not in out
     # 64 sequences of 30,000 new tokens: 36 layers x 2 x 2 KV heads x 128 x 2 bytes = 36.9 kB a token, 71 GB.
     long = {"batch.questions_per_step": 8, "group_size": 64, "max_new_tokens": 30000, "batch.max_tokens": 40000}
-    assert main(["--gpus", "8", *_args(demo, student=student, **long)]) == 0
+    assert main([*eight, *_args(demo, student=student, **long)]) == 0
     assert "GiB a rank (64 sequences of at most" in (out := capsys.readouterr().out)
     assert f"more than the {80 - plans[8].per_rank / 2**30:.3g} GiB left: lower rollout.batch_size" in out
+
+
+def test_offloaded_the_hosts_memory_is_checked_when_given(demo, capsys):
+    """With batch.cpu_offload the plan's host bytes a rank are checked against --host-gib shared by the GPUs of a
+    node, as the trainer shares the CPU's memory among the ranks on it; without --host-gib the run is not refused
+    and the output says what was not checked."""
+    offload = _args(demo, **{"batch.cpu_offload": "true"})
+    plan = memory.plan(AutoConfig.from_pretrained(demo.student), disc=True, reference=False, gpu=True, shard=2,
+                       offload=True)
+    assert main(["--gpus", "2", *offload]) == 0
+    assert f"the host's memory ({plan.host_per_rank / 2**30:.3g} GiB a rank: --host-gib)" in capsys.readouterr().out
+    enough = 2 * plan.host_per_rank / 2**30  # two GPUs on the node
+    assert main(["--gpus", "2", "--host-gib", str(enough), *offload]) == 0
+    assert "host's memory" not in capsys.readouterr().out
+    assert main(["--gpus", "2", "--host-gib", str(enough * 0.99), *offload]) == 1
+    assert "but this rank's share of the CPU's available memory is" in capsys.readouterr().err
+    assert main(["--gpus", "2", "--gpus-per-node", "1", "--host-gib", str(enough / 2), *offload]) == 0
 
 
 def test_what_the_trainer_would_refuse_is_an_error(demo, capsys):

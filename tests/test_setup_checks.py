@@ -235,7 +235,8 @@ def test_long_prompts_are_refused_or_left_out_before_any_model_loads(demo, tmp_p
 
 def test_only_rank_0_reads_the_data(demo, tmp_path):
     """Over two ranks (torchrun, gloo) rank 0 alone opens the image files, and every rank gets the same examples,
-    teacher responses and held-out examples, takes its own half of each batch, and raises rank 0's error."""
+    teacher responses and held-out examples, takes its own half of each batch, and raises rank 0's errors, those
+    that cannot be sent as they are included."""
     out = tmp_path / "seen.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
@@ -252,6 +253,9 @@ def test_only_rank_0_reads_the_data(demo, tmp_path):
     assert len(zero["examples"]) == 16 and len(zero["eval"]) == 2 and len(zero["teachers"]) == 16
     assert len(zero["batch"]) == len(one["batch"]) == 2 and not set(zero["batch"]) & set(one["batch"])
     assert zero["error"] == one["error"] and zero["error"].startswith(f"{demo.train}:1: the prompt takes")
+    # What cannot travel from rank 0 is still an error on every rank, in rank 0's words; nothing hangs.
+    assert zero["unpicklable"] == one["unpicklable"] and "pickle" in zero["unpicklable"]
+    assert zero["unrebuildable"] == one["unrebuildable"] == "RuntimeError: on rank 0: Picky: 1/2"
 
 
 def test_a_start_that_would_mix_two_runs_is_refused(demo, finished, tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
     torchrun --standalone --nproc_per_node=2 tests/dist_scripts/data_checks.py OUT.json key=value ...
 
 Every rank counts the image files it opens while ``ril_fast.preflight.load_data`` reads the data the trainer's
-``key=value`` settings name, once as given and once with a ``batch.max_tokens`` that no prompt fits in; rank 0
-writes what each rank saw to OUT.json.
+``key=value`` settings name, once as given and once with a ``batch.max_tokens`` that no prompt fits in, and notes
+what ``distributed.on_rank0`` raises for a result or an exception that cannot travel; rank 0 writes what each rank
+saw to OUT.json.
 """
 
 import json
@@ -20,6 +21,24 @@ from ril_fast.config import load_config  # noqa: E402
 from ril_fast.data import DataError  # noqa: E402
 
 
+class Picky(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+def _raise_picky():
+    raise Picky(1, 2)
+
+
+def _error(fn) -> str:
+    """What ``distributed.on_rank0(fn)`` raises on this rank, in words."""
+    try:
+        distributed.on_rank0(fn)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "nothing raised"
+
+
 def main(out_path: str, settings: list[str]) -> None:
     dist = distributed.init()
     opened = []
@@ -33,6 +52,8 @@ def main(out_path: str, settings: list[str]) -> None:
         seen["error"] = None
     except DataError as e:
         seen["error"] = str(e)
+    seen["unpicklable"] = _error(lambda: (lambda: 0))  # a result that cannot travel
+    seen["unrebuildable"] = _error(_raise_picky)  # an exception that pickles but cannot be rebuilt
     per_rank = distributed.all_gather_objects(json.loads(json.dumps(seen, default=str)))
     if dist.is_main:
         Path(out_path).write_text(json.dumps(per_rank))
