@@ -53,6 +53,13 @@ def resume_point(cfg: Config) -> Path | None:
     return path
 
 
+def where_to_start(cfg: Config) -> tuple[Path | None, bool]:
+    """The checkpoint the run continues from (:func:`resume_point`) and whether it has anything left to do
+    (:func:`finished`)."""
+    resume_from = resume_point(cfg)
+    return resume_from, finished(cfg, resume_from)
+
+
 def finished(cfg: Config, resume_from: Path | None) -> bool:
     """Resumed at its last step, and ``final/`` is the export of that step (``FINISHED``): nothing is
     left to do. A run that wrote no checkpoint (``checkpoint_every=0``) and finished is done too at the

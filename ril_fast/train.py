@@ -52,8 +52,8 @@ from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog, peak_memory_gib, reset_peak_memory
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
-from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, finished, load_checkpoint, resume_point, save_checkpoint,
-                               sigterm_when_torchrun_dies, stop_on_signals)
+from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, load_checkpoint, save_checkpoint,
+                               sigterm_when_torchrun_dies, stop_on_signals, where_to_start)
 from ril_fast.models import enable_activation_checkpointing, load
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.preflight import check_memory, check_surroundings, context_length, load_data, token_budget
@@ -155,8 +155,9 @@ def setup(cfg: Config) -> Run:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out}: exists and is not a folder")
-    resume_from = resume_point(cfg)
-    if finished(cfg, resume_from):
+    # Rank 0's view of output_dir decides for every rank: a shared file system may show ranks different views.
+    resume_from, done = distributed.on_rank0(lambda: where_to_start(cfg))
+    if done:
         raise NothingToDo(cfg)
     if dist.is_main:
         print(cfg.describe(), flush=True)

@@ -236,7 +236,8 @@ def test_long_prompts_are_refused_or_left_out_before_any_model_loads(demo, tmp_p
 def test_only_rank_0_reads_the_data(demo, tmp_path):
     """Over two ranks (torchrun, gloo) rank 0 alone opens the image files, and every rank gets the same examples,
     teacher responses and held-out examples, takes its own half of each batch, and raises rank 0's errors, those
-    that cannot be sent as they are included."""
+    that cannot be sent as they are included; where the run starts (resume, finished) is rank 0's reading of
+    output_dir alone."""
     out = tmp_path / "seen.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
@@ -256,6 +257,7 @@ def test_only_rank_0_reads_the_data(demo, tmp_path):
     # What cannot travel from rank 0 is still an error on every rank, in rank 0's words; nothing hangs.
     assert zero["unpicklable"] == one["unpicklable"] and "pickle" in zero["unpicklable"]
     assert zero["unrebuildable"] == one["unrebuildable"] == "RuntimeError: on rank 0: Picky: 1/2"
+    assert zero["set_up"] == one["set_up"] == 0  # where the run starts: rank 0's reading of output_dir, for both
 
 
 def test_a_start_that_would_mix_two_runs_is_refused(demo, finished, tmp_path, monkeypatch):

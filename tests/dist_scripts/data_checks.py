@@ -4,8 +4,8 @@
 
 Every rank counts the image files it opens while ``ril_fast.preflight.load_data`` reads the data the trainer's
 ``key=value`` settings name, once as given and once with a ``batch.max_tokens`` that no prompt fits in, and notes
-what ``distributed.on_rank0`` raises for a result or an exception that cannot travel; rank 0 writes what each rank
-saw to OUT.json.
+what ``distributed.on_rank0`` raises for a result or an exception that cannot travel; then sets the run up (the
+models included) with rank 1 unable to read ``output_dir``. Rank 0 writes what each rank saw to OUT.json.
 """
 
 import json
@@ -16,7 +16,7 @@ import PIL.Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ril_fast import distributed, preflight  # noqa: E402
+from ril_fast import distributed, lifecycle, preflight, train  # noqa: E402
 from ril_fast.config import load_config  # noqa: E402
 from ril_fast.data import DataError  # noqa: E402
 
@@ -28,6 +28,10 @@ class Picky(Exception):
 
 def _raise_picky():
     raise Picky(1, 2)
+
+
+def _not_here(*args, **kwargs):
+    raise AssertionError("rank 1 read output_dir to decide where the run starts")
 
 
 def _error(fn) -> str:
@@ -54,6 +58,11 @@ def main(out_path: str, settings: list[str]) -> None:
         seen["error"] = str(e)
     seen["unpicklable"] = _error(lambda: (lambda: 0))  # a result that cannot travel
     seen["unrebuildable"] = _error(_raise_picky)  # an exception that pickles but cannot be rebuilt
+    if dist.rank == 1:  # rank 0's view of output_dir decides: this rank's must not be read
+        lifecycle.resume_point = lifecycle.finished = _not_here
+    run = train.setup(load_config(settings))
+    seen["set_up"] = run.start_step
+    run.log.close()
     per_rank = distributed.all_gather_objects(json.loads(json.dumps(seen, default=str)))
     if dist.is_main:
         Path(out_path).write_text(json.dumps(per_rank))
