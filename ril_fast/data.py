@@ -117,7 +117,7 @@ def _text(record: dict, name: str, where: str, control_tokens: Collection[str] =
 def _images(record: dict, folder: Path, where: str, verified: dict[Path, tuple[int, int]]) -> list[Path]:
     """The example's image paths, resolved against ``folder`` and each checked once with PIL, which reads its
     (width, height) into ``verified`` on the way: as the model sees it, turned upright by its EXIF orientation
-    (``ril_fast.processor.load_image``), so prompt lengths can be counted without decoding a pixel."""
+    (``ril_fast.processor.load_image``), so prompt lengths can be counted without the pixels (:func:`_upright_size`)."""
     from PIL import Image
 
     if "images" not in record:

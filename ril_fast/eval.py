@@ -99,8 +99,8 @@ def read_examples(args: argparse.Namespace) -> list:
     from transformers import AutoConfig
 
     from ril_fast.data import LongPrompts, fitting, load_examples, refuse_images
-    from ril_fast.processor import ModelKind, Processor
     from ril_fast.preflight import context_length
+    from ril_fast.processor import ModelKind, Processor
 
     tokens = Processor.from_pretrained(args.model)
     examples = load_examples(args.data, control_tokens=tokens.control_tokens)
