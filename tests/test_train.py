@@ -442,3 +442,26 @@ def test_cpu_offload_keeps_the_trained_state_off_the_gpu(demo, tmp_path):
     assert all(math.isfinite(v) for r in steps for v in r.values() if isinstance(v, float))
     before, after = _weights(demo.student), _weights(out / "final")
     assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before)
+
+
+def test_max_image_pixels_reaches_the_run_and_its_exports(tmp_path):
+    """A student whose image processor allows 16 tokens an image (12,544 pixels; a 300x200 image takes 12),
+    trained with ``max_image_pixels=6272``: the checkpoint's and ``final/``'s image processors, which are the run's,
+    resize it to at most 6,272 pixels (8 tokens), so inference sees images as training did."""
+    from PIL import Image
+
+    from ril_fast.processor import Processor
+
+    student = make_tiny(tmp_path / "student", "qwen2_5_vl")
+    Image.fromarray((torch.rand(200, 300, 3) * 255).byte().numpy()).save(tmp_path / "wide.png")
+    rows = [{"id": f"q{i}", "question": f"What shape is {i}?", "answer": "circle", "images": ["wide.png"]}
+            for i in range(4)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = main([f"student={student}", f"train_data={tmp_path / 'train.jsonl'}", "teachers=", "eval_data=",
+                "steps=1", "group_size=2", "max_new_tokens=4", f"output_dir={tmp_path / 'run'}", "progress=false",
+                "batch.questions_per_step=2", "max_image_pixels=6272", "checkpoint_every=1"])
+    assert Processor.from_pretrained(student).image_tokens(300, 200) == 12  # under the folder's own limit
+    for folder in (out / "final", out / "step-1" / "hf"):
+        processor = Processor.from_pretrained(folder)
+        assert processor.image_processor.size["longest_edge"] == 6272, folder
+        assert processor.image_tokens(300, 200) <= 8, folder
