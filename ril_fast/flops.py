@@ -60,6 +60,14 @@ def _weights(*modules) -> int:
                for m in module.modules() if isinstance(m, _WEIGHTED))
 
 
+def softmax_attention(text_config) -> tuple[int, int]:
+    """(layers with softmax attention over the context, head_dim) of a transformers text config: a hybrid model's
+    linear-attention layers (Qwen3.5's Gated DeltaNet) are not counted."""
+    kinds = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return sum(kind != "linear_attention" for kind in kinds), head_dim
+
+
 @dataclass(frozen=True)
 class Shapes:
     """The dimensions FLOPs depend on (see the module docstring), from :meth:`of_model` or :meth:`of`."""
@@ -94,11 +102,10 @@ class Shapes:
         config = model.config
         text = config.get_text_config()
         heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        attention_layers, head_dim = softmax_attention(text)
         head = model.get_output_embeddings().weight
         shapes = dict(hidden=head.shape[1], vocab=head.shape[0], decoder_params=_weights(model.get_decoder()),
-                      attention_layers=sum(kind != "linear_attention" for kind in kinds),
+                      attention_layers=attention_layers,
                       query_width=heads * head_dim)
         inner = model.base_model
         if (visual := getattr(inner, "visual", None)) is not None:  # the Qwen-VL families

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ril_fast.flops import softmax_attention
+
 STATE_BYTES = 12  # fp32 weights + AdamW's two fp32 moments, per trained parameter
 GRADIENT_BYTES = 4  # fp32 gradients, per parameter of the model being updated
 
@@ -131,9 +133,7 @@ def kv_cache_bytes(config, tokens: int, *, gpu: bool) -> int:
     bf16 on a GPU, fp32 on a CPU: keys and values of every softmax-attention layer (a hybrid model's
     linear-attention layers keep a fixed-size state instead, not counted)."""
     text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    layers = sum(kind != "linear_attention" for kind in kinds)
+    layers, head_dim = softmax_attention(text)
     return tokens * layers * 2 * text.num_key_value_heads * head_dim * (2 if gpu else 4)
 
 
