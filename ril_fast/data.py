@@ -238,10 +238,9 @@ def fitting(examples: list[Example], prompt_lengths: Callable[[list], list[int]]
             left_out.append(f"{e.where}: the image processor refuses an image of the example ({n})")
             remedies.append("resize the image or drop the example")
         elif n + max_new_tokens > budget:
-            left_out.append(f"{e.where}: the prompt takes {n} tokens (images included); with max_new_tokens="
-                            f"{max_new_tokens} that exceeds {setting} ({budget} tokens)")
-            remedies.append(("raise batch.max_tokens, " if setting == "batch.max_tokens" else "")
-                            + "use fewer or smaller images, or drop the example")
+            fact, remedy = no_room(e.where, n, max_new_tokens=max_new_tokens, budget=budget, setting=setting)
+            left_out.append(fact)
+            remedies.append(remedy)
         else:
             kept.append(e)
     if left_out and long_prompts is LongPrompts.REFUSE:
@@ -250,6 +249,15 @@ def fitting(examples: list[Example], prompt_lengths: Callable[[list], list[int]]
             notes.append(f"{len(left_out) - 1} more such example(s) in the file")
         raise DataError(f"{left_out[0]}: {remedies[0]}" + (f" ({'; '.join(notes)})" if notes else ""))
     return kept, left_out
+
+
+def no_room(where: str, prompt_tokens: int, *, max_new_tokens: int, budget: float, setting: str) -> tuple[str, str]:
+    """Why a prompt of ``prompt_tokens`` leaves no room for a full-length response within ``budget`` tokens
+    (``setting`` names it), "FILE:LINE: ..." for ``where``, and what to change."""
+    return (f"{where}: the prompt takes {prompt_tokens} tokens (images included); with max_new_tokens="
+            f"{max_new_tokens} that exceeds {setting} ({budget} tokens)",
+            ("raise batch.max_tokens, " if setting == "batch.max_tokens" else "")
+            + "use fewer or smaller images, or drop the example")
 
 
 def refuse_images(examples: list[Example], model: str) -> None:

@@ -41,7 +41,7 @@ import torch
 
 from ril_fast import checkpoint, distributed, schedule
 from ril_fast.config import Config, ConfigError, load_config
-from ril_fast.data import Batches, DataError, Example, to_sample
+from ril_fast.data import Batches, DataError, Example, no_room, to_sample
 from ril_fast.demo import build_demo, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
@@ -312,9 +312,8 @@ def _check_lengths(run: Run, samples: list[dict], encoded) -> None:
     budget, setting = token_budget(cfg, context_length(distributed.unwrap(run.student).config))
     for sample, e in zip(samples, encoded):
         if e.prompt_len + cfg.max_new_tokens > budget:
-            raise DataError(f"{sample['where']}: the prompt takes {e.prompt_len} tokens (images included); with "
-                            f"max_new_tokens={cfg.max_new_tokens} that exceeds {setting} ({budget} tokens): "
-                            f"raise batch.max_tokens, use fewer or smaller images, or drop the example")
+            raise DataError(": ".join(no_room(sample["where"], e.prompt_len, max_new_tokens=cfg.max_new_tokens,
+                                              budget=budget, setting=setting)))
 
 
 def _global_count(run: Run, n: int) -> torch.Tensor:
