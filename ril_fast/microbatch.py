@@ -12,8 +12,9 @@ chunks as fit, one image encoding each (``packing.first_fit_decreasing``).
 
 The vision tower is an FSDP unit of its own, so in each micro-batch it must run on every rank or on
 none: ``agree_images`` tells which micro-batches carry images on some rank, and a rank whose matching
-micro-batch has none gets a zero-weight image filler added to it (a copy of its shortest response with
-an image, or ``image_filler()`` when it has none: text-only questions beside image ones).
+micro-batch has none gets a zero-weight image filler added to it: ``image_filler()``, a blank image with
+an empty question and response (a few dozen tokens on Qwen-VL, one 448-pixel tile's more on InternVL), by
+which that micro-batch may exceed ``max_tokens`` (a copy of a real image response could have doubled it).
 
 ``padded=True`` lays the same micro-batches out right-padded (``PaddedBatch``) instead of packed: the
 baseline that packing is measured against (``bench/throughput.py``); every consumer reads both.
@@ -59,11 +60,14 @@ def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: b
     ``agree(n) -> m`` turns this rank's count into the count every rank must reach (the all-reduced
     maximum under FSDP; omitted: no padding). To reach it the heaviest micro-batches are split, then
     zero-weight fillers are added. ``agree_images(flags) -> flags``: whether each micro-batch has images
-    on this rank -> on any rank (omitted: no image fillers); ``image_filler() -> Encoded``: a response
-    with an image, for a rank that has none (see the module docstring). ``padded``: the same
+    on this rank -> on any rank (omitted: no image fillers); ``image_filler() -> Encoded``: the small
+    zero-weight sample with an image added where this rank has none (see the module docstring; needed
+    with ``agree_images``). ``padded``: the same
     micro-batches, right-padded to their longest sample (``max_tokens`` still bounds their real tokens)
     instead of packed.
     """
+    if (agree_images is None) != (image_filler is None):
+        raise ValueError("agree_images and image_filler go together: pass both or neither")
     layout = pad if padded else pack
     lengths = [e.length for e in encoded]
     bins = first_fit_decreasing(lengths, max_tokens, image_groups(encoded)) if encoded else []
@@ -82,22 +86,14 @@ def micro_batches(encoded: list[Encoded], max_tokens: int, agree=None, padded: b
     groups += [([encoded[shortest]], [shortest], [0.0]) for _ in range(count - len(bins))]
     if agree_images is not None:
         has = [any(e.pixel_values is not None for e in samples) for samples, _, _ in groups]
+        filler = None
         for (samples, index, weight), here, anywhere in zip(groups, has, agree_images(has)):
             if anywhere and not here:
-                samples.append(_image_filler(encoded, lengths, image_filler))
+                filler = filler or image_filler()
+                samples.append(filler)
                 index.append(index[0])  # any valid position: its weight is 0
                 weight.append(0.0)
     return [MicroBatch(layout(samples), index, torch.tensor(weight)) for samples, index, weight in groups]
-
-
-def _image_filler(encoded: list[Encoded], lengths: list[int], image_filler) -> Encoded:
-    """This rank's shortest response with an image, else ``image_filler()``."""
-    with_images = [i for i, e in enumerate(encoded) if e.pixel_values is not None]
-    if with_images:
-        return encoded[min(with_images, key=lambda i: lengths[i])]
-    if image_filler is None:
-        raise ValueError("other ranks have images in this micro-batch and this rank has none: pass image_filler")
-    return image_filler()
 
 
 def rank_agreement(processor: Processor, device: torch.device) -> dict:

@@ -53,8 +53,8 @@ def test_micro_batches_cover_every_response_and_meet_the_agreed_count(qwen_vl):
 
 def test_image_fillers_put_images_where_another_rank_has_them(qwen_vl):
     """When another rank has images in a micro-batch (FSDP runs the vision tower as one unit: all ranks
-    or none), an image-less one gets a zero-weight response with an image: this rank's own, else a blank
-    filler image; real responses are unchanged."""
+    or none), an image-less one gets a zero-weight blank-image filler, never a copy of a (possibly long) real
+    response, so it exceeds the budget by the filler's length at most; real responses are unchanged."""
     _, _, proc = qwen_vl
     everywhere = lambda flags: [True] * len(flags)  # noqa: E731 - another rank has images in each one
     filler = rank_agreement(proc, torch.device("cpu"))["image_filler"]
@@ -65,13 +65,18 @@ def test_image_fillers_put_images_where_another_rank_has_them(qwen_vl):
         micro = micro_batches(encoded, budget, agree_images=everywhere, image_filler=filler)
         assert all(mb.batch.pixel_values is not None for mb in micro)
         assert any(p.batch.pixel_values is None for p in plain) or 1 in counts
+        blank = filler().length
         for p, m in zip(plain, micro, strict=True):
             extra = [] if p.batch.pixel_values is not None else [0.0]
             assert m.index[:len(p.index)] == p.index and m.weight.tolist() == p.weight.tolist() + extra
+            assert m.batch.lengths == p.batch.lengths + [blank] * len(extra)
+            assert sum(m.batch.lengths) <= budget + blank * len(extra)
         unchanged = micro_batches(encoded, budget, agree_images=lambda f: f, image_filler=filler)
         assert [m.index for m in unchanged] == [p.index for p in plain]
     with pytest.raises(ValueError, match="image_filler"):
         micro_batches(encoded, budget, agree_images=everywhere)
+    with pytest.raises(ValueError, match="image_filler"):
+        micro_batches(encoded, budget, image_filler=filler)
 
 
 @pytest.mark.parametrize("layout", ["shared", "fillers", "image fillers"])
@@ -92,7 +97,8 @@ def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout
         assert any(mb.batch.vision_index is not None for mb in micro)  # a prompt's images encoded once
     elif layout == "image fillers":  # as if another rank had images in every micro-batch
         singles = lambda n: len(encoded) + 1  # noqa: E731 - one response per micro-batch, then a filler
-        micro = micro_batches(encoded, longest + 5, agree=singles, agree_images=lambda flags: [True] * len(flags))
+        micro = micro_batches(encoded, longest + 5, agree=singles, agree_images=lambda flags: [True] * len(flags),
+                              image_filler=rank_agreement(proc, torch.device("cpu"))["image_filler"])
         plain = micro_batches(encoded, longest + 5, agree=singles)
         without_images = sum(p.batch.pixel_values is None for p in plain)
         assert without_images >= 2  # the two text-only responses, at least
@@ -143,9 +149,11 @@ def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout
     assert abs(stats["loss"] - loss.item()) <= 1e-5 * (1 + abs(loss.item()))
 
 
-def test_disc_pass_is_eq1_and_learns(qwen_vl):
-    """Eq. 1's gradient over micro-batches == BCE over separate forwards; a few updates separate
-    student-style from teacher-style text."""
+@pytest.mark.parametrize("layout", ["split", "fillers", "image fillers"])
+def test_disc_pass_is_eq1_and_learns(qwen_vl, layout):
+    """Eq. 1's gradient and accuracy over micro-batches (split, with zero-weight fillers, with blank-image
+    fillers) == BCE over separate forwards, and ``disc_probs`` == each response's own score: a filler
+    neither trains nor scores; a few updates separate student-style from teacher-style text."""
     path, _, proc = qwen_vl
     disc, _ = Discriminator.from_student(path, device="cpu", init_std=0.02)
     student = random_samples([1, 0, 1, 0])
@@ -154,7 +162,19 @@ def test_disc_pass_is_eq1_and_learns(qwen_vl):
     samples = student + teacher
     labels = torch.tensor([1.0] * len(student) + [0.0] * len(teacher))
     encoded = encode_all(proc, samples)
-    micro = micro_batches(encoded, max(e.length for e in encoded) + 5, agree=lambda n: n + 1)
+    budget = max(e.length for e in encoded) + 5
+    if layout == "split":
+        micro = micro_batches(encoded, budget, agree=lambda n: n + 1)
+    else:  # one response per micro-batch, then fillers: whole zero-weight copies, or a blank image beside a
+        # text-only response (as if another rank had images in every micro-batch)
+        images = dict(agree_images=lambda flags: [True] * len(flags),
+                      image_filler=rank_agreement(proc, torch.device("cpu"))["image_filler"])
+        singles = lambda n: len(encoded) + 2  # noqa: E731
+        micro = micro_batches(encoded, budget, agree=singles, **(images if layout == "image fillers" else {}))
+        without_images = sum(mb.batch.pixel_values is None for mb in micro_batches(encoded, budget, agree=singles))
+        assert without_images >= 4  # the four text-only responses, at least
+        fillers = sum(int((mb.weight == 0).sum()) for mb in micro)
+        assert fillers == 2 + (without_images if layout == "image fillers" else 0)
     n = torch.tensor(float(len(samples)))
 
     disc.zero_grad(set_to_none=True)
@@ -167,6 +187,11 @@ def test_disc_pass_is_eq1_and_learns(qwen_vl):
     want = _grads(disc)
     err = max(max_err(got[k], want[k]) / (1e-3 + want[k].abs().max().item()) for k in want)
     assert err < 1e-4 and abs(stats["disc_loss"] - loss.item()) < 1e-5
+    assert stats["disc_accuracy"] == ((logits.detach() >= 0).float() == labels).float().mean().item()
+    probs = disc_probs(disc, micro, len(samples))
+    assert max_err(probs, torch.sigmoid(logits.detach())) < 1e-5
+    if layout != "split":
+        return
 
     opt = torch.optim.AdamW(disc.parameters(), lr=3e-3)
     for _ in range(30):
