@@ -78,17 +78,20 @@ def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def summarise(records: list[dict]) -> dict:
-    """Counts and accuracy overall and per answer type (``all`` when examples have none)."""
+    """Counts and accuracy overall and per answer type (``untyped``: the examples without one), and how many
+    answers were cut short by the token budget (``truncated``)."""
+    from ril_fast.evaluate import UNTYPED
+
     per_type: dict[str, dict] = {}
     for r in records:
-        t = per_type.setdefault(r["answer_type"] or "all", {"examples": 0, "correct": 0})
+        t = per_type.setdefault(r["answer_type"] or UNTYPED, {"examples": 0, "correct": 0})
         t["examples"] += 1
         t["correct"] += int(r["correct"])
     for t in per_type.values():
         t["accuracy"] = t["correct"] / t["examples"]
     correct = sum(int(r["correct"]) for r in records)
     return {"examples": len(records), "correct": correct, "accuracy": correct / max(len(records), 1),
-            "per_type": dict(sorted(per_type.items()))}
+            "per_type": dict(sorted(per_type.items())), "truncated": sum(int(r["truncated"]) for r in records)}
 
 
 def read_examples(args: argparse.Namespace) -> list:
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['examples']}), judge {judge.name}")
         for name, t in summary["per_type"].items():
             print(f"  {name:<12} {t['accuracy']:.4f} ({t['correct']}/{t['examples']})")
+        if summary["truncated"]:
+            print(f"{summary['truncated']} of {summary['examples']} answers were cut short at --max-new-tokens "
+                  f"{args.max_new_tokens}: raise it if the model's answers are longer")
         print(f"wrote {out / 'examples.jsonl'} and {out / 'summary.json'}")
     return summary
 

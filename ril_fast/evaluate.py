@@ -14,12 +14,15 @@ from ril_fast.distributed import Dist, all_reduce_sum
 from ril_fast.judge import Judge, JudgeItem
 from ril_fast.rollout import sample_responses
 
+UNTYPED = "untyped"  # the group of examples without an answer type, beside typed ones
+
 
 def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist, *, max_new_tokens: int,
              batch_size: int = 64, records: list | None = None, progress: bool = False) -> dict:
     """Greedy answers to ``examples`` (all ranks' list; this rank takes ``examples[rank::world]``).
 
-    Returns ``{"eval_accuracy": float, "eval_accuracy/<type>": float, ..., "eval_examples": int}``.
+    Returns ``{"eval_accuracy": float, "eval_accuracy/<type>": float, ..., "eval_examples": int}`` (per type
+    when some example has one; those without are ``untyped``).
     ``records``: when a list, one dict per example of this rank is appended to it: ``id``,
     ``answer_type``, ``question``, ``answer``, ``response``, ``truncated``, ``correct``. ``progress``: a
     progress bar of rank 0's examples on stderr.
@@ -27,7 +30,7 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
     from tqdm import tqdm
 
     mine = examples[dist.rank::dist.world_size]
-    types = sorted({e.answer_type or "all" for e in examples})
+    types = sorted({e.answer_type or UNTYPED for e in examples})
     correct = torch.zeros(len(types), dtype=torch.float64)
     total = torch.zeros(len(types), dtype=torch.float64)
     was_training = model.training
@@ -47,7 +50,7 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
                             "response": a[0].text, "truncated": a[0].truncated, "correct": bool(ok)}
                            for e, a, ok in zip(chunk, answers, verdicts))
         for e, ok in zip(chunk, verdicts):
-            k = types.index(e.answer_type or "all")
+            k = types.index(e.answer_type or UNTYPED)
             correct[k] += float(ok)
             total[k] += 1
         bar.update(len(chunk))
@@ -56,6 +59,6 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
     both = all_reduce_sum(torch.stack([correct, total]).to(dist.device)).cpu()
     correct, total = both[0], both[1]
     out = {"eval_accuracy": (correct.sum() / total.sum().clamp(min=1)).item(), "eval_examples": int(total.sum())}
-    if types != ["all"]:
+    if any(e.answer_type for e in examples):
         out.update({f"eval_accuracy/{t}": (correct[k] / total[k].clamp(min=1)).item() for k, t in enumerate(types)})
     return out

@@ -65,13 +65,17 @@ class UnsupportedSetting(ValueError):
 def load_image(image):
     """A PIL image, or a path to one, as the RGB image HF image processors would see: EXIF orientation
     applied, transparency composited onto white (transformers' ``convert_to_rgb``; a plain
-    ``convert("RGB")`` would turn a transparent background black)."""
+    ``convert("RGB")`` would turn a transparent background black). A file that cannot be decoded (changed since
+    the data was checked) is a ValueError naming it."""
     from PIL import Image, ImageOps
     from transformers.image_transforms import convert_to_rgb
 
     if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            return load_image(im)
+        try:
+            with Image.open(image) as im:
+                return load_image(im)
+        except OSError as e:  # PIL's words for a missing, unknown or cut-off file
+            raise ValueError(f"cannot read image {image}: {e}") from None
     return Image.fromarray(convert_to_rgb(ImageOps.exif_transpose(image), return_numpy=True))
 
 

@@ -17,7 +17,8 @@ GOOD = {"id": "a", "question": "What shape?", "answer": "circle", "images": ["im
 @pytest.fixture
 def folder(tmp_path):
     """A folder with img/a.png (a real PNG), img/broken.png (a PNG signature, then junk), img/cut.png
-    (a real PNG cut in half) and img/text.png (a text file)."""
+    (a real PNG cut in half), img/cut.jpg (a real JPEG cut short: its header whole) and img/text.png (a text
+    file)."""
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "img" / "a.png")
     (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
@@ -25,6 +26,9 @@ def folder(tmp_path):
     noise.save(tmp_path / "img" / "full.png")
     data = (tmp_path / "img" / "full.png").read_bytes()
     (tmp_path / "img" / "cut.png").write_bytes(data[:len(data) // 2])
+    noise.save(tmp_path / "img" / "full.jpg", quality=90)
+    data = (tmp_path / "img" / "full.jpg").read_bytes()
+    (tmp_path / "img" / "cut.jpg").write_bytes(data[:int(len(data) * random.uniform(0.3, 0.95))])
     (tmp_path / "img" / "text.png").write_text("id,question\n1,what?\n")
     return tmp_path
 
@@ -167,6 +171,11 @@ BAD_EXAMPLES = [
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/broken.png"]}, "cannot read image 'img/broken.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.png"]}, "cannot read image 'img/cut.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/text.png"]}, "cannot read image 'img/text.png'"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.jpg"]}, "cannot read image 'img/cut.jpg'"),
+    ('{"id": "b", "question": "red \\ud83d?", "answer": "x", "images": []}',
+     "'question' holds half of a character (the lone surrogate '\\ud83d' at character 4)"),
+    ('{"id": "b", "question": "q?", "answer": "\\udc00", "images": []}', "'answer' holds half of a character"),
+    ('{"id": "b\\ud83d", "question": "q?", "answer": "x", "images": []}', "'id' holds half of a character"),
     ({"id": "b", "question": "q?", "answer": "x", "images": [], "answer_type": 3}, "'answer_type' must be"),
     ({"id": "a", "question": "q?", "answer": "x", "images": []}, "duplicate id 'a' (first on line 1)"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),

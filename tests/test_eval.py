@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from fake_openai import FakeOpenAI
 from models_fixtures import one_thread  # noqa: F401
 
+from ril_fast import distributed
 from ril_fast.data import DataError, load_examples, to_sample
 from ril_fast.demo import build_demo
 from ril_fast.eval import main
+from ril_fast.evaluate import evaluate
 from ril_fast.judge import PROMPT_VERSION, RuleJudge
 from ril_fast.models import load
 from ril_fast.rollout import sample_responses
@@ -53,6 +56,28 @@ def test_greedy_answers_judged_and_summarised(demo, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/12)" in printed
     assert all(kind in printed for kind in summary["per_type"])
+    cut = sum(r["truncated"] for r in records)
+    assert summary["truncated"] == cut
+    assert (f"{cut} of 12 answers were cut short at --max-new-tokens 5" in printed) == (cut > 0)
+
+
+def test_examples_without_an_answer_type_are_their_own_group(demo, tmp_path):
+    """Beside typed examples, those without a type are counted as "untyped" (not "all", which reads as the
+    overall figure), in the summary and in the trainer's metrics alike."""
+    rows = [json.loads(line) for line in demo.test.read_text().splitlines()]
+    for row in rows[::3]:
+        row.pop("answer_type")
+    data = demo.root / "mixed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary, records = _run(demo, data, tmp_path / "mixed", "--judge", "rule")
+    untyped = [r for r in records if r["answer_type"] is None]
+    assert len(untyped) == len(rows[::3]) and summary["per_type"]["untyped"]["examples"] == len(untyped)
+    assert sum(t["examples"] for t in summary["per_type"].values()) == 12
+    examples = load_examples(data)
+    model, processor = load(demo.student, device="cpu")
+    metrics = evaluate(model, processor, examples, RuleJudge(), distributed.Dist(0, 1, 0, torch.device("cpu")),
+                       max_new_tokens=5)
+    assert metrics["eval_accuracy/untyped"] == summary["per_type"]["untyped"]["accuracy"]
 
 
 def test_right_answers_are_counted_and_the_http_judge_agrees(demo, tmp_path):

@@ -41,7 +41,16 @@ def test_an_example_without_teacher_response_names_its_line(demo, tmp_path):
     with pytest.raises(DataError) as e:
         train.main(_args(demo, tmp_path / "run", teachers=partial))
     assert str(e.value).startswith(f"{demo.train}:{_line_of(demo.train, dropped)}: example {dropped!r} has no "
-                                   f"response in any teacher collection (1 such examples)")
+                                   f"response in any teacher collection (1 such examples); RIL needs")
+    # Its responses there but every one marked truncated (left out): the message says so, naming the first line.
+    marked = tmp_path / "marked.jsonl"
+    marked.write_text("".join(json.dumps(r | {"truncated": r["id"] == dropped}) + "\n" for r in rows))
+    first = 1 + next(i for i, r in enumerate(rows) if r["id"] == dropped)
+    with pytest.raises(DataError) as e:
+        train.main(_args(demo, tmp_path / "run", teachers=marked))
+    assert str(e.value).startswith(f"{demo.train}:{_line_of(demo.train, dropped)}: example {dropped!r} has no "
+                                   f"response in any teacher collection (1 such examples); ")
+    assert f"responses marked truncated were left out (the first: {marked}:{first})" in str(e.value)
 
 
 def test_a_teacher_response_longer_than_the_budget_names_its_line(demo, tmp_path):

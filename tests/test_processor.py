@@ -46,6 +46,18 @@ def test_images_load_as_hf_processors_see_them(tmp_path):
     assert load_image(str(tmp_path / "o.png")).tobytes() == opaque.convert("RGB").tobytes()
 
 
+def test_an_image_that_cannot_be_decoded_is_a_value_error_naming_it(tmp_path):
+    """A file cut short since the data was checked (or never an image) is a ValueError naming the file, which
+    the trainer turns into an error naming the example's line (``train._name_the_failing_prompt``)."""
+    random_image(64, 48).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:int(len(data) * random.uniform(0.3, 0.95))])
+    (tmp_path / "text.png").write_text("not an image")
+    for name in ("cut.jpg", "text.png", "missing.png"):
+        with pytest.raises(ValueError, match=f"cannot read image {tmp_path / name}: "):
+            load_image(tmp_path / name)
+
+
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
 def test_cached_prompt_equals_a_fresh_encoding(arch, processors, tmp_path, _fresh_seed):
     """Questions whose images are paths keep their rendered prompt: responses of random lengths to the same
