@@ -75,9 +75,9 @@ def _read_data(cfg: Config):
         bank = load_teachers(cfg.teachers, every, max_tokens=cfg.max_new_tokens,
                              count_tokens=tokens.response_lengths, control_tokens=tokens.control_tokens)
         if missing := bank.missing(examples):
-            cut = (f"; {len(bank.truncated)} responses marked truncated were left out (the first: {bank.truncated[0]}): "
-                   f"a response cut off at the teacher's token budget is not its answer, so collect others for "
-                   f"these examples or drop them" if bank.truncated else "")
+            cut = (f"; {len(bank.truncated)} responses marked truncated were left out (the first: "
+                   f"{bank.truncated[0]}): a response cut off at the teacher's token budget is not its answer, so "
+                   f"collect others for these examples or drop them" if bank.truncated else "")
             raise DataError(f"{missing[0].where}: example {missing[0].id!r} has no response in any teacher "
                             f"collection ({len(missing)} such examples){cut}; RIL needs G teacher outputs per question")
     eval_examples = load_examples(cfg.eval_data, control_tokens=tokens.control_tokens) if cfg.eval_data else []
