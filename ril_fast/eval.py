@@ -96,25 +96,34 @@ def summarise(records: list[dict]) -> dict:
 
 def read_examples(args: argparse.Namespace) -> list:
     """The examples of ``--data`` (the first ``--max-examples``), checked before the model loads against its
-    tokenizer and image processor: a prompt that leaves no room for ``--max-new-tokens`` in the model's context,
-    or an image the image processor refuses, names its line (leaving it out would change the accuracy's
+    tokenizer and image processor (:func:`check_prompts`; leaving an example out would change the accuracy's
     denominator)."""
-    from transformers import AutoConfig
-
-    from ril_fast.data import LongPrompts, fitting, load_examples, refuse_images
-    from ril_fast.preflight import context_length
-    from ril_fast.processor import ModelKind, Processor
+    from ril_fast.data import load_examples
+    from ril_fast.processor import Processor
 
     tokens = Processor.from_pretrained(args.model)
     examples = load_examples(args.data, control_tokens=tokens.control_tokens)
     if args.max_examples:
         examples = examples[:args.max_examples]
-    if tokens.kind is ModelKind.TEXT:
-        refuse_images(examples, f"the model ({args.model})")
-    fitting(examples, tokens.prompt_lengths, budget=context_length(AutoConfig.from_pretrained(args.model)) or
-            float("inf"), max_new_tokens=args.max_new_tokens, setting="the model's context",
-            long_prompts=LongPrompts.REFUSE)
+    check_prompts(tokens, args.model, examples, max_new_tokens=args.max_new_tokens, who="the model")
     return examples
+
+
+def check_prompts(tokens, folder: str, examples: list, *, max_new_tokens: int, who: str) -> None:
+    """A DataError naming the line of the first example that the model in ``folder`` (``who``: "the model",
+    "the teacher") cannot answer, before it loads: images for a text-only model, an image its image processor
+    refuses, or a prompt that leaves no room for ``max_new_tokens`` in its context. ``tokens``: its
+    ``Processor``."""
+    from transformers import AutoConfig
+
+    from ril_fast.data import LongPrompts, fitting, refuse_images
+    from ril_fast.preflight import context_length
+    from ril_fast.processor import ModelKind
+
+    if tokens.kind is ModelKind.TEXT:
+        refuse_images(examples, f"{who} ({folder})")
+    fitting(examples, tokens.prompt_lengths, budget=context_length(AutoConfig.from_pretrained(folder)) or
+            float("inf"), max_new_tokens=max_new_tokens, setting="the model's context", long_prompts=LongPrompts.REFUSE)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,8 +7,9 @@
 
 ``--model`` is either
 * a local HF folder that ``ril_fast.models.load`` opens (a Qwen-VL / InternVL VLM, or a text LM for
-  text-only data; data with images for a text-only model is refused, naming the first such example's
-  file:line, before the model loads): batched sampling with ``ril_fast.rollout.sample_responses``,
+  text-only data; an example it cannot answer — images for a text-only model, an image its image processor
+  refuses, a prompt that leaves no room for ``--max-new-tokens`` in its context — is refused, naming the
+  first such example's file:line, before the model loads): batched sampling with ``ril_fast.rollout.sample_responses``,
   ``--batch-size`` sequences per ``generate`` call, each batch seeded from ``--seed`` and its first job.
   ``--seed`` defaults to one drawn from the OS (printed on stderr), so that a rerun draws afresh; a given
   ``--seed`` makes the responses reproducible (for the same pending jobs and ``--batch-size``), so a
@@ -68,8 +69,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ril_fast.data import DataError, Example, load_examples, refuse_images, to_sample
-from ril_fast.eval import check_judge_arguments, check_model_folder
+from ril_fast.data import DataError, Example, load_examples, to_sample
+from ril_fast.eval import check_judge_arguments, check_model_folder, check_prompts
 from ril_fast.files import InUse, lock_file, unlock_file
 from ril_fast.judge import CachedJudge, JudgeItem, add_judge_arguments, judge_store, make_judge_from_config
 from ril_fast.judges_http import HTTPError, OpenAIClient
@@ -281,15 +282,13 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
     return {"written": written, "empty": empty, "control_tokens": control}
 
 
-def _no_images_for_a_text_model(folder: str, jobs: list[Job]) -> None:
-    """Refuse (``DataError``, naming the data file and line) jobs with images for a text-only model folder,
-    from its config: before the model loads."""
-    from transformers import AutoConfig
+def _check_prompts(folder: str, jobs: list[Job], max_new_tokens: int) -> None:
+    """Refuse (``DataError``, naming the data file and line), before the model loads, the first pending example
+    the local teacher cannot answer (``ril_fast.eval.check_prompts``): else every run would die at its batch."""
+    from ril_fast.processor import Processor
 
-    from ril_fast.processor import ModelKind
-
-    if ModelKind.of_config(AutoConfig.from_pretrained(folder), folder) is ModelKind.TEXT:
-        refuse_images([j.example for j in jobs], f"the teacher ({folder})")
+    examples = list({id(j.example): j.example for j in jobs}.values())
+    check_prompts(Processor.from_pretrained(folder), folder, examples, max_new_tokens=max_new_tokens, who="the teacher")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -358,7 +357,7 @@ def _run(args: argparse.Namespace) -> dict:
     if jobs:
         batch_size = args.batch_size
         if local:
-            _no_images_for_a_text_model(args.model, jobs)
+            _check_prompts(args.model, jobs, args.max_new_tokens)
             seed = secrets.randbits(32) if args.seed is None else args.seed
             print(f"{name}: sampling seed {seed}", file=sys.stderr)
             teacher = LocalTeacher(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

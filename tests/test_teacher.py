@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 from fake_openai import FakeOpenAI
 from models_fixtures import one_thread, tiny_folder  # noqa: F401
+from transformers import AutoConfig
 
 from ril_fast.data import DataError, load_examples, load_teachers
 from ril_fast.demo import build_demo
@@ -438,6 +439,29 @@ def test_text_model_on_data_with_images_is_refused_before_it_loads(demo, text_mo
     with pytest.raises(DataError, match=rf"^{demo.train}:1: the example has images, but the teacher "
                                         rf"\({text_model}\) is a text-only model$"):
         main(["--model", str(text_model), "--data", str(demo.train), "--out", str(out), "--no-progress"])
+    assert not out.exists()
+
+
+def test_an_example_the_local_teacher_cannot_answer_is_refused_before_it_loads(demo, tmp_path, monkeypatch):
+    """An image its image processor refuses, or a prompt with no room for --max-new-tokens in its context, would
+    end every run at that example's batch: refused before the model loads, naming the line."""
+    from PIL import Image
+
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    Image.new("RGB", (3000, 10)).save(tmp_path / "wide.png")
+    rows = [json.loads(line) for line in demo.train.read_text().splitlines()[:3]]
+    rows[1]["images"] = [str(tmp_path / "wide.png")]
+    data = demo.train.parent / "wide.jsonl"  # beside the images its paths are relative to
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(DataError, match=rf"^{data}:2: the image processor refuses an image of the example "
+                                        r"\(absolute aspect ratio must be smaller than 200"):
+        main(["--model", str(demo.student), "--data", str(data), "--out", str(out), "--no-progress"])
+    context = AutoConfig.from_pretrained(demo.student).text_config.max_position_embeddings
+    with pytest.raises(DataError, match=rf"^{demo.train}:1: the prompt takes \d+ tokens .* exceeds the model's "
+                                        rf"context \({context} tokens\)"):
+        main(["--model", str(demo.student), "--data", str(demo.train), "--out", str(out), "--no-progress",
+              "--max-new-tokens", str(context)])
     assert not out.exists()
 
 
