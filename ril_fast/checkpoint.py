@@ -130,11 +130,13 @@ def _write_json(path: Path, data: dict) -> None:
 # Finding, saving, loading
 # ----------------------------------------------------------------------------------------------------
 def checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run folder, oldest first."""
+    """The complete checkpoints of a run folder, oldest first: its ``step-N`` folders that hold their
+    ``trainer.json`` (a folder without one is no checkpoint: emptied by hand, or half deleted)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / TRAINER_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -165,9 +167,10 @@ def resolve(resume: str, output_dir: str | Path) -> Path | None:
     if resume == "auto":
         return latest(output_dir)
     path = Path(resume)
-    if not (path / TRAINER_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {TRAINER_FILE}); "
-                                f"checkpoints are the step-N folders of a run's output_dir")
+    if not (path / TRAINER_FILE).is_file() or not _STEP_DIR.match(path.resolve().name):
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {TRAINER_FILE}, or a "
+                                f"checkpoint a run died writing, .step-N.tmp); checkpoints are the step-N folders "
+                                f"of a run's output_dir")
     return path
 
 
@@ -197,6 +200,32 @@ def save(output_dir: str | Path, step: int, dist: Dist, *, states: dict[str, Sta
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     barrier()
+    try:
+        _write(tmp, step, dist, states=states, trainer=trainer, counters=counters, rng=rng, config=config,
+               hf_files=hf_files)
+    except Exception as e:  # a full disk, most often: leave no half-written checkpoint behind
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**30
+        raise RuntimeError(f"writing checkpoint {final} failed ({type(e).__name__}: {e}); {free:.1f} GiB free in "
+                           f"{root}: free space there, or lower keep_checkpoints (the newest checkpoints are kept)"
+                           ) from e
+    if dist.is_main:
+        replaced = root / f".step-{step}.old.tmp"
+        if final.exists():  # the same step saved again (a resumed run's SIGTERM): replace it whole, the
+            os.replace(final, replaced)  # old one deleted only once the new one is in place
+        os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        for old in checkpoints(root)[:-keep] if keep else []:
+            doomed = root / f".{old.name}.old.tmp"  # out of sight at once: a kill mid-deletion leaves no
+            os.replace(old, doomed)  # step-N folder without its files (the next save clears .tmp folders)
+            shutil.rmtree(doomed)
+    barrier()
+    return final
+
+
+def _write(tmp: Path, step: int, dist: Dist, *, states, trainer, counters, rng, config, hf_files) -> None:
+    """:func:`save`'s files, written into ``tmp`` (every rank its own; rank 0 the shared ones)."""
     # One process: no collectives. (Gloo runs all_gather_object's copies on its own thread; libgomp then
     # counts more OpenMP threads than CPUs and stops spin-waiting, and every later parallel op of a
     # multi-threaded CPU run paid a futex wake-up: the demo's steps took 1.6x as long after its first
@@ -209,16 +238,6 @@ def save(output_dir: str | Path, step: int, dist: Dist, *, states: dict[str, Sta
         hf_files(tmp / "hf")
         _write_json(tmp / TRAINER_FILE, {"step": step, "world_size": dist.world_size, **trainer})
     barrier()
-    if dist.is_main:
-        replaced = root / f".step-{step}.old.tmp"
-        if final.exists():  # the same step saved again (a resumed run's SIGTERM): replace it whole, the
-            os.replace(final, replaced)  # old one deleted only once the new one is in place
-        os.replace(tmp, final)
-        shutil.rmtree(replaced, ignore_errors=True)
-        for old in checkpoints(root)[:-keep] if keep else []:
-            shutil.rmtree(old)
-    barrier()
-    return final
 
 
 def load(path: str | Path, dist: Dist, *, states: dict[str, Stateful], rng: random.Random) -> Saved:

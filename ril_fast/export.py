@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from ril_fast.checkpoint import SafeLoadPlanner, single_process
+from ril_fast.checkpoint import SafeLoadPlanner, saved_param_groups, single_process
 from ril_fast.distributed import barrier, fsdp_modules, unwrap
 
 _PREFIX = "module."  # parameter names of a model under the trainer's Sharded root
@@ -159,6 +159,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str 
     if not (checkpoint / "dcp").is_dir() or not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a ril_fast checkpoint (expected dcp/ and hf/config.json; "
                                 f"checkpoints are the step-N folders of a run's output_dir)")
+    if disc_out is not None and not saved_param_groups(checkpoint, "disc"):
+        raise FileNotFoundError(f"{checkpoint}: holds no discriminator (a checkpoint of an RL-only run): leave out "
+                                f"--disc")
     out = Path(out)
     _make_folder(out, "student")  # before any model loads: a destination that cannot be made fails now
     if disc_out is not None:

@@ -37,13 +37,19 @@ FINISHED = "finished.json"  # written last, after final/ is complete: the step f
 def resume_point(cfg: Config) -> Path | None:
     """The checkpoint the run continues from (``checkpoint.resolve``). Starting afresh or from an earlier
     checkpoint is refused while ``output_dir`` holds later ones of another run: the next ``resume=auto``
-    and the pruning of old checkpoints would take theirs for this run's."""
+    and the pruning of old checkpoints would take theirs for this run's. So is continuing another folder's
+    checkpoint in an ``output_dir`` that holds a run (checkpoints or metrics) of its own."""
     try:
         path = checkpoint.resolve(cfg.resume, cfg.output_dir)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     if cfg.resume == "auto":
         return path
+    out = Path(cfg.output_dir)
+    if path is not None and path.resolve().parent != out.resolve() and (
+            checkpoint.checkpoints(out) or (out / "metrics.jsonl").exists()):
+        raise ConfigError(f"resume={cfg.resume}: a checkpoint of another folder, and output_dir={out} holds a run "
+                          f"of its own that this one would mix with: choose an empty output_dir")
     step = -1 if path is None else checkpoint.saved_step(path)
     later = [p.name for p in checkpoint.checkpoints(cfg.output_dir) if checkpoint.saved_step(p) > step]
     if later:
@@ -61,17 +67,19 @@ def where_to_start(cfg: Config) -> tuple[Path | None, bool]:
 
 
 def finished(cfg: Config, resume_from: Path | None) -> bool:
-    """Resumed at its last step, and ``final/`` is the export of that step (``FINISHED``): nothing is
-    left to do. A run that wrote no checkpoint (``checkpoint_every=0``) and finished is done too at the
-    same ``steps``; at others it is refused, as it has nothing to continue from."""
+    """The run in ``output_dir`` finished at ``steps`` (``FINISHED``, which a start that trains deletes first:
+    it speaks of the last run started there): nothing is left to do with ``resume=auto``, whatever its newest
+    checkpoint (``checkpoint_every=0`` saves none at the last step); with ``resume=DIR``, only from the last
+    step's checkpoint. A finished run that wrote no checkpoint is refused at other ``steps``, as it has
+    nothing to continue from."""
     marker = Path(cfg.output_dir) / FINISHED
     done = json.loads(marker.read_text()).get("step") if marker.is_file() else None
-    if resume_from is not None:
-        return checkpoint.saved_step(resume_from) == cfg.steps and done == cfg.steps
-    if cfg.resume != "auto" or done is None:  # starting afresh
+    if cfg.resume == "none" or done is None:  # starting afresh, or nothing finished
         return False
-    if done == cfg.steps:
-        return True
+    if cfg.resume != "auto":
+        return checkpoint.saved_step(resume_from) == cfg.steps and done == cfg.steps
+    if done == cfg.steps or resume_from is not None:
+        return done == cfg.steps
     raise ConfigError(f"output_dir={cfg.output_dir}: holds a run that finished at step {done} and wrote no "
                       f"checkpoint to continue from (checkpoint_every=0): resume=none trains afresh over it, "
                       f"or choose another output_dir")
@@ -167,12 +175,22 @@ def checkpoint_if_due(run, step: int) -> None:
     latter case stop the run once the checkpoint is written."""
     stop = _agree(run, bool(run.stop_requested))
     if stop or (run.cfg.checkpoint_every and step % run.cfg.checkpoint_every == 0):
-        path = save_checkpoint(run, step)
+        save_checkpoint(run, step)
     if stop:
-        run.log.close()
-        cause = "Ctrl-C" if signal.SIGINT in run.stop_requested else "SIGTERM"
-        raise SystemExit(f"stopped by {cause} after step {step}: checkpoint {path} "
-                         f"written; run the same command to resume" if run.dist.is_main else 1)
+        _stop(run, step)
+
+
+def stop_if_asked(run, step: int) -> None:
+    """After the checkpoint of ``step``: stop when any rank got SIGTERM or Ctrl-C meanwhile."""
+    if _agree(run, bool(run.stop_requested)):
+        _stop(run, step)
+
+
+def _stop(run, step: int) -> None:
+    run.log.close()
+    cause = "Ctrl-C" if signal.SIGINT in run.stop_requested else "SIGTERM"
+    raise SystemExit(f"stopped by {cause} after step {step}: checkpoint {Path(run.cfg.output_dir) / f'step-{step}'} "
+                     f"written; run the same command to resume" if run.dist.is_main else 1)
 
 
 def _agree(run, flag: bool) -> bool:

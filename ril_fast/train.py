@@ -53,7 +53,7 @@ from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_
 from ril_fast.metrics import PhaseTimer, RunLog, peak_memory_gib, reset_peak_memory
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, load_checkpoint, save_checkpoint,
-                               sigterm_when_torchrun_dies, stop_on_signals, where_to_start)
+                               sigterm_when_torchrun_dies, stop_if_asked, stop_on_signals, where_to_start)
 from ril_fast.models import enable_activation_checkpointing, load
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.preflight import check_memory, check_surroundings, context_length, load_data, token_budget
@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> Path:
             if step % cfg.log_every == 0 or "eval_accuracy" in metrics:
                 run.log.log(metrics)
             checkpoint_if_due(run, step)  # every checkpoint_every steps; after SIGTERM or Ctrl-C, then stop
-    if cfg.checkpoint_every and run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every:
-        save_checkpoint(run, cfg.steps)  # the last step too: the same command run again has nothing to redo
+        if cfg.checkpoint_every and run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every:
+            save_checkpoint(run, cfg.steps)  # the last step too: the same command run again has nothing to redo
+            stop_if_asked(run, cfg.steps)  # a SIGTERM or Ctrl-C during that save
     evaluate_and_log(run, step=cfg.steps)
 
     export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main,
@@ -177,6 +178,7 @@ def setup(cfg: Config) -> Run:
             raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
         except OSError as e:
             raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None
+        (out / FINISHED).unlink(missing_ok=True)  # an earlier run's: this one has yet to finish
 
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32

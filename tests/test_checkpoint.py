@@ -299,12 +299,30 @@ def test_export_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
         export_main([str(tmp_path), str(tmp_path / "out")])
 
 
+def test_export_cli_refuses_disc_for_a_checkpoint_without_one(tmp_path):
+    """--disc for an RL-only run's checkpoint: a one-line error before anything is written (was DCP's traceback
+    after the student was written)."""
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    hf = lambda folder: folder.mkdir() or (folder / "config.json").write_text("{}")  # noqa: E731
+    saved = checkpoint.save(tmp_path, 2, dist, states={"student": checkpoint.TrainState(torch.nn.Linear(3, 2), None)},
+                            trainer={}, counters={}, rng=random.Random(1), config=Config(), hf_files=hf, keep=1)
+    with pytest.raises(SystemExit, match=rf"error: {saved}: holds no discriminator \(a checkpoint of an RL-only "
+                                         rf"run\): leave out --disc"):
+        export_main([str(saved), str(tmp_path / "out"), "--disc", str(tmp_path / "disc")])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "disc").exists()
+
+
 def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
+    """A checkpoint a run died writing (``.step-N.tmp``, even with rank 0's trainer.json written before another
+    rank's files), or a step-N folder without its trainer.json (emptied, or half deleted), is none."""
     (tmp_path / ".step-3.tmp").mkdir()
-    assert checkpoint.resolve("auto", tmp_path) is None
+    (tmp_path / ".step-3.tmp" / checkpoint.TRAINER_FILE).write_text('{"step": 3}')
+    (tmp_path / "step-2").mkdir()
+    assert checkpoint.resolve("auto", tmp_path) is None and checkpoint.checkpoints(tmp_path) == []
     assert checkpoint.resolve("none", tmp_path) is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        checkpoint.resolve(str(tmp_path / ".step-3.tmp"), tmp_path)
+    for folder in (".step-3.tmp", "step-2"):
+        with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+            checkpoint.resolve(str(tmp_path / folder), tmp_path)
 
 
 def test_records_until_keeps_what_an_uninterrupted_run_had_written(tmp_path):
@@ -358,6 +376,31 @@ def test_the_same_step_saved_again_replaces_it_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
     save(3)
     assert load(path).counters == {"skipped_steps": 3} and sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
+
+
+def test_a_failed_save_leaves_no_partial_checkpoint_and_says_what_is_free(tmp_path, monkeypatch):
+    """A checkpoint that cannot be written (a full disk) leaves no .step-N.tmp and names the free space and
+    the setting to lower; pruning moves an old checkpoint out of sight before deleting it."""
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    def save(step):
+        return checkpoint.save(tmp_path, step, dist, states={"student": checkpoint.TrainState(torch.nn.Linear(3, 2),
+                               None)}, trainer={}, counters={}, rng=random.Random(1), config=Config(),
+                               hf_files=lambda folder: folder.mkdir(), keep=1)
+
+    save(1)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.dcp, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+        with pytest.raises(RuntimeError, match=rf"writing checkpoint {tmp_path / 'step-2'} failed \(OSError: .*No "
+                                               rf"space left\); [\d.]+ GiB free in {tmp_path}: .*keep_checkpoints"):
+            save(2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+    rmtree, seen = shutil.rmtree, []
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda path, *a, **k: seen.append(Path(path).name) or
+                        rmtree(path, *a, **k))
+    save(2)
+    assert ".step-1.old.tmp" in seen and "step-1" not in seen  # never deleted where resume=auto looks
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]
 
 
 def test_one_process_save_and_load_warn_nothing(tmp_path):

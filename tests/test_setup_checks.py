@@ -268,6 +268,15 @@ def test_a_start_that_would_mix_two_runs_is_refused(demo, finished, tmp_path, mo
         train.setup(load_config(_args(demo, finished, resume=finished / "step-1")))
     with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
         train.setup(load_config(_args(demo, tmp_path / "run", resume=finished)))
+    other = tmp_path / "other"  # another folder's checkpoint, continued where a run of its own is
+    shutil.copytree(finished, other, ignore=shutil.ignore_patterns("final", "tensorboard"))
+    for holds in ("checkpoints", "metrics"):
+        if holds == "metrics":
+            shutil.rmtree(other / "step-1")
+            shutil.rmtree(other / "step-2")
+        with pytest.raises(ConfigError, match=rf"resume=.*step-2: a checkpoint of another folder, and output_dir="
+                                              rf"{other} holds a run of its own"):
+            train.setup(load_config(_args(demo, other, resume=finished / "step-2", steps=3)))
 
 
 def test_a_resume_that_cannot_continue_the_run_is_refused(demo, finished, tmp_path):
@@ -335,6 +344,64 @@ def test_a_finished_run_without_checkpoints_is_not_trained_again(demo, tmp_path,
             train.setup(load_config(_args(demo, out, steps=3, checkpoint_every=0)))
     train.main(_args(demo, out, steps=1, checkpoint_every=0, resume="none"))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1]
+
+
+def _stop_asked_at(monkeypatch, step: int, where: str) -> None:
+    """A SIGTERM during ``step`` (``where="step"``) or during its checkpoint's save ("save"), to the handler
+    installed then (the default one would end the process)."""
+    name = "train_step" if where == "step" else "save_checkpoint"
+    real = getattr(train, name)
+
+    def asked(run, at, *args, **kwargs):
+        if at == step:
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler), f"a SIGTERM would end the process in step {at}'s {where}"
+            handler(signal.SIGTERM, None)
+        return real(run, at, *args, **kwargs)
+    monkeypatch.setattr(train, name, asked)
+
+
+def test_finished_json_speaks_of_the_last_run_started_there(demo, tmp_path, monkeypatch, capsys):
+    """A start that trains deletes an earlier run's finished.json: a fresh run over a finished one, killed
+    before it finishes, is not taken for finished (final/ may be half written). A run whose newest checkpoint
+    is before its last step (checkpoint_every=0, stopped once by SIGTERM and resumed) is finished all the
+    same: it used to be trained again from that checkpoint every time its command was run."""
+    out = tmp_path / "run"
+    train.main(_args(demo, out, checkpoint_every=0))
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            train.main(_args(demo, out, checkpoint_every=0, resume="none", seed=6))
+    assert not (out / train.FINISHED).exists()
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _stop_asked_at(m, 1, "step")
+        with pytest.raises(SystemExit, match="stopped by SIGTERM after step 1"):
+            train.main(_args(demo, out, checkpoint_every=0, resume="none", seed=6))
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step-1"]
+    train.main(_args(demo, out, checkpoint_every=0, seed=6))  # resumes, finishes without saving step 2
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step-1"]
+    assert json.loads((out / train.FINISHED).read_text()) == {"step": 2}
+    capsys.readouterr()
+    _no_models(monkeypatch)
+    assert train.main(_args(demo, out, checkpoint_every=0, seed=6)) == out
+    assert "nothing to do: the run in" in capsys.readouterr().out
+
+
+def test_a_sigterm_during_the_last_steps_save_keeps_it(demo, tmp_path, monkeypatch):
+    """The last step's checkpoint (checkpoint_every not dividing steps) is saved with the signals still
+    deferred: a SIGTERM then stops the run after it, and the same command exports without training again."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _stop_asked_at(m, 3, "save")
+        with pytest.raises(SystemExit, match=rf"stopped by SIGTERM after step 3: checkpoint {out / 'step-3'} written"):
+            train.main(_args(demo, out, steps=3, checkpoint_every=2))
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step-2", "step-3"] and not (out / "final").exists()
+    before = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("a step was trained again"))
+    train.main(_args(demo, out, steps=3, checkpoint_every=2))
+    assert json.loads((out / train.FINISHED).read_text()) == {"step": 3}
+    assert [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == before
 
 
 @pytest.mark.parametrize("cut", ["killed_while_exporting", "final_of_an_earlier_steps"])
