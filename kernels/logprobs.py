@@ -92,11 +92,14 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w
                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(BLOCK_N, BLOCK_V) fp32 tile of hidden @ weightᵀ."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # 64-bit row offsets: a head's V·H, or a packed row's N·H, may pass 2^31 elements (152,064 × 16,384).
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
     for h0 in range(0, H, BLOCK_H):
         hk = h0 + tl.arange(0, BLOCK_H)
         hk_ok = hk < H
-        a = tl.load(h_ptr + rows[:, None] * stride_h + hk[None, :], mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_w + hk[None, :], mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
+        a = tl.load(h_rows + hk[None, :], mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
+        b = tl.load(w_rows + hk[None, :], mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter computes bf16 dots wrongly (triton #11584)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -181,13 +184,15 @@ def _dlogits_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, ou
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 def _blocks(hidden: torch.Tensor) -> dict:
-    """Tile sizes and dot flags. Under the interpreter every program costs ~1 ms of Python, so tiles
-    are large there; on GPU they are matmul-shaped. fp32 inputs get IEEE dots (TF32 would cost ~1e-3)."""
+    """Tile sizes, warps and dot flags. Under the interpreter every program costs ~1 ms of Python, so tiles
+    are large there; on GPU they are matmul-shaped, with 8 warps: compiled for sm_90 (Triton 3.9's ptxas -v,
+    bf16), the forward and the entropy backward spill 336 and 448 bytes of registers a thread at the default 4
+    warps (255 registers) and none at 8 (177 and 196). fp32 inputs get IEEE dots (TF32 would cost ~1e-3)."""
     upcast = interpreting()
     if upcast:
         sizes = dict(BLOCK_N=128, BLOCK_V=2048, BLOCK_H=128)
     else:
-        sizes = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64)
+        sizes = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8)
     precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
     return dict(sizes, UPCAST=upcast, DOT_PRECISION=precision)
 
@@ -344,7 +349,7 @@ class _TokenLogprobs(torch.autograd.Function):
         for v0 in range(0, V, step):
             w = weight[v0:v0 + step]
             g = dlogits(hidden, w, targets, v0, lse, entropy, g_lp, g_ent, ctx.temperature)
-            if need_h:  # fp32 accumulation over the chunks
+            if need_h:  # summed over the chunks in fp32; a bf16 chunk's own product is rounded to bf16 first
                 if g.dtype == torch.float32:
                     d_hidden.addmm_(g, w)
                 else:

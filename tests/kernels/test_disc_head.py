@@ -5,6 +5,8 @@ both the Triton kernels and the torch path's prefix-sum trick. Run in the input 
 "same-dtype eager reference" of the tolerance rule.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,19 @@ def test_real_hidden_size(impl, pool, device, monkeypatch):
     hidden, weight, bias = random_head(37, 3584, torch.bfloat16, torch.float32, device)
     starts, ends = make_ranges(37, "gaps", torch.int64, device)
     check_against_oracle(hidden, weight, bias, starts, ends, pool, impl, atol, rtol, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype,wdtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["packed", "gaps"])
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_many_blocks(pool, layout, dtype, wdtype, atol, rtol, device, monkeypatch):
+    """GPU-sized blocks take H in several blocks (the interpreter's own take it in one, up to 4096) and a mean's
+    rows several at a time: small blocks here, H = 100 in 7 of 16 (the last cut short), rows 4 at a time."""
+    module = importlib.import_module("ril_fast.kernels.disc_head")  # the package's attribute is the function
+    monkeypatch.setattr(module, "_blocks", lambda H, mean: ((4 if mean else 1), 16))
+    hidden, weight, bias = random_head(341, 100, dtype, wdtype, device)
+    starts, ends = make_ranges(341, layout, torch.int64, device)
+    check_against_oracle(hidden, weight, bias, starts, ends, pool, "triton", atol, rtol, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype,wdtype,atol,rtol", DTYPES[:2], ids=DTYPE_IDS[:2])

@@ -153,6 +153,42 @@ _MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+_FAR_ROWS = """
+import sys, torch
+from ril_fast.kernels import logprobs
+N, V, H, S = 4, 4096, 16, 1 << 20  # weight rows S elements apart: rows from 2048 on start past 2^31
+try:  # 8 GiB of address space; only the touched rows take memory
+    store = torch.empty(V * S, dtype=torch.bfloat16)
+except RuntimeError:
+    sys.exit(3)
+weight = store.as_strided((V, H), (S, 1))  # the launchers take a row stride; token_logprobs passes its own
+dense = (torch.randn(V, H) * 0.5).to(torch.bfloat16)
+weight.copy_(dense)
+hidden = torch.randn(N, H).to(torch.bfloat16)
+targets = torch.tensor([5, 2047, 2048, V - 1])
+lse, zt, _ = logprobs._forward_triton(hidden, weight, targets, 1.0, False)
+want_lse, want_zt, _ = logprobs._forward_torch(hidden, dense, targets, 1.0, False)
+g = torch.randn(N)
+d = logprobs._dlogits_triton(hidden, weight, targets, 0, lse, None, g, None, 1.0).float()
+want_d = logprobs._dlogits_torch(hidden, dense, targets, 0, want_lse, None, g, None, 1.0).float()
+errors = [(a - b).abs().max().item() for a, b in ((lse, want_lse), (zt, want_zt), (d, want_d))]
+print("max errors (lse, target logit, d logits)", errors)
+sys.exit(0 if max(errors) < 1e-2 else 1)
+"""
+
+
+def test_rows_past_2_31_elements():
+    """Row offsets are 64-bit: a head whose V·H (or a packed row whose N·H) passes 2^31 elements is read right
+    (with 32-bit offsets the interpreter read elsewhere and crashed; a GPU would read wrong rows silently).
+    Here a strided weight puts rows 2^20 apart, so only a few MiB are touched; run apart, as a wrong address
+    ends the process."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", _FAR_ROWS], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode == 3:
+        pytest.skip("this machine refuses 8 GiB of address space")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_memory_torch_path():
     """Forward + backward at N=8192, H=256, V=151936 (fp32) raises peak process memory by at most 10%
     of the N·V·4 bytes the eager logits alone would take (the bound includes d weight itself).
