@@ -202,6 +202,7 @@ class Config:
         _check_types(self, "")
         checks = [
             (self.steps >= 0, "steps must be >= 0"),
+            (-2**31 < self.seed < 2**31, "seed must lie in (-2^31, 2^31): each step's sampling seed is made from it"),
             (self.group_size >= 1, "group_size (G) must be >= 1"),
             (not self.rl_only or self.group_size >= 2,
              "group_size (G) must be >= 2 in RL-only mode: a group of one output has zero advantage"),

@@ -232,8 +232,11 @@ class TeacherBank:
     truncated: list[str] = field(default_factory=list)  # "FILE:LINE" of each line left out as truncated
 
     def responses(self, example_id: str) -> dict[str, list[str]]:
-        """``{teacher: [responses]}`` for one example (empty if no teacher answered it)."""
-        return self.by_id.get(example_id, {})
+        """``{teacher: [responses]}`` for one example (empty if no teacher answered it), teachers in the bank's
+        order (``teachers``), whatever the order of the example's lines: ``rewards.draw_teacher_outputs``
+        rotates a group's extra outputs over the teachers in this order."""
+        found = self.by_id.get(example_id, {})
+        return {name: found[name] for name in self.teachers if name in found}
 
     def missing(self, examples: list[Example]) -> list[Example]:
         """The examples that no teacher has a response for."""

@@ -47,13 +47,19 @@ def disc_probs(disc, micro: list[MicroBatch], n: int) -> torch.Tensor:
     The parameters are gathered once for all micro-batches (``gathered``), the decoder blocks then run
     without FSDP's hooks (``bare_blocks``), and the scores stay on the device until the last one."""
     device = compute_device(disc)
-    probs = torch.full((n,), float("nan"), device=device)
+    probs = torch.zeros(n, device=device)
+    scored = torch.zeros(n, dtype=torch.bool, device=device)
     with gathered(disc), bare_blocks(disc):
         for mb in micro:
             p = torch.sigmoid(disc(mb.batch.to(device))).float()
             rows = torch.tensor(mb.real, dtype=torch.long, device=device)
-            probs[torch.tensor([mb.index[k] for k in mb.real], dtype=torch.long, device=device)] = p[rows]
-    probs = probs.cpu()
-    if torch.isnan(probs).any():
+            index = torch.tensor([mb.index[k] for k in mb.real], dtype=torch.long, device=device)
+            probs[index] = p[rows]
+            scored[index] = True
+    probs, scored = probs.cpu(), scored.cpu()
+    if not scored.all():
         raise RuntimeError("some responses were in no micro-batch")
+    if bad := int((~torch.isfinite(probs)).sum()):  # NaN < threshold is False: it would pass as r_sim = 0
+        raise RuntimeError(f"the discriminator scored {bad} of {n} responses NaN: its weights or activations are "
+                           f"no longer finite")
     return probs

@@ -104,6 +104,7 @@ def test_yaml_then_overrides(tmp_path):
     (["optim.lr=inf", "disc.lr=inf"], ["optim.lr must be > 0 and finite", "disc.lr must be > 0 and finite"]),
     (["disc.grad_clip=-1", "disc.weight_decay=-1"], ["disc.grad_clip must be >= 0", "disc.weight_decay must be >= 0"]),
     (["beta=-1", "steps=-1"], ["beta (β) must be >= 0", "steps must be >= 0"]),
+    (["seed=5000000000"], ["seed must lie in (-2^31, 2^31)"]),
     (["judge=http"], ["judge=http needs judge_url and judge_model"]),
     (["teachers=", "group_size=1"], ["group_size (G) must be >= 2 in RL-only mode"]),
     (["max_new_tokens=64", "batch.max_tokens=64"], ["batch.max_tokens must exceed max_new_tokens"]),

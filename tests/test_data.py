@@ -219,6 +219,25 @@ def test_teacher_bank(tmp_path):
     assert bank.counts() == {"big": 3, "named": 1, "small": 1}
 
 
+def test_a_banks_teachers_keep_one_order_for_every_example(tmp_path):
+    """Teachers named line by line, in an order that alternates between examples: each example's responses
+    come in the bank's order, so the G % K extra outputs of a group rotate over the teachers evenly (K = 2,
+    G = 3: 150 each over 100 questions; in each line's own order they went 200 / 100)."""
+    from ril_fast.rewards import draw_teacher_outputs
+
+    ex = examples(100)
+    lines = []
+    for i, e in enumerate(ex):
+        pair = [{"id": e.id, "response": "A says yes.", "teacher": "a"},
+                {"id": e.id, "response": "B: yes.", "teacher": "b"}]
+        lines += pair if i % 2 == 0 else pair[::-1]
+    bank = load_teachers([write_jsonl(tmp_path / "mixed.jsonl", lines)], ex)
+    assert bank.teachers == ["a", "b"] and all(list(bank.responses(e.id)) == ["a", "b"] for e in ex)
+    rng = random.Random(0)
+    drawn = [name for k, e in enumerate(ex) for name, _ in draw_teacher_outputs(bank.responses(e.id), 3, rng, k)]
+    assert collections.Counter(drawn) == {"a": 150, "b": 150}
+
+
 BAD_TEACHER_LINES = [
     ({"id": "zz", "response": "Yes."}, "id 'zz' is not in the training data"),
     ({"id": "q0"}, "missing field 'response'"),

@@ -597,6 +597,12 @@ def test_cache_key_and_store_hook():
     assert judge_key("one", item) != judge_key("two", item)
     assert judge_key("one", item) != judge_key("one", JudgeItem("q", "a", "r "))
     assert judge_key("one", JudgeItem("q|a", "", "r")) != judge_key("one", JudgeItem("q", "a|", "r"))
+    # the same question and response, another ground truth (easy-VQA repeats its questions): another verdict
+    assert judge_key("one", JudgeItem("What shape?", "circle", "Circle.")) != \
+        judge_key("one", JudgeItem("What shape?", "square", "Circle."))
+    cached = CachedJudge(RuleJudge(use_math_verify=False))
+    assert cached([JudgeItem("What shape?", "circle", "Circle."), JudgeItem("What shape?", "square", "Circle.")]) == \
+        [True, False]
     # half an emoji (a lone UTF-16 surrogate, as a server that cuts a reply sends) is hashed, not refused
     cut = JudgeItem("q", "red", "The shape is red \ud83d")
     assert judge_key("one", cut) != judge_key("one", JudgeItem("q", "red", "The shape is red \ufffd"))

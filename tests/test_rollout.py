@@ -211,6 +211,18 @@ def test_draw_one_samples_the_categorical_distribution():
     assert ((counts / n - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all()
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "negative", "zeros"])
+def test_draw_one_refuses_what_multinomial_refuses(bad):
+    """A row with NaN, infinity or a negative entry, or all zeros (logits gone NaN), is an error, as it is to
+    torch.multinomial, not a silent draw of the last token."""
+    probs = torch.rand(3, 20)
+    probs[1] = {"nan": float("nan"), "inf": float("inf"), "negative": -0.5, "zeros": 0.0}[bad]
+    with pytest.raises(RuntimeError):
+        torch.multinomial(probs, 1)
+    with pytest.raises(RuntimeError, match="no longer finite"):
+        rollout.draw_one(probs)
+
+
 def test_fast_sampling_is_scoped():
     """Only one-sample CPU calls are rerouted, only inside the block, and torch's own comes back after an error."""
     original = torch.multinomial
@@ -230,6 +242,10 @@ def test_tiny_top_p_is_greedy(arch, eos_loaded):
     greedy = sample_responses(model, proc, examples, max_new_tokens=8, greedy=True)
     nucleus = sample_responses(model, proc, examples, max_new_tokens=8, top_p=1e-9, seed=2)
     assert nucleus == greedy
+    # G samples per question: group k holds question k's answers (here each its greedy answer), none another's.
+    assert len({r[0].text for r in greedy}) > 1, "the questions' greedy answers cannot tell the groups apart"
+    groups = sample_responses(model, proc, examples, group_size=3, max_new_tokens=8, top_p=1e-9, seed=2)
+    assert groups == [g * 3 for g in greedy]
     with pytest.raises(ValueError):
         sample_responses(model, proc, examples, group_size=2, max_new_tokens=8, greedy=True)
 

@@ -201,6 +201,18 @@ def test_disc_pass_is_eq1_and_learns(qwen_vl, layout):
     assert ((probs >= 0.5).float() == labels).all(), probs
 
 
+def test_disc_probs_refuse_a_nan_score(qwen_vl):
+    """A discriminator whose output is NaN is an error: NaN < threshold is False, so it would pass as r_sim = 0."""
+    path, _, proc = qwen_vl
+    disc, _ = Discriminator.from_student(path, device="cpu", init_std=0.02)
+    micro = micro_batches(encode_all(proc, random_samples([1, 0, 1])), 10**6)
+    assert torch.isfinite(disc_probs(disc, micro, 3)).all()
+    with torch.no_grad():
+        disc.weight[0] = float("nan")
+    with pytest.raises(RuntimeError, match="scored 3 of 3 responses NaN"):
+        disc_probs(disc, micro, 3)
+
+
 def test_optimizer_step_skips_a_non_finite_gradient():
     layer = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(layer.parameters(), lr=1.0)
