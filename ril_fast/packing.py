@@ -18,9 +18,8 @@ prompt of P_s and a response of R_s tokens:
                                 prompt (a question's 2G responses) share their images' pixels, and
                                 the vision tower runs once per distinct image
 
-Planning: ``first_fit_decreasing`` bins samples under a token budget, ``balance_ranks`` spreads them
-over data-parallel ranks, ``plan`` does both and gives every rank the same number of micro-batches
-where it can (FSDP ranks must run the same number of forwards); ``report`` summarises a plan.
+Planning: ``first_fit_decreasing`` bins samples under a token budget, keeping the samples that share images
+together (``image_groups``); ``ril_fast.microbatch`` gives every rank the same number of micro-batches.
 """
 
 from dataclasses import dataclass, replace
@@ -221,7 +220,7 @@ def pad(encoded: list[Encoded], pad_token_id: int = 0) -> PaddedBatch:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Planning: token budget per micro-batch, balance across data-parallel ranks
+# Planning: token budget per micro-batch
 # ----------------------------------------------------------------------------------------------------
 def _check_budget(lengths: list[int], max_tokens: int) -> None:
     for i, n in enumerate(lengths):
@@ -269,90 +268,3 @@ def image_groups(encoded: list) -> list[list[int]]:
     for i, e in enumerate(encoded):
         groups.setdefault(("images", id(e.pixel_values)) if e.pixel_values is not None else i, []).append(i)
     return list(groups.values())
-
-
-def balance_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
-    """Split sample indices over ``world_size`` ranks, balancing tokens.
-
-    Longest first, each onto the rank with the fewest tokens so far (LPT: within 4/3 of the best
-    possible maximum). Returns one list of indices per rank, each ascending. Needs at least one sample
-    per rank.
-    """
-    if len(lengths) < world_size:
-        raise ValueError(f"{len(lengths)} samples cannot feed {world_size} ranks")
-    ranks, load = [[] for _ in range(world_size)], [0] * world_size
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = min(range(world_size), key=lambda r: (load[r], len(ranks[r])))
-        ranks[r].append(i)
-        load[r] += lengths[i]
-    return [sorted(r) for r in ranks]
-
-
-def _split_largest(bins: list[list[int]], lengths: list[int]) -> bool:
-    """Split the heaviest micro-batch with ≥ 2 samples into two of similar tokens; False if none can."""
-    splittable = [b for b in bins if len(b) >= 2]
-    if not splittable:
-        return False
-    big = max(splittable, key=lambda b: sum(lengths[i] for i in b))
-    bins.remove(big)
-    halves, load = ([], []), [0, 0]
-    for i in sorted(big, key=lambda i: -lengths[i]):
-        h = 0 if load[0] <= load[1] else 1
-        halves[h].append(i)
-        load[h] += lengths[i]
-    bins.extend(halves)
-    return True
-
-
-def plan(lengths: list[int], max_tokens: int, world_size: int = 1) -> list[list[list[int]]]:
-    """Plan a step: ``plan[rank][micro_batch]`` is a list of sample indices.
-
-    Samples are balanced over ranks (``balance_ranks``), then binned per rank under ``max_tokens``
-    (``first_fit_decreasing``). Ranks with fewer micro-batches split their heaviest ones until all
-    ranks have the same count, since FSDP ranks must run the same number of forward/backward passes;
-    a rank of single-sample micro-batches cannot split further and keeps fewer (``report`` shows it).
-    """
-    _check_budget(lengths, max_tokens)
-    per_rank = []
-    for idx in balance_ranks(lengths, world_size):
-        bins = first_fit_decreasing([lengths[i] for i in idx], max_tokens)
-        per_rank.append([sorted(idx[j] for j in b) for b in bins])
-    target = max(len(bins) for bins in per_rank)
-    for bins in per_rank:
-        while len(bins) < target and _split_largest(bins, lengths):
-            pass
-    return per_rank
-
-
-@dataclass
-class PackReport:
-    """Summary of a plan. ``rows``: one dict per micro-batch (rank, index, tokens, sequences,
-    padding_fraction); ``rank_tokens``: tokens per rank; ``imbalance``: max / mean rank tokens − 1."""
-
-    rows: list[dict]
-    rank_tokens: list[int]
-    imbalance: float
-
-    def __str__(self) -> str:
-        lines = ["rank  mb  tokens  seqs  padding"]
-        lines += [f"{r['rank']:>4} {r['index']:>3} {r['tokens']:>7} {r['sequences']:>5} "
-                  f"{r['padding_fraction']:>8.3f}" for r in self.rows]
-        lines.append(f"rank tokens {self.rank_tokens}, imbalance {self.imbalance:.3f}")
-        return "\n".join(lines)
-
-
-def report(step_plan: list[list[list[int]]], lengths: list[int], *, padded: bool = False) -> PackReport:
-    """Tokens, sequences and padding fraction per micro-batch of ``step_plan`` (from :func:`plan`), and
-    the token imbalance across ranks. ``padded=True`` measures the same micro-batches laid out as
-    right-padded (B, L_max) batches instead of packed ones (whose padding fraction is 0)."""
-    rows, rank_tokens = [], []
-    for rank, bins in enumerate(step_plan):
-        for index, b in enumerate(bins):
-            tokens = sum(lengths[i] for i in b)
-            slots = len(b) * max(lengths[i] for i in b) if padded else tokens
-            rows.append(dict(rank=rank, index=index, tokens=tokens, sequences=len(b),
-                             padding_fraction=1 - tokens / slots))
-        rank_tokens.append(sum(lengths[i] for b in bins for i in b))
-    mean = sum(rank_tokens) / len(rank_tokens)
-    imbalance = max(rank_tokens) / mean - 1 if mean else 0.0
-    return PackReport(rows=rows, rank_tokens=rank_tokens, imbalance=imbalance)

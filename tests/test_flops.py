@@ -7,7 +7,7 @@ from models_fixtures import one_thread  # noqa: F401
 
 from ril_fast.flops import (Sample, Shapes, forward_flops, matmul_peak_tflops, phase_flops, rollout_flops,
                             training_flops)
-from ril_fast.tiny import ARCHS, SPECIAL_TOKENS
+from ril_fast.tiny import ARCHS
 from ril_fast.tiny import _config as tiny_config
 
 IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)

@@ -1,4 +1,4 @@
-"""Packing: layout of a packed batch (positions, targets, response rows) and the token-budget planner."""
+"""Packing: layout of a packed batch (positions, targets, response rows) and the token-budget bins."""
 
 import random
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ril_fast.microbatch import micro_batches
-from ril_fast.packing import IGNORE_INDEX, balance_ranks, first_fit_decreasing, image_groups, pack, pad, plan, report
+from ril_fast.packing import IGNORE_INDEX, first_fit_decreasing, image_groups, pack, pad
 from ril_fast.processor import Encoded
 from models_fixtures import one_thread, processors, random_image, random_samples  # noqa: F401
 
@@ -228,42 +228,3 @@ def test_image_groups_follow_shared_pixels():
 def test_too_long_sample_is_a_clear_error():
     with pytest.raises(ValueError, match="sample 2 has 9 tokens, more than max_tokens=8"):
         first_fit_decreasing([1, 2, 9], 8)
-    with pytest.raises(ValueError, match="sample 0 has 9 tokens"):
-        plan([9, 1], 8, world_size=2)
-    with pytest.raises(ValueError, match="cannot feed"):
-        balance_ranks([1, 2], 4)
-
-
-def test_balance_ranks():
-    lengths = _random_lengths(101, 700)
-    ranks = balance_ranks(lengths, 4)
-    assert sorted(i for r in ranks for i in r) == list(range(101))
-    loads = [sum(lengths[i] for i in r) for r in ranks]
-    assert max(loads) - min(loads) <= max(lengths)  # longest-processing-time bound
-
-
-def test_plan_and_report():
-    lengths, budget, world = _random_lengths(64, 300), 900, 4
-    step = plan(lengths, budget, world_size=world)
-    assert len(step) == world
-    assert sorted(i for bins in step for b in bins for i in b) == list(range(64))
-    assert all(sum(lengths[i] for i in b) <= budget for bins in step for b in bins)
-    assert len({len(bins) for bins in step}) == 1  # every rank runs the same number of micro-batches
-    rep = report(step, lengths)
-    assert sum(r["tokens"] for r in rep.rows) == sum(lengths)
-    assert all(r["padding_fraction"] == 0 for r in rep.rows)
-    assert rep.rank_tokens == [sum(lengths[i] for b in bins for i in b) for bins in step]
-    assert max(rep.rank_tokens) - min(rep.rank_tokens) <= max(lengths)
-    assert "imbalance" in str(rep)
-
-
-def test_report_hand_example():
-    lengths = [3, 5, 4, 6]
-    step = [[[0, 1], [2]], [[3]]]
-    rep = report(step, lengths)
-    assert [(r["rank"], r["index"], r["tokens"], r["sequences"]) for r in rep.rows] == [
-        (0, 0, 8, 2), (0, 1, 4, 1), (1, 0, 6, 1)]
-    assert rep.rank_tokens == [12, 6]
-    assert rep.imbalance == pytest.approx(12 / 9 - 1)
-    padded = report(step, lengths, padded=True)
-    assert [r["padding_fraction"] for r in padded.rows] == pytest.approx([1 - 8 / 10, 0, 0])

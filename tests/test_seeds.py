@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RUN_SEED, _seed_everything
+from conftest import _seed_everything
 
 
 def _draw() -> tuple:
