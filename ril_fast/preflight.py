@@ -77,7 +77,8 @@ def _read_data(cfg: Config):
         if missing := bank.missing(examples):
             cut = (f"; {len(bank.truncated)} responses marked truncated were left out (the first: "
                    f"{bank.truncated[0]}): a response cut off at the teacher's token budget is not its answer, so "
-                   f"collect others for these examples or drop them" if bank.truncated else "")
+                   f"collect others for these examples (python -m ril_fast.teacher ... --redo-truncated) or drop them"
+                   if bank.truncated else "")
             raise DataError(f"{missing[0].where}: example {missing[0].id!r} has no response in any teacher "
                             f"collection ({len(missing)} such examples){cut}; RIL needs G teacher outputs per question")
     eval_examples = load_examples(cfg.eval_data, control_tokens=tokens.control_tokens) if cfg.eval_data else []

@@ -3,7 +3,7 @@
     python -m ril_fast.teacher --model DIR_OR_URL --data train.jsonl --out teachers/NAME.jsonl \\
         --num-responses K --max-new-tokens L [--temperature 1.0] [--top-p 1.0] [--batch-size 32] \\
         [--seed N] [--served-model NAME] [--concurrency 16] [--n-per-request 8] [--teacher NAME] \\
-        [--judge rule|hf|http ...]
+        [--redo-truncated] [--judge rule|hf|http ...]
 
 ``--model`` is either
 * a local HF folder that ``ril_fast.models.load`` opens (a Qwen-VL / InternVL VLM, or a text LM for
@@ -35,9 +35,12 @@ response::
      "correct": true, "judge": "rule-v5+math_verify-v6"}    # the last two only with --judge
 
 ``index`` is k in 0..K-1; ``teacher`` is ``--teacher`` (default: the output file's stem);
-``truncated``: the response hit ``--max-new-tokens``. With ``--judge`` each response is judged as
-it is written (the verdict the trainer's cached teacher judge will find, when the judge and its
-cache file are the same).
+``truncated``: the response hit ``--max-new-tokens``, and the trainer leaves it out (a cut-off text is not the
+teacher's answer). How many the file holds is said at the start; ``--redo-truncated`` asks again for the
+responses whose every line is marked truncated (a new line each; the old ones stay, left out), e.g. with
+another ``--seed`` or a larger ``--max-new-tokens`` (the trainer takes none longer than its own). With
+``--judge`` each response is judged as it is written (the verdict the trainer's cached teacher judge will
+find, when the judge and its cache file are the same).
 
 Append-only and resumable: responses are written in batches of ``--batch-size``, each batch flushed
 before the next starts, so a crash loses at most the batch in progress. On start the output file is
@@ -125,6 +128,16 @@ def written_pairs(out: Path) -> set[tuple[str, int]]:
     with out.open("ab") as f:  # a whole line, its newline missing: the next line must not join it
         f.write(b"\n")
     return pairs
+
+
+def truncated_pairs(out: Path) -> set[tuple[str, int]]:
+    """The (id, index) pairs of ``out`` (read after :func:`written_pairs`) whose every line is marked truncated."""
+    cut, whole = set(), set()
+    for line in out.read_bytes().splitlines() if out.exists() else []:
+        if line.strip():
+            record = json.loads(line)
+            (cut if record.get("truncated") is True else whole).add((str(record["id"]), int(record["index"])))
+    return cut - whole
 
 
 def pending_jobs(examples: list[Example], k: int, done: set[tuple[str, int]]) -> list[Job]:
@@ -313,6 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=600.0, help="server: seconds to wait for each reply")
     p.add_argument("--retries", type=int, default=3, help="server: retries after a timeout or an HTTP 5xx")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--redo-truncated", action="store_true",
+                   help="ask again for responses whose lines are all marked truncated (the trainer leaves them out)")
     add_judge_arguments(p, optional=True)
     args = p.parse_args(argv)
     if min(args.num_responses, args.max_new_tokens, args.batch_size, args.concurrency, args.n_per_request) < 1:
@@ -347,11 +362,14 @@ def _run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     examples = load_examples(args.data)
     done = written_pairs(out)
-    jobs = pending_jobs(examples, args.num_responses, done)
+    cut = truncated_pairs(out) & {(e.id, k) for e in examples for k in range(args.num_responses)}
+    jobs = pending_jobs(examples, args.num_responses, done - cut if args.redo_truncated else done)
     total = len(examples) * args.num_responses
     name = args.teacher or out.stem
-    print(f"{name}: {total - len(jobs)} of {total} responses already in {out}; {len(jobs)} to collect",
-          file=sys.stderr)
+    print(f"{name}: {total - len(jobs)} of {total} responses already in {out}; {len(jobs)} to collect"
+          + (f" ({len(cut)} marked truncated, which the trainer leaves out, asked for again)" if args.redo_truncated
+             and cut else f"; {len(cut)} of those are marked truncated, which the trainer leaves out: "
+             f"--redo-truncated asks for them again" if cut else ""), file=sys.stderr)
     stats = {"written": 0, "empty": 0, "control_tokens": 0}
     local = not args.model.startswith(("http://", "https://"))
     if jobs:

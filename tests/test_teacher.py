@@ -354,6 +354,36 @@ def test_local_teacher_rerun_draws_the_empty_responses_afresh(text_model, tmp_pa
     assert seeds[2] == seeds[3]  # the same seed, the same draw
 
 
+def test_redo_truncated_asks_again_for_responses_cut_off(text_model, tmp_path, monkeypatch, capsys):
+    """Responses that hit --max-new-tokens are written marked truncated and counted as collected (the trainer
+    leaves them out); the start says how many there are, and --redo-truncated asks for them again, appending:
+    the trainer then has a response for every example."""
+    cut_off = {"now": True}
+
+    def sample_responses(model, processor, examples, **kwargs):
+        return [[SimpleNamespace(text="a long answer that", truncated=cut_off["now"])] for _ in examples]
+
+    monkeypatch.setattr("ril_fast.rollout.sample_responses", sample_responses)
+    data, out = _text_data(tmp_path, 3), tmp_path / "t.jsonl"
+
+    def run(*extra: str) -> dict:
+        return main(["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "2",
+                     "--max-new-tokens", "4", "--no-progress", *extra])
+
+    assert run()["written"] == 6
+    with pytest.raises(DataError, match="every line is marked truncated"):
+        load_teachers([out], load_examples(data))
+    capsys.readouterr()
+    assert run()["written"] == 0
+    assert "6 of those are marked truncated, which the trainer leaves out: --redo-truncated" in capsys.readouterr().err
+    cut_off["now"] = False
+    assert run("--redo-truncated") == {"written": 6, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 6}
+    assert "(6 marked truncated, which the trainer leaves out, asked for again)" in capsys.readouterr().err
+    assert run("--redo-truncated")["written"] == 0  # each now has a whole response
+    bank = load_teachers([out], load_examples(data))
+    assert bank.counts() == {"t": 6} and len(bank.truncated) == 6
+
+
 def test_local_teacher_response_with_a_control_token_is_not_written(text_model, tmp_path, monkeypatch, capsys):
     """The local teacher decodes with special tokens kept: a response holding one of its control tokens, which
     load_teachers refuses, is treated as an empty one: not written, counted, asked for again."""
