@@ -156,24 +156,25 @@ _MEMORY_SCRIPT = textwrap.dedent(
 _FAR_ROWS = """
 import sys, torch
 from ril_fast.kernels import logprobs
-N, V, H, S = 4, 4096, 16, 1 << 20  # weight rows S elements apart: rows from 2048 on start past 2^31
-try:  # 8 GiB of address space; only the touched rows take memory
-    store = torch.empty(V * S, dtype=torch.bfloat16)
+N, V, H, S = 4, 2304, 16, 1 << 20  # weight rows S elements apart: rows from 2048 on start past 2^31
+try:  # 9 GiB of address space; only the touched rows take memory
+    store = torch.empty(V * S)
 except RuntimeError:
     sys.exit(3)
 weight = store.as_strided((V, H), (S, 1))  # the launchers take a row stride; token_logprobs passes its own
-dense = (torch.randn(V, H) * 0.5).to(torch.bfloat16)
+dense = torch.randn(V, H) * 0.5
 weight.copy_(dense)
-hidden = torch.randn(N, H).to(torch.bfloat16)
+hidden = torch.randn(N, H)
 targets = torch.tensor([5, 2047, 2048, V - 1])
 lse, zt, _ = logprobs._forward_triton(hidden, weight, targets, 1.0, False)
 want_lse, want_zt, _ = logprobs._forward_torch(hidden, dense, targets, 1.0, False)
 g = torch.randn(N)
-d = logprobs._dlogits_triton(hidden, weight, targets, 0, lse, None, g, None, 1.0).float()
-want_d = logprobs._dlogits_torch(hidden, dense, targets, 0, want_lse, None, g, None, 1.0).float()
+d = logprobs._dlogits_triton(hidden, weight, targets, 0, lse, None, g, None, 1.0)
+want_d = logprobs._dlogits_torch(hidden, dense, targets, 0, want_lse, None, g, None, 1.0)
 errors = [(a - b).abs().max().item() for a, b in ((lse, want_lse), (zt, want_zt), (d, want_d))]
 print("max errors (lse, target logit, d logits)", errors)
-sys.exit(0 if max(errors) < 1e-2 else 1)
+# fp32 both ways (IEEE dots): logits of |z| < ~10 agree to ~1e-6; a wrong row is off by O(1)
+sys.exit(0 if max(errors) < 1e-4 else 1)
 """
 
 
@@ -185,7 +186,7 @@ def test_rows_past_2_31_elements():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", _FAR_ROWS], env=env, capture_output=True, text=True, timeout=600)
     if run.returncode == 3:
-        pytest.skip("this machine refuses 8 GiB of address space")
+        pytest.skip("this machine refuses 9 GiB of address space")
     assert run.returncode == 0, run.stdout + run.stderr
 
 
