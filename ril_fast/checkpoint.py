@@ -44,6 +44,7 @@ from ril_fast.distributed import Dist, barrier
 from ril_fast.files import write_text_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_UNFINISHED_DIR = re.compile(r"^\.step-\d+(\.old)?\.tmp$")  # being written, or being deleted
 TRAINER_FILE = "trainer.json"
 # What dcp.save / dcp.load warn on every call with no_dist=True (torch/distributed/checkpoint).
 _SINGLE_PROCESS_WARNING = (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to "
@@ -167,10 +168,12 @@ def resolve(resume: str, output_dir: str | Path) -> Path | None:
     if resume == "auto":
         return latest(output_dir)
     path = Path(resume)
-    if not (path / TRAINER_FILE).is_file() or not _STEP_DIR.match(path.resolve().name):
-        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {TRAINER_FILE}, or a "
-                                f"checkpoint a run died writing, .step-N.tmp); checkpoints are the step-N folders "
-                                f"of a run's output_dir")
+    if _UNFINISHED_DIR.match(path.resolve().name):
+        raise FileNotFoundError(f"resume={resume}: a checkpoint a run died writing (or was deleting), not a "
+                                f"complete one; checkpoints are the step-N folders of a run's output_dir")
+    if not (path / TRAINER_FILE).is_file():
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {TRAINER_FILE}); "
+                                f"checkpoints are the step-N folders of a run's output_dir")
     return path
 
 

@@ -112,7 +112,9 @@ def _whole_characters(value: str, name: str, where: str) -> None:
                         f"{value[e.start]!r} at character {e.start}): mend or remove it") from None
 
 
-def _text(record: dict, name: str, where: str, control_tokens: Collection[str] = ()) -> str:
+def _text(record: dict, name: str, where: str, control_tokens: Collection[str] = (), whole: bool = True) -> str:
+    """The record's non-empty string ``name``; a DataError naming ``where`` if it is not one, holds one of
+    ``control_tokens``, or (``whole``) holds half of a character."""
     if name not in record:
         raise DataError(f"{where}: missing field {name!r}")
     value = record[name]
@@ -120,7 +122,8 @@ def _text(record: dict, name: str, where: str, control_tokens: Collection[str] =
         raise DataError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise DataError(f"{where}: {name!r} is empty")
-    _whole_characters(value, name, where)
+    if whole:
+        _whole_characters(value, name, where)
     for token in control_tokens:
         if token in value:
             raise DataError(f"{where}: {name!r} contains {token!r}, which the student's tokenizer reads as its "
@@ -151,7 +154,7 @@ def _image_sizes(first_use: dict[Path, tuple[str, str]]) -> dict[Path, tuple[int
     """Each image checked with PIL and its upright (width, height) (:func:`_image_size`), in threads (PIL
     decodes without the GIL); a DataError naming the first example (in ``first_use``'s order) whose image
     cannot be read."""
-    workers = min(16, len(os.sched_getaffinity(0)))
+    workers = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         sizes = dict(zip(first_use, pool.map(_image_size, first_use)))
     for path, size in sizes.items():
@@ -168,14 +171,14 @@ def _image_size(path: Path) -> tuple[int, int] | Exception:
     whole but decodes nothing of a JPEG, whose pixels are decoded at 1/8 scale (their DCT's coarsest: 2-5 ms
     for a 1.2-megapixel photo on one core, 1.3-2.3x faster than in full): a file cut short, as by an
     interrupted download, is found here, not at the step that first draws it."""
-    from PIL import Image
+    from PIL import Image, JpegImagePlugin
 
     try:
         with Image.open(path) as im:
             im.verify()  # it must come first after opening, and leaves the image unusable
         with Image.open(path) as im:
             size = _upright_size(im)
-            if im.format == "JPEG":
+            if isinstance(im, JpegImagePlugin.JpegImageFile):  # MPO (a phone's multi-picture JPEG) too
                 im.draft(None, (1, 1))
                 im.load()
         return size
@@ -230,6 +233,7 @@ class TeacherBank:
     by_id: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     teachers: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)  # "FILE:LINE" of each line left out as truncated
+    cut: dict[str, list[str]] = field(default_factory=dict)  # id -> "FILE:LINE" of its lines left out so
 
     def responses(self, example_id: str) -> dict[str, list[str]]:
         """``{teacher: [responses]}`` for one example (empty if no teacher answered it), teachers in the bank's
@@ -341,8 +345,9 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
             truncated = record.get("truncated", False)
             if not isinstance(truncated, bool):
                 raise DataError(f"{where}: 'truncated' must be true or false, got {truncated!r}")
-            # A line left out (truncated) is not trained on: control tokens in it do no harm.
-            response = _text(record, "response", where, () if truncated else control_tokens)
+            # A line left out (truncated) is not trained on: control tokens in it, or half of a character where
+            # it was cut, do no harm.
+            response = _text(record, "response", where, () if truncated else control_tokens, whole=not truncated)
             teacher = _text(record, "teacher", where) if "teacher" in record else path.stem
             if teacher == STUDENT:
                 raise DataError(f"{where}: a teacher may not be called {STUDENT!r} (the name marks the student's "
@@ -350,6 +355,7 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
             named_by_stem |= "teacher" not in record
             if truncated:
                 bank.truncated.append(where)
+                bank.cut.setdefault(example_id, []).append(where)
                 continue
             if teacher not in bank.teachers:
                 bank.teachers.append(teacher)

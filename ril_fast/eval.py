@@ -11,7 +11,8 @@ overall and per answer type, and writes
 
     OUT/examples.jsonl   one line per example: id, answer_type, question, answer, response, truncated, correct
     OUT/summary.json     model, data, judge, examples, correct, accuracy, per_type {type: {examples, correct,
-                         accuracy}}, max_new_tokens, seconds
+                         accuracy}} (``untyped``: examples without a type), truncated (answers cut short at
+                         --max-new-tokens), max_new_tokens, seconds
 """
 
 import argparse

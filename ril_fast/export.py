@@ -159,13 +159,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str 
     if not (checkpoint / "dcp").is_dir() or not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a ril_fast checkpoint (expected dcp/ and hf/config.json; "
                                 f"checkpoints are the step-N folders of a run's output_dir)")
-    if disc_out is not None and not saved_param_groups(checkpoint, "disc"):
-        raise FileNotFoundError(f"{checkpoint}: holds no discriminator (a checkpoint of an RL-only run): leave out "
-                                f"--disc")
     out = Path(out)
     _make_folder(out, "student")  # before any model loads: a destination that cannot be made fails now
     if disc_out is not None:
         _make_folder(Path(disc_out), "discriminator")
+        if not saved_param_groups(checkpoint, "disc"):
+            raise FileNotFoundError(f"{checkpoint}: holds no discriminator (a checkpoint of an RL-only run): leave "
+                                    f"out --disc")
     processor = Processor.from_pretrained(hf_dir)
     student = _empty(hf_dir, lm_head=True)
     _load_weights(student, checkpoint, "student")

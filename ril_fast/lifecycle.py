@@ -38,7 +38,7 @@ def resume_point(cfg: Config) -> Path | None:
     """The checkpoint the run continues from (``checkpoint.resolve``). Starting afresh or from an earlier
     checkpoint is refused while ``output_dir`` holds later ones of another run: the next ``resume=auto``
     and the pruning of old checkpoints would take theirs for this run's. So is continuing another folder's
-    checkpoint in an ``output_dir`` that holds a run (checkpoints or metrics) of its own."""
+    checkpoint in an ``output_dir`` that holds checkpoints."""
     try:
         path = checkpoint.resolve(cfg.resume, cfg.output_dir)
     except FileNotFoundError as e:
@@ -46,10 +46,11 @@ def resume_point(cfg: Config) -> Path | None:
     if cfg.resume == "auto":
         return path
     out = Path(cfg.output_dir)
-    if path is not None and path.resolve().parent != out.resolve() and (
-            checkpoint.checkpoints(out) or (out / "metrics.jsonl").exists()):
-        raise ConfigError(f"resume={cfg.resume}: a checkpoint of another folder, and output_dir={out} holds a run "
-                          f"of its own that this one would mix with: choose an empty output_dir")
+    if path is not None and path.resolve().parent != out.resolve() and (held := checkpoint.checkpoints(out)):
+        raise ConfigError(f"resume={cfg.resume}: a checkpoint of another folder, and output_dir={out} holds "
+                          f"checkpoints ({', '.join(p.name for p in held)}): resume=auto continues those (a run "
+                          f"started from {cfg.resume} and stopped, for one); to start from {cfg.resume}, choose an "
+                          f"output_dir without checkpoints")
     step = -1 if path is None else checkpoint.saved_step(path)
     later = [p.name for p in checkpoint.checkpoints(cfg.output_dir) if checkpoint.saved_step(p) > step]
     if later:
@@ -67,22 +68,26 @@ def where_to_start(cfg: Config) -> tuple[Path | None, bool]:
 
 
 def finished(cfg: Config, resume_from: Path | None) -> bool:
-    """The run in ``output_dir`` finished at ``steps`` (``FINISHED``, which a start that trains deletes first:
+    """The run in ``output_dir`` finished at ``steps`` (``FINISHED``, which a start that trains deletes:
     it speaks of the last run started there): nothing is left to do with ``resume=auto``, whatever its newest
     checkpoint (``checkpoint_every=0`` saves none at the last step); with ``resume=DIR``, only from the last
-    step's checkpoint. A finished run that wrote no checkpoint is refused at other ``steps``, as it has
-    nothing to continue from."""
+    step's checkpoint. At other ``steps``, a finished run is refused where going on would train again a step it
+    trained (no checkpoint, or the newest before its last step: a SIGTERM's with ``checkpoint_every=0``)."""
     marker = Path(cfg.output_dir) / FINISHED
     done = json.loads(marker.read_text()).get("step") if marker.is_file() else None
     if cfg.resume == "none" or done is None:  # starting afresh, or nothing finished
         return False
     if cfg.resume != "auto":
         return checkpoint.saved_step(resume_from) == cfg.steps and done == cfg.steps
-    if done == cfg.steps or resume_from is not None:
-        return done == cfg.steps
-    raise ConfigError(f"output_dir={cfg.output_dir}: holds a run that finished at step {done} and wrote no "
-                      f"checkpoint to continue from (checkpoint_every=0): resume=none trains afresh over it, "
-                      f"or choose another output_dir")
+    saved = None if resume_from is None else checkpoint.saved_step(resume_from)
+    if done == cfg.steps:
+        return True
+    if saved is not None and (saved >= done or cfg.steps <= saved):  # trains no step the finished run did
+        return False
+    newest = "no checkpoint" if resume_from is None else f"its newest checkpoint at step {saved}"
+    raise ConfigError(f"output_dir={cfg.output_dir}: holds a run that finished at step {done} with {newest} "
+                      f"(checkpoint_every=0 saves none at the end), so it cannot go on to steps={cfg.steps}: "
+                      f"resume=none trains afresh over it, or choose another output_dir")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,8 +194,9 @@ def stop_if_asked(run, step: int) -> None:
 def _stop(run, step: int) -> None:
     run.log.close()
     cause = "Ctrl-C" if signal.SIGINT in run.stop_requested else "SIGTERM"
+    again = "the same command" if run.cfg.resume == "auto" else "it again with resume=auto"
     raise SystemExit(f"stopped by {cause} after step {step}: checkpoint {Path(run.cfg.output_dir) / f'step-{step}'} "
-                     f"written; run the same command to resume" if run.dist.is_main else 1)
+                     f"written; run {again} to resume" if run.dist.is_main else 1)
 
 
 def _agree(run, flag: bool) -> bool:

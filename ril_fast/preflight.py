@@ -75,10 +75,10 @@ def _read_data(cfg: Config):
         bank = load_teachers(cfg.teachers, every, max_tokens=cfg.max_new_tokens,
                              count_tokens=tokens.response_lengths, control_tokens=tokens.control_tokens)
         if missing := bank.missing(examples):
-            cut = (f"; {len(bank.truncated)} responses marked truncated were left out (the first: "
-                   f"{bank.truncated[0]}): a response cut off at the teacher's token budget is not its answer, so "
-                   f"collect others for these examples (python -m ril_fast.teacher ... --redo-truncated) or drop them"
-                   if bank.truncated else "")
+            cut = bank.cut.get(missing[0].id)
+            cut = (f"; its {len(cut)} responses were all marked truncated and left out (the first: {cut[0]}): a "
+                   f"response cut off at the teacher's token budget is not its answer, so collect others (python -m "
+                   f"ril_fast.teacher ... --redo-truncated) or drop the example" if cut else "")
             raise DataError(f"{missing[0].where}: example {missing[0].id!r} has no response in any teacher "
                             f"collection ({len(missing)} such examples){cut}; RIL needs G teacher outputs per question")
     eval_examples = load_examples(cfg.eval_data, control_tokens=tokens.control_tokens) if cfg.eval_data else []

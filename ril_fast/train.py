@@ -178,7 +178,6 @@ def setup(cfg: Config) -> Run:
             raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
         except OSError as e:
             raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None
-        (out / FINISHED).unlink(missing_ok=True)  # an earlier run's: this one has yet to finish
 
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -239,8 +238,9 @@ def setup(cfg: Config) -> Run:
               peak_tflops=peak_tflops)
     if resume_from is not None:
         load_checkpoint(run, resume_from)
-    if dist.is_main:  # only now: a refused resume leaves the folder's config as it was
+    if dist.is_main:  # only now: a refused resume leaves the folder's config (and finished.json) as it was
         cfg.save(out / "config.yaml")
+        (out / FINISHED).unlink(missing_ok=True)  # an earlier run's: this one has yet to finish
     run.log = RunLog(out, enabled=dist.is_main, total_steps=cfg.steps, progress=cfg.progress,
                      resume_step=run.start_step if resume_from is not None else None)
     return run

@@ -300,7 +300,7 @@ def test_export_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_export_cli_refuses_disc_for_a_checkpoint_without_one(tmp_path):
-    """--disc for an RL-only run's checkpoint: a one-line error before anything is written (was DCP's traceback
+    """--disc for an RL-only run's checkpoint: a one-line error before any model is written (was DCP's traceback
     after the student was written)."""
     dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     hf = lambda folder: folder.mkdir() or (folder / "config.json").write_text("{}")  # noqa: E731
@@ -309,7 +309,7 @@ def test_export_cli_refuses_disc_for_a_checkpoint_without_one(tmp_path):
     with pytest.raises(SystemExit, match=rf"error: {saved}: holds no discriminator \(a checkpoint of an RL-only "
                                          rf"run\): leave out --disc"):
         export_main([str(saved), str(tmp_path / "out"), "--disc", str(tmp_path / "disc")])
-    assert not (tmp_path / "out").exists() and not (tmp_path / "disc").exists()
+    assert not any((tmp_path / "out").iterdir()) and not any((tmp_path / "disc").iterdir())
 
 
 def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
@@ -320,9 +320,13 @@ def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
     (tmp_path / "step-2").mkdir()
     assert checkpoint.resolve("auto", tmp_path) is None and checkpoint.checkpoints(tmp_path) == []
     assert checkpoint.resolve("none", tmp_path) is None
-    for folder in (".step-3.tmp", "step-2"):
-        with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-            checkpoint.resolve(str(tmp_path / folder), tmp_path)
+    with pytest.raises(FileNotFoundError, match="a checkpoint a run died writing"):
+        checkpoint.resolve(str(tmp_path / ".step-3.tmp"), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"not a complete checkpoint folder \(no trainer.json\)"):
+        checkpoint.resolve(str(tmp_path / "step-2"), tmp_path)
+    (tmp_path / "best").mkdir()  # a complete checkpoint kept under a name of one's own
+    (tmp_path / "best" / checkpoint.TRAINER_FILE).write_text('{"step": 3}')
+    assert checkpoint.resolve(str(tmp_path / "best"), tmp_path) == tmp_path / "best"
 
 
 def test_records_until_keeps_what_an_uninterrupted_run_had_written(tmp_path):

@@ -29,6 +29,9 @@ def folder(tmp_path):
     noise.save(tmp_path / "img" / "full.jpg", quality=90)
     data = (tmp_path / "img" / "full.jpg").read_bytes()
     (tmp_path / "img" / "cut.jpg").write_bytes(data[:int(len(data) * random.uniform(0.3, 0.95))])
+    noise.save(tmp_path / "img" / "full.mpo", format="MPO", save_all=True, append_images=[noise.rotate(90)])
+    data = (tmp_path / "img" / "full.mpo").read_bytes()  # a phone's multi-picture JPEG; cut in its first picture
+    (tmp_path / "img" / "cut.mpo").write_bytes(data[:int(len(data) * random.uniform(0.15, 0.45))])
     (tmp_path / "img" / "text.png").write_text("id,question\n1,what?\n")
     return tmp_path
 
@@ -172,6 +175,7 @@ BAD_EXAMPLES = [
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.png"]}, "cannot read image 'img/cut.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/text.png"]}, "cannot read image 'img/text.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.jpg"]}, "cannot read image 'img/cut.jpg'"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.mpo"]}, "cannot read image 'img/cut.mpo'"),
     ('{"id": "b", "question": "red \\ud83d?", "answer": "x", "images": []}',
      "'question' holds half of a character (the lone surrogate '\\ud83d' at character 4)"),
     ('{"id": "b", "question": "q?", "answer": "\\udc00", "images": []}', "'answer' holds half of a character"),
@@ -304,9 +308,12 @@ def test_truncated_teacher_lines_are_left_out(tmp_path):
         load_teachers([path, empty], examples(2))
     assert str(e.value) == f"{empty}:1: no teacher responses in the file"
     marked = write_jsonl(tmp_path / "marked.jsonl", [{"id": "q0", "response": "Round."},
-                                                     {"id": "q1", "response": "It is <|im_end|>", "truncated": True}])
-    bank = load_teachers([marked], examples(2), control_tokens=["<|im_end|>"])  # left out, so not refused
-    assert bank.truncated == [f"{marked}:2"] and bank.responses("q0") == {"marked": ["Round."]}
+                                                     {"id": "q1", "response": "It is <|im_end|>", "truncated": True},
+                                                     '{"id": "q1", "response": "Red \\ud83d", "truncated": true}'])
+    # left out, so not refused: a control token, half of a character where the reply was cut
+    bank = load_teachers([marked], examples(2), control_tokens=["<|im_end|>"])
+    assert bank.truncated == [f"{marked}:2", f"{marked}:3"] and bank.responses("q0") == {"marked": ["Round."]}
+    assert bank.cut == {"q1": [f"{marked}:2", f"{marked}:3"]}
     for value in ("yes", 1, None):  # a marker that is not a boolean is refused, not read as "complete"
         odd = write_jsonl(tmp_path / "odd.jsonl", [{"id": "q0", "response": "The", "truncated": value}])
         with pytest.raises(DataError, match=rf"odd\.jsonl:1: 'truncated' must be true or false, got {value!r}"):

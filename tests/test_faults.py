@@ -50,7 +50,15 @@ def test_an_example_without_teacher_response_names_its_line(demo, tmp_path):
         train.main(_args(demo, tmp_path / "run", teachers=marked))
     assert str(e.value).startswith(f"{demo.train}:{_line_of(demo.train, dropped)}: example {dropped!r} has no "
                                    f"response in any teacher collection (1 such examples); ")
-    assert f"responses marked truncated were left out (the first: {marked}:{first})" in str(e.value)
+    assert f"; its {sum(r['id'] == dropped for r in rows)} responses were all marked truncated and left out (the " \
+           f"first: {marked}:{first}): " in str(e.value) and "--redo-truncated" in str(e.value)
+    # Another example's truncated line (beside its whole one) says nothing about this one, which has no line.
+    other = next(r for r in rows if r["id"] != dropped)
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text(partial.read_text() + json.dumps(other | {"truncated": True}) + "\n")
+    with pytest.raises(DataError) as e:
+        train.main(_args(demo, tmp_path / "run", teachers=elsewhere))
+    assert "has no response in any teacher collection (1 such examples); RIL needs" in str(e.value)
 
 
 def test_a_teacher_response_longer_than_the_budget_names_its_line(demo, tmp_path):

@@ -236,16 +236,20 @@ def test_fast_sampling_is_scoped():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_top_p_is_greedy(arch, eos_loaded):
+def test_tiny_top_p_is_greedy(arch, eos_loaded, monkeypatch):
     model, proc = eos_loaded[arch]
     examples = _examples(arch)
     greedy = sample_responses(model, proc, examples, max_new_tokens=8, greedy=True)
     nucleus = sample_responses(model, proc, examples, max_new_tokens=8, top_p=1e-9, seed=2)
     assert nucleus == greedy
-    # G samples per question: group k holds question k's answers (here each its greedy answer), none another's.
-    assert len({r[0].text for r in greedy}) > 1, "the questions' greedy answers cannot tell the groups apart"
+    # G samples per question: group k is question k's (here each its greedy answer), none another's; the rows
+    # generate gets are each question's prompt G times in turn (a random model may answer every question alike).
+    rows, batch = [], rollout._batch
+    monkeypatch.setattr(rollout, "_batch", lambda prompts, *a: rows.extend(prompts) or batch(prompts, *a))
     groups = sample_responses(model, proc, examples, group_size=3, max_new_tokens=8, top_p=1e-9, seed=2)
     assert groups == [g * 3 for g in greedy]
+    want = [proc.encode_prompt(ex["question"], ex.get("images")).input_ids for ex in examples for _ in range(3)]
+    assert len(rows) == len(want) and all(torch.equal(r.input_ids, w) for r, w in zip(rows, want))
     with pytest.raises(ValueError):
         sample_responses(model, proc, examples, group_size=2, max_new_tokens=8, greedy=True)
 

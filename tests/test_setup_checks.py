@@ -268,15 +268,17 @@ def test_a_start_that_would_mix_two_runs_is_refused(demo, finished, tmp_path, mo
         train.setup(load_config(_args(demo, finished, resume=finished / "step-1")))
     with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
         train.setup(load_config(_args(demo, tmp_path / "run", resume=finished)))
-    other = tmp_path / "other"  # another folder's checkpoint, continued where a run of its own is
+    other = tmp_path / "other"  # another folder's checkpoint, continued where checkpoints are
     shutil.copytree(finished, other, ignore=shutil.ignore_patterns("final", "tensorboard"))
-    for holds in ("checkpoints", "metrics"):
-        if holds == "metrics":
-            shutil.rmtree(other / "step-1")
-            shutil.rmtree(other / "step-2")
-        with pytest.raises(ConfigError, match=rf"resume=.*step-2: a checkpoint of another folder, and output_dir="
-                                              rf"{other} holds a run of its own"):
-            train.setup(load_config(_args(demo, other, resume=finished / "step-2", steps=3)))
+    with pytest.raises(ConfigError, match=rf"resume=.*step-2: a checkpoint of another folder, and output_dir="
+                                          rf"{other} holds checkpoints \(step-1, step-2\): resume=auto continues"):
+        train.setup(load_config(_args(demo, other, resume=finished / "step-2", steps=3)))
+    monkeypatch.undo()  # models may load now
+    shutil.rmtree(other / "step-1")  # as if a start from finished/step-2 had died before its first checkpoint
+    shutil.rmtree(other / "step-2")
+    run = train.setup(load_config(_args(demo, other, resume=finished / "step-2", steps=3)))  # the same command
+    assert run.start_step == 2
+    run.log.close()
 
 
 def test_a_resume_that_cannot_continue_the_run_is_refused(demo, finished, tmp_path):
@@ -285,6 +287,7 @@ def test_a_resume_that_cannot_continue_the_run_is_refused(demo, finished, tmp_pa
     for name in ("step-1", "step-2", "config.yaml"):
         (out / name).symlink_to(finished / name)
     config = (finished / "config.yaml").read_bytes()
+    (out / train.FINISHED).write_text(json.dumps({"step": 0}))  # (a steps=0 run's) a refused start leaves it
     cases = [(dict(steps=1), r"at step 2, past steps=1"),
              (dict(teachers=""), r"the checkpoint is of an RIL run"),
              ({"batch.questions_per_step": 4}, r"questions_per_step=2, this run has 4")]
@@ -292,6 +295,7 @@ def test_a_resume_that_cannot_continue_the_run_is_refused(demo, finished, tmp_pa
         with pytest.raises(ConfigError, match=message):
             train.setup(load_config(_args(demo, out, **change)))
         assert (finished / "config.yaml").read_bytes() == config
+        assert json.loads((out / train.FINISHED).read_text()) == {"step": 0}
 
 
 def test_settings_changed_on_resume_apply_to_the_optimisers(demo, finished, tmp_path):
@@ -340,7 +344,7 @@ def test_a_finished_run_without_checkpoints_is_not_trained_again(demo, tmp_path,
         assert train.main(_args(demo, out, steps=2, checkpoint_every=0)) == out
         assert "nothing to do: the run in" in capsys.readouterr().out
         assert read_metrics(out / "metrics.jsonl") == before
-        with pytest.raises(ConfigError, match=r"finished at step 2 and wrote no checkpoint .*checkpoint_every=0"):
+        with pytest.raises(ConfigError, match=r"finished at step 2 with no checkpoint \(checkpoint_every=0"):
             train.setup(load_config(_args(demo, out, steps=3, checkpoint_every=0)))
     train.main(_args(demo, out, steps=1, checkpoint_every=0, resume="none"))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1]
@@ -386,6 +390,10 @@ def test_finished_json_speaks_of_the_last_run_started_there(demo, tmp_path, monk
     _no_models(monkeypatch)
     assert train.main(_args(demo, out, checkpoint_every=0, seed=6)) == out
     assert "nothing to do: the run in" in capsys.readouterr().out
+    # More steps: its newest checkpoint is older than the step it finished at, so going on from there would
+    # train steps 2 again over the finished run's record; refused, as where it has no checkpoint at all.
+    with pytest.raises(ConfigError, match=r"finished at step 2 with its newest checkpoint at step 1 "):
+        train.setup(load_config(_args(demo, out, checkpoint_every=0, seed=6, steps=3)))
 
 
 def test_a_sigterm_during_the_last_steps_save_keeps_it(demo, tmp_path, monkeypatch):
