@@ -449,3 +449,4 @@ def report(tables, isolated, base) -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.destroy()  # before the interpreter tears down (a gloo group destroyed then can abort the process)
