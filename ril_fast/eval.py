@@ -168,10 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from ril_fast import distributed
     from ril_fast.data import DataError
     from ril_fast.processor import UnsupportedModel
-
-    from ril_fast import distributed
 
     try:
         main()

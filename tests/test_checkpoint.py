@@ -294,6 +294,18 @@ def test_export_cli_writes_the_checkpointed_student_and_discriminator(demo, refe
     assert torch.isfinite(disc.weight).all() and disc.weight.abs().sum() > 0  # trained away from its zero start
 
 
+ALONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))  # one process, no process group
+
+
+def _save_alone(root: Path, step: int, *, states=None, counters=None, trainer=None, keep: int = 1,
+                hf_files=lambda folder: folder.mkdir()) -> Path:
+    """``checkpoint.save`` in one process: of ``states`` (default: a fresh Linear(3, 2) as "student", no
+    optimiser), the default Config, an empty hf/ folder unless ``hf_files`` writes one."""
+    states = {"student": checkpoint.TrainState(torch.nn.Linear(3, 2), None)} if states is None else states
+    return checkpoint.save(root, step, ALONE, states=states, trainer=trainer or {}, counters=counters or {},
+                           rng=random.Random(1), config=Config(), hf_files=hf_files, keep=keep)
+
+
 def test_export_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="not a ril_fast checkpoint"):
         export_main([str(tmp_path), str(tmp_path / "out")])
@@ -302,10 +314,8 @@ def test_export_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
 def test_export_cli_refuses_disc_for_a_checkpoint_without_one(tmp_path):
     """--disc for an RL-only run's checkpoint: a one-line error before any model is written (was DCP's traceback
     after the student was written)."""
-    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     hf = lambda folder: folder.mkdir() or (folder / "config.json").write_text("{}")  # noqa: E731
-    saved = checkpoint.save(tmp_path, 2, dist, states={"student": checkpoint.TrainState(torch.nn.Linear(3, 2), None)},
-                            trainer={}, counters={}, rng=random.Random(1), config=Config(), hf_files=hf, keep=1)
+    saved = _save_alone(tmp_path, 2, hf_files=hf)
     with pytest.raises(SystemExit, match=rf"error: {saved}: holds no discriminator \(a checkpoint of an RL-only "
                                          rf"run\): leave out --disc"):
         export_main([str(saved), str(tmp_path / "out"), "--disc", str(tmp_path / "disc")])
@@ -355,7 +365,6 @@ def test_the_same_step_saved_again_replaces_it_whole(tmp_path, monkeypatch):
     """A resumed run stopped before its next step saves its resume step again: the new checkpoint takes
     the old one's place before the old one is deleted, so a kill during that delete (here: after its first
     file) leaves a complete checkpoint, the new one; a finished save leaves nothing else in the folder."""
-    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     rmtree = shutil.rmtree
 
     def killed_while_deleting(path, *args, **kwargs):
@@ -366,11 +375,10 @@ def test_the_same_step_saved_again_replaces_it_whole(tmp_path, monkeypatch):
         return {"student": checkpoint.TrainState(torch.nn.Linear(3, 2), None)}
 
     def save(skipped):
-        return checkpoint.save(tmp_path, 4, dist, states=states(), trainer={}, counters={"skipped_steps": skipped},
-                               rng=random.Random(1), config=Config(), hf_files=lambda folder: folder.mkdir(), keep=1)
+        return _save_alone(tmp_path, 4, states=states(), counters={"skipped_steps": skipped})
 
     def load(path):
-        return checkpoint.load(path, dist, states=states(), rng=random.Random(2))
+        return checkpoint.load(path, ALONE, states=states(), rng=random.Random(2))
 
     path = save(1)
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_while_deleting)
@@ -385,12 +393,8 @@ def test_the_same_step_saved_again_replaces_it_whole(tmp_path, monkeypatch):
 def test_a_failed_save_leaves_no_partial_checkpoint_and_says_what_is_free(tmp_path, monkeypatch):
     """A checkpoint that cannot be written (a full disk) leaves no .step-N.tmp and names the free space and
     the setting to lower; pruning moves an old checkpoint out of sight before deleting it."""
-    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
     def save(step):
-        return checkpoint.save(tmp_path, step, dist, states={"student": checkpoint.TrainState(torch.nn.Linear(3, 2),
-                               None)}, trainer={}, counters={}, rng=random.Random(1), config=Config(),
-                               hf_files=lambda folder: folder.mkdir(), keep=1)
+        return _save_alone(tmp_path, step)
 
     save(1)
     with monkeypatch.context() as m:
@@ -414,15 +418,13 @@ def test_one_process_save_and_load_warn_nothing(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(4, 7)).square().sum().backward()
     optimizer.step()
-    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = checkpoint.save(tmp_path, 3, dist, states={"student": checkpoint.TrainState(model, optimizer)},
-                               trainer={"batches": {"epoch": 1}}, counters={"skipped_steps": 2},
-                               rng=random.Random(1), config=Config(), hf_files=lambda folder: folder.mkdir(), keep=0)
+        path = _save_alone(tmp_path, 3, states={"student": checkpoint.TrainState(model, optimizer)},
+                           trainer={"batches": {"epoch": 1}}, counters={"skipped_steps": 2}, keep=0)
         again = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
         again_optimizer = torch.optim.AdamW(again.parameters(), lr=1e-2)
-        saved = checkpoint.load(path, dist, states={"student": checkpoint.TrainState(again, again_optimizer)},
+        saved = checkpoint.load(path, ALONE, states={"student": checkpoint.TrainState(again, again_optimizer)},
                                 rng=random.Random(2))
     assert [str(w.message) for w in caught] == []
     assert saved.step == 3 and saved.exact and saved.counters == {"skipped_steps": 2}
