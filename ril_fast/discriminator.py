@@ -7,8 +7,10 @@ rows pooled are the response's own tokens (end-of-turn token included), so "last
 end-of-turn token's state, which has attended to the question, the images and the whole response. A
 student response cut at ``max_new_tokens`` has no end-of-turn token (its last sampled token is read),
 while teacher responses always end with one: truncation alone is a cue D can learn.
-The head is kept in fp32 whatever the backbone's dtype, and starts at zero (D = 1/2 for every input)
-unless ``init_std`` asks for a random start.
+The head's weights are fp32 whatever the backbone's dtype (sharded under FSDP mixed precision, its d-vector is
+all-gathered in bf16 like every other sharded weight, so the forward sees it rounded; the 0-d bias, which FSDP
+leaves alone, stays fp32; the kernel accumulates in fp32 either way), and start at zero (D = 1/2 for every
+input) unless ``init_std`` asks for a random start.
 
 A saved discriminator is its own folder: the backbone as a HF model (config.json + safetensors,
 loadable with AutoModel), the tokenizer / image-processor files, and the head in

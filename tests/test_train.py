@@ -181,6 +181,22 @@ def test_step_metrics_count_every_rank(demo, tmp_path, monkeypatch):
     assert sent[1][2] == tokens and sent[1][5][0] == flops  # fillers are no work of the step
 
 
+def test_loss_normalisers_count_every_rank(demo, tmp_path, monkeypatch):
+    """Eq. 1 and Eq. 2 divide by the step's outputs over all ranks (Eq. 2 times L_max), never this rank's: a
+    second rank with as many outputs is simulated by the sum, and what the two passes receive is recorded."""
+    run = train.setup(load_config(_args(demo, tmp_path / "run", demo.teachers)))
+    seen, policy_pass, disc_pass = {}, train.policy_pass, train.disc_pass
+    monkeypatch.setattr(train.distributed, "all_reduce_sum", lambda t: 2 * t)
+    monkeypatch.setattr(train, "policy_pass", lambda model, micro, adv, normalizer, *a, **k: seen.update(
+        policy=float(normalizer), outputs=len(adv)) or policy_pass(model, micro, adv, normalizer, *a, **k))
+    monkeypatch.setattr(train, "disc_pass", lambda model, micro, labels, n, *a, **k: seen.update(
+        disc=float(n)) or disc_pass(model, micro, labels, n, *a, **k))
+    train.train_step(run, step=1)
+    run.log.close()
+    assert seen["outputs"] == 2 * 2 * 2  # this rank's: 2 questions x (G = 2 student + 2 teacher outputs)
+    assert seen["disc"] == 2 * seen["outputs"] and seen["policy"] == 2 * seen["outputs"] * 11  # L_max = 11
+
+
 class _CountingTimer(PhaseTimer):
     """The trainer's phase timer, also counting each phase's FLOPs with torch's FlopCounterMode."""
 
