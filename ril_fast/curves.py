@@ -103,4 +103,6 @@ if __name__ == "__main__":
     from ril_fast.metrics import read_metrics
 
     run_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/ril")
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise SystemExit(f"error: no {run_dir / 'metrics.jsonl'}: give a run's output_dir (default runs/ril)")
     print(plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "curves.png", title=str(run_dir)))

@@ -52,9 +52,11 @@ class RunLog:
     :meth:`close` draws ``out_dir/curves.png`` (main rank only)."""
 
     def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, progress: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, keep_evaluation: bool = False):
         """``resume_step``: the run resumes after that step, so the file keeps exactly the records an
         uninterrupted run had written by then (see :func:`records_until`); else the file starts empty.
+        ``keep_evaluation``: the final evaluation logged after ``resume_step`` is kept too (a finished run
+        going on to more steps, which will not evaluate that step again).
         TensorBoard shows the same: it hides every event an earlier run in the folder logged from
         ``resume_step`` on (from step 0 on a fresh start), and the kept records of that step are logged
         again (a step's training record and an evaluation logged after it share a step number, and only
@@ -66,7 +68,8 @@ class RunLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = records_until(self.path, resume_step) if resume_step is not None and self.path.exists() else []
+        kept = records_until(self.path, resume_step, keep_evaluation=keep_evaluation) \
+            if resume_step is not None and self.path.exists() else []
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash keeps the old file
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -143,11 +146,18 @@ def bar_labels(keys) -> dict[str, str]:
     return {k: k if clashes[label] > 1 else label for k, label in labels.items()}
 
 
-def records_until(path: str | Path, step: int) -> list[dict]:
-    """The records of ``path`` logged up to the end of training step ``step``: those of earlier steps and
-    the step's own training record, not the final evaluation after it nor anything later. A last line
-    cut short by a kill is dropped; a damaged line before it is an error naming the line."""
-    lines = Path(path).read_text().splitlines()
+def records_until(path: str | Path, step: int, *, keep_evaluation: bool = False) -> list[dict]:
+    """The records of ``path`` (:func:`read_metrics`) logged up to the end of training step ``step``: those of
+    earlier steps and the step's own training record, not the final evaluation after it (unless
+    ``keep_evaluation``) nor anything later."""
+    return [r for r in read_metrics(path)
+            if r["step"] < step or (r["step"] == step and ("loss" in r or keep_evaluation))]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``, in order. A last line cut short by a kill is dropped; a damaged line
+    before it is an error naming the line."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
         try:
@@ -155,9 +165,4 @@ def records_until(path: str | Path, step: int) -> list[dict]:
         except json.JSONDecodeError:
             if number < len(lines):
                 raise ValueError(f"{path}:{number}: not a JSON metrics record") from None
-    return [r for r in records if r["step"] < step or (r["step"] == step and "loss" in r)]
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return records

@@ -347,9 +347,12 @@ def test_records_until_keeps_what_an_uninterrupted_run_had_written(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')  # cut short by a kill
     assert records_until(path, 2) == records[:3]
     assert records_until(path, 3) == records[:4]  # not the final evaluation that followed step 3
+    assert records_until(path, 3, keep_evaluation=True) == records  # unless the run goes on past step 3
+    assert read_metrics(path) == records  # the cut line is no record
     path.write_text('{"step": 1, "loss": 1.0}\nnot json\n{"step": 2, "loss": 2.0}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
-        records_until(path, 2)
+    for read in (lambda: records_until(path, 2), lambda: read_metrics(path)):
+        with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON metrics record"):
+            read()
 
 
 def test_rng_state_round_trips_through_json():

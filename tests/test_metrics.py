@@ -2,9 +2,12 @@
 
 import importlib.util
 import io
+import json
 import math
 import random
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -79,6 +82,21 @@ def test_close_draws_curves_png_of_the_expected_size(tmp_path, capsys, teachers,
         cell = image.crop((col * PANEL_PX[0], row * PANEL_PX[1], (col + 1) * PANEL_PX[0], (row + 1) * PANEL_PX[1]))
         dark = int((np.asarray(cell) < 128).sum())
         assert (dark > 500) == (k < panels), (k, dark)
+
+
+def test_curves_command_plots_a_run_cut_short_and_names_a_missing_record(tmp_path):
+    """``python -m ril_fast.curves RUN_DIR`` on a run killed mid-write (its last line cut short) draws the rest;
+    a folder without metrics.jsonl is a one-line error."""
+    records = fake_run(6, random.Random(0))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 7, "lo')
+    done = subprocess.run([sys.executable, "-m", "ril_fast.curves", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "curves.png"), done.stderr
+    assert Image.open(tmp_path / "curves.png").size[0] > 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run([sys.executable, "-m", "ril_fast.curves", str(empty)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == (f"error: no {empty / 'metrics.jsonl'}: give a run's "
+                                                            f"output_dir (default runs/ril)")
 
 
 def test_plot_curves_without_data_draws_nothing(tmp_path):

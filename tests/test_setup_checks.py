@@ -330,6 +330,20 @@ def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys, monkeypatch)
     assert (out / "config.yaml").read_bytes() == config  # the settings it ran with, not the unused new ones
 
 
+def test_a_finished_run_going_on_keeps_its_last_evaluation(demo, finished, tmp_path):
+    """Raising steps on a finished run: its record keeps the held-out evaluation after its last step (which the
+    longer run will not repeat), then the new steps and their own final evaluation."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = read_metrics(out / "metrics.jsonl")
+    assert [(r["step"], "loss" in r, "eval_accuracy" in r) for r in before] == [
+        (0, False, True), (1, True, False), (2, True, False), (2, False, True)]
+    train.main(_args(demo, out, steps=3))
+    after = read_metrics(out / "metrics.jsonl")
+    assert after[:4] == before
+    assert [(r["step"], "loss" in r, "eval_accuracy" in r) for r in after[4:]] == [(3, True, False), (3, False, True)]
+
+
 def test_a_finished_run_without_checkpoints_is_not_trained_again(demo, tmp_path, capsys, monkeypatch):
     """checkpoint_every=0 writes no checkpoint: run again, the finished run has nothing to do (it used to be
     trained again from scratch over its own record); with more steps it is refused, having nothing to
