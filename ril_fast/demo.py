@@ -45,6 +45,7 @@ Choices made so that the demo measures what RIL is for (issue 4 has the runs beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -52,6 +53,8 @@ import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from ril_fast.files import waiting_lock
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -175,43 +178,64 @@ def build_demo(root: str | Path | None = None, *, max_train: int | None = None, 
     ``answer_types`` keeps the questions of those answer types (``ANSWER_TYPES``; default: shape and
     colour, see the module docstring for why). ``max_train`` / ``max_test`` keep a seeded random subset
     of that many of them in each split (None: all; of easy-VQA's 38,575 / 9,673 questions, 10,168 /
-    2,537 are shape or colour questions). A folder built with other settings is rebuilt. The build
-    writes a sibling temporary folder and renames it into place, so concurrent callers (e.g. every rank
-    of a torchrun) never see a half-written demo.
+    2,537 are shape or colour questions). A folder built with other settings is rebuilt. One process builds
+    at a time (a lock beside ``root``; the others wait, then find it built), into a sibling temporary folder
+    renamed into place: no caller sees a half-written demo, and a build that was killed leaves a temporary
+    folder that the next build removes.
     """
     types = tuple(answer_types)
     if not types or any(t not in ANSWER_TYPES for t in types):
         raise ValueError(f"answer_types must be a non-empty subset of {ANSWER_TYPES}, got {answer_types!r}")
     root = Path(root) if root is not None else default_root()
     settings = {"version": VERSION, "max_train": max_train, "max_test": max_test, "answer_types": list(types)}
-    marker = root / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
+    if _built(root, settings):
         return _paths(root)
-    if root.exists() and any(root.iterdir()) and not marker.is_file():
-        raise FileExistsError(f"{root} exists and is not a ril_fast demo folder: choose another root")
+    with waiting_lock(root) as locked:
+        if _built(root, settings):  # by another process, while this one waited
+            return _paths(root)
+        if root.exists() and any(root.iterdir()) and not (root / _MARKER).is_file():
+            raise FileExistsError(f"{root} exists and is not a ril_fast demo folder: choose another root")
+        if locked:  # builds run one at a time: another's temporary folder is a killed build's
+            for stale in root.parent.glob(f"{root.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            _write_demo(tmp, settings, max_train=max_train, max_test=max_test, types=types)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if root.exists():  # a demo of other settings (its marker proves the folder is ours): out of sight first,
+            old = root.with_name(f"{root.name}.tmp-{os.getpid()}-old")  # so a kill mid-deletion leaves no part
+            with contextlib.suppress(FileNotFoundError):
+                root.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.rename(root)  # replaces root only if it is missing or an empty folder
+        except OSError:
+            if not _built(root, settings):
+                raise
+            shutil.rmtree(tmp)  # another process built the same demo first (a file system without locks)
+    return _paths(root)
 
+
+def _built(root: Path, settings: dict) -> bool:
+    """Whether ``root`` holds a demo built with ``settings``."""
+    marker = root / _MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == settings
+
+
+def _write_demo(folder: Path, settings: dict, *, max_train, max_test, types) -> None:
+    """Every file of the demo, into ``folder``; its marker last."""
     from ril_fast.tiny import make_tiny
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    train = _write_split(tmp, "train", max_train, seed=0, types=types)
-    _write_split(tmp, "test", max_test, seed=1, types=types)
+    train = _write_split(folder, "train", max_train, seed=0, types=types)
+    _write_split(folder, "test", max_test, seed=1, types=types)
     for name, style in TEACHER_STYLES.items():
-        _write_jsonl(tmp / f"{name}.jsonl", [{"id": r["id"], "response": style(r["answer"])} for r in train])
-    make_tiny(tmp / "student", **STUDENT)
-    (tmp / _MARKER).write_text(json.dumps(settings) + "\n")
-
-    if marker.is_file() and json.loads(marker.read_text()) != settings:
-        shutil.rmtree(root)  # a demo of other settings (the marker proves the folder is ours)
-    try:
-        tmp.rename(root)  # replaces root only if it is missing or an empty folder
-    except OSError:
-        if not (marker.is_file() and json.loads(marker.read_text()) == settings):
-            raise
-        shutil.rmtree(tmp)  # another process built the same demo first
-    return _paths(root)
+        _write_jsonl(folder / f"{name}.jsonl", [{"id": r["id"], "response": style(r["answer"])} for r in train])
+    make_tiny(folder / "student", **STUDENT)
+    (folder / _MARKER).write_text(json.dumps(settings) + "\n")
 
 
 def with_demo(config, demo: DemoPaths):

@@ -1,5 +1,5 @@
 """Files written whole or not at all (a crash in the middle of a write leaves the old contents), and locks
-held for a process's life: a run folder's (two runs writing one folder would interleave their records and
+held for a process's life (or waited for, around one piece of work: :func:`waiting_lock`): a run folder's (two runs writing one folder would interleave their records and
 prune each other's checkpoints) and a file's (two teacher collections appending to one file would write the
 same responses twice); and what is wrong with a model folder, said before transformers reads a missing one as
 a hub id."""
@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 # What flock says on a file system that keeps no locks (some FUSE and network mounts).
@@ -63,6 +64,24 @@ def unlock_file(path: str | Path) -> None:
     """Give back this process's lock of ``path`` (nothing if it holds none)."""
     path = Path(path).resolve()
     _unlock(path.parent / f".{path.name}.lock")
+
+
+@contextmanager
+def waiting_lock(path: str | Path):
+    """Hold ``path``'s lock (the file ``.{name}.lock`` beside it, as :func:`lock_file`) for the ``with`` block,
+    waiting while another process holds it -> whether it is held (False on a file system that keeps no locks:
+    the block then runs unlocked)."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a+") as f:  # closing it gives the lock back
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            yield False
+        else:
+            yield True
 
 
 def lock_folder(folder: str | Path) -> None:

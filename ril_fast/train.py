@@ -42,7 +42,7 @@ import torch
 from ril_fast import checkpoint, distributed, schedule
 from ril_fast.config import Config, ConfigError, load_config
 from ril_fast.data import Batches, DataError, Example, no_room, to_sample
-from ril_fast.demo import build_demo, needs_demo, with_demo
+from ril_fast.demo import build_demo, default_root, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
 from ril_fast.export import export_hf
@@ -149,10 +149,8 @@ def setup(cfg: Config) -> Run:
     teachers), optimisers and judges. Bad settings and data fail here, before any model loads."""
     dist = distributed.init(cpu_collectives=cfg.batch.cpu_offload)
     if needs_demo(cfg):
-        if dist.is_main:
-            build_demo()
-        distributed.barrier()
-        cfg = with_demo(cfg, build_demo())
+        distributed.on_rank0(_demo)  # rank 0 builds it (every rank raises its error); the others find it built
+        cfg = with_demo(cfg, _demo())
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out}: exists and is not a folder")
@@ -245,6 +243,15 @@ def setup(cfg: Config) -> Run:
                      resume_step=run.start_step if resume_from is not None else None,
                      keep_evaluation=run.start_step < cfg.steps)  # a finished run's last evaluation, if going on
     return run
+
+
+def _demo():
+    """The built-in demo's paths (built first if needed), a folder it cannot be built in a ConfigError."""
+    try:
+        return build_demo()
+    except OSError as e:
+        raise ConfigError(f"the built-in demo cannot be built in {default_root()}: {e}; set RIL_FAST_DEMO to a "
+                          f"writable folder of your own (or give student=, train_data= and teachers=)") from e
 
 
 # ----------------------------------------------------------------------------------------------------

