@@ -14,14 +14,14 @@ import sys
 import time
 
 import torch
-from _common import CUDA, RssPeak, synchronize
+from _common import CUDA, RssPeak, synchronize, unless_out_of_memory
 
 from ril_fast import distributed
 from ril_fast.data import load_examples, to_sample
 from ril_fast.distributed import call
 from ril_fast.flops import Sample, Shapes, rollout_flops, training_flops
 from ril_fast.microbatch import micro_batches, rank_agreement, sync_gradients
-from ril_fast.models import last_hidden_states, lm_head_weight, load
+from ril_fast.models import last_hidden_states, lm_head_weight, load, recomputing
 from ril_fast.policy import LossConfig, frozen_logprobs, policy_pass
 from ril_fast.rollout import sample_responses
 
@@ -83,13 +83,14 @@ def liger_policy_pass(model, micro, advantages: torch.Tensor, normalizer: torch.
                                        epsilon_high=cfg.eps_high, temperature=cfg.temperature, compiled=compiled)
     device = distributed.compute_device(model)
     total = torch.zeros((), device=device)
-    for k, mb in enumerate(micro):
-        sync_gradients(model, k == len(micro) - 1)
-        loss = call(model, _liger_loss, mb.batch.to(device), advantages[mb.index].to(device), mb.weight.to(device),
-                    ref[k] if ref else None, loss_fn)
-        loss = loss * (len(mb.index) * max_new_tokens) / normalizer
-        loss.backward()
-        total += loss.detach()
+    with recomputing(model):  # as policy_pass: with batch.activation_checkpointing, both recompute each layer
+        for k, mb in enumerate(micro):
+            sync_gradients(model, k == len(micro) - 1)
+            loss = call(model, _liger_loss, mb.batch.to(device), advantages[mb.index].to(device), mb.weight.to(device),
+                        ref[k] if ref else None, loss_fn)
+            loss = loss * (len(mb.index) * max_new_tokens) / normalizer
+            loss.backward()
+            total += loss.detach()
     return float(total)
 
 
@@ -119,8 +120,7 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
         "ril_fast": lambda: policy_pass(run.student, micro, advantages, normalizer, loss_cfg, ref=ref)["loss"],
         "liger": liger,
     }
-    results = []
-    for name, fn in providers.items():
+    def timed(name, fn) -> dict:
         note = ""
         try:
             seconds, peak, loss = measure(fn, reps, after=lambda: run.optimizer.zero_grad(set_to_none=True))
@@ -134,7 +134,12 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
             print(f"{note}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
             seconds, peak, loss = measure(lambda: liger(compiled=False), reps,
                                           after=lambda: run.optimizer.zero_grad(set_to_none=True))
-        results.append(dict(provider=name, seconds=seconds, peak=peak, loss=loss, flops=flops, note=note))
+        return dict(provider=name, seconds=seconds, peak=peak, loss=loss, flops=flops, note=note)
+
+    results = []
+    for name, fn in providers.items():
+        results.append(unless_out_of_memory(name, lambda: timed(name, fn)))
+        run.optimizer.zero_grad(set_to_none=True)  # an out-of-memory error leaves gradients behind
     return results
 
 

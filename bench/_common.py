@@ -8,10 +8,12 @@ are ``time.perf_counter`` medians and memory is the process's resident size; on 
 """
 
 import csv
+import gc
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +26,25 @@ CUDA = torch.cuda.is_available()
 # ----------------------------------------------------------------------------------------------------
 # Time and memory
 # ----------------------------------------------------------------------------------------------------
+def free_memory() -> None:
+    """Collect garbage (a failed run's model cycles) and give the CUDA allocator's cached blocks back."""
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def unless_out_of_memory(provider: str, fn) -> dict:
+    """``fn()`` (a baseline's result dict), or where it runs out of GPU memory ``{"provider", "note"}`` saying so,
+    its memory freed: a baseline that does not fit must not cost the configuration's measured rows."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        note = f"out of memory: {str(e).splitlines()[0][:200]}"
+    free_memory()  # here, once the exception (whose traceback holds the frames that hold the tensors) is gone
+    print(f"{provider}: {note}", file=sys.stderr)
+    return {"provider": provider, "note": note}
+
+
 def time_ms(fn, reps: int, *, best: bool = False) -> float:
     """Median milliseconds of fn() (``triton.testing.do_bench`` on GPU; a warm-up call, then ``reps``
     timed calls on CPU); ``best``: the fastest call instead, for peaks (interference only slows)."""

@@ -109,8 +109,8 @@ def logprobs_loss_providers(n, h, v, dtype):
 
         seqs = norm // 1024 if n >= 1024 else 1
         t = n // seqs
-        fn = LigerFusedLinearGRPOLoss(beta=0.04, use_ref_model=True, loss_type="dr_grpo",
-                                      max_completion_length=t, compiled=CUDA)
+        fn = LigerFusedLinearGRPOLoss(beta=0.04, use_ref_model=True, loss_type="dr_grpo",  # divides by seqs x L:
+                                      max_completion_length=norm // seqs, compiled=CUDA)  # ours by norm
         shape = lambda x: x[: seqs * t].reshape(seqs, t)  # noqa: E731
         seq_adv = adv[: seqs * t].reshape(seqs, t)[:, 0].contiguous()
 
@@ -131,6 +131,9 @@ def logprobs_loss_providers(n, h, v, dtype):
     except ImportError:
         print("liger_kernel not importable: the liger provider is skipped", file=sys.stderr)
     return providers
+
+
+CASE_DTYPES = {"dr_grpo_loss": torch.float32}  # its log-probs are fp32 whatever the model's dtype (the others: --dtype)
 
 
 def grpo_loss_providers(n):
@@ -213,7 +216,8 @@ def main(argv=None):
             for mode in MODES:
                 ms, mb = results[mode] if results else (float("nan"), float("nan"))
                 row = dict(date=date, git_sha=sha, device=device, case=case, provider=provider, mode=mode,
-                           dtype=str(dtype).split(".")[-1], **shape, ms=sig(ms), peak_mib=sig(mb))
+                           dtype=str(CASE_DTYPES.get(case, dtype)).split(".")[-1], **shape, ms=sig(ms),
+                           peak_mib=sig(mb))
                 if flops:
                     row["tflops"] = sig(flops[mode] / (ms * 1e-3) / 1e12)
                     row["util_of_matmul_peak"] = sig(row["tflops"] / peak)

@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import gc
 import io
 import sys
 import tempfile
@@ -57,8 +56,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py etc., also under runpy / pytest
-from _common import (CUDA, append_csv, copy_bandwidth_gbps, device_name, git_sha, markdown_table,  # noqa: E402
-                     sig)
+from _common import (CUDA, append_csv, copy_bandwidth_gbps, device_name, free_memory, git_sha,  # noqa: E402
+                     markdown_table, sig, unless_out_of_memory)
 from _baselines import compare_policy_update, plain_generate, rollout_inputs, time_rollout  # noqa: E402
 from _probe import PhaseProbe, RecordingProcessor, collective_seconds  # noqa: E402
 from _workload import PRESETS, build  # noqa: E402
@@ -123,18 +122,17 @@ def run_configuration(args, cfg: Config, shapes: Shapes, *, base: bool, profile_
             records.append(_record_step(recorder, metrics))
     if base and not args.no_baselines:
         prompts, settings = rollout_inputs(cfg, run.dist.rank, run.dist.world_size)
-        baselines["rollout"] = [time_rollout("ril_fast", run.student, recorder.inner, prompts, settings, shapes,
-                                             args.reps)]
+        baselines["rollout"] = [unless_out_of_memory("ril_fast", lambda: time_rollout(
+            "ril_fast", run.student, recorder.inner, prompts, settings, shapes, args.reps))]
         if _liger_available():
             baselines["policy_update"] = compare_policy_update(run, records[-1]["encoded"], shapes, args.reps)
     if base and profile_dir is not None:
         comms = profile_step(run, recorder, profile_dir, args.warmup + args.steps + 1, args.preset)
     del run, recorder
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
+    free_memory()
     if "rollout" in baselines:  # loaded once the run is gone: two copies of a 7B model need not fit at once
-        baselines["rollout"].append(plain_generate(cfg, prompts, settings, shapes, args.reps))
+        baselines["rollout"].append(unless_out_of_memory(
+            "hf_generate", lambda: plain_generate(cfg, prompts, settings, shapes, args.reps)))
     return records, baselines, comms
 
 
@@ -250,6 +248,11 @@ def baseline_rows(base_settings: dict, baselines: dict, peak_tflops: float) -> l
     rows = []
     for phase, results in baselines.items():
         for c in results:
+            if "seconds" not in c:  # it did not fit: the settings, no measurement
+                rows.append(dict(base_settings, provider=c["provider"], phase=f"{phase}_isolated", note=f"{c['note']} "
+                                 "(this rank)", **dict.fromkeys(("seconds", "share", "tokens", "tokens_per_s", "tflop",
+                                                                 "tflops", "mfu", "gb_per_s", "peak_gib"), "")))
+                continue
             s, tokens = c["seconds"], c.get("tokens")
             note = (f"loss {c['loss']:.6g}; one μ pass on the last step's micro-batches" if "loss" in c
                     else "one rollout call on the first batch's questions")
@@ -348,40 +351,42 @@ def main(argv=None):
 
     base = (args.layouts[0], args.kernel_sets[0])
     configurations = [base] + [(x, base[1]) for x in args.layouts[1:]] + [(base[0], k) for k in args.kernel_sets[1:]]
+    common = dict(date=date, git_sha=sha, device=device)
     rows, isolated, tables = [], [], []
     with tempfile.TemporaryDirectory(dir=workdir.parent, prefix="run-") as tmp:
         for layout, kernels in configurations:
             cfg = make_config(args, workload, Path(tmp) / f"{layout}-{kernels}", padded=layout == "padded",
                               kernels=Kernels.AUTO if kernels == "fused" else Kernels.EAGER)
-            is_base = (layout, kernels) == base
+            failed = None
             try:
-                records, baselines, comms = run_configuration(args, cfg, shapes, base=is_base,
+                records, baselines, comms = run_configuration(args, cfg, shapes, base=(layout, kernels) == base,
                                                          profile_dir=Path(args.profile) if args.profile else None)
             except (torch.OutOfMemoryError, RuntimeError, DoesNotFit) as e:
                 if not (_out_of_memory(e) or isinstance(e, DoesNotFit)):
                     raise
-                message = f"does not fit (refused before loading): {e}" if isinstance(e, DoesNotFit) else \
+                failed = f"does not fit (refused before loading): {e}" if isinstance(e, DoesNotFit) else \
                     f"out of memory: {e}"
+            if failed is not None:
+                free_memory()  # after the except block: its exception's traceback held the failed run
                 if main_rank:
-                    print(f"\n{layout} + {kernels}: {message}", file=sys.stderr)
-                rows.append(dict(preset=args.preset, world_size=dist.world_size, layout=layout, kernels=kernels,
-                                 phase="step", note=message[:300]))
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            these = phase_rows(args, cfg, shapes, records, n_student=plan.student_params, world=dist.world_size,
-                               peak_tflops=peak_tflops, copy_gbps=copy_gbps, comms=comms)
-            tables.append(((layout, kernels), these))
+                    print(f"\n{layout} + {kernels}: {failed}", file=sys.stderr)
+                these = [dict(preset=args.preset, world_size=dist.world_size, layout=layout,
+                              kernels=cfg.loss.kernels.value, phase="step", note=failed[:300])]
+            else:
+                these = phase_rows(args, cfg, shapes, records, n_student=plan.student_params, world=dist.world_size,
+                                   peak_tflops=peak_tflops, copy_gbps=copy_gbps, comms=comms)
+                if main_rank:
+                    report_configuration(these, (layout, kernels), base, first=not tables)
+                tables.append(((layout, kernels), these))
+                if baselines:
+                    isolated = baseline_rows(these[0], baselines, peak_tflops)
+                    these = these + isolated
+            these = [dict(common, **r) for r in these]
+            if main_rank:  # now: a stage killed at its time limit keeps the configurations it finished
+                out = append_csv(args.out, these, COLUMNS)
             rows += these
-            if baselines:
-                isolated = baseline_rows(these[0], baselines, peak_tflops)
-                rows += isolated
-    common = dict(date=date, git_sha=sha, device=device)
-    rows = [dict(common, **r) for r in rows]
     if main_rank:
-        if tables:
-            report(tables, isolated, base)
-        out = append_csv(args.out, rows, COLUMNS)
+        report_comparisons(tables, isolated, base)
         print(f"\n{len(rows)} rows appended to {out}")
     return rows
 
@@ -405,20 +410,25 @@ def _out_of_memory(e: BaseException) -> bool:
     return False
 
 
-def report(tables, isolated, base) -> None:
-    """Print the markdown tables: one per configuration, the side-by-side ratios, the baselines."""
+def report_configuration(rows, configuration, base, *, first: bool) -> None:
+    """Print one configuration's markdown table (after the workload's line, for the ``first``)."""
     columns = [("phase", "phase"), ("seconds", "s/step"), ("share", "share"), ("tokens_per_s", "tokens/s"),
                ("tflop", "TFLOP/step"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_gib", "peak GiB"),
                ("gb_per_s", "GB/s"), ("note", "note")]
-    first = tables[0][1][0]
-    print(f"\nworkload per step: {first['questions_per_step']} questions, G = {first['group_size']}, "
-          f"μ = {first['mu']}, β = {first['beta']}, L_max = {first['max_new_tokens']}; "
-          f"mean tokens: prompt {first['prompt_tokens']}, "
-          f"student response {first['student_tokens']}, teacher response {first['teacher_tokens'] or '-'}")
-    for (layout, kernels), rows in tables:
-        print(f"\n### {layout} + {kernels}{' (base)' if (layout, kernels) == base else ''}\n")
-        print(markdown_table(rows, columns))
-    if len(tables) > 1:
+    if first:
+        r = rows[0]
+        print(f"\nworkload per step: {r['questions_per_step']} questions, G = {r['group_size']}, "
+              f"μ = {r['mu']}, β = {r['beta']}, L_max = {r['max_new_tokens']}; mean tokens: prompt "
+              f"{r['prompt_tokens']}, student response {r['student_tokens']}, teacher response "
+              f"{r['teacher_tokens'] or '-'}")
+    layout, kernels = configuration
+    print(f"\n### {layout} + {kernels}{' (base)' if configuration == base else ''}\n")
+    print(markdown_table(rows, columns), flush=True)
+
+
+def report_comparisons(tables, isolated, base) -> None:
+    """Print the side-by-side ratios against the base configuration (when it ran) and the baselines."""
+    if len(tables) > 1 and tables[0][0] == base:
         base_rows = {r["phase"]: r for r in tables[0][1]}
         ratio_rows = []
         for phase in base_rows:
@@ -438,11 +448,11 @@ def report(tables, isolated, base) -> None:
         print(markdown_table(isolated, [("phase", "phase"), ("provider", "provider"), ("seconds", "s"),
                                         ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"),
                                         ("peak_gib", "peak GiB"), ("note", "note")]))
-        seconds = {(r["phase"], r["provider"]): r["seconds"] for r in isolated}
-        if ("rollout_isolated", "hf_generate") in seconds:
+        seconds = {(r["phase"], r["provider"]): r["seconds"] for r in isolated if r.get("seconds")}
+        if {("rollout_isolated", "hf_generate"), ("rollout_isolated", "ril_fast")} <= seconds.keys():
             ratio = seconds["rollout_isolated", "ril_fast"] / seconds["rollout_isolated", "hf_generate"]
             print(f"\nrollout: ril_fast (FSDP2) takes {ratio:.3g}x the time of plain HF generate on an unsharded model")
-        if ("policy_update_isolated", "liger") in seconds:
+        if {("policy_update_isolated", "liger"), ("policy_update_isolated", "ril_fast")} <= seconds.keys():
             ratio = seconds["policy_update_isolated", "liger"] / seconds["policy_update_isolated", "ril_fast"]
             print(f"policy update: ril_fast runs at {ratio:.3g}x Liger's speed")
 

@@ -21,3 +21,18 @@ def test_kernels_bench_quick(tmp_path, monkeypatch, capsys):
     for r in rows:
         assert float(r["ms"]) > 0 and r["device"] and r["git_sha"] and r["date"]
     assert "| logprobs+loss | ril_torch | full |" in capsys.readouterr().out
+
+
+def test_logprobs_loss_providers_compute_the_same_loss():
+    """Every provider of the "logprobs+loss" case computes the same loss, Liger's included, also where the tokens
+    are not a whole number of 1,024-token sequences (Liger divides by its sequences x max_completion_length)."""
+    import torch
+
+    bench = runpy.run_path(str(BENCH), run_name="kernels")
+    for n in (700, 1500, 2048):
+        torch.manual_seed(n)
+        losses = {name: make()[0]().item() for name, make in bench["logprobs_loss_providers"](n, 32, 96,
+                                                                                           torch.float32).items()}
+        assert {"ril_torch", "eager", "liger"} <= losses.keys()
+        for name, loss in losses.items():
+            assert abs(loss - losses["eager"]) <= 1e-5 * abs(losses["eager"]) + 1e-7, (n, name, losses)

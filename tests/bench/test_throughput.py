@@ -135,6 +135,35 @@ def test_compared_configurations_compute_the_same_update(tmp_path_factory, one_t
                                        msg=lambda m: f"{name} ({padded}, {kernels}, {liger}): {m}")
 
 
+def test_liger_recomputes_the_layers_as_ril_fast_does(tmp_path_factory, one_thread, bench):  # noqa: F811
+    """With activation checkpointing (--activation-checkpointing, as the qwen3vl-4b stage runs) both providers of the
+    policy update recompute each decoder layer in the backward: the same work, and the same memory bound."""
+    from _baselines import liger_policy_pass  # bench/, on sys.path since the fixture ran
+
+    from ril_fast.distributed import decoder_blocks
+    from ril_fast.microbatch import micro_batches
+    from ril_fast.models import enable_activation_checkpointing, load
+    from ril_fast.policy import LossConfig, policy_pass
+
+    model, processor = load(tiny_folder(tmp_path_factory, "qwen2_5_vl"), device="cpu")
+    enable_activation_checkpointing(model)
+    encoded = [processor.encode(s) for s in random_samples([1, 0, 1, 0])]
+    micro = micro_batches(encoded, max_tokens=120)
+    advantages, normalizer, cfg = torch.randn(len(encoded)), torch.tensor(float(len(encoded) * 24)), LossConfig()
+    runs = []
+    # A pre-hook: the recomputation stops once it has what the backward needs, before the MLP's forward hooks.
+    hooks = [block.mlp.register_forward_pre_hook(lambda *_: runs.append(1)) for block in decoder_blocks(model)]
+    counts = {}
+    for name, update in (("ril_fast", lambda: policy_pass(model, micro, advantages, normalizer, cfg)),
+                         ("liger", lambda: liger_policy_pass(model, micro, advantages, normalizer, cfg, 24))):
+        runs.clear()
+        update()
+        counts[name] = len(runs)
+    for hook in hooks:
+        hook.remove()
+    assert counts == dict.fromkeys(counts, 2 * len(decoder_blocks(model)) * len(micro))  # forward, then recomputed
+
+
 def test_a_configuration_that_cannot_fit_is_a_row_not_a_crash(tmp_path, monkeypatch, one_thread, bench):  # noqa: F811
     """When the trainer refuses a configuration before loading (too little free memory), the benchmark records
     it as a row saying so, as it does a CUDA out-of-memory error, and ends normally."""
@@ -146,6 +175,78 @@ def test_a_configuration_that_cannot_fit_is_a_row_not_a_crash(tmp_path, monkeypa
                                       "--no-baselines", "--workdir", str(tmp_path / "work"), "--out", str(out)])
     runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
     rows = list(csv.DictReader(out.open()))
-    assert [(r["phase"], r["layout"], r["kernels"]) for r in rows] == [("step", "packed", "fused")]
+    assert [(r["phase"], r["layout"], r["kernels"]) for r in rows] == [("step", "packed", "auto")]  # as measured rows
     assert rows[0]["note"].startswith("does not fit (refused before loading): student=")  # cut at 300 characters
     assert "the models need" in rows[0]["note"]
+
+
+def test_a_baseline_out_of_memory_is_a_row_and_the_measured_rows_stay(tmp_path, monkeypatch, capsys,
+                                                                       one_thread, bench):  # noqa: F811
+    """Liger's policy update running out of GPU memory (simulated): the configuration's measured phases and the
+    other baselines are written all the same, Liger's row says what happened, and no ratio to it is printed."""
+    import _baselines  # bench/, on sys.path since the fixture ran
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(_baselines, "liger_policy_pass", out_of_memory)
+    out = tmp_path / "throughput.csv"
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "throughput.py"), "--preset", "tiny", "--steps", "1", "--warmup",
+                                      "0", "--reps", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    phases = {r["phase"] for r in rows if not r["phase"].endswith("_isolated")}
+    assert phases == set(bench["PHASES"]) | {"communication", "step"}
+    isolated = {(r["phase"], r["provider"]): r for r in rows if r["phase"].endswith("_isolated")}
+    assert set(isolated) == {("policy_update_isolated", "ril_fast"), ("policy_update_isolated", "liger"),
+                             ("rollout_isolated", "ril_fast"), ("rollout_isolated", "hf_generate")}
+    liger = isolated["policy_update_isolated", "liger"]
+    assert not liger["seconds"] and liger["note"] == ("out of memory: CUDA out of memory. Tried to allocate 2.00 GiB "
+                                                      "(simulated) (this rank)")
+    assert all(float(r["seconds"]) > 0 for k, r in isolated.items() if k[1] != "liger")
+    assert "x the time of plain HF generate" in printed and "Liger's speed" not in printed
+
+
+def test_a_configuration_out_of_memory_is_freed_and_each_finished_one_written_at_once(tmp_path, monkeypatch, capsys,
+                                                                                      one_thread, bench):  # noqa: F811
+    """The base configuration running out of GPU memory in its step (simulated): its run is freed before the next
+    configuration loads (its traceback held it), each configuration's rows are in the CSV before the next one
+    starts (a stage killed at its time limit keeps them), and no ratio is printed against the missing base."""
+    import weakref
+
+    from ril_fast import train
+
+    setup, train_step, seen = train.setup, train.train_step, []
+
+    def watched_setup(cfg):
+        if seen:
+            earlier = [student() for student in seen]
+            rows = list(csv.DictReader(out.open())) if out.exists() else []
+            seen_at.append((Path(cfg.output_dir).name, all(s is None for s in earlier),
+                            sorted({(r["layout"], r["kernels"]) for r in rows})))
+        run = setup(cfg)
+        seen.append(weakref.ref(run.student))
+        return run
+
+    def failing_step(run, step, **kwargs):
+        if Path(run.cfg.output_dir).name == "packed-fused":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return train_step(run, step, **kwargs)
+
+    seen_at = []
+    monkeypatch.setattr(train, "setup", watched_setup)
+    monkeypatch.setattr(train, "train_step", failing_step)
+    out = tmp_path / "throughput.csv"
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "throughput.py"), "--preset", "tiny", "--compare", "--steps", "1",
+                                      "--warmup", "0", "--no-baselines", "--workdir", str(tmp_path / "work"),
+                                      "--out", str(out)])
+    runpy.run_path(str(BENCH / "throughput.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert seen_at == [("padded-fused", True, [("packed", "auto")]),
+                       ("packed-eager", True, [("packed", "auto"), ("padded", "auto")])]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["note"] for r in rows if r["layout"] == "packed" and r["kernels"] == "auto"] == [
+        "out of memory: CUDA out of memory (simulated)"]
+    assert {(r["layout"], r["kernels"]) for r in rows} == {("packed", "auto"), ("padded", "auto"), ("packed", "eager")}
+    assert "### padded + fused" in printed and "### packed + eager" in printed and "side by side" not in printed
