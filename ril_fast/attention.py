@@ -28,12 +28,16 @@ varlen call per layer. A call with no boundaries is plain SDPA. A 2-D padding ma
 handled by gathering the real tokens into a varlen row.
 """
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import math
 
 import torch
 import torch.nn.functional as F
+
+from ril_fast.processor import UnsupportedModel
 
 NAME = "ril_varlen"
 VISION_NAME = "ril_flash_varlen"  # set on loaded vision towers only (see above); never given to from_pretrained
@@ -43,6 +47,30 @@ VISION_NAME = "ril_flash_varlen"  # set on loaded vision towers only (see above)
 _boundaries_cache: tuple[torch.Tensor, int, torch.Tensor, int] | None = None
 # The rows kept by the last 2-D padding mask seen (every layer of a padded prefill gets the same mask), keyed alike.
 _mask_cache: tuple | None = None
+# Set while a packed row goes through the model (:func:`packed_forward`).
+_packed = contextvars.ContextVar("ril_fast_packed_forward", default=False)
+
+
+@contextlib.contextmanager
+def packed_forward():
+    """Around a model's forward over a packed row: a causal attention call there that gets neither the row's
+    position ids nor its boundaries (a model whose layers drop them, such as GPT-BigCode or Persimmon) raises
+    ``UnsupportedModel`` instead of attending across the row's samples."""
+    token = _packed.set(True)
+    try:
+        yield
+    finally:
+        _packed.reset(token)
+
+
+def _check_window(module, window: int | None, longest: int) -> None:
+    """A sliding window (a query sees the keys less than ``window`` positions back, transformers' rule) changes
+    nothing for samples of at most ``window`` tokens; ril_fast's attention has none, so a longer one is an error."""
+    if window is not None and longest > window:
+        raise UnsupportedModel(f"{type(module).__name__} attends within a sliding window of {window} tokens and a "
+                               f"sample here is {longest} tokens long: ril_fast's attention has no sliding window, so "
+                               f"it is exact only for samples (prompt and response) of at most {window} tokens: lower "
+                               f"max_new_tokens or shorten the prompts")
 
 
 def _boundaries_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -252,22 +280,27 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     Boundaries, in order of preference: ``cu_seq_lens_q``/``cu_seq_lens_k`` (given by a caller), a 2-D
     padding mask ``attention_mask`` (B, Tk) (its last Tq columns mark the real queries), the restarting
     ``position_ids`` (1, T) of a packed row (B = 1), else one sample per batch row. Tq < Tk is generation with a
-    KV cache: each batch row is one sample, its queries the last positions.
+    KV cache: each batch row is one sample, its queries the last positions. A ``sliding_window`` is taken where no
+    sample is longer than it (where it changes nothing); logit soft-capping never.
     """
-    if sliding_window is not None:
-        raise NotImplementedError("ril_varlen does not implement sliding-window attention")
     if kwargs.get("softcap") is not None:
-        raise NotImplementedError("ril_varlen does not implement logit soft-capping")
+        raise UnsupportedModel(f"{type(module).__name__} soft-caps its attention logits: ril_fast's attention does not")
     B, Hq, Tq, D = query.shape
     Tk = key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     dropout = dropout if module.training else 0.0
     padding_mask = attention_mask is not None and attention_mask.ndim == 2
     if Tq == 1 and (padding_mask or (attention_mask is None and kwargs.get("cu_seq_lens_q") is None)):
+        _check_window(module, sliding_window, Tk)
         return _decode(query, key, value, attention_mask, scaling, dropout), None
     packed_row = position_ids is not None and B == 1 and Tq == Tk  # as transformers detects one
     if kwargs.get("cu_seq_lens_q") is None and attention_mask is None and not packed_row and (not causal or Tq == Tk):
+        if causal and _packed.get():
+            raise UnsupportedModel(f"{type(module).__name__} gets neither position ids nor sample boundaries from its "
+                                   f"model, so the samples of a packed row cannot be kept apart: ril_fast cannot "
+                                   f"train this architecture")
         # one sample per batch row (e.g. a vision chunk): plain SDPA
+        _check_window(module, sliding_window, Tk)
         out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling, dropout_p=dropout,
                                              enable_gqa=Hq != key.shape[1])
         return out.transpose(1, 2), None
@@ -290,6 +323,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         cu = torch.arange(0, (B + 1) * Tq, Tq, device=q.device, dtype=torch.int32)
         cu_k = torch.arange(0, (B + 1) * Tk, Tk, device=q.device, dtype=torch.int32)
         max_len, max_k = Tq, Tk
+    _check_window(module, sliding_window, max_k)
     out = varlen_attention(q, k, v, cu, max_len, causal=causal, scale=scaling, dropout=dropout,
                            cu_seqlens_k=cu_k, max_seqlen_k=max_k)
     if rows_q is not None:

@@ -27,7 +27,7 @@ from ril_fast.distributed import compute_device
 from ril_fast.kernels import TokenLogprobs, token_logprobs
 from ril_fast.kernels.logprobs import token_logprobs_reference
 from ril_fast.packing import PackedBatch, PaddedBatch, pack
-from ril_fast.processor import ModelKind, Processor
+from ril_fast.processor import ModelKind, Processor, UnsupportedModel
 
 
 class Attn(str, enum.Enum):
@@ -195,8 +195,8 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     (``shard_model(from_rank0=True)``). ``processor``: a
     :class:`ril_fast.processor.Processor` (tokenizer, image processor, chat template, image-token
     expansion and, for Qwen-VL, the model's mrope position function; ``max_image_pixels``: see
-    ``Processor.from_pretrained``). A model ril_fast cannot pack (another
-    VLM family, stateful sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``) raises
+    ``Processor.from_pretrained``). A model ril_fast cannot pack (another VLM family, stateful sequence mixers other
+    than Qwen3.5's: ``ril_fast.recurrence``, attention outside transformers' interface or soft-capped) raises
     ``ril_fast.processor.UnsupportedModel``.
     """
     from transformers import AutoConfig
@@ -205,17 +205,23 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     config = AutoConfig.from_pretrained(path)
     ModelKind.of_config(config, path)  # refuses a VLM family this module cannot pack
     auto, attn_implementation = model_class(config, lm_head=lm_head), Attn(attn).resolve()
-    if empty:  # the modules only, on the meta device: from_pretrained would read every weight even for meta
-        with torch.device("meta"):
-            model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-        if model.can_generate() and (Path(path) / "generation_config.json").is_file():
-            from transformers import GenerationConfig
+    try:
+        if empty:  # the modules only, on the meta device: from_pretrained would read every weight even for meta
+            with torch.device("meta"):
+                model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            if model.can_generate() and (Path(path) / "generation_config.json").is_file():
+                from transformers import GenerationConfig
 
-            model.generation_config = GenerationConfig.from_pretrained(path)
-    else:
-        with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
-            model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-        model.to("cpu" if weights_on_cpu else device)
+                model.generation_config = GenerationConfig.from_pretrained(path)
+        else:
+            with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
+                model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+            model.to("cpu" if weights_on_cpu else device)
+    except KeyError as e:  # GPT-J, Falcon: their own table of attention classes, which has no ril_varlen
+        if e.args != (attn_implementation,):
+            raise
+        raise _own_attention(path, config) from None
+    _check_attention(model, path)
     model.eval()
     _vision_varlen(model)
     _patches_as_matmul(model)
@@ -226,6 +232,27 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     if processor.kind is ModelKind.QWEN_VL:
         processor.rope_index = _rope_index(model, config.image_token_id)
     return model, processor
+
+
+def _own_attention(path, config) -> UnsupportedModel:
+    return UnsupportedModel(f"{path}: model type {config.model_type!r} computes its attention itself, not through "
+                            f"transformers' attention interface, so the samples of a packed row cannot be kept apart: "
+                            f"ril_fast cannot train it")
+
+
+def _check_attention(model, path) -> None:
+    """Refuse a model whose attention ril_fast's cannot stand for: one that never calls transformers' attention
+    interface (Bloom, CodeGen, XGLM: they build their own causal mask, across a packed row's samples; GPT-J and
+    Falcon fail to build with ril_varlen, refused alike), or one that soft-caps its attention logits (Gemma 2)."""
+    # transformers' own test of whether the model's module calls the attention interface (private in 5.23; its public
+    # flag, _supports_attention_backend, is False for some that do, such as BioGPT)
+    calls_interface = getattr(type(model), "_can_set_attn_implementation", None)
+    if not (calls_interface() if calls_interface is not None else model._supports_attention_backend):
+        raise _own_attention(path, model.config)
+    text = model.config.get_text_config()
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedModel(f"{path}: model type {model.config.model_type!r} soft-caps its attention logits "
+                               f"(attn_logit_softcapping={text.attn_logit_softcapping}): ril_fast's attention does not")
 
 
 @contextlib.contextmanager
@@ -314,7 +341,8 @@ def last_hidden_states(model, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
     ``model`` is a model with an LM head or a base model (the discriminator's backbone); the batch must
     be on the model's device. Images that samples share are encoded once (:func:`vision_once`).
     """
-    with vision_once(model, batch.vision_grid_thw, batch.vision_index):
+    packed = attention.packed_forward() if isinstance(batch, PackedBatch) else contextlib.nullcontext()
+    with vision_once(model, batch.vision_grid_thw, batch.vision_index), packed:
         return model.base_model(**batch.model_inputs()).last_hidden_state
 
 

@@ -23,6 +23,7 @@ from ril_fast.kernels.disc_head import disc_head_torch
 from ril_fast.models import (Attn, enable_activation_checkpointing, last_hidden_states, lm_head_weight, load,
                              packed_logprobs, recomputing, response_logprobs)
 from ril_fast.packing import pack, pad
+from ril_fast.processor import UnsupportedModel
 from helpers import (assert_close_rule, assert_grads_close_rule, fp64_oracle, max_err, saved_for_backward,
                      vision_rows_seen)
 from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
@@ -425,3 +426,64 @@ def test_discriminator_save_load_round_trip(folders, tmp_path):
     with torch.no_grad():
         assert torch.equal(disc(pack([proc.encode(s) for s in samples])),
                            again(pack([proc2.encode(s) for s in samples])))
+
+
+# Text-only families beyond qwen2, as tiny random models with qwen2's tokenizer: the config keywords each takes.
+TEXT_FAMILIES = {
+    "llama": {}, "mistral": dict(sliding_window=4096), "gemma3_text": dict(head_dim=16, sliding_window=512),
+    "phi3": {}, "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512), "opt": dict(ffn_dim=128,
+    word_embed_proj_dim=64), "biogpt": {},  # BioGPT: transformers' public flag says no attention interface; it has one
+    "bloom": dict(n_layer=2, n_head=4), "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
+    "gemma2": dict(head_dim=16), "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
+}
+
+
+def _text_family(tmp_path_factory, model_type: str, **extra) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder(tmp_path_factory, "qwen2"))
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, **{**TEXT_FAMILIES[model_type], **extra})
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    folder = tmp_path_factory.mktemp(model_type)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma3_text", "phi3", "gpt2", "opt", "biogpt"])
+def test_text_families_packed_match_separate(model_type, tmp_path_factory, one_thread):  # noqa: F811
+    """Text-only causal LMs whose layers call transformers' attention interface with the position ids: packed log-probs
+    equal one-sample-at-a-time ones (a sliding window longer than every sample changes nothing)."""
+    model, processor = load(_text_family(tmp_path_factory, model_type), device="cpu")
+    samples = random_samples([0, 0, 0, 0])
+    with torch.no_grad():
+        packed = torch.cat(response_logprobs(model, processor, samples, packed=True))
+        separate = torch.cat(response_logprobs(model, processor, samples, packed=False))
+    assert max_err(packed, separate) <= ATOL
+
+
+@pytest.mark.parametrize("model_type, where, words", [
+    ("bloom", "load", "computes its attention itself"),  # its own causal mask, over the whole packed row
+    ("gptj", "load", "computes its attention itself"),  # its own table of attention classes: no ril_varlen
+    ("gemma2", "load", "soft-caps its attention logits"),
+    ("gpt_bigcode", "forward", "gets neither position ids nor sample boundaries"),  # drops the position ids
+    ("mistral", "forward", "sliding window of 8 tokens and a sample here is"),  # samples longer than its window
+])
+def test_text_families_ril_fast_cannot_pack_are_refused(model_type, where, words, tmp_path_factory,
+                                                        one_thread):  # noqa: F811
+    """A family whose packed samples would see each other, or whose attention ril_fast's cannot stand for, is
+    refused (at load where its config or classes tell, else at its first packed forward), never trained silently
+    wrong."""
+    extra = dict(sliding_window=8) if model_type == "mistral" else {}
+    folder = _text_family(tmp_path_factory, model_type, **extra)
+    if where == "load":
+        with pytest.raises(UnsupportedModel, match=rf"^{folder}: model type '{model_type}' {words}"):
+            load(folder, device="cpu")
+        return
+    model, processor = load(folder, device="cpu")
+    with pytest.raises(UnsupportedModel, match=words), torch.no_grad():
+        response_logprobs(model, processor, random_samples([0, 0, 0]), packed=True)
