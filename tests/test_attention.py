@@ -90,8 +90,8 @@ def test_uneven_lengths_fall_back_to_the_loop(monkeypatch):
 def test_torch_varlen_gets_what_its_release_takes():
     """torch's varlen_attn changed its signature across releases: 2.9 (is_causal, no scale), then scale, then
     window_size and enable_gqa (2.13, installed here; a GPU machine's image may hold another). Each gets only
-    keywords it has; a call it cannot run
-    (dropout; on 2.9 a scale other than 1/sqrt(head_dim)) goes to the padded SDPA path (None)."""
+    keywords it has; a call it cannot run (dropout; on 2.9 a scale other than 1/sqrt(head_dim)) goes to the padded
+    SDPA path (None)."""
     kwargs = attention._torch_varlen_kwargs
     v29, with_scale = frozenset({"is_causal", "return_aux"}), frozenset({"is_causal", "return_aux", "scale"})
     v213 = frozenset({"scale", "window_size", "enable_gqa", "return_aux"})
