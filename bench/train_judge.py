@@ -1,4 +1,5 @@
-"""The trainer with an LLM judge, reporting the teacher judge cache's hit rate (the trainer's metrics do not).
+"""The trainer with an LLM judge, reporting each rank's teacher judge cache (the trainer's metrics give only the
+hit rate over all ranks, ``teacher_judge_cache_hit_rate``) and the judge phase's seconds per step.
 
     .venv/bin/torchrun --nproc_per_node=1 bench/train_judge.py steps=3 judge=http \\
         judge_url=http://127.0.0.1:8000/v1 judge_model=smollm2 judge_cache=/tmp/judge.sqlite eval_every=0 \\
@@ -7,7 +8,7 @@
 
 Any ``ril_fast.train`` arguments. It runs ``ril_fast.train.main`` unchanged, with ``CachedJudge``
 replaced by a subclass that remembers its instances, and prints, per rank, the teacher judge cache's
-hits, misses and hit rate, and the judge phase's seconds per step from the run's metrics.
+hits, misses and hit rate, and the judge phase's seconds per step (``time/judge``) from the run's metrics.
 """
 
 import json
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> None:
         print(f"teacher judge cache ({judge.name}, store {judge.store.__class__.__name__}): hits {judge.hits}, "
               f"misses {judge.misses}, hit rate {judge.hit_rate:.3f}", flush=True)
     steps = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    judge_s = [round(r[k], 2) for r in steps for k in r if "judge" in k and isinstance(r[k], float)]
+    judge_s = [round(r["time/judge"], 2) for r in steps if "time/judge" in r]
     print(f"judge-phase seconds per step: {judge_s}", flush=True)
 
 

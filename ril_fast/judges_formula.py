@@ -63,6 +63,13 @@ def _unwrapped(text: str) -> str:
     return text
 
 
+def undressed(text: str) -> str:
+    """``text`` without the dress ``formula_form`` drops (LaTeX's $s, \\left / \\right, spacing commands, markdown's
+    ** and __, backticks), \\boxed{..} and \\text{..} unwrapped (``_unwrapped``); case, spacing and spellings
+    kept: "**B**" is "B", "$\\boxed{B}$" is " B " (a wrapper's content is spaced)."""
+    return _unwrapped(_NOISE.sub("", text))
+
+
 def _decimal(match: re.Match) -> str:
     whole, fraction = match[1] or "0", match[2].rstrip("0")
     return f"{whole}.{fraction}" if fraction else whole

@@ -3,17 +3,20 @@ probabilities of "yes" and "no" decide. No generation: one forward pass per batc
 
 Each item becomes ``ril_fast.judge.judge_messages(item)`` rendered by the model's chat template with
 the generation prompt (the assistant turn is open; its first token is the answer). Prompts are sorted
-by length and cut into batches of ``batch_size``, right-padded (with causal attention, padding on the
-right changes no real position: a batch gives what one prompt at a time gives, up to float rounding).
-The decoder runs to its last hidden states; only each prompt's last row goes through the LM head.
-p_yes is the softmax probability summed over the "yes" tokens (every single-token spelling of
-yes / Yes / YES with and without a leading space that the tokenizer has), p_no likewise, and the verdict
-is ``ril_fast.judge.decide``: p_yes / (p_yes + p_no) > 0.5.
+by length and cut into batches of ``batch_size``, left-padded, with position ids counted from each prompt's
+first token (padding masked out changes no real position: a batch gives what one prompt at a time gives, up
+to float rounding). Every prompt then ends at the last position, the only one whose logits the model's own
+forward computes (``logits_to_keep=1``): the logits are the model's, with what its forward does after the LM
+head (Gemma-2's final-logit soft-capping, Granite's logits scaling, Cohere's logit scale), which changes the
+probabilities and can flip a verdict. p_yes is the softmax probability summed over the "yes" tokens (every
+single-token spelling of yes / Yes / YES with and without a leading space that the tokenizer has), p_no likewise,
+and the verdict is ``ril_fast.judge.decide``: p_yes / (p_yes + p_no) > 0.5.
 
 A small model is a weak judge: SmolLM2-135M-Instruct (``python -m ril_fast.tiny DIR --arch smollm2``)
 runs the mechanics on a CPU; its agreement with the rule judge is measured in ``bench/judges.py``.
 """
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -42,7 +45,8 @@ class HFJudge:
 
     ``batch_size``: prompts per forward pass. ``device``: default the current CUDA device when there is
     one, else the CPU. ``dtype``: default bf16 on CUDA, fp32 on the CPU. The name (its cache identity) is
-    ``hf:{absolute folder}:{PROMPT_VERSION}``.
+    ``hf:{absolute folder}:{PROMPT_VERSION}:{dtype}`` ("...:bfloat16"): the dtype changes verdicts (bf16 and
+    fp32 SmolLM2-135M disagree on 20 of 300 mixed cases), so a cache shared by a CUDA and a CPU run keeps both.
     """
 
     def __init__(self, model: str | Path, *, batch_size: int = 32, device: str | torch.device | None = None,
@@ -63,7 +67,11 @@ class HFJudge:
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device).eval()
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
         self.batch_size = batch_size
-        self.name = f"hf:{folder.resolve()}:{PROMPT_VERSION}"
+        self.name = f"hf:{folder.resolve()}:{PROMPT_VERSION}:{str(dtype).removeprefix('torch.')}"
+        # The forward computes only the last position's logits where it can: nearly all of transformers' causal
+        # LMs (not Whisper's, Musicgen's, xLSTM's, ... in 5.23), which then compute the whole (B, T, V) once.
+        can = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if can else {}
 
     def prompt_ids(self, item: JudgeItem) -> list[int]:
         """The token ids of ``item``'s rendered judge prompt, ending where the answer's first token goes."""
@@ -77,19 +85,18 @@ class HFJudge:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = torch.zeros(len(prompts), 2)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        head = self.model.get_output_embeddings()
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            lengths = torch.tensor([len(prompts[i]) for i in rows])
-            ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for b, i in enumerate(rows):
-                ids[b, :lengths[b]] = torch.tensor(prompts[i])
-                mask[b, :lengths[b]] = 1
-            hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                           use_cache=False).last_hidden_state
-            last = hidden[torch.arange(len(rows), device=self.device), (lengths - 1).to(self.device)]
-            probs = head(last).float().softmax(-1)  # (B, V): the first answer token's distribution
+            for b, i in enumerate(rows):  # left padding: every prompt ends at the last position
+                ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[b, width - len(prompts[i]):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0 at each prompt's first token, as unpadded
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=positions.to(self.device), use_cache=False, **self._last_only).logits
+            probs = logits[:, -1].float().softmax(-1)  # (B, V): the first answer token's distribution
             both = torch.stack([probs[:, self.yes_ids].sum(-1), probs[:, self.no_ids].sum(-1)], dim=-1)
             out[rows] = both.cpu()
         return out

@@ -7,8 +7,13 @@ only (urllib), one connection per request.
 
 Errors, per request:
 * a timeout (``timeout_s`` on connecting and on each read), a dropped connection, HTTP 429 and HTTP
-  5xx are retried up to ``retries`` times, after ``backoff_s``, 2·``backoff_s``, 4·``backoff_s``, ...;
-  after the last attempt ``HTTPError`` says the URL, the number of attempts and the last failure;
+  5xx are retried up to ``retries`` times, after ``backoff_s``, 2·``backoff_s``, 4·``backoff_s``, ..., or
+  after what a 429's or 503's ``Retry-After`` header asks (seconds or an HTTP date, at most
+  ``RETRY_AFTER_MAX_S`` = 60 s) where that is longer; each wait is stretched by a random 0-25 % so that the
+  pool's threads, turned away together, do not come back together. The most a request waits in all is
+  1.25·``backoff_s``·(2^``retries`` - 1) without ``Retry-After`` (4.4 s at the defaults: 0.5 s, 3 retries), and
+  1.25·60 s a retry with it (225 s at the defaults); after the last attempt ``HTTPError`` says the URL, the
+  number of attempts and the last failure;
 * any other HTTP status (a 400: bad model name, prompt too long) fails at once with the server's
   message: asking again gives the same answer;
 * a reply that is not the JSON expected (an HTML page, a cut body) fails at once, quoting its start:
@@ -25,10 +30,12 @@ when the server returns no log-probs, or neither word is among them, the token i
 iff it reads "yes").
 """
 
+import email.utils
 import http.client
 import json
 import math
 import os
+import random
 import socket
 import time
 import urllib.error
@@ -40,6 +47,8 @@ from ril_fast.judge import PROMPT_VERSION, JudgeItem, decide, judge_messages, ve
 API_KEY_ENV = ("RIL_JUDGE_API_KEY", "OPENAI_API_KEY")
 # Failures worth another attempt: the server is slow, restarting or overloaded.
 _TRANSIENT = (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException, urllib.error.URLError)
+RETRY_AFTER_MAX_S = 60.0  # the longest wait a Retry-After header gets (a longer one is cut to it)
+_JITTER = 0.25  # each wait is stretched by up to this fraction, at random
 
 
 class HTTPError(RuntimeError):
@@ -78,10 +87,10 @@ class OpenAIClient:
         url = self.url + route
         data = None if body is None else json.dumps(body).encode()
         method = "GET" if body is None else "POST"
-        last = ""
+        last, retry_after = "", 0.0
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(self.wait_s(attempt, retry_after))
             try:
                 req = urllib.request.Request(url, data=data, headers=self._headers(), method=method)
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as reply:
@@ -90,14 +99,20 @@ class OpenAIClient:
                 detail = _excerpt(e.read())
                 if e.code == 429 or e.code >= 500:
                     last = f"HTTP {e.code}: {detail}"
+                    retry_after = retry_after_s((e.headers or {}).get("Retry-After")) if e.code in (429, 503) else 0.0
                     continue
                 raise HTTPError(f"{method} {url}: HTTP {e.code} (not retried): {detail}") from None
             except _TRANSIENT as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
+                last, retry_after = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}", 0.0
                 continue
             return parse_json(raw, url)
         raise HTTPError(f"{method} {url}: failed {self.retries + 1} times (timeout {self.timeout_s} s, "
                         f"{self.retries} retries); last failure: {last}")
+
+    def wait_s(self, attempt: int, retry_after: float = 0.0) -> float:
+        """Seconds to wait before retry ``attempt`` (1, 2, ...): the back-off ``backoff_s``·2^(attempt-1), or the
+        server's ``retry_after`` where longer, stretched by a random 0-25 %."""
+        return max(self.backoff_s * 2 ** (attempt - 1), retry_after) * (1 + _JITTER * random.random())
 
     def map(self, fn, items: list) -> list:
         """``[fn(x) for x in items]`` with up to ``concurrency`` calls at once, results in order. The
@@ -130,6 +145,22 @@ class OpenAIClient:
             return reply["data"][0]["id"]
         except (KeyError, IndexError, TypeError):
             raise HTTPError(f"GET {self.url}/models: no model listed: {_excerpt(json.dumps(reply))}") from None
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float:
+    """The seconds a ``Retry-After`` header ``value`` asks to wait (delta-seconds, "5", or an HTTP date, "Wed, 21
+    Oct 2015 07:28:00 GMT", against ``now``, default ``time.time()``), within [0, ``RETRY_AFTER_MAX_S``]; 0 where
+    there is none or it cannot be read."""
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now)
+        except (TypeError, ValueError, OverflowError):  # neither a number nor a date
+            return 0.0
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S) if math.isfinite(seconds) else 0.0
 
 
 def _excerpt(raw: bytes | str, limit: int = 300) -> str:

@@ -19,7 +19,7 @@ except ImportError:
     math_verify = None
 
 from ril_fast.judges_formula import (delimited, formula_form, has_latex, is_formula, last_bare_formula, latex_command,
-                                     occurrences, same_shape, too_costly, variable_value)
+                                     occurrences, same_shape, too_costly, undressed, variable_value)
 
 if TYPE_CHECKING:
     from ril_fast.judge import JudgeItem
@@ -47,6 +47,9 @@ _CLASSES = [
 _SYNONYMS = {"grey": "gray", "colour": "color"}
 _TOKEN = re.compile(r"(?<![\w.])-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?%?|[^\W\d_]+|[,.;:!?]")  # ".5" is a number
 _ANSWER_MARKER = re.compile(r"answer\s*(?:is|:)|=|\\boxed\{|####")
+# Minus signs other than "-" before a number or a LaTeX command: the minus sign, figure and en dashes, small and
+# fullwidth hyphen-minus ("−5" is -5). Written "-", they read as "-" does: "2–3" is 2 and 3, as "2-3" is.
+_MINUS_SIGNS = re.compile(r"[\u2012\u2013\u2212\ufe63\uff0d](?=\.?\d|\\[A-Za-z])")
 
 
 def _number(token: str) -> float | None:
@@ -74,13 +77,18 @@ def _canonical(token: str) -> str:
     return _SYNONYMS.get(token, token)
 
 
+def _minus_signs(text: str) -> str:
+    """``text`` with the minus signs of ``_MINUS_SIGNS`` before a number (or a LaTeX command) written "-"."""
+    return _MINUS_SIGNS.sub("-", text)
+
+
 def tokens(text: str) -> list[str]:
     """Normalised tokens of ``text``: lowercase, contractions expanded ("isn't" -> "is not"),
-    thousands separators dropped ("1,000" -> "1000"), articles dropped, numbers canonical
-    ("three", "3.0" -> "3", ".5" -> "0.5") and a number followed by a scale word folded into one
-    ("two hundred", "2 hundred" -> "200"), other punctuation dropped except clause punctuation, which
-    becomes "|"."""
-    text = text.lower().replace("\u2019", "'")
+    thousands separators dropped ("1,000" -> "1000"), articles dropped, minus signs as "-" ("−5" -> "-5"),
+    numbers canonical ("three", "3.0" -> "3", ".5" -> "0.5"), a number followed by a scale word folded into one
+    ("two hundred", "2 hundred" -> "200"), "percent" after a number dropped as "%" is ("15 percent", "15%" ->
+    "15"), other punctuation dropped except clause punctuation, which becomes "|"."""
+    text = _minus_signs(text).lower().replace("\u2019", "'")
     text = re.sub(r"n't\b", " not", text)
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
     out = []
@@ -90,6 +98,8 @@ def tokens(text: str) -> list[str]:
                 out.append(_BOUNDARY)
         elif tok in _SCALES and out and _number(out[-1]) is not None:
             out[-1] = _canonical(str(_number(out[-1]) * _SCALES[tok]))
+        elif tok == "percent" and out and _number(out[-1]) is not None:
+            continue
         elif tok not in _ARTICLES:
             out.append(_canonical(tok))
     return out[:-1] if out and out[-1] == _BOUNDARY else out
@@ -154,6 +164,7 @@ _LATEX_NUMBER = re.compile(latex_command(r"(?!boxed\b)") + r"|(?<!\d)\d{1,3}(?:\
 # "2\frac{0}{5}" as the product 2·0, no number) and digits grouped by "{,}".
 # A bare formula as a ground-truth answer ("x^2+1", "y=2x+3"): math_verify reads it only between $s.
 _BARE_FORMULA = re.compile(r"[\w\s.,()^=+\-*/<>]*[\^=+*/<>][\w\s.,()^=+\-*/<>]*")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # a command's name: no word of the answer's (rule 6)
 _SIMPLE_LATEX = re.compile(r"(-?)(\d*)\\[dt]?frac\{(\d*[1-9]\d*)\}\{(\d*[1-9]\d*)\}|(\d{1,3}(?:\{,\}\d{3})+)")
 
 
@@ -215,13 +226,27 @@ def _affirmed(text: str, start: int, end: int) -> bool:
     return not _negated(context, len(before)) and "or" not in _beside(context, len(before), len(before) + 1)
 
 
+def _left_to_math_verify(answer: str, res: list[str]) -> bool:
+    """Whether rule 6 leaves the phrase ``answer``, found nowhere in the response (tokens ``res``), to math_verify:
+    where it holds LaTeX, which the rules read as words ("2\\sqrt{2}" is 2, "sqrt", 2), and none of its words
+    outside LaTeX commands is missing from the response (the unit of "3\\text{ cm}"); or where it holds no word and
+    the response no number (nothing to compare). A plain answer the rules read whole: a word it has and the response
+    lacks ("3 cm" for "3 m", "2:30 PM" for "2:30") or another number ("3:1" for "3:2") is wrong. math_verify would
+    read only the first number of each ("3 cm" and "3 m" are both 3)."""
+    words = [t for t in tokens(_LATEX_COMMAND.sub(" ", answer)) if t != _BOUNDARY and _number(t) is None]
+    if has_latex(answer):
+        return all(w in res or w + "s" in res for w in words)
+    return not words and not any(_number(t) is not None for t in res)
+
+
 # ---- the rule judge ------------------------------------------------------------------------------
 
 _LETTER_ANSWER = re.compile(r"\(?([A-Za-z])\)?[.:]?")
+_EMPHASIS = re.compile(r"[*_]")  # markdown's *italic* and _italic_ (undressed drops ** and __)
 _LETTER_PATTERNS = [
-    re.compile(r"^\(?([A-Za-z])\)?[.:)]?$"),  # the whole response: "B", "(b)", "B."
+    re.compile(r"^[ \t]*\(?([A-Za-z])\)?[.:)]?[ \t]*$", re.M),  # a line of its own: "B", "(b)", "B." ("B\n\nBecause")
     re.compile(r"\(([A-Za-z])\)"),  # "(B)" anywhere
-    re.compile(r"^([A-Z])[.:)](?:\s|$)"),  # "B. because ..." at the start
+    re.compile(r"^([A-Z])[.:)](?:\s|$)", re.M),  # "B. because ..." at a line's start (a list of options names all)
     re.compile(r"^([A-Z]) is\b"),  # "B is correct"
     # "The answer is B" / "answer: b"; a lowercase "a" only where no word follows ("the answer is a circle")
     re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:\-]?\s*\(?([A-Z]|[b-z]|a(?=\W*$))\b"),
@@ -233,7 +258,8 @@ class RuleJudge:
 
     Both texts are normalised (``tokens``): lowercase, punctuation and articles (a/an/the) dropped,
     numbers written one way ("3", "3.0", "three", ".5" / "0.5", "1,000" / "1000" and "one thousand"
-    agree: a scale word multiplies the number before it), "grey" = "gray". With ``math_verify`` (below),
+    agree: a scale word multiplies the number before it; "15%" and "15 percent" are 15; a minus sign, en dash or
+    fullwidth hyphen-minus before a digit is "-": "−5" is -5), "grey" = "gray". With ``math_verify`` (below),
     LaTeX numbers in either text are first written as plain numbers: a command with its brace groups, after
     an optional sign and integer, or digits grouped by "{,}", that math_verify reads as an integer or a
     fraction ("\\frac{1}{2}", "\\dfrac{2}{4}", "-\\tfrac{3}{4}", "2\\frac{1}{2}", "1{,}000"; "\\boxed{" stays
@@ -243,8 +269,10 @@ class RuleJudge:
     The ground-truth answer then picks one rule; the first that applies decides:
 
     1. letter answer ("A", "(B)", "b."): multiple choice, read from the response as written (so "a"
-       counts as the letter A here, though an article elsewhere). The response's letters are read from
-       the whole response ("A", "(a)", "A."), "(B)" anywhere, "B." / "B)" / "B is" at its start,
+       counts as the letter A here, though an article elsewhere), its markdown emphasis and LaTeX dress
+       dropped ("**B**", "*B*", "$\\boxed{B}$", "\\text{B}" are "B": ``judges_formula.undressed``). The
+       response's letters are read from a line of its own ("A", "(a)", "A."; "B\n\nBecause ..."), "(B)"
+       anywhere, "B." / "B)" at a line's start (a list of options names each), "B is" at its start,
        "answer is B" / "answer is b", "option B", "choice: B" ("answer is a" only where no word follows
        the "a": "the answer is a circle" is no letter). Right iff exactly one distinct letter is found
        and it is the answer's; an empty response has none.
@@ -280,10 +308,13 @@ class RuleJudge:
        - alone in its class: when the answer is a colour or a shape (the closed lists in
          ``_CLASSES``), no other member of that class is named un-negated ("red and blue" is wrong
          for red).
-       When nothing in the response could be compared (no occurrence, no number, negated or not) and
-       ``math_verify`` is importable, it decides symbolic equivalence ("2\\sqrt{2}" vs "\\sqrt{8}"; an answer
-       with LaTeX but no "$" is given to it between "$"s, as it reads LaTeX); it is optional and never
-       overrides a rule that found a candidate ("not 7" stays wrong for 7).
+       With no occurrence, ``math_verify`` (where importable) decides symbolic equivalence only where the rules
+       cannot read the answer: it holds LaTeX ("2\\sqrt{2}" vs "\\sqrt{8}"; an answer with LaTeX but no "$" is
+       given to it between "$"s, as it reads LaTeX) and none of its words outside LaTeX commands is missing from
+       the response, or it holds no word and the response no number (``_left_to_math_verify``). A plain answer
+       not found is wrong: "3 cm" for "3 m", "2:30 PM" for "2:45 PM", "3:1" for "3:2" (math_verify reads only
+       their first numbers). It is optional and never overrides a rule that found a candidate ("not 7" stays
+       wrong for 7).
 
     math_verify runs with its timeouts in the main thread and without them in any other (they use SIGALRM,
     which only the main thread can set), so a thread pool gets the same verdicts, except on what makes it time out:
@@ -304,7 +335,8 @@ class RuleJudge:
     without math_verify a formula must be written as the answer is (spacing, case and LaTeX aside). A formula's
     negation is read only from the words before it: "x > 2 is false" is right for "x > 2". LaTeX outside $s
     is read as its commands alone: "y = \\frac{1}{2}x + 1" is not found right for "y = 0.5x + 1". A response
-    "A+" is empty once normalised ("a" is an article): rule 2 finds it wrong, also for the answer "A+".
+    "A+" is empty once normalised ("a" is an article): rule 2 finds it wrong, also for the answer "A+". A letter
+    response that goes on to discuss other options at a line's start ("B\n\nA. is too small") names them: wrong.
     """
 
     def __init__(self, use_math_verify: bool = True):
@@ -314,8 +346,10 @@ class RuleJudge:
         # operators (rule 5); -v5: rule 5 reads markdown, parentheses, units, spellings, a variable's value.
         # math_verify-v3: it reads LaTeX numbers for the rules, and works in threads; -v4: it reads a bare formula
         # answer ("x^2+1"); -v5: it reads a response's formulas written without LaTeX; -v6: only its last one, of
-        # the answer's shape, and LaTeX outside $s
-        self.name = "rule-v5" + ("+math_verify-v6" if self.use_math_verify else "")
+        # the answer's shape, and LaTeX outside $s.
+        # rule-v6: letters undressed ("**B**", "\\boxed{B}") and on any line, minus signs "−5", "15 percent";
+        # math_verify-v7: rule 6 gives it only answers the rules cannot read ("3 cm" is not "3 m")
+        self.name = "rule-v6" + ("+math_verify-v7" if self.use_math_verify else "")
 
     def __call__(self, items: "list[JudgeItem]") -> list[bool]:
         """One verdict per item."""
@@ -325,8 +359,10 @@ class RuleJudge:
         """Whether ``response`` agrees with the ground-truth ``answer`` (the rules above)."""
         # Letters are read from the raw text, before tokens() drops "a" as an article ("A", "(a)").
         if _LETTER_ANSWER.fullmatch(answer.strip()):
-            letters = {m.upper() for p in _LETTER_PATTERNS for m in p.findall(response.strip())}
+            text = _EMPHASIS.sub("", undressed(response)).strip()  # "**B**", "\\boxed{B}", "$\\text{B}$" are "B"
+            letters = {m.upper() for p in _LETTER_PATTERNS for m in p.findall(text)}
             return letters == {_LETTER_ANSWER.fullmatch(answer.strip()).group(1).upper()}
+        answer, response = _minus_signs(answer), _minus_signs(response)  # "−5" is -5 to every rule
         text = self._read_latex(response)  # for the rules; math_verify's own verdict gets the texts as written
         ans, res = tokens(self._read_latex(answer)), tokens(text)
         if not res:
@@ -362,7 +398,7 @@ class RuleJudge:
             return False
         found = _occurrences(res, ans)
         if not found:
-            return self._math_verify(answer, response)
+            return _left_to_math_verify(answer, res) and self._math_verify(answer, response)
         n = len(ans)
         kept = [i for i in found if not _negated(res, i) and "or" not in _beside(res, i, i + n)]
         if not kept:

@@ -10,6 +10,8 @@ counted per distinct message (``attempts``):
     FAULT:slow-once   the first attempt sleeps ``slow_s``, later ones answer at once
     FAULT:500         every attempt is an HTTP 500
     FAULT:500x2       the first two attempts are HTTP 500s
+    FAULT:429-once    the first attempt is an HTTP 429 with the header ``Retry-After: {retry_after}``
+    FAULT:503-once    the first attempt is an HTTP 503 with the same header
     FAULT:400         an HTTP 400 with an error message (not to be retried)
     FAULT:malformed   HTTP 200 with a body that is not JSON
     FAULT:nochoices   HTTP 200 with JSON that has no ``choices``
@@ -34,8 +36,10 @@ class FakeOpenAI:
 
     ``delay_s``: every reply waits this long. ``logprobs``: judge replies carry top log-probs (False: the
     token alone). ``slow_s``: the sleep of a slow fault. ``ignore_n``: teacher replies have one choice
-    whatever ``n`` asks for (as a server without ``n``). ``requests``: (path, body, headers) of every
-    request seen; ``max_in_flight``: the most POSTs in flight at once.
+    whatever ``n`` asks for (as a server without ``n``). ``retry_after``: the ``Retry-After`` header of a 429
+    or 503 fault (seconds or an HTTP date). ``requests``: (path, body, headers) of every request seen;
+    ``times``: when each attempt at each distinct message came (``time.monotonic()``); ``max_in_flight``: the most
+    POSTs in flight at once.
 
     ``hold``: each POST is held until ``hold`` of them are in flight together, then those are answered
     (a ``threading.Barrier``, used again for the next ``hold``): a client that keeps ``hold`` requests in
@@ -45,11 +49,13 @@ class FakeOpenAI:
     """
 
     def __init__(self, *, delay_s: float = 0.0, slow_s: float = 1.0, logprobs: bool = True, ignore_n: bool = False,
-                 hold: int = 0, hold_timeout_s: float = 30.0):
+                 hold: int = 0, hold_timeout_s: float = 30.0, retry_after: str = "1"):
         self.delay_s, self.slow_s, self.logprobs, self.ignore_n = delay_s, slow_s, logprobs, ignore_n
+        self.retry_after = retry_after
         self.gate = threading.Barrier(hold, timeout=hold_timeout_s) if hold else None
         self.requests: list[tuple[str, dict, dict]] = []
         self.attempts: Counter = Counter()
+        self.times: dict[str, list[float]] = {}
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         self.rule = RuleJudge(use_math_verify=False)
@@ -98,10 +104,12 @@ class FakeOpenAI:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _send(self, status: int, payload: bytes, ctype: str = "application/json"):
+            def _send(self, status: int, payload: bytes, ctype: str = "application/json", headers: dict | None = None):
                 self._done()  # in flight until its reply starts: the client may send its next one at once
                 try:
                     self.send_response(status)
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -145,12 +153,16 @@ class FakeOpenAI:
                 with fake.lock:
                     fake.attempts[text] += 1
                     attempt = fake.attempts[text]
+                    fake.times.setdefault(text, []).append(time.monotonic())
                 fault = (_FAULT.search(text) or [None, None])[1]
                 time.sleep(fake.delay_s)
                 if fault == "slow" or (fault == "slow-once" and attempt == 1):
                     time.sleep(fake.slow_s)
                 if fault == "500" or (fault == "500x2" and attempt <= 2):
                     return self._send(500, b'{"error": "injected server error"}')
+                if fault in ("429-once", "503-once") and attempt == 1:
+                    return self._send(int(fault[:3]), b'{"error": {"message": "injected: rate limit reached"}}',
+                                      headers={"Retry-After": fake.retry_after})
                 if fault == "400":
                     return self._send(400, b'{"error": {"message": "injected: this model does not exist"}}')
                 if fault == "malformed":

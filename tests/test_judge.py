@@ -90,6 +90,17 @@ CASES = [
     ("1", "one hundred", False),
     ("2", "There are two hundred dots.", False),
     ("1", "one thousand", False),
+    ("15 percent", "15%", True),  # "percent" after a number is "%"
+    ("15%", "It fell by 15 percent.", True),
+    # a minus sign, en dash or fullwidth hyphen-minus before a digit is "-"
+    ("5", "−5", False),
+    ("-5", "−5", True),
+    ("-0.4", "The correlation is −0.4.", True),
+    ("0.4", "The correlation is −0.4.", False),
+    ("-12%", "The value dropped to −12%.", True),
+    ("-3", "x = –3", True),
+    ("-5", "－5", True),
+    ("2-3", "It takes 2–3 days.", True),  # a dash between two numbers is a range, as "2-3" is
     # multiple-choice letters
     ("B", "B", True),
     ("B", "(B)", True),
@@ -112,6 +123,23 @@ CASES = [
     ("A", "The answer is a.", True),
     ("A", "The answer is a circle.", False),  # ... but not the article before a word
     ("B", "The answer is a circle.", False),
+    # markdown's emphasis and LaTeX's dress are dropped; a letter alone on a line is read
+    ("B", "**B**", True),
+    ("B", "*B*", True),
+    ("B", "The correct answer is **B**.", True),
+    ("B", "Answer: **B**", True),
+    ("B", "**B. 12 cm**", True),
+    ("B", r"\boxed{B}", True),
+    ("B", r"$\boxed{B}$", True),
+    ("B", r"The answer is $\boxed{\text{B}}$.", True),
+    ("B", "B\n\nBecause the area is 12.", True),
+    ("B", "Let me compute the area.\n\n(B)", True),
+    ("B", "**C**", False),
+    ("B", r"$\boxed{C}$", False),
+    ("B", "B\n\nC", False),
+    ("B", "**A.** 10 cm\n**B.** 12 cm\n**C.** 14 cm", False),  # a list of the options names them all
+    ("A", "**A.** 10 cm\n**B.** 12 cm\n**C.** 14 cm", False),
+    ("A", "A. 10 cm\nB. 12 cm", False),
     # free text
     ("Paris", "The capital is Paris.", True),
     ("New York", "It is New York City.", True),
@@ -163,11 +191,15 @@ def test_math_verify_only_where_rules_find_nothing(monkeypatch):
     rule_mod._latex_value.cache_clear()  # LaTeX read by the real library must not be reused, nor the fake's kept
     monkeypatch.setattr(rule_mod, "_latex_value", functools.lru_cache(rule_mod._latex_value.__wrapped__))
     judge = RuleJudge()
-    assert judge.name.endswith("+math_verify-v6")
+    assert judge.name.endswith("+math_verify-v7")
     assert judge.check(r"\sqrt{2}", "1.41421356")  # nothing to compare: math_verify decides
     assert calls == [(r"$\sqrt{2}$", "1.41421356")]  # a LaTeX answer without $s is given to it between $s
     assert not judge.check("4", "3 or 4")  # the rules found candidates: their verdict stands
     assert not judge.check("red", "red or blue")
+    # a plain answer not found is wrong, as is a LaTeX answer whose plain word (a unit) the response lacks: math_verify
+    # would read only their first numbers ("3 cm" and "3 m" are both 3)
+    for answer, response in [("3 cm", "3 m"), ("3:1", "3:2"), ("2:30 PM", "2:30"), (r"2\sqrt{2}\text{ cm}", "$2$ m")]:
+        assert not judge.check(answer, response), (answer, response)
     assert len(calls) == 1
     assert not RuleJudge(use_math_verify=False).check(r"\frac{1}{2}", "0.5")
 
@@ -177,7 +209,7 @@ def test_math_verify_itself_where_the_rules_find_nothing():
     cannot compare are decided by symbolic equivalence; word answers it cannot parse stay the rules'."""
     pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
     judge = RuleJudge()
-    assert judge.use_math_verify and judge.name == "rule-v5+math_verify-v6"
+    assert judge.use_math_verify and judge.name == "rule-v6+math_verify-v7"
     right = [(r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"The answer is $\frac{2}{4}$"), ("3/4", "0.75")]
     wrong = [(r"\frac{1}{2}", "0.4"), (r"\sqrt{2}", r"$\sqrt{3}$"), ("3/4", "0.7")]
     assert [judge.check(a, r) for a, r in right] == [True] * len(right)
@@ -217,6 +249,15 @@ LATEX_CASES = [
     ("y=2x+3", "The line is $y = 3 + 2x$.", True),
     ("x^2+1", "The answer is $x^2+2$.", False),
     ("x^2+1", "The answer is $(x+1)^2$.", False),
+    ("-0.75", r"$−\frac{3}{4}$", True),  # a minus sign before LaTeX
+    # a plain answer not found is wrong: math_verify would read only the first number of each
+    ("3 cm", "3 m", False),
+    ("2 hours", "It takes 2 minutes.", False),
+    ("40 years", "40 days", False),
+    ("3:1", "3:2", False),
+    ("10:30", "10:45", False),
+    ("2:30 PM", "2:45 PM", False),
+    ("2:30 PM", "2:30", False),
 ]
 
 
@@ -508,9 +549,9 @@ def test_make_judge(tmp_path):
 
     assert isinstance(make_judge("rule"), RuleJudge)
     assert isinstance(make_judge(JudgeKind.RULE, use_math_verify=False), RuleJudge)
-    # v3: a negation before an answer marker; v2: letters, scale words, ".5" and comma hedges: older verdicts
-    # in a cache are stale
-    assert make_judge("rule", use_math_verify=False).name == "rule-v5"
+    # v6: dressed letters, minus signs; v3: a negation before an answer marker; v2: letters, scale words, ".5" and
+    # comma hedges: older verdicts in a cache are stale
+    assert make_judge("rule", use_math_verify=False).name == "rule-v6"
     http = make_judge("http", url="http://127.0.0.1:9/v1", model="judge-model")
     assert isinstance(http, HTTPJudge) and http.name == f"http:judge-model:{PROMPT_VERSION}:top10"
     with pytest.raises(ValueError, match="model"):
@@ -566,6 +607,29 @@ def test_prompt_version_follows_the_prompt_text():
         exec(compile(text, judge_mod.__file__, "exec"), namespace)
         versions.append(namespace["PROMPT_VERSION"])
     assert versions[0] == PROMPT_VERSION != versions[1]
+
+
+def test_train_judge_bench_reports_the_judge_phase_seconds(tmp_path, monkeypatch, capsys):
+    """bench/train_judge.py's "judge-phase seconds per step" are the steps' ``time/judge``, not also the teacher
+    judge cache's hit rate the trainer logs beside it (its name holds "judge" too)."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    from ril_fast import train
+
+    rows = [{"step": 0, "eval_accuracy": 0.5},
+            {"step": 1, "teacher_judge_cache_hit_rate": 0.25, "time/judge": 1.234, "time/rollout": 2.0},
+            {"step": 2, "teacher_judge_cache_hit_rate": 0.75, "time/judge": 0.5}]
+
+    def fake_main(argv):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path)
+
+    monkeypatch.setattr(train, "main", fake_main)
+    monkeypatch.setattr(train, "CachedJudge", train.CachedJudge)  # the bench replaces it: put back afterwards
+    runpy.run_path(str(Path(__file__).parents[1] / "bench" / "train_judge.py"))["main"]([])
+    assert "judge-phase seconds per step: [1.23, 0.5]\n" in capsys.readouterr().out
 
 
 class CountingJudge:

