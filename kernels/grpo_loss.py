@@ -65,14 +65,15 @@ def dr_grpo_loss_ref(
     m = mask.detach().to(dtype)
     # On-policy, TRL's exp(lp - lp.detach()): the value is exactly 1, the gradient is rho * A.
     old = lp.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
-    rho = torch.exp(lp - old)
+    out = m == 0  # masked-out tokens: ratio 1 and no KL, whatever their log-probs (inf * 0 would be NaN)
+    rho = torch.exp((lp - old).masked_fill(out, 0.0))
     lo, hi = 1.0 - eps_low, 1.0 + eps_high
     per_token = torch.minimum(rho * adv, rho.clamp(lo, hi) * adv)
     kl = torch.zeros((), dtype=dtype, device=lp.device)
     count = m.sum()
-    denom = count.clamp(min=1.0)
+    denom = torch.where(count > 0, count, 1.0)  # weighted means; 0 over no tokens
     if ref_logprobs is not None:
-        delta = ref_logprobs.detach().to(dtype) - lp
+        delta = (ref_logprobs.detach().to(dtype) - lp).masked_fill(out, 0.0)
         k3 = torch.exp(delta) - delta - 1.0
         kl = (k3.detach() * m).sum() / denom
         if beta != 0.0:
@@ -97,7 +98,7 @@ N_PARTIALS = 5  # loss numerator, mask count, kl sum, clip count, ratio sum
 @triton.jit
 def _load_tokens(lp_ptr, adv_ptr, mask_ptr, old_ptr, N, HAS_OLD: tl.constexpr, BLOCK: tl.constexpr):
     """This program's block of tokens: (offsets, valid, lp, A, mask, rho), fp32. Lanes past N load values
-    that make every term 0 (mask 0, rho 1, k3 0)."""
+    that make every term 0 (mask 0, rho 1, k3 0); a masked-out token's rho is 1, whatever its log-probs."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
     lp = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -105,6 +106,7 @@ def _load_tokens(lp_ptr, adv_ptr, mask_ptr, old_ptr, N, HAS_OLD: tl.constexpr, B
     m = tl.load(mask_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_OLD:
         rho = tl.exp(lp - tl.load(old_ptr + offs, mask=valid, other=0.0).to(tl.float32))
+        rho = tl.where(m != 0.0, rho, 1.0)
     else:
         rho = tl.full((BLOCK,), 1.0, tl.float32)
     return offs, valid, lp, adv, m, rho
@@ -137,7 +139,7 @@ def _dr_grpo_fwd_kernel(
     if HAS_REF:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         delta = ref - lp
-        k3 = tl.exp(delta) - delta - 1.0
+        k3 = tl.where(m != 0.0, tl.exp(delta) - delta - 1.0, 0.0)  # masked out: none (inf * 0 would be NaN)
         kl_sum = tl.sum(k3 * m, axis=0)
         if HAS_KL:
             term = term - beta * k3
@@ -174,7 +176,7 @@ def _dr_grpo_bwd_kernel(
         # d k3 / d lp = 1 - exp(ref - lp)
         dterm = dterm - beta * (1.0 - tl.exp(ref - lp))
     scale = tl.load(scale_ptr).to(tl.float32)
-    tl.store(grad_ptr + offs, scale * m * dterm, mask=valid)
+    tl.store(grad_ptr + offs, tl.where(m != 0.0, scale * m * dterm, 0.0), mask=valid)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ class _DrGRPOLoss(torch.autograd.Function):
         sums = _fwd_sums(logprobs, advantages, mask, old, ref, beta, clip_lo, clip_hi, has_kl)
         numerator, count, kl_sum, clip_count, ratio_sum = sums.unbind(0)
         loss = -(numerator / normalizer)
-        denom = count.clamp(min=1.0)
+        denom = torch.where(count > 0, count, 1.0)  # weighted means; 0 over no tokens
         kl, clip_fraction, ratio = kl_sum / denom, clip_count / denom, ratio_sum / denom
         ctx.save_for_backward(logprobs, advantages, mask, old, ref if has_kl else None)
         ctx.args = (beta, clip_lo, clip_hi, has_kl, normalizer)

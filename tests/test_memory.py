@@ -64,7 +64,7 @@ def test_plan_counts_the_models_as_loaded(arch, tmp_path_factory):
 def test_plan_shards_the_trained_state_only():
     """Over 4 ranks the trained state, the gradients and the reference are split; the gathered student is whole on
     each (bf16 on GPUs); without a discriminator or a reference their bytes are gone."""
-    from transformers import Qwen2Config
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -76,6 +76,12 @@ def test_plan_shards_the_trained_state_only():
     assert four.per_rank == -(-one.trained_state // 4) + n + n // 2 + 2 * n < one.per_rank
     bare = memory.plan(config, disc=False, reference=False, gpu=True, shard=1)
     assert bare.disc_params == bare.reference == 0 and bare.trained_state == 12 * n and bare.per_rank == 18 * n
+    # A dim 0 that 4 does not divide (a vocabulary of 1,001): FSDP2 pads each shard to ceil(dim 0 / 4) rows.
+    odd = Qwen2Config(**{**config.to_dict(), "vocab_size": 1001})
+    shapes = [p.shape for p in Qwen2ForCausalLM(odd).parameters()]
+    padded = sum(-(-s[0] // 4) * math.prod(s[1:]) for s in shapes)
+    four = memory.plan(odd, disc=True, reference=True, gpu=True, shard=4)
+    assert four.reference == 2 * padded and four.gradients == 4 * padded > 4 * -(-sum(s.numel() for s in shapes) // 4)
 
 
 def test_offload_moves_the_trained_state_to_the_cpu():

@@ -70,7 +70,7 @@ def _ref(lp, adv, mask, old, ref, **kw):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("n", [1, 37, 341, 4099])
+@pytest.mark.parametrize("n", [1, 37, 341, 4099, 12301])  # 12,301: 4 blocks of the interpreter's 4,096
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_fp64_reference(impl, n, case, device, monkeypatch):
     _, with_old, with_ref, beta, eps_low, eps_high, norm_as_tensor, mask_dtype = case
@@ -143,6 +143,77 @@ def test_hand_computed(impl, device, monkeypatch):
     loss.backward()
     assert loss.item() == 0.5 and lp.grad.tolist() == [-1.0, 1.5]
     assert [s.item() for s in stats] == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weighted_mask_statistics_are_weighted_means(impl, device, monkeypatch):
+    """A float mask weighs each token: the loss sums weight x term, the statistics are weighted means (also where
+    the weights add up to less than 1), computed here in fp64 from the formulas."""
+    if impl == "triton":
+        poison_empty(monkeypatch)
+    n = 53
+    lp = (-3 * torch.rand(n, device=device, dtype=torch.float64)).requires_grad_()
+    adv = torch.randn(n, device=device, dtype=torch.float64)
+    old = nudge_off_clip_bounds(lp.detach(), lp.detach() + 0.3 * torch.randn_like(adv), 0.2, 0.2)
+    ref = lp.detach() + 0.3 * torch.randn_like(adv)
+    for total in (7.0, 0.3):  # the weights' sum
+        w = torch.rand(n, device=device, dtype=torch.float64) * (torch.rand(n, device=device) < 0.7)
+        w = w * total / w.sum()
+        rho = torch.exp(lp.detach() - old)
+        k3 = torch.exp(ref - lp.detach()) - (ref - lp.detach()) - 1
+        term = torch.minimum(rho * adv, rho.clamp(0.8, 1.2) * adv) - 0.1 * k3
+        clipped = (((rho < 0.8) & (adv < 0)) | ((rho > 1.2) & (adv > 0))).double()
+        expected = [-(w * term).sum() / 5.0, (w * k3).sum() / total, (w * clipped).sum() / total,
+                    (w * rho).sum() / total]
+        loss, stats = dr_grpo_loss(lp.float(), adv.float(), w.float(), old_logprobs=old.float(),
+                                   ref_logprobs=ref.float(), beta=0.1, normalizer=5.0, impl=impl)
+        torch.testing.assert_close([loss.item(), *(x.item() for x in stats)], [e.item() for e in expected],
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_on_the_clip_bounds_the_unclipped_branch_counts(impl, device, monkeypatch):
+    """With eps_low = eps_high = 0, on-policy every ratio sits exactly on both bounds: no token is clipped, the
+    gradient is -A / normalizer (a strict comparison at the bound; '<=' would zero every gradient)."""
+    if impl == "triton":
+        poison_empty(monkeypatch)
+    lp = (-3 * torch.rand(29, device=device)).requires_grad_()
+    adv, mask = torch.randn(29, device=device), torch.ones(29, device=device)
+    for old in (None, lp.detach()):
+        lp.grad = None
+        loss, stats = dr_grpo_loss(lp, adv, mask, old_logprobs=old, eps_low=0.0, eps_high=0.0, normalizer=4.0,
+                                   impl=impl)
+        loss.backward()
+        torch.testing.assert_close(lp.grad, -adv / 4.0)
+        assert stats.clip_fraction.item() == 0.0 and stats.ratio.item() == pytest.approx(1.0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy exp
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_masked_out_token_counts_for_nothing_whatever_its_values(impl, device, monkeypatch):
+    """A masked-out token whose ratio or k3 would overflow (log-ratios of 100 nats) changes no loss, statistic or
+    gradient: exp(100) x 0 would be NaN."""
+    if impl == "triton":
+        poison_empty(monkeypatch)
+    n = 41
+    lp0 = -3 * torch.rand(n, device=device)
+    adv, mask = torch.randn(n, device=device), torch.rand(n, device=device) < 0.8
+    old, ref = lp0 + 0.3 * torch.randn(n, device=device), lp0 + 0.3 * torch.randn(n, device=device)
+    out = int(torch.nonzero(~mask)[0]) if (~mask).any() else 0
+    mask[out] = False
+    results = []
+    for extreme in (False, True):
+        o, r = old.clone(), ref.clone()
+        if extreme:
+            o[out], r[out] = lp0[out] - 100.0, lp0[out] + 100.0
+        lp = lp0.clone().requires_grad_()
+        loss, stats = dr_grpo_loss(lp, adv, mask, old_logprobs=o, ref_logprobs=r, beta=0.1, normalizer=8.0,
+                                   impl=impl)
+        loss.backward()
+        results.append([loss.detach(), *stats, lp.grad])
+    for a, b in zip(*results):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
