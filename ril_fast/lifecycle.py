@@ -100,7 +100,7 @@ def _states(run) -> dict:
     return states
 
 
-_RUN_COUNTERS = ("skipped_steps", "bad_in_a_row")  # the same on every rank; "questions" is per rank
+_RUN_COUNTERS = ("skipped_steps", "bad_in_a_row", "pretrained")  # the same on every rank; "questions" is per rank
 
 
 def save_checkpoint(run, step: int) -> Path:
@@ -128,6 +128,8 @@ def load_checkpoint(run, path: Path) -> None:
                                                weight_decay=cfg.disc.weight_decay, foreach=False,
                                                fused=run.optimizer.defaults.get("fused"))
     saved = checkpoint.load(path, run.dist, states=_states(run), rng=run.rng)
+    if saved.step == 0:  # saved during the discriminator's pre-training: the student's AdamW has not stepped, but DCP
+        run.optimizer.state.clear()  # gives an empty optimizer the state of a zero-gradient step (its bias correction)
     if saved.step > cfg.steps:
         raise ConfigError(f"resume={path}: the checkpoint is at step {saved.step}, past steps={cfg.steps}: raise "
                           f"steps, or resume from an earlier checkpoint")
@@ -185,18 +187,28 @@ def checkpoint_if_due(run, step: int) -> None:
         _stop(run, step)
 
 
+def checkpoint_pretraining_if_asked(run) -> None:
+    """After a step of the discriminator's pre-training: when any rank got SIGTERM or Ctrl-C, save its progress
+    (``run.counters["pretrained"]`` steps) as the checkpoint of step 0, from which the run goes on, and stop."""
+    if _agree(run, bool(run.stop_requested)):
+        save_checkpoint(run, 0)
+        _stop(run, 0, after=f"{run.counters['pretrained']} of the discriminator's {run.cfg.disc.pretrain_steps} "
+                            f"pre-training steps")
+
+
 def stop_if_asked(run, step: int) -> None:
     """After the checkpoint of ``step``: stop when any rank got SIGTERM or Ctrl-C meanwhile."""
     if _agree(run, bool(run.stop_requested)):
         _stop(run, step)
 
 
-def _stop(run, step: int) -> None:
+def _stop(run, step: int, after: str = "") -> None:
     run.log.close()
     cause = "Ctrl-C" if signal.SIGINT in run.stop_requested else "SIGTERM"
     again = "the same command" if run.cfg.resume == "auto" else "it again with resume=auto"
-    raise SystemExit(f"stopped by {cause} after step {step}: checkpoint {Path(run.cfg.output_dir) / f'step-{step}'} "
-                     f"written; run {again} to resume" if run.dist.is_main else 1)
+    raise SystemExit(f"stopped by {cause} after {after or f'step {step}'}: checkpoint "
+                     f"{Path(run.cfg.output_dir) / f'step-{step}'} written; run {again} to resume"
+                     if run.dist.is_main else 1)
 
 
 def _agree(run, flag: bool) -> bool:

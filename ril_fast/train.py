@@ -52,8 +52,9 @@ from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog, peak_memory_gib, reset_peak_memory
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
-from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, load_checkpoint, save_checkpoint,
-                               sigterm_when_torchrun_dies, stop_if_asked, stop_on_signals, where_to_start)
+from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, checkpoint_pretraining_if_asked, load_checkpoint,
+                               save_checkpoint, sigterm_when_torchrun_dies, stop_if_asked, stop_on_signals,
+                               where_to_start)
 from ril_fast.models import enable_activation_checkpointing, load
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.preflight import check_memory, check_surroundings, context_length, load_data, token_budget
@@ -92,7 +93,8 @@ class Run:
     rng: random.Random
     log: RunLog
     start_step: int = 0  # the step a resumed run continues after (0: a fresh run)
-    counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "bad_in_a_row": 0, "questions": 0})
+    counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "bad_in_a_row": 0, "questions": 0,
+                                                    "pretrained": 0})
     stop_requested: list = field(default_factory=list)  # the signals received (SIGTERM: checkpoint and stop)
     shapes: Shapes | None = None  # the student's, for the step's model FLOPs (ril_fast.flops)
     peak_tflops: float = 0.0  # this rank's matmul peak in the training dtype, measured at set-up: MFU's denominator
@@ -112,9 +114,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     with stop_on_signals(run):  # SIGTERM, Ctrl-C: stop after the next step's checkpoint
         if run.start_step == 0:
-            # Step 1: discriminator pre-training on initial-student vs teacher outputs (Eq. 1).
-            for _ in range(cfg.disc.pretrain_steps if run.disc is not None else 0):
+            # Step 1: discriminator pre-training on initial-student vs teacher outputs (Eq. 1); after SIGTERM or
+            # Ctrl-C its progress is checkpointed as step 0, from which the same command goes on.
+            while run.disc is not None and run.counters["pretrained"] < cfg.disc.pretrain_steps:
                 pretrain_disc_step(run)
+                run.counters["pretrained"] += 1
+                checkpoint_pretraining_if_asked(run)
             evaluate_and_log(run, step=0)
 
         # Step 2: the RIL loop, one batch of questions per step.

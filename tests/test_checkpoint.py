@@ -200,6 +200,29 @@ def test_sigterm_writes_a_checkpoint_and_stops(demo, reference, tmp_path):
     assert _step_metrics(out) == _step_metrics(reference(1))
 
 
+def test_sigterm_during_discriminator_pretraining_checkpoints_it(demo, tmp_path):
+    """A SIGTERM during the discriminator's pre-training (50 steps of a 3B student in docs/real_student.yaml: more
+    than torchrun's grace period) checkpoints its progress as step 0 and stops; the same command goes on from there
+    as if never stopped (the same metrics and the same final student)."""
+    args = dict(steps=2, checkpoint_every=0, eval_every=0, **{"disc.pretrain_steps": 3})
+    ref = tmp_path / "reference"
+    _finish(_command(1, _args(demo, ref, **args)), tmp_path / "reference.txt")
+    out = tmp_path / "run"
+    sigterm_after_two = ("import os, signal\nfrom ril_fast import train\nstep, calls = train.pretrain_disc_step, []\n"
+                         "def counted(run):\n    metrics = step(run)\n    calls.append(1)\n    if len(calls) == 2:\n"
+                         "        os.kill(os.getpid(), signal.SIGTERM)\n    return metrics\n"
+                         "train.pretrain_disc_step = counted")
+    proc = _start(_command(1, _args(demo, out, **args), prelude=sigterm_after_two), tmp_path / "stopped.txt")
+    assert proc.wait(timeout=300) != 0
+    log = (tmp_path / "stopped.txt").read_text()
+    assert "stopped by SIGTERM after 2 of the discriminator's 3 pre-training steps: checkpoint" in log, log[-2000:]
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step-0"] and not (out / "final").exists()
+    _finish(_command(1, _args(demo, out, **args)), tmp_path / "resumed.txt")
+    assert "resuming from" in (tmp_path / "resumed.txt").read_text()
+    assert _step_metrics(out) == _step_metrics(ref)
+    _same_weights(out / "final", ref / "final")
+
+
 def test_ctrl_c_under_torchrun_writes_a_checkpoint_and_stops(demo, reference, tmp_path):
     """Ctrl-C reaches torchrun and, from it and from the terminal, each rank (twice): every rank finishes
     the step, the checkpoint is written, and the same command resumes as if never stopped."""

@@ -483,18 +483,19 @@ def test_ctrl_c_stops_after_the_step_like_sigterm(capsys):
 
 
 def test_run_counters_survive_a_resume_on_another_number_of_ranks(demo, finished, tmp_path):
-    """skipped_steps and bad_in_a_row are the run's (every rank has the same): they are in trainer.json, so
-    a resume that cannot match the per-rank files (another rank count) keeps them."""
+    """skipped_steps, bad_in_a_row and the discriminator's pre-training steps are the run's (every rank has the
+    same): they are in trainer.json, so a resume that cannot match the per-rank files (another rank count) keeps
+    them."""
     out = tmp_path / "run"
     shutil.copytree(finished / "step-2", out / "step-2")
     trainer = json.loads((out / "step-2" / "trainer.json").read_text())
-    assert trainer["counters"] == {"skipped_steps": 0, "bad_in_a_row": 0}
-    trainer["counters"] = {"skipped_steps": 2, "bad_in_a_row": 1}
+    assert trainer["counters"] == {"skipped_steps": 0, "bad_in_a_row": 0, "pretrained": 1}
+    trainer["counters"] = {"skipped_steps": 2, "bad_in_a_row": 1, "pretrained": 1}
     (out / "step-2" / "trainer.json").write_text(json.dumps(trainer))
     (out / "step-2" / "rank-0.json").unlink()  # as when resuming on another number of ranks
     with pytest.warns(UserWarning, match="the random streams start afresh"):
         run = train.setup(load_config(_args(demo, out, steps=3)))
-    assert run.counters == {"skipped_steps": 2, "bad_in_a_row": 1, "questions": 0}
+    assert run.counters == {"skipped_steps": 2, "bad_in_a_row": 1, "questions": 0, "pretrained": 1}
     run.log.close()
 
 
