@@ -248,6 +248,7 @@ _LETTER_PATTERNS = [
     re.compile(r"\(([A-Za-z])\)"),  # "(B)" anywhere
     re.compile(r"^([A-Z])[.:)](?:\s|$)", re.M),  # "B. because ..." at a line's start (a list of options names all)
     re.compile(r"^([A-Z]) is\b"),  # "B is correct"
+    re.compile(r"(?:\bis|['\u2019]s)\s+\(?([A-Z])\)?[.!]?$"),  # "It is B." / "It's B" at the end (capital: "is a")
     # "The answer is B" / "answer: b"; a lowercase "a" only where no word follows ("the answer is a circle")
     re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:\-]?\s*\(?([A-Z]|[b-z]|a(?=\W*$))\b"),
 ]
@@ -272,7 +273,8 @@ class RuleJudge:
        counts as the letter A here, though an article elsewhere), its markdown emphasis and LaTeX dress
        dropped ("**B**", "*B*", "$\\boxed{B}$", "\\text{B}" are "B": ``judges_formula.undressed``). The
        response's letters are read from a line of its own ("A", "(a)", "A."; "B\n\nBecause ..."), "(B)"
-       anywhere, "B." / "B)" at a line's start (a list of options names each), "B is" at its start,
+       anywhere, "B." / "B)" at a line's start (a list of options names each), "B is" at its start, "is B." /
+       "'s B" at its end,
        "answer is B" / "answer is b", "option B", "choice: B" ("answer is a" only where no word follows
        the "a": "the answer is a circle" is no letter). Right iff exactly one distinct letter is found
        and it is the answer's; an empty response has none.
@@ -336,7 +338,8 @@ class RuleJudge:
     negation is read only from the words before it: "x > 2 is false" is right for "x > 2". LaTeX outside $s
     is read as its commands alone: "y = \\frac{1}{2}x + 1" is not found right for "y = 0.5x + 1". A response
     "A+" is empty once normalised ("a" is an article): rule 2 finds it wrong, also for the answer "A+". A letter
-    response that goes on to discuss other options at a line's start ("B\n\nA. is too small") names them: wrong.
+    response that goes on to discuss other options at a line's start ("B\n\nA. is too small") names them: wrong; a
+    letter mid-sentence is not read ("It is B, not C." names none: wrong).
     """
 
     def __init__(self, use_math_verify: bool = True):

@@ -134,6 +134,12 @@ CASES = [
     ("B", r"The answer is $\boxed{\text{B}}$.", True),
     ("B", "B\n\nBecause the area is 12.", True),
     ("B", "Let me compute the area.\n\n(B)", True),
+    ("B", "It is B.", True),
+    ("B", "It's B", True),
+    ("B", "I think it is (B)!", True),
+    ("B", "It is B, not C.", False),  # no pattern reads a letter mid-sentence (a limit: RuleJudge's docstring)
+    ("B", "It is C.", False),
+    ("A", "The shape is a circle.", False),  # "is a" is an article, not the letter A
     ("B", "**C**", False),
     ("B", r"$\boxed{C}$", False),
     ("B", "B\n\nC", False),
