@@ -63,6 +63,7 @@ def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
     of its ``judge_*`` settings (``ril_fast.config.judge_checks``) in the options' words, and an hf judge's
     model folder; before any model loads."""
     from ril_fast.config import judge_checks
+    from ril_fast.judges_hf import judge_model_problem
     from ril_fast.judges_http import OpenAIClient
 
     if args.judge == "none":
@@ -71,8 +72,8 @@ def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         if not ok:
             parser.error(re.sub(r"\bjudge_(\w+)", lambda m: "--judge-" + m.group(1).replace("_", "-"),
                                 re.sub(r"\bjudge=(\w+)", r"--judge \1", message)))
-    if args.judge == "hf":
-        check_model_folder(parser, "--judge-model", args.judge_model)
+    if args.judge == "hf" and (problem := judge_model_problem(args.judge_model)):
+        parser.error(f"--judge-model {args.judge_model}: {problem}")
     if args.judge == "http" and (problem := OpenAIClient(args.judge_url, timeout_s=args.judge_timeout_s,
                                                          retries=args.judge_retries).serving(args.judge_model)):
         parser.error(f"--judge-url {args.judge_url}: the judge server cannot be used: {problem}")

@@ -40,6 +40,28 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
     return sorted(ids["yes"]), sorted(ids["no"])
 
 
+def judge_model_problem(folder: str | Path) -> str | None:
+    """What makes ``folder`` unusable as the hf judge, read from its config and tokenizer before any weights load
+    (no model folder, a model type ``AutoModelForCausalLM`` cannot load, no single-token "yes" or "no"), or None."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if problem := model_folder_problem(folder):
+        return problem
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        return f"its config.json cannot be read ({str(e).splitlines()[0][:200]})"
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return (f"model type {config.model_type!r} is no causal LM that AutoModelForCausalLM loads (the judge is a "
+                f"text model: a VLM student's folder is not one)")
+    try:
+        answer_token_ids(AutoTokenizer.from_pretrained(folder))
+    except (OSError, ValueError) as e:
+        return str(e).splitlines()[0][:300]
+    return None
+
+
 class HFJudge:
     """The hf judge on the causal LM in folder ``model`` (module docstring).
 

@@ -19,6 +19,7 @@ from ril_fast.config import Config, ConfigError
 from ril_fast.data import Batches, DataError, Example, fitting, load_examples, load_teachers, refuse_images
 from ril_fast.files import model_folder_problem
 from ril_fast.judge import JudgeKind
+from ril_fast.judges_hf import judge_model_problem
 from ril_fast.judges_http import OpenAIClient
 from ril_fast.kernels._triton import interpreting
 from ril_fast.models import Kernels
@@ -129,7 +130,7 @@ def check_surroundings(cfg: Config, dist: distributed.Dist) -> None:
         distributed.shard_size(cfg.batch.shard_ranks)
     except ValueError as e:  # "shard_ranks=N: must divide ..."
         raise ConfigError(f"batch.{e}") from None
-    if cfg.judge is JudgeKind.HF and (problem := model_folder_problem(cfg.judge_model)):
+    if cfg.judge is JudgeKind.HF and (problem := judge_model_problem(cfg.judge_model)):
         raise ConfigError(f"judge_model={cfg.judge_model}: {problem}")
     if cfg.judge is JudgeKind.HTTP and (problem := OpenAIClient(
             cfg.judge_url, timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries).serving(cfg.judge_model)):

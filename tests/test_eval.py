@@ -182,6 +182,7 @@ def test_model_that_is_not_a_model_folder_is_refused_before_any_model_loads(demo
 @pytest.mark.parametrize("judge, said", [
     (["--judge", "hf"], "--judge hf needs --judge-model"),
     (["--judge", "hf", "--judge-model", "NOWHERE"], "--judge-model NOWHERE: no such folder"),
+    (["--judge", "hf", "--judge-model", "STUDENT"], "--judge-model STUDENT: model type 'qwen2_5_vl' is no causal LM"),
     (["--judge", "http", "--judge-model", "m"], "--judge http needs --judge-url and --judge-model"),
     (["--judge", "http", "--judge-url", "localhost:8000", "--judge-model", "m"],
      "--judge-url must start with http:// or https://"),
@@ -189,11 +190,14 @@ def test_model_that_is_not_a_model_folder_is_refused_before_any_model_loads(demo
 def test_judge_options_that_build_no_judge_are_refused_before_any_model_loads(demo, tmp_path, capsys, monkeypatch,
                                                                                judge, said):
     monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
-    judge = [a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in judge]
+    def placed(text):
+        return text.replace("NOWHERE", str(tmp_path / "nowhere")).replace("STUDENT", str(demo.student))
+
     with pytest.raises(SystemExit) as e:
-        main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "out"), *judge])
+        main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "out"),
+              *map(placed, judge)])
     assert e.value.code == 2
-    assert "error: " + said.replace("NOWHERE", str(tmp_path / "nowhere")) in capsys.readouterr().err
+    assert "error: " + placed(said) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dest, disc, what", [("a_file", None, "student"), ("a_file/sub", None, "student"),

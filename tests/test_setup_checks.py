@@ -106,6 +106,11 @@ def test_bad_settings_and_data_are_refused_before_any_model_loads(demo, tmp_path
     assert str(e.value).startswith(f"{demo.test}:1: the example has images, but the student")
     with pytest.raises(ConfigError, match=r"judge_model=.*nowhere: no such folder"):
         train.setup(load_config(_args(demo, tmp_path / "run", judge="hf", judge_model=tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match=rf"judge_model={demo.student}: model type 'qwen2_5_vl' is no causal LM"):
+        train.setup(load_config(_args(demo, tmp_path / "run", judge="hf", judge_model=demo.student)))
+    make_tiny(tmp_path / "text_lm", arch="qwen2")  # a tokenizer of made-up words: "yes" and "no" are several tokens
+    with pytest.raises(ConfigError, match=r"judge_model=.*text_lm: the judge model's tokenizer has no single token"):
+        train.setup(load_config(_args(demo, tmp_path / "run", judge="hf", judge_model=tmp_path / "text_lm")))
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         nobody = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
