@@ -182,7 +182,7 @@ class Config:
     eval_data: str | None = opt(None, "held-out JSONL scored with greedy answers; empty: no evaluation; "
                                       "none: the demo's test split when train_data is the demo's")
     eval_every: int = opt(50, "evaluate every this many steps, and before the first and after the last (0: only then)")
-    eval_max_examples: int = opt(300, "evaluate on at most this many held-out examples (0: all)")
+    eval_max_examples: int = opt(300, "evaluate on the first this many held-out examples (0: all)")
     log_every: int = opt(1, "write a metrics line every this many steps")
     progress: bool = opt(True, "show a progress bar with the key numbers (false: log lines only)")
     checkpoint_every: int = opt(20, "write output_dir/step-N/ every this many steps and after the last "

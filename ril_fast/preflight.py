@@ -80,10 +80,15 @@ def _read_data(cfg: Config):
             cut = (f"; its {len(cut)} responses were all marked truncated and left out (the first: {cut[0]}): a "
                    f"response cut off at the teacher's token budget is not its answer, so collect others (python -m "
                    f"ril_fast.teacher ... --redo-truncated) or drop the example" if cut else "")
+            others = ", ".join(repr(e.id) for e in missing[1:4]) + (", ..." if len(missing) > 4 else "")
             raise DataError(f"{missing[0].where}: example {missing[0].id!r} has no response in any teacher "
-                            f"collection ({len(missing)} such examples){cut}; RIL needs G teacher outputs per question")
+                            f"collection ({len(missing)} such examples{': also ' + others if others else ''}){cut}; "
+                            f"RIL needs G teacher outputs per question: collect them (python -m ril_fast.teacher "
+                            f"appends what a file lacks) or drop the examples")
     eval_examples = load_examples(cfg.eval_data, control_tokens=tokens.control_tokens) if cfg.eval_data else []
-    if cfg.eval_max_examples:
+    if cfg.eval_max_examples and len(eval_examples) > cfg.eval_max_examples:
+        print(f"held-out: the first {cfg.eval_max_examples} of the {len(eval_examples)} examples of {cfg.eval_data} "
+              f"(eval_max_examples; 0: all)", flush=True)
         eval_examples = eval_examples[:cfg.eval_max_examples]
     if tokens.kind is ModelKind.TEXT:
         refuse_images(eval_examples, f"the student ({cfg.student})")

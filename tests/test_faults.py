@@ -42,6 +42,16 @@ def test_an_example_without_teacher_response_names_its_line(demo, tmp_path):
         train.main(_args(demo, tmp_path / "run", teachers=partial))
     assert str(e.value).startswith(f"{demo.train}:{_line_of(demo.train, dropped)}: example {dropped!r} has no "
                                    f"response in any teacher collection (1 such examples); RIL needs")
+    assert str(e.value).endswith("collect them (python -m ril_fast.teacher appends what a file lacks) or drop the "
+                                 "examples")
+    # Several: the first few others are named too.
+    gone = [rows[i]["id"] for i in (2, 5, 7, 9, 11, 13)]
+    several = tmp_path / "several.jsonl"
+    several.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] not in gone))
+    with pytest.raises(DataError) as e:
+        train.main(_args(demo, tmp_path / "run", teachers=several))
+    assert f"example {gone[0]!r} has no response in any teacher collection (6 such examples: also {gone[1]!r}, " \
+           f"{gone[2]!r}, {gone[3]!r}, ...); RIL needs" in str(e.value)
     # Its responses there but every one marked truncated (left out): the message says so, naming the first line.
     marked = tmp_path / "marked.jsonl"
     marked.write_text("".join(json.dumps(r | {"truncated": r["id"] == dropped}) + "\n" for r in rows))

@@ -23,7 +23,7 @@ from fake_openai import FakeOpenAI
 from models_fixtures import one_thread  # noqa: F401
 from PIL import Image
 
-from ril_fast import checkpoint, lifecycle, preflight, train
+from ril_fast import checkpoint, distributed, lifecycle, preflight, train
 from ril_fast.config import ConfigError, load_config
 from ril_fast.data import DataError
 from ril_fast.demo import build_demo
@@ -339,6 +339,14 @@ def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys, monkeypatch)
     assert "nothing to do: the run in" in capsys.readouterr().out
     assert read_metrics(out / "metrics.jsonl") == before
     assert (out / "config.yaml").read_bytes() == config  # the settings it ran with, not the unused new ones
+
+
+def test_the_held_out_examples_left_out_are_said(demo, capsys):
+    """eval_max_examples takes the eval file's first lines: how many of how many is printed."""
+    _, _, held_out, _ = preflight.load_data(load_config(_args(demo, "unused")), distributed.init())
+    assert len(held_out) == 2 and f"held-out: the first 2 of the 4 examples of {demo.test}" in capsys.readouterr().out
+    _, _, held_out, _ = preflight.load_data(load_config(_args(demo, "unused", eval_max_examples=0)), distributed.init())
+    assert len(held_out) == 4 and "held-out:" not in capsys.readouterr().out
 
 
 def test_a_finished_run_going_on_keeps_its_last_evaluation(demo, finished, tmp_path):
