@@ -15,6 +15,7 @@
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -64,7 +65,33 @@ def where_to_start(cfg: Config) -> tuple[Path | None, bool]:
     """The checkpoint the run continues from (:func:`resume_point`) and whether it has anything left to do
     (:func:`finished`)."""
     resume_from = resume_point(cfg)
+    if resume_from is not None:
+        check_student(cfg, resume_from)
     return resume_from, finished(cfg, resume_from)
+
+
+def check_student(cfg: Config, path: Path) -> None:
+    """Refuse, before any model loads, a checkpoint whose student has other parameters (names or shapes) than
+    ``student=`` builds: another architecture or size, which loading it would fail on deep in DCP."""
+    from transformers import AutoConfig
+
+    from ril_fast.models import meta_model
+
+    if not (path / "hf" / "config.json").is_file():
+        return
+
+    def shapes(folder) -> tuple[str, dict]:
+        config = AutoConfig.from_pretrained(folder)
+        return config.model_type, {n: tuple(p.shape) for n, p in meta_model(config).named_parameters()}
+
+    (saved_type, saved), (new_type, new) = shapes(path / "hf"), shapes(cfg.student)
+    if saved != new:
+        def size(params: dict) -> str:
+            return f"{sum(map(math.prod, params.values())):,} parameters"
+
+        raise ConfigError(f"resume={path}: the checkpoint's student ({saved_type}, {size(saved)}) is not "
+                          f"student={cfg.student} ({new_type}, {size(new)}): a run goes on with the student it started "
+                          f"with; give that one, or another output_dir to start afresh")
 
 
 def finished(cfg: Config, resume_from: Path | None) -> bool:

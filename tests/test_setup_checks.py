@@ -309,6 +309,25 @@ def test_a_resume_that_cannot_continue_the_run_is_refused(demo, finished, tmp_pa
         assert json.loads((out / train.FINISHED).read_text()) == {"step": 0}
 
 
+def test_a_resume_with_another_student_architecture_is_refused_before_any_model_loads(demo, finished, tmp_path,
+                                                                                       monkeypatch):
+    """student= of another architecture than the checkpoint's: one line naming both, not DCP's size mismatch after
+    every model has loaded; the same student in another folder goes on."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / train.FINISHED).unlink()
+    other = make_tiny(tmp_path / "qwen3_vl", arch="qwen3_vl")
+    with monkeypatch.context() as m:
+        _no_models(m)
+        with pytest.raises(ConfigError, match=rf"resume=.*step-2: the checkpoint's student \(qwen2_5_vl, [\d,]+ "
+                                              rf"parameters\) is not student={other} \(qwen3_vl, [\d,]+ parameters\)"):
+            train.setup(load_config(_args(demo, out, steps=3, student=other)))
+    moved = shutil.copytree(demo.student, tmp_path / "moved")
+    run = train.setup(load_config(_args(demo, out, steps=3, student=moved)))
+    assert run.start_step == 2
+    run.log.close()
+
+
 def test_settings_changed_on_resume_apply_to_the_optimisers(demo, finished, tmp_path):
     """The checkpoint's param groups carry the old rates; the resumed run takes the new ones at the
     schedule's current point."""
