@@ -263,10 +263,11 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
             progress: bool = True) -> dict:
     """Append one line per job's response to ``out``, a batch at a time (see the module docstring); a
     response that is empty or holds one of ``teacher.control_tokens`` is not written, only counted.
-    Returns ``{"written": n, "empty": n, "control_tokens": n}``."""
+    Returns ``{"written": n, "truncated": n, "empty": n, "control_tokens": n}`` (``truncated``: of those written,
+    the ones cut at the token budget)."""
     from tqdm import tqdm
 
-    written = empty = control = 0
+    written = cut = empty = control = 0
     bar = tqdm(total=total, initial=total - len(jobs), unit="response", desc=name, disable=not progress,
                dynamic_ncols=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,9 +291,10 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()  # the batch is in the file before the next one starts
             written += len(kept)
+            cut += sum(truncated for _, _, truncated in kept)
             bar.update(len(chunk))
     bar.close()
-    return {"written": written, "empty": empty, "control_tokens": control}
+    return {"written": written, "truncated": cut, "empty": empty, "control_tokens": control}
 
 
 def _check_prompts(folder: str, jobs: list[Job], max_new_tokens: int) -> None:
@@ -346,8 +348,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the command; returns ``{"written", "empty", "control_tokens", "skipped", "total"}`` (responses;
-    ``empty`` and ``control_tokens``: those not written, see the module docstring)."""
+    """Run the command; returns ``{"written", "truncated", "empty", "control_tokens", "skipped", "total"}``
+    (responses; ``truncated``: of those written; ``empty`` and ``control_tokens``: those not written, see the module
+    docstring)."""
     args = parse_args(argv)
     # A second collection into the same file would ask for the same responses and write them twice.
     lock_file(args.out)
@@ -370,7 +373,7 @@ def _run(args: argparse.Namespace) -> dict:
           + (f" ({len(cut)} marked truncated, which the trainer leaves out, asked for again)" if args.redo_truncated
              and cut else f"; {len(cut)} of those are marked truncated, which the trainer leaves out: "
              f"--redo-truncated asks for them again" if cut else ""), file=sys.stderr)
-    stats = {"written": 0, "empty": 0, "control_tokens": 0}
+    stats = {"written": 0, "truncated": 0, "empty": 0, "control_tokens": 0}
     local = not args.model.startswith(("http://", "https://"))
     if jobs:
         batch_size = args.batch_size
@@ -399,6 +402,10 @@ def _run(args: argparse.Namespace) -> dict:
         print(f"{unwritten} responses were not written ({stats['empty']} empty, {stats['control_tokens']} holding a "
               f"control token of the teacher's, which ril_fast.data.load_teachers refuses); run the command again to "
               f"ask for them{again}", file=sys.stderr)
+    if stats["truncated"]:
+        print(f"{stats['truncated']} of the {stats['written']} responses written hit --max-new-tokens "
+              f"{args.max_new_tokens}: marked truncated, which the trainer leaves out; raise --max-new-tokens and run "
+              f"again with --redo-truncated", file=sys.stderr)
     return {**stats, "skipped": total - len(jobs), "total": total}
 
 

@@ -36,7 +36,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_local_model_teacher_with_judging(demo, tmp_path, _fresh_seed):
+def test_local_model_teacher_with_judging(demo, tmp_path, capsys, _fresh_seed):
     data = demo.root / "train6.jsonl"  # beside the images its paths are relative to
     data.write_text("".join(demo.train.read_text().splitlines(keepends=True)[:6]))
     out = tmp_path / "teachers" / "tiny.jsonl"
@@ -49,6 +49,11 @@ def test_local_model_teacher_with_judging(demo, tmp_path, _fresh_seed):
     assert stats["written"] + stats["empty"] + stats["control_tokens"] == 12 and len(lines) == stats["written"]
     examples = load_examples(data)
     truncated = [f"{out}:{n}" for n, line in enumerate(lines, start=1) if line["truncated"]]
+    # said at the end of the run that wrote them, not only at the next one's start
+    assert stats["truncated"] == len(truncated) > 0  # a random student seldom ends within 4 tokens
+    assert (f"{len(truncated)} of the {len(lines)} responses written hit --max-new-tokens 4: marked truncated, which "
+            f"the trainer leaves out; raise --max-new-tokens and run again with --redo-truncated"
+            in capsys.readouterr().err)
     if len(truncated) < len(lines):  # the trainer reads the collection, leaving the truncated lines out
         bank = load_teachers([out], examples)
         assert bank.teachers == ["tiny"] and bank.counts() == {"tiny": len(lines) - len(truncated)}
@@ -78,7 +83,7 @@ def test_server_teacher_sends_images_as_data_urls(demo, tmp_path):
         stats = main(["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "2",
                       "--max-new-tokens", "7", "--temperature", "0.5", "--concurrency", "3", "--no-progress",
                       "--teacher", "big-vlm"])
-    assert stats == {"written": 80, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 80}
+    assert stats == {"written": 80, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 80}
     bodies = [body for path, body, _ in server.requests if path == "/v1/chat/completions"]
     assert [p for p, _, _ in server.requests if p != "/v1/chat/completions"] == ["/v1/models"]
     by_question = {}
@@ -129,7 +134,7 @@ def test_server_teacher_asks_for_an_examples_responses_in_one_request(demo, tmp_
         server.teacher_reply = lambda body, text: {"choices": reply(body, text)["choices"][::-1]}
         stats = main(["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "4",
                       "--n-per-request", "8", "--concurrency", "3", "--no-progress"])
-    assert stats == {"written": 160, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 160}
+    assert stats == {"written": 160, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 160}
     assert _asked(server, examples) == {e.id: [4] for e in examples}
     by_id = {}
     for line in _lines(out):
@@ -153,7 +158,7 @@ def test_server_teacher_resumed_asks_only_for_the_missing_indices(demo, tmp_path
     with FakeOpenAI() as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--no-progress"])
-    assert stats == {"written": 6, "empty": 0, "control_tokens": 0, "skipped": 6, "total": 12}
+    assert stats == {"written": 6, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 6, "total": 12}
     assert _asked(server, examples) == {e0: [2], e2: [4]}
     new = {(line["id"], line["index"]): line["response"] for line in _lines(out)[len(kept):]}
     assert set(new) == {(e0, 1), (e0, 3)} | {(e2, k) for k in range(4)}
@@ -168,7 +173,7 @@ def test_server_that_ignores_n_still_yields_every_response(demo, tmp_path, capsy
     with FakeOpenAI(ignore_n=True) as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--concurrency", "3", "--no-progress"])
-    assert stats == {"written": 12, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 12}
+    assert stats == {"written": 12, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 12}
     pairs = [(line["id"], line["index"]) for line in _lines(out)]
     assert sorted(pairs) == sorted((e.id, k) for e in examples for k in range(4))
     # One choice a reply: asked for 4, then for the 3, 2 and 1 still missing.
@@ -190,7 +195,7 @@ def test_server_requests_per_example(demo, tmp_path, args, asked):
     with FakeOpenAI() as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--no-progress", *args])
-    assert stats == {"written": 12, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 12}
+    assert stats == {"written": 12, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 12}
     assert _asked(server, examples) == {e.id: asked for e in examples}
     assert written_pairs(out) == {(e.id, k) for e in examples for k in range(4)}
 
@@ -223,7 +228,7 @@ def test_server_reply_cut_inside_an_emoji_is_written_and_judged(demo, tmp_path):
             "choices": [{"message": {"content": "It is blue \ud83d"}, "finish_reason": "stop"}]}
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2",
                       "--judge", "rule", "--no-progress"])
-    assert stats == {"written": 6, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 6}
+    assert stats == {"written": 6, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 6}
     examples = load_examples(data)
     answers = {e.id: e.answer for e in examples}
     lines = _lines(out)
@@ -347,7 +352,7 @@ def test_local_teacher_rerun_draws_the_empty_responses_afresh(text_model, tmp_pa
 
     assert run("t.jsonl")["empty"] == 2
     assert "2 responses were not written (2 empty, 0 holding a control token" in capsys.readouterr().err
-    assert run("t.jsonl") == {"written": 2, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 2}
+    assert run("t.jsonl") == {"written": 2, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 2}
     assert len(seeds) == 2 and seeds[0] != seeds[1]
     assert {line["response"] for line in _lines(tmp_path / "t.jsonl")} == {"a response"}
     assert run("s1.jsonl", "--seed", "7") == run("s2.jsonl", "--seed", "7")
@@ -370,14 +375,17 @@ def test_redo_truncated_asks_again_for_responses_cut_off(text_model, tmp_path, m
         return main(["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "2",
                      "--max-new-tokens", "4", "--no-progress", *extra])
 
-    assert run()["written"] == 6
+    stats = run()
+    assert stats["written"] == stats["truncated"] == 6
+    assert "6 of the 6 responses written hit --max-new-tokens 4: marked truncated" in capsys.readouterr().err
     with pytest.raises(DataError, match="every line is marked truncated"):
         load_teachers([out], load_examples(data))
     capsys.readouterr()
     assert run()["written"] == 0
     assert "6 of those are marked truncated, which the trainer leaves out: --redo-truncated" in capsys.readouterr().err
     cut_off["now"] = False
-    assert run("--redo-truncated") == {"written": 6, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 6}
+    assert run("--redo-truncated") == {"written": 6, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0,
+                                       "total": 6}
     assert "(6 marked truncated, which the trainer leaves out, asked for again)" in capsys.readouterr().err
     assert run("--redo-truncated")["written"] == 0  # each now has a whole response
     bank = load_teachers([out], load_examples(data))
@@ -397,11 +405,11 @@ def test_local_teacher_response_with_a_control_token_is_not_written(text_model, 
     out = tmp_path / "c.jsonl"
     argv = ["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "4",
             "--max-new-tokens", "4", "--no-progress"]
-    assert main(argv) == {"written": 1, "empty": 1, "control_tokens": 2, "skipped": 0, "total": 4}
+    assert main(argv) == {"written": 1, "truncated": 0, "empty": 1, "control_tokens": 2, "skipped": 0, "total": 4}
     assert "3 responses were not written (1 empty, 2 holding a control token" in capsys.readouterr().err
     assert [(line["index"], line["response"]) for line in _lines(out)] == [(0, "fine")]
     texts[:] = ["again"] * 4
-    assert main(argv) == {"written": 3, "empty": 0, "control_tokens": 0, "skipped": 1, "total": 4}
+    assert main(argv) == {"written": 3, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 1, "total": 4}
     bank = load_teachers([out], load_examples(data), control_tokens=control)
     assert bank.counts() == {"c": 4}
 
@@ -506,7 +514,7 @@ def test_server_teacher_keeps_concurrency_requests_in_flight(demo, tmp_path):
     with FakeOpenAI(hold=6) as server:  # a request is answered once 6 are in flight (12 requests: 2 rounds)
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--batch-size", "6", "--concurrency", "6", "--no-progress"])
-    assert stats == {"written": 48, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 48}
+    assert stats == {"written": 48, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 48}
     assert server.max_in_flight == 6
     assert _asked(server, examples) == {e.id: [4] for e in examples}  # whole requests (batches of 6 would split some)
 
