@@ -29,13 +29,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def model_folder_problem(folder: str | Path) -> str | None:
-    """What makes ``folder`` no Hugging Face model folder ("no such folder", "not a folder", "no config.json in
-    the folder"), or None when it holds a ``config.json``."""
+    """What makes ``folder`` no Hugging Face model folder ("no such folder", "not a folder", a training checkpoint
+    or its ``hf/`` folder, "no config.json in the folder"), or None when it holds a ``config.json``."""
     path = Path(folder).expanduser()
     if not path.exists():
         return "no such folder"
     if not path.is_dir():
         return "not a folder"
+    for checkpoint in (path, path.parent):  # a training checkpoint (step-N/), or its hf/ (configs, no weights)
+        if (checkpoint / "trainer.json").is_file():
+            return (f"{checkpoint} is a training checkpoint, not a model folder: python -m ril_fast.export "
+                    f"{checkpoint} OUT writes its student as one")
     if not (path / "config.json").is_file():
         return "no config.json in the folder (not a Hugging Face model folder)"
     return None

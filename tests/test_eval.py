@@ -167,12 +167,19 @@ def test_out_folder_is_made_before_evaluating(demo, tmp_path, monkeypatch):
     assert made == [True]
 
 
-@pytest.mark.parametrize("model, said", [("nowhere", "no such folder"), ("notes.txt", "not a folder"),
-                                         (".", "no config.json in the folder")])
+@pytest.mark.parametrize("model, said", [
+    ("nowhere", "no such folder"), ("notes.txt", "not a folder"), (".", "no config.json in the folder"),
+    ("step-8", "TMP/step-8 is a training checkpoint, not a model folder: python -m ril_fast.export TMP/step-8 OUT"),
+    ("step-8/hf", "TMP/step-8 is a training checkpoint, not a model folder"),  # its configs, without weights
+])
 def test_model_that_is_not_a_model_folder_is_refused_before_any_model_loads(demo, tmp_path, capsys, monkeypatch,
                                                                                model, said):
     monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
     (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "step-8" / "hf").mkdir(parents=True)
+    (tmp_path / "step-8" / "trainer.json").write_text('{"step": 8}')
+    (tmp_path / "step-8" / "hf" / "config.json").write_text("{}")
+    said = said.replace("TMP", str(tmp_path))
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path / model), "--data", str(demo.test), "--out", str(tmp_path / "out")])
     assert e.value.code == 2  # argparse's status for a bad argument
