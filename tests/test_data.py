@@ -290,6 +290,29 @@ def test_teacher_files_name_distinct_teachers(tmp_path):
         load_teachers([student], examples(1))
 
 
+def test_a_response_index_written_twice_is_refused(tmp_path):
+    """ril_fast.teacher writes the k-th response to an example as index k: the same index of an example and teacher
+    again among the lines kept (a collection copied in twice) is an error naming both lines; identical texts at
+    other indices (a teacher that answers a short question the same way each time), a truncated line's index
+    asked for again (--redo-truncated) and lines without index are not."""
+    rows = [{"id": "q0", "index": 0, "response": "Red."}, {"id": "q0", "index": 1, "response": "Red."},
+            {"id": "q1", "index": 0, "response": "Blue", "truncated": True}, {"id": "q1", "index": 0, "response": "B."},
+            {"id": "q1", "response": "Blue."}, {"id": "q1", "response": "Blue."}]
+    assert load_teachers([write_jsonl(tmp_path / "t.jsonl", rows)], examples(2)).responses("q0") == {
+        "t": ["Red.", "Red."]}
+    twice = write_jsonl(tmp_path / "twice.jsonl", rows + rows[:1])
+    with pytest.raises(DataError) as e:
+        load_teachers([twice], examples(2))
+    assert str(e.value).startswith(f"{twice}:7: response 0 of example 'q0' by teacher 'twice' again (first at "
+                                   f"{twice}:1): a collection copied in twice?")
+    # One teacher fed by two files through the 'teacher' field: the same index in both is a repeat too.
+    first, second = (write_jsonl(tmp_path / name, [{"id": "q0", "index": 0, "response": "Red.", "teacher": "big"}])
+                     for name in ("first.jsonl", "second.jsonl"))
+    with pytest.raises(DataError, match=rf"second\.jsonl:1: response 0 of example 'q0' by teacher 'big' again "
+                                        rf"\(first at {first}:1\)"):
+        load_teachers([first, second], examples(2))
+
+
 def test_truncated_teacher_lines_are_left_out(tmp_path):
     """Lines ril_fast.teacher marked truncated (the teacher hit its budget) are not trained on; a file with
     nothing else says so."""
