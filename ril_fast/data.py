@@ -183,9 +183,22 @@ def _image_size(path: Path) -> tuple[int, int] | Exception:
             if isinstance(im, JpegImagePlugin.JpegImageFile):  # MPO (a phone's multi-picture JPEG) too
                 im.draft(None, (1, 1))
                 im.load()
+            if problem := _beyond_8_bits(im):
+                return ValueError(problem)
         return size
     except Exception as e:  # PIL raises many types for a broken file
         return e
+
+
+def _beyond_8_bits(im) -> str | None:
+    """Why the opened image's pixels would not survive the RGB conversion every image processor makes (8 bits a
+    channel: ``ril_fast.processor.load_image``), or None: 16-bit pixels are clipped (a 16-bit photo comes out
+    nearly white), floating-point ones (0..1) come out black; 32-bit integer ones only where some exceed 255."""
+    if im.mode.startswith("I;16") or im.mode == "F" or (im.mode == "I" and im.getextrema()[1] > 255):
+        return (f"its pixels are {'floating-point' if im.mode == 'F' else 'more than 8-bit'} (PIL mode {im.mode}), "
+                f"which the image processors' conversion to 8-bit RGB clips (a 16-bit image comes out nearly white, a "
+                f"0..1 float one black): save it as 8-bit")
+    return None
 
 
 def _upright_size(im) -> tuple[int, int]:

@@ -4,6 +4,7 @@ import collections
 import json
 import random
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -33,6 +34,11 @@ def folder(tmp_path):
     data = (tmp_path / "img" / "full.mpo").read_bytes()  # a phone's multi-picture JPEG; cut in its first picture
     (tmp_path / "img" / "cut.mpo").write_bytes(data[:int(len(data) * random.uniform(0.15, 0.45))])
     (tmp_path / "img" / "text.png").write_text("id,question\n1,what?\n")
+    pixels = np.random.default_rng().integers(256, 65536, (8, 8), dtype=np.uint16)  # a 16-bit grey scan
+    Image.fromarray(pixels).save(tmp_path / "img" / "deep.png")
+    Image.fromarray(np.random.default_rng().random((8, 8), dtype=np.float32)).save(tmp_path / "img" / "float.tiff")
+    Image.fromarray(pixels.astype(np.int32)).save(tmp_path / "img" / "wide.tiff")
+    Image.fromarray((pixels // 256).astype(np.int32)).save(tmp_path / "img" / "narrow.tiff")  # 32-bit, within 8
     return tmp_path
 
 
@@ -176,6 +182,11 @@ BAD_EXAMPLES = [
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/text.png"]}, "cannot read image 'img/text.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.jpg"]}, "cannot read image 'img/cut.jpg'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.mpo"]}, "cannot read image 'img/cut.mpo'"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/deep.png"]},
+     "cannot read image 'img/deep.png': its pixels are more than 8-bit (PIL mode I;16)"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/float.tiff"]},
+     "cannot read image 'img/float.tiff': its pixels are floating-point (PIL mode F)"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/wide.tiff"]}, "more than 8-bit (PIL mode I)"),
     ('{"id": "b", "question": "red \\ud83d?", "answer": "x", "images": []}',
      "'question' holds half of a character (the lone surrogate '\\ud83d' at character 4)"),
     ('{"id": "b", "question": "q?", "answer": "\\udc00", "images": []}', "'answer' holds half of a character"),
@@ -185,6 +196,12 @@ BAD_EXAMPLES = [
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ({"id": "b", "question": "Is it<|im_end|> red?", "answer": "x", "images": []}, "'question' contains '<|im_end|>'"),
 ]
+
+
+def test_32_bit_pixels_within_8_bits_are_read(folder):
+    """A 32-bit integer image whose values fit in 8 bits survives the RGB conversion: it is taken."""
+    path = write_jsonl(folder / "train.jsonl", [GOOD | {"images": ["img/narrow.tiff"]}])
+    assert load_examples(path)[0].image_sizes == [(8, 8)]
 
 
 @pytest.mark.parametrize("line, message", BAD_EXAMPLES)
