@@ -28,6 +28,7 @@ import yaml
 from ril_fast import checkpoint, distributed
 from ril_fast.config import Config, ConfigError
 from ril_fast.export import save_hf_files
+from ril_fast.files import model_folder_problem
 
 FINISHED = "finished.json"  # written last, after final/ is complete: the step final/ was exported at
 
@@ -77,8 +78,8 @@ def check_student(cfg: Config, path: Path) -> None:
 
     from ril_fast.models import meta_model
 
-    if not (path / "hf" / "config.json").is_file():
-        return
+    if not (path / "hf" / "config.json").is_file() or model_folder_problem(cfg.student):
+        return  # no saved config to compare (an old checkpoint), or no student: preflight names the setting
 
     def shapes(folder) -> tuple[str, dict]:
         config = AutoConfig.from_pretrained(folder)

@@ -157,12 +157,15 @@ def records_until(path: str | Path, step: int, *, keep_evaluation: bool = False)
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a ``metrics.jsonl``, in order. A last line cut short by a kill is dropped; a damaged line
     before it is an error naming the line."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = Path(path).read_text().splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     records = []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number < len(lines):
+            if number < last:
                 raise ValueError(f"{path}:{number}: not a JSON metrics record") from None
     return records

@@ -246,7 +246,7 @@ def setup(cfg: Config) -> Run:
         (out / FINISHED).unlink(missing_ok=True)  # an earlier run's: this one has yet to finish
     run.log = RunLog(out, enabled=dist.is_main, total_steps=cfg.steps, progress=cfg.progress,
                      resume_step=run.start_step if resume_from is not None else None,
-                     keep_evaluation=run.start_step < cfg.steps)  # a finished run's last evaluation, if going on
+                     keep_evaluation=0 < run.start_step < cfg.steps)  # a finished run's last one, if going on
     return run
 
 

@@ -217,6 +217,10 @@ def test_sigterm_during_discriminator_pretraining_checkpoints_it(demo, tmp_path)
     log = (tmp_path / "stopped.txt").read_text()
     assert "stopped by SIGTERM after 2 of the discriminator's 3 pre-training steps: checkpoint" in log, log[-2000:]
     assert [p.name for p in checkpoint.checkpoints(out)] == ["step-0"] and not (out / "final").exists()
+    # As if a resumed run had evaluated step 0 and logged step 1 before a SIGKILL: going on from step-0 again
+    # evaluates step 0 again, and the record holds it once.
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 0, "eval_accuracy": 0.5}\n{"step": 1, "loss": 0.25}\n')
     _finish(_command(1, _args(demo, out, **args)), tmp_path / "resumed.txt")
     assert "resuming from" in (tmp_path / "resumed.txt").read_text()
     assert _step_metrics(out) == _step_metrics(ref)
@@ -376,6 +380,9 @@ def test_records_until_keeps_what_an_uninterrupted_run_had_written(tmp_path):
     for read in (lambda: records_until(path, 2), lambda: read_metrics(path)):
         with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON metrics record"):
             read()
+    path.write_text('{"step": 1, "loss": 1.0}\n\n\nnot json\n{"step": 2, "loss": 2.0}\n\n')  # blank lines count
+    with pytest.raises(ValueError, match=r"metrics.jsonl:4: not a JSON metrics record"):
+        read_metrics(path)
 
 
 def test_rng_state_round_trips_through_json():

@@ -322,6 +322,10 @@ def test_a_resume_with_another_student_architecture_is_refused_before_any_model_
         with pytest.raises(ConfigError, match=rf"resume=.*step-2: the checkpoint's student \(qwen2_5_vl, [\d,]+ "
                                               rf"parameters\) is not student={other} \(qwen3_vl, [\d,]+ parameters\)"):
             train.setup(load_config(_args(demo, out, steps=3, student=other)))
+    with monkeypatch.context() as m:  # no student at all: preflight's own words, not transformers' traceback
+        _no_models(m)
+        with pytest.raises(ConfigError, match=r"student=.*nowhere: cannot open the model folder: no such folder"):
+            train.setup(load_config(_args(demo, out, steps=3, student=tmp_path / "nowhere")))
     moved = shutil.copytree(demo.student, tmp_path / "moved")
     run = train.setup(load_config(_args(demo, out, steps=3, student=moved)))
     assert run.start_step == 2
