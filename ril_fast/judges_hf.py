@@ -5,7 +5,8 @@ Each item becomes ``ril_fast.judge.judge_messages(item)`` rendered by the model'
 the generation prompt (the assistant turn is open; its first token is the answer). Prompts are sorted
 by length and cut into batches of ``batch_size``, left-padded, with position ids counted from each prompt's
 first token (padding masked out changes no real position: a batch gives what one prompt at a time gives, up
-to float rounding). Every prompt then ends at the last position, the only one whose logits the model's own
+to float rounding; a model whose forward takes no position ids is right-padded instead and its logits read at
+each prompt's last token). Every prompt then ends at the last position, the only one whose logits the model's own
 forward computes (``logits_to_keep=1``): the logits are the model's, with what its forward does after the LM
 head (Gemma-2's final-logit soft-capping, Granite's logits scaling, Cohere's logit scale), which changes the
 probabilities and can flip a verdict. p_yes is the softmax probability summed over the "yes" tokens (every
@@ -42,7 +43,8 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 def judge_model_problem(folder: str | Path) -> str | None:
     """What makes ``folder`` unusable as the hf judge, read from its config and tokenizer before any weights load
-    (no model folder, a model type ``AutoModelForCausalLM`` cannot load, no single-token "yes" or "no"), or None."""
+    (no model folder, a model type ``AutoModelForCausalLM`` cannot load, no single-token "yes" or "no", no chat
+    template), or None."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -56,9 +58,12 @@ def judge_model_problem(folder: str | Path) -> str | None:
         return (f"model type {config.model_type!r} is no causal LM that AutoModelForCausalLM loads (the judge is a "
                 f"text model: a VLM student's folder is not one)")
     try:
-        answer_token_ids(AutoTokenizer.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        answer_token_ids(tokenizer)
     except (OSError, ValueError) as e:
         return str(e).splitlines()[0][:300]
+    if not tokenizer.chat_template:
+        return "its tokenizer has no chat template (the judge's question is a chat turn): an instruct model has one"
     return None
 
 
@@ -92,8 +97,12 @@ class HFJudge:
         self.name = f"hf:{folder.resolve()}:{PROMPT_VERSION}:{str(dtype).removeprefix('torch.')}"
         # The forward computes only the last position's logits where it can: nearly all of transformers' causal
         # LMs (not Whisper's, Musicgen's, xLSTM's, ... in 5.23), which then compute the whole (B, T, V) once.
-        can = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        self._last_only = {"logits_to_keep": 1} if can else {}
+        params = inspect.signature(self.model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # Left padding needs positions counted from each prompt's start; a model that takes none (learned positions
+        # read from the ids' places: Bart's, Whisper's decoders; RWKV, which reads no mask) is right-padded, its
+        # logits read at each prompt's last real position.
+        self._left = "position_ids" in params
 
     def prompt_ids(self, item: JudgeItem) -> list[int]:
         """The token ids of ``item``'s rendered judge prompt, ending where the answer's first token goes."""
@@ -112,13 +121,20 @@ class HFJudge:
             width = max(len(prompts[i]) for i in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for b, i in enumerate(rows):  # left padding: every prompt ends at the last position
-                ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[b, width - len(prompts[i]):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0 at each prompt's first token, as unpadded
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=positions.to(self.device), use_cache=False, **self._last_only).logits
-            probs = logits[:, -1].float().softmax(-1)  # (B, V): the first answer token's distribution
+            for b, i in enumerate(rows):  # left padding (every prompt ends at the last position) or right
+                place = slice(width - len(prompts[i]), width) if self._left else slice(0, len(prompts[i]))
+                ids[b, place] = torch.tensor(prompts[i])
+                mask[b, place] = 1
+            if self._left:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0 at each prompt's first token, as unpadded
+                last = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  position_ids=positions.to(self.device), use_cache=False,
+                                  **self._last_only).logits[:, -1]
+            else:
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    use_cache=False).logits
+                last = logits[torch.arange(len(rows)), mask.sum(-1).to(logits.device) - 1]
+            probs = last.float().softmax(-1)  # (B, V): the first answer token's distribution
             both = torch.stack([probs[:, self.yes_ids].sum(-1), probs[:, self.no_ids].sum(-1)], dim=-1)
             out[rows] = both.cpu()
         return out

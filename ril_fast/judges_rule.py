@@ -165,6 +165,7 @@ _LATEX_NUMBER = re.compile(latex_command(r"(?!boxed\b)") + r"|(?<!\d)\d{1,3}(?:\
 # A bare formula as a ground-truth answer ("x^2+1", "y=2x+3"): math_verify reads it only between $s.
 _BARE_FORMULA = re.compile(r"[\w\s.,()^=+\-*/<>]*[\^=+*/<>][\w\s.,()^=+\-*/<>]*")
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # a command's name: no word of the answer's (rule 6)
+_TEXT_WORDS = re.compile(r"\\(?:text|textrm|mathrm|mbox)\{([^{}]*)\}")  # words set in a formula ("3\\text{ cm}")
 _SIMPLE_LATEX = re.compile(r"(-?)(\d*)\\[dt]?frac\{(\d*[1-9]\d*)\}\{(\d*[1-9]\d*)\}|(\d{1,3}(?:\{,\}\d{3})+)")
 
 
@@ -178,9 +179,12 @@ def _no_alarm(option: str) -> dict:
 
 def _latex_number(match: re.Match) -> str:
     """The LaTeX number ``match`` written as the integer or fraction math_verify reads there (" -3/4 " for
-    "-\\frac{3}{4}", spaced to be a token of its own), else as it is ("\\frac{a}{b}", "\\text{cm}")."""
+    "-\\frac{3}{4}", spaced to be a token of its own), with the words of its ``\\text{..}`` (a unit math_verify
+    drops: "3\\text{ cm}" is " 3 cm ", not 3), else as it is ("\\frac{a}{b}", "\\text{cm}")."""
     value = _latex_value(match.group())
-    return match.group() if value is None else f" {value} "
+    if value is None:
+        return match.group()
+    return f" {value} {' '.join(_TEXT_WORDS.findall(match.group()))} "
 
 
 @functools.lru_cache(maxsize=4096)  # a response's fragments recur across a group's samples and steps

@@ -258,6 +258,10 @@ LATEX_CASES = [
     ("-0.75", r"$−\frac{3}{4}$", True),  # a minus sign before LaTeX
     # a plain answer not found is wrong: math_verify would read only the first number of each
     ("3 cm", "3 m", False),
+    (r"3\text{ cm}", "3 m", False),  # math_verify reads "3\text{ cm}" as 3: the unit's words are kept beside it
+    (r"5\text{ kg}", "The mass is 5 g.", False),
+    (r"5\text{ kg}", "The mass is 5 kg.", True),
+    ("3 cm", r"It is $3\text{ cm}$.", True),
     ("2 hours", "It takes 2 minutes.", False),
     ("40 years", "40 days", False),
     ("3:1", "3:2", False),

@@ -12,6 +12,7 @@ The converted folder (~25 s to make from the gguf) is kept in pytest's cache (.p
 only the first run on a machine pays for it.
 """
 
+import json
 import random
 
 import pytest
@@ -53,7 +54,7 @@ def answer_ids(smollm2) -> dict[str, list[int]]:
 def _reference(model, ids: list[int], answer_ids: dict[str, list[int]]) -> tuple[float, float]:
     """p_yes, p_no of one unpadded prompt ``ids`` from the model's own forward, all logits computed."""
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+        ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float().softmax(-1)
     return ref[answer_ids["yes"]].sum().item(), ref[answer_ids["no"]].sum().item()
 
 
@@ -105,8 +106,8 @@ def _tiny_lm(arch: str, folder, tokenizer_folder):
     and Granite change the logits after the LM head: Gemma-2 soft-caps them (30·tanh(x/30)), Granite divides them
     by 8; the LM head is scaled up so that the logits are large and that change is large too. GPT-2 has
     learned absolute positions (RoPE, relative, is blind to a shift of every position)."""
-    from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel,
-                              GraniteConfig, GraniteForCausalLM)
+    from transformers import (AutoTokenizer, BartConfig, BartForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
+                              GPT2LMHeadModel, GraniteConfig, GraniteForCausalLM, RwkvConfig, RwkvForCausalLM)
 
     tok = AutoTokenizer.from_pretrained(tokenizer_folder)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -116,12 +117,19 @@ def _tiny_lm(arch: str, folder, tokenizer_folder):
         model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0, sliding_window=16))
     elif arch == "granite":
         model = GraniteForCausalLM(GraniteConfig(**common, logits_scaling=8.0))
+    elif arch == "bart":  # learned positions read from the ids' places: its forward takes no position ids
+        model = BartForCausalLM(BartConfig(vocab_size=len(tok), d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                                           decoder_ffn_dim=128, encoder_layers=1, max_position_embeddings=1024,
+                                           pad_token_id=tok.pad_token_id or 0))
+    elif arch == "rwkv":  # a recurrence that reads no attention mask
+        model = RwkvForCausalLM(RwkvConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                                           attention_hidden_size=64, intermediate_size=128))
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024,
                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                            tie_word_embeddings=False))
     with torch.no_grad():  # logits of std ~50 (Gemma-2: past its cap of 30) or ~8 (Granite: ~1 once divided)
-        model.get_output_embeddings().weight.mul_({"gemma2": 300.0, "granite": 50.0, "gpt2": 1.0}[arch])
+        model.get_output_embeddings().weight.mul_({"gemma2": 300.0, "granite": 50.0}.get(arch, 1.0))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -154,6 +162,35 @@ def test_the_models_own_logits_softcapped_or_scaled(arch, smollm2, answer_ids, t
         head_only.append(abs(raw[answer_ids["yes"]].sum().item() - ref_yes) / ref_yes)
     if arch != "gpt2":
         assert max(head_only) > 0.1  # the LM head without the cap or scale is far off
+
+
+@pytest.mark.parametrize("arch", ["bart", "rwkv"])
+def test_a_model_that_takes_no_position_ids_is_right_padded(arch, smollm2, answer_ids, tmp_path,
+                                                            one_thread):  # noqa: F811
+    """A forward without position ids (Bart's decoder reads learned positions from the ids' places; RWKV reads no
+    mask): padded batches of 4 give what one prompt at a time gives (left padding moved Bart's positions and fed
+    RWKV the padding: p off by 27% and 83%)."""
+    judge = make_judge("hf", model=str(_tiny_lm(arch, tmp_path / arch, smollm2)), batch_size=4)
+    items = _real_items(6)
+    assert len({len(judge.prompt_ids(item)) for item in items}) > 1  # the batches are padded
+    for item, (p_yes, p_no) in zip(items, judge.probabilities(items).tolist()):
+        ref_yes, ref_no = _reference(judge.model, judge.prompt_ids(item), answer_ids)
+        assert p_yes == pytest.approx(ref_yes, rel=1e-4) and p_no == pytest.approx(ref_no, rel=1e-4)
+
+
+def test_a_judge_model_that_cannot_judge_is_found_from_its_files(smollm2, tmp_path, one_thread):  # noqa: F811
+    """judge_model_problem reads a folder's config and tokenizer, no weights: a base model's tokenizer without a chat
+    template (the judge's question is a chat turn) is refused, as the trainer, eval and the teacher tool do."""
+    from ril_fast.judges_hf import judge_model_problem
+
+    folder = _tiny_lm("gpt2", tmp_path / "gpt2", smollm2)
+    assert judge_model_problem(folder) is None
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert judge_model_problem(folder) == ("its tokenizer has no chat template (the judge's question is a chat turn): "
+                                           "an instruct model has one")
 
 
 def test_the_dtype_is_part_of_the_cache_identity(smollm2, tmp_path, one_thread):  # noqa: F811
