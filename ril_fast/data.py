@@ -16,9 +16,10 @@ Teacher collection, one JSONL per teacher, one saved response per line, several 
 The teacher's name is the file's stem unless a line's ``teacher`` field names it (two files may feed
 one teacher only through that field: two files of the same stem are an error, not one teacher). A
 line marked ``"truncated": true`` (``ril_fast.teacher`` writes it when the teacher hit its token budget)
-is left out: a cut-off text is not the teacher's answer. A line's ``index`` (``ril_fast.teacher`` writes the k-th
-response to an example as index k) appears once per example and teacher among the lines kept: a repeat (a
-collection copied in twice) is an error. Every id must be a training example's. Any
+is left out: a cut-off text is not the teacher's answer. A line that repeats an earlier one's teacher, id, ``index``
+(``ril_fast.teacher`` writes the k-th response to an example as index k) and response word for word is kept and
+listed in ``TeacherBank.repeated`` (a collection copied in twice, most likely; a second collection of a short
+answer can repeat one by chance). Every id must be a training example's. Any
 malformed line raises ``DataError("FILE:LINE: what is wrong")``; so does text holding one of the
 student's ``control_tokens`` (e.g. ``<|im_end|>``), which the tokenizer would read as that token.
 
@@ -249,6 +250,7 @@ class TeacherBank:
     teachers: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)  # "FILE:LINE" of each line left out as truncated
     cut: dict[str, list[str]] = field(default_factory=dict)  # id -> "FILE:LINE" of its lines left out so
+    repeated: list[str] = field(default_factory=list)  # "FILE:LINE" of lines an earlier line repeats word for word
 
     def responses(self, example_id: str) -> dict[str, list[str]]:
         """``{teacher: [responses]}`` for one example (empty if no teacher answered it), teachers in the bank's
@@ -346,7 +348,7 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
     known = {e.id for e in examples}
     bank = TeacherBank()
     stems: dict[str, Path] = {}  # teacher named by a file's stem -> that file
-    indexed: dict[tuple, str] = {}  # (teacher, id, index) of the lines ril_fast.teacher wrote -> where
+    indexed: set[tuple] = set()  # (teacher, id, index, response) of the lines ril_fast.teacher wrote
     seen: set[Path] = set()
     for path in map(Path, paths):
         if path.resolve() in seen:
@@ -373,13 +375,11 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
                 bank.truncated.append(where)
                 bank.cut.setdefault(example_id, []).append(where)
                 continue
-            if isinstance(record.get("index"), int):  # one line per (example, index) of a teacher: twice is a
-                # collection copied in twice
-                first = indexed.setdefault((teacher, example_id, record["index"]), where)
-                if first != where:
-                    raise DataError(f"{where}: response {record['index']!r} of example {example_id!r} by teacher "
-                                    f"{teacher!r} again (first at {first}): a collection copied in twice? drop the "
-                                    f"repeated lines")
+            if isinstance(record.get("index"), int):  # the same index and text again: a collection copied in twice?
+                key = (teacher, example_id, record["index"], response)
+                if key in indexed:
+                    bank.repeated.append(where)
+                indexed.add(key)
             if teacher not in bank.teachers:
                 bank.teachers.append(teacher)
             bank.by_id.setdefault(example_id, {}).setdefault(teacher, []).append(response)

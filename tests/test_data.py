@@ -307,27 +307,23 @@ def test_teacher_files_name_distinct_teachers(tmp_path):
         load_teachers([student], examples(1))
 
 
-def test_a_response_index_written_twice_is_refused(tmp_path):
-    """ril_fast.teacher writes the k-th response to an example as index k: the same index of an example and teacher
-    again among the lines kept (a collection copied in twice) is an error naming both lines; identical texts at
-    other indices (a teacher that answers a short question the same way each time), a truncated line's index
-    asked for again (--redo-truncated) and lines without index are not."""
+def test_lines_repeated_word_for_word_are_listed(tmp_path):
+    """A line repeating an earlier one's teacher, id, index and response (a collection copied in twice) is kept and
+    listed in ``repeated``; the same text at another index (a teacher answering a short question the same way), another
+    text at the same index (two collections of one teacher), a truncated line's index asked for again and lines
+    without index are not repeats."""
     rows = [{"id": "q0", "index": 0, "response": "Red."}, {"id": "q0", "index": 1, "response": "Red."},
             {"id": "q1", "index": 0, "response": "Blue", "truncated": True}, {"id": "q1", "index": 0, "response": "B."},
             {"id": "q1", "response": "Blue."}, {"id": "q1", "response": "Blue."}]
-    assert load_teachers([write_jsonl(tmp_path / "t.jsonl", rows)], examples(2)).responses("q0") == {
-        "t": ["Red.", "Red."]}
-    twice = write_jsonl(tmp_path / "twice.jsonl", rows + rows[:1])
-    with pytest.raises(DataError) as e:
-        load_teachers([twice], examples(2))
-    assert str(e.value).startswith(f"{twice}:7: response 0 of example 'q0' by teacher 'twice' again (first at "
-                                   f"{twice}:1): a collection copied in twice?")
-    # One teacher fed by two files through the 'teacher' field: the same index in both is a repeat too.
-    first, second = (write_jsonl(tmp_path / name, [{"id": "q0", "index": 0, "response": "Red.", "teacher": "big"}])
-                     for name in ("first.jsonl", "second.jsonl"))
-    with pytest.raises(DataError, match=rf"second\.jsonl:1: response 0 of example 'q0' by teacher 'big' again "
-                                        rf"\(first at {first}:1\)"):
-        load_teachers([first, second], examples(2))
+    bank = load_teachers([write_jsonl(tmp_path / "t.jsonl", rows)], examples(2))
+    assert bank.responses("q0") == {"t": ["Red.", "Red."]} and bank.repeated == []
+    twice = write_jsonl(tmp_path / "twice.jsonl", rows + rows)
+    bank = load_teachers([twice], examples(2))
+    assert bank.repeated == [f"{twice}:7", f"{twice}:8", f"{twice}:10"]  # line 9 truncated, 11-12 without index
+    assert bank.responses("q0") == {"twice": ["Red.", "Red.", "Red.", "Red."]}  # kept: listed, not dropped
+    first, second = (write_jsonl(tmp_path / name, [{"id": "q0", "index": 0, "response": text, "teacher": "big"}])
+                     for name, text in (("first.jsonl", "Red."), ("second.jsonl", "It is red, clearly.")))
+    assert load_teachers([first, second], examples(2)).repeated == []  # two collections of one teacher
 
 
 def test_truncated_teacher_lines_are_left_out(tmp_path):

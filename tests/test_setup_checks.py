@@ -372,6 +372,16 @@ def test_the_held_out_examples_left_out_are_said(demo, capsys):
     assert len(held_out) == 4 and "held-out:" not in capsys.readouterr().out
 
 
+def test_teacher_lines_repeated_word_for_word_are_said(demo, tmp_path, capsys):
+    """A teacher collection copied in twice: said with its first repeated line, before any model loads."""
+    rows = [json.loads(line) | {"index": 0} for line in demo.teachers[0].read_text().splitlines()]
+    twice = tmp_path / "teacher_concise.jsonl"
+    twice.write_text("".join(json.dumps(r) + "\n" for r in rows + rows))
+    preflight.load_data(load_config(_args(demo, "unused", teachers=f"{twice},{demo.teachers[1]}")), distributed.init())
+    assert (f"{len(rows)} teacher lines repeat an earlier line's teacher, id, index and response word for word (the "
+            f"first: {twice}:{len(rows) + 1}): a collection copied in twice?" in capsys.readouterr().out)
+
+
 def test_a_finished_run_going_on_keeps_its_last_evaluation(demo, finished, tmp_path):
     """Raising steps on a finished run: its record keeps the held-out evaluation after its last step (which the
     longer run will not repeat), then the new steps and their own final evaluation."""
