@@ -54,10 +54,14 @@ def save_processor(processor, out: str | Path) -> None:
 
 
 def save_hf_files(model: torch.nn.Module, processor, out: str | Path) -> None:
-    """Everything of a HF folder but the weights: the model's config and the processor files."""
+    """Everything of a HF folder but the weights: the model's config, its generation settings (stop tokens,
+    sampling defaults) and the processor files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    unwrap(model).config.save_pretrained(out)
+    hf = unwrap(model)
+    hf.config.save_pretrained(out)
+    if getattr(hf, "generation_config", None) is not None:
+        hf.generation_config.save_pretrained(out)
     save_processor(processor, out)
 
 
@@ -168,6 +172,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, disc_out: str 
                                     f"out --disc")
     processor = Processor.from_pretrained(hf_dir)
     student = _empty(hf_dir, lm_head=True)
+    if (hf_dir / "generation_config.json").is_file():  # else transformers derives one from config.json: stop tokens
+        from transformers import GenerationConfig  # and sampling defaults of generation_config.json would be lost
+
+        student.generation_config = GenerationConfig.from_pretrained(hf_dir)
     _load_weights(student, checkpoint, "student")
     if student.config.tie_word_embeddings:  # loaded into the input embeddings; the head shares them
         student.tie_weights()

@@ -382,6 +382,24 @@ def test_teacher_lines_repeated_word_for_word_are_said(demo, tmp_path, capsys):
             f"first: {twice}:{len(rows) + 1}): a collection copied in twice?" in capsys.readouterr().out)
 
 
+def test_a_checkpoint_exports_the_students_generation_settings(demo, tmp_path):
+    """Stop tokens and sampling defaults live in generation_config.json: final/ and an export from a checkpoint keep
+    the student's (transformers would derive another from config.json: one stop token, no sampling defaults)."""
+    from transformers import GenerationConfig
+
+    from ril_fast.export import main as export_main
+
+    student = shutil.copytree(demo.student, tmp_path / "student")
+    settings = dict(eos_token_id=[2, 0], do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    GenerationConfig(**settings).save_pretrained(student)
+    out = tmp_path / "run"
+    train.main(_args(demo, out, student=student, steps=1))
+    export_main([str(out / "step-1"), str(tmp_path / "exported")])
+    for folder in (out / "final", tmp_path / "exported"):
+        saved = GenerationConfig.from_pretrained(folder).to_dict()
+        assert {k: saved[k] for k in settings} == settings, folder
+
+
 def test_a_finished_run_going_on_keeps_its_last_evaluation(demo, finished, tmp_path):
     """Raising steps on a finished run: its record keeps the held-out evaluation after its last step (which the
     longer run will not repeat), then the new steps and their own final evaluation."""
