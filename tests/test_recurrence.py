@@ -60,6 +60,12 @@ def test_uneven_packed_samples_equal_separate_ones(tmp_path_factory, one_thread,
     print(f"packed: the linear-attention layer ran on {calls_p}")
     assert len(calls_p) >= 2 and all(n == 1 for n, _ in calls_s)  # several groups; alone, one row each
     assert sum(n * width for n, width in calls_p) <= 2 * sum(width for _, width in calls_s)
+    # Each layer ran once per group of similar lengths (recurrence.similar_lengths), not once per sample.
+    layers = len(calls_s) // len(samples)
+    lengths = [width for _, width in calls_s[::layers]]  # one forward per sample, every layer in turn
+    groups = recurrence.similar_lengths(lengths)
+    assert 1 < len(groups) < len(samples)
+    assert sorted(calls_p) == sorted([(len(g), lengths[g[0]]) for g in groups] * layers)
     assert oracle_calls and set(oracle_calls) == {torch.float64}  # the oracle's recurrence ran, in fp64
     assert_close_rule(lp_p, lp_s, lp_64, atol=1e-6, what="log-probs")
     assert any("linear_attn" in n for n in g_p)

@@ -125,7 +125,16 @@ def test_two_ranks_under_torchrun(demo, tmp_path, arch):
     assert abs(steps[0]["disc_loss"] - math.log(2)) < 0.1, steps[0]["disc_loss"]
     # Step 1 scores the initial student against the reference, which each rank holds a shard of: the same model.
     assert steps[0]["kl"] < 1e-6 and steps[-1]["kl"] > steps[0]["kl"], [r["kl"] for r in steps]
-    assert (out / "final" / "config.json").is_file()
+    # final/ is gathered from both ranks' shards: whole tensors, equal to what one process reads from the last
+    # step's checkpoint (each rank's own shards would be half of each tensor).
+    from ril_fast.export import main as export_main
+
+    export_main([str(out / f"step-{STEPS}"), str(tmp_path / "exported")])
+    final, exported = (load_file(str(next(folder.glob("*.safetensors")))) for folder in (out / "final",
+                                                                                           tmp_path / "exported"))
+    initial = load_file(str(next(Path(student).glob("*.safetensors"))))
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in initial.items()}
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
 
 
 def test_discriminator_takes_its_own_optimiser_settings(demo, tmp_path, monkeypatch):
