@@ -181,7 +181,9 @@ def build_demo(root: str | Path | None = None, *, max_train: int | None = None, 
     2,537 are shape or colour questions). A folder built with other settings is rebuilt. One process builds
     at a time (a lock beside ``root``; the others wait, then find it built), into a sibling temporary folder
     renamed into place: no caller sees a half-written demo, and a build that was killed leaves a temporary
-    folder that the next build removes.
+    folder that the next build removes. A rebuild for other settings replaces the folder's demo under any job still
+    training from it (its images are read at each step): give jobs of other settings roots of their own
+    (``$RIL_FAST_DEMO`` for the trainer).
     """
     types = tuple(answer_types)
     if not types or any(t not in ANSWER_TYPES for t in types):

@@ -312,3 +312,20 @@ def test_a_padded_prefill_synchronises_once_not_per_layer(monkeypatch):
     out = attention.varlen_attention_forward(module, *layers[0], mask, scaling=None)[0]
     attention._mask_cache = None
     assert torch.equal(out, attention.varlen_attention_forward(module, *layers[0], mask, scaling=None)[0])
+
+
+def test_a_sliding_window_is_taken_where_no_sample_is_longer():
+    """transformers' window lets a query see the keys less than ``sliding_window`` positions back: a sample of exactly
+    that many tokens is attended to whole (the window changes nothing), one token more is an error naming the window."""
+    from ril_fast.processor import UnsupportedModel
+
+    lengths = [5, 9, 3]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]  # a packed row: each sample restarts at 0
+    q, k, v = (torch.randn(1, 2, sum(lengths), 4, dtype=torch.float64) for _ in range(3))
+    module = torch.nn.Module()
+    plain, _ = attention.varlen_attention_forward(module, q, k, v, None, position_ids=positions)
+    windowed, _ = attention.varlen_attention_forward(module, q, k, v, None, position_ids=positions.clone(),
+                                                     sliding_window=9)
+    assert torch.equal(windowed, plain)
+    with pytest.raises(UnsupportedModel, match="sliding window of 8 tokens and a sample here is 9 tokens long"):
+        attention.varlen_attention_forward(module, q, k, v, None, position_ids=positions.clone(), sliding_window=8)
