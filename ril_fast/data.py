@@ -45,6 +45,11 @@ class DataError(ValueError):
     """A malformed data file; the message starts with ``FILE:LINE:``."""
 
 
+class StepDataError(DataError):
+    """A data problem one rank meets during a step, in its own questions (an image changed since the checks): the
+    rank that meets it says it, whichever rank that is."""
+
+
 _ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 # PNG chunks, read as Pillow opens a file, that may hold an orientation: eXIf, ImageMagick's EXIF profile, XMP
 _PNG_ORIENTATION_CHUNKS = {"exif", "Raw profile type exif", "XML:com.adobe.xmp"}

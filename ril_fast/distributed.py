@@ -122,14 +122,16 @@ def on_rank0(fn):
     group = _WAITING.get(dist.group.WORLD)
     if group is None:  # every rank calls on_rank0 at the same points, so every rank makes the group here
         group = _WAITING[dist.group.WORLD] = dist.new_group(backend="gloo", timeout=ON_RANK0_TIMEOUT)
-    box = [None]
+    box, raised = [None], None
     if dist.get_rank() == 0:
         try:
             result = fn()
             box[0] = pickle.dumps((result, None))  # here, so that a result that cannot travel is an error too
         except Exception as e:  # noqa: BLE001 - every rank raises it below
-            result, box[0] = None, pickle.dumps((None, _travelling(e)))
+            result, raised, box[0] = None, e, pickle.dumps((None, _travelling(e)))
     dist.broadcast_object_list(box, src=0, group=group)
+    if raised is not None:
+        raise raised  # rank 0's own, with its traceback into ``fn``; the others raise its copy
     if dist.get_rank() == 0 and result is not None:
         return result
     result, error = pickle.loads(box[0])

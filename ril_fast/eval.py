@@ -176,6 +176,7 @@ if __name__ == "__main__":
     try:
         main()
     except (DataError, UnsupportedModel) as e:  # the message names the file and line, or the model type
+        distributed.destroy()  # as below, on this way out too
         raise SystemExit(f"error: {e}") from None
     # Leave the process group before the interpreter tears down, as the trainer does: a gloo group destroyed during
     # finalization aborted a finished rank ("terminate called without an active exception": 2 of 9 two-rank runs).

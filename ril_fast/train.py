@@ -41,7 +41,7 @@ import torch
 
 from ril_fast import checkpoint, distributed, schedule
 from ril_fast.config import Config, ConfigError, load_config
-from ril_fast.data import Batches, DataError, Example, no_room, to_sample
+from ril_fast.data import Batches, DataError, Example, StepDataError, no_room, to_sample
 from ril_fast.demo import build_demo, default_root, needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
@@ -174,13 +174,7 @@ def setup(cfg: Config) -> Run:
                           f"file): {e}") from None
     check_surroundings(cfg, dist)
     check_memory(cfg, dist, disc=bank is not None)
-    if dist.is_main:  # from here on this run writes in output_dir
-        try:
-            lock_folder(out)
-        except InUse as e:
-            raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
-        except OSError as e:
-            raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None
+    distributed.on_rank0(lambda: _lock_output_dir(out))  # from here on this run writes in output_dir
 
     gpu = dist.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -250,6 +244,25 @@ def setup(cfg: Config) -> Run:
     return run
 
 
+def exit_status(error: Exception, rank: int) -> str | int:
+    """What ``rank`` exits with for a ``ConfigError`` or ``DataError``: its message (``SystemExit`` prints it, status
+    1), or 1 alone. Set-up's errors are every rank's, said by rank 0; a step's data error is one rank's own
+    questions' (``StepDataError``), said by that rank."""
+    if rank == 0 or isinstance(error, StepDataError):
+        return f"error{f' (rank {rank})' if rank else ''}: {error}"
+    return 1
+
+
+def _lock_output_dir(out: Path) -> None:
+    """Take ``output_dir``'s lock for this process (rank 0's: ``on_rank0`` gives its refusal to every rank)."""
+    try:
+        lock_folder(out)
+    except InUse as e:
+        raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
+    except OSError as e:
+        raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None
+
+
 def _demo():
     """The built-in demo's paths (built first if needed), a folder it cannot be built in a ConfigError."""
     try:
@@ -304,7 +317,7 @@ def _name_the_failing_prompt(run: Run, questions: list[Example]) -> None:
         try:
             run.processor.encode_prompt(q.question, q.images)
         except ValueError as e:
-            raise DataError(f"{q.where}: {e}") from None
+            raise StepDataError(f"{q.where}: {e}") from None
 
 
 def _micro(run: Run, samples: list[dict]):
@@ -327,7 +340,7 @@ def _check_lengths(run: Run, samples: list[dict], encoded) -> None:
     budget, setting = token_budget(cfg, context_length(distributed.unwrap(run.student).config))
     for sample, e in zip(samples, encoded):
         if e.prompt_len + cfg.max_new_tokens > budget:
-            raise DataError(": ".join(no_room(sample["where"], e.prompt_len, max_new_tokens=cfg.max_new_tokens,
+            raise StepDataError(": ".join(no_room(sample["where"], e.prompt_len, max_new_tokens=cfg.max_new_tokens,
                                               budget=budget, setting=setting)))
 
 
@@ -506,7 +519,8 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DataError) as e:  # the message names the setting, or the file and line
-        raise SystemExit(f"error: {e}" if int(os.environ.get("RANK", "0")) == 0 else 1) from None
+        distributed.destroy()  # as below: 2 of 6 runs refused on 3-4 ranks aborted a rank without it
+        raise SystemExit(exit_status(e, int(os.environ.get("RANK", "0")))) from None
     # Leave the process group before the interpreter tears down: a gloo group destroyed during finalization once
     # aborted a rank that had finished (4 ranks under torchrun: "terminate called without an active exception").
     distributed.destroy()

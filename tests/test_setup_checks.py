@@ -267,7 +267,9 @@ def test_only_rank_0_reads_the_data(demo, tmp_path):
     assert zero["error"] == one["error"] and zero["error"].startswith(f"{demo.train}:1: the prompt takes")
     # What cannot travel from rank 0 is still an error on every rank, in rank 0's words; nothing hangs.
     assert zero["unpicklable"] == one["unpicklable"] and "pickle" in zero["unpicklable"]
-    assert zero["unrebuildable"] == one["unrebuildable"] == "RuntimeError: on rank 0: Picky: 1/2"
+    # Rank 0 raises its own exception, its traceback reaching into the function; the others its copy in words.
+    assert zero["unrebuildable"] == "Picky: 1/2 [in fn]"
+    assert one["unrebuildable"] == "RuntimeError: on rank 0: Picky: 1/2"
     assert zero["set_up"] == one["set_up"] == 0  # where the run starts: rank 0's reading of output_dir, for both
 
 
@@ -398,6 +400,34 @@ def test_a_checkpoint_exports_the_students_generation_settings(demo, tmp_path):
     for folder in (out / "final", tmp_path / "exported"):
         saved = GenerationConfig.from_pretrained(folder).to_dict()
         assert {k: saved[k] for k in settings} == settings, folder
+
+
+def test_a_ranks_own_data_error_is_said_by_that_rank():
+    """Set-up's errors are every rank's: rank 0 says them, the others exit 1. A step's data error comes from one rank's
+    own questions: that rank says it, whichever it is (rank 2's was lost behind gloo's 'connection closed')."""
+    from ril_fast.data import StepDataError
+
+    setup_error, step_error = DataError("t.jsonl:3: bad"), StepDataError("t.jsonl:7: cannot read image 'a.png'")
+    assert [train.exit_status(setup_error, rank) for rank in (0, 2)] == ["error: t.jsonl:3: bad", 1]
+    assert [train.exit_status(step_error, rank) for rank in (0, 2)] == [
+        "error: t.jsonl:7: cannot read image 'a.png'", "error (rank 2): t.jsonl:7: cannot read image 'a.png'"]
+
+
+def test_an_output_dir_in_use_is_refused_on_every_rank(demo, tmp_path):
+    """output_dir's lock is rank 0's; its refusal is raised on every rank (the others died of gloo tracebacks)."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "ril_fast.train", *_args(demo, out)], capture_output=True, text=True, env=env,
+                              timeout=300)
+    assert done.returncode != 0
+    assert f"error: output_dir={out} is in use by another process" in done.stderr, done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr and "[rank1]" not in done.stderr, done.stderr[-3000:]
 
 
 def test_a_finished_run_going_on_keeps_its_last_evaluation(demo, finished, tmp_path):

@@ -10,6 +10,7 @@ models included) with rank 1 unable to read ``output_dir``. Rank 0 writes what e
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import PIL.Image
@@ -35,11 +36,13 @@ def _not_here(*args, **kwargs):
 
 
 def _error(fn) -> str:
-    """What ``distributed.on_rank0(fn)`` raises on this rank, in words."""
+    """What ``distributed.on_rank0(fn)`` raises on this rank, in words (" [in fn]" where its traceback reaches
+    into ``fn``)."""
     try:
         distributed.on_rank0(fn)
     except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
+        reached = any(frame.name == fn.__name__ for frame in traceback.extract_tb(e.__traceback__))
+        return f"{type(e).__name__}: {e}" + (" [in fn]" if reached else "")
     return "nothing raised"
 
 
