@@ -53,8 +53,8 @@ def load_data(cfg: Config, dist: distributed.Dist):
                       f"{bank.truncated[0]})", flush=True)
             if bank.repeated:
                 print(f"{len(bank.repeated)} teacher lines repeat an earlier line's teacher, id, index and response "
-                      f"word for word (the first: {bank.repeated[0]}): a collection copied in twice? each is trained on "
-                      f"as often as it is written", flush=True)
+                      f"word for word (the first: {bank.repeated[0]}): a collection copied in twice? each is trained "
+                      f"on as often as it is written", flush=True)
     return examples, bank, eval_examples, batches
 
 
