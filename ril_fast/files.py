@@ -1,8 +1,8 @@
 """Files written whole or not at all (a crash in the middle of a write leaves the old contents), and locks
 held for a process's life (or waited for, around one piece of work: :func:`waiting_lock`): a run folder's (two
-runs writing one folder would interleave their records and prune each other's checkpoints) and a file's (two teacher collections appending to one file would write the
-same responses twice); and what is wrong with a model folder, said before transformers reads a missing one as
-a hub id."""
+runs writing one folder would interleave their records and prune each other's checkpoints) and a file's (two
+teacher collections appending to one file would write the same responses twice); and what is wrong with a model
+folder, said before transformers reads a missing one as a hub id."""
 
 import errno
 import fcntl
