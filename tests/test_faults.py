@@ -10,7 +10,7 @@ import torch
 from models_fixtures import one_thread  # noqa: F401
 
 import ril_fast.train as train
-from ril_fast.data import DataError
+from ril_fast.data import DataError, StepDataError
 from ril_fast.demo import build_demo
 from ril_fast.metrics import read_metrics
 
@@ -99,10 +99,17 @@ def test_the_steps_own_length_check_names_the_line(demo):
     run = SimpleNamespace(cfg=cfg, student=SimpleNamespace(config=AutoConfig.from_pretrained(demo.student)))
     samples = [{"where": "a.jsonl:3"}, {"where": "a.jsonl:9"}]
     train._check_lengths(run, samples[:1], [SimpleNamespace(prompt_len=79)])  # 79 + 11 = 90 fits
-    with pytest.raises(DataError) as e:
+    with pytest.raises(StepDataError) as e:  # one rank's own questions: that rank says it (train.exit_status)
         train._check_lengths(run, samples, [SimpleNamespace(prompt_len=79), SimpleNamespace(prompt_len=80)])
     assert str(e.value).startswith("a.jsonl:9: the prompt takes 80 tokens (images included); with max_new_tokens=11 "
                                    "that exceeds batch.max_tokens (90 tokens)")
+    # A prompt the processor refuses at the step (an image changed since the checks) is named alike.
+    processor = SimpleNamespace(encode_prompt=lambda question, images: (_ for _ in ()).throw(
+        ValueError(f"cannot read image {images[0]}: image file is truncated")) if images else None)
+    questions = [SimpleNamespace(question="q?", images=[], where="a.jsonl:2"),
+                 SimpleNamespace(question="q?", images=["img/x.png"], where="a.jsonl:5")]
+    with pytest.raises(StepDataError, match=r"^a\.jsonl:5: cannot read image img/x\.png: image file is truncated"):
+        train._name_the_failing_prompt(SimpleNamespace(processor=processor), questions)
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(demo, tmp_path, monkeypatch):

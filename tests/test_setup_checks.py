@@ -413,6 +413,21 @@ def test_a_ranks_own_data_error_is_said_by_that_rank():
         "error: t.jsonl:7: cannot read image 'a.png'", "error (rank 2): t.jsonl:7: cannot read image 'a.png'"]
 
 
+def test_a_ranks_own_set_up_check_is_raised_on_every_rank(monkeypatch):
+    """The checks each rank makes of its own surroundings (a judge server another node cannot reach): the first
+    rank's refusal is every rank's, naming that rank, so rank 0 says it and no rank waits in a collective. A second
+    rank is simulated by the gather."""
+    problem = "judge_url=http://localhost:8000/v1: the judge server cannot be used: connection refused"
+    monkeypatch.setattr(train.distributed, "all_gather_objects", lambda mine: [mine, problem])
+    with pytest.raises(ConfigError) as e:
+        train._checked_on_every_rank(lambda: "the verdict store")
+    assert str(e.value) == problem + " (on rank 1)"
+    monkeypatch.setattr(train.distributed, "all_gather_objects", lambda mine: [mine, None])
+    assert train._checked_on_every_rank(lambda: "the verdict store") == "the verdict store"
+    with pytest.raises(ConfigError, match=r"^judge_model=x: no such folder$"):  # this rank's own, first
+        train._checked_on_every_rank(lambda: (_ for _ in ()).throw(ConfigError("judge_model=x: no such folder")))
+
+
 def test_an_output_dir_in_use_is_refused_on_every_rank(demo, tmp_path):
     """output_dir's lock is rank 0's; its refusal is raised on every rank (the others died of gloo tracebacks)."""
     import fcntl
