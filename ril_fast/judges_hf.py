@@ -3,13 +3,13 @@ probabilities of "yes" and "no" decide. No generation: one forward pass per batc
 
 Each item becomes ``ril_fast.judge.judge_messages(item)`` rendered by the model's chat template with
 the generation prompt (the assistant turn is open; its first token is the answer). Prompts are sorted
-by length and cut into batches of ``batch_size``, left-padded, with position ids counted from each prompt's
-first token (padding masked out changes no real position: a batch gives what one prompt at a time gives, up
-to float rounding; a model whose forward takes no position ids is right-padded instead and its logits read at
-each prompt's last token). Every prompt then ends at the last position, the only one whose logits the model's own
-forward computes (``logits_to_keep=1``): the logits are the model's, with what its forward does after the LM
-head (Gemma-2's final-logit soft-capping, Granite's logits scaling, Cohere's logit scale), which changes the
-probabilities and can flip a verdict. p_yes is the softmax probability summed over the "yes" tokens (every
+by length and cut into batches of ``batch_size``, right-padded (a causal model's real tokens never see the padding
+after them, whatever its positions or recurrences: a batch gives what one prompt at a time gives, up to float
+rounding; left padding moved Bart's learned positions and ran RecurrentGemma's convolution over the pads). The
+model's own forward computes the logits of the batch's last-token positions only (``logits_to_keep`` as a tensor
+of positions, where the forward takes it), and each prompt's are read at its last token: the logits are the
+model's, with what its forward does after the LM head (Gemma-2's final-logit soft-capping, Granite's logits
+scaling, Cohere's logit scale), which changes the probabilities and can flip a verdict. p_yes is the softmax probability summed over the "yes" tokens (every
 single-token spelling of yes / Yes / YES with and without a leading space that the tokenizer has), p_no likewise,
 and the verdict is ``ril_fast.judge.decide``: p_yes / (p_yes + p_no) > 0.5.
 
@@ -97,12 +97,7 @@ class HFJudge:
         self.name = f"hf:{folder.resolve()}:{PROMPT_VERSION}:{str(dtype).removeprefix('torch.')}"
         # The forward computes only the last position's logits where it can: nearly all of transformers' causal
         # LMs (not Whisper's, Musicgen's, xLSTM's, ... in 5.23), which then compute the whole (B, T, V) once.
-        params = inspect.signature(self.model.forward).parameters
-        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        # Left padding needs positions counted from each prompt's start; a model that takes none (learned positions
-        # read from the ids' places: Bart's, Whisper's decoders; RWKV, which reads no mask) is right-padded, its
-        # logits read at each prompt's last real position.
-        self._left = "position_ids" in params
+        self._keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def prompt_ids(self, item: JudgeItem) -> list[int]:
         """The token ids of ``item``'s rendered judge prompt, ending where the answer's first token goes."""
@@ -121,19 +116,15 @@ class HFJudge:
             width = max(len(prompts[i]) for i in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for b, i in enumerate(rows):  # left padding (every prompt ends at the last position) or right
-                place = slice(width - len(prompts[i]), width) if self._left else slice(0, len(prompts[i]))
-                ids[b, place] = torch.tensor(prompts[i])
-                mask[b, place] = 1
-            if self._left:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0 at each prompt's first token, as unpadded
-                last = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  position_ids=positions.to(self.device), use_cache=False,
-                                  **self._last_only).logits[:, -1]
-            else:
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    use_cache=False).logits
-                last = logits[torch.arange(len(rows)), mask.sum(-1).to(logits.device) - 1]
+            for b, i in enumerate(rows):  # right padding
+                ids[b, :len(prompts[i])] = torch.tensor(prompts[i])
+                mask[b, :len(prompts[i])] = 1
+            ends = mask.sum(-1) - 1  # each prompt's last token
+            keep = torch.unique(ends)  # sorted: few distinct ones, the batch being of similar lengths
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False,
+                                **({"logits_to_keep": keep.to(self.device)} if self._keeps else {})).logits
+            column = torch.searchsorted(keep, ends) if self._keeps else ends
+            last = logits[torch.arange(len(rows), device=logits.device), column.to(logits.device)]
             probs = last.float().softmax(-1)  # (B, V): the first answer token's distribution
             both = torch.stack([probs[:, self.yes_ids].sum(-1), probs[:, self.no_ids].sum(-1)], dim=-1)
             out[rows] = both.cpu()

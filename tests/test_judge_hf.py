@@ -107,7 +107,8 @@ def _tiny_lm(arch: str, folder, tokenizer_folder):
     by 8; the LM head is scaled up so that the logits are large and that change is large too. GPT-2 has
     learned absolute positions (RoPE, relative, is blind to a shift of every position)."""
     from transformers import (AutoTokenizer, BartConfig, BartForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
-                              GPT2LMHeadModel, GraniteConfig, GraniteForCausalLM, RwkvConfig, RwkvForCausalLM)
+                              GPT2LMHeadModel, GraniteConfig, GraniteForCausalLM, RecurrentGemmaConfig,
+                              RecurrentGemmaForCausalLM, RwkvConfig, RwkvForCausalLM)
 
     tok = AutoTokenizer.from_pretrained(tokenizer_folder)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -121,6 +122,9 @@ def _tiny_lm(arch: str, folder, tokenizer_folder):
         model = BartForCausalLM(BartConfig(vocab_size=len(tok), d_model=64, decoder_layers=2, decoder_attention_heads=4,
                                            decoder_ffn_dim=128, encoder_layers=1, max_position_embeddings=1024,
                                            pad_token_id=tok.pad_token_id or 0))
+    elif arch == "recurrent_gemma":  # a short convolution over the sequence: left padding would reach it
+        model = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(**common | {"num_hidden_layers": 3}, head_dim=16,
+                                                               lru_width=64, attention_window_size=2048))
     elif arch == "rwkv":  # a recurrence that reads no attention mask
         model = RwkvForCausalLM(RwkvConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
                                            attention_hidden_size=64, intermediate_size=128))
@@ -143,11 +147,12 @@ def test_the_models_own_logits_softcapped_or_scaled(arch, smollm2, answer_ids, t
     other probabilities (checked, so that the test can tell)."""
     judge = make_judge("hf", model=str(_tiny_lm(arch, tmp_path / arch, smollm2)), batch_size=4)
     items = _real_items(6)
-    shapes = []  # of the LM head's output: the last position's logits only, not (B, T, V)
+    shapes = []  # of the LM head's output: the batch's last-token positions only, not (B, T, V)
     hook = judge.model.get_output_embeddings().register_forward_hook(lambda m, i, out: shapes.append(out.shape))
     probs = judge.probabilities(items).tolist()
     hook.remove()
-    assert [tuple(s[:2]) for s in shapes] == [(4, 1), (2, 1)]
+    lengths = sorted(len(judge.prompt_ids(item)) for item in items)
+    assert [tuple(s[:2]) for s in shapes] == [(4, len(set(lengths[:4]))), (2, len(set(lengths[4:])))]
     verdicts = judge(items)
     head_only = []
     for item, (p_yes, p_no), verdict in zip(items, probs, verdicts):
@@ -164,12 +169,13 @@ def test_the_models_own_logits_softcapped_or_scaled(arch, smollm2, answer_ids, t
         assert max(head_only) > 0.1  # the LM head without the cap or scale is far off
 
 
-@pytest.mark.parametrize("arch", ["bart", "rwkv"])
-def test_a_model_that_takes_no_position_ids_is_right_padded(arch, smollm2, answer_ids, tmp_path,
-                                                            one_thread):  # noqa: F811
-    """A forward without position ids (Bart's decoder reads learned positions from the ids' places; RWKV reads no
-    mask): padded batches of 4 give what one prompt at a time gives (left padding moved Bart's positions and fed
-    RWKV the padding: p off by 27% and 83%)."""
+@pytest.mark.parametrize("arch", ["bart", "rwkv", "recurrent_gemma"])
+def test_batches_of_models_with_positions_or_state_of_their_own(arch, smollm2, answer_ids, tmp_path,
+                                                                one_thread):  # noqa: F811
+    """Right padding keeps a batch what one prompt at a time gives for models that read the padding where it is put
+    before the prompt: Bart's decoder (learned positions from the ids' places), RWKV (no mask), RecurrentGemma (a
+    convolution over the sequence). Left padding put p off by 27% and 83% here (0.1% for another tiny RecurrentGemma
+    in a review; this one's differences stayed within the tolerance)."""
     judge = make_judge("hf", model=str(_tiny_lm(arch, tmp_path / arch, smollm2)), batch_size=4)
     items = _real_items(6)
     assert len({len(judge.prompt_ids(item)) for item in items}) > 1  # the batches are padded
