@@ -9,9 +9,10 @@ rounding; left padding moved Bart's learned positions and ran RecurrentGemma's c
 model's own forward computes the logits of the batch's last-token positions only (``logits_to_keep`` as a tensor
 of positions, where the forward takes it), and each prompt's are read at its last token: the logits are the
 model's, with what its forward does after the LM head (Gemma-2's final-logit soft-capping, Granite's logits
-scaling, Cohere's logit scale), which changes the probabilities and can flip a verdict. p_yes is the softmax probability summed over the "yes" tokens (every
-single-token spelling of yes / Yes / YES with and without a leading space that the tokenizer has), p_no likewise,
-and the verdict is ``ril_fast.judge.decide``: p_yes / (p_yes + p_no) > 0.5.
+scaling, Cohere's logit scale), which changes the probabilities and can flip a verdict. p_yes is the softmax
+probability summed over the "yes" tokens (every single-token spelling of yes / Yes / YES with and without a leading
+space that the tokenizer has), p_no likewise, and the verdict is ``ril_fast.judge.decide``:
+p_yes / (p_yes + p_no) > 0.5.
 
 A small model is a weak judge: SmolLM2-135M-Instruct (``python -m ril_fast.tiny DIR --arch smollm2``)
 runs the mechanics on a CPU; its agreement with the rule judge is measured in ``bench/judges.py``.
