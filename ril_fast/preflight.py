@@ -3,13 +3,15 @@
 * ``load_data``: the training and held-out examples, the teacher bank and the batches, read against the
   student's tokenizer and image processor; every prompt is counted, images included, from the image files'
   headers, so one that leaves no room for a full-length response stops the run here (``long_prompts``);
-* ``check_surroundings``: what the settings point at outside the config (a judge's folder or server, the
-  device Triton kernels need, the number of ranks);
+* ``check_surroundings``: what the settings point at outside the config (a judge's folder, server or verdict
+  cache, the device Triton kernels need, the number of ranks), on every rank;
 * ``check_memory``: the models' memory on every rank (``ril_fast.memory``), before any of them loads.
 
 ``python -m ril_fast.preflight --gpus 8 --gpu-gib 78 --config FILE`` runs the data and memory checks for a planned
 run on any machine (no weight is read) and prints the lengths and the plan they rest on (:func:`main`).
 """
+
+import sqlite3
 
 import torch
 from transformers import AutoConfig
@@ -18,7 +20,7 @@ from ril_fast import distributed, memory
 from ril_fast.config import Config, ConfigError
 from ril_fast.data import Batches, DataError, Example, fitting, load_examples, load_teachers, refuse_images
 from ril_fast.files import model_folder_problem
-from ril_fast.judge import JudgeKind
+from ril_fast.judge import JudgeKind, judge_store
 from ril_fast.judges_hf import judge_model_problem
 from ril_fast.judges_http import OpenAIClient
 from ril_fast.kernels._triton import interpreting
@@ -131,10 +133,36 @@ def _fitting(cfg: Config, examples: list[Example], processor: Processor, budget:
     return kept
 
 
-def check_surroundings(cfg: Config, dist: distributed.Dist) -> None:
-    """The settings that depend on things outside the config, checked before any model loads: an hf judge's
-    model folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device,
-    the number of ranks the shards are spread over."""
+def check_surroundings(cfg: Config, dist: distributed.Dist):
+    """The settings that depend on things outside the config, checked before any model loads -> the teacher
+    verdicts' persistent cache (``judge_cache``), if configured. Every rank checks its own (another node may not
+    reach a judge server or folder rank 0 reaches) and all stop together, with the first rank's refusal, naming
+    that rank: so rank 0 says it and no rank waits for the others in a collective."""
+    try:
+        store, problem = _surroundings(cfg, dist), None
+    except ConfigError as e:
+        store, problem = None, str(e)
+    if found := _first_problem(problem):
+        rank, problem = found
+        raise ConfigError(problem + (f" (on rank {rank})" if rank else ""))
+    return store
+
+
+def _first_problem(problem: str | None) -> tuple[int, str] | None:
+    """Every rank's ``problem`` (None: none) gathered: the first rank's that has one, and that rank, the same on
+    every rank; None where none has."""
+    return next(((rank, p) for rank, p in enumerate(distributed.all_gather_objects(problem)) if p), None)
+
+
+def _surroundings(cfg: Config, dist: distributed.Dist):
+    """This rank's checks for :func:`check_surroundings`: the verdict cache (opened, and returned), an hf judge's
+    model folder, an http judge's server (it answers and serves ``judge_model``), Triton kernels' device, the
+    number of ranks the shards are spread over."""
+    try:
+        store = judge_store(cfg.judge_cache)
+    except (sqlite3.DatabaseError, OSError) as e:
+        raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
+                          f"file): {e}") from None
     try:
         distributed.shard_size(cfg.batch.shard_ranks)
     except ValueError as e:  # "shard_ranks=N: must divide ..."
@@ -147,6 +175,7 @@ def check_surroundings(cfg: Config, dist: distributed.Dist) -> None:
     if cfg.loss.kernels is Kernels.TRITON and dist.device.type != "cuda" and not interpreting():
         raise ConfigError("loss.kernels=triton: Triton kernels need a GPU, or on the CPU the interpreter "
                           "(TRITON_INTERPRET=1); auto picks the chunked torch code here")
+    return store
 
 
 def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
@@ -158,10 +187,8 @@ def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
                        gpu=dist.device.type == "cuda", shard=shard, copies=dist.world_size // shard,
                        offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned)
     host = memory.available_bytes(torch.device("cpu")) if plan.offload else None
-    problems = [p for p in distributed.all_gather_objects(
-        memory.shortfall(plan, memory.available_bytes(dist.device), host)) if p]
-    if problems:
-        raise DoesNotFit(f"student={cfg.student}: {problems[0]}")
+    if found := _first_problem(memory.shortfall(plan, memory.available_bytes(dist.device), host)):
+        raise DoesNotFit(f"student={cfg.student}: {found[1]}")
     if dist.is_main:
         print(f"memory: {plan.describe()}", flush=True)
 

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import random
-import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from ril_fast.export import export_hf
 from ril_fast.flops import Sample, Shapes, matmul_peak_tflops, phase_flops
 from ril_fast.files import InUse, lock_folder, unlock_folder, write_text_atomic
 from ril_fast.imitation import disc_pass, disc_probs
-from ril_fast.judge import CachedJudge, JudgeItem, judge_store, make_judge_from_config
+from ril_fast.judge import CachedJudge, JudgeItem, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog, peak_memory_gib, reset_peak_memory
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, checkpoint_pretraining_if_asked, load_checkpoint,
@@ -167,7 +166,7 @@ def setup(cfg: Config) -> Run:
         print(cfg.describe(), flush=True)
     torch.manual_seed(cfg.seed)
     examples, bank, eval_examples, batches = load_data(cfg, dist)
-    verdicts = _checked_on_every_rank(lambda: _surroundings(cfg, dist))  # the judge's cache and server, ...
+    verdicts = check_surroundings(cfg, dist)  # the judge's folder, server and verdict cache, on every rank
     check_memory(cfg, dist, disc=bank is not None)
     distributed.on_rank0(lambda: _lock_output_dir(out))  # from here on this run writes in output_dir
 
@@ -242,38 +241,11 @@ def setup(cfg: Config) -> Run:
 def exit_status(error: Exception, rank: int) -> str | int:
     """What ``rank`` exits with for a ``ConfigError`` or ``DataError``: its message (``SystemExit`` prints it, status
     1), or 1 alone. Set-up's errors are every rank's (each rank's own checks are agreed on:
-    ``_checked_on_every_rank``), said by rank 0; a step's data error is one rank's own questions'
+    ``preflight.check_surroundings``), said by rank 0; a step's data error is one rank's own questions'
     (``StepDataError``), said by that rank."""
     if rank == 0 or isinstance(error, StepDataError):
         return f"error{f' (rank {rank})' if rank else ''}: {error}"
     return 1
-
-
-def _surroundings(cfg: Config, dist: distributed.Dist):
-    """This rank's checks of what the run uses outside its files (``check_surroundings``) -> the teacher verdicts'
-    persistent cache, if configured."""
-    try:
-        verdicts = judge_store(cfg.judge_cache)
-    except (sqlite3.DatabaseError, OSError) as e:
-        raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
-                          f"file): {e}") from None
-    check_surroundings(cfg, dist)
-    return verdicts
-
-
-def _checked_on_every_rank(fn):
-    """``fn()``, a check every rank makes of its own surroundings (another node may not reach a judge server that
-    rank 0 reaches): the first rank's ``ConfigError`` is raised on every rank, naming that rank, so that rank 0 says
-    it and none waits for the others in a collective."""
-    try:
-        result, problem = fn(), None
-    except ConfigError as e:
-        result, problem = None, str(e)
-    problems = distributed.all_gather_objects(problem)
-    rank, first = next(((r, p) for r, p in enumerate(problems) if p), (0, None))
-    if first is not None:
-        raise ConfigError(first + (f" (on rank {rank})" if rank else ""))
-    return result
 
 
 def _lock_output_dir(out: Path) -> None:

@@ -418,14 +418,17 @@ def test_a_ranks_own_set_up_check_is_raised_on_every_rank(monkeypatch):
     rank's refusal is every rank's, naming that rank, so rank 0 says it and no rank waits in a collective. A second
     rank is simulated by the gather."""
     problem = "judge_url=http://localhost:8000/v1: the judge server cannot be used: connection refused"
-    monkeypatch.setattr(train.distributed, "all_gather_objects", lambda mine: [mine, problem])
+    monkeypatch.setattr(preflight, "_surroundings", lambda cfg, dist: "the verdict store")
+    monkeypatch.setattr(preflight.distributed, "all_gather_objects", lambda mine: [mine, problem])
     with pytest.raises(ConfigError) as e:
-        train._checked_on_every_rank(lambda: "the verdict store")
+        preflight.check_surroundings(None, None)
     assert str(e.value) == problem + " (on rank 1)"
-    monkeypatch.setattr(train.distributed, "all_gather_objects", lambda mine: [mine, None])
-    assert train._checked_on_every_rank(lambda: "the verdict store") == "the verdict store"
+    monkeypatch.setattr(preflight.distributed, "all_gather_objects", lambda mine: [mine, None])
+    assert preflight.check_surroundings(None, None) == "the verdict store"
+    monkeypatch.setattr(preflight, "_surroundings", lambda cfg, dist: (_ for _ in ()).throw(
+        ConfigError("judge_model=x: no such folder")))
     with pytest.raises(ConfigError, match=r"^judge_model=x: no such folder$"):  # this rank's own, first
-        train._checked_on_every_rank(lambda: (_ for _ in ()).throw(ConfigError("judge_model=x: no such folder")))
+        preflight.check_surroundings(None, None)
 
 
 def test_an_output_dir_in_use_is_refused_on_every_rank(demo, tmp_path):
