@@ -96,8 +96,8 @@ class HFJudge:
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
         self.batch_size = batch_size
         self.name = f"hf:{folder.resolve()}:{PROMPT_VERSION}:{str(dtype).removeprefix('torch.')}"
-        # The forward computes only the last position's logits where it can: nearly all of transformers' causal
-        # LMs (not Whisper's, Musicgen's, xLSTM's, ... in 5.23), which then compute the whole (B, T, V) once.
+        # The forward computes only the logits of the positions asked for where it can: nearly all of transformers'
+        # causal LMs (not Whisper's, Musicgen's, xLSTM's, ... in 5.23), which then compute the whole (B, T, V).
         self._keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def prompt_ids(self, item: JudgeItem) -> list[int]:
