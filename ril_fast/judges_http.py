@@ -52,7 +52,12 @@ _JITTER = 0.25  # each wait is stretched by up to this fraction, at random
 
 
 class HTTPError(RuntimeError):
-    """A request to an OpenAI-compatible server that failed for good; the message says why."""
+    """A request to an OpenAI-compatible server that failed for good; the message says why. ``status``: the HTTP
+    status of a reply that was not retried (a 4xx other than 429), else None (retries spent, a malformed reply)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def api_key_from_env() -> str | None:
@@ -101,7 +106,7 @@ class OpenAIClient:
                     last = f"HTTP {e.code}: {detail}"
                     retry_after = retry_after_s((e.headers or {}).get("Retry-After")) if e.code in (429, 503) else 0.0
                     continue
-                raise HTTPError(f"{method} {url}: HTTP {e.code} (not retried): {detail}") from None
+                raise HTTPError(f"{method} {url}: HTTP {e.code} (not retried): {detail}", status=e.code) from None
             except _TRANSIENT as e:
                 last, retry_after = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}", 0.0
                 continue

@@ -121,16 +121,19 @@ def test_waits_are_the_longer_of_back_off_and_retry_after_with_jitter():
         assert max(waits) - min(waits) > 0.1 * base, (attempt, retry_after)  # 200 draws: spread over ~25 %
 
 
-@pytest.mark.parametrize("fault,message", [
-    ("malformed", r"the reply is not JSON .*<html>not json"),
-    ("nochoices", r"malformed reply \(KeyError: 'choices'\)"),
-    ("400", r"HTTP 400 \(not retried\).*this model does not exist"),
+@pytest.mark.parametrize("fault,message,status", [
+    ("malformed", r"the reply is not JSON .*<html>not json", None),
+    ("nochoices", r"malformed reply \(KeyError: 'choices'\)", None),
+    ("400", r"HTTP 400 \(not retried\).*this model does not exist", 400),
 ])
-def test_bad_replies_fail_at_once_and_say_why(fault, message):
+def test_bad_replies_fail_at_once_and_say_why(fault, message, status):
+    """Each fails after one attempt; the error carries the HTTP status of a reply refused outright (the teacher tool
+    goes on past one example's 4xx)."""
     with FakeOpenAI() as server:
-        with pytest.raises(HTTPError, match=message):
+        with pytest.raises(HTTPError, match=message) as caught:
             _judge(server, retries=3)([JudgeItem("q", "a", f"FAULT:{fault}")])
     assert list(server.attempts.values()) == [1]
+    assert caught.value.status == status
 
 
 def test_no_server_is_retried_then_reported():
