@@ -143,7 +143,8 @@ def save_checkpoint(run, step: int) -> Path:
 
 def load_checkpoint(run, path: Path) -> None:
     """Continue ``run`` from the checkpoint at ``path``: the next step is the one after it. Settings
-    changed since it was written apply from here on (the optimisers' take this run's values); a
+    changed since it was written apply from here on (the optimisers' take this run's values, the learning
+    rate the schedule's point for this run's ``steps × mu``, at the saved step); a
     checkpoint that cannot continue this run (past ``steps``, another mode or batch size) is refused."""
     cfg, changed = run.cfg, run.cfg.differences(path / "config.yaml")
     saved_teachers = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("teachers")
@@ -166,6 +167,7 @@ def load_checkpoint(run, path: Path) -> None:
     except ValueError as e:
         raise ConfigError(f"resume={path}: {e}: use the checkpoint's setting or another output_dir") from None
     run.scheduler.load_state_dict(saved.trainer["scheduler"])
+    run.scheduler.last_epoch = saved.step * cfg.mu  # μ updates a step: a changed mu keeps the schedule's point
     _apply_optimizer_settings(run)
     run.counters.update(saved.trainer.get("counters", {}))  # kept when resharding drops the per-rank files
     run.counters.update(saved.counters)

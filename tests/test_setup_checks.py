@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from fake_openai import FakeOpenAI
 from models_fixtures import one_thread  # noqa: F401
 from PIL import Image
@@ -336,11 +337,12 @@ def test_a_resume_with_another_student_architecture_is_refused_before_any_model_
 
 def test_settings_changed_on_resume_apply_to_the_optimisers(demo, finished, tmp_path):
     """The checkpoint's param groups carry the old rates; the resumed run takes the new ones at the
-    schedule's current point."""
-    args = _args(demo, finished, steps=4, resume=finished / "step-2", **{
+    schedule's current point (with another mu, the same step's point of the new steps × mu updates)."""
+    args = _args(demo, finished, steps=4, mu=2, resume=finished / "step-2", **{
         "optim.lr": 1e-3, "optim.weight_decay": 0.5, "optim.beta1": 0.8, "disc.lr": 2e-4, "disc.weight_decay": 0.2})
     run = train.setup(load_config(args + ["output_dir=" + str(tmp_path / "run")]))
     cfg = run.cfg
+    assert cfg.mu == 2 and yaml.safe_load((finished / "config.yaml").read_text()).get("mu", 1) == 1
     group = run.optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(1e-3 * lr_factor(2 * cfg.mu, cfg.optim.warmup_steps, 4 * cfg.mu), rel=1e-12)
     assert (group["weight_decay"], group["betas"][0], group["initial_lr"]) == (0.5, 0.8, 1e-3)
