@@ -177,8 +177,9 @@ def _image_size(path: Path) -> tuple[int, int] | Exception:
     (``ril_fast.processor.load_image``), so prompt lengths can be counted without the pixels
     (:func:`_upright_size`); or the exception that says why PIL cannot read it. ``verify()`` reads a PNG
     whole but decodes nothing of a JPEG, whose pixels are decoded at 1/8 scale (their DCT's coarsest: 2-5 ms
-    for a 1.2-megapixel photo on one core, 1.3-2.3x faster than in full): a file cut short, as by an
-    interrupted download, is found here, not at the step that first draws it."""
+    for a 1.2-megapixel photo on one core, 1.3-2.3x faster than in full), nor of any other format (GIF, BMP,
+    TIFF, WebP, ...), decoded in full: a file cut short, as by an interrupted download, or with bytes
+    corrupted, is found here, not at the step that first draws it."""
     from PIL import Image, JpegImagePlugin
 
     try:
@@ -188,6 +189,8 @@ def _image_size(path: Path) -> tuple[int, int] | Exception:
             size = _upright_size(im)
             if isinstance(im, JpegImagePlugin.JpegImageFile):  # MPO (a phone's multi-picture JPEG) too
                 im.draft(None, (1, 1))
+                im.load()
+            elif im.format != "PNG":
                 im.load()
             if problem := _beyond_8_bits(im):
                 return ValueError(problem)

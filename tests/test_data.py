@@ -18,8 +18,8 @@ GOOD = {"id": "a", "question": "What shape?", "answer": "circle", "images": ["im
 @pytest.fixture
 def folder(tmp_path):
     """A folder with img/a.png (a real PNG), img/broken.png (a PNG signature, then junk), img/cut.png
-    (a real PNG cut in half), img/cut.jpg (a real JPEG cut short: its header whole) and img/text.png (a text
-    file)."""
+    (a real PNG cut in half), img/cut.jpg (a real JPEG cut short: its header whole), img/cut.{gif,bmp,tiff,webp}
+    (likewise) and img/text.png (a text file)."""
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "img" / "a.png")
     (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
@@ -33,6 +33,10 @@ def folder(tmp_path):
     noise.save(tmp_path / "img" / "full.mpo", format="MPO", save_all=True, append_images=[noise.rotate(90)])
     data = (tmp_path / "img" / "full.mpo").read_bytes()  # a phone's multi-picture JPEG; cut in its first picture
     (tmp_path / "img" / "cut.mpo").write_bytes(data[:int(len(data) * random.uniform(0.15, 0.45))])
+    for fmt in ("gif", "bmp", "tiff", "webp"):  # formats verify() decodes nothing of
+        noise.save(tmp_path / "img" / f"full.{fmt}")
+        data = (tmp_path / "img" / f"full.{fmt}").read_bytes()
+        (tmp_path / "img" / f"cut.{fmt}").write_bytes(data[:int(len(data) * random.uniform(0.3, 0.95))])
     (tmp_path / "img" / "text.png").write_text("id,question\n1,what?\n")
     pixels = np.random.default_rng().integers(256, 65536, (8, 8), dtype=np.uint16)  # a 16-bit grey scan
     Image.fromarray(pixels).save(tmp_path / "img" / "deep.png")
@@ -182,6 +186,8 @@ BAD_EXAMPLES = [
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/text.png"]}, "cannot read image 'img/text.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.jpg"]}, "cannot read image 'img/cut.jpg'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.mpo"]}, "cannot read image 'img/cut.mpo'"),
+    *[({"id": "b", "question": "q?", "answer": "x", "images": [f"img/cut.{fmt}"]}, f"cannot read image 'img/cut.{fmt}'")
+      for fmt in ("gif", "bmp", "tiff", "webp")],
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/deep.png"]},
      "cannot read image 'img/deep.png': its pixels are more than 8-bit (PIL mode I;16)"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/float.tiff"]},
