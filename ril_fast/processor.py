@@ -225,6 +225,13 @@ class Processor:
             mrope = torch.cat([prompt.mrope, prompt.mrope[:, -1:] + torch.arange(1, len(response) + 1)], 1)
         return Encoded(input_ids, prompt.prompt_len, prompt.pixel_values, prompt.image_grid_thw, mrope)
 
+    def forget_prompts(self) -> None:
+        """Drop the kept prompts. The trainer calls it as each step starts and after each evaluation: a step's
+        questions come back only in the next epoch, long evicted by then, so what a step keeps past its end is
+        only memory (up to ``prompt_cache_size`` questions' processed pixels, 18 MiB each for a 1024x768 photo
+        at Qwen2.5-VL's own pixel cap: 4.6 GiB a rank)."""
+        self._cached_prompt.cache_clear()
+
     def encode_prompt(self, question: str, images=None) -> Encoded:
         """The prompt alone (no response) of a question and its images (paths or PIL images): ids,
         processed images and (Qwen-VL) mrope positions. Kept for the most recent questions whose images

@@ -279,6 +279,7 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
     the student texts per question, and the (teacher, response) pairs per question (None: RL only).
     """
     cfg = run.cfg
+    run.processor.forget_prompts()  # the last step's questions: not asked again this epoch
     prompts = [to_sample(q) for q in questions]
     try:
         rollouts = sample_responses(run.student, run.processor, prompts, group_size=cfg.group_size,
@@ -499,8 +500,11 @@ def evaluate_now(run: Run) -> dict:
     """Greedy accuracy on the held-out examples (empty when there are none)."""
     if not run.eval_examples:
         return {}
-    return evaluate(run.student, run.processor, run.eval_examples, run.judge, run.dist,
-                    max_new_tokens=run.cfg.max_new_tokens, batch_size=run.cfg.rollout.batch_size)
+    try:
+        return evaluate(run.student, run.processor, run.eval_examples, run.judge, run.dist,
+                        max_new_tokens=run.cfg.max_new_tokens, batch_size=run.cfg.rollout.batch_size)
+    finally:
+        run.processor.forget_prompts()  # each held-out prompt is rendered once: keeping them holds only memory
 
 
 def evaluate_and_log(run: Run, step: int) -> None:

@@ -306,6 +306,20 @@ print(json.dumps({"tokens": tokens.tolist(), "logprobs": logprobs}))
 """
 
 
+def test_prompts_are_kept_within_their_step_only(demo, tmp_path):
+    """A step renders each of its questions' prompts once (its 2G outputs take them from the cache) and keeps
+    none past the next step's start or an evaluation: nothing else asks for them until the next epoch."""
+    run = train.setup(load_config(_args(demo, tmp_path / "run", demo.teachers, eval_max_examples=3)))
+    cache = run.processor._cached_prompt
+    for step in (1, 2):
+        train.train_step(run, step=step)
+        info = cache.cache_info()  # (its counts start again with the step)
+        assert (info.currsize, info.misses, info.hits) == (2, 2, 2 * 4)  # 2 questions a step, 2 + 2 outputs each
+    train.evaluate_now(run)
+    assert cache.cache_info().currsize == 0
+    run.log.close()
+
+
 def test_final_folder_opens_in_plain_transformers_and_answers_as_the_trainer_does(demo, tmp_path):
     """``output_dir/final/`` is a plain HF folder: transformers alone (no ril_fast in the process) loads
     the model, its tokenizer (chat template) and its image processor; its greedy answer to a held-out
