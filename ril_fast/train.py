@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> Path:
             if step % cfg.log_every == 0 or "eval_accuracy" in metrics:
                 run.log.log(metrics)
             checkpoint_if_due(run, step)  # every checkpoint_every steps; after SIGTERM or Ctrl-C, then stop
-        if cfg.checkpoint_every and run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every:
-            save_checkpoint(run, cfg.steps)  # the last step too: the same command run again has nothing to redo
+        # The last step too (steps=0: the discriminator's pre-training), so that the same command run again has
+        # nothing to redo, and more steps go on from it.
+        if cfg.checkpoint_every and (run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every or cfg.steps == 0):
+            save_checkpoint(run, cfg.steps)
             stop_if_asked(run, cfg.steps)  # a SIGTERM or Ctrl-C during that save
     evaluate_and_log(run, step=cfg.steps)
 

@@ -227,6 +227,23 @@ def test_sigterm_during_discriminator_pretraining_checkpoints_it(demo, tmp_path)
     _same_weights(out / "final", ref / "final")
 
 
+def test_a_steps_0_run_keeps_its_pretraining_for_more_steps(demo, tmp_path):
+    """steps=0 (the discriminator's pre-training, then an evaluation) saves step 0; the same command has nothing to
+    do, and more steps go on from it as a run of those steps would have (the same metrics and final student)."""
+    args = dict(steps=2, checkpoint_every=1, eval_every=0, **{"disc.pretrain_steps": 3})
+    ref = tmp_path / "reference"
+    _finish(_command(1, _args(demo, ref, **args)), tmp_path / "reference.txt")
+    out = tmp_path / "run"
+    _finish(_command(1, _args(demo, out, **args | {"steps": 0})), tmp_path / "pretrained.txt")
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step-0"]
+    _finish(_command(1, _args(demo, out, **args | {"steps": 0})), tmp_path / "again.txt")
+    assert "nothing to do: the run in" in (tmp_path / "again.txt").read_text()
+    _finish(_command(1, _args(demo, out, **args)), tmp_path / "resumed.txt")
+    assert "resuming from" in (tmp_path / "resumed.txt").read_text()
+    assert _step_metrics(out) == _step_metrics(ref)
+    _same_weights(out / "final", ref / "final")
+
+
 def test_ctrl_c_under_torchrun_writes_a_checkpoint_and_stops(demo, reference, tmp_path):
     """Ctrl-C reaches torchrun and, from it and from the terminal, each rank (twice): every rank finishes
     the step, the checkpoint is written, and the same command resumes as if never stopped."""
