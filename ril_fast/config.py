@@ -24,6 +24,8 @@ The defaults are the built-in demo's, measured on it (a tiny random student, one
 from __future__ import annotations
 
 import enum
+import os
+import re
 import sys
 import typing
 from collections.abc import Hashable
@@ -41,7 +43,12 @@ from ril_fast.models import Kernels
 
 
 class ConfigError(ValueError):
-    """A bad config file, override or value; the message says which key and what is valid."""
+    """A bad config file, override or value; the message says which key and what is valid. ``key``: the dotted key
+    at fault, where one is; ``problems``: each value check that failed (``Config.__post_init__``), in the message."""
+
+    def __init__(self, message: str, *, key: str | None = None, problems: list[str] | None = None):
+        super().__init__(message)
+        self.key, self.problems = key, problems or []
 
 
 def opt(default, doc: str):
@@ -200,6 +207,10 @@ class Config:
 
     def __post_init__(self):
         _check_types(self, "")
+        for name in ("student", "train_data", "eval_data", "output_dir", "resume", "judge_model", "judge_cache"):
+            setattr(self, name, _home(getattr(self, name)))  # YAML keeps ~ as written, as a quoted shell word does
+        if self.teachers:
+            self.teachers = [_home(t) for t in self.teachers]
         checks = [
             (self.steps >= 0, "steps must be >= 0"),
             (-2**31 < self.seed < 2**31, "seed must lie in (-2^31, 2^31): each step's sampling seed is made from it"),
@@ -218,6 +229,7 @@ class Config:
             (self.resume != "", "resume must be auto, none or a checkpoint folder"),
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
             (self.output_dir != "", "output_dir must not be empty"),
+            (self.train_data != "", "train_data must not be empty (none: the built-in demo's training split)"),
             *judge_checks(self),
             (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
             (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
@@ -243,7 +255,7 @@ class Config:
         # Each check states what must hold, so NaN (false under every comparison) fails it too.
         errors = [message for ok, message in checks if not ok]
         if errors:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors), problems=errors)
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -300,7 +312,7 @@ def judge_checks(s) -> list[tuple[bool, str]]:
         (kind != JudgeKind.HF or bool(s.judge_model), "judge=hf needs judge_model (a model folder)"),
         (s.judge_batch_size >= 1, "judge_batch_size must be >= 1"),
         (s.judge_concurrency >= 1, "judge_concurrency must be >= 1"),
-        (s.judge_timeout_s > 0, "judge_timeout_s must be > 0"),
+        (0 < s.judge_timeout_s < 1e9, "judge_timeout_s must be > 0 and finite (under 1e9 s)"),
         (s.judge_retries >= 0, "judge_retries must be >= 0"),
         (kind != JudgeKind.HTTP or s.judge_url.startswith(("http://", "https://")),
          "judge_url must start with http:// or https://"),
@@ -317,6 +329,7 @@ def load_config(argv: list[str]) -> Config:
         print(help_text())
         raise SystemExit(0)
     values: dict[str, object] = {}
+    where: dict[str, str] = {}  # dotted key -> where its value was set ("at FILE:LINE", "on the command line")
     overrides: list[str] = []
     i = 0
     while i < len(argv):
@@ -329,7 +342,9 @@ def load_config(argv: list[str]) -> Config:
                 path = argv[i]
             else:
                 path = arg.split("=", 1)[1]
-            values.update(_read_yaml(path))
+            from_file, lines = _read_yaml(path)
+            values.update(from_file)
+            where.update({key: f"at {path}:{lines[key]}" if key in lines else f"in {path}" for key in from_file})
         elif "=" in arg and not arg.startswith("-"):
             overrides.append(arg)
         else:
@@ -339,7 +354,15 @@ def load_config(argv: list[str]) -> Config:
     for arg in overrides:  # after every --config, whatever the order on the command line
         key, text = arg.split("=", 1)
         values[key.strip()] = _parse(Config, key.strip(), text)
-    return _build(Config, values)
+        where[key.strip()] = "on the command line"
+    try:
+        return _build(Config, values)
+    except ConfigError as e:
+        if not e.problems:
+            raise
+        sourced = [f"{p} (set {where[key]})" if (key := re.match(r"[\w.]*", p).group()) in where else p
+                   for p in e.problems]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(sourced), problems=sourced) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -362,24 +385,44 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: str) -> dict:
-    """The flat {dotted key: parsed value} of a YAML config file; a key repeated in it is an error."""
+def _read_yaml(path: str) -> tuple[dict, dict]:
+    """The flat {dotted key: parsed value} of a YAML config file, and {dotted key: its line}; a key repeated in
+    it is an error, and an error in a key or value names the file and the key's line. The bytes go to YAML,
+    which reads UTF-8 or, after a byte-order mark, UTF-16 (other bytes: an error naming where)."""
     try:
-        with open(path) as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader)
+        with open(path, "rb") as f:
+            loader = _UniqueKeyLoader(f)
+            try:
+                node = loader.get_single_node()
+                data = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values, got {type(data).__name__}")
+    lines = _key_lines(node)
     try:
         flat = _flatten_input(data, Config, "")
-        return {k: _parse(Config, k, v) for k, v in flat.items()}
+        return {k: _parse(Config, k, v) for k, v in flat.items()}, lines
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        at = f"{path}:{lines[e.key]}" if e.key in lines else path
+        raise ConfigError(f"{at}: {e}", key=e.key) from None
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    """{dotted key: 1-based line} of a composed YAML mapping (its nested mappings' keys dotted)."""
+    lines = {}
+    for key_node, value_node in node.value if isinstance(node, yaml.MappingNode) else []:
+        if isinstance(key_node, yaml.ScalarNode):
+            key = prefix + str(key_node.value)
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
 
 
 def valid_keys(cls=Config, prefix: str = "") -> list[str]:
@@ -419,7 +462,7 @@ def _hints(cls) -> dict:
 
 
 def _unknown(key: str) -> ConfigError:
-    return ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    return ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}", key=key)
 
 
 def _owner(cls, key: str):
@@ -435,7 +478,7 @@ def _owner(cls, key: str):
         raise _unknown(key)
     if is_dataclass(tp):
         raise ConfigError(f"{key!r} is a section; set its fields: "
-                          f"{', '.join(valid_keys(tp, key + '.'))}")
+                          f"{', '.join(valid_keys(tp, key + '.'))}", key=key)
     return cls, name
 
 
@@ -465,7 +508,7 @@ def _parse(cls, key: str, value):
     try:
         return _convert(value, tp, strict=False)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot use {value!r}: expected {_type_name(tp)} ({e})") from None
+        raise ConfigError(f"{key}: cannot use {value!r}: expected {_type_name(tp)} ({e})", key=key) from None
 
 
 def _convert(value, tp, *, strict: bool):
@@ -541,21 +584,35 @@ def _build(cls, flat: dict):
 
 
 def _flatten_input(data: dict, cls, prefix: str) -> dict:
-    """Nested YAML data -> {dotted key: value}, checking that sections are mappings."""
+    """Nested YAML data -> {dotted key: value}, checking that sections are mappings. A dotted key (``optim.lr:``,
+    as the command line spells it) is its section's field; given both so and in its section, it is an error."""
     flat = {}
     hints = _hints(cls)
     for name, value in data.items():
         key = f"{prefix}{name}"
-        if not isinstance(name, str) or name not in hints:
+        if isinstance(name, str) and "." in name:
+            head, rest = name.split(".", 1)
+            if not is_dataclass(hints.get(head)):
+                raise _unknown(key)
+            found = _flatten_input({rest: value}, hints[head], f"{prefix}{head}.")
+        elif not isinstance(name, str) or name not in hints:
             raise _unknown(key)
-        if is_dataclass(hints[name]):
+        elif is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key!r} is a section: give it a mapping of "
-                                  f"{', '.join(valid_keys(hints[name], key + '.'))}")
-            flat.update(_flatten_input(value, hints[name], key + "."))
+                                  f"{', '.join(valid_keys(hints[name], key + '.'))}", key=key)
+            found = _flatten_input(value, hints[name], key + ".")
         else:
-            flat[key] = value
+            found = {key: value}
+        if twice := sorted(found.keys() & flat.keys()):
+            raise ConfigError(f"{twice[0]!r} is given twice (dotted, and in its section)", key=twice[0])
+        flat.update(found)
     return flat
+
+
+def _home(value):
+    """A path setting with a leading ``~`` (``~/runs``, ``~user/x``) in the home folder, as a shell expands it."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
 def _plain(value):

@@ -108,6 +108,8 @@ def test_yaml_then_overrides(tmp_path):
     (["judge=http"], ["judge=http needs judge_url and judge_model"]),
     (["teachers=", "group_size=1"], ["group_size (G) must be >= 2 in RL-only mode"]),
     (["max_new_tokens=64", "batch.max_tokens=64"], ["batch.max_tokens must exceed max_new_tokens"]),
+    (["judge_timeout_s=inf"], ["judge_timeout_s must be > 0 and finite"]),  # a socket timeout overflows
+    (["train_data="], ["train_data must not be empty"]),
 ])
 def test_bad_arguments_give_clear_errors(argv, fragments):
     with pytest.raises(ConfigError) as e:
@@ -126,15 +128,47 @@ def test_bad_arguments_give_clear_errors(argv, fragments):
     ("teachers: [a.jsonl, 3]\n", ["teachers", "list of strings"]),
     ("- 1\n- 2\n", ["must be a mapping"]),
     ("steps: [\n", ["not valid YAML"]),
+    ("steps: 2\nrollout:\n\n  top_p: abc\n", [":4: rollout.top_p: cannot use 'abc'"]),  # the key's own line
+    ("steps: 2\noptim.lrr: 3\n", [":2: unknown config key 'optim.lrr'"]),
+    ("optim.lr: 0.5\noptim:\n  lr: 0.25\n", [":3: 'optim.lr' is given twice (dotted, and in its section)"]),
+    ("steps.x: 3\n", [":1: unknown config key 'steps.x'"]),
+    (b"# r\xe9glages (Latin-1)\nsteps: 3\n", ["not valid YAML", "position 3"]),
 ])
 def test_bad_yaml_gives_clear_errors(tmp_path, text, fragments):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError) as e:
         load_config(["--config", str(path)])
     assert str(e.value).startswith(str(path))
     for fragment in fragments:
         assert fragment in str(e.value), f"{fragment!r} not in {str(e.value)!r}"
+
+
+def test_yaml_takes_dotted_keys_utf16_and_says_where_a_bad_value_was_set(tmp_path):
+    """A key dotted as on the command line is its section's field; a UTF-16 file (with its byte-order mark) is read;
+    a value out of range is said with where it was set: the file's line, or the command line."""
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 4\noptim.lr: 1.0e-6\nrollout:\n  top_p: 0.5\n", encoding="utf-16")
+    cfg = load_config(["--config", str(path)])
+    assert (cfg.steps, cfg.optim.lr, cfg.rollout.top_p) == (4, 1e-6, 0.5)
+    path.write_text("steps: 4\nmu: 0\nrollout:\n  top_p: 1.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(path), "beta=-1"])
+    assert str(e.value) == (f"invalid config:\n  mu (μ) must be >= 1 (set at {path}:2)\n  beta (β) must be >= 0 "
+                            f"(set on the command line)\n  rollout.top_p must be in (0, 1] (set at {path}:4)")
+
+
+def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """YAML keeps ``~`` as written (a shell expands it on the command line): a run would write into a folder
+    called ``~`` under the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: ~/runs/a\nteachers: [~/t1.jsonl, t2.jsonl]\ntrain_data: ~/d.jsonl\n"
+                    "student: ~/m\nresume: auto\n")
+    cfg = load_config(["--config", str(path), "eval_data=~/e.jsonl"])
+    assert (cfg.output_dir, cfg.teachers, cfg.train_data) == (f"{tmp_path}/runs/a", [f"{tmp_path}/t1.jsonl",
+                                                                                     "t2.jsonl"], f"{tmp_path}/d.jsonl")
+    assert (cfg.student, cfg.eval_data, cfg.resume) == (f"{tmp_path}/m", f"{tmp_path}/e.jsonl", "auto")
 
 
 def test_wrong_types_set_in_code_are_rejected():
@@ -181,6 +215,20 @@ def test_help_lists_every_key(capsys):
     assert out.strip() == help_text().strip()
     for key in valid_keys():
         assert f"\n  {key} = " in out
+    # Each default as printed, given back on the command line, is the default.
+    shown = dict(line.strip().split("  [")[0].split(" = ", 1) for line in out.splitlines()
+                 if line.startswith("  ") and not line.startswith("   ") and " = " in line)
+    assert sorted(shown) == sorted(valid_keys())
+    default = load_config([])
+    for key, text in shown.items():
+        given = load_config([f"{key}={'' if text == '(empty)' else text}"])
+        assert _get(given, key) == _get(default, key), (key, text)
+
+
+def _get(cfg, key: str):
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 @pytest.mark.parametrize("text, key, line, first", [
