@@ -6,7 +6,7 @@ threads, so that many requests are in flight at once and the server can batch th
 only (urllib), one connection per request.
 
 Errors, per request:
-* a timeout (``timeout_s`` on connecting and on each read), a dropped connection, HTTP 429 and HTTP
+* a timeout (``timeout_s`` on connecting and on each read), a dropped connection, HTTP 408, 429 and HTTP
   5xx are retried up to ``retries`` times, after ``backoff_s``, 2·``backoff_s``, 4·``backoff_s``, ..., or
   after what a 429's or 503's ``Retry-After`` header asks (seconds or an HTTP date, at most
   ``RETRY_AFTER_MAX_S`` = 60 s) where that is longer; each wait is stretched by a random 0-25 % so that the
@@ -53,7 +53,8 @@ _JITTER = 0.25  # each wait is stretched by up to this fraction, at random
 
 class HTTPError(RuntimeError):
     """A request to an OpenAI-compatible server that failed for good; the message says why. ``status``: the HTTP
-    status of a reply that was not retried (a 4xx other than 429), else None (retries spent, a malformed reply)."""
+    status of a reply that was not retried (a 4xx other than 408 and 429), else None (retries spent, a malformed
+    reply)."""
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
@@ -102,7 +103,7 @@ class OpenAIClient:
                     raw = reply.read()
             except urllib.error.HTTPError as e:
                 detail = _excerpt(e.read())
-                if e.code == 429 or e.code >= 500:
+                if e.code in (408, 429) or e.code >= 500:
                     last = f"HTTP {e.code}: {detail}"
                     retry_after = retry_after_s((e.headers or {}).get("Retry-After")) if e.code in (429, 503) else 0.0
                     continue

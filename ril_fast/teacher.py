@@ -9,8 +9,9 @@
 * a local HF folder that ``ril_fast.models.load`` opens (a Qwen-VL / InternVL VLM, or a text LM for
   text-only data; an example it cannot answer — images for a text-only model, an image its image processor
   refuses, a prompt that leaves no room for ``--max-new-tokens`` in its context — is refused, naming the
-  first such example's file:line, before the model loads): batched sampling with ``ril_fast.rollout.sample_responses``,
-  ``--batch-size`` sequences per ``generate`` call, each batch seeded from ``--seed`` and its first job.
+  first such example's file:line, before the model loads), in bf16 on CUDA, fp32 on the CPU: batched sampling with
+  ``ril_fast.rollout.sample_responses``, ``--batch-size`` sequences per ``generate`` call, each batch seeded from
+  ``--seed`` and its first job (so that no two batches draw alike).
   ``--seed`` defaults to one drawn from the OS (printed on stderr), so that a rerun draws afresh; a given
   ``--seed`` makes the responses reproducible (for the same pending jobs and ``--batch-size``), so a
   rerun with the same seed draws the same ones again; or
@@ -20,13 +21,23 @@
   images are uploaded and encoded once, not K times; ``--concurrency`` requests in flight (a batch waits
   for its last request, so a server teacher's batch is ``--batch-size`` rounded up to whole requests of
   min(K, ``--n-per-request``) responses, and to at least ``--concurrency`` such requests), each
-  example's images sent as ``data:`` URLs before its question; ``--served-model`` names the model
+  example's images sent as ``data:`` URLs before its question (a file as it is, but for an image whose EXIF
+  orientation turns or flips it: that one is sent upright, as ril_fast's own loader turns it, re-encoded as PNG,
+  since some servers, SGLang or llama.cpp, ignore the orientation); ``--served-model`` names the model
   (default: the first the server lists). A server that ignores ``n`` (fewer choices than asked) is asked
   again for the missing responses, with a hint on stderr to pass ``--n-per-request 1`` (one request per
   response, as with ``--temperature 0``: vLLM refuses ``n`` > 1 with greedy sampling). Timeouts and
-  retries as the http judge's (``ril_fast.judges_http``); the API key from ``$RIL_JUDGE_API_KEY`` or
-  ``$OPENAI_API_KEY``. Half an emoji at the end of a cut reply (a lone UTF-16 surrogate) is written as
-  U+FFFD.
+  retries as the http judge's (``ril_fast.judges_http``); a request that fails for good (a timeout or an HTTP 5xx
+  after the retries, an HTTP 408) ends the command, naming its example's file:line and id, and so does an HTTP 401,
+  403 or 404 (the key, the URL or the model is wrong for every request). Any other HTTP 4xx refuses that one example
+  (vLLM's 400 for a prompt plus ``max_tokens`` beyond its ``--max-model-len``, an image it cannot use): its responses
+  are not written, the command goes on, and the end says how many examples were refused, naming the first's
+  file:line, id and the server's message (every example of a fresh start's first batch refused ends the command:
+  the server refuses the requests, e.g. a parameter, not the examples). A reply is a complete answer when its
+  ``finish_reason`` is ``stop``, missing, or TGI's / llama.cpp's ``eos_token``, ``stop_sequence`` or ``eos``;
+  ``length`` marks it truncated; any other (vLLM's ``abort``, ``content_filter``, ``error``, ...) is not written
+  but counted, with the reasons seen, and said at the end. The API key from ``$RIL_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``. Half an emoji at the end of a cut
+  reply (a lone UTF-16 surrogate) is written as U+FFFD.
 
 The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` reads it), one line per
 response::
@@ -34,7 +45,7 @@ response::
     {"id": "q17", "index": 0, "teacher": "NAME", "response": "...", "truncated": false,
      "correct": true, "judge": "rule-v6+math_verify-v7"}    # the last two only with --judge
 
-``index`` is k in 0..K-1; ``teacher`` is ``--teacher`` (default: the output file's stem);
+``index`` is k in 0..K-1; ``teacher`` is ``--teacher`` (default: the output file's stem), one teacher per file;
 ``truncated``: the response hit ``--max-new-tokens``, and the trainer leaves it out (a cut-off text is not the
 teacher's answer). How many the file holds is said at the start; ``--redo-truncated`` asks again for the
 responses whose every line is marked truncated (a new line each; the old ones stay, left out), e.g. with
@@ -45,16 +56,20 @@ find, when the judge and its cache file are the same).
 Append-only and resumable: responses are written in batches of ``--batch-size``, each batch flushed
 before the next starts, so a crash loses at most the batch in progress. On start the output file is
 read and checked: a line that is not ril_fast.teacher's (no id / index) is an error, and the file is
-left as it was. The (id, index) pairs already there are skipped; a last line cut short by a crash (not
-JSON) is removed, and a whole last line missing its newline is given one. Run the same command again to
-finish: no line is written twice, none is lost. A response that ``load_teachers`` would refuse — empty
-(whitespace only), or holding one of the teacher's control tokens (a local teacher's
-``Processor.control_tokens``, e.g. ``<|endoftext|>``: its responses are decoded with special tokens kept;
-the trainer checks the student's, the same for a student of the teacher's family; none are known for a
-server, whose text vLLM gives without them) — is not written; how many is said at the end, and the next
-run asks for them again. One command at a time appends to a file: a second one started on the same ``--out``
-(which would ask for the same responses and write them twice) stops at once, naming the first's process
-id (an ``flock`` on ``.NAME.jsonl.lock`` beside the file, which the system drops when the process ends).
+left as it was, and so is a line of another teacher than this run's (``--teacher``, or the file's stem for a
+line without one), before any model loads: resumed under another name, one teacher's collection would be split
+in two, and a second teacher's would find the first's pairs done; the error names the line and both names (pass
+``--teacher`` as found to go on, or give the second teacher another ``--out``). The (id, index) pairs already
+there are skipped; a last line cut short by a crash (not JSON) is removed, and a whole last line missing its
+newline is given one. Run the same command again to finish: no line is written twice, none is lost. A response
+that ``load_teachers`` would refuse — empty (whitespace only), or holding one of the teacher's control tokens (a
+local teacher's ``Processor.control_tokens``, e.g. ``<|endoftext|>``: its responses are decoded with special
+tokens kept; the trainer checks the student's, the same for a student of the teacher's family; none are known
+for a server, whose text vLLM gives without them) — is not written; how many is said at the end, and the next
+run asks for them again, as it does for the unfinished ones and those of the examples refused. One command at a
+time appends to a file: a second one started on the same ``--out`` (which would ask for the same responses and
+write them twice) stops at once, naming the first's process id (an ``flock`` on ``.NAME.jsonl.lock`` beside the
+file, which the system drops when the process ends).
 
 Errors in the input (a data or output file's line, a model folder ril_fast cannot use, a server that
 fails for good, an output file in use) end the command with one line, ``error: ...``, and status 1; bad
@@ -64,9 +79,11 @@ options (an ``--out`` under a file included) with argparse's status 2, before an
 import argparse
 import base64
 import hashlib
+import io
 import json
 import mimetypes
 import secrets
+import shlex
 import sys
 import threading
 from dataclasses import dataclass
@@ -93,26 +110,35 @@ class Job:
 _LINE_START = b'{"id": '  # how each line written here begins (json.dumps of a record whose first key is id)
 
 
-def _pair(line: bytes, where: str) -> tuple[str, int]:
-    """The (id, index) of a line of ril_fast.teacher; a ``DataError`` naming ``where`` for any other line."""
+def _pair(line: bytes, where: str, teacher: str | None = None, stem: str = "") -> tuple[str, int]:
+    """The (id, index) of a line of ril_fast.teacher; a ``DataError`` naming ``where`` for any other line, and
+    for a line of another teacher than ``teacher`` (when given; ``stem``: the name of a line without one, as
+    ``ril_fast.data.load_teachers`` reads it)."""
     try:
         record = json.loads(line)
-        return str(record["id"]), int(record["index"])
+        pair = str(record["id"]), int(record["index"])
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{where}: not a line of ril_fast.teacher (no id / index: {e}); "
                         f"write to another --out") from None
+    if teacher is not None and (found := record.get("teacher", stem)) != teacher:
+        raise DataError(f"{where}: a response of teacher {found!r}, but this run's teacher is {teacher!r} (a file "
+                        f"holds one teacher): pass --teacher {shlex.quote(str(found))} to go on collecting {found!r}, "
+                        f"or give another --out for a second teacher")
+    return pair
 
 
-def written_pairs(out: Path) -> set[tuple[str, int]]:
+def written_pairs(out: Path, teacher: str | None = None) -> set[tuple[str, int]]:
     """The (id, index) pairs of the lines of ``out`` (empty if it does not exist); a ``DataError`` when a
-    line is not one of ril_fast.teacher's. Only a file found to be the tool's own is changed: a last line
-    without its newline is cut off when it is the start of a line the process died writing (not JSON,
-    beginning as this module's lines do), and given its newline when it is a whole line."""
+    line is not one of ril_fast.teacher's, or (``teacher`` given) is another teacher's (a line without a name is
+    the file stem's). Only a file found to be the tool's own is changed: a last line without its newline is cut
+    off when it is the start of a line the process died writing (not JSON, beginning as this module's lines do),
+    and given its newline when it is a whole line."""
     if not out.exists():
         return set()
     raw = out.read_bytes()
     *lines, tail = raw.split(b"\n")
-    pairs = {_pair(line, f"{out}:{number}") for number, line in enumerate(lines, start=1) if line.strip()}
+    pairs = {_pair(line, f"{out}:{number}", teacher, out.stem) for number, line in enumerate(lines, start=1)
+             if line.strip()}
     if not tail.strip():
         return pairs
     try:
@@ -124,7 +150,7 @@ def written_pairs(out: Path) -> set[tuple[str, int]]:
             print(f"{out}: removed an incomplete last line ({len(tail)} bytes) left by an interrupted run",
                   file=sys.stderr)
             return pairs
-    pairs.add(_pair(tail, f"{out}:{len(lines) + 1}"))
+    pairs.add(_pair(tail, f"{out}:{len(lines) + 1}", teacher, out.stem))
     with out.open("ab") as f:  # a whole line, its newline missing: the next line must not join it
         f.write(b"\n")
     return pairs
@@ -146,24 +172,40 @@ def pending_jobs(examples: list[Example], k: int, done: set[tuple[str, int]]) ->
 
 
 # ----------------------------------------------------------------------------------------------------
-# Teachers: a local HF model or an OpenAI-compatible server; a batch of jobs -> (text, truncated) each
+# Teachers: a local HF model or an OpenAI-compatible server; a batch of jobs -> (text, finish) each, finish
+# "stop" (a whole answer), "length" (cut at the token limit) or another reason the server gave (unfinished);
+# None for a job whose example the server refused
 # ----------------------------------------------------------------------------------------------------
+# finish_reason of a whole answer: OpenAI / vLLM "stop" (or none given), TGI's "eos_token" / "stop_sequence",
+# llama.cpp's "eos"
+_COMPLETE = frozenset({"stop", None, "eos_token", "stop_sequence", "eos"})
+
+
+def local_dtype():
+    """The dtype the local teacher loads in: bf16 where ``ril_fast.models.load`` puts it on CUDA (its default
+    device when there is one), fp32 on the CPU (as ``ril_fast.judges_hf`` picks its own)."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
 class LocalTeacher:
-    """Batched sampling from a local HF model folder (``ril_fast.rollout.sample_responses``), each batch
-    seeded from ``seed`` and its first job. ``control_tokens``: the model's (``Processor.control_tokens``),
-    which its responses are decoded with."""
+    """Batched sampling from a local HF model folder (``ril_fast.rollout.sample_responses``), in
+    :func:`local_dtype`, each batch seeded from ``seed`` and its first job. ``control_tokens``: the model's
+    (``Processor.control_tokens``), which its responses are decoded with."""
 
     def __init__(self, folder: str, *, max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
                  seed: int):
         from ril_fast.models import load
 
-        self.model, self.processor = load(folder)
+        self.model, self.processor = load(folder, dtype=local_dtype())
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size, self.seed = batch_size, seed
         self.control_tokens = self.processor.control_tokens
 
-    def __call__(self, jobs: list[Job]) -> list[tuple[str, bool]]:
-        """One sampled response per job (greedy when the temperature is 0)."""
+    def __call__(self, jobs: list[Job]) -> list[tuple[str, str]]:
+        """One sampled response per job (greedy when the temperature is 0), as (text, "length" where it hit
+        ``max_new_tokens``, else "stop")."""
         from ril_fast.rollout import sample_responses
 
         # The seed is a function of the run's seed and the batch's first job, not of where this run started.
@@ -174,13 +216,46 @@ class LocalTeacher:
                                     group_size=1, max_new_tokens=self.max_new_tokens,
                                     temperature=self.temperature or 1.0, top_p=self.top_p, seed=seed,
                                     greedy=self.temperature == 0, max_batch=self.batch_size)
-        return [(r[0].text, r[0].truncated) for r in rollouts]
+        return [(r[0].text, "length" if r[0].truncated else "stop") for r in rollouts]
+
+
+_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
+# Where a PNG may hold an orientation (an eXIf chunk, ImageMagick's EXIF profile, XMP): Pillow decodes a PNG's
+# pixels to look for an eXIf chunk after them, which a file without these bytes is spared.
+_PNG_ORIENTATION_MARKS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
+def upright_png(raw: bytes) -> bytes | None:
+    """The image file ``raw`` turned upright by its EXIF (or XMP) orientation as ``ril_fast.processor.load_image``
+    turns it (``ImageOps.exif_transpose``), encoded as PNG; None when the orientation neither turns nor flips it
+    (none, 1, or a value out of 2..8), or Pillow cannot read the file (then sent as it is, for the server to judge)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.format == "PNG" and not any(mark in raw for mark in _PNG_ORIENTATION_MARKS):
+                return None
+            if im.getexif().get(_ORIENTATION) not in range(2, 9):
+                return None
+            upright = ImageOps.exif_transpose(im)
+    except Exception:  # PIL raises many types for a file it cannot read; the data's own checks opened it
+        return None
+    if upright.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):  # what PNG holds; e.g. a CMYK JPEG
+        upright = upright.convert("RGBA" if "A" in upright.mode else "RGB")
+    buffer = io.BytesIO()
+    upright.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def data_url(path: Path) -> str:
-    """The image file at ``path`` as a ``data:`` URL (its MIME type from the file name)."""
+    """The image file at ``path`` as a ``data:`` URL: its bytes as they are (its MIME type from the file name), but
+    for an image whose EXIF orientation turns or flips it, sent upright as PNG (:func:`upright_png`): a server
+    that ignores the orientation (SGLang, llama.cpp) would see what ril_fast's own loader turns upright askew."""
+    raw = path.read_bytes()
+    if (upright := upright_png(raw)) is not None:
+        return f"data:image/png;base64,{base64.b64encode(upright).decode()}"
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
 
 
 def chat_messages(example: Example) -> list[dict]:
@@ -198,9 +273,14 @@ def without_lone_surrogates(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
+# HTTP statuses that say the key, the URL or the model is wrong: every request would fail so, not one example's.
+_EVERY_REQUEST = frozenset({401, 403, 404})
+
+
 class ServerTeacher:
     """Sampling from an OpenAI-compatible server, ``concurrency`` requests in flight, each asking for up to
-    ``n_per_request`` responses to one example (``"n"``)."""
+    ``n_per_request`` responses to one example (``"n"``). ``refused``: example id -> the server's message, for
+    each example whose request it refused with an HTTP 4xx of that example's (module docstring)."""
 
     def __init__(self, url: str, model: str, *, max_new_tokens: int, temperature: float, top_p: float,
                  concurrency: int, timeout_s: float, retries: int, n_per_request: int):
@@ -211,42 +291,58 @@ class ServerTeacher:
         self.n_per_request = 1 if temperature == 0 else n_per_request
         self.ignores_n = False  # seen a reply with fewer choices than asked for (the hint is printed once)
         self.control_tokens = ()  # unknown without the served model's tokenizer (vLLM leaves special tokens out)
+        self.refused: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def choices(self, body: dict, n: int) -> list[tuple[str, bool]]:
+    def choices(self, body: dict, n: int) -> list[tuple[str, str]]:
         """The responses of one request for ``n`` choices, in order of the choices' ``index``: up to ``n``
         (fewer when the server ignores ``n``, the first ``n`` when it sends more), each as its text (lone
-        surrogates replaced) and whether it hit the token limit."""
+        surrogates replaced) and its finish: "stop" for a whole answer (any of ``_COMPLETE``), else the
+        server's ``finish_reason`` ("length": it hit the token limit)."""
         reply = self.client.request("/chat/completions", {**body, "n": n} if n > 1 else body)
         try:
             listed = list(enumerate(reply["choices"]))
             ordered = [c for _, c in sorted(listed, key=lambda pair: pair[1].get("index", pair[0]))][:n]
             if not ordered:
                 raise IndexError("no choices")
-            return [(without_lone_surrogates(c["message"]["content"] or ""), c.get("finish_reason") == "length")
-                    for c in ordered]
+            return [(without_lone_surrogates(c["message"]["content"] or ""),
+                     "stop" if c.get("finish_reason") in _COMPLETE else c["finish_reason"]) for c in ordered]
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise HTTPError(f"{self.client.url}/chat/completions: malformed reply ({type(e).__name__}: {e}): "
                             f"{json.dumps(reply)[:300]}") from None
 
-    def group(self, jobs: list[Job]) -> list[tuple[str, bool]]:
+    def group(self, jobs: list[Job]) -> list[tuple[str, str] | None]:
         """One response per job, all to the same example: one request for ``len(jobs)`` choices, then
-        further requests for the responses a server that ignores ``n`` left out."""
-        body = {"model": self.model, "messages": chat_messages(jobs[0].example), **self.params}
-        got = self.choices(body, len(jobs))
-        while len(got) < len(jobs):
-            with self._lock:
-                first, self.ignores_n = not self.ignores_n, True
-            if first:
-                print(f"{self.client.url}: asked for n={len(jobs)} choices, got {len(got)}: the server seems to ignore "
-                      f"\"n\"; the missing responses are asked for again (with such a server pass --n-per-request 1: "
-                      f"one request per response)", file=sys.stderr)
-            got += self.choices(body, len(jobs) - len(got))
+        further requests for the responses a server that ignores ``n`` left out. None for each job when the
+        server refuses the example (an HTTP 4xx but 401, 403 and 404; ``refused``); any other failure is an
+        ``HTTPError`` naming the example's file:line and id."""
+        example = jobs[0].example
+        body = {"model": self.model, "messages": chat_messages(example), **self.params}
+        try:
+            got = self.choices(body, len(jobs))
+            while len(got) < len(jobs):
+                with self._lock:
+                    first, self.ignores_n = not self.ignores_n, True
+                if first:
+                    print(f"{self.client.url}: asked for n={len(jobs)} choices, got {len(got)}: the server seems to "
+                          f"ignore \"n\"; the missing responses are asked for again (with such a server pass "
+                          f"--n-per-request 1: one request per response)", file=sys.stderr)
+                got += self.choices(body, len(jobs) - len(got))
+        except HTTPError as e:
+            status = e.status  # of a reply refused outright; None after the retries, or for a malformed reply
+            if status in _EVERY_REQUEST:
+                raise
+            if status is not None and 400 <= status < 500 and status != 408:  # 408: the server timed out
+                with self._lock:
+                    self.refused.setdefault(example.id, str(e))
+                return [None] * len(jobs)
+            raise HTTPError(f"{example.where}: example {example.id!r}: {e}", status=status) from None
         return got
 
-    def __call__(self, jobs: list[Job]) -> list[tuple[str, bool]]:
-        """One response per job, in order. Consecutive jobs to the same example share a request, up to
-        ``n_per_request`` of them; the choices are given to the jobs in order of their ``index``."""
+    def __call__(self, jobs: list[Job]) -> list[tuple[str, str] | None]:
+        """One response per job, in order, or None where the server refused the job's example. Consecutive jobs
+        to the same example share a request, up to ``n_per_request`` of them; the choices are given to the jobs in
+        order of their ``index``."""
         groups: list[list[Job]] = []
         for job in jobs:
             if groups and groups[-1][0].example.id == job.example.id and len(groups[-1]) < self.n_per_request:
@@ -262,12 +358,16 @@ class ServerTeacher:
 def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, judge=None, total: int,
             progress: bool = True) -> dict:
     """Append one line per job's response to ``out``, a batch at a time (see the module docstring); a
-    response that is empty or holds one of ``teacher.control_tokens`` is not written, only counted.
-    Returns ``{"written": n, "truncated": n, "empty": n, "control_tokens": n}`` (``truncated``: of those written,
-    the ones cut at the token budget)."""
+    response that is empty, holds one of ``teacher.control_tokens`` or is unfinished (its finish neither "stop"
+    nor "length") is not written, only counted, and none is for a job the teacher gives None (its example refused:
+    the teacher counts those; on a fresh start, the first batch's every example refused is an ``HTTPError``: the
+    server refuses the requests, not the examples). Returns ``{"written": n, "truncated": n, "empty": n,
+    "control_tokens": n, "unfinished": {reason: n}}`` (``truncated``: of those written, the ones cut at the token
+    budget)."""
     from tqdm import tqdm
 
     written = cut = empty = control = 0
+    unfinished: dict = {}
     bar = tqdm(total=total, initial=total - len(jobs), unit="response", desc=name, disable=not progress,
                dynamic_ncols=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -275,13 +375,24 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             kept = []
-            for job, (text, truncated) in zip(chunk, teacher(chunk)):
-                if not text.strip():
+            replies = teacher(chunk)
+            # A fresh start whose first batch is refused whole: the requests are (a parameter the server rejects)
+            if start == 0 and len(jobs) == total and all(reply is None for reply in replies):
+                first = chunk[0].example
+                raise HTTPError(f"the server refused every example of the first batch ({len(chunk)} responses), "
+                                f"e.g. {first.where} (id {first.id!r}): {teacher.refused.get(first.id, '')}")
+            for job, reply in zip(chunk, replies):
+                if reply is None:  # the server refused the example
+                    continue
+                text, finish = reply
+                if finish not in ("stop", "length"):  # cut short by the server (vLLM's "abort", ...): no answer
+                    unfinished[finish] = unfinished.get(finish, 0) + 1
+                elif not text.strip():
                     empty += 1
                 elif any(token in text for token in teacher.control_tokens):
                     control += 1
                 else:
-                    kept.append((job, text, truncated))
+                    kept.append((job, text, finish == "length"))
             verdicts = judge([JudgeItem(j.example.question, j.example.answer, t) for j, t, _ in kept]) if judge else []
             for n, (job, text, truncated) in enumerate(kept):
                 record = {"id": job.example.id, "index": job.index, "teacher": name, "response": text,
@@ -294,7 +405,7 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
             cut += sum(truncated for _, _, truncated in kept)
             bar.update(len(chunk))
     bar.close()
-    return {"written": written, "truncated": cut, "empty": empty, "control_tokens": control}
+    return {"written": written, "truncated": cut, "empty": empty, "control_tokens": control, "unfinished": unfinished}
 
 
 def _check_prompts(folder: str, jobs: list[Job], max_new_tokens: int) -> None:
@@ -334,8 +445,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.num_responses, args.max_new_tokens, args.batch_size, args.concurrency, args.n_per_request) < 1:
         p.error("--num-responses, --max-new-tokens, --batch-size, --concurrency and --n-per-request must be >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1):  # so written, NaN fails too
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not (0 < args.timeout_s < 1e9 and args.retries >= 0):
+        p.error("--timeout-s must be > 0 and finite (under 1e9 s), --retries >= 0")
     if Path(args.out).is_dir():
         p.error(f"--out {args.out}: is a folder; give the collection's JSONL file (e.g. "
                 f"{Path(args.out) / 'NAME.jsonl'})")
@@ -348,9 +461,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the command; returns ``{"written", "truncated", "empty", "control_tokens", "skipped", "total"}``
-    (responses; ``truncated``: of those written; ``empty`` and ``control_tokens``: those not written, see the module
-    docstring)."""
+    """Run the command; returns ``{"written", "truncated", "empty", "control_tokens", "unfinished", "refused",
+    "skipped", "total"}`` (responses; ``truncated``: of those written; ``empty``, ``control_tokens`` and
+    ``unfinished``, a count for each finish reason the server gave, e.g. ``{"abort": 2}``: those not written, see the
+    module docstring; ``refused``: the examples the server refused, whose responses were not written)."""
     args = parse_args(argv)
     # A second collection into the same file would ask for the same responses and write them twice.
     lock_file(args.out)
@@ -364,16 +478,17 @@ def _run(args: argparse.Namespace) -> dict:
     """``main``'s work, with the output file locked."""
     out = Path(args.out)
     examples = load_examples(args.data)
-    done = written_pairs(out)
+    name = args.teacher or out.stem
+    done = written_pairs(out, teacher=name)  # one teacher per file: another's lines end the command here
     cut = truncated_pairs(out) & {(e.id, k) for e in examples for k in range(args.num_responses)}
     jobs = pending_jobs(examples, args.num_responses, done - cut if args.redo_truncated else done)
     total = len(examples) * args.num_responses
-    name = args.teacher or out.stem
     print(f"{name}: {total - len(jobs)} of {total} responses already in {out}; {len(jobs)} to collect"
           + (f" ({len(cut)} marked truncated, which the trainer leaves out, asked for again)" if args.redo_truncated
              and cut else f"; {len(cut)} of those are marked truncated, which the trainer leaves out: "
              f"--redo-truncated asks for them again" if cut else ""), file=sys.stderr)
-    stats = {"written": 0, "truncated": 0, "empty": 0, "control_tokens": 0}
+    stats = {"written": 0, "truncated": 0, "empty": 0, "control_tokens": 0, "unfinished": {}}
+    refused: dict[str, str] = {}  # example id -> the server's message
     local = not args.model.startswith(("http://", "https://"))
     if jobs:
         batch_size = args.batch_size
@@ -395,18 +510,28 @@ def _run(args: argparse.Namespace) -> dict:
             judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
         stats = collect(teacher, jobs, out, name=name, batch_size=batch_size, judge=judge, total=total,
                         progress=not args.no_progress)
-    if unwritten := stats["empty"] + stats["control_tokens"]:
+        refused = getattr(teacher, "refused", {})
+    if unwritten := stats["empty"] + stats["control_tokens"] + sum(stats["unfinished"].values()):
         again = (" (greedy decoding, --temperature 0, is likely to give the same responses again)"
                  if args.temperature == 0 else " with another --seed (the same seed draws the same responses)"
                  if local and args.seed is not None else "")
+        reasons = ", ".join(f"{reason!r} ({n})" for reason, n in sorted(stats["unfinished"].items(), key=str))
         print(f"{unwritten} responses were not written ({stats['empty']} empty, {stats['control_tokens']} holding a "
-              f"control token of the teacher's, which ril_fast.data.load_teachers refuses); run the command again to "
-              f"ask for them{again}", file=sys.stderr)
+              f"control token of the teacher's, which ril_fast.data.load_teachers refuses"
+              + (f", {unwritten - stats['empty'] - stats['control_tokens']} unfinished: the server ended them with "
+                 f"finish_reason {reasons}" if stats["unfinished"] else "")
+              + f"); run the command again to ask for them{again}", file=sys.stderr)
+    if refused:
+        first = next(e for e in examples if e.id in refused)  # in the data's order
+        print(f"{len(refused)} examples were refused by the server (an HTTP 4xx for their request: e.g. a prompt "
+              f"plus --max-new-tokens beyond its --max-model-len, or an image it cannot use), their responses not "
+              f"written; the first, {first.where} (id {first.id!r}): {refused[first.id]}. Fix or leave out those "
+              f"examples (or lower --max-new-tokens); a rerun asks for them again", file=sys.stderr)
     if stats["truncated"]:
         print(f"{stats['truncated']} of the {stats['written']} responses written hit --max-new-tokens "
               f"{args.max_new_tokens}: marked truncated, which the trainer leaves out; raise --max-new-tokens and run "
               f"again with --redo-truncated", file=sys.stderr)
-    return {**stats, "skipped": total - len(jobs), "total": total}
+    return {**stats, "refused": len(refused), "skipped": total - len(jobs), "total": total}
 
 
 if __name__ == "__main__":

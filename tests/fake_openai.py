@@ -10,6 +10,7 @@ counted per distinct message (``attempts``):
     FAULT:slow-once   the first attempt sleeps ``slow_s``, later ones answer at once
     FAULT:500         every attempt is an HTTP 500
     FAULT:500x2       the first two attempts are HTTP 500s
+    FAULT:408-once    the first attempt is an HTTP 408 (the server timed out waiting for the request)
     FAULT:429-once    the first attempt is an HTTP 429 with the header ``Retry-After: {retry_after}``
     FAULT:503-once    the first attempt is an HTTP 503 with the same header
     FAULT:400         an HTTP 400 with an error message (not to be retried)
@@ -160,6 +161,8 @@ class FakeOpenAI:
                     time.sleep(fake.slow_s)
                 if fault == "500" or (fault == "500x2" and attempt <= 2):
                     return self._send(500, b'{"error": "injected server error"}')
+                if fault == "408-once" and attempt == 1:
+                    return self._send(408, b'{"error": {"message": "injected: request timeout"}}')
                 if fault in ("429-once", "503-once") and attempt == 1:
                     return self._send(int(fault[:3]), b'{"error": {"message": "injected: rate limit reached"}}',
                                       headers={"Retry-After": fake.retry_after})

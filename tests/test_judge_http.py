@@ -100,6 +100,13 @@ def test_a_rate_limit_is_waited_out_as_the_server_asks(fault):
     assert second - first >= 1.0
 
 
+def test_a_408_is_retried():
+    """HTTP 408: the server timed out waiting for the request, which may well go through the next time."""
+    with FakeOpenAI() as server:
+        assert _judge(server, retries=1, backoff_s=0.01)([JudgeItem("q", "red", "red FAULT:408-once")]) == [True]
+    assert list(server.attempts.values()) == [2]
+
+
 def test_retry_after_header_is_read_and_capped():
     """Delta-seconds or an HTTP date, within [0, 60 s]; anything else is no header."""
     now = time.time()

@@ -36,6 +36,12 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _stats(**counts) -> dict:
+    """What ``main`` returns: ``counts``, and 0 (``unfinished``: none) for the rest."""
+    return {"written": 0, "truncated": 0, "empty": 0, "control_tokens": 0, "unfinished": {}, "refused": 0,
+            "skipped": 0, "total": 0, **counts}
+
+
 def test_local_model_teacher_with_judging(demo, tmp_path, capsys, _fresh_seed):
     data = demo.root / "train6.jsonl"  # beside the images its paths are relative to
     data.write_text("".join(demo.train.read_text().splitlines(keepends=True)[:6]))
@@ -83,7 +89,7 @@ def test_server_teacher_sends_images_as_data_urls(demo, tmp_path):
         stats = main(["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "2",
                       "--max-new-tokens", "7", "--temperature", "0.5", "--concurrency", "3", "--no-progress",
                       "--teacher", "big-vlm"])
-    assert stats == {"written": 80, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 80}
+    assert stats == _stats(written=80, total=80)
     bodies = [body for path, body, _ in server.requests if path == "/v1/chat/completions"]
     assert [p for p, _, _ in server.requests if p != "/v1/chat/completions"] == ["/v1/models"]
     by_question = {}
@@ -134,7 +140,7 @@ def test_server_teacher_asks_for_an_examples_responses_in_one_request(demo, tmp_
         server.teacher_reply = lambda body, text: {"choices": reply(body, text)["choices"][::-1]}
         stats = main(["--model", server.url, "--data", str(demo.train), "--out", str(out), "--num-responses", "4",
                       "--n-per-request", "8", "--concurrency", "3", "--no-progress"])
-    assert stats == {"written": 160, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 160}
+    assert stats == _stats(written=160, total=160)
     assert _asked(server, examples) == {e.id: [4] for e in examples}
     by_id = {}
     for line in _lines(out):
@@ -158,7 +164,7 @@ def test_server_teacher_resumed_asks_only_for_the_missing_indices(demo, tmp_path
     with FakeOpenAI() as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--no-progress"])
-    assert stats == {"written": 6, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 6, "total": 12}
+    assert stats == _stats(written=6, skipped=6, total=12)
     assert _asked(server, examples) == {e0: [2], e2: [4]}
     new = {(line["id"], line["index"]): line["response"] for line in _lines(out)[len(kept):]}
     assert set(new) == {(e0, 1), (e0, 3)} | {(e2, k) for k in range(4)}
@@ -173,7 +179,7 @@ def test_server_that_ignores_n_still_yields_every_response(demo, tmp_path, capsy
     with FakeOpenAI(ignore_n=True) as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--concurrency", "3", "--no-progress"])
-    assert stats == {"written": 12, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 12}
+    assert stats == _stats(written=12, total=12)
     pairs = [(line["id"], line["index"]) for line in _lines(out)]
     assert sorted(pairs) == sorted((e.id, k) for e in examples for k in range(4))
     # One choice a reply: asked for 4, then for the 3, 2 and 1 still missing.
@@ -195,7 +201,7 @@ def test_server_requests_per_example(demo, tmp_path, args, asked):
     with FakeOpenAI() as server:
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--no-progress", *args])
-    assert stats == {"written": 12, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 12}
+    assert stats == _stats(written=12, total=12)
     assert _asked(server, examples) == {e.id: asked for e in examples}
     assert written_pairs(out) == {(e.id, k) for e in examples for k in range(4)}
 
@@ -228,7 +234,7 @@ def test_server_reply_cut_inside_an_emoji_is_written_and_judged(demo, tmp_path):
             "choices": [{"message": {"content": "It is blue \ud83d"}, "finish_reason": "stop"}]}
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2",
                       "--judge", "rule", "--no-progress"])
-    assert stats == {"written": 6, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 6}
+    assert stats == _stats(written=6, total=6)
     examples = load_examples(data)
     answers = {e.id: e.answer for e in examples}
     lines = _lines(out)
@@ -236,6 +242,174 @@ def test_server_reply_cut_inside_an_emoji_is_written_and_judged(demo, tmp_path):
     assert [line["correct"] for line in lines] == [answers[line["id"]] == "blue" for line in lines]
     assert {line["correct"] for line in lines} == {True, False}  # the demo's first answers: rectangle, blue
     assert load_teachers([out], examples).counts() == {"cut": 6}
+
+
+def test_server_reply_unfinished_is_not_written_and_asked_for_again(demo, tmp_path, capsys):
+    """finish_reason "stop", none, or TGI's / llama.cpp's spellings: a whole answer; "length": truncated; any other
+    (vLLM's "abort", "content_filter", ...): not an answer, so not written, counted by reason, said at the end,
+    and asked for again by the next run."""
+    data = _first(demo, 3)
+    examples = load_examples(data)
+    out = tmp_path / "fin.jsonl"
+    reasons = [None, "stop", "eos_token", "stop_sequence", "eos", "length", "abort", "content_filter"]
+    with FakeOpenAI() as server:
+        reply = server.teacher_reply
+
+        def with_reasons(body, text):  # choice i ends with reasons[i]; None: no finish_reason at all
+            choices = reply(body, text)["choices"]
+            for choice in choices:
+                choice.pop("finish_reason")
+                if reasons[choice["index"]] is not None:
+                    choice["finish_reason"] = reasons[choice["index"]]
+            return {"choices": choices}
+
+        server.teacher_reply = with_reasons
+        argv = ["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "8", "--no-progress"]
+        stats = main(argv)
+        assert stats == _stats(written=18, truncated=3, unfinished={"abort": 3, "content_filter": 3}, total=24)
+        assert ("6 responses were not written (0 empty, 0 holding a control token of the teacher's, which "
+                "ril_fast.data.load_teachers refuses, 6 unfinished: the server ended them with finish_reason 'abort' "
+                "(3), 'content_filter' (3)); run the command again to ask for them") in capsys.readouterr().err
+        lines = _lines(out)
+        assert sorted((line["id"], line["index"]) for line in lines) == [(e.id, k) for e in examples for k in range(6)]
+        assert all(line["truncated"] == (line["index"] == 5) for line in lines)
+        server.requests.clear()
+        reasons[6:] = ["stop", "stop"]
+        assert main(argv) == _stats(written=6, skipped=18, total=24)
+    assert _asked(server, examples) == {e.id: [2] for e in examples}  # only the two unfinished indices
+    assert {(line["id"], line["index"]) for line in _lines(out)[18:]} == {(e.id, k) for e in examples for k in (6, 7)}
+    assert "(choice 0)" in _lines(out)[18]["response"]
+
+
+def _with_fault(demo, n: int, line: int, fault: str) -> Path:
+    """The demo's first ``n`` training examples, the question on ``line`` (1-based) carrying ``fault``."""
+    rows = [json.loads(row) for row in demo.train.read_text().splitlines()[:n]]
+    rows[line - 1]["question"] += f" {fault}"
+    data = demo.root / f"fault{n}.jsonl"  # beside the images its paths are relative to
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data
+
+
+def test_an_example_the_server_refuses_is_left_out_and_the_run_goes_on(demo, tmp_path, capsys):
+    """One example's HTTP 400 (vLLM's prompt + max_tokens beyond --max-model-len, an image it cannot use) would end
+    every run at that example: the example is counted as refused, its responses not written, the rest collected,
+    and the end names the first refused example's file:line, id and the server's message."""
+    data = _with_fault(demo, 6, 4, "FAULT:400")
+    examples = load_examples(data)
+    out = tmp_path / "refused.jsonl"
+    with FakeOpenAI() as server:
+        argv = ["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2",
+                "--batch-size", "2", "--concurrency", "2", "--no-progress"]
+        assert main(argv) == _stats(written=10, refused=1, total=12)
+        err = capsys.readouterr().err
+        assert (f"1 examples were refused by the server (an HTTP 4xx for their request: e.g. a prompt plus "
+                f"--max-new-tokens beyond its --max-model-len, or an image it cannot use), their responses not "
+                f"written; the first, {data}:4 (id {examples[3].id!r}): POST {server.url}/chat/completions: HTTP 400 "
+                f"(not retried): '{{\"error\": {{\"message\": \"injected: this model does not exist\"}}}}'. ") in err
+        assert {line["id"] for line in _lines(out)} == {e.id for i, e in enumerate(examples) if i != 3}
+        assert main(argv) == _stats(refused=1, skipped=10, total=12)  # asked for again, refused again
+    assert len(_lines(out)) == 10
+
+
+@pytest.mark.parametrize("status, refused", [(400, True), (413, True), (422, True), (401, False), (403, False),
+                                             (404, False), (408, False)])
+def test_which_http_4xx_refuses_one_example_and_which_ends_the_command(demo, tmp_path, monkeypatch, status, refused):
+    """401 / 403 / 404: the key, the URL or the model is wrong for every request, and 408: the server timed out;
+    those end the command (a 408 naming the example, as a failure after the retries does). Another 4xx: that
+    example's."""
+    from ril_fast.judges_http import OpenAIClient
+
+    request = OpenAIClient.request
+
+    def refusing(self, route, body=None):
+        if body is not None and "REFUSE-ME" in json.dumps(body):
+            raise HTTPError(f"POST {self.url}{route}: HTTP {status} (not retried): 'no'", status=status)
+        return request(self, route, body)
+
+    monkeypatch.setattr(OpenAIClient, "request", refusing)
+    data = _with_fault(demo, 3, 2, "REFUSE-ME")
+    e1 = load_examples(data)[1]
+    out = tmp_path / "s.jsonl"
+    with FakeOpenAI() as server:
+        argv = ["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2", "--no-progress"]
+        if refused:
+            assert main(argv) == _stats(written=4, refused=1, total=6)
+            return
+        said = rf"^{data}:2: example {e1.id!r}: POST " if status == 408 else r"^POST "
+        with pytest.raises(HTTPError, match=said + rf"{server.url}/chat/completions: HTTP {status} "):
+            main(argv)
+    assert out.read_text() == ""  # the batch failed: nothing written
+
+
+def test_a_server_refusing_the_whole_first_batch_ends_the_command(demo, tmp_path):
+    """Every example of the first batch refused (a 400 for a parameter the server rejects, not for any example's
+    prompt): one error, not a pass over the whole data refusing each example."""
+    rows = [json.loads(row) for row in demo.train.read_text().splitlines()[:3]]
+    data = demo.root / "all_refused.jsonl"  # beside the images its paths are relative to
+    data.write_text("".join(json.dumps(row | {"question": row["question"] + " FAULT:400"}) + "\n" for row in rows))
+    with FakeOpenAI() as server:
+        with pytest.raises(HTTPError, match=rf"^the server refused every example of the first batch \(3 responses\), "
+                                            rf"e.g. {data}:1 \(id .*HTTP 400"):
+            main(["--model", server.url, "--data", str(data), "--out", str(tmp_path / "f.jsonl"), "--no-progress"])
+
+
+def test_server_failing_after_its_retries_names_the_example(demo, tmp_path):
+    """A timeout or an HTTP 5xx after the retries still ends the command, naming the example's file:line and id."""
+    data = _with_fault(demo, 3, 3, "FAULT:500")
+    e2 = load_examples(data)[2]
+    with FakeOpenAI() as server:
+        with pytest.raises(HTTPError, match=rf"^{data}:3: example {e2.id!r}: POST {server.url}/chat/completions: "
+                                            rf"failed 1 times .* last failure: HTTP 500"):
+            main(["--model", server.url, "--data", str(data), "--out", str(tmp_path / "f.jsonl"), "--retries", "0",
+                  "--no-progress"])
+
+
+def _exif_image(path: Path, orientation: int | None) -> None:
+    """A landscape image with a red bar on its left, saved at ``path`` with that EXIF orientation (None: no EXIF)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 32), "white")
+    image.paste((255, 0, 0), (0, 0, 8, 32))
+    exif = image.getexif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    image.save(path, exif=exif)
+
+
+@pytest.mark.parametrize("name, orientation, turned", [
+    ("phone.jpg", 6, True),  # a phone's portrait photo: 90 degrees clockwise for display
+    ("flipped.png", 4, True),  # an eXIf chunk in a PNG
+    ("tagged.webp", 8, True),
+    ("upright.jpg", 1, False),
+    ("none.jpg", None, False),
+    ("none.png", None, False),
+])
+def test_server_teacher_sends_an_image_upright_as_the_loader_turns_it(tmp_path, name, orientation, turned):
+    """ril_fast's loader turns an image upright by its EXIF orientation; a server that ignores it (SGLang,
+    llama.cpp) would see the image turned: such an image is sent upright, as PNG; any other file as it is."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ril_fast.data import Example
+    from ril_fast.processor import load_image
+    from ril_fast.teacher import chat_messages
+
+    path = tmp_path / name
+    _exif_image(path, orientation)
+    (image, text), = [m["content"] for m in chat_messages(Example("x", "Where is the red bar?", "top", [path]))]
+    assert text == {"type": "text", "text": "Where is the red bar?"}
+    mime, sent = image["image_url"]["url"].removeprefix("data:").split(";base64,")
+    sent = base64.b64decode(sent)
+    if not turned:
+        assert (mime, sent) == (f"image/{'jpeg' if name.endswith('.jpg') else 'png'}", path.read_bytes())
+        return
+    assert mime == "image/png"
+    with Image.open(io.BytesIO(sent)) as im:
+        assert im.format == "PNG" and im.getexif().get(0x0112) in (None, 1)
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(load_image(path)))
+    assert load_image(path).size == ((32, 64) if orientation in (6, 8) else (64, 32))
 
 
 def test_killed_mid_run_resumes_with_no_duplicate_and_no_lost_line(demo, tmp_path):
@@ -294,6 +468,11 @@ def test_out_that_is_a_folder_is_refused_before_any_work(demo, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("extra, said", [
+    (["--model", "http://127.0.0.1:9/v1", "--timeout-s", "0"], "--timeout-s must be > 0 and finite"),
+    (["--model", "http://127.0.0.1:9/v1", "--timeout-s", "nan"], "--timeout-s must be > 0 and finite"),
+    (["--model", "http://127.0.0.1:9/v1", "--retries", "-1"], "--timeout-s must be > 0 and finite (under 1e9 s), "
+                                                             "--retries >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
     (["--model", "NOWHERE"], "--model NOWHERE: no such folder"),
     (["--judge", "hf"], "--judge hf needs --judge-model"),
     (["--judge", "hf", "--judge-model", "NOWHERE"], "--judge-model NOWHERE: no such folder"),
@@ -352,7 +531,7 @@ def test_local_teacher_rerun_draws_the_empty_responses_afresh(text_model, tmp_pa
 
     assert run("t.jsonl")["empty"] == 2
     assert "2 responses were not written (2 empty, 0 holding a control token" in capsys.readouterr().err
-    assert run("t.jsonl") == {"written": 2, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 2}
+    assert run("t.jsonl") == _stats(written=2, total=2)
     assert len(seeds) == 2 and seeds[0] != seeds[1]
     assert {line["response"] for line in _lines(tmp_path / "t.jsonl")} == {"a response"}
     assert run("s1.jsonl", "--seed", "7") == run("s2.jsonl", "--seed", "7")
@@ -384,8 +563,7 @@ def test_redo_truncated_asks_again_for_responses_cut_off(text_model, tmp_path, m
     assert run()["written"] == 0
     assert "6 of those are marked truncated, which the trainer leaves out: --redo-truncated" in capsys.readouterr().err
     cut_off["now"] = False
-    assert run("--redo-truncated") == {"written": 6, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0,
-                                       "total": 6}
+    assert run("--redo-truncated") == _stats(written=6, total=6)
     assert "(6 marked truncated, which the trainer leaves out, asked for again)" in capsys.readouterr().err
     assert run("--redo-truncated")["written"] == 0  # each now has a whole response
     bank = load_teachers([out], load_examples(data))
@@ -405,13 +583,52 @@ def test_local_teacher_response_with_a_control_token_is_not_written(text_model, 
     out = tmp_path / "c.jsonl"
     argv = ["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "4",
             "--max-new-tokens", "4", "--no-progress"]
-    assert main(argv) == {"written": 1, "truncated": 0, "empty": 1, "control_tokens": 2, "skipped": 0, "total": 4}
+    assert main(argv) == _stats(written=1, empty=1, control_tokens=2, total=4)
     assert "3 responses were not written (1 empty, 2 holding a control token" in capsys.readouterr().err
     assert [(line["index"], line["response"]) for line in _lines(out)] == [(0, "fine")]
     texts[:] = ["again"] * 4
-    assert main(argv) == {"written": 3, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 1, "total": 4}
+    assert main(argv) == _stats(written=3, skipped=1, total=4)
     bank = load_teachers([out], load_examples(data), control_tokens=control)
     assert bank.counts() == {"c": 4}
+
+
+def test_each_batch_of_the_local_teacher_draws_with_its_own_seed(text_model, tmp_path, monkeypatch):
+    """K=4 responses to an example in batches of 2: a seed shared by the batches would draw the same responses
+    for indices 0-1 and 2-3. Each batch's seed is the run's --seed and its first job's, so a rerun with that seed
+    draws the same."""
+    seeds = _stub_sampling(monkeypatch, lambda seed, i: f"drawn with seed {seed}, sequence {i}")
+    data = _text_data(tmp_path, 2)
+
+    def run(out: str) -> list[tuple[str, int, str]]:
+        main(["--model", str(text_model), "--data", str(data), "--out", str(tmp_path / out), "--num-responses", "4",
+              "--batch-size", "2", "--max-new-tokens", "4", "--seed", "1", "--no-progress"])
+        return [(line["id"], line["index"], line["response"]) for line in _lines(tmp_path / out)]
+
+    lines = run("a.jsonl")
+    assert len(seeds) == len(set(seeds)) == 4  # 8 responses, 4 batches
+    for example in ("t0", "t1"):
+        assert len({response for i, _, response in lines if i == example}) == 4  # no two indices alike
+    assert run("b.jsonl") == lines and seeds[4:] == seeds[:4]
+
+
+def test_local_teacher_loads_in_bf16_on_cuda_and_fp32_on_the_cpu(monkeypatch):
+    """ril_fast.models.load defaults to fp32, on CUDA too: twice the memory, and half the decoding speed of bf16."""
+    import torch
+
+    from ril_fast.teacher import LocalTeacher, local_dtype
+
+    loaded = []
+
+    def load(folder, dtype=torch.float32, **kwargs):  # its default
+        loaded.append(dtype)
+        return None, SimpleNamespace(control_tokens=())
+
+    monkeypatch.setattr("ril_fast.models.load", load)
+    for cuda, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert local_dtype() == dtype
+        LocalTeacher("folder", max_new_tokens=4, temperature=1.0, top_p=1.0, batch_size=2, seed=0)
+    assert loaded == [torch.bfloat16, torch.float32]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -442,6 +659,40 @@ def test_resume_cuts_only_an_incomplete_last_line_and_ends_a_whole_one(tmp_path)
     for cut in (b"{", whole[:20], whole[:-1], "{\"id\": \"é".encode()[:-1]):  # the last: inside a UTF-8 character
         out.write_bytes(_OWN + cut)
         assert written_pairs(out) == {("t0", 0)} and out.read_bytes() == _OWN
+
+
+def test_a_file_of_another_teacher_is_refused_before_any_model_loads(demo, text_model, tmp_path, monkeypatch):
+    """A file holds one teacher. A second teacher collected into it would find the first's (id, index) pairs done
+    and collect nothing; a resume under another --teacher would split one teacher's collection in two: both are
+    refused, naming the line and both names, the file left as it was."""
+    data = _first(demo, 3)
+    out = tmp_path / "qwen.jsonl"
+    with FakeOpenAI() as server:
+        argv = ["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2", "--no-progress"]
+        assert main([*argv, "--teacher", "qwen72b"])["written"] == 6
+        before = out.read_bytes()
+        with pytest.raises(DataError, match=rf"^{out}:1: a response of teacher 'qwen72b', but this run's teacher "
+                                            rf"is 'internvl78b' \(a file holds one teacher\): pass --teacher qwen72b "
+                                            rf"to go on collecting 'qwen72b', or give another --out for a second "
+                                            rf"teacher$"):
+            main([*argv, "--teacher", "internvl78b"])
+        with pytest.raises(DataError, match=rf"^{out}:1: .* this run's teacher is 'qwen' .* pass --teacher qwen72b"):
+            main(argv)  # the default name, the file's stem
+        assert out.read_bytes() == before
+        assert main([*argv, "--teacher", "qwen72b"])["skipped"] == 6  # its own name goes on
+        other = tmp_path / "internvl78b.jsonl"
+        assert main([*argv[:4], "--out", str(other), *argv[6:]])["written"] == 6  # a second teacher, another file
+    assert load_teachers([out, other], load_examples(data)).counts() == {"qwen72b": 6, "internvl78b": 6}
+    # Checked before the model loads; a line without a name is the file stem's (as load_teachers reads it), and the
+    # last line, its newline missing, is checked before it is given one.
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    text = tmp_path / "t.jsonl"
+    text.write_bytes(_OWN.replace(b', "teacher": "t"', b"") + _OWN.replace(b'"t0"', b'"t1"').replace(b'"t"', b'"u"')
+                     .rstrip(b"\n"))
+    content = text.read_bytes()
+    with pytest.raises(DataError, match=rf"^{text}:2: a response of teacher 'u', but this run's teacher is 't' "):
+        main(["--model", str(text_model), "--data", str(_text_data(tmp_path, 2)), "--out", str(text), "--no-progress"])
+    assert text.read_bytes() == content
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,7 +765,7 @@ def test_server_teacher_keeps_concurrency_requests_in_flight(demo, tmp_path):
     with FakeOpenAI(hold=6) as server:  # a request is answered once 6 are in flight (12 requests: 2 rounds)
         stats = main(["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "4",
                       "--batch-size", "6", "--concurrency", "6", "--no-progress"])
-    assert stats == {"written": 48, "truncated": 0, "empty": 0, "control_tokens": 0, "skipped": 0, "total": 48}
+    assert stats == _stats(written=48, total=48)
     assert server.max_in_flight == 6
     assert _asked(server, examples) == {e.id: [4] for e in examples}  # whole requests (batches of 6 would split some)
 
