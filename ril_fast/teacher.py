@@ -36,8 +36,8 @@
   the server refuses the requests, e.g. a parameter, not the examples). A reply is a complete answer when its
   ``finish_reason`` is ``stop``, missing, or TGI's / llama.cpp's ``eos_token``, ``stop_sequence`` or ``eos``;
   ``length`` marks it truncated; any other (vLLM's ``abort``, ``content_filter``, ``error``, ...) is not written
-  but counted, with the reasons seen, and said at the end. The API key from ``$RIL_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``. Half an emoji at the end of a cut
-  reply (a lone UTF-16 surrogate) is written as U+FFFD.
+  but counted, with the reasons seen, and said at the end. The API key from ``$RIL_JUDGE_API_KEY`` or
+  ``$OPENAI_API_KEY``. Half an emoji at the end of a cut reply (a lone UTF-16 surrogate) is written as U+FFFD.
 
 The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` reads it), one line per
 response::
