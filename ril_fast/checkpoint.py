@@ -4,7 +4,7 @@ A checkpoint is one folder ``output_dir/step-N/``:
 
     dcp/             torch.distributed.checkpoint of every (model, optimizer) pair, sharded as trained
                      (student + AdamW, discriminator + AdamW): each rank writes its own shards
-    trainer.json     step, data-loader position, LR schedulers, skipped-step count, judge-cache path
+    trainer.json     step, world size, data-loader position, LR scheduler, the run's counters
     rank-R.json      rank R's RNG states (python, numpy, torch, CUDA, the trainer's own) and counters
     config.yaml      the run's resolved config
     hf/              the student's config and processor files, so ``ril_fast.export`` needs nothing else

@@ -29,6 +29,7 @@ from ril_fast import checkpoint, distributed
 from ril_fast.config import Config, ConfigError
 from ril_fast.export import save_hf_files
 from ril_fast.files import model_folder_problem
+from ril_fast.metrics import records_until
 
 FINISHED = "finished.json"  # written last, after final/ is complete: the step final/ was exported at
 
@@ -40,7 +41,8 @@ def resume_point(cfg: Config) -> Path | None:
     """The checkpoint the run continues from (``checkpoint.resolve``). Starting afresh or from an earlier
     checkpoint is refused while ``output_dir`` holds later ones of another run: the next ``resume=auto``
     and the pruning of old checkpoints would take theirs for this run's. So is continuing another folder's
-    checkpoint in an ``output_dir`` that holds checkpoints."""
+    checkpoint in an ``output_dir`` that holds checkpoints, or another run's metrics up to its step (a finished
+    ``checkpoint_every=0`` run's: this run's record would begin with them)."""
     try:
         path = checkpoint.resolve(cfg.resume, cfg.output_dir)
     except FileNotFoundError as e:
@@ -54,6 +56,12 @@ def resume_point(cfg: Config) -> Path | None:
                           f"started from {cfg.resume} and stopped, for one); to start from {cfg.resume}, choose an "
                           f"output_dir without checkpoints")
     step = -1 if path is None else checkpoint.saved_step(path)
+    metrics = out / "metrics.jsonl"
+    if path is not None and path.resolve().parent != out.resolve() and metrics.is_file() \
+            and records_until(metrics, step):
+        raise ConfigError(f"resume={cfg.resume}: a checkpoint of another folder, and output_dir={out} holds another "
+                          f"run's metrics up to its step {step} ({metrics}), which this run's record would begin "
+                          f"with: choose another output_dir")
     later = [p.name for p in checkpoint.checkpoints(cfg.output_dir) if checkpoint.saved_step(p) > step]
     if later:
         raise ConfigError(f"resume={cfg.resume}: output_dir={cfg.output_dir} holds checkpoints of another run "
@@ -220,10 +228,20 @@ def checkpoint_if_due(run, step: int) -> None:
 def checkpoint_pretraining_if_asked(run) -> None:
     """After a step of the discriminator's pre-training: when any rank got SIGTERM or Ctrl-C, save its progress
     (``run.counters["pretrained"]`` steps) as the checkpoint of step 0, from which the run goes on, and stop."""
+    checkpoint_if_asked(run, 0, saved=False, after=f"{run.counters['pretrained']} of the discriminator's "
+                                                   f"{run.cfg.disc.pretrain_steps} pre-training steps")
+
+
+def checkpoint_if_asked(run, step: int, *, saved: bool, after: str) -> None:
+    """Where the run has trained up to ``step`` and done what it says ``after`` (step 0's or the last step's
+    evaluation): when any rank got SIGTERM or Ctrl-C meanwhile, save ``step``'s checkpoint (unless ``saved``: this
+    run's newest is it) and stop, rather than start a step or the export that a scheduler's grace period may not
+    wait for (step 0's: the discriminator's pre-training, minutes of a real student's; the last step's:
+    ``checkpoint_every=0`` keeps no other)."""
     if _agree(run, bool(run.stop_requested)):
-        save_checkpoint(run, 0)
-        _stop(run, 0, after=f"{run.counters['pretrained']} of the discriminator's {run.cfg.disc.pretrain_steps} "
-                            f"pre-training steps")
+        if not saved:
+            save_checkpoint(run, step)
+        _stop(run, step, after=after)
 
 
 def stop_if_asked(run, step: int) -> None:

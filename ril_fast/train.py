@@ -51,9 +51,9 @@ from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, JudgeItem, make_judge_from_config
 from ril_fast.metrics import PhaseTimer, RunLog, peak_memory_gib, reset_peak_memory
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
-from ril_fast.lifecycle import (FINISHED, checkpoint_if_due, checkpoint_pretraining_if_asked, load_checkpoint,
-                               save_checkpoint, sigterm_when_torchrun_dies, stop_if_asked, stop_on_signals,
-                               where_to_start)
+from ril_fast.lifecycle import (FINISHED, checkpoint_if_asked, checkpoint_if_due, checkpoint_pretraining_if_asked,
+                               load_checkpoint, save_checkpoint, sigterm_when_torchrun_dies, stop_if_asked,
+                               stop_on_signals, where_to_start)
 from ril_fast.models import enable_activation_checkpointing, load
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.preflight import check_memory, check_surroundings, context_length, load_data, token_budget
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = run.cfg
     out = Path(cfg.output_dir)
 
-    with stop_on_signals(run):  # SIGTERM, Ctrl-C: stop after the next step's checkpoint
+    with stop_on_signals(run):  # SIGTERM, Ctrl-C: checkpoint after the step (or evaluation) in flight, and stop
         if run.start_step == 0:
             # Step 1: discriminator pre-training on initial-student vs teacher outputs (Eq. 1); after SIGTERM or
             # Ctrl-C its progress is checkpointed as step 0, from which the same command goes on.
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
                 run.counters["pretrained"] += 1
                 checkpoint_pretraining_if_asked(run)
             evaluate_and_log(run, step=0)
+            checkpoint_if_asked(run, 0, saved=False, after="step 0's evaluation")  # keeps the pre-training
 
         # Step 2: the RIL loop, one batch of questions per step.
         for step in range(run.start_step + 1, cfg.steps + 1):
@@ -134,14 +135,16 @@ def main(argv: list[str] | None = None) -> Path:
         if cfg.checkpoint_every and (run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every or cfg.steps == 0):
             save_checkpoint(run, cfg.steps)
             stop_if_asked(run, cfg.steps)  # a SIGTERM or Ctrl-C during that save
-    evaluate_and_log(run, step=cfg.steps)
+        evaluate_and_log(run, step=cfg.steps)
+        checkpoint_if_asked(run, cfg.steps, saved=cfg.checkpoint_every > 0, after=f"step {cfg.steps}'s evaluation")
 
-    export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main,
-              dtype=cfg.export_dtype.on(run.dist.device))
-    run.log.close()
-    if run.dist.is_main:
-        write_text_atomic(out / FINISHED, json.dumps({"step": cfg.steps}))
-        print(f"metrics: {out / 'metrics.jsonl'}\nexported student: {out / 'final'}", flush=True)
+        # A SIGTERM or Ctrl-C from here on waits for the export, the run's last work.
+        export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main,
+                  dtype=cfg.export_dtype.on(run.dist.device))
+        run.log.close()
+        if run.dist.is_main:
+            write_text_atomic(out / FINISHED, json.dumps({"step": cfg.steps}))
+            print(f"metrics: {out / 'metrics.jsonl'}\nexported student: {out / 'final'}", flush=True)
     distributed.barrier()
     unlock_folder(out)
     return out
@@ -160,6 +163,8 @@ def setup(cfg: Config) -> Run:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out}: exists and is not a folder")
+    if out.is_dir():  # a run writing there is said before anything its files make of this start
+        distributed.on_rank0(lambda: (_lock_output_dir(out), unlock_folder(out)))
     # Rank 0's view of output_dir decides for every rank: a shared file system may show ranks different views.
     resume_from, done = distributed.on_rank0(lambda: where_to_start(cfg))
     if done:

@@ -227,6 +227,32 @@ def test_sigterm_during_discriminator_pretraining_checkpoints_it(demo, tmp_path)
     _same_weights(out / "final", ref / "final")
 
 
+@pytest.mark.parametrize("evaluation", [1, 2], ids=["step_0", "last_step"])
+def test_sigterm_during_an_evaluation_checkpoints_and_stops(demo, tmp_path, evaluation):
+    """A SIGTERM during step 0's evaluation saves the discriminator's pre-training as step 0 (it went on to train
+    step 1 first, which a grace period may not wait for); during the last step's, with checkpoint_every=0, the
+    last step (the final evaluation and the export ran without the handlers: all steps were lost). The same command
+    then goes on as if never stopped."""
+    args = dict(steps=2, checkpoint_every=0, eval_every=0, **{"disc.pretrain_steps": 2})
+    ref = tmp_path / "reference"
+    _finish(_command(1, _args(demo, ref, **args)), tmp_path / "reference.txt")
+    out = tmp_path / "run"
+    sigterm = ("import os, signal\nfrom ril_fast import train\nevaluate, calls = train.evaluate_now, []\n"
+               "def counted(run):\n    calls.append(1)\n    if len(calls) == " + str(evaluation) + ":\n"
+               "        os.kill(os.getpid(), signal.SIGTERM)\n    return evaluate(run)\n"
+               "train.evaluate_now = counted")
+    proc = _start(_command(1, _args(demo, out, **args), prelude=sigterm), tmp_path / "stopped.txt")
+    assert proc.wait(timeout=300) != 0
+    log = (tmp_path / "stopped.txt").read_text()
+    step = 0 if evaluation == 1 else 2
+    assert f"stopped by SIGTERM after step {step}'s evaluation: checkpoint" in log, log[-2000:]
+    assert [p.name for p in checkpoint.checkpoints(out)] == [f"step-{step}"] and not (out / "final").exists()
+    _finish(_command(1, _args(demo, out, **args)), tmp_path / "resumed.txt")
+    assert "resuming from" in (tmp_path / "resumed.txt").read_text()
+    assert _step_metrics(out) == _step_metrics(ref)
+    _same_weights(out / "final", ref / "final")
+
+
 def test_a_steps_0_run_keeps_its_pretraining_for_more_steps(demo, tmp_path):
     """steps=0 (the discriminator's pre-training, then an evaluation) saves step 0; the same command has nothing to
     do, and more steps go on from it as a run of those steps would have (the same metrics and final student)."""

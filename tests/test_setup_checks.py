@@ -144,6 +144,11 @@ def test_a_folder_another_run_is_writing_is_refused(demo, tmp_path):
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(ConfigError, match=rf"output_dir=.*run is in use by another process \(pid {holder.pid}\)"):
             train.setup(load_config(_args(demo, out)))
+        (out / "step-3").mkdir()  # as if the other run had saved a checkpoint: still the folder's use is said,
+        (out / "step-3" / "trainer.json").write_text('{"step": 3}')  # not what its checkpoints make of this start
+        with pytest.raises(ConfigError, match=rf"output_dir=.*run is in use by another process \(pid {holder.pid}\)"):
+            train.setup(load_config(_args(demo, out, resume="none")))
+        shutil.rmtree(out / "step-3")
     finally:
         holder.kill()
         holder.wait()
@@ -287,9 +292,13 @@ def test_a_start_that_would_mix_two_runs_is_refused(demo, finished, tmp_path, mo
     with pytest.raises(ConfigError, match=rf"resume=.*step-2: a checkpoint of another folder, and output_dir="
                                           rf"{other} holds checkpoints \(step-1, step-2\): resume=auto continues"):
         train.setup(load_config(_args(demo, other, resume=finished / "step-2", steps=3)))
+    shutil.rmtree(other / "step-1")
+    shutil.rmtree(other / "step-2")  # no checkpoints, but the records of another run up to step 2 (finished's)
+    with pytest.raises(ConfigError, match=rf"resume=.*step-2: a checkpoint of another folder, and output_dir={other} "
+                                          rf"holds another run's metrics up to its step 2"):
+        train.setup(load_config(_args(demo, other, resume=finished / "step-2", steps=3)))
     monkeypatch.undo()  # models may load now
-    shutil.rmtree(other / "step-1")  # as if a start from finished/step-2 had died before its first checkpoint
-    shutil.rmtree(other / "step-2")
+    (other / "metrics.jsonl").write_text("")  # as if a start from finished/step-2 had died before its first checkpoint
     run = train.setup(load_config(_args(demo, other, resume=finished / "step-2", steps=3)))  # the same command
     assert run.start_step == 2
     run.log.close()
