@@ -33,6 +33,18 @@ class DoesNotFit(ConfigError):
     (the message names the student, the GiB needed and free, and what to change)."""
 
 
+def built_demo():
+    """The built-in demo's paths (``ril_fast.demo.build_demo``: built first if needed); a folder it cannot be built
+    in is a ConfigError naming ``RIL_FAST_DEMO`` (a 36-line traceback otherwise)."""
+    from ril_fast.demo import build_demo, default_root
+
+    try:
+        return build_demo()
+    except OSError as e:
+        raise ConfigError(f"the built-in demo cannot be built in {default_root()}: {e}; set RIL_FAST_DEMO to a "
+                          f"writable folder of your own (or give student=, train_data= and teachers=)") from e
+
+
 def load_data(cfg: Config, dist: distributed.Dist):
     """The training examples, the teacher bank (None: RL only), the evaluation examples and this rank's
     batches, checked against the student's tokenizer and image processor (every prompt leaves room for a
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from types import SimpleNamespace
 
     from ril_fast.config import load_config
-    from ril_fast.demo import build_demo, needs_demo, with_demo
+    from ril_fast.demo import needs_demo, with_demo
 
     parser = argparse.ArgumentParser(
         prog="python -m ril_fast.preflight", epilog="every other argument is the trainer's: --config FILE, key=value",
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(rest)
         if needs_demo(cfg):
-            cfg = with_demo(cfg, build_demo())
+            cfg = with_demo(cfg, built_demo())
         shard = cfg.batch.shard_ranks or args.gpus
         if args.gpus % shard:
             raise ConfigError(f"batch.shard_ranks={shard}: must divide the number of GPUs ({args.gpus})")

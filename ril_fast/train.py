@@ -41,7 +41,7 @@ import torch
 from ril_fast import checkpoint, distributed, schedule
 from ril_fast.config import Config, ConfigError, load_config
 from ril_fast.data import Batches, DataError, Example, StepDataError, no_room, to_sample
-from ril_fast.demo import build_demo, default_root, needs_demo, with_demo
+from ril_fast.demo import needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
 from ril_fast.export import export_hf
@@ -56,7 +56,8 @@ from ril_fast.lifecycle import (FINISHED, checkpoint_if_asked, checkpoint_if_due
                                stop_on_signals, where_to_start)
 from ril_fast.models import enable_activation_checkpointing, load
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
-from ril_fast.preflight import check_memory, check_surroundings, context_length, load_data, token_budget
+from ril_fast.preflight import (built_demo, check_memory, check_surroundings, context_length, load_data,
+                                token_budget)
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
 from ril_fast.rollout import sample_responses
 
@@ -158,8 +159,8 @@ def setup(cfg: Config) -> Run:
     teachers), optimisers and judges. Bad settings and data fail here, before any model loads."""
     dist = distributed.init(cpu_collectives=cfg.batch.cpu_offload)
     if needs_demo(cfg):
-        distributed.on_rank0(_demo)  # rank 0 builds it (every rank raises its error); the others find it built
-        cfg = with_demo(cfg, _demo())
+        distributed.on_rank0(built_demo)  # rank 0 builds it (every rank raises its error); the others find it built
+        cfg = with_demo(cfg, built_demo())
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out}: exists and is not a folder")
@@ -263,15 +264,6 @@ def _lock_output_dir(out: Path) -> None:
         raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
     except OSError as e:
         raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None
-
-
-def _demo():
-    """The built-in demo's paths (built first if needed), a folder it cannot be built in a ConfigError."""
-    try:
-        return build_demo()
-    except OSError as e:
-        raise ConfigError(f"the built-in demo cannot be built in {default_root()}: {e}; set RIL_FAST_DEMO to a "
-                          f"writable folder of your own (or give student=, train_data= and teachers=)") from e
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -97,7 +97,12 @@ def test_offloaded_the_hosts_memory_is_checked_when_given(demo, capsys):
     assert main(["--gpus", "2", "--gpus-per-node", "1", "--host-gib", str(enough / 2), *offload]) == 0
 
 
-def test_what_the_trainer_would_refuse_is_an_error(demo, capsys):
+def test_what_the_trainer_would_refuse_is_an_error(demo, capsys, tmp_path, monkeypatch):
+    (tmp_path / "not_a_demo").mkdir()
+    (tmp_path / "not_a_demo" / "mine.txt").write_text("kept")
+    monkeypatch.setenv("RIL_FAST_DEMO", str(tmp_path / "not_a_demo"))  # a folder the demo cannot be built in
+    assert main([]) == 1
+    assert "error: the built-in demo cannot be built in " in capsys.readouterr().err
     assert main(_args(demo, **{"batch.max_tokens": 20})) == 1
     assert f"error: {demo.train}:1: the prompt takes" in capsys.readouterr().err
     assert main(["--gpus", "6", *_args(demo, **{"batch.shard_ranks": 4})]) == 1
