@@ -3,10 +3,12 @@
     python -m ril_fast.train [--config FILE.yaml] [key=value ...]      # e.g. steps=50 optim.lr=3e-4
 
 Precedence: the defaults below < the YAML files (in order) < the ``key=value`` overrides (left to right).
-A key is a field name, dotted for a section's field (``rollout.temperature=0.7``). Values are parsed
+A key is a field name, dotted for a section's field (``rollout.temperature=0.7``; in YAML, nested under its
+section or dotted alike). A path setting that starts with ``~`` is in the home folder. Values are parsed
 by the field's type, never evaluated: int, float, bool (true/false, yes/no, on/off, 1/0), str, enum
 (one of its values), list[str] (comma-separated; an empty value is the empty list) and Optional
-(``none`` or ``null`` is None). Unknown keys and unparsable values are errors that say what is valid.
+(``none`` or ``null`` is None). Unknown keys and unparsable values are errors that say what is valid (in a
+YAML file, at which line); a value out of range says where it was set.
 ``--help`` prints every key with its default and help.
 
 The mode is derived, never set: no teachers is RL only (Dr.GRPO with the judge reward, no
