@@ -11,9 +11,10 @@ A checkpoint is one folder ``output_dir/step-N/``:
 
 It is written under ``output_dir/.step-N.tmp/`` and renamed to ``step-N`` by rank 0 once every rank
 has finished writing: a ``step-N`` folder is complete by construction, and a run killed while writing
-leaves only a ``.tmp`` folder, which :func:`latest` ignores and the next save removes. The newest
-``keep`` checkpoints are kept. Every rank must see the same ``output_dir`` (a shared filesystem on
-several nodes), as torch.distributed.checkpoint requires.
+leaves only a ``.tmp`` folder, which :func:`latest` ignores and the next save removes (but for a
+``step-N`` that saving step N again moved aside, put back by ``resolve("auto")`` if the new one never
+took its place). The newest ``keep`` checkpoints are kept. Every rank must see the same ``output_dir``
+(a shared filesystem on several nodes), as torch.distributed.checkpoint requires.
 
 No arbitrary unpickling: tensors go through DCP, the few non-tensor values of the optimizer states
 (learning rates, betas) are read back with ``torch.load(weights_only=True)`` (:class:`SafeLoadPlanner`),
@@ -44,7 +45,7 @@ from ril_fast.distributed import Dist, barrier
 from ril_fast.files import write_text_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_UNFINISHED_DIR = re.compile(r"^\.step-\d+(\.old)?\.tmp$")  # being written, or being deleted
+_UNFINISHED_DIR = re.compile(r"^\.step-\d+(\.old|\.replaced)?\.tmp$")  # being written, deleted or replaced
 TRAINER_FILE = "trainer.json"
 # What dcp.save / dcp.load warn on every call with no_dist=True (torch/distributed/checkpoint).
 _SINGLE_PROCESS_WARNING = (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to "
@@ -166,6 +167,7 @@ def resolve(resume: str, output_dir: str | Path) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
+        _restore_replaced(Path(output_dir))
         return latest(output_dir)
     path = Path(resume)
     if _UNFINISHED_DIR.match(path.resolve().name):
@@ -175,6 +177,16 @@ def resolve(resume: str, output_dir: str | Path) -> Path | None:
         raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (no {TRAINER_FILE}); "
                                 f"checkpoints are the step-N folders of a run's output_dir")
     return path
+
+
+def _restore_replaced(root: Path) -> None:
+    """Put back a ``step-N`` that a same-step save moved aside, whole, to ``.step-N.replaced.tmp`` and was killed
+    before moving the new one in (:func:`save`): else ``resume=auto`` would not see it, and the next save would
+    delete it with the new one."""
+    for aside in root.glob(".step-*.replaced.tmp") if root.is_dir() else []:
+        final = root / aside.name[1:-len(".replaced.tmp")]
+        if not final.exists():
+            os.replace(aside, final)
 
 
 @dataclass
@@ -214,7 +226,7 @@ def save(output_dir: str | Path, step: int, dist: Dist, *, states: dict[str, Sta
                            f"{root}: free space there, or lower keep_checkpoints (the newest checkpoints are kept)"
                            ) from e
     if dist.is_main:
-        replaced = root / f".step-{step}.old.tmp"
+        replaced = root / f".step-{step}.replaced.tmp"  # (resolve puts it back if a kill comes before the next line)
         if final.exists():  # the same step saved again (a resumed run's SIGTERM): replace it whole, the
             os.replace(final, replaced)  # old one deleted only once the new one is in place
         os.replace(tmp, final)

@@ -464,6 +464,23 @@ def test_the_same_step_saved_again_replaces_it_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
     save(3)
     assert load(path).counters == {"skipped_steps": 3} and sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
+    # Killed between its two renames: step-4 aside, whole, the new one complete but unnamed. resume=auto puts the
+    # old one back (the next save would have deleted both), and the folder reads as before the save.
+    replace = os.replace
+
+    def killed_after_the_first(src, dst):
+        replace(src, dst)
+        if Path(dst).name == ".step-4.replaced.tmp":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        save(4)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    assert checkpoint.checkpoints(tmp_path) == []
+    assert checkpoint.resolve("auto", tmp_path) == path and load(path).counters == {"skipped_steps": 3}
+    save(5)
+    assert load(path).counters == {"skipped_steps": 5} and sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
 
 
 def test_a_failed_save_leaves_no_partial_checkpoint_and_says_what_is_free(tmp_path, monkeypatch):
