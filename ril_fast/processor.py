@@ -2,14 +2,23 @@
 
 A sample is a dict ``{"images": [PIL.Image | path, ...], "question": str, "response": str}`` (an
 optional ``"truncated": True`` marks a response cut at the generation budget, see below; optional
-``"response_ids"``, the token ids a student rollout sampled, are used instead of re-tokenising).
+``"response_ids"``, the token ids a student rollout sampled, are used instead of re-tokenising, and
+``"end_id"``, the stop token that ended it).
+
+End of a turn: the chat template's own end-of-turn token (``Processor.end_token_id``: the special token it
+writes directly after an assistant's content, e.g. Qwen's <|im_end|>, Gemma's <end_of_turn>, Llama 3's
+<|eot_id|>; the tokenizer's eos where the template writes none or cannot be rendered). A response ends at the
+first of ``Processor.stop_token_ids``: that token, the tokenizer's eos and the eos ids of the folder's
+generation_config.json (a Qwen base tokenizer's eos is <|endoftext|> while its template ends turns with
+<|im_end|>; Instruct models list several).
 
 Rendering (``Processor.encode``): the user turn (the images, then the question) goes through the
 model's chat template with the generation prompt; the response is tokenised on its own and followed
-by the end-of-turn token the policy emitted to stop (the tokenizer's eos, e.g. <|im_end|>; left out
-for truncated responses). Tokenising prompt and response separately keeps the response's token
-boundaries the ones the policy sampled. Image placeholders are expanded here, in id space, because
-Qwen2.5-VL's HF processor cannot be built without torchvision:
+by the token that ended it: a student rollout's ``"end_id"`` (the stop token it sampled), else the
+template's end-of-turn token (what the model must learn to emit); none for truncated responses.
+Tokenising prompt and response separately keeps the response's token boundaries the ones the policy
+sampled. Image placeholders are expanded here, in id space, because Qwen2.5-VL's HF processor cannot
+be built without torchvision:
     Qwen-VL   <|image_pad|>  ->  (t·h·w / merge²) × <|image_pad|>        (t, h, w) = image_grid_thw
     InternVL  <IMG_CONTEXT>  ->  <img> + (image_seq_length · tiles) × <IMG_CONTEXT> + </img>
 
@@ -60,6 +69,35 @@ class UnsupportedModel(ValueError):
 
 class UnsupportedSetting(ValueError):
     """A setting the model's processor cannot take; the message starts with ``setting=value:``."""
+
+
+_PROBE = "RILENDOFTURNPROBE"  # an assistant's reply no template rewrites (no spaces to trim, no think tags)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """The tokenizer's special tokens: its named ones and every added token marked special (Llama 3's <|eot_id|>
+    is only the latter)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def turn_end_id(tokenizer, kind: ModelKind) -> int | None:
+    """The chat template's end-of-turn token: the special token it writes directly after an assistant's content,
+    in a conversation of one question and one reply rendered as ``Processor.prompt_text`` renders a question (the
+    reply as a string, else, for a template that takes none, as a list of parts). None where the template writes
+    no special token there (text, a space, nothing) or cannot render the conversation."""
+    question = "?" if kind is ModelKind.TEXT else [{"type": "text", "text": "?"}]
+    special = _special_ids(tokenizer)
+    for reply in (_PROBE, [{"type": "text", "text": _PROBE}]):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template's raise_exception, no template, a content it cannot take
+            continue
+        if not isinstance(text, str) or _PROBE not in text:
+            continue
+        after = tokenizer(text[text.rindex(_PROBE) + len(_PROBE):], add_special_tokens=False)["input_ids"]
+        return after[0] if after and after[0] in special else None
+    return None
 
 
 def load_image(image):
@@ -115,7 +153,9 @@ class Processor:
     Our own small object rather than the HF processor: Qwen2.5-VL's cannot be built without
     torchvision, and packing needs the pieces (ids, grids, mrope) separately anyway.
     ``rope_index(input_ids (1, L), image_grid_thw (n, 3) | None) -> (3, 1, L)`` is the model's own
-    mrope position function; ``ril_fast.models.load`` sets it for Qwen-VL models.
+    mrope position function; ``ril_fast.models.load`` sets it for Qwen-VL models. ``end_token_id``: the chat
+    template's end-of-turn token (see the module docstring); ``other_stop_ids``: the other tokens that end a
+    response (the tokenizer's eos, the generation_config's eos ids), all of them together ``stop_token_ids``.
     """
 
     tokenizer: object = field(repr=False)
@@ -127,6 +167,7 @@ class Processor:
     image_start_id: int | None = None  # InternVL: <img>
     image_end_id: int | None = None  # InternVL: </img>
     end_token_id: int | None = None
+    other_stop_ids: tuple[int, ...] = ()
     rope_index: Callable | None = field(default=None, repr=False)
     prompt_cache_size: int = 256
 
@@ -139,13 +180,24 @@ class Processor:
     def from_pretrained(cls, path: str | Path, *, max_image_pixels: int = 0) -> "Processor":
         """The processor of a local HF folder (or a cached hub id); ``rope_index`` left unset. ``max_image_pixels``
         (Qwen-VL; 0: the folder's own): images are resized to at most this many pixels (and the image
-        processor saved with the processor's files says so)."""
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        processor saved with the processor's files says so). The end-of-turn token is the chat template's
+        (:func:`turn_end_id`, else the tokenizer's eos); the other stop tokens are the tokenizer's eos and the eos
+        ids of the folder's generation_config.json, where it has one."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, GenerationConfig
 
         config = AutoConfig.from_pretrained(path)
         kind = ModelKind.of_config(config, path)
         tok = AutoTokenizer.from_pretrained(path)
-        proc = cls(tokenizer=tok, kind=kind, end_token_id=tok.eos_token_id)
+        end = turn_end_id(tok, kind)
+        stops = [tok.eos_token_id]
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:  # no generation_config.json: the template's and the tokenizer's stop tokens only
+            eos = None
+        stops += eos if isinstance(eos, (list, tuple)) else [eos]
+        end = end if end is not None else tok.eos_token_id
+        proc = cls(tokenizer=tok, kind=kind, end_token_id=end,
+                   other_stop_ids=tuple(dict.fromkeys(i for i in stops if i is not None and i != end)))
         if max_image_pixels and kind is not ModelKind.QWEN_VL:
             raise UnsupportedSetting(f"max_image_pixels={max_image_pixels}: only Qwen-VL students resize images to a "
                                      f"pixel budget; {path} is a {config.model_type} model")
@@ -174,16 +226,21 @@ class Processor:
         messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Every token that ends a response, the end-of-turn token first (then ``other_stop_ids``)."""
+        return tuple(dict.fromkeys(i for i in (self.end_token_id, *self.other_stop_ids) if i is not None))
+
     @functools.cached_property
     def control_tokens(self) -> tuple[str, ...]:
         """The special tokens that give a sample its structure: those the chat template renders around a
-        question with an image, the end-of-turn and padding tokens, and the image tokens. Text holding one
-        would be tokenised as that token (ending a turn early, or standing for an image)."""
+        question with an image, the end-of-turn and other stop tokens, the padding token, and the image tokens. Text
+        holding one would be tokenised as that token (ending a turn early, or standing for an image)."""
         tok = self.tokenizer
         ids = set(tok(self.prompt_text("?", 0 if self.kind is ModelKind.TEXT else 1),
                       add_special_tokens=False)["input_ids"])
-        ids |= {self.end_token_id, tok.pad_token_id, self.image_token_id, self.image_start_id, self.image_end_id}
-        special = set(tok.all_special_ids)
+        ids |= {*self.stop_token_ids, tok.pad_token_id, self.image_token_id, self.image_start_id, self.image_end_id}
+        special = _special_ids(tok)
         return tuple(sorted(tok.convert_ids_to_tokens(i) for i in ids if i in special))
 
     def response_lengths(self, texts: list[str]) -> list[int]:
@@ -215,8 +272,8 @@ class Processor:
         # (BPE is not canonical, and a young model emits broken UTF-8), and Eq. 2 needs their log-probs.
         response = list(sample["response_ids"]) if sample.get("response_ids") is not None else \
             tok(sample["response"], add_special_tokens=False)["input_ids"]
-        if not sample.get("truncated", False):
-            response = response + [self.end_token_id]
+        if not sample.get("truncated", False):  # the stop token a rollout sampled, else the template's turn end
+            response = response + [sample["end_id"] if sample.get("end_id") is not None else self.end_token_id]
         if not response:
             raise ValueError("a sample has an empty response")
         input_ids = torch.cat([prompt.input_ids, torch.tensor(response, dtype=torch.long)])

@@ -9,8 +9,9 @@ slower there): the generation settings are given in full and the model's own ``g
 the trainer computes at the same τ are those of the distribution the tokens came from (before any
 top-k or top-p cut: the log-probs are not renormalised over the kept tokens, as in other RL
 trainers; nor over the image placeholder tokens, which are never sampled: on the demo's student they
-hold ~1e-5 of the probability). Generation stops at the end-of-turn token (``processor.end_token_id``) or after
-``max_new_tokens``.
+hold ~1e-5 of the probability). Generation stops at the first stop token (``processor.stop_token_ids``: the chat
+template's end-of-turn token, the tokenizer's eos and the eos ids of the folder's generation_config, which the
+neutral config would otherwise set aside) or after ``max_new_tokens``.
 
 A sharded model (the ``Sharded`` root from ``ril_fast.distributed.shard_model``) runs inside
 ``ril_fast.distributed.gathered``: its parameters are all-gathered once for the whole call, and the
@@ -32,19 +33,22 @@ from ril_fast.processor import Encoded, Processor
 
 @dataclass
 class Rollout:
-    """One generated response. ``token_ids``: the sampled tokens, end-of-turn token excluded;
+    """One generated response. ``token_ids``: the sampled tokens, the stop token excluded;
     ``text``: their decoding (special tokens kept, so it re-tokenises to the same ids where BPE allows);
-    ``truncated``: generation hit ``max_new_tokens`` before the end-of-turn token."""
+    ``truncated``: generation hit ``max_new_tokens`` before any stop token; ``end_id``: the stop token that
+    ended it (one of ``Processor.stop_token_ids``; None when truncated)."""
 
     text: str
     token_ids: list[int]
     truncated: bool
+    end_id: int | None = None
 
     def sample(self, example: dict) -> dict:
-        """The packing sample ``{"images", "question", "response", "response_ids", "truncated"}`` of this
-        response to ``example`` (its images and question); the packer uses the sampled ids as they are."""
-        return {"images": example.get("images") or [], "question": example["question"],
-                "response": self.text, "response_ids": self.token_ids, "truncated": self.truncated}
+        """The packing sample ``{"images", "question", "response", "response_ids", "truncated", "end_id"}`` of this
+        response to ``example`` (its images and question); the packer uses the sampled ids as they are, followed
+        by the stop token sampled."""
+        return {"images": example.get("images") or [], "question": example["question"], "response": self.text,
+                "response_ids": self.token_ids, "truncated": self.truncated, "end_id": self.end_id}
 
 
 def _batch(prompts: list[Encoded], processor: Processor, model, pad_id: int, device) -> dict:
@@ -73,7 +77,7 @@ def _rope_takes_types(model) -> bool:
 
 def _generation_config(processor: Processor, *, max_new_tokens: int, greedy: bool, temperature: float,
                        top_p: float, top_k: int, pad_id: int):
-    """Every setting that shapes the next-token distribution, given explicitly."""
+    """Every setting that shapes the next-token distribution, and every stop token, given explicitly."""
     from transformers import GenerationConfig
 
     sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -82,7 +86,7 @@ def _generation_config(processor: Processor, *, max_new_tokens: int, greedy: boo
     placeholders = [t for t in (processor.image_token_id, processor.image_start_id, processor.image_end_id)
                     if t is not None]
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
-                            repetition_penalty=1.0, eos_token_id=processor.end_token_id, pad_token_id=pad_id,
+                            repetition_penalty=1.0, eos_token_id=list(processor.stop_token_ids), pad_token_id=pad_id,
                             use_cache=True, suppress_tokens=placeholders or None, **sampling)
 
 
@@ -137,15 +141,15 @@ def _fast_cpu_sampling():
         torch.multinomial = _TORCH_MULTINOMIAL
 
 
-def _split(new_tokens: torch.Tensor, end_id: int, tokenizer) -> list[Rollout]:
-    """(B, N) generated ids (pad after an end-of-turn token) -> B rollouts. A row without the
-    end-of-turn token ran for all ``max_new_tokens``: truncated."""
-    out = []
+def _split(new_tokens: torch.Tensor, stop_ids, tokenizer) -> list[Rollout]:
+    """(B, N) generated ids (pad after a stop token) -> B rollouts, each cut at its first token of ``stop_ids``.
+    A row without any ran for all ``max_new_tokens``: truncated."""
+    stop_ids, out = set(stop_ids), []
     for row in new_tokens.tolist():
-        truncated = end_id not in row
-        ids = row if truncated else row[:row.index(end_id)]
+        end = next((k for k, t in enumerate(row) if t in stop_ids), None)
+        ids = row if end is None else row[:end]
         out.append(Rollout(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-                           ids, truncated))
+                           ids, end is None, None if end is None else row[end]))
     return out
 
 
@@ -192,5 +196,5 @@ def sample_responses(model, processor: Processor, examples: list[dict], *, group
             # finishes early need not keep stepping (transformers turns syncing on for FSDP models).
             with vision_once(hf, *shared):
                 out = hf.generate(**inputs, generation_config=config, synced_gpus=False)
-            flat.extend(_split(out[:, inputs["input_ids"].shape[1]:].cpu(), processor.end_token_id, tok))
+            flat.extend(_split(out[:, inputs["input_ids"].shape[1]:].cpu(), processor.stop_token_ids, tok))
     return [flat[i:i + group_size] for i in range(0, len(flat), group_size)]

@@ -24,6 +24,22 @@ def tiny_folder(tmp_path_factory, arch: str) -> Path:
     return _tiny(tmp_path_factory.getbasetemp(), arch)
 
 
+def turn_end_folder(tmp_path_factory, eos_ids: list[int]) -> Path:
+    """The tiny Qwen2 (text) folder as a Qwen base model ships it: the tokenizer's eos is <|endoftext|> while the
+    chat template ends turns with <|im_end|>, and generation_config.json lists ``eos_ids``. Built once per list."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.getbasetemp() / ("turn_end-" + "-".join(map(str, eos_ids)))
+    if not folder.is_dir():
+        shutil.copytree(tiny_folder(tmp_path_factory, "qwen2"), folder)
+        for name, key, value in (("tokenizer_config.json", "eos_token", "<|endoftext|>"),
+                                 ("generation_config.json", "eos_token_id", eos_ids)):
+            config = json.loads((folder / name).read_text())
+            (folder / name).write_text(json.dumps(config | {key: value}, indent=2))
+    return folder
+
+
 @pytest.fixture(scope="module", autouse=False)
 def one_thread():
     """Tiny models run fastest on one thread, and two threads stall badly on a busy 2-core machine."""

@@ -152,3 +152,75 @@ def test_max_image_pixels_caps_images_and_travels_with_the_saved_processor(proce
         Processor.from_pretrained(real, max_image_pixels=3000)
     with pytest.raises(UnsupportedSetting, match=r"max_image_pixels=9000: only Qwen-VL students .* internvl model"):
         Processor.from_pretrained(tiny_folder(tmp_path_factory, "internvl"), max_image_pixels=9000)
+
+
+def test_the_end_of_turn_token_is_the_templates(processors, tmp_path_factory):
+    """Every family's tiny template ends turns with <|im_end|>, its tokenizer's eos too: the one stop token. A Qwen
+    base folder (tokenizer eos <|endoftext|>, template turns ending with <|im_end|>, generation_config eos [0, 2]):
+    the end-of-turn token is the template's, both stop a response and are control tokens, and a finished response
+    encodes followed by <|im_end|> (a rollout's by the stop token it sampled, a truncated one by nothing), in as
+    many tokens as ``response_lengths`` counts. A template that writes text after a reply falls back to the eos."""
+    import shutil
+
+    from ril_fast.processor import Processor
+    from models_fixtures import turn_end_folder
+
+    for arch, proc in processors.items():
+        im_end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert (proc.end_token_id, proc.stop_token_ids) == (im_end, (im_end,)), arch
+    folder = turn_end_folder(tmp_path_factory, [0, 2])
+    proc = Processor.from_pretrained(folder)
+    tok = proc.tokenizer
+    im_end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert (tok.eos_token_id, proc.end_token_id, proc.stop_token_ids) == (eos, im_end, (im_end, eos))
+    assert {"<|im_end|>", "<|endoftext|>"} <= set(proc.control_tokens)
+    sample = dict(question="What colour is it?", response="It is blue.")
+    ids = tok(sample["response"], add_special_tokens=False)["input_ids"]
+    enc = proc.encode(sample)
+    assert enc.input_ids[enc.prompt_len:].tolist() == ids + [im_end]
+    assert enc.response_len == proc.response_lengths([sample["response"]])[0]
+    assert proc.encode(dict(sample, response_ids=ids, end_id=eos)).input_ids[enc.prompt_len:].tolist() == ids + [eos]
+    assert proc.encode(dict(sample, truncated=True)).input_ids[enc.prompt_len:].tolist() == ids
+    plain = tmp_path_factory.mktemp("plain_template") / "m"
+    shutil.copytree(folder, plain)
+    (plain / "chat_template.jinja").write_text(
+        "{%- for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{%- endfor %}"
+        "{%- if add_generation_prompt %}### assistant: {%- endif %}")
+    proc = Processor.from_pretrained(plain)
+    assert (proc.end_token_id, proc.stop_token_ids) == (eos, (eos, im_end))
+    assert proc.encode(sample).input_ids[-1].item() == eos
+
+
+def test_turn_end_id_of_other_templates(tmp_path_factory):
+    """The special token a template writes right after an assistant's reply: Gemma's <end_of_turn>, Llama 3's
+    <|eot_id|> (special, but not among the tokenizer's named special tokens), a template reading only lists of
+    parts (a string reply renders as nothing), each then a control token; None after plain text, for a template
+    that raises, or none at all."""
+    from transformers import AutoTokenizer
+
+    from ril_fast.processor import ModelKind, Processor, turn_end_id
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder(tmp_path_factory, "qwen2"))
+    tok.add_tokens(["<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                   special_tokens=True)
+    loop = "{%- for m in messages %}"
+    cases = {
+        "<end_of_turn>": loop + "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+                         "{{- '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}"
+                         "{%- endfor %}",
+        "<|eot_id|>": loop + "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim"
+                      " + '<|eot_id|>' }}{%- endfor %}",
+        "<|im_end|>": loop + "<|im_start|>{{ m['role'] }}\n{%- for part in m['content'] %}{{- part['text'] }}"
+                      "{%- endfor %}<|im_end|>\n{%- endfor %}",
+        None: loop + "### {{ m['role'] }}: {{ m['content'] }}\n{%- endfor %}",
+    }
+    for want, template in cases.items():
+        tok.chat_template = template
+        got = turn_end_id(tok, ModelKind.TEXT)
+        assert (tok.convert_ids_to_tokens(got) if got is not None else None) == want, template
+        if got is not None:  # the turn end is a control token of a processor built on it
+            assert want in Processor(tokenizer=tok, end_token_id=got).control_tokens
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    assert turn_end_id(tok, ModelKind.TEXT) is None
+    tok.chat_template = None
+    assert turn_end_id(tok, ModelKind.QWEN_VL) is None

@@ -27,7 +27,7 @@ from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.packing import pack
 from ril_fast.processor import Encoded
 from ril_fast.rollout import Rollout, sample_responses
-from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_folder  # noqa: F401
+from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_folder, turn_end_folder  # noqa: F401
 
 ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2")
 IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen3_vl": [1, 2, 0, 1], "qwen3_5": [2, 0, 1, 1], "qwen2": [0, 0, 0, 0]}
@@ -100,8 +100,8 @@ def test_groups_and_fields(arch, eos_loaded):
     for ex, group in zip(examples, out):
         for r in group:
             assert isinstance(r, Rollout) and all(isinstance(t, int) for t in r.token_ids)
-            assert len(r.token_ids) <= L and proc.end_token_id not in r.token_ids
-            assert r.truncated == (len(r.token_ids) == L)
+            assert len(r.token_ids) <= L and not set(proc.stop_token_ids) & set(r.token_ids)
+            assert r.truncated == (len(r.token_ids) == L) == (r.end_id is None)
             assert r.text == proc.tokenizer.decode(r.token_ids, skip_special_tokens=False)
             enc = proc.encode(r.sample(ex))  # what the trainer packs next
             assert (enc.input_ids[-1].item() == proc.end_token_id) != r.truncated
@@ -120,6 +120,56 @@ def test_end_of_turn_and_truncation(arch, eos_loaded):
     print(f"{arch}: lengths {[len(r.token_ids) for r in flat]}")
     assert finished and truncated
     assert all(len(r.token_ids) < L for r in finished) and all(len(r.token_ids) == L for r in truncated)
+
+
+def test_responses_end_at_the_templates_turn_end_not_the_tokenizers_eos(tmp_path_factory, one_thread):  # noqa: F811
+    """A Qwen base tokenizer's eos is <|endoftext|> while its chat template ends turns with <|im_end|> (and its
+    generation_config lists both): a model that ends its turns with <|im_end|> (its LM-head row x10) has its
+    responses stop there, not truncated, without it in the ids or the text; greedy decoding equals transformers'
+    generate with the model's own generation_config; a finished response encodes followed by <|im_end|>."""
+    model, proc = load(turn_end_folder(tmp_path_factory, [0, 2]), device="cpu")
+    tok = proc.tokenizer
+    im_end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert (tok.eos_token_id, proc.end_token_id, proc.stop_token_ids) == (eos, im_end, (im_end, eos))
+    with torch.no_grad():
+        lm_head_weight(model)[im_end] *= 10
+    examples, L = _examples("qwen2", seed=0), 12
+    greedy = sample_responses(model, proc, examples, max_new_tokens=L, greedy=True)
+    for ex, (r,) in zip(examples, greedy):
+        kw = _hf_inputs(model, proc, [ex])
+        with torch.no_grad():
+            out = model.generate(**kw, max_new_tokens=L, do_sample=False)  # eos_token_id [0, 2] from the folder
+        row = out[0, kw["input_ids"].shape[1]:].tolist()
+        assert not r.truncated and r.token_ids + [im_end] == row[:len(r.token_ids) + 1] and r.end_id == im_end
+    sampled = [r for g in sample_responses(model, proc, examples, group_size=8, max_new_tokens=L, seed=0) for r in g]
+    print(f"lengths {[len(r.token_ids) for r in sampled]}, ends {[r.end_id for r in sampled]}")
+    finished = [r for r in sampled if not r.truncated]
+    assert len(finished) >= len(sampled) // 2 and {r.end_id for r in finished} == {im_end}
+    for r in [g[0] for g in greedy] + sampled:
+        assert im_end not in r.token_ids and "<|im_end|>" not in r.text and r.truncated == (r.end_id is None)
+        enc = proc.encode(r.sample(examples[0]))
+        assert enc.input_ids[-1].item() == (r.token_ids[-1] if r.truncated else r.end_id)
+
+
+def test_every_stop_token_ends_a_response(tmp_path_factory, one_thread):  # noqa: F811
+    """A generation_config listing several eos ids (2, 3, 4; the tokenizer's eos 0 and the template's turn end 2
+    besides): each of them ends a response (every stop row x5, so that all are drawn), which is cut at its first
+    stop token, not truncated, and encodes followed by the stop token it sampled; none holds a stop token."""
+    model, proc = load(turn_end_folder(tmp_path_factory, [2, 3, 4]), device="cpu")
+    assert (proc.end_token_id, sorted(proc.stop_token_ids)) == (2, [0, 2, 3, 4])
+    with torch.no_grad():
+        for t in proc.stop_token_ids:
+            lm_head_weight(model)[t] *= 5
+    examples, L = _examples("qwen2", seed=0), 10
+    flat = [r for g in sample_responses(model, proc, examples, group_size=8, max_new_tokens=L, seed=3) for r in g]
+    print(f"lengths {[len(r.token_ids) for r in flat]}, ends {[r.end_id for r in flat]}")
+    assert {r.end_id for r in flat} == {None, 0, 2, 3, 4}
+    for r in flat:
+        assert not {0, 2, 3, 4} & set(r.token_ids) and r.truncated == (r.end_id is None) == (len(r.token_ids) == L)
+        enc = proc.encode(r.sample(examples[0]))
+        assert enc.input_ids[-1].item() == (r.token_ids[-1] if r.truncated else r.end_id)
+    # a response handed over without the stop token it sampled (a teacher's) ends with the template's turn end
+    assert proc.encode(dict(examples[0], response="blue")).input_ids[-1].item() == 2
 
 
 @pytest.mark.parametrize("arch", ARCHS)
