@@ -11,10 +11,11 @@ neither path here ever builds them:
   tile by tile and writes d loss / d logits straight into an (N, chunk) buffer; two dense matmuls
   (cuBLAS on GPU) then add the chunk's share of d hidden (accumulated in fp32) and write its rows of
   d weight (each a full reduction over N inside one matmul).
-* torch path (CPU, fallback): the same vocabulary chunks with plain torch ops, the forward an online
-  log-sum-exp over them. Chunking the vocabulary rather than the rows reads the LM head once per pass
-  instead of once per row chunk: on the CPU, where the pass is memory-bound, that is the difference
-  between seconds and minutes at V = 152k.
+* torch path (CPU, fallback, fp64): the same vocabulary chunks with plain torch ops, the forward an
+  online log-sum-exp over them. Chunking the vocabulary rather than the rows reads the LM head once per
+  pass instead of once per row chunk: on the CPU, where the pass is memory-bound, that is the difference
+  between seconds and minutes at V = 152k. It computes in fp32, or in fp64 for fp64 inputs (so an fp64
+  model stays an fp64 oracle); the Triton kernels accumulate in fp32 and refuse fp64 inputs.
 
 Formulas, with z = hidden @ weightᵀ / τ, lse = log Σ_v exp z_v, p = exp(z − lse):
     logprob   lp  = z_target − lse
@@ -41,7 +42,7 @@ _CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 25}
 
 class TokenLogprobs(NamedTuple):
     """Result of :func:`token_logprobs`: ``logprobs (N,)`` fp32, ``kl (N,)`` fp32 or None,
-    ``entropy (N,)`` fp32 or None."""
+    ``entropy (N,)`` fp32 or None (each fp64 for fp64 inputs)."""
 
     logprobs: torch.Tensor
     kl: Optional[torch.Tensor]
@@ -205,7 +206,8 @@ def _num_sms(device: torch.device) -> int:
 
 def _merge(row_max, row_sum, pz, return_entropy):
     """Combine online-softmax partials over K vocabulary parts, each (K, N): per part the max m_k,
-    s_k = Σ exp(z − m_k) and pz_k = Σ exp(z − m_k)(z − m_k). Returns (lse, entropy or None), (N,) fp32.
+    s_k = Σ exp(z − m_k) and pz_k = Σ exp(z − m_k)(z − m_k). Returns (lse, entropy or None), (N,) in the
+    partials' dtype.
 
     With M = max_k m_k and c_k = exp(m_k − M): S = Σ_k c_k s_k, lse = M + log S, and entropy
     = log S − Σ_k c_k (pz_k + (m_k − M) s_k) / S (all terms measured from M: no cancellation).
@@ -263,25 +265,32 @@ def _dlogits_triton(h, w, t, col_offset, lse, ent, g_lp, g_ent, temperature):
 # ----------------------------------------------------------------------------------------------------
 # The torch path: the same algorithm over vocabulary chunks in plain PyTorch ops
 # ----------------------------------------------------------------------------------------------------
+def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The torch path's compute dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
 def _vocab_chunk(hidden: torch.Tensor, V: int) -> int:
-    """Vocabulary rows per chunk so that one fp32 (N, chunk) scratch tensor stays within _CHUNK_BYTES."""
+    """Vocabulary rows per chunk so that one (N, chunk) scratch tensor in the compute dtype (fp32, fp64 for
+    fp64 inputs) stays within _CHUNK_BYTES."""
     budget = _CHUNK_BYTES["cuda" if hidden.is_cuda else "cpu"]
-    return min(V, max(1, budget // (4 * hidden.shape[0])))
+    return min(V, max(1, budget // (_acc_dtype(hidden).itemsize * hidden.shape[0])))
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N, chunk) fp32 logits of one vocabulary chunk (the matmul in the inputs' dtype)."""
-    return (h @ w.T).float().div_(temperature)
+    """(N, chunk) logits of one vocabulary chunk, fp32 (fp64 for fp64 inputs); the matmul in the inputs' dtype."""
+    return (h @ w.T).to(_acc_dtype(h)).div_(temperature)
 
 
 def _forward_torch(hidden, weight, targets, temperature, return_entropy):
     """Torch forward, an online log-sum-exp over vocabulary chunks: (lse, target logit, entropy or None),
-    each (N,) fp32."""
+    each (N,) fp32 (fp64 for fp64 inputs)."""
     N, V = hidden.shape[0], weight.shape[0]
-    m = torch.full((N,), float("-inf"), device=hidden.device)
-    s = torch.zeros(N, device=hidden.device)
-    zt = torch.zeros(N, device=hidden.device)
-    pz = torch.zeros(N, device=hidden.device)
+    f = dict(device=hidden.device, dtype=_acc_dtype(hidden))
+    m = torch.full((N,), float("-inf"), **f)
+    s = torch.zeros(N, **f)
+    zt = torch.zeros(N, **f)
+    pz = torch.zeros(N, **f)
     step = _vocab_chunk(hidden, V)
     for v0 in range(0, V, step):
         z = _chunk_logits(hidden, weight[v0:v0 + step], temperature)
@@ -326,31 +335,35 @@ class _TokenLogprobs(torch.autograd.Function):
         forward = _forward_triton if impl == "triton" else _forward_torch
         lse, zt, entropy = forward(hidden, weight, targets, temperature, return_entropy)
         lp = zt - lse
-        kl = _k3(ref_logprobs.float(), lp) if ref_logprobs is not None else None
+        kl = _k3(ref_logprobs.to(lp.dtype), lp) if ref_logprobs is not None else None
         ctx.save_for_backward(hidden, weight, targets, lse, lp, entropy, ref_logprobs)
         ctx.temperature, ctx.impl = temperature, impl
+        # An output the loss does not use gets None, not zeros: 0 · (1 − exp(ref − lp)) would be NaN where
+        # ref − lp passes ~88.7 (exp overflows in fp32) and spread to every row of d weight.
+        ctx.set_materialize_grads(False)
         return lp, kl, entropy
 
     @staticmethod
     def backward(ctx, g_lp, g_kl, g_ent):
         hidden, weight, targets, lse, lp, entropy, ref = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
-        g_lp = torch.zeros_like(lp) if g_lp is None else g_lp.float()
+        acc = lp.dtype  # fp32, or fp64 for fp64 inputs
+        g_lp = torch.zeros_like(lp) if g_lp is None else g_lp.to(acc)
         if g_kl is not None and ref is not None:  # d kl / d lp = 1 − exp(ref − lp)
-            g_lp = g_lp + g_kl.float() * (1 - torch.exp(ref.float() - lp))
+            g_lp = g_lp + g_kl.to(acc) * (1 - torch.exp(ref.to(acc) - lp))
         g_lp = g_lp.contiguous()
-        g_ent = g_ent.float().contiguous() if (g_ent is not None and entropy is not None) else None
+        g_ent = g_ent.to(acc).contiguous() if (g_ent is not None and entropy is not None) else None
 
         dlogits = _dlogits_triton if ctx.impl == "triton" else _dlogits_torch
         V = weight.shape[0]
-        d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_h else None
+        d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=acc) if need_h else None
         d_weight = torch.empty_like(weight) if need_w else None
         step = _vocab_chunk(hidden, V)
         for v0 in range(0, V, step):
             w = weight[v0:v0 + step]
             g = dlogits(hidden, w, targets, v0, lse, entropy, g_lp, g_ent, ctx.temperature)
-            if need_h:  # summed over the chunks in fp32; a bf16 chunk's own product is rounded to bf16 first
-                if g.dtype == torch.float32:
+            if need_h:  # summed over the chunks in fp32 (fp64); a bf16 chunk's own product is rounded to bf16 first
+                if g.dtype == acc:
                     d_hidden.addmm_(g, w)
                 else:
                     d_hidden.add_(g @ w)
@@ -378,20 +391,22 @@ def token_logprobs(
     (N, V) logits.
 
     Args:
-        hidden: ``(N, H)`` bf16 or fp32, the final hidden states of the positions that predict ``targets``.
+        hidden: ``(N, H)`` bf16 or fp32 (or fp64, torch path only), the final hidden states of the positions
+            that predict ``targets``; any strides (the Triton path copies it to a contiguous tensor).
         weight: ``(V, H)``, same dtype as ``hidden``: the LM head.
         targets: ``(N,)`` int64 token ids in ``[0, V)``.
         temperature: the sampling temperature τ (logits are divided by it), > 0.
         ref_logprobs: ``(N,)`` fp32 reference-policy log-probs; when given, ``kl`` is the k3 estimator
             exp(ref − lp) − (ref − lp) − 1.
         return_entropy: also return the entropy of each row's distribution.
-        impl: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` (on CPU only under
-            ``TRITON_INTERPRET=1``) or ``"torch"`` (chunked, recomputes in backward).
+        impl: ``"auto"`` (Triton on CUDA, torch elsewhere and for fp64 inputs), ``"triton"`` (on CPU only
+            under ``TRITON_INTERPRET=1``; fp64 inputs are a ValueError, its kernels accumulate in fp32) or
+            ``"torch"`` (chunked, recomputes in backward).
 
     Returns:
-        ``TokenLogprobs(logprobs (N,) fp32, kl (N,) fp32 | None, entropy (N,) fp32 | None)``,
-        differentiable w.r.t. ``hidden`` and ``weight`` through all three (gradients in the inputs'
-        dtypes, d weight accumulated in fp32).
+        ``TokenLogprobs(logprobs (N,) fp32, kl (N,) fp32 | None, entropy (N,) fp32 | None)`` (fp64 for
+        fp64 inputs), differentiable w.r.t. ``hidden`` and ``weight`` through all three (gradients in the
+        inputs' dtypes, accumulated in fp32, or fp64 for fp64 inputs).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be (N, H) and weight (V, H); "
@@ -406,12 +421,19 @@ def token_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     V = weight.shape[0]
     # One host sync, worth it: an out-of-range id would silently give lp = −lse in the Triton path.
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= V):
-        raise ValueError(f"targets must lie in [0, {V}); got [{int(targets.min())}, {int(targets.max())}]")
+    if targets.numel():
+        low, high = torch.stack(torch.aminmax(targets)).tolist()
+        if low < 0 or high >= V:
+            raise ValueError(f"targets must lie in [0, {V}); got [{low}, {high}]")
+    if hidden.dtype == torch.float64:  # the Triton kernels accumulate in fp32: fp64 results would be fp32-accurate
+        if impl == "triton":
+            raise ValueError("impl='triton' computes in fp32 and takes no torch.float64 inputs; "
+                             "use impl='torch' or 'auto'")
+        impl = "torch" if impl == "auto" else impl
     impl = resolve_impl(impl, hidden, weight, targets)
     if hidden.shape[0] == 0:
         # Connected to both inputs so that .backward() through an empty batch still works.
-        empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum() + 0 * weight.sum()
+        empty = hidden.new_zeros(0, dtype=_acc_dtype(hidden)) + 0 * hidden.sum() + 0 * weight.sum()
         return TokenLogprobs(empty, empty if ref_logprobs is not None else None, empty if return_entropy else None)
     lp, kl, entropy = _TokenLogprobs.apply(
         hidden.contiguous(), weight.contiguous(), targets.long().contiguous(),

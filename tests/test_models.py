@@ -96,6 +96,29 @@ def test_packed_logprobs_match_separate(arch, folders, loaded):
     assert_grads_close_rule(g_p, g_s, g_64, atol=1e-6, what=arch)
 
 
+def test_fp64_oracle_runs_the_kernels_in_fp64(tmp_path_factory, one_thread):  # noqa: F811
+    """The fp64 model these tests hold fp32 to goes through ``packed_logprobs`` with the default kernels: they
+    must compute in fp64 too (token_logprobs' torch path), or the oracle is only fp32-accurate. Log-probs,
+    entropies and every parameter's gradient equal the eager full-logits reference's to 1e-12 of their scale
+    (an fp32 head left ~1e-7)."""
+    model64, proc = load(tiny_folder(tmp_path_factory, "qwen2"), dtype=torch.float64, device="cpu")
+    batch = pack([proc.encode(s) for s in random_samples([0, 0, 0])])
+    weights, results = None, []
+    for kernels in ("auto", "eager"):
+        model64.zero_grad(set_to_none=True)
+        with fp64_oracle():
+            out = packed_logprobs(model64, batch, return_entropy=True, kernels=kernels)
+        assert out.logprobs.dtype == out.entropy.dtype == torch.float64
+        weights = weights or [torch.randn_like(out.logprobs) for _ in range(2)]
+        (weights[0] * out.logprobs + weights[1] * out.entropy).sum().backward()
+        results.append(([out.logprobs.detach(), out.entropy.detach()], _grads(model64)))
+    (outs, grads), (outs_eager, grads_eager) = results
+    assert grads.keys() == grads_eager.keys() and grads
+    pairs = [*zip(["logprobs", "entropy"], outs, outs_eager), *((n, grads[n], g) for n, g in grads_eager.items())]
+    for name, a, b in pairs:
+        assert max_err(a, b) <= 1e-12 * b.abs().max().item(), f"{name}: off by {max_err(a, b):.1e}"
+
+
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
 def test_negative_control_no_restart_leaks(arch, loaded):
     """Without restarting text positions the samples attend to each other: the check above can fail."""

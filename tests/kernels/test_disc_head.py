@@ -167,6 +167,36 @@ def test_overlapping_ranges(impl, pool, dtype, wdtype, atol, rtol, device, monke
     check_against_oracle(hidden, weight, bias, starts.to(device), ends.to(device), pool, impl, atol, rtol, monkeypatch)
 
 
+@pytest.mark.parametrize("pool", ["last", "mean"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_non_contiguous_inputs(impl, pool, device, monkeypatch):
+    """A transposed hidden (column stride N), a strided weight and strided starts / ends give what their
+    contiguous copies give (the kernels read hidden rows with unit column stride, weight and indices densely)."""
+    _, _, atol, rtol = DTYPES[0]
+    n, h = 341, 96
+    hidden, weight, bias = random_head(n, h, torch.float32, torch.float32, device)
+    starts, ends = make_ranges(n, "gaps", torch.int64, device)
+    spread = lambda t: torch.stack([t, t], -1).flatten()[::2]  # noqa: E731  t's values, at stride 2
+    s_starts, s_ends = spread(starts), spread(ends)
+    assert s_starts.stride() == s_ends.stride() == (2,)
+    g = torch.randn(len(starts), device=device)
+    oracle_fn = lambda hh, w, b: oracle(hh, w, b, starts, ends, pool)  # noqa: E731
+    ref64 = value_and_grads(oracle_fn, hidden, weight, bias, g, torch.float64)
+    if impl == "triton":
+        poison_empty(monkeypatch)
+    contiguous = value_and_grads(lambda hh, w, b: disc_head(hh, w, b, starts, ends, pool=pool, impl=impl),
+                                 hidden, weight, bias, g)
+
+    def strided(hh, w, b):
+        hh, w = hh.T.contiguous().T, spread(w)
+        assert hh.stride() == (1, n) and w.stride() == (2,)
+        return disc_head(hh, w, b, s_starts, s_ends, pool=pool, impl=impl)
+
+    got = value_and_grads(strided, hidden, weight, bias, g)
+    for name, out, same, r64 in zip(["logits", "d hidden", "d weight", "d bias"], got, contiguous, ref64):
+        assert_close_rule(out, same, r64, atol + rtol * r64.abs().max().item(), f"{impl} {pool} strided {name}")
+
+
 @pytest.mark.parametrize("starts,ends,match", [
     ([0, 3], [2, 3], "empty"),
     ([5], [2], "empty"),

@@ -1,6 +1,7 @@
 """Dr.GRPO loss (kernels/grpo_loss.py): Triton and torch paths against an fp64 reference, a hand-computed case,
 and Liger's LigerFusedLinearGRPOLoss(loss_type="dr_grpo") as an outside oracle."""
 
+import importlib
 import math
 
 import pytest
@@ -234,17 +235,54 @@ def test_nothing_to_train_on(impl, n, device, monkeypatch):
     assert lp.grad.shape == (n,) and (lp.grad == 0).all()
 
 
-def test_triton_is_deterministic(device):
-    """Per-block partial sums added by torch (no atomics): two runs are bitwise equal."""
-    lp, adv, mask, old, ref = _make_inputs(4099, True, True, 0.2, 0.2, torch.bool, device)
+def test_triton_is_deterministic(device, monkeypatch):
+    """Bitwise reproducible: each program writes its block's five sums into its own column of the (5, n_blocks)
+    partials buffer (no atomics, which would add in whatever order the GPU runs the programs), and torch adds the
+    columns up afterwards. The interpreter runs programs in order, so two runs would agree even with atomics;
+    the buffer is checked instead: NaN-filled before the launch, every column holds exactly its block's sums
+    (computed here in fp64) and the results are the sums of those columns. On a GPU, two runs are also
+    compared bitwise."""
+    module = importlib.import_module("ril_fast.kernels.grpo_loss")
+    monkeypatch.setattr(module, "_block", lambda: 64)  # 65 blocks of 4,099 tokens: 64 column boundaries
+    real_kernel, launches = module._dr_grpo_fwd_kernel, []
+
+    class Recorded:  # the kernel, with each launch's grid and partials buffer kept
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, args[5]))
+                return real_kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, "_dr_grpo_fwd_kernel", Recorded())
+    poison_empty(monkeypatch)
+    n, block, beta, normalizer = 4099, 64, 0.1, 4112
+    lp, adv, mask, old, ref = _make_inputs(n, True, True, 0.2, 0.2, torch.bool, device)
     results = []
     for _ in range(2):
         x = lp.clone().requires_grad_()
-        loss, stats = dr_grpo_loss(x, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.1, normalizer=4112,
+        loss, stats = dr_grpo_loss(x, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=beta, normalizer=normalizer,
                                    impl="triton")  # fmt: skip
         loss.backward()
         results.append(torch.stack([loss.detach(), *stats]).tolist() + x.grad.tolist())
     assert results[0] == results[1]
+
+    n_blocks = math.ceil(n / block)
+    (grid, partials), _ = launches
+    assert grid == (n_blocks,) and partials.shape == (5, n_blocks)
+    columns = []  # each block's [loss numerator, mask count, kl sum, clip count, ratio sum], fp64
+    for b in range(n_blocks):
+        cut = slice(b * block, (b + 1) * block)  # normalizer -1: the "loss" is the block's numerator Σ mask·term
+        term, kl, clip, ratio = dr_grpo_loss_ref(lp[cut].double(), adv[cut].double(), mask[cut], old[cut].double(),
+                                                 ref[cut].double(), beta, 0.2, 0.2, -1.0)  # fmt: skip
+        count = mask[cut].sum().double()
+        columns.append(torch.stack([term, count, kl * count, clip * count, ratio * count]))
+    expected = torch.stack(columns, 1)
+    assert torch.isfinite(partials).all(), "a column of the partials was never written"
+    torch.testing.assert_close(partials.double(), expected, rtol=1e-5, atol=1e-5)
+    sums = partials.sum(dim=1)
+    denom = sums[1].clamp(min=1)
+    assert results[0][:4] == [-(sums[0] / normalizer).item(), *(sums[2:] / denom).tolist()]
 
 
 def test_rejects_bad_inputs():

@@ -102,6 +102,82 @@ def test_optional_outputs_and_partial_grads(impl, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_unused_kl_gives_finite_gradients(impl, device):
+    """ref_logprobs given but only the log-probs feed the loss (kl and entropy unused), with one row's target so
+    unlikely that ref − lp > 88.7: exp(ref − lp) overflows fp32 and kl is inf there, but the gradients must stay
+    finite and equal the reference's. (Autograd used to hand the backward zeros for kl, and 0 · inf is NaN in
+    that row of d hidden and in every row of d weight.)"""
+    N, V, H = 5, 97, 16
+    weight = torch.randn(V, H, device=device) / H**0.5
+    hidden = torch.randn(N, H, device=device)
+    targets = torch.randint(0, V, (N,), device=device)
+    w0 = weight[targets[0]]
+    hidden[0] = -120 * w0 / w0.dot(w0)  # the target's logit is -120, the others ~N(0, 30²)
+    ref = torch.zeros(N, device=device)
+    g = torch.randn(N, device=device, dtype=torch.float64)
+
+    def grads(fn, hidden, weight, **kw):  # only the log-probs feed the loss: kl and entropy go unused
+        hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fn(hidden, weight, targets, ref_logprobs=ref.to(hidden.dtype), return_entropy=True, **kw)
+        (out.logprobs.double() * g).sum().backward()
+        return out.logprobs.detach().double(), out.kl.detach(), hidden.grad.double(), weight.grad.double()
+
+    lp64, *_, dh64, dw64 = grads(token_logprobs_reference, hidden.double(), weight.double())
+    assert lp64[0] < -89, "the test needs ref − lp past fp32's exp overflow in row 0"
+    _, _, dh_same, dw_same = grads(token_logprobs_reference, hidden, weight)
+    _, kl, dh, dw = grads(token_logprobs, hidden, weight, impl=impl)
+    assert torch.isinf(kl[0])
+    for name, o, s, r in (("d_hidden", dh, dh_same, dh64), ("d_weight", dw, dw_same, dw64)):
+        assert_close_rule(o, s, r, 1e-5 * r.abs().max().item(), f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_fp64_inputs_are_computed_in_fp64(impl, monkeypatch, device):
+    """fp64 inputs (the tests' fp64 model oracle) are computed in fp64 throughout: log-probs, kl, entropy and
+    both gradients equal the fp64 eager reference to ~1e-12 of their scale (fp32 accumulators would leave
+    ~1e-7), over several vocabulary chunks. "auto" takes the torch path for them, on a GPU too; "triton",
+    whose kernels accumulate in fp32, refuses them."""
+    N, V, H = 37, 1000, 64
+    monkeypatch.setitem(lp_mod._CHUNK_BYTES, device.type, 8 * N * 300)  # 4 chunks of ≤ 300 columns
+    hidden, weight, targets, ref = _inputs(N, V, H, torch.float64, device, 0.8)
+    grads = [torch.randn(N, device=device, dtype=torch.float64) for _ in range(3)]
+    ref64 = _run(token_logprobs_reference, hidden, weight, targets, ref.double(), grads, 0.8)
+    out = _run(token_logprobs, hidden, weight, targets, ref.double(), grads, 0.8, impl=impl)
+    for name, o, r in zip(NAMES, out, ref64):
+        err, scale = (o - r).abs().max().item(), r.abs().max().item()
+        assert err <= 1e-12 * scale, f"{impl} fp64 {name}: error {err:.1e} of a scale {scale:.1e}"
+    with torch.no_grad():
+        got = token_logprobs(hidden, weight, targets, ref_logprobs=ref, return_entropy=True, impl=impl)
+    assert [t.dtype for t in got] == [torch.float64] * 3
+    with pytest.raises(ValueError, match="float64"):
+        token_logprobs(hidden, weight, targets, impl="triton")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl, monkeypatch, device):
+    """A transposed hidden (column stride N), a column-sliced weight (column stride 2) and strided targets and
+    ref give what their contiguous copies give (the kernels read rows with unit column stride)."""
+    if impl == "triton":
+        poison_empty(monkeypatch)
+    N, V, H = 37, 1000, 64
+    hidden, weight, targets, ref = _inputs(N, V, H, torch.float32, device)
+    transposed = lambda x: x.T.contiguous().T  # noqa: E731  same values, column-major
+    spread = lambda x: torch.stack([x, x], -1).flatten(-2)[..., ::2]  # noqa: E731  same values, column stride 2
+
+    def strided(h, w, t, **kw):
+        h, w, t, kw["ref_logprobs"] = transposed(h), spread(w), spread(t), spread(kw["ref_logprobs"])
+        assert h.stride() == (1, N) and w.stride() == (2 * H, 2) and t.stride() == kw["ref_logprobs"].stride() == (2,)
+        return token_logprobs(h, w, t, **kw)
+
+    grads = [torch.randn(N, device=device) for _ in range(3)]
+    ref64 = _run(token_logprobs_reference, hidden.double(), weight.double(), targets, ref.double(), grads, 0.9)
+    contiguous = _run(token_logprobs, hidden, weight, targets, ref, grads, 0.9, impl=impl)
+    out = _run(strided, hidden, weight, targets, ref, grads, 0.9, impl=impl)
+    for name, o, c, r in zip(NAMES, out, contiguous, ref64):
+        assert_close_rule(o, c, r, 1e-5 * r.abs().max().item(), f"{impl} non-contiguous {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_no_grad_inputs_and_empty(impl, device):
     """Under no_grad nothing is saved for backward; an empty batch returns empty outputs."""
     hidden, weight, targets, ref = _inputs(5, 97, 16, torch.float32, device)
@@ -156,21 +232,24 @@ _MEMORY_SCRIPT = textwrap.dedent(
 _FAR_ROWS = """
 import sys, torch
 from ril_fast.kernels import logprobs
-N, V, H, S = 4, 2304, 16, 1 << 20  # weight rows S elements apart: rows from 2048 on start past 2^31
+V, H, S = 2304, 16, 1 << 20  # weight rows S elements apart: rows from 2048 on start past 2^31
+N, S_H = 9, 256 * S  # hidden rows S_H apart in the same store (columns H..2H of every 256th): row 8 past 2^31
 try:  # 9 GiB of address space; only the touched rows take memory
     store = torch.empty(V * S)
 except RuntimeError:
     sys.exit(3)
 weight = store.as_strided((V, H), (S, 1))  # the launchers take a row stride; token_logprobs passes its own
-dense = torch.randn(V, H) * 0.5
+hidden = store.as_strided((N, H), (S_H, 1), H)
+assert hidden.storage_offset() + (N - 1) * S_H >= 2**31 and (N - 1) * S_H < V * S
+dense, dense_h = torch.randn(V, H) * 0.5, torch.randn(N, H)
 weight.copy_(dense)
-hidden = torch.randn(N, H)
-targets = torch.tensor([5, 2047, 2048, V - 1])
+hidden.copy_(dense_h)
+targets = torch.tensor([5, 2047, 2048, V - 1, 0, 1, 2303, 1024, 4])
 lse, zt, _ = logprobs._forward_triton(hidden, weight, targets, 1.0, False)
-want_lse, want_zt, _ = logprobs._forward_torch(hidden, dense, targets, 1.0, False)
+want_lse, want_zt, _ = logprobs._forward_torch(dense_h, dense, targets, 1.0, False)
 g = torch.randn(N)
 d = logprobs._dlogits_triton(hidden, weight, targets, 0, lse, None, g, None, 1.0)
-want_d = logprobs._dlogits_torch(hidden, dense, targets, 0, want_lse, None, g, None, 1.0)
+want_d = logprobs._dlogits_torch(dense_h, dense, targets, 0, want_lse, None, g, None, 1.0)
 errors = [(a - b).abs().max().item() for a, b in ((lse, want_lse), (zt, want_zt), (d, want_d))]
 print("max errors (lse, target logit, d logits)", errors)
 # fp32 both ways (IEEE dots): logits of |z| < ~10 agree to ~1e-6; a wrong row is off by O(1)
@@ -181,13 +260,43 @@ sys.exit(0 if max(errors) < 1e-4 else 1)
 def test_rows_past_2_31_elements():
     """Row offsets are 64-bit: a head whose V·H (or a packed row whose N·H) passes 2^31 elements is read right
     (with 32-bit offsets the interpreter read elsewhere and crashed; a GPU would read wrong rows silently).
-    Here a strided weight puts rows 2^20 apart, so only a few MiB are touched; run apart, as a wrong address
-    ends the process."""
+    Here strided weight and hidden tensors share one store, weight rows 2^20 and hidden rows 2^28 elements
+    apart, so only a few MiB are touched; run apart, as a wrong address ends the process."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", _FAR_ROWS], env=env, capture_output=True, text=True, timeout=600)
     if run.returncode == 3:
         pytest.skip("this machine refuses 9 GiB of address space")
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+_LATE_FLAG = """
+import os, sys, torch
+from ril_fast.kernels import token_logprobs
+os.environ["TRITON_INTERPRET"] = sys.argv[1]  # after the kernels were decorated
+args = torch.randn(3, 16), torch.randn(10, 16), torch.tensor([1, 2, 3])
+try:
+    out = token_logprobs(*args, impl="triton")
+except RuntimeError as e:
+    assert "needs the Triton interpreter" in str(e), e
+    print("refused")
+else:
+    torch.testing.assert_close(out.logprobs, token_logprobs(*args, impl="torch").logprobs)
+    print("ran")
+"""
+
+
+@pytest.mark.parametrize("at_import,later,expected", [("0", "1", "refused"), ("1", "0", "refused"),
+                                                      ("1", "1", "ran")])
+def test_interpreter_flag_set_or_unset_after_import(at_import, later, expected):
+    """TRITON_INTERPRET counts as ril_fast.kernels is imported, when Triton reads it to decorate the kernels, and
+    must stay set (Triton reads it again at a first launch). Changed in between, impl="triton" on CPU tensors is
+    refused with resolve_impl's message: switched on late, it used to reach Triton, which failed with "0 active
+    drivers". In a fresh process, since the module reads it at import."""
+    env = dict(os.environ, TRITON_INTERPRET=at_import, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", _LATE_FLAG, later], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.split()[-1] == expected
 
 
 def test_memory_torch_path():
