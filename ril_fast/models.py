@@ -354,7 +354,7 @@ def lm_head_weight(model) -> torch.Tensor:
 def packed_logprobs(model, batch: PackedBatch | PaddedBatch, *, temperature: float = 1.0,
                     ref_logprobs: torch.Tensor | None = None, return_entropy: bool = False,
                     kernels: Kernels | str = Kernels.AUTO) -> TokenLogprobs:
-    """Log-probs of every response token of ``batch``, flat in batch order: ``(R,)`` fp32 with
+    """Log-probs of every response token of ``batch``, flat in batch order: ``(R,)`` fp32 (fp64 for an fp64 model) with
     R = Σ response_lengths (split with ``batch.response_lengths``). ``ref_logprobs (R,)`` adds the k3
     KL; ``return_entropy`` the entropy. Only the R response rows go through the LM head, by the fused
     ``token_logprobs`` or, with ``kernels="eager"``, its full-logits reference (see :class:`Kernels`)."""
@@ -371,7 +371,7 @@ def packed_logprobs(model, batch: PackedBatch | PaddedBatch, *, temperature: flo
 
 def response_logprobs(model, processor: Processor, samples: list[dict], *, packed: bool = True,
                       temperature: float = 1.0) -> list[torch.Tensor]:
-    """Log-probs of each sample's response tokens (end-of-turn token included), one ``(R_s,)`` fp32 tensor
+    """Log-probs of each sample's response tokens (end-of-turn token included), one ``(R_s,)`` fp32 (fp64) tensor
     per sample. ``packed=True``: all samples in one packed forward; ``False``: one forward per sample.
     Samples are dicts ``{"images": [...], "question": str, "response": str}`` (see ril_fast.packing)."""
     device = compute_device(model)
