@@ -136,13 +136,13 @@ class Batch:
     cpu_offload: bool = opt(False, "keep the student's and the discriminator's sharded fp32 weights, gradients and "
                                    "AdamW moments, and the reference, in the CPU's memory (FSDP2 CPU offload; the "
                                    "optimizers step there): the GPU holds gathered bf16 weights, a step's gradients "
-                                   "(one rank per copy; HSDP: their shard) and activations (3B: 21 instead of 112 GiB "
+                                   "(one rank per copy; HSDP: their shard) and activations (3B: 21 instead of 105 GiB "
                                    "before activations), for copies between CPU and GPU every pass (on CPUs, where it "
                                    "all is already: the same numbers, through FSDP's offload path and AdamW's fused "
                                    "CPU kernel)")
     offload_pinned: bool = opt(True, "with cpu_offload on GPUs, the offloaded weights and gradients in pinned memory: "
                                      "asynchronous copies, but torch's pinned cache rounds each tensor up to a power "
-                                     "of two (the 3b preset: 151 instead of 105 GiB); false: pageable memory, slower "
+                                     "of two (the 3b preset: 141 instead of 98 GiB); false: pageable memory, slower "
                                      "copies")
 
 
