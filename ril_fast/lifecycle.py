@@ -302,11 +302,15 @@ def sigterm_when_torchrun_dies() -> None:
 
 
 def request_stop(run, signum: int) -> None:
-    """SIGTERM or Ctrl-C: finish the step, checkpoint, stop. Repeats change nothing: torchrun passes a
-    Ctrl-C on to ranks that got it from the terminal already (and kills them after its grace period)."""
+    """SIGTERM or Ctrl-C: finish the step, checkpoint, stop (past the last evaluation: finish the export). Repeats
+    change nothing: torchrun passes a Ctrl-C on to ranks that got it from the terminal already (and kills them
+    after its grace period)."""
     if run.dist.is_main and not run.stop_requested:
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        print(f"\n{name}: stopping after this step and its checkpoint" + (
-            "; torchrun kills the ranks after its --shutdown-timeout (30 s unless set): raise it where a step "
-            "takes longer" if "TORCHELASTIC_RUN_ID" in os.environ else ""), flush=True)
+        if run.exporting:
+            print(f"\n{name}: the run ends once final/ is written (its last work); nothing else is saved", flush=True)
+        else:
+            print(f"\n{name}: stopping after this step (or evaluation) and its checkpoint" + (
+                "; torchrun kills the ranks after its --shutdown-timeout (30 s unless set): raise it where a step "
+                "takes longer" if "TORCHELASTIC_RUN_ID" in os.environ else ""), flush=True)
     run.stop_requested.append(signum)

@@ -96,6 +96,7 @@ class Run:
     counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "bad_in_a_row": 0, "questions": 0,
                                                     "pretrained": 0})
     stop_requested: list = field(default_factory=list)  # the signals received (SIGTERM: checkpoint and stop)
+    exporting: bool = False  # the run is past its last evaluation: a signal lets the export finish
     shapes: Shapes | None = None  # the student's, for the step's model FLOPs (ril_fast.flops)
     peak_tflops: float = 0.0  # this rank's matmul peak in the training dtype, measured at set-up: MFU's denominator
 
@@ -136,10 +137,10 @@ def main(argv: list[str] | None = None) -> Path:
         if cfg.checkpoint_every and (run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every or cfg.steps == 0):
             save_checkpoint(run, cfg.steps)
             stop_if_asked(run, cfg.steps)  # a SIGTERM or Ctrl-C during that save
-        evaluate_and_log(run, step=cfg.steps)
-        checkpoint_if_asked(run, cfg.steps, saved=cfg.checkpoint_every > 0, after=f"step {cfg.steps}'s evaluation")
-
-        # A SIGTERM or Ctrl-C from here on waits for the export, the run's last work.
+        if cfg.steps:  # (steps=0: step 0's evaluation is the last)
+            evaluate_and_log(run, step=cfg.steps)
+            checkpoint_if_asked(run, cfg.steps, saved=cfg.checkpoint_every > 0, after=f"step {cfg.steps}'s evaluation")
+        run.exporting = True  # a SIGTERM or Ctrl-C from here on waits for the export, the run's last work
         export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main,
                   dtype=cfg.export_dtype.on(run.dist.device))
         run.log.close()
@@ -162,12 +163,8 @@ def setup(cfg: Config) -> Run:
         distributed.on_rank0(built_demo)  # rank 0 builds it (every rank raises its error); the others find it built
         cfg = with_demo(cfg, built_demo())
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir={out}: exists and is not a folder")
-    if out.is_dir():  # a run writing there is said before anything its files make of this start
-        distributed.on_rank0(lambda: (_lock_output_dir(out), unlock_folder(out)))
     # Rank 0's view of output_dir decides for every rank: a shared file system may show ranks different views.
-    resume_from, done = distributed.on_rank0(lambda: where_to_start(cfg))
+    resume_from, done = distributed.on_rank0(lambda: _where_to_start(cfg, out))
     if done:
         raise NothingToDo(cfg)
     if dist.is_main:
@@ -254,6 +251,17 @@ def exit_status(error: Exception, rank: int) -> str | int:
     if rank == 0 or isinstance(error, StepDataError):
         return f"error{f' (rank {rank})' if rank else ''}: {error}"
     return 1
+
+
+def _where_to_start(cfg: Config, out: Path):
+    """``lifecycle.where_to_start`` for ``output_dir`` = ``out``, which must be a folder (or not exist yet) that no
+    other run is writing: that is said first, not what the other run's checkpoints would make of this start."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out}: exists and is not a folder")
+    if out.is_dir():
+        _lock_output_dir(out)
+        unlock_folder(out)  # taken for good once the set-up's checks pass
+    return where_to_start(cfg)
 
 
 def _lock_output_dir(out: Path) -> None:
@@ -354,10 +362,12 @@ def _disc_update(run: Run, micro, sources, n_global) -> dict:
 
 def pretrain_disc_step(run: Run) -> dict:
     """One Eq. 1 step on a fresh batch: initial-student samples (label 1) vs teacher outputs (label 0)."""
-    questions = next(run.batches)
-    samples, sources, _, _ = collect_outputs(run, questions, seed=_seed(run, -1 - run.counters["questions"]))
-    micro, _ = _micro(run, samples)
-    return _disc_update(run, micro, sources, _global_count(run, len(samples)))
+    cfg, questions = run.cfg, next(run.batches)
+    with explain_oom(cfg, "pre-training rollout"):
+        samples, sources, _, _ = collect_outputs(run, questions, seed=_seed(run, -1 - run.counters["questions"]))
+        micro, _ = _micro(run, samples)
+    with explain_oom(cfg, "pre-training disc_update", micro):
+        return _disc_update(run, micro, sources, _global_count(run, len(samples)))
 
 
 def _seed(run: Run, step: int) -> int:
@@ -500,8 +510,9 @@ def evaluate_now(run: Run) -> dict:
     if not run.eval_examples:
         return {}
     try:
-        return evaluate(run.student, run.processor, run.eval_examples, run.judge, run.dist,
-                        max_new_tokens=run.cfg.max_new_tokens, batch_size=run.cfg.rollout.batch_size)
+        with explain_oom(run.cfg, "evaluation"):
+            return evaluate(run.student, run.processor, run.eval_examples, run.judge, run.dist,
+                            max_new_tokens=run.cfg.max_new_tokens, batch_size=run.cfg.rollout.batch_size)
     finally:
         run.processor.forget_prompts()  # each held-out prompt is rendered once: keeping them holds only memory
 

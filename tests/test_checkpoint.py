@@ -262,6 +262,7 @@ def test_a_steps_0_run_keeps_its_pretraining_for_more_steps(demo, tmp_path):
     out = tmp_path / "run"
     _finish(_command(1, _args(demo, out, **args | {"steps": 0})), tmp_path / "pretrained.txt")
     assert [p.name for p in checkpoint.checkpoints(out)] == ["step-0"]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0]  # step 0 evaluated once, the last
     _finish(_command(1, _args(demo, out, **args | {"steps": 0})), tmp_path / "again.txt")
     assert "nothing to do: the run in" in (tmp_path / "again.txt").read_text()
     _finish(_command(1, _args(demo, out, **args)), tmp_path / "resumed.txt")

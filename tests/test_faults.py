@@ -148,3 +148,22 @@ def test_out_of_memory_names_the_micro_batch_and_the_setting(demo, tmp_path, mon
                                                    "batch.activation_checkpointing=true, "
                                                    "or batch.keep_gathered=false")  # one rank
     assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+
+
+@pytest.mark.parametrize("where, phase, hint", [
+    ("disc_pass", "pre-training disc_update", "its largest micro-batch holds "),
+    ("sample_responses", "pre-training rollout", "lower rollout.batch_size (now 64 sequences per generate call)"),
+    ("evaluate", "evaluation", "lower rollout.batch_size (now 64 sequences per generate call)"),
+])
+def test_out_of_memory_before_the_first_step_names_the_setting(demo, tmp_path, monkeypatch, where, phase, hint):
+    """The discriminator's pre-training (a real run's first heavy work: 50 steps in docs/real_student.yaml) and the
+    evaluations say what to lower too, not CUDA's traceback alone."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, where, oom)
+    extra = {"disc.pretrain_steps": 1} if where != "evaluate" else {"eval_data": demo.test, "eval_max_examples": 2}
+    with pytest.raises(RuntimeError) as e:
+        train.main(_args(demo, tmp_path / "run", **extra, **{"rollout.batch_size": 64}))
+    assert str(e.value).startswith(f"out of memory in the {phase} phase; {hint}"), str(e.value)
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)

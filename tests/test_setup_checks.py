@@ -600,12 +600,16 @@ def test_a_checkpoint_with_the_discriminators_single_param_group_resumes(demo, t
 def test_ctrl_c_stops_after_the_step_like_sigterm(capsys):
     """Each signal only asks for the stop (the step finishes, the checkpoint is written): under torchrun a
     rank gets a terminal's Ctrl-C twice, from the terminal and from torchrun."""
-    run = SimpleNamespace(stop_requested=[], dist=SimpleNamespace(is_main=True))
+    run = SimpleNamespace(stop_requested=[], dist=SimpleNamespace(is_main=True), exporting=False)
     for _ in range(2):
         lifecycle.request_stop(run, signal.SIGINT)
     lifecycle.request_stop(run, signal.SIGTERM)
     assert run.stop_requested == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
     assert capsys.readouterr().out.count("Ctrl-C: stopping after this step") == 1
+    run = SimpleNamespace(stop_requested=[], dist=SimpleNamespace(is_main=True), exporting=True)
+    lifecycle.request_stop(run, signal.SIGTERM)  # past the last evaluation: the export finishes, nothing is saved
+    assert capsys.readouterr().out == "\nSIGTERM: the run ends once final/ is written (its last work); nothing else " \
+                                      "is saved\n"
 
 
 def test_run_counters_survive_a_resume_on_another_number_of_ranks(demo, finished, tmp_path):
