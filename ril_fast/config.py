@@ -362,9 +362,16 @@ def load_config(argv: list[str]) -> Config:
     except ConfigError as e:
         if not e.problems:
             raise
-        sourced = [f"{p} (set {where[key]})" if (key := re.match(r"[\w.]*", p).group()) in where else p
-                   for p in e.problems]
+        sourced = [_sourced(p, where) for p in e.problems]
         raise ConfigError("invalid config:\n  " + "\n  ".join(sourced), problems=sourced) from None
+
+
+def _sourced(problem: str, where: dict[str, str]) -> str:
+    """``problem`` followed by where each key it names was set (``load_config``'s ``where``)."""
+    keys = [k for k in dict.fromkeys(re.findall(r"[A-Za-z_][\w.]*", problem)) if k in where]
+    if len(keys) == 1:
+        return f"{problem} (set {where[keys[0]]})"
+    return f"{problem} ({'; '.join(f'{k} set {where[k]}' for k in keys)})" if keys else problem
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -151,11 +151,14 @@ def test_yaml_takes_dotted_keys_utf16_and_says_where_a_bad_value_was_set(tmp_pat
     path.write_text("steps: 4\noptim.lr: 1.0e-6\nrollout:\n  top_p: 0.5\n", encoding="utf-16")
     cfg = load_config(["--config", str(path)])
     assert (cfg.steps, cfg.optim.lr, cfg.rollout.top_p) == (4, 1e-6, 0.5)
-    path.write_text("steps: 4\nmu: 0\nrollout:\n  top_p: 1.5\n")
+    path.write_text("steps: 4\nmu: 0\nrollout:\n  top_p: 1.5\nmax_new_tokens: 5000\n")
     with pytest.raises(ConfigError) as e:
-        load_config(["--config", str(path), "beta=-1"])
+        load_config(["--config", str(path), "beta=-1", "optim.beta1=0.9", "optim.beta2=1.5"])
     assert str(e.value) == (f"invalid config:\n  mu (μ) must be >= 1 (set at {path}:2)\n  beta (β) must be >= 0 "
-                            f"(set on the command line)\n  rollout.top_p must be in (0, 1] (set at {path}:4)")
+                            f"(set on the command line)\n  rollout.top_p must be in (0, 1] (set at {path}:4)\n  "
+                            f"optim.beta1 and optim.beta2 must be in [0, 1) (optim.beta1 set on the command line; "
+                            f"optim.beta2 set on the command line)\n  batch.max_tokens must exceed max_new_tokens: a "
+                            f"sample holds a prompt and a response (set at {path}:5)")
 
 
 def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
