@@ -209,6 +209,11 @@ def _sum_over_ranks(grad: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(grad.clone())
 
 
+def _mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    """:func:`_sum_over_ranks` over the number of ranks: ``shard_model(sum_gradients=False)``, FSDP's mean."""
+    return all_reduce_sum(grad.clone()) / world_size()
+
+
 class Sharded(nn.Module):
     """The root FSDP unit around a model: ``sharded.module`` is the model itself.
 
@@ -298,6 +303,8 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
         raise ValueError("from_rank0 does not go with cpu_offload: every rank loads its own weights then")
     if device.type == "meta":
         raise ValueError("an empty model (on the meta device) needs the device to shard it onto: device=")
+    if from_rank0:  # the others wait while rank 0 reads the weights (minutes for a large student on slow storage) on
+        on_rank0(lambda: None)  # on_rank0's own group, not in the broadcast below: NCCL's would time out at 10
     # Rank 0's unsharded weights, for the others' shards (held here while FSDP moves the model's own).
     weights = {f"module.{k}": v for k, v in model.state_dict().items()} if from_rank0 and dist.get_rank() == 0 \
         else None
@@ -334,8 +341,8 @@ def shard_model(model: nn.Module, *, mixed_precision: bool, sum_gradients: bool 
     if from_rank0:
         _receive_from_rank0(root, weights, _mesh_device(mesh))
     for p in model.parameters():  # after filling: an empty model's 0-d parameters are new objects then
-        if p.ndim == 0:
-            p.register_hook(_sum_over_ranks)
+        if p.ndim == 0 and p.requires_grad:  # (a frozen one takes no hook) summed, or averaged as FSDP averages
+            p.register_hook(_sum_over_ranks if sum_gradients else _mean_over_ranks)
     # Make it the root now rather than at its first forward, so that ``gathered`` can unshard before
     # any forward has run.
     root._get_fsdp_state()._lazy_init()

@@ -37,11 +37,13 @@ from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_fol
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "fsdp_checks.py"
 EXACT = 1e-6
-LAUNCHES = {  # the launcher, and the script's arguments after the model folder and the report
-    "torchrun2": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []),
-    "torchrun1": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"], []),
-    "python": ([], []),
-    "hsdp4": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"], ["2"]),  # 2 copies x 2 shards
+LAUNCHES = {  # the launcher, the script's arguments after the model folder and the report, and the ranks of a copy
+    "torchrun2": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], [], 2),
+    "torchrun1": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"], [], 1),
+    "python": ([], [], 1),
+    "hsdp4": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"], ["2"], 2),  # 2 copies x 2 shards
+    # 2 whole copies (a 2 x 1 mesh): unlike 2 x 2, it tells the mesh's copy and shard dimensions apart
+    "shard1x2": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], ["1"], 1),
 }
 
 
@@ -49,7 +51,7 @@ def _launch(kind: str, folder: Path, out: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    launcher, args = LAUNCHES[kind]
+    launcher, args, _ = LAUNCHES[kind]
     cmd = [sys.executable, *launcher, str(SCRIPT), str(folder), str(out), *args]
     cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))  # noqa: E731
     t0, c0 = time.perf_counter(), cpu()
@@ -57,7 +59,7 @@ def _launch(kind: str, folder: Path, out: Path) -> dict:
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, f"{kind} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     res = json.loads(out.read_text())
-    res["wall_s"] = elapsed
+    res["wall_s"], res["kind"] = elapsed, kind
     res["cpu_s"] = cpu() - c0  # the launcher's and its ranks' (waited for by it), whatever else the machine runs
     print(f"{kind}: {elapsed:.1f} s wall, {res['cpu_s']:.1f} s CPU, {res['seconds']:.1f} s inside: {res}")
     return res
@@ -179,8 +181,8 @@ def test_launch_is_fast_and_sharded(report):
     assert report["cpu_s"] < 60
     assert report["fsdp_modules"] == 4  # 2 decoder blocks + vision tower + root
     assert report["params_are_dtensors"] and report["params_are_dtensors_after"]
-    hsdp = report["world_size"] == 4
-    assert report["placements"] == ["(Replicate(), Shard(dim=0))" if hsdp else "(Shard(dim=0),)"]
+    two_d = report["world_size"] > LAUNCHES[report["kind"]][2]  # several copies: HSDP's 2-D mesh
+    assert report["placements"] == ["(Replicate(), Shard(dim=0))" if two_d else "(Shard(dim=0),)"]
 
 
 def test_forward_equals_unsharded(report):
@@ -195,10 +197,13 @@ def test_gradients_are_the_sum_over_ranks(report):
     # the discriminator, over two accumulated backwards, with its 0-d bias outside FSDP
     assert report["disc_grad_err_vs_sum"] <= EXACT and report["disc_bias_grad_err"] <= EXACT
     assert report["disc_optimizer_step"]
+    # sum_gradients=False: every gradient the mean over ranks, the bias's (a hook's) too; a frozen one takes no hook
+    assert report["disc_mean_grad_err"] <= EXACT and report["disc_mean_bias_grad_err"] <= EXACT
+    assert report["disc_frozen_shards"] == report["disc_fsdp_modules"]
     # Two micro-batches accumulated as the trainer does (microbatch.sync_gradients): the same sum. A copy sharded
     # over several ranks reduce-scatters at every micro-batch, so no rank keeps a whole gradient in between; a rank
     # holding a whole copy accumulates the whole gradient and reduces once.
-    assert report["copy_ranks"] == (2 if report["world_size"] > 1 else 1)  # torchrun2: 2; hsdp4: 2 copies x 2
+    assert report["copy_ranks"] == LAUNCHES[report["kind"]][2]
     assert report["accumulated_grad_err_vs_sum"] <= EXACT
     assert report["accumulated_whole_gradients"] == (report["copy_ranks"] == 1)
     # HSDP (2 copies of 2): FSDP sums each micro-batch's reduce-scattered gradients on the device until the deferred
@@ -257,8 +262,9 @@ def test_generation_inside_gathered(report):
     assert report["greedy_same_tokens_gathered"] and report["greedy_same_tokens_plain"]
     assert report["sampled_same_tokens"]  # rank-local prompts, G=4, per-rank seeds
     assert report["nested_same_tokens"] and report["inner_alone_refused"]
-    if report["world_size"] == 1:
-        return  # FSDP runs no all-gather on a 1-rank mesh
+    if LAUNCHES[report["kind"]][2] == 1:  # a rank holds a whole copy (1 rank, or 2 x 1): FSDP runs no all-gather
+        assert report["gathers_sampling"] == report["gathers_forward_before_rollout"] == 0
+        return
     units, steps = report["fsdp_modules"], max(report["generated_lengths"])
     # one per unit (the root may still be gathered from an earlier no-grad forward: FSDP keeps it)
     assert report["gathers_generate_gathered"] <= units and report["gathers_sampling"] == units

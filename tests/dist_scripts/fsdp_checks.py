@@ -331,6 +331,18 @@ def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
     res["disc_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(disc), disc_ref_grads))
     res["disc_bias_grad_err"] = max_over_ranks(
         (distributed.unwrap(disc).bias.grad - disc_ref_grads["bias"]).abs().item())
+    # sum_gradients=False: the bias averaged over ranks as FSDP averages the rest; a frozen model takes no hook
+    averaged = Discriminator.from_student(folder, device="cpu")[0]
+    averaged.load_state_dict(disc_ref.state_dict())
+    averaged = shard_model(averaged, mixed_precision=False, sum_gradients=False)
+    (averaged(batch) * torch.arange(1.0, 4.0)).sum().backward()
+    res["disc_mean_bias_grad_err"] = max_over_ranks(
+        (distributed.unwrap(averaged).bias.grad - disc_ref_grads["bias"] / d.world_size).abs().item())
+    res["disc_mean_grad_err"] = max_over_ranks(
+        grad_err(full_grads(averaged), {n: g / d.world_size for n, g in disc_ref_grads.items()}))
+    frozen = Discriminator.from_student(folder, device="cpu")[0].requires_grad_(False)
+    res["disc_frozen_shards"] = len(distributed.fsdp_modules(shard_model(frozen, mixed_precision=False)))
+    del averaged, frozen
     with counter.counting():
         probs = disc_probs(disc, micro, len(batch.lengths))
         res["gathers_disc_probs_3_micro"] = counter.count
