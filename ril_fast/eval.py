@@ -5,9 +5,10 @@
     torchrun --nproc_per_node=N -m ril_fast.eval ...        # each rank answers its share
 
 The same code as the trainer's ``eval_data=`` evaluation (``ril_fast.evaluate.evaluate``): greedy
-decoding, batched, the examples sharded over ranks, the judge given as ``--judge`` with the
-trainer's ``judge_*`` settings as ``--judge-*`` options (``--help`` lists them). Prints the accuracy
-overall and per answer type, and writes
+decoding, batched, the examples sharded over ranks, the model in bf16 on a GPU (the dtype the trainer's
+mixed precision evaluates in) and fp32 on the CPU (:func:`model_dtype`), the judge given as ``--judge``
+with the trainer's ``judge_*`` settings as ``--judge-*`` options (``--help`` lists them). Prints the
+accuracy overall and per answer type, and writes
 
     OUT/examples.jsonl   one line per example: id, answer_type, question, answer, response, truncated, correct
     OUT/summary.json     model, data, judge, examples, correct, accuracy, per_type {type: {examples, correct,
@@ -21,8 +22,12 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ril_fast.files import model_folder_problem
+
+if TYPE_CHECKING:  # imported when a model loads, not for --help or a usage error
+    import torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,8 +65,9 @@ def check_model_folder(parser: argparse.ArgumentParser, flag: str, folder: str) 
 
 def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors for ``add_judge_arguments``' options that no judge can be built from: the trainer's checks
-    of its ``judge_*`` settings (``ril_fast.config.judge_checks``) in the options' words, and an hf judge's
-    model folder; before any model loads."""
+    of its ``judge_*`` settings (``ril_fast.config.judge_checks``) in the options' words, a ``--judge-cache``
+    that cannot be opened as the verdict cache (:func:`check_judge_cache`), an hf judge's model folder and an
+    http judge's server; before any model loads. Nothing is checked for ``--judge none``."""
     from ril_fast.config import judge_checks
     from ril_fast.judges_hf import judge_model_problem
     from ril_fast.judges_http import OpenAIClient
@@ -72,11 +78,38 @@ def check_judge_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         if not ok:
             parser.error(re.sub(r"\bjudge_(\w+)", lambda m: "--judge-" + m.group(1).replace("_", "-"),
                                 re.sub(r"\bjudge=(\w+)", r"--judge \1", message)))
+    check_judge_cache(parser, args.judge_cache)
     if args.judge == "hf" and (problem := judge_model_problem(args.judge_model)):
         parser.error(f"--judge-model {args.judge_model}: {problem}")
     if args.judge == "http" and (problem := OpenAIClient(args.judge_url, timeout_s=args.judge_timeout_s,
                                                          retries=args.judge_retries).serving(args.judge_model)):
         parser.error(f"--judge-url {args.judge_url}: the judge server cannot be used: {problem}")
+
+
+def check_judge_cache(parser: argparse.ArgumentParser, path: str) -> None:
+    """A usage error naming ``--judge-cache`` unless ``path`` (empty: no cache) opens as the verdict cache, an
+    SQLite file (made, with its folder, if missing: ``ril_fast.judge.judge_store``): a text file, a folder or a
+    folder that cannot be made is one line before any model loads, in the words of the trainer's check of
+    ``judge_cache`` (``ril_fast.preflight``), not SQLite's traceback after the model loaded."""
+    import sqlite3
+
+    from ril_fast.judge import judge_store
+
+    try:
+        store = judge_store(path)
+    except (sqlite3.DatabaseError, OSError) as e:  # OperationalError (a folder) is a DatabaseError
+        parser.error(f"--judge-cache {path}: cannot use it as the verdict cache (an SQLite file): {e}")
+    if store is not None:
+        store.close()  # main opens it again for the judge
+
+
+def model_dtype(device: "torch.device") -> "torch.dtype":
+    """The dtype the evaluated model loads in on ``device`` (a ``torch.device``): bf16 on CUDA, the dtype the
+    trainer evaluates its student in there (mixed precision; and flash attention needs it), fp32 on the CPU, as
+    an hf judge chooses (``ril_fast.judges_hf``). Greedy answers can differ between the two."""
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def summarise(records: list[dict]) -> dict:
@@ -140,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist = distributed.init()
     out = Path(args.out)
     examples = distributed.on_rank0(lambda: read_examples(args))
-    model, processor = load(args.model, device=dist.device)
+    model, processor = load(args.model, dtype=model_dtype(dist.device), device=dist.device)
     judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
     mine: list[dict] = []
     metrics = evaluate(model, processor, examples, judge, dist, max_new_tokens=args.max_new_tokens,

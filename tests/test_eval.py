@@ -81,16 +81,21 @@ def test_examples_without_an_answer_type_are_their_own_group(demo, tmp_path):
 
 
 def test_right_answers_are_counted_and_the_http_judge_agrees(demo, tmp_path):
-    """A random tiny model is rarely right, so half of the questions get the model's own greedy answer as
-    their ground truth: those must count as correct, under the rule judge and under the http judge."""
+    """A random tiny model is rarely right, so half of the questions of each answer type (rounded down) get the
+    model's own greedy answer as their ground truth: those must count as correct, under the rule judge and under
+    the http judge; and the trainer's accuracies (``evaluate``), overall and per type, must be the counts of right
+    answers, some type's strictly between 0 and 1 (a figure of 0 everywhere cannot tell one type from another)."""
     _, first = _run(demo, demo.test, tmp_path / "first", "--judge", "rule")
     rule = RuleJudge()
     rows = [json.loads(line) for line in demo.test.read_text().splitlines()]
-    rigged = set()
+    of_type = {t: sum(row["answer_type"] == t for row in rows) for t in {row["answer_type"] for row in rows}}
+    rigged, rigged_of_type = set(), dict.fromkeys(of_type, 0)
     for row, r in zip(rows, first):
-        if len(rigged) < len(rows) // 2 and rule.check(r["response"], r["response"]):
+        if rigged_of_type[row["answer_type"]] < of_type[row["answer_type"]] // 2 and \
+                rule.check(r["response"], r["response"]):
             row["answer"] = r["response"]
             rigged.add(row["id"])
+            rigged_of_type[row["answer_type"]] += 1
     assert rigged, "no greedy answer of the tiny model can serve as a ground truth"
     data = demo.root / "rigged.jsonl"  # beside the images its paths are relative to
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -101,6 +106,81 @@ def test_right_answers_are_counted_and_the_http_judge_agrees(demo, tmp_path):
                                   "--judge-model", "fake-model", "--judge-concurrency", "4")
     assert [r["correct"] for r in http_records] == [r["correct"] for r in records]
     assert http["judge"] == f"http:fake-model:{PROMPT_VERSION}:top10" and http["per_type"] == summary["per_type"]
+    # The trainer's figures, against a count of its own: the greedy answers are the first run's (the questions
+    # are the same), each judged against the rigged ground truth.
+    examples = load_examples(data)
+    response = {r["id"]: r["response"] for r in first}
+    right = {t: sum(rule.check(e.answer, response[e.id]) for e in examples if e.answer_type == t) for t in of_type}
+    model, processor = load(demo.student, device="cpu")
+    metrics = evaluate(model, processor, examples, rule, distributed.Dist(0, 1, 0, torch.device("cpu")),
+                       max_new_tokens=5, batch_size=5)
+    assert metrics == {"eval_accuracy": sum(right.values()) / len(examples), "eval_examples": len(examples),
+                       **{f"eval_accuracy/{t}": right[t] / n for t, n in of_type.items()}}
+    assert any(0 < right[t] < n for t, n in of_type.items()), (right, of_type)
+
+
+@pytest.mark.parametrize("cache, said", [
+    ("notes.txt", "file is not a database"), (".", "unable to open database file"),
+    ("notes.txt/verdicts.sqlite", "[Errno 17] File exists: 'TMP/notes.txt'"),
+])
+def test_a_judge_cache_that_is_no_sqlite_file_is_one_line_before_any_model_loads(demo, tmp_path, capsys,
+                                                                                   monkeypatch, cache, said):
+    """--judge-cache must open as the verdict cache (an SQLite file, made if missing) before the model loads: a
+    text file, a folder, a path under a file were SQLite's traceback after the model had loaded."""
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "notes.txt").write_text("an earlier run's notes, not verdicts\n" * 200)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "out"), "--judge",
+              "rule", "--judge-cache", str(tmp_path / cache)])
+    assert e.value.code == 2  # argparse's status for a bad argument
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m ril_fast.eval: error: --judge-cache {tmp_path / cache}: cannot use it as the verdict cache "
+        f"(an SQLite file): {said.replace('TMP', str(tmp_path))}")
+    assert (tmp_path / "notes.txt").read_text().startswith("an earlier run's notes")
+
+
+def test_a_judge_cache_is_made_before_the_model_loads(demo, tmp_path, monkeypatch):
+    """A --judge-cache that is not there yet is made (its folder too) by the checks, before the model loads."""
+    class Loading(Exception):
+        """Stops the command where the model would load."""
+
+    cache = tmp_path / "cache" / "verdicts.sqlite"
+    made = []
+
+    def load(*args, **kwargs):
+        made.append(cache.is_file())
+        raise Loading
+
+    monkeypatch.setattr("ril_fast.models.load", load)
+    with pytest.raises(Loading):
+        main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "out"), "--judge",
+              "rule", "--judge-cache", str(cache)])
+    assert made == [True]
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("cuda:0", torch.bfloat16)])
+def test_the_model_loads_in_the_trainers_evaluation_dtype(demo, tmp_path, monkeypatch, device, dtype):
+    """bf16 on a GPU, as the trainer's mixed precision evaluates its student (fp32 doubled the memory, kept flash
+    attention off and could change greedy answers), fp32 on the CPU; the process's device is faked here."""
+    import dataclasses
+
+    class Loading(Exception):
+        """Stops the command where the model would load."""
+
+    real_init = distributed.init
+    monkeypatch.setattr("ril_fast.distributed.init",
+                        lambda *a, **k: dataclasses.replace(real_init(*a, **k), device=torch.device(device)))
+    asked = []
+
+    def load(path, **kwargs):
+        asked.append((kwargs.get("dtype", torch.float32), kwargs.get("device")))  # load's own default dtype: fp32
+        raise Loading
+
+    monkeypatch.setattr("ril_fast.models.load", load)
+    with pytest.raises(Loading):
+        main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(tmp_path / "out"), "--judge",
+              "rule"])
+    assert asked == [(dtype, torch.device(device))]
 
 
 def test_cli_data_error_is_one_line_naming_the_file_and_line(demo, tmp_path):
@@ -299,3 +379,31 @@ def test_two_ranks_answer_the_same_as_one(demo, tmp_path):
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert [json.loads(line) for line in (tmp_path / "two" / "examples.jsonl").read_text().splitlines()] == records
     assert {k: v for k, v in two.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
+
+
+def test_a_sharded_student_evaluates_in_step_on_two_ranks(demo, tmp_path):
+    """The trainer's evaluation of its FSDP-sharded student on two ranks (gloo), 3 examples one per generate call:
+    rank 0 answers two, rank 1 one and then the first example again, uncounted, because every generate call
+    all-gathers the parameters on every rank: a rank that stopped after its own share would leave the other
+    waiting in that collective. tests/dist_scripts/eval_checks.py ends a hung rank after its HANG_S seconds; the
+    timeout here is the last resort. The figures and answers are those of the unsharded model in one process."""
+    examples = load_examples(demo.test)[:3]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    out = tmp_path / "ranks.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "dist_scripts" / "eval_checks.py"), str(demo.student), str(demo.test),
+                           str(out), str(len(examples))], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env=dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    ranks = json.loads(out.read_text())
+    assert [r["calls"] for r in ranks] == [[1, 1], [1, 1]]  # as many generate calls, of one prompt each
+    model, processor = load(demo.student, device="cpu")
+    alone: list[dict] = []
+    metrics = evaluate(model, processor, examples, RuleJudge(), distributed.Dist(0, 1, 0, torch.device("cpu")),
+                       max_new_tokens=4, batch_size=1, records=alone)
+    assert metrics["eval_examples"] == 3 and [r["metrics"] for r in ranks] == [metrics, metrics]
+    assert [r["id"] for r in ranks[0]["records"]] == [examples[0].id, examples[2].id]
+    assert [r["id"] for r in ranks[1]["records"]] == [examples[1].id]
+    assert sorted(ranks[0]["records"] + ranks[1]["records"], key=lambda r: r["id"]) == \
+        sorted(alone, key=lambda r: r["id"])
