@@ -22,18 +22,18 @@
   for its last request, so a server teacher's batch is ``--batch-size`` rounded up to whole requests of
   min(K, ``--n-per-request``) responses, and to at least ``--concurrency`` such requests), each
   example's images sent as ``data:`` URLs before its question (a file as it is, but for an image whose EXIF
-  orientation turns or flips it: that one is sent upright, as ril_fast's own loader turns it, re-encoded as PNG,
-  since some servers, SGLang or llama.cpp, ignore the orientation); ``--served-model`` names the model
+  orientation turns or flips it: that one is sent upright, as ril_fast's own loader turns it, re-encoded (a JPEG
+  as JPEG at quality 95, any other as PNG), since some servers, SGLang or llama.cpp, ignore the orientation); ``--served-model`` names the model
   (default: the first the server lists). A server that ignores ``n`` (fewer choices than asked) is asked
   again for the missing responses, with a hint on stderr to pass ``--n-per-request 1`` (one request per
   response, as with ``--temperature 0``: vLLM refuses ``n`` > 1 with greedy sampling). Timeouts and
-  retries as the http judge's (``ril_fast.judges_http``); a request that fails for good (a timeout or an HTTP 5xx
-  after the retries, an HTTP 408) ends the command, naming its example's file:line and id, and so does an HTTP 401,
+  retries as the http judge's (``ril_fast.judges_http``); a request that fails for good (a timeout, an HTTP 408,
+  429 or 5xx after the retries) ends the command, naming its example's file:line and id, and so does an HTTP 401,
   403 or 404 (the key, the URL or the model is wrong for every request). Any other HTTP 4xx refuses that one example
   (vLLM's 400 for a prompt plus ``max_tokens`` beyond its ``--max-model-len``, an image it cannot use): its responses
   are not written, the command goes on, and the end says how many examples were refused, naming the first's
-  file:line, id and the server's message (every example of a fresh start's first batch refused ends the command:
-  the server refuses the requests, e.g. a parameter, not the examples). A reply is a complete answer when its
+  file:line, id and the server's message (every example of a fresh start's first batch refused, when it holds
+  several, ends the command: the server refuses the requests, e.g. a parameter, not the examples). A reply is a complete answer when its
   ``finish_reason`` is ``stop``, missing, or TGI's / llama.cpp's ``eos_token``, ``stop_sequence`` or ``eos``;
   ``length`` marks it truncated; any other (vLLM's ``abort``, ``content_filter``, ``error``, ...) is not written
   but counted, with the reasons seen, and said at the end. The API key from ``$RIL_JUDGE_API_KEY`` or
@@ -78,6 +78,7 @@ options (an ``--out`` under a file included) with argparse's status 2, before an
 
 import argparse
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -225,10 +226,12 @@ _ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 _PNG_ORIENTATION_MARKS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
-def upright_png(raw: bytes) -> bytes | None:
+def upright(raw: bytes) -> tuple[bytes, str] | None:
     """The image file ``raw`` turned upright by its EXIF (or XMP) orientation as ``ril_fast.processor.load_image``
-    turns it (``ImageOps.exif_transpose``), encoded as PNG; None when the orientation neither turns nor flips it
-    (none, 1, or a value out of 2..8), or Pillow cannot read the file (then sent as it is, for the server to judge)."""
+    turns it (``ImageOps.exif_transpose``), as (bytes, MIME type): a JPEG (a phone's photo) encoded again as JPEG
+    at quality 95 without chroma subsampling (as PNG, a 12-megapixel photo's 3.3 MiB became 24.5 MiB), any other
+    format as PNG; None when the orientation neither turns nor flips it (none, 1, or a value out of 2..8), or Pillow
+    cannot read the file (then sent as it is, for the server to judge)."""
     from PIL import Image, ImageOps
 
     try:
@@ -237,23 +240,28 @@ def upright_png(raw: bytes) -> bytes | None:
                 return None
             if im.getexif().get(_ORIENTATION) not in range(2, 9):
                 return None
-            upright = ImageOps.exif_transpose(im)
+            jpeg = im.format in ("JPEG", "MPO")
+            turned = ImageOps.exif_transpose(im)
     except Exception:  # PIL raises many types for a file it cannot read; the data's own checks opened it
         return None
-    if upright.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):  # what PNG holds; e.g. a CMYK JPEG
-        upright = upright.convert("RGBA" if "A" in upright.mode else "RGB")
     buffer = io.BytesIO()
-    upright.save(buffer, format="PNG")
-    return buffer.getvalue()
+    if jpeg:
+        turned.convert("L" if turned.mode == "L" else "RGB").save(buffer, format="JPEG", quality=95, subsampling=0)
+        return buffer.getvalue(), "image/jpeg"
+    if turned.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):  # what PNG holds
+        turned = turned.convert("RGBA" if "A" in turned.mode else "RGB")
+    turned.save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png"
 
 
+@functools.lru_cache(maxsize=32)  # an example's requests (n below K) share its images' encoding
 def data_url(path: Path) -> str:
     """The image file at ``path`` as a ``data:`` URL: its bytes as they are (its MIME type from the file name), but
-    for an image whose EXIF orientation turns or flips it, sent upright as PNG (:func:`upright_png`): a server
-    that ignores the orientation (SGLang, llama.cpp) would see what ril_fast's own loader turns upright askew."""
+    for an image whose EXIF orientation turns or flips it, sent upright (:func:`upright`): a server that ignores
+    the orientation (SGLang, llama.cpp) would see what ril_fast's own loader turns upright askew."""
     raw = path.read_bytes()
-    if (upright := upright_png(raw)) is not None:
-        return f"data:image/png;base64,{base64.b64encode(upright).decode()}"
+    if (turned := upright(raw)) is not None:
+        return f"data:{turned[1]};base64,{base64.b64encode(turned[0]).decode()}"
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
 
@@ -332,7 +340,7 @@ class ServerTeacher:
             status = e.status  # of a reply refused outright; None after the retries, or for a malformed reply
             if status in _EVERY_REQUEST:
                 raise
-            if status is not None and 400 <= status < 500 and status != 408:  # 408: the server timed out
+            if status is not None and 400 <= status < 500:  # (the client retries 408 and 429: never here)
                 with self._lock:
                     self.refused.setdefault(example.id, str(e))
                 return [None] * len(jobs)
@@ -360,8 +368,8 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
     """Append one line per job's response to ``out``, a batch at a time (see the module docstring); a
     response that is empty, holds one of ``teacher.control_tokens`` or is unfinished (its finish neither "stop"
     nor "length") is not written, only counted, and none is for a job the teacher gives None (its example refused:
-    the teacher counts those; on a fresh start, the first batch's every example refused is an ``HTTPError``: the
-    server refuses the requests, not the examples). Returns ``{"written": n, "truncated": n, "empty": n,
+    the teacher counts those; on a fresh start, the first batch's every example refused, when it holds several, is an
+    ``HTTPError``: the server refuses the requests, not the examples). Returns ``{"written": n, "truncated": n, "empty": n,
     "control_tokens": n, "unfinished": {reason: n}}`` (``truncated``: of those written, the ones cut at the token
     budget)."""
     from tqdm import tqdm
@@ -376,8 +384,10 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
             chunk = jobs[start:start + batch_size]
             kept = []
             replies = teacher(chunk)
-            # A fresh start whose first batch is refused whole: the requests are (a parameter the server rejects)
-            if start == 0 and len(jobs) == total and all(reply is None for reply in replies):
+            # A fresh start whose first batch, of several examples, is refused whole: the requests are (a parameter
+            # the server rejects), not the examples
+            if start == 0 and len(jobs) == total and len({j.example.id for j in chunk}) > 1 \
+                    and all(reply is None for reply in replies):
                 first = chunk[0].example
                 raise HTTPError(f"the server refused every example of the first batch ({len(chunk)} responses), "
                                 f"e.g. {first.where} (id {first.id!r}): {teacher.refused.get(first.id, '')}")
