@@ -22,22 +22,23 @@
   for its last request, so a server teacher's batch is ``--batch-size`` rounded up to whole requests of
   min(K, ``--n-per-request``) responses, and to at least ``--concurrency`` such requests), each
   example's images sent as ``data:`` URLs before its question (a file as it is, but for an image whose EXIF
-  orientation turns or flips it: that one is sent upright, as ril_fast's own loader turns it, re-encoded (a JPEG
-  as JPEG at quality 95, any other as PNG), since some servers, SGLang or llama.cpp, ignore the orientation); ``--served-model`` names the model
-  (default: the first the server lists). A server that ignores ``n`` (fewer choices than asked) is asked
-  again for the missing responses, with a hint on stderr to pass ``--n-per-request 1`` (one request per
-  response, as with ``--temperature 0``: vLLM refuses ``n`` > 1 with greedy sampling). Timeouts and
-  retries as the http judge's (``ril_fast.judges_http``); a request that fails for good (a timeout, an HTTP 408,
-  429 or 5xx after the retries) ends the command, naming its example's file:line and id, and so does an HTTP 401,
-  403 or 404 (the key, the URL or the model is wrong for every request). Any other HTTP 4xx refuses that one example
-  (vLLM's 400 for a prompt plus ``max_tokens`` beyond its ``--max-model-len``, an image it cannot use): its responses
-  are not written, the command goes on, and the end says how many examples were refused, naming the first's
-  file:line, id and the server's message (every example of a fresh start's first batch refused, when it holds
-  several, ends the command: the server refuses the requests, e.g. a parameter, not the examples). A reply is a complete answer when its
-  ``finish_reason`` is ``stop``, missing, or TGI's / llama.cpp's ``eos_token``, ``stop_sequence`` or ``eos``;
-  ``length`` marks it truncated; any other (vLLM's ``abort``, ``content_filter``, ``error``, ...) is not written
-  but counted, with the reasons seen, and said at the end. The API key from ``$RIL_JUDGE_API_KEY`` or
-  ``$OPENAI_API_KEY``. Half an emoji at the end of a cut reply (a lone UTF-16 surrogate) is written as U+FFFD.
+  orientation turns or flips it: that one is sent upright, as ril_fast's own loader turns it, re-encoded (a JPEG as
+  JPEG at quality 95, any other as PNG), since some servers, SGLang or llama.cpp, ignore the orientation);
+  ``--served-model`` names the model (default: the first the server lists). A server that ignores ``n`` (fewer
+  choices than asked) is asked again for the missing responses, with a hint on stderr to pass ``--n-per-request 1``
+  (one request per response, as with ``--temperature 0``: vLLM refuses ``n`` > 1 with greedy sampling). Timeouts and
+  retries as the http judge's (``ril_fast.judges_http``); a request that fails for good (a timeout, an HTTP 408, 429
+  or 5xx after the retries) ends the command, naming its example's file:line and id, and so does an HTTP 401, 403 or
+  404 (the key, the URL or the model is wrong for every request). Any other HTTP 4xx refuses that one example
+  (vLLM's 400 for a prompt plus ``max_tokens`` beyond its ``--max-model-len``, an image it cannot use): its
+  responses are not written, the command goes on, and the end says how many examples were refused, naming the
+  first's file:line, id and the server's message (every example of a fresh start's first batch refused, when it
+  holds several, ends the command: the server refuses the requests, e.g. a parameter, not the examples). A reply is
+  a complete answer when its ``finish_reason`` is ``stop``, missing, or TGI's / llama.cpp's ``eos_token``,
+  ``stop_sequence`` or ``eos``; ``length`` marks it truncated; any other (vLLM's ``abort``, ``content_filter``,
+  ``error``, ...) is not written but counted, with the reasons seen, and said at the end. The API key from
+  ``$RIL_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``. Half an emoji at the end of a cut reply (a lone UTF-16 surrogate)
+  is written as U+FFFD.
 
 The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` reads it), one line per
 response::
@@ -365,11 +366,11 @@ class ServerTeacher:
 # ----------------------------------------------------------------------------------------------------
 def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, judge=None, total: int,
             progress: bool = True) -> dict:
-    """Append one line per job's response to ``out``, a batch at a time (see the module docstring); a
-    response that is empty, holds one of ``teacher.control_tokens`` or is unfinished (its finish neither "stop"
-    nor "length") is not written, only counted, and none is for a job the teacher gives None (its example refused:
-    the teacher counts those; on a fresh start, the first batch's every example refused, when it holds several, is an
-    ``HTTPError``: the server refuses the requests, not the examples). Returns ``{"written": n, "truncated": n, "empty": n,
+    """Append one line per job's response to ``out``, a batch at a time (see the module docstring); a response that
+    is empty, holds one of ``teacher.control_tokens`` or is unfinished (its finish neither "stop" nor "length") is
+    not written, only counted, and none is for a job the teacher gives None (its example refused: the teacher counts
+    those; on a fresh start, the first batch's every example refused, when it holds several, is an ``HTTPError``:
+    the server refuses the requests, not the examples). Returns ``{"written": n, "truncated": n, "empty": n,
     "control_tokens": n, "unfinished": {reason: n}}`` (``truncated``: of those written, the ones cut at the token
     budget)."""
     from tqdm import tqdm
