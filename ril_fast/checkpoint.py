@@ -12,9 +12,9 @@ A checkpoint is one folder ``output_dir/step-N/``:
 It is written under ``output_dir/.step-N.tmp/`` and renamed to ``step-N`` by rank 0 once every rank
 has finished writing: a ``step-N`` folder is complete by construction, and a run killed while writing
 leaves only a ``.tmp`` folder, which :func:`latest` ignores and the next save removes (but for a
-``step-N`` that saving step N again moved aside, put back by ``resolve("auto")`` if the new one never
-took its place). The newest ``keep`` checkpoints are kept. Every rank must see the same ``output_dir``
-(a shared filesystem on several nodes), as torch.distributed.checkpoint requires.
+``step-N`` that saving step N again moved aside: put back by :func:`resolve` and by a save's first act,
+if the new one never took its place). The newest ``keep`` checkpoints are kept. Every rank must see the
+same ``output_dir`` (a shared filesystem on several nodes), as torch.distributed.checkpoint requires.
 
 No arbitrary unpickling: tensors go through DCP, the few non-tensor values of the optimizer states
 (learning rates, betas) are read back with ``torch.load(weights_only=True)`` (:class:`SafeLoadPlanner`),
@@ -164,10 +164,10 @@ def latest(output_dir: str | Path) -> Path | None:
 def resolve(resume: str, output_dir: str | Path) -> Path | None:
     """Where a run starts from: ``resume`` is ``auto`` (the newest checkpoint in ``output_dir``, if any),
     ``none`` (a fresh start) or the path of a checkpoint folder."""
+    _restore_replaced(Path(output_dir))
     if resume == "none":
         return None
     if resume == "auto":
-        _restore_replaced(Path(output_dir))
         return latest(output_dir)
     path = Path(resume)
     if _UNFINISHED_DIR.match(path.resolve().name):
@@ -211,6 +211,7 @@ def save(output_dir: str | Path, step: int, dist: Dist, *, states: dict[str, Sta
     root = Path(output_dir)
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     if dist.is_main:
+        _restore_replaced(root)
         for stale in root.glob(".step-*.tmp"):
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)

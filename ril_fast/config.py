@@ -368,7 +368,8 @@ def load_config(argv: list[str]) -> Config:
 
 def _sourced(problem: str, where: dict[str, str]) -> str:
     """``problem`` followed by where each key it names was set (``load_config``'s ``where``)."""
-    keys = [k for k in dict.fromkeys(re.findall(r"[A-Za-z_][\w.]*", problem)) if k in where]
+    words = re.findall(r"[A-Za-z_][\w.]*(?![\w.'])", problem)  # not "the student's"
+    keys = [k for k in dict.fromkeys(words) if k in where]
     if len(keys) == 1:
         return f"{problem} (set {where[keys[0]]})"
     return f"{problem} ({'; '.join(f'{k} set {where[k]}' for k in keys)})" if keys else problem

@@ -47,10 +47,21 @@ class ExportDtype(str, enum.Enum):
 
 
 def save_processor(processor, out: str | Path) -> None:
-    """Write the tokenizer (with its chat template) and, for a VLM, the image-processor config."""
+    """Write the tokenizer (with its chat template) and, for a VLM, the image-processor config; a
+    ``generation_config.json`` already in ``out`` (the model's) is made to stop where the trainer's rollouts stop,
+    at every one of ``processor.stop_token_ids`` (the chat template's end of turn among them: a Qwen base folder
+    lists only <|endoftext|>, so final/ under transformers or vLLM ran past the <|im_end|> it was trained to end
+    with)."""
     processor.tokenizer.save_pretrained(out)
     if processor.image_processor is not None:
         processor.image_processor.save_pretrained(out)
+    stops = list(getattr(processor, "stop_token_ids", ()))
+    if stops and (Path(out) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        config = GenerationConfig.from_pretrained(out)
+        config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        config.save_pretrained(out)
 
 
 def save_hf_files(model: torch.nn.Module, processor, out: str | Path) -> None:

@@ -234,13 +234,14 @@ def checkpoint_pretraining_if_asked(run) -> None:
 
 def checkpoint_if_asked(run, step: int, *, saved: bool, after: str) -> None:
     """Where the run has trained up to ``step`` and done what it says ``after`` (step 0's or the last step's
-    evaluation): when any rank got SIGTERM or Ctrl-C meanwhile, save ``step``'s checkpoint (unless ``saved``: this
-    run's newest is it) and stop, rather than start a step or the export that a scheduler's grace period may not
-    wait for (step 0's: the discriminator's pre-training, minutes of a real student's; the last step's:
+    evaluation): when any rank got SIGTERM or Ctrl-C meanwhile, save ``step``'s checkpoint (unless ``saved``, where
+    ``output_dir``'s newest is it) and stop, rather than start a step or the export that a scheduler's grace period
+    may not wait for (step 0's: the discriminator's pre-training, minutes of a real student's; the last step's:
     ``checkpoint_every=0`` keeps no other)."""
     if _agree(run, bool(run.stop_requested)):
-        if not saved:
-            save_checkpoint(run, step)
+        newest = distributed.on_rank0(lambda: checkpoint.latest(run.cfg.output_dir)) if saved else None
+        if newest is None or checkpoint.saved_step(newest) != step:  # (a resume from another folder's last
+            save_checkpoint(run, step)  # step saved none here)
         _stop(run, step, after=after)
 
 

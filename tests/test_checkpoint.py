@@ -479,7 +479,16 @@ def test_the_same_step_saved_again_replaces_it_whole(tmp_path, monkeypatch):
         save(4)
     monkeypatch.setattr(checkpoint.os, "replace", replace)
     assert checkpoint.checkpoints(tmp_path) == []
+    assert checkpoint.resolve("none", tmp_path) is None and checkpoint.checkpoints(tmp_path) == [path]  # any resume=
     assert checkpoint.resolve("auto", tmp_path) == path and load(path).counters == {"skipped_steps": 3}
+    with pytest.raises(KeyboardInterrupt):  # and a save's first act, before it clears what a killed one left
+        monkeypatch.setattr(checkpoint.os, "replace", killed_after_the_first)
+        save(4)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    _save_alone(tmp_path, 5, states=states(), counters={"skipped_steps": 9}, keep=0)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-4", "step-5"]
+    assert load(path).counters == {"skipped_steps": 3}
+    shutil.rmtree(tmp_path / "step-5")
     save(5)
     assert load(path).counters == {"skipped_steps": 5} and sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]
 

@@ -161,6 +161,16 @@ def test_yaml_takes_dotted_keys_utf16_and_says_where_a_bad_value_was_set(tmp_pat
                             f"sample holds a prompt and a response (set at {path}:5)")
 
 
+def test_where_a_value_was_set_names_only_the_keys_the_check_names(tmp_path):
+    """A check's words that are keys only as a key (its message's "the student's" is not the setting student)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("student: my_model\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(path), "max_image_pixels=-1"])
+    assert str(e.value) == ("invalid config:\n  max_image_pixels must be >= 0 (0 = the student's image processor's "
+                            "own) (set on the command line)")
+
+
 def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
     """YAML keeps ``~`` as written (a shell expands it on the command line): a run would write into a folder
     called ``~`` under the current one."""

@@ -26,7 +26,7 @@ from ril_fast import distributed, packing, rollout
 from ril_fast.models import last_hidden_states, lm_head_weight, load
 from ril_fast.packing import pack
 from ril_fast.processor import Encoded
-from ril_fast.rollout import Rollout, sample_responses
+from ril_fast.rollout import Rollout, _generation_config, sample_responses
 from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_folder, turn_end_folder  # noqa: F401
 
 ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2")
@@ -170,6 +170,26 @@ def test_every_stop_token_ends_a_response(tmp_path_factory, one_thread):  # noqa
         assert enc.input_ids[-1].item() == (r.token_ids[-1] if r.truncated else r.end_id)
     # a response handed over without the stop token it sampled (a teacher's) ends with the template's turn end
     assert proc.encode(dict(examples[0], response="blue")).input_ids[-1].item() == 2
+    # generate itself stops at each (cutting afterwards alone gives the same rollouts, running every row to L)
+    config = _generation_config(proc, max_new_tokens=L, greedy=False, temperature=1.0, top_p=1.0, top_k=0, pad_id=0)
+    assert config.eos_token_id == [2, 0, 3, 4]
+
+
+def test_an_exported_folder_stops_where_the_rollouts_stop(tmp_path_factory, tmp_path, one_thread):  # noqa: F811
+    """final/'s generation_config.json lists every stop token of the trainer's rollouts: a Qwen base folder lists
+    only <|endoftext|> (0), so transformers or vLLM running final/ went on past the <|im_end|> (2) it learnt to end
+    its turns with."""
+    from transformers import GenerationConfig
+
+    from ril_fast.export import export_hf
+    from ril_fast.processor import Processor
+
+    folder = turn_end_folder(tmp_path_factory, [0])
+    model, proc = load(folder, device="cpu")
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == [0] and proc.stop_token_ids == (2, 0)
+    export_hf(model, proc, tmp_path / "final", is_main=True)
+    assert GenerationConfig.from_pretrained(tmp_path / "final").eos_token_id == [2, 0]
+    assert Processor.from_pretrained(tmp_path / "final").stop_token_ids == (2, 0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

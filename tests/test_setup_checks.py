@@ -597,6 +597,25 @@ def test_a_checkpoint_with_the_discriminators_single_param_group_resumes(demo, t
     assert checkpoint.saved_param_groups(fresh / "step-1", "disc") == 2  # DTensors, then the 0-d bias
 
 
+def test_a_stop_after_the_last_evaluation_saves_the_step_where_output_dir_lacks_it(tmp_path, monkeypatch):
+    """With checkpoint_every > 0 the last step is saved before its evaluation, but not by a run that resumed from
+    another folder's last step: a stop there saves it (the message named a checkpoint that was not written)."""
+    saves, stops = [], []
+    monkeypatch.setattr(lifecycle, "save_checkpoint", lambda run, step: saves.append(step))
+    monkeypatch.setattr(lifecycle, "_stop", lambda run, step, after: stops.append((step, after)))
+    run = SimpleNamespace(stop_requested=[signal.SIGTERM], cfg=SimpleNamespace(output_dir=tmp_path),
+                          dist=SimpleNamespace(device=torch.device("cpu")))
+    lifecycle.checkpoint_if_asked(run, 2, saved=True, after="step 2's evaluation")  # none in output_dir
+    (tmp_path / "step-2").mkdir()
+    (tmp_path / "step-2" / "trainer.json").write_text('{"step": 2}')
+    lifecycle.checkpoint_if_asked(run, 2, saved=True, after="step 2's evaluation")  # saved: not again
+    lifecycle.checkpoint_if_asked(run, 2, saved=False, after="step 2's evaluation")
+    assert saves == [2, 2] and stops == [(2, "step 2's evaluation")] * 3
+    run.stop_requested.clear()
+    lifecycle.checkpoint_if_asked(run, 2, saved=False, after="step 2's evaluation")  # no stop asked: nothing
+    assert saves == [2, 2] and len(stops) == 3
+
+
 def test_ctrl_c_stops_after_the_step_like_sigterm(capsys):
     """Each signal only asks for the stop (the step finishes, the checkpoint is written): under torchrun a
     rank gets a terminal's Ctrl-C twice, from the terminal and from torchrun."""
