@@ -51,17 +51,17 @@ def save_processor(processor, out: str | Path) -> None:
     ``generation_config.json`` already in ``out`` (the model's) is made to stop where the trainer's rollouts stop,
     at every one of ``processor.stop_token_ids`` (the chat template's end of turn among them: a Qwen base folder
     lists only <|endoftext|>, so final/ under transformers or vLLM ran past the <|im_end|> it was trained to end
-    with)."""
+    with). Only that key is rewritten, as JSON: transformers' ``save_pretrained`` of a changed GenerationConfig
+    validates it strictly, and refuses what many models ship (``do_sample`` false with a ``temperature``)."""
     processor.tokenizer.save_pretrained(out)
     if processor.image_processor is not None:
         processor.image_processor.save_pretrained(out)
     stops = list(getattr(processor, "stop_token_ids", ()))
-    if stops and (Path(out) / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        config = GenerationConfig.from_pretrained(out)
-        config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        config.save_pretrained(out)
+    path = Path(out) / "generation_config.json"
+    if stops and path.is_file():
+        config = json.loads(path.read_text())
+        config["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_hf_files(model: torch.nn.Module, processor, out: str | Path) -> None:

@@ -17,6 +17,8 @@ the end-of-turn handling is exercised.
 import contextlib
 import copy
 import inspect
+import json
+import shutil
 
 import pytest
 import torch
@@ -184,11 +186,15 @@ def test_an_exported_folder_stops_where_the_rollouts_stop(tmp_path_factory, tmp_
     from ril_fast.export import export_hf
     from ril_fast.processor import Processor
 
-    folder = turn_end_folder(tmp_path_factory, [0])
+    folder = shutil.copytree(turn_end_folder(tmp_path_factory, [0]), tmp_path / "student")
+    shipped = json.loads((folder / "generation_config.json").read_text())  # as many models ship it: greedy with a
+    shipped.update(do_sample=False, temperature=0.7)  # sampling setting, which a changed GenerationConfig's save refuses
+    (folder / "generation_config.json").write_text(json.dumps(shipped))
     model, proc = load(folder, device="cpu")
     assert GenerationConfig.from_pretrained(folder).eos_token_id == [0] and proc.stop_token_ids == (2, 0)
     export_hf(model, proc, tmp_path / "final", is_main=True)
-    assert GenerationConfig.from_pretrained(tmp_path / "final").eos_token_id == [2, 0]
+    saved = json.loads((tmp_path / "final" / "generation_config.json").read_text())
+    assert (saved["eos_token_id"], saved["do_sample"], saved["temperature"]) == ([2, 0], False, 0.7)
     assert Processor.from_pretrained(tmp_path / "final").stop_token_ids == (2, 0)
 
 
