@@ -79,7 +79,6 @@ options (an ``--out`` under a file included) with argparse's status 2, before an
 
 import argparse
 import base64
-import functools
 import hashlib
 import io
 import json
@@ -255,7 +254,6 @@ def upright(raw: bytes) -> tuple[bytes, str] | None:
     return buffer.getvalue(), "image/png"
 
 
-@functools.lru_cache(maxsize=32)  # an example's requests (n below K) share its images' encoding
 def data_url(path: Path) -> str:
     """The image file at ``path`` as a ``data:`` URL: its bytes as they are (its MIME type from the file name), but
     for an image whose EXIF orientation turns or flips it, sent upright (:func:`upright`): a server that ignores
@@ -320,13 +318,13 @@ class ServerTeacher:
             raise HTTPError(f"{self.client.url}/chat/completions: malformed reply ({type(e).__name__}: {e}): "
                             f"{json.dumps(reply)[:300]}") from None
 
-    def group(self, jobs: list[Job]) -> list[tuple[str, str] | None]:
-        """One response per job, all to the same example: one request for ``len(jobs)`` choices, then
-        further requests for the responses a server that ignores ``n`` left out. None for each job when the
-        server refuses the example (an HTTP 4xx but 401, 403 and 404; ``refused``); any other failure is an
-        ``HTTPError`` naming the example's file:line and id."""
+    def group(self, jobs: list[Job], messages: list[dict] | None = None) -> list[tuple[str, str] | None]:
+        """One response per job, all to the same example (its ``messages``: :func:`chat_messages`, made here when
+        not given): one request for ``len(jobs)`` choices, then further requests for the responses a server that
+        ignores ``n`` left out. None for each job when the server refuses the example (an HTTP 4xx but 401, 403
+        and 404; ``refused``); any other failure is an ``HTTPError`` naming the example's file:line and id."""
         example = jobs[0].example
-        body = {"model": self.model, "messages": chat_messages(example), **self.params}
+        body = {"model": self.model, "messages": messages or chat_messages(example), **self.params}
         try:
             got = self.choices(body, len(jobs))
             while len(got) < len(jobs):
@@ -351,14 +349,18 @@ class ServerTeacher:
     def __call__(self, jobs: list[Job]) -> list[tuple[str, str] | None]:
         """One response per job, in order, or None where the server refused the job's example. Consecutive jobs
         to the same example share a request, up to ``n_per_request`` of them; the choices are given to the jobs in
-        order of their ``index``."""
+        order of their ``index``. Each example's messages are made once (its images read, a turned one encoded
+        again), in parallel over the examples, for all of its requests."""
         groups: list[list[Job]] = []
         for job in jobs:
             if groups and groups[-1][0].example.id == job.example.id and len(groups[-1]) < self.n_per_request:
                 groups[-1].append(job)
             else:
                 groups.append([job])
-        return [response for group in self.client.map(self.group, groups) for response in group]
+        examples = list({g[0].example.id: g[0].example for g in groups}.values())
+        messages = dict(zip((e.id for e in examples), self.client.map(chat_messages, examples)))
+        replies = self.client.map(lambda group: self.group(group, messages[group[0].example.id]), groups)
+        return [response for group in replies for response in group]
 
 
 # ----------------------------------------------------------------------------------------------------

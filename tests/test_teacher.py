@@ -368,6 +368,23 @@ def test_server_failing_after_its_retries_names_the_example(demo, tmp_path):
                   "--no-progress"])
 
 
+def test_each_example_s_images_are_encoded_once_for_all_its_requests(demo, tmp_path, monkeypatch):
+    """K = 4 responses one a request (--n-per-request 1), all in flight together: the example's images are read
+    (and a turned photo encoded again: seconds for 12 megapixels) once, not once a request."""
+    import ril_fast.teacher as teacher
+
+    encoded, data_url = [], teacher.data_url
+    monkeypatch.setattr(teacher, "data_url", lambda path: encoded.append(path) or data_url(path))
+    data = _with_fault(demo, 3, 1, "")
+    examples = load_examples(data)
+    with FakeOpenAI() as server:
+        assert main(["--model", server.url, "--data", str(data), "--out", str(tmp_path / "t.jsonl"), "--no-progress",
+                     "--num-responses", "4", "--n-per-request", "1", "--concurrency", "8"]) == _stats(written=12,
+                                                                                                     total=12)
+        assert sum(server.attempts.values()) == 12  # 4 requests an example
+    assert sorted(encoded) == sorted(p for e in examples for p in e.images)
+
+
 def _exif_image(path: Path, orientation: int | None) -> None:
     """A landscape image with a red bar on its left, saved at ``path`` with that EXIF orientation (None: no EXIF)."""
     from PIL import Image
