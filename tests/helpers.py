@@ -1,7 +1,9 @@
 """Shared test tools: the project's one tolerance rule, output poisoning, random PPO ratios kept off the clip
-bounds, and counters of what a model saves for the backward and what its vision tower is given."""
+bounds, counters of what a model saves for the backward and what its vision tower is given, and the processes
+below a launcher."""
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -162,3 +164,21 @@ def fsdp_states_seen(blocks: list) -> tuple[list, list]:
     handles = [b.register_forward_pre_hook(lambda m, args: seen.append(m._get_fsdp_state()._training_state))
                for b in blocks]
     return seen, handles
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so killing
+    torchrun's process group alone would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import descendants
 from safetensors.torch import load_file
 
 from ril_fast import checkpoint, train
@@ -75,28 +76,10 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 300
         time.sleep(0.05)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so killing
-    torchrun's process group alone would leave them running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _kill(proc: subprocess.Popen) -> None:
     """SIGKILL the run and every process it started, all at once, as a lost machine would."""
     assert proc.poll() is None, "the run finished before it could be killed"
-    victims = [proc.pid, *_descendants(proc.pid)]
+    victims = [proc.pid, *descendants(proc.pid)]
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
@@ -279,7 +262,7 @@ def test_ctrl_c_under_torchrun_writes_a_checkpoint_and_stops(demo, reference, tm
     proc = _start(cmd, tmp_path / "stopped.txt")
     _wait_for(lambda: (out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text(),
               proc, tmp_path / "stopped.txt")
-    for pid in [proc.pid, *_descendants(proc.pid)]:
+    for pid in [proc.pid, *descendants(proc.pid)]:
         os.kill(pid, signal.SIGINT)
     assert proc.wait(timeout=300) != 0  # stopped, not finished
     log = (tmp_path / "stopped.txt").read_text()
@@ -297,7 +280,7 @@ def test_a_rank_whose_torchrun_is_killed_checkpoints_and_stops(demo, tmp_path):
     proc = _start(_command(2, _args(demo, out, checkpoint_every=0, steps=50)), tmp_path / "log.txt")
     _wait_for(lambda: (out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text(),
               proc, tmp_path / "log.txt")
-    ranks = [pid for pid in _descendants(proc.pid) if "ril_fast.train" in Path(f"/proc/{pid}/cmdline").read_text()]
+    ranks = [pid for pid in descendants(proc.pid) if "ril_fast.train" in Path(f"/proc/{pid}/cmdline").read_text()]
     assert len(ranks) == 2
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -187,8 +187,9 @@ def test_an_exported_folder_stops_where_the_rollouts_stop(tmp_path_factory, tmp_
     from ril_fast.processor import Processor
 
     folder = shutil.copytree(turn_end_folder(tmp_path_factory, [0]), tmp_path / "student")
-    shipped = json.loads((folder / "generation_config.json").read_text())  # as many models ship it: greedy with a
-    shipped.update(do_sample=False, temperature=0.7)  # sampling setting, which a changed GenerationConfig's save refuses
+    # as many models ship it: greedy with a sampling setting, which a changed GenerationConfig's save refuses
+    shipped = json.loads((folder / "generation_config.json").read_text())
+    shipped.update(do_sample=False, temperature=0.7)
     (folder / "generation_config.json").write_text(json.dumps(shipped))
     model, proc = load(folder, device="cpu")
     assert GenerationConfig.from_pretrained(folder).eos_token_id == [0] and proc.stop_token_ids == (2, 0)
