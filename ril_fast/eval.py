@@ -6,8 +6,8 @@
 
 The same code as the trainer's ``eval_data=`` evaluation (``ril_fast.evaluate.evaluate``): greedy
 decoding, batched, the examples sharded over ranks, the model in bf16 on a GPU (the dtype the trainer's
-mixed precision evaluates in) and fp32 on the CPU (:func:`model_dtype`), the judge given as ``--judge``
-with the trainer's ``judge_*`` settings as ``--judge-*`` options (``--help`` lists them). Prints the
+mixed precision evaluates in) and fp32 on the CPU (``ril_fast.models.compute_dtype``), the judge given as
+``--judge`` with the trainer's ``judge_*`` settings as ``--judge-*`` options (``--help`` lists them). Prints the
 accuracy overall and per answer type, and writes
 
     OUT/examples.jsonl   one line per example: id, answer_type, question, answer, response, truncated, correct
@@ -22,12 +22,8 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ril_fast.files import model_folder_problem
-
-if TYPE_CHECKING:  # imported when a model loads, not for --help or a usage error
-    import torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,15 +99,6 @@ def check_judge_cache(parser: argparse.ArgumentParser, path: str) -> None:
         store.close()  # main opens it again for the judge
 
 
-def model_dtype(device: "torch.device") -> "torch.dtype":
-    """The dtype the evaluated model loads in on ``device`` (a ``torch.device``): bf16 on CUDA, the dtype the
-    trainer evaluates its student in there (mixed precision; and flash attention needs it), fp32 on the CPU, as
-    an hf judge chooses (``ril_fast.judges_hf``). Greedy answers can differ between the two."""
-    import torch
-
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def summarise(records: list[dict]) -> dict:
     """Counts and accuracy overall and per answer type (``untyped``: the examples without one), and how many
     answers were cut short by the token budget (``truncated``)."""
@@ -166,14 +153,14 @@ def main(argv: list[str] | None = None) -> dict:
     from ril_fast import distributed
     from ril_fast.evaluate import evaluate
     from ril_fast.judge import CachedJudge, judge_store, make_judge_from_config
-    from ril_fast.models import load
+    from ril_fast.models import compute_dtype, load
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     dist = distributed.init()
     out = Path(args.out)
     examples = distributed.on_rank0(lambda: read_examples(args))
-    model, processor = load(args.model, dtype=model_dtype(dist.device), device=dist.device)
+    model, processor = load(args.model, dtype=compute_dtype(dist.device), device=dist.device)
     judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
     mine: list[dict] = []
     metrics = evaluate(model, processor, examples, judge, dist, max_new_tokens=args.max_new_tokens,

@@ -90,7 +90,9 @@ class HFJudge:
             raise FileNotFoundError(f"the hf judge's model folder {folder}: {problem}")
         self.device = torch.device(device if device is not None else
                                    torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        from ril_fast.models import compute_dtype
+
+        dtype = dtype or compute_dtype(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device).eval()
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)

@@ -181,6 +181,13 @@ def _quiet(enabled: bool):
         logging.set_verbosity(before)
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a model that is only run (not trained) loads in on ``device``: bf16 on CUDA, the dtype the trainer's
+    mixed precision computes in there (and what flash attention takes), fp32 on the CPU. The eval tool, the local
+    teacher and the hf judge use it."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | str = Attn.AUTO,
          device: str | torch.device | None = None, lm_head: bool = True, weights_on_cpu: bool = False,
          empty: bool = False, max_image_pixels: int = 0):

@@ -182,24 +182,20 @@ def pending_jobs(examples: list[Example], k: int, done: set[tuple[str, int]]) ->
 _COMPLETE = frozenset({"stop", None, "eos_token", "stop_sequence", "eos"})
 
 
-def local_dtype():
-    """The dtype the local teacher loads in: bf16 where ``ril_fast.models.load`` puts it on CUDA (its default
-    device when there is one), fp32 on the CPU (as ``ril_fast.judges_hf`` picks its own)."""
-    import torch
-
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
 class LocalTeacher:
     """Batched sampling from a local HF model folder (``ril_fast.rollout.sample_responses``), in
-    :func:`local_dtype`, each batch seeded from ``seed`` and its first job. ``control_tokens``: the model's
-    (``Processor.control_tokens``), which its responses are decoded with."""
+    ``ril_fast.models.compute_dtype`` (bf16 on CUDA, where ``load`` puts it when there is one; fp32 on the CPU), each
+    batch seeded from ``seed`` and its first job. ``control_tokens``: the model's (``Processor.control_tokens``),
+    which its responses are decoded with."""
 
     def __init__(self, folder: str, *, max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
                  seed: int):
-        from ril_fast.models import load
+        import torch
 
-        self.model, self.processor = load(folder, dtype=local_dtype())
+        from ril_fast.models import compute_dtype, load
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where ``load`` puts it
+        self.model, self.processor = load(folder, dtype=compute_dtype(device))
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size, self.seed = batch_size, seed
         self.control_tokens = self.processor.control_tokens
