@@ -3,6 +3,9 @@ bounds, counters of what a model saves for the backward and what its vision towe
 below a launcher."""
 
 import contextlib
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import torch
@@ -182,3 +185,19 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def run_tree(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)``, except that on the timeout
+    the launcher and every process below it are killed (``subprocess.run`` kills torchrun alone, and the ranks of a
+    script without ``ril_fast.train``'s parent-death signal ran on), then ``TimeoutExpired`` is raised."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=60)  # (its pipes close once every process holding them is gone)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -16,13 +16,13 @@ import copy
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_tree
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -55,7 +55,7 @@ def _launch(kind: str, folder: Path, out: Path) -> dict:
     cmd = [sys.executable, *launcher, str(SCRIPT), str(folder), str(out), *args]
     cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))  # noqa: E731
     t0, c0 = time.perf_counter(), cpu()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)  # a hang fails here
+    proc = run_tree(cmd, env=env, cwd=ROOT, timeout=120)  # a hang fails here, its processes killed
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, f"{kind} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     res = json.loads(out.read_text())
@@ -119,6 +119,27 @@ def test_an_empty_model_reads_no_weights(folder, tmp_path):
     assert {p.device.type for p in disc.parameters()} == {"meta"}
     with pytest.raises(Exception, match="(?i)safetensors|header|deserializ"):
         load(copy, device="cpu")
+
+
+def test_a_launch_that_hangs_is_killed_with_what_it_started(tmp_path):
+    """The tests' launcher on its timeout: a worker in a session of its own (as torchrun starts its ranks) goes too."""
+    import subprocess
+
+    worker = tmp_path / "worker.pid"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(300)'], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+              f"open({str(worker)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_tree([sys.executable, "-c", script], timeout=5)
+    stat, deadline = Path(f"/proc/{int(worker.read_text())}/stat"), time.monotonic() + 10
+    while True:
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":  # dead, its parent gone too
+                break
+        except OSError:  # gone
+            break
+        assert time.monotonic() < deadline, "the worker outlived the launch"
+        time.sleep(0.05)
 
 
 def test_sharded_wrapper_calls_through():

@@ -1,10 +1,8 @@
 """python -m ril_fast.eval on a tiny model: greedy answers, judged by the rule and the http judge
 (tests/fake_openai.py), accuracy overall and per answer type, per-example JSONL and a summary JSON."""
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from fake_openai import FakeOpenAI
-from helpers import descendants
+from helpers import run_tree
 from models_fixtures import one_thread  # noqa: F401
 
 from ril_fast import distributed
@@ -394,20 +392,11 @@ def test_a_sharded_student_evaluates_in_step_on_two_ranks(demo, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     out = tmp_path / "ranks.json"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "tests" / "dist_scripts" / "eval_checks.py"), str(demo.student),
-                             str(demo.test), str(out), str(len(examples))], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
-    try:
-        stdout, stderr = proc.communicate(timeout=400)
-    finally:  # torchrun and both ranks, which a timeout would leave running (each in a session of its own)
-        if proc.poll() is None:
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-6000:]
+    proc = run_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                     str(ROOT / "tests" / "dist_scripts" / "eval_checks.py"), str(demo.student), str(demo.test),
+                     str(out), str(len(examples))], cwd=ROOT, timeout=400,
+                    env=dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     ranks = json.loads(out.read_text())
     assert [r["calls"] for r in ranks] == [[1, 1], [1, 1]]  # as many generate calls, of one prompt each
     model, processor = load(demo.student, device="cpu")
