@@ -87,14 +87,12 @@ def check_judge_cache(parser: argparse.ArgumentParser, path: str) -> None:
     SQLite file (made, with its folder, if missing: ``ril_fast.judge.judge_store``): a text file, a folder or a
     folder that cannot be made is one line before any model loads, in the words of the trainer's check of
     ``judge_cache`` (``ril_fast.preflight``), not SQLite's traceback after the model loaded."""
-    import sqlite3
-
     from ril_fast.judge import judge_store
 
     try:
         store = judge_store(path)
-    except (sqlite3.DatabaseError, OSError) as e:  # OperationalError (a folder) is a DatabaseError
-        parser.error(f"--judge-cache {path}: cannot use it as the verdict cache (an SQLite file): {e}")
+    except ValueError as e:
+        parser.error(f"--judge-cache {path}: {e}")
     if store is not None:
         store.close()  # main opens it again for the judge
 

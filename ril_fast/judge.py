@@ -102,12 +102,18 @@ def make_judge_from_config(cfg) -> Judge:
 
 def judge_store(path: str) -> MutableMapping[str, bool] | None:
     """The persistent verdict store at ``path`` (an SQLite file, made if missing), or None for an
-    empty path (``CachedJudge`` then keeps its verdicts in memory)."""
+    empty path (``CachedJudge`` then keeps its verdicts in memory). A path that cannot be the store (a text file,
+    a folder, a folder that cannot be made) is a ValueError saying why, for the caller to name its setting."""
     if not path:
         return None
+    import sqlite3
+
     from ril_fast.judges_cache import SqliteStore
 
-    return SqliteStore(path)
+    try:
+        return SqliteStore(path)
+    except (sqlite3.DatabaseError, OSError) as e:  # OperationalError (a folder) is a DatabaseError
+        raise ValueError(f"cannot use it as the verdict cache (an SQLite file): {e}") from None
 
 
 def add_judge_arguments(parser, *, optional: bool = False) -> None:

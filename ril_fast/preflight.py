@@ -11,8 +11,6 @@
 run on any machine (no weight is read) and prints the lengths and the plan they rest on (:func:`main`).
 """
 
-import sqlite3
-
 import torch
 from transformers import AutoConfig
 
@@ -172,9 +170,8 @@ def _surroundings(cfg: Config, dist: distributed.Dist):
     number of ranks the shards are spread over."""
     try:
         store = judge_store(cfg.judge_cache)
-    except (sqlite3.DatabaseError, OSError) as e:
-        raise ConfigError(f"judge_cache={cfg.judge_cache}: cannot use it as the verdict cache (an SQLite "
-                          f"file): {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"judge_cache={cfg.judge_cache}: {e}") from None
     try:
         distributed.shard_size(cfg.batch.shard_ranks)
     except ValueError as e:  # "shard_ranks=N: must divide ..."
