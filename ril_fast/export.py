@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from ril_fast.checkpoint import SafeLoadPlanner, saved_param_groups, single_process
 from ril_fast.distributed import barrier, fsdp_modules, unwrap
+from ril_fast.models import compute_dtype
 
 _PREFIX = "module."  # parameter names of a model under the trainer's Sharded root
 
@@ -42,7 +43,7 @@ class ExportDtype(str, enum.Enum):
     def on(self, device: torch.device) -> torch.dtype:
         """The torch dtype for a run on ``device``."""
         if self is ExportDtype.AUTO:
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            return compute_dtype(device)
         return getattr(torch, self.value)
 
 

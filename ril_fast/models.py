@@ -182,9 +182,9 @@ def _quiet(enabled: bool):
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """The dtype a model that is only run (not trained) loads in on ``device``: bf16 on CUDA, the dtype the trainer's
-    mixed precision computes in there (and what flash attention takes), fp32 on the CPU. The eval tool, the local
-    teacher and the hf judge use it."""
+    """The dtype forwards run in on ``device``: bf16 on CUDA (the trainer's mixed precision, and what flash attention
+    takes), fp32 on the CPU. The trainer's frozen reference and its matmul peak, final/'s ``export_dtype=auto``, and
+    the models that are only run (the eval tool's, the local teacher, the hf judge) load or measure in it."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

@@ -54,7 +54,7 @@ from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.lifecycle import (FINISHED, checkpoint_if_asked, checkpoint_if_due, checkpoint_pretraining_if_asked,
                                load_checkpoint, save_checkpoint, sigterm_when_torchrun_dies, stop_if_asked,
                                stop_on_signals, where_to_start)
-from ril_fast.models import enable_activation_checkpointing, load
+from ril_fast.models import compute_dtype, enable_activation_checkpointing, load
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.preflight import (built_demo, check_memory, check_surroundings, context_length, load_data,
                                 token_budget)
@@ -175,8 +175,7 @@ def setup(cfg: Config) -> Run:
     check_memory(cfg, dist, disc=bank is not None)
     distributed.on_rank0(lambda: _lock_output_dir(out))  # from here on this run writes in output_dir
 
-    gpu = dist.device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    gpu, dtype = dist.device.type == "cuda", compute_dtype(dist.device)
     # Each model loads into the CPU's memory and shard_model moves it to the device one unit at a time: a GPU
     # never holds a whole fp32 model (30 GB for 7B parameters). With several ranks only rank 0 reads the weights
     # (the others build the models empty and receive their shards from it), unless offloaded.
