@@ -314,13 +314,13 @@ class ServerTeacher:
             raise HTTPError(f"{self.client.url}/chat/completions: malformed reply ({type(e).__name__}: {e}): "
                             f"{json.dumps(reply)[:300]}") from None
 
-    def group(self, jobs: list[Job], messages: list[dict] | None = None) -> list[tuple[str, str] | None]:
-        """One response per job, all to the same example (its ``messages``: :func:`chat_messages`, made here when
-        not given): one request for ``len(jobs)`` choices, then further requests for the responses a server that
-        ignores ``n`` left out. None for each job when the server refuses the example (an HTTP 4xx but 401, 403
-        and 404; ``refused``); any other failure is an ``HTTPError`` naming the example's file:line and id."""
+    def group(self, jobs: list[Job], messages: list[dict]) -> list[tuple[str, str] | None]:
+        """One response per job, all to the same example (its ``messages``: :func:`chat_messages`): one request for
+        ``len(jobs)`` choices, then further requests for the responses a server that ignores ``n`` left out. None
+        for each job when the server refuses the example (an HTTP 4xx but 401, 403 and 404; ``refused``); any other
+        failure is an ``HTTPError`` naming the example's file:line and id."""
         example = jobs[0].example
-        body = {"model": self.model, "messages": messages or chat_messages(example), **self.params}
+        body = {"model": self.model, "messages": messages, **self.params}
         try:
             got = self.choices(body, len(jobs))
             while len(got) < len(jobs):
