@@ -19,7 +19,9 @@ setup(
         # A bound that the CPU wheel 2.13.0 satisfies: a bare "torch" pulls a multi-GB CUDA build.
         "torch>=2.9,<=2.13.0",
         "triton>=3.5",
-        "transformers>=5.0,<6",
+        # 5.23 is the oldest release ril_fast works with (older ones lack APIs it calls: convert_to_rgb's
+        # return_numpy, activation_checkpointing_enable, lenient GenerationConfig saves); constraints.txt: tested.
+        "transformers>=5.23,<6",
         "safetensors",
         "numpy",
         "pillow",

@@ -54,7 +54,7 @@ class Rollout:
 def _batch(prompts: list[Encoded], processor: Processor, model, pad_id: int, device) -> dict:
     """Left-padded ``generate`` inputs: input_ids / attention_mask (B, P_max) int64, and for images
     ``packing.image_inputs`` (a prompt repeated G times has its pixels once) and, where the model's rope
-    index reads them (transformers >= 5.2x), mm_token_type_ids (B, P_max) int32 (1 on image tokens)."""
+    index reads them (transformers >= 5.3), mm_token_type_ids (B, P_max) int32 (1 on image tokens)."""
     P = max(p.input_ids.numel() for p in prompts)
     input_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(prompts), P, dtype=torch.long)
