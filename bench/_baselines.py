@@ -97,7 +97,8 @@ def liger_policy_pass(model, micro, advantages: torch.Tensor, normalizer: torch.
 def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list[dict]:
     """The policy-update phase alone (one μ pass, gradients discarded), through ril_fast's configured
     kernels and through Liger, on the micro-batches of ``encoded`` (the last measured step's outputs).
-    Returns one dict per provider: seconds (median of ``reps``), peak bytes, loss, FLOPs."""
+    Returns one dict per provider: seconds (median of ``reps``), peak bytes, loss, FLOPs and tokens (every
+    token of the micro-batches' real samples, fillers left out, as the trainer counts a step's tokens)."""
     cfg = run.cfg
     device = run.dist.device
     micro = micro_batches(encoded, cfg.batch.max_tokens, padded=cfg.batch.padded,
@@ -112,6 +113,7 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
     ref = frozen_logprobs(run.reference, micro, cfg.rollout.temperature, kernels=cfg.loss.kernels) \
         if run.reference is not None else None
     flops = training_flops(shapes, [Sample.of(e) for e in encoded], head=True)
+    tokens = sum(mb.batch.lengths[k] for mb in micro for k in mb.real)
     def liger(compiled: bool = CUDA):
         return liger_policy_pass(run.student, micro, advantages, normalizer, loss_cfg, cfg.max_new_tokens, ref=ref,
                                  compiled=compiled)
@@ -134,7 +136,7 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
             print(f"{note}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
             seconds, peak, loss = measure(lambda: liger(compiled=False), reps,
                                           after=lambda: run.optimizer.zero_grad(set_to_none=True))
-        return dict(provider=name, seconds=seconds, peak=peak, loss=loss, flops=flops, note=note)
+        return dict(provider=name, seconds=seconds, peak=peak, loss=loss, flops=flops, tokens=tokens, note=note)
 
     results = []
     for name, fn in providers.items():

@@ -158,18 +158,46 @@ def sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+def versions() -> dict[str, str]:
+    """The installed versions of the packages a benchmark's figures depend on (torch, triton, transformers,
+    liger_kernel), "" for one that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for column, package in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
+                            ("liger_kernel", "liger-kernel")):
+        try:
+            out[column] = version(package)
+        except PackageNotFoundError:
+            out[column] = ""
+    return out
+
+
 def append_csv(path: str | Path, rows: list[dict], columns: list[str]) -> Path:
     """Append ``rows`` (dicts; missing keys left empty) to the CSV at ``path``, writing the header when
-    the file is new. An existing file whose header is not ``columns`` is an error, not a silent
-    misalignment."""
+    the file is new. An existing file with an older header, every column of which is in ``columns``, is
+    first rewritten under ``columns`` (each old value kept under its column, the new columns empty for the
+    old rows; written to a temporary file, then renamed over it). A header with a column that ``columns``
+    lacks is an error, not a silent loss or misalignment."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
         if header != columns:
-            raise ValueError(f"{path}:1: its columns {header} are not this benchmark's {columns}: "
-                             f"write to another file (--out)")
+            unknown = [c for c in header if c not in columns]
+            if unknown or len(set(header)) != len(header):
+                raise ValueError(f"{path}:1: its columns {header} are not this benchmark's {columns} "
+                                 f"(they lack its {unknown}): write to another file (--out)")
+            with path.open(newline="") as f:
+                old = list(csv.DictReader(f))
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(old)
+            os.replace(tmp, path)
+            print(f"{path}: columns added to its header: {[c for c in columns if c not in header]}", file=sys.stderr)
         new = False
     else:
         new = True

@@ -84,10 +84,12 @@ _COLLECTIVE_NAMES = ("nccl", "gloo:", "c10d::")
 def collective_seconds(prof) -> dict[str, float]:
     """Seconds spent in collectives during a profiled step, per phase (``phase/<name>`` ranges) and in
     "total". On GPU: the device time of NCCL kernels. On CPU: gloo's collective ops, outermost only
-    (a c10d op and the gloo op inside it count once)."""
+    (a c10d op and the gloo op inside it count once). The phases are the CPU-side ranges only: on a GPU,
+    kineto mirrors each ``record_function`` range as a CUDA-side "gpu_user_annotation" event of the same
+    name, which would count each phase's collectives twice."""
     events = prof.events()
-    phases = [(e.name.split("/", 1)[1], e.time_range.start, e.time_range.end)
-              for e in events if e.name.startswith("phase/")]
+    phases = [(e.name.split("/", 1)[1], e.time_range.start, e.time_range.end) for e in events
+              if e.name.startswith("phase/") and e.device_type == torch.autograd.DeviceType.CPU]
 
     def is_collective(e) -> bool:
         name = e.name.lower()

@@ -36,12 +36,15 @@ torch.profiler, and the "communication" row gives the time spent in collective k
 gloo's ops on CPU), attributed to the phases they ran in. Without ``--profile`` it is not measured.
 
 Rows go to ``bench/results/throughput.csv`` (one per configuration and phase, with the device, date,
-git SHA, preset and every setting); the tables are printed as markdown. ``--profile DIR`` also writes a
-chrome trace per rank.
+git SHA, the torch / triton / transformers / liger-kernel versions, preset and every setting; a file with
+an older header gains the new columns, empty in its old rows); the tables are printed as markdown.
+``--profile DIR`` also writes a chrome trace per rank.
 
 TOKENS: rollout, generated tokens; disc_update / policy_update, μ × all tokens of every output;
-disc_score, all tokens; old_ref_logprobs, all tokens × frozen models; judge, response tokens judged;
-step, all tokens of every output (the trainer's tokens_per_s).
+disc_score, all tokens (no row with --rl-only: there is no discriminator); old_ref_logprobs, all tokens ×
+frozen models; judge, response tokens judged; step, all tokens of every output (the trainer's tokens_per_s);
+policy_update_isolated, all tokens of the micro-batches it runs on (this rank); rollout_isolated, generated
+tokens. The optimiser's GB/s is per device: under FSDP2 each rank steps its 1/N shard of the parameters.
 """
 
 import argparse
@@ -57,7 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py etc., also under runpy / pytest
 from _common import (CUDA, append_csv, copy_bandwidth_gbps, device_name, free_memory, git_sha,  # noqa: E402
-                     markdown_table, sig, unless_out_of_memory)
+                     markdown_table, sig, unless_out_of_memory, versions)
 from _baselines import compare_policy_update, plain_generate, rollout_inputs, time_rollout  # noqa: E402
 from _probe import PhaseProbe, RecordingProcessor, collective_seconds  # noqa: E402
 from _workload import PRESETS, build  # noqa: E402
@@ -69,8 +72,13 @@ from ril_fast.models import Kernels  # noqa: E402
 from ril_fast.preflight import DoesNotFit  # noqa: E402
 
 PHASES = ("rollout", "disc_update", "judge", "disc_score", "old_ref_logprobs", "policy_update", "optimizer")
-COLUMNS = ["date", "git_sha", "device", "world_size", "preset", "layers", "provider", "layout", "kernels", "dtype",
-           "questions_per_step", "group_size", "mu", "beta", "max_new_tokens", "max_tokens", "steps",
+# torch .. liger_kernel (versions), rl_only, image_tokens (the most per image), seed, activation_checkpointing ..
+# offload_pageable, warmup and reps came after the first GPU rows and are empty in them: append_csv extends an
+# older header when it writes to its file.
+COLUMNS = ["date", "git_sha", "device", "torch", "triton", "transformers", "liger_kernel", "world_size", "preset",
+           "layers", "provider", "layout", "kernels", "dtype", "rl_only", "questions_per_step", "group_size", "mu",
+           "beta", "max_new_tokens", "max_tokens", "image_tokens", "seed", "activation_checkpointing",
+           "gather_again", "cpu_offload", "offload_pageable", "warmup", "steps", "reps",
            "prompt_tokens", "student_tokens", "teacher_tokens", "phase", "seconds", "share", "tokens", "tokens_per_s",
            "tflop", "tflops", "mfu", "gb_per_s", "peak_gib", "matmul_peak_tflops", "copy_peak_gbps", "note"]
 
@@ -165,7 +173,9 @@ def _mean(values) -> float:
 def phase_rows(args, cfg: Config, shapes: Shapes, records: list[dict], *, n_student: int, world: int,
                peak_tflops: float, copy_gbps: float, comms: dict | None) -> list[dict]:
     """One row per phase (and the whole step) of one configuration, over the measured steps; with several
-    ranks the FLOPs and tokens are summed over ranks and the times and memory are the slowest rank's."""
+    ranks the FLOPs and tokens are summed over ranks and the times and memory are the slowest rank's. The
+    optimiser's GB/s is per device (each rank steps its 1/``world`` shard of the ``n_student`` parameters),
+    beside the per-device copy peak; with ``args.rl_only`` there is no disc_score row (no discriminator)."""
     frozen = int(cfg.mu > 1) + int(cfg.beta > 0)
     per_step = []
     for r in records:
@@ -177,7 +187,8 @@ def phase_rows(args, cfg: Config, shapes: Shapes, records: list[dict], *, n_stud
                   "judge": sum(s.response for s in samples), "disc_score": total,
                   "old_ref_logprobs": frozen * total, "policy_update": cfg.mu * total, "optimizer": 0, "step": total}
         per_step.append((r["metrics"], flops, tokens))
-    present = [p for p in PHASES if f"time/{p}" in per_step[0][0]]
+    # Without a discriminator (--rl-only) the trainer still times an empty disc_score block: not a phase.
+    present = [p for p in PHASES if f"time/{p}" in per_step[0][0] and not (args.rl_only and p == "disc_score")]
     names = present + ["step"]
     # [seconds, peak] reduced with max over ranks; [flops, tokens] with a sum.
     local_max = torch.tensor([[_mean(m.get(f"time/{p}", 0.0) for m, _, _ in per_step) for p in present]
@@ -211,10 +222,12 @@ def phase_rows(args, cfg: Config, shapes: Shapes, records: list[dict], *, n_stud
                    tokens=sig(t) if t else "", tokens_per_s=sig(t / s) if t and s else "",
                    tflop=sig(f / 1e12) if f else "", tflops=sig(f / s / 1e12) if f and s else "",
                    mfu=sig(f / s / 1e12 / (peak_tflops * world)) if f and s else "", peak_gib=sig(peaks[i] / 2**30))
-        if name == "optimizer":
-            nbytes = ADAMW_BYTES_PER_PARAM * n_student
+        if name == "optimizer":  # each rank steps its 1/world shard; the time is the slowest rank's
+            nbytes = ADAMW_BYTES_PER_PARAM * n_student / world
             row["gb_per_s"] = sig(cfg.mu * nbytes / s / 1e9) if s else ""
-            row["note"] = f"AdamW, ~{ADAMW_BYTES_PER_PARAM} B/param moved; copy peak {sig(copy_gbps)} GB/s"
+            shard = f" of this rank's 1/{world} shard" if world > 1 else ""
+            row["note"] = (f"AdamW, ~{ADAMW_BYTES_PER_PARAM} B/param{shard} moved, per device; "
+                           f"copy peak {sig(copy_gbps)} GB/s per device")
         elif name == "disc_update":
             row["note"] = "includes the discriminator's optimiser step"
         elif name == "rollout":
@@ -351,7 +364,11 @@ def main(argv=None):
 
     base = (args.layouts[0], args.kernel_sets[0])
     configurations = [base] + [(x, base[1]) for x in args.layouts[1:]] + [(base[0], k) for k in args.kernel_sets[1:]]
-    common = dict(date=date, git_sha=sha, device=device)
+    # The run's identity and the settings every configuration shares (failed configurations' rows too).
+    common = dict(date=date, git_sha=sha, device=device, **versions(), rl_only=args.rl_only,
+                  image_tokens=preset.image_tokens[1], seed=args.seed, warmup=args.warmup, reps=args.reps,
+                  activation_checkpointing=args.activation_checkpointing, gather_again=args.gather_again,
+                  cpu_offload=args.cpu_offload, offload_pageable=args.offload_pageable)
     rows, isolated, tables = [], [], []
     with tempfile.TemporaryDirectory(dir=workdir.parent, prefix="run-") as tmp:
         for layout, kernels in configurations:

@@ -30,8 +30,14 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
     with out.open(newline="") as f:
         assert next(csv.reader(f)) == bench["COLUMNS"]
     rows = list(csv.DictReader(out.open()))
+    tiny = bench["PRESETS"]["tiny"]
     for r in rows:
         assert r["device"] and r["git_sha"] and r["date"] and r["preset"] == "tiny" and r["world_size"] == "1"
+        # Every setting and the packages' versions are columns.
+        assert r["torch"] and r["triton"] and r["transformers"] and r["liger_kernel"]
+        assert (r["seed"], r["warmup"], r["reps"], r["image_tokens"]) == ("0", "1", "1", str(tiny.image_tokens[1]))
+        assert (r["rl_only"], r["activation_checkpointing"], r["gather_again"], r["cpu_offload"],
+                r["offload_pageable"]) == ("False", "True", "False", "False", "False")
     steps = [r for r in rows if not r["phase"].endswith("_isolated")]
     configs = {(r["layout"], r["kernels"]) for r in steps}
     assert configs == {("packed", "auto"), ("padded", "auto"), ("packed", "eager")}
@@ -60,7 +66,12 @@ def test_tiny_preset_reports_every_phase(tmp_path, monkeypatch, capsys, one_thre
     assert set(isolated) == {("policy_update_isolated", "ril_fast"), ("policy_update_isolated", "liger"),
                              ("rollout_isolated", "ril_fast"), ("rollout_isolated", "hf_generate")}
     for r in isolated.values():
-        assert float(r["seconds"]) > 0 and float(r["tflop"]) > 0
+        assert float(r["seconds"]) > 0 and float(r["tflop"]) > 0 and float(r["tokens_per_s"]) > 0
+    # One μ pass on the last (here the only) step's outputs: the tokens of the base's policy update (μ = 1).
+    base_update = next(r for r in steps if (r["layout"], r["kernels"], r["phase"]) == ("packed", "auto",
+                                                                                      "policy_update"))
+    for provider in ("ril_fast", "liger"):
+        assert float(isolated["policy_update_isolated", provider]["tokens"]) == float(base_update["tokens"])
     # Same weights, prompts and seed: the FSDP2 rollout and plain generate sample the same tokens.
     assert isolated["rollout_isolated", "ril_fast"]["tokens"] == isolated["rollout_isolated", "hf_generate"]["tokens"]
     for heading in ("### packed + fused (base)", "### padded + fused", "### packed + eager", "### side by side",
@@ -89,6 +100,7 @@ def test_qwen3_vl_tiny_preset_reports_every_phase(tmp_path, monkeypatch, one_thr
         assert float(phases[name]["tflop"]) > 0 and float(phases[name]["seconds"]) > 0, name
     assert all("weights gathered again" in phases[p]["note"] for p in ("policy_update", "disc_update"))
     assert all("CPU offload, pageable" in phases[p]["note"] for p in ("policy_update", "disc_update", "optimizer"))
+    assert all(phases["step"][c] == "True" for c in ("gather_again", "cpu_offload", "offload_pageable"))
     assert float(phases["rollout"]["prompt_tokens"]) > 0
 
 
@@ -250,3 +262,155 @@ def test_a_configuration_out_of_memory_is_freed_and_each_finished_one_written_at
         "out of memory: CUDA out of memory (simulated)"]
     assert {(r["layout"], r["kernels"]) for r in rows} == {("packed", "auto"), ("padded", "auto"), ("packed", "eager")}
     assert "### padded + fused" in printed and "### packed + eager" in printed and "side by side" not in printed
+
+
+# ----------------------------------------------------------------------------------------------------
+# From step records to rows, without running a step
+# ----------------------------------------------------------------------------------------------------
+def _rows(bench, *, rl_only: bool, world: int, n_student: int, optimizer_s: float = 0.5) -> dict[str, dict]:
+    """``phase_rows`` of one made-up measured step (4 outputs of 20 tokens, no images) -> {phase: row}."""
+    from types import SimpleNamespace
+
+    from ril_fast.config import Config
+    from ril_fast.flops import Sample, Shapes
+
+    args = SimpleNamespace(rl_only=rl_only, preset="7b", layers=None)
+    cfg = Config.from_dict({"student": "x", "train_data": "x", "teachers": [] if rl_only else ["t"],
+                            "output_dir": "unused", "mu": 1, "beta": 0.0})
+    times = {"rollout": 3.0, "disc_update": 1.0, "judge": 0.1, "disc_score": 0.5, "old_ref_logprobs": 1e-5,
+             "policy_update": 2.0, "optimizer": optimizer_s}
+    if rl_only:  # the trainer times no disc_update then, but still an empty disc_score block
+        del times["disc_update"]
+        times["disc_score"] = 1e-5
+    metrics = {"step_time_s": sum(times.values()) + 0.1, "mfu": 0.0,
+               **{f"time/{p}": t for p, t in times.items()}, **{f"peak_bytes/{p}": 2**30 for p in times}}
+    encoded = [SimpleNamespace(length=20, prompt_len=12, response_len=8, image_grid_thw=None, pixel_values=None)
+               for _ in range(4)]
+    students = [Sample(20, 12, 8, [])] * (4 if rl_only else 2)
+    record = dict(metrics=metrics, prompts=[Sample(12, 12, 0, [])], students=students,
+                  teachers=[] if rl_only else [Sample(20, 12, 8, [])] * 2, encoded=encoded)
+    shapes = Shapes(hidden=8, vocab=8, decoder_params=1000, attention_layers=1, query_width=8)
+    rows = bench["phase_rows"](args, cfg, shapes, [record], n_student=n_student, world=world, peak_tflops=1.0,
+                               copy_gbps=3350.0, comms=None)
+    return {r["phase"]: r for r in rows}
+
+
+def test_the_optimizer_bandwidth_is_per_device(bench):
+    """Under FSDP2 each of N ranks steps AdamW over its 1/N shard (the time: the slowest rank's), so the
+    optimiser row's GB/s, beside a per-device copy peak, is ADAMW_BYTES_PER_PARAM × P / N per second."""
+    from ril_fast.flops import ADAMW_BYTES_PER_PARAM
+
+    params = 8_000_000_000
+    one, eight = (_rows(bench, rl_only=False, world=w, n_student=params)["optimizer"] for w in (1, 8))
+    assert one["gb_per_s"] == pytest.approx(ADAMW_BYTES_PER_PARAM * params / 0.5 / 1e9, rel=1e-3)
+    assert eight["gb_per_s"] == pytest.approx(ADAMW_BYTES_PER_PARAM * params / 8 / 0.5 / 1e9, rel=1e-3)
+    assert "1/8 shard" in eight["note"] and "per device" in eight["note"] and "shard" not in one["note"]
+
+
+def test_rl_only_reports_no_discriminator_phase(bench):
+    """With --rl-only the trainer times an empty disc_score block: no row for it (it had the tokens/s of
+    every token), and none for disc_update; with a discriminator both are rows with tokens/s."""
+    rl = _rows(bench, rl_only=True, world=1, n_student=10)
+    assert "disc_score" not in rl and "disc_update" not in rl
+    assert {"rollout", "judge", "old_ref_logprobs", "policy_update", "optimizer", "step"} <= rl.keys()
+    assert rl["policy_update"]["tokens_per_s"] == pytest.approx(80 / 2.0, rel=1e-3)
+    ril = _rows(bench, rl_only=False, world=1, n_student=10)
+    assert ril["disc_score"]["tokens_per_s"] == pytest.approx(80 / 0.5, rel=1e-3)
+    assert ril["disc_update"]["tokens_per_s"] == pytest.approx(80 / 1.0, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Communication of a profiled step
+# ----------------------------------------------------------------------------------------------------
+def test_collectives_count_once_per_phase_on_a_gpu_trace(monkeypatch, bench):
+    """On a GPU, kineto mirrors each record_function range as a CUDA-side "gpu_user_annotation" event of the
+    same name: the phases are read from the CPU-side ranges only, so 0.2 s of NCCL inside policy_update is
+    0.2 s of it (it read 0.4 s, twice the total)."""
+    from types import SimpleNamespace
+
+    import _probe  # bench/, on sys.path since the fixture ran
+
+    monkeypatch.setattr(_probe, "CUDA", True)  # the GPU branch: NCCL kernels on the device
+
+    def event(name, start, end, device):  # times in microseconds, as torch.profiler's events
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               device_type=getattr(torch.autograd.DeviceType, device))
+
+    events = [event("phase/policy_update", 0, 1_000_000, "CPU"),
+              event("phase/policy_update", 20_000, 990_000, "CUDA"),  # its gpu_user_annotation mirror
+              event("phase/optimizer", 1_000_000, 1_200_000, "CPU"),
+              event("phase/optimizer", 1_010_000, 1_190_000, "CUDA"),
+              event("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", 100_000, 300_000, "CUDA"),
+              event("ncclDevKernel_AllGather_RING_LL", 1_050_000, 1_100_000, "CUDA"),
+              event("nccl:all_gather", 1_040_000, 1_060_000, "CPU")]  # the CPU-side call: not device time
+    comms = _probe.collective_seconds(SimpleNamespace(events=lambda: events))
+    assert comms == pytest.approx({"total": 0.25, "policy_update": 0.2, "optimizer": 0.05})
+
+
+def test_collectives_of_a_cpu_profile(monkeypatch, bench):
+    """A real torch.profiler trace on the CPU: gloo's op inside its c10d op counts once, in the phase it ran
+    in; a phase without collectives has none."""
+    import time
+
+    import _probe  # bench/, on sys.path since the fixture ran
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    monkeypatch.setattr(_probe, "CUDA", False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("phase/policy_update"):
+            time.sleep(0.01)
+            with record_function("c10d::allreduce_"), record_function("gloo:all_reduce"):
+                time.sleep(0.02)
+        with record_function("phase/judge"):
+            time.sleep(0.01)
+    comms = _probe.collective_seconds(prof)
+    assert comms["total"] >= 0.02  # the 20 ms slept inside the c10d op
+    assert comms["policy_update"] == pytest.approx(comms["total"]) and comms["judge"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CSV files
+# ----------------------------------------------------------------------------------------------------
+def test_an_older_header_gains_the_new_columns(tmp_path, bench):
+    """A results file written before columns were added: append_csv rewrites it under the new header (every old
+    value kept under its column, the new columns empty in the old rows), then appends; a header with a column
+    the benchmark lacks is still an error."""
+    from _common import append_csv  # bench/, on sys.path since the fixture ran
+
+    old_columns = ["date", "device", "phase", "seconds", "note"]
+    path = tmp_path / "throughput.csv"
+    append_csv(path, [dict(date="d0", device="H200", phase="rollout", seconds=38.23, note="AdamW, ~32 B/param"),
+                      dict(date="d0", device="H200", phase="step", seconds=90.72)], old_columns)
+    columns = ["date", "git_sha", "device", "phase", "seconds", "seed", "note"]
+    append_csv(path, [dict(date="d1", git_sha="abc", device="H100", phase="step", seconds=1.5, seed=0, note="n")],
+               columns)
+    with path.open(newline="") as f:
+        assert next(csv.reader(f)) == columns
+    rows = list(csv.DictReader(path.open(newline="")))
+    assert rows == [dict(date="d0", git_sha="", device="H200", phase="rollout", seconds="38.23", seed="",
+                         note="AdamW, ~32 B/param"),
+                    dict(date="d0", git_sha="", device="H200", phase="step", seconds="90.72", seed="", note=""),
+                    dict(date="d1", git_sha="abc", device="H100", phase="step", seconds="1.5", seed="0", note="n")]
+    assert not (tmp_path / "throughput.csv.tmp").exists()
+    with pytest.raises(ValueError, match="they lack its \\['git_sha', 'seed'\\]"):
+        append_csv(path, [], old_columns)  # the file's git_sha and seed would be lost
+    with pytest.raises(ValueError, match="they lack its \\['seconds'\\]"):
+        append_csv(path, [], [c for c in columns if c != "seconds"] + ["extra"])
+    assert list(csv.DictReader(path.open(newline=""))) == rows  # untouched by the refusals
+
+
+def test_the_committed_results_stay_appendable(tmp_path, bench):
+    """bench/results/throughput.csv (rows of earlier GPU sessions) has a header this benchmark can append to: each
+    of its columns is still one of COLUMNS; appending to a copy keeps every old value."""
+    from _common import append_csv  # bench/, on sys.path since the fixture ran
+
+    committed = BENCH / "results" / "throughput.csv"
+    with committed.open(newline="") as f:
+        assert set(next(csv.reader(f))) <= set(bench["COLUMNS"])
+    copy = tmp_path / "throughput.csv"
+    copy.write_bytes(committed.read_bytes())
+    before = list(csv.DictReader(copy.open(newline="")))
+    append_csv(copy, [dict(phase="step", seed=0)], bench["COLUMNS"])
+    after = list(csv.DictReader(copy.open(newline="")))
+    assert len(after) == len(before) + 1 and after[-1]["phase"] == "step" and after[-1]["seed"] == "0"
+    assert all(a[k] == v for b, a in zip(before, after) for k, v in b.items())
