@@ -11,12 +11,12 @@ replaced by a subclass that remembers its instances, and prints, per rank, the t
 hits, misses and hit rate, and the judge phase's seconds per step (``time/judge``) from the run's metrics.
 """
 
-import json
 import sys
 from pathlib import Path
 
 from ril_fast import train
 from ril_fast.judge import CachedJudge
+from ril_fast.metrics import read_metrics
 
 MADE: list[CachedJudge] = []
 
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     for judge in MADE:
         print(f"teacher judge cache ({judge.name}, store {judge.store.__class__.__name__}): hits {judge.hits}, "
               f"misses {judge.misses}, hit rate {judge.hit_rate:.3f}", flush=True)
-    steps = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steps = read_metrics(Path(out) / "metrics.jsonl")
     judge_s = [round(r["time/judge"], 2) for r in steps if "time/judge" in r]
     print(f"judge-phase seconds per step: {judge_s}", flush=True)
 

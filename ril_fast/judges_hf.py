@@ -28,6 +28,13 @@ from ril_fast.judge import PROMPT_VERSION, JudgeItem, decide, judge_messages
 
 _SPELLINGS = ("yes", "Yes", "YES", "no", "No", "NO")
 
+# Part of the judge's name, so the persistent cache (judges_cache) never hands back the verdicts of older code: raise
+# it with any change here that can move p_yes or p_no, even by rounding (padding, positions, which logits are read),
+# which can flip a verdict near 0.5. v1 (no version in the name): left-padded, positions from each prompt's start;
+# v2: a model whose forward takes no position ids right-padded (96432e4); v3: every model right-padded, the logits
+# kept for the batch's last-token positions (9d0553c).
+CODE_VERSION = 3
+
 
 def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
     """The token ids that spell "yes" and "no" as one token each, with and without a leading space."""
@@ -73,8 +80,9 @@ class HFJudge:
 
     ``batch_size``: prompts per forward pass. ``device``: default the current CUDA device when there is
     one, else the CPU. ``dtype``: default bf16 on CUDA, fp32 on the CPU. The name (its cache identity) is
-    ``hf:{absolute folder}:{PROMPT_VERSION}:{dtype}`` ("...:bfloat16"): the dtype changes verdicts (bf16 and
-    fp32 SmolLM2-135M disagree on 20 of 300 mixed cases), so a cache shared by a CUDA and a CPU run keeps both.
+    ``hf-v{CODE_VERSION}:{absolute folder}:{PROMPT_VERSION}:{dtype}`` ("hf-v3:...:bfloat16"): the dtype changes
+    verdicts (bf16 and fp32 SmolLM2-135M disagree on 20 of 300 mixed cases), so a cache shared by a CUDA and a CPU
+    run keeps both; ``CODE_VERSION`` is this module's, raised with any change to how it computes p_yes and p_no.
     """
 
     def __init__(self, model: str | Path, *, batch_size: int = 32, device: str | torch.device | None = None,
@@ -97,7 +105,7 @@ class HFJudge:
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device).eval()
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer)
         self.batch_size = batch_size
-        self.name = f"hf:{folder.resolve()}:{PROMPT_VERSION}:{str(dtype).removeprefix('torch.')}"
+        self.name = f"hf-v{CODE_VERSION}:{folder.resolve()}:{PROMPT_VERSION}:{str(dtype).removeprefix('torch.')}"
         # The forward computes only the logits of the positions asked for where it can: nearly all of transformers'
         # causal LMs (not Whisper's, Musicgen's, xLSTM's, ... in 5.23), which then compute the whole (B, T, V).
         self._keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters

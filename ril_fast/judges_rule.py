@@ -355,8 +355,10 @@ class RuleJudge:
         # answer ("x^2+1"); -v5: it reads a response's formulas written without LaTeX; -v6: only its last one, of
         # the answer's shape, and LaTeX outside $s.
         # rule-v6: letters undressed ("**B**", "\\boxed{B}") and on any line, minus signs "−5", "15 percent";
-        # math_verify-v7: rule 6 gives it only answers the rules cannot read ("3 cm" is not "3 m")
-        self.name = "rule-v6" + ("+math_verify-v7" if self.use_math_verify else "")
+        # math_verify-v7: rule 6 gives it only answers the rules cannot read ("3 cm" is not "3 m").
+        # rule-v7: a letter after "is" / "'s" at a response's end ("It is B."); math_verify-v8: a LaTeX number keeps
+        # its \\text{} unit ("3\\text{ cm}" is not 3). tests/test_judge.py's golden table holds these names.
+        self.name = "rule-v7" + ("+math_verify-v8" if self.use_math_verify else "")
 
     def __call__(self, items: "list[JudgeItem]") -> list[bool]:
         """One verdict per item."""

@@ -1,11 +1,15 @@
 """The run's record: ``metrics.jsonl`` (one JSON object per logged step), a progress bar, phase timers,
 TensorBoard events (when tensorboard is installed) and, at the end, ``curves.png`` (``ril_fast.curves``).
 
-Only the main rank writes. Every value logged is a plain float or int, so the file reads back with
-``json.loads`` per line (``read_metrics``) for tests, plots and comparisons between runs.
+Only the main rank writes. Every value logged is a plain float or int, and each line is strict JSON
+(``record_line``): a non-finite float (a skipped step's loss or gradient norm) is written as the string "nan",
+"inf" or "-inf", since JSON has no such numbers (the bare NaN / Infinity of Python's json are refused by Node's
+JSON.parse, and jq reads them as null and 1.8e308). ``read_metrics`` reads the file back, those strings as the
+floats again (and a file of older code, with bare NaN, as well), for tests, plots and comparisons between runs.
 """
 
 import json
+import math
 import resource
 import sys
 import time
@@ -70,7 +74,7 @@ class RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = records_until(self.path, resume_step, keep_evaluation=keep_evaluation) \
             if resume_step is not None and self.path.exists() else []
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash keeps the old file
+        write_text_atomic(self.path, "".join(record_line(r) for r in kept))  # a crash keeps the old file
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -87,7 +91,7 @@ class RunLog:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(record_line(metrics))
         if self.tensorboard is not None:
             curves.add_scalars(self.tensorboard, metrics)
         shown = {k: metrics[k] for k in _BAR_KEYS if k in metrics}
@@ -154,8 +158,20 @@ def records_until(path: str | Path, step: int, *, keep_evaluation: bool = False)
             if r["step"] < step or (r["step"] == step and ("loss" in r or keep_evaluation))]
 
 
+# A non-finite float's string in metrics.jsonl (str() of the float) and the float it stands for.
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def record_line(record: dict) -> str:
+    """``record`` as one line of ``metrics.jsonl``, newline included: strict JSON, a non-finite float written as
+    the string "nan", "inf" or "-inf" (:func:`read_metrics` reads it back as the float)."""
+    finite = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``, in order. A last line cut short by a kill is dropped; a damaged line
+    """The records of a ``metrics.jsonl``, in order, the strings "nan", "inf" and "-inf" read as those floats (as
+    are the bare NaN and Infinity that older code wrote). A last line cut short by a kill is dropped; a damaged line
     before it is an error naming the line."""
     lines = Path(path).read_text().splitlines()
     last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
@@ -164,8 +180,12 @@ def read_metrics(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
             if number < last:
-                raise ValueError(f"{path}:{number}: not a JSON metrics record") from None
+                raise ValueError(f"{path}:{number}: not a JSON metrics record")
+            continue
+        records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
     return records

@@ -98,7 +98,7 @@ def test_verdict_is_the_reference_comparison_and_batching_changes_nothing(judge,
 
 def test_empty_batch_and_the_name(judge, smollm2):
     assert judge([]) == []
-    assert judge.name == f"hf:{smollm2.resolve()}:{PROMPT_VERSION}:float32"
+    assert judge.name == f"hf-v3:{smollm2.resolve()}:{PROMPT_VERSION}:float32"
 
 
 def _tiny_lm(arch: str, folder, tokenizer_folder):
@@ -204,4 +204,4 @@ def test_the_dtype_is_part_of_the_cache_identity(smollm2, tmp_path, one_thread):
     share a cached verdict."""
     folder = _tiny_lm("gpt2", tmp_path / "gpt2", smollm2)
     names = [make_judge("hf", model=str(folder), dtype=dtype).name for dtype in (torch.float32, torch.bfloat16)]
-    assert names == [f"hf:{folder.resolve()}:{PROMPT_VERSION}:{dtype}" for dtype in ("float32", "bfloat16")]
+    assert names == [f"hf-v3:{folder.resolve()}:{PROMPT_VERSION}:{dtype}" for dtype in ("float32", "bfloat16")]

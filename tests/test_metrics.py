@@ -99,6 +99,36 @@ def test_curves_command_plots_a_run_cut_short_and_names_a_missing_record(tmp_pat
                                                             f"output_dir (default runs/ril)")
 
 
+def test_non_finite_values_are_written_as_strict_json_and_read_back(tmp_path):
+    """A skipped step's NaN loss and infinite gradient norms: every line of metrics.jsonl is strict JSON (no bare
+    NaN / Infinity, which Node's JSON.parse refuses and jq reads as null and 1.8e308), also after a resumed run
+    rewrote the file; read_metrics gives the floats back, and reads a file of older code (bare NaN) alike."""
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    records = [{"step": 1, "loss": 0.5, "grad_norm": 1.0, "skipped": 0.0},
+               {"step": 2, "loss": math.nan, "grad_norm": math.inf, "disc_grad_norm": -math.inf, "skipped": 1.0},
+               {"step": 3, "loss": 0.25, "grad_norm": 2.0, "skipped": 0.0}]
+    path = tmp_path / "metrics.jsonl"
+    log = RunLog(tmp_path, enabled=True, total_steps=3, progress=False)
+    for r in records:
+        log.log(r)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line, parse_constant=refuse)["step"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[1]) == {"step": 2, "loss": "nan", "grad_norm": "inf", "disc_grad_norm": "-inf",
+                                    "skipped": 1.0}
+    assert repr(read_metrics(path)) == repr(records)  # repr: nan == nan
+    RunLog(tmp_path, enabled=True, total_steps=3, progress=False, resume_step=2).close()  # rewrites the kept ones
+    assert [json.loads(line, parse_constant=refuse)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert repr(read_metrics(path)) == repr(records[:2])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # as the older code wrote it
+    assert repr(read_metrics(path)) == repr(records) and "NaN" in path.read_text()
+    path.write_text('{"step": 1}\n"nan"\n{"step": 2}\n')  # JSON, but no record
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON metrics record"):
+        read_metrics(path)
+
+
 def test_plot_curves_without_data_draws_nothing(tmp_path):
     assert plot_curves([], tmp_path / "c.png") is None
     assert plot_curves([{"step": 1, "skipped": 0.0, "loss": float("nan")}], tmp_path / "c.png") is None
