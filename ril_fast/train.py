@@ -416,7 +416,8 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
         ref = frozen_logprobs(run.reference, micro, temperature, kernels) if run.reference is not None else None
 
     # Repeat μ times: update π_θ with Eq. 2 over all 2G outputs.
-    loss_cfg = LossConfig(cfg.loss.eps_low, cfg.loss.eps_high, cfg.beta, cfg.rollout.temperature, cfg.loss.kernels)
+    loss_cfg = LossConfig(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, beta=cfg.beta,
+                          temperature=cfg.rollout.temperature, kernels=cfg.loss.kernels)
     normalizer = n_global * cfg.max_new_tokens
     lr = run.scheduler.get_last_lr()[0]  # the rate of this step's (first) update
     for _ in range(cfg.mu):
