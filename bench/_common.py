@@ -158,18 +158,18 @@ def sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def versions() -> dict[str, str]:
-    """The installed versions of the packages a benchmark's figures depend on (torch, triton, transformers,
-    liger_kernel), "" for one that is not installed."""
+def versions(*packages: str) -> dict[str, str]:
+    """The installed versions of the packages a benchmark's figures depend on: ``packages`` (distribution
+    names), by default torch, triton, transformers and liger-kernel; keyed by column name ("-" becomes "_"),
+    "" for one that is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for column, package in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),
-                            ("liger_kernel", "liger-kernel")):
+    for package in packages or ("torch", "triton", "transformers", "liger-kernel"):
         try:
-            out[column] = version(package)
+            out[package.replace("-", "_")] = version(package)
         except PackageNotFoundError:
-            out[column] = ""
+            out[package.replace("-", "_")] = ""
     return out
 
 

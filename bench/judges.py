@@ -14,7 +14,8 @@ The plain load sends exactly the http judge's request bodies from ``--concurrenc
 the reply read and dropped, no retries, no parsing): the rate the server sustains for these requests.
 It runs before and after the http judge (vLLM's prefix cache and the machine's other load shift
 between runs); the judge's rate is compared with their mean. One row per measurement is appended to
-``--out`` (CSV) with the device, date and git SHA.
+``--out`` (CSV) with the device, date, git SHA, the torch / transformers / math-verify versions and the
+judge's own name (its code and prompt versions).
 """
 
 import argparse
@@ -31,13 +32,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
 sys.path.insert(0, str(ROOT / "tests"))  # tests/vllm_server.py
-from _common import append_csv, device_name, git_sha, markdown_table, sig  # noqa: E402
+from _common import append_csv, device_name, git_sha, markdown_table, sig, versions  # noqa: E402
 
 from ril_fast.demo import COLORS, SHAPES, concise, verbose  # noqa: E402
 from ril_fast.judge import JudgeItem, RuleJudge, make_judge  # noqa: E402
 
-COLUMNS = ["date", "git_sha", "device", "judge", "concurrency", "batch_size", "cases", "seconds",
-           "per_second", "agreement_with_rule", "note"]
+# judge_name: the judge's own name (its code and prompt versions: the judge cache's key), math_verify: the
+# package the rule judge calls.
+COLUMNS = ["date", "git_sha", "device", "torch", "transformers", "math_verify", "judge", "judge_name", "concurrency",
+           "batch_size", "cases", "seconds", "per_second", "agreement_with_rule", "note"]
 
 
 def cases(n: int, seed: int = 0) -> list[JudgeItem]:
@@ -93,22 +96,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     items = cases(args.cases)
     labels = RuleJudge()(items)
     common = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": git_sha(),
-              "device": device_name(), "cases": len(items),
+              "device": device_name(), **versions("torch", "transformers", "math-verify"), "cases": len(items),
               "note": f"load average at start {os.getloadavg()[0]:.2f}"}
     rows = []
 
-    def row(judge: str, seconds: float, verdicts=None, **extra) -> None:
+    def row(judge: str, seconds: float, verdicts=None, judge_name: str = "", **extra) -> None:
         agree = None if verdicts is None else sig(sum(v == y for v, y in zip(verdicts, labels)) / len(items))
-        rows.append({**common, "judge": judge, "seconds": sig(seconds), "per_second": sig(len(items) / seconds),
-                     "agreement_with_rule": agree, **extra})
+        rows.append({**common, "judge": judge, "judge_name": judge_name, "seconds": sig(seconds),
+                     "per_second": sig(len(items) / seconds), "agreement_with_rule": agree, **extra})
         print(rows[-1], flush=True)
 
-    seconds, verdicts = timed(RuleJudge(), items)
-    row("rule", seconds, verdicts)
+    rule = RuleJudge()
+    seconds, verdicts = timed(rule, items)
+    row("rule", seconds, verdicts, rule.name)
     if args.hf_model:
         hf = make_judge("hf", model=args.hf_model, batch_size=args.hf_batch_size)
         seconds, verdicts = timed(hf, items)
-        row("hf", seconds, verdicts, batch_size=args.hf_batch_size)
+        row("hf", seconds, verdicts, hf.name, batch_size=args.hf_batch_size)
         del hf
     if args.vllm_url or args.vllm_python:
         from vllm_server import VLLMServer
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 before = plain_load(url, bodies, c)
                 row("plain load (vLLM)", before, concurrency=c)
                 seconds, verdicts = timed(judge, items)
-                row("http", seconds, verdicts, concurrency=c)
+                row("http", seconds, verdicts, judge.name, concurrency=c)
                 after = plain_load(url, bodies, c)
                 row("plain load (vLLM)", after, concurrency=c)
                 plain_rate = len(items) / ((before + after) / 2)

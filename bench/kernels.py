@@ -9,7 +9,8 @@ on GPU; a perf_counter median on CPU), the peak memory the call adds, and the ef
 analytic FLOPs (log-probs: 2·N·V·H forward, 4·N·V·H backward, i.e. model FLOPs, not counting the
 backward's recomputation of the logits) as a fraction of a bf16 (GPU) or fp32 (CPU) matmul peak measured
 in the same run. The memory-bound kernels report GB/s instead. Every row is appended to a CSV with the
-device name, date and git SHA, and the table is printed as markdown.
+device name, date, git SHA and the torch / triton / transformers / liger-kernel versions, and the table is
+printed as markdown.
 
 Providers for "logprobs+loss" (the policy-update hot path: LM head → per-token log-probs → Dr.GRPO loss):
     ril_triton   token_logprobs(impl="triton") + dr_grpo_loss(impl="triton")
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, also under runpy / pytest
 from _common import (CUDA, append_csv, device_name, git_sha, markdown_table,  # noqa: E402
-                     peak_mb, sig, time_ms)
+                     peak_mb, sig, time_ms, versions)
 
 from ril_fast.flops import matmul_peak_tflops  # noqa: E402
 from ril_fast.kernels import disc_head, dr_grpo_loss, token_logprobs  # noqa: E402
@@ -190,6 +191,7 @@ def main(argv=None):
     torch.manual_seed(0)
 
     device, sha, date = device_name(), git_sha(), datetime.datetime.now().isoformat(timespec="seconds")
+    installed = versions()  # torch, triton, transformers, liger_kernel: columns of every row
     peak = matmul_peak_tflops(torch.device("cuda" if CUDA else "cpu"), dtype)
     print(f"# ril_fast kernels on {device} — git {sha} — {date}")
     print(f"measured {str(dtype).split('.')[-1]} matmul peak: {peak:.1f} TFLOP/s")
@@ -215,7 +217,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             for mode in MODES:
                 ms, mb = results[mode] if results else (float("nan"), float("nan"))
-                row = dict(date=date, git_sha=sha, device=device, case=case, provider=provider, mode=mode,
+                row = dict(date=date, git_sha=sha, device=device, **installed, case=case, provider=provider, mode=mode,
                            dtype=str(CASE_DTYPES.get(case, dtype)).split(".")[-1], **shape, ms=sig(ms),
                            peak_mib=sig(mb))
                 if flops:
@@ -229,8 +231,8 @@ def main(argv=None):
                     row["note"] = "computes its gradients inside the forward: compare the full mode only"
                 rows.append(row)
 
-    columns = ["date", "git_sha", "device", "case", "provider", "mode", "dtype", "N", "H", "V", "ms", "peak_mib",
-               "tflops", "util_of_matmul_peak", "gb_per_s", "note"]
+    columns = ["date", "git_sha", "device", *installed, "case", "provider", "mode", "dtype", "N", "H", "V", "ms",
+               "peak_mib", "tflops", "util_of_matmul_peak", "gb_per_s", "note"]
     print()
     print(markdown_table(rows, [("case", "case"), ("provider", "provider"), ("mode", "mode"), ("ms", "ms"),
                                 ("peak_mib", "peak MiB"), ("tflops", "TFLOP/s"),

@@ -18,8 +18,12 @@ def test_kernels_bench_quick(tmp_path, monkeypatch, capsys):
                            ("dr_grpo_loss", "ril_torch"), ("disc_head", "ril_torch")]:
         for mode in ("fwd", "bwd", "full"):
             assert (case, provider, mode) in seen
+    import torch
+    import triton
+
     for r in rows:
         assert float(r["ms"]) > 0 and r["device"] and r["git_sha"] and r["date"]
+        assert r["torch"] == torch.__version__ and r["triton"] == triton.__version__ and r["liger_kernel"]
     assert "| logprobs+loss | ril_torch | full |" in capsys.readouterr().out
 
 
