@@ -154,6 +154,15 @@ def _close(a: float, b: float) -> bool:
 
 
 # ---- math_verify ---------------------------------------------------------------------------------
+def _installed(package: str) -> str:
+    """The installed version of ``package`` (a distribution name), or "unknown" where its metadata is missing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
 
 # A LaTeX number the rules cannot read: a command with its brace groups ("\frac{1}{2}", "-\dfrac{3}{4}",
 # "2\frac{1}{2}"), or digits grouped by "{,}" ("1{,}000"). \boxed is not one: it is an answer marker to the
@@ -357,8 +366,9 @@ class RuleJudge:
         # rule-v6: letters undressed ("**B**", "\\boxed{B}") and on any line, minus signs "−5", "15 percent";
         # math_verify-v7: rule 6 gives it only answers the rules cannot read ("3 cm" is not "3 m").
         # rule-v7: a letter after "is" / "'s" at a response's end ("It is B."); math_verify-v8: a LaTeX number keeps
-        # its \\text{} unit ("3\\text{ cm}" is not 3). tests/test_judge.py's golden table holds these names.
-        self.name = "rule-v7" + ("+math_verify-v8" if self.use_math_verify else "")
+        # its \\text{} unit ("3\\text{ cm}" is not 3). The math-verify package's own version follows "@": its
+        # releases can change verdicts too. tests/test_judge.py's golden table holds these names.
+        self.name = "rule-v7" + (f"+math_verify-v8@{_installed('math-verify')}" if self.use_math_verify else "")
 
     def __call__(self, items: "list[JudgeItem]") -> list[bool]:
         """One verdict per item."""

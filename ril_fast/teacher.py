@@ -44,7 +44,7 @@ The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` re
 response::
 
     {"id": "q17", "index": 0, "teacher": "NAME", "response": "...", "truncated": false,
-     "correct": true, "judge": "rule-v7+math_verify-v8"}    # the last two only with --judge
+     "correct": true, "judge": "rule-v7+math_verify-v8@0.9.0"}  # the last two only with --judge
 
 ``index`` is k in 0..K-1; ``teacher`` is ``--teacher`` (default: the output file's stem), one teacher per file;
 ``truncated``: the response hit ``--max-new-tokens``, and the trainer leaves it out (a cut-off text is not the

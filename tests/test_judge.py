@@ -1,6 +1,7 @@
 """The rule judge on a table of real cases, the judge factory, and the in-memory judge cache."""
 
 import functools
+import importlib.metadata
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,11 @@ from ril_fast import judges_rule as rule_mod
 from ril_fast.config import Config, ConfigError, load_config
 from ril_fast.judge import (PROMPT_VERSION, CachedJudge, JudgeItem, JudgeKind, RuleJudge, add_judge_arguments, decide,
                             judge_key, judge_messages, make_judge, make_judge_from_config, verdict_word)
+
+try:  # the version the rule judge's name carries
+    MATH_VERIFY_VERSION = importlib.metadata.version("math-verify")
+except importlib.metadata.PackageNotFoundError:
+    MATH_VERIFY_VERSION = "unknown"
 
 # (ground-truth answer, response, verdict). Each row is a case the trainer meets: easy-vqa's yes/no,
 # shape and colour answers, counts, multiple choice, and free text.
@@ -184,7 +190,8 @@ def test_rule_judge_batch_keeps_order():
 # The rule judge's verdicts under its current names, with and without math_verify: a few cases of every rule (1-6),
 # the LaTeX numbers read with math_verify, and what each version changed. The persistent cache keys a verdict by the
 # judge's name, so a verdict that changes under the same name is an older code's verdict handed back from the cache.
-GOLDEN_NAMES = {True: "rule-v7+math_verify-v8", False: "rule-v7"}
+# The math-verify package's own version is part of the name: a release that changes a verdict fails this test.
+GOLDEN_NAMES = {True: f"rule-v7+math_verify-v8@{MATH_VERIFY_VERSION}", False: "rule-v7"}
 GOLDEN_CASES = [  # answer, response, verdict with math_verify, without
     # 1. letters; "It is B." and "It's B" were wrong before rule-v7 (c217e3e)
     ("B", "B", True, True),
@@ -281,7 +288,7 @@ def test_math_verify_only_where_rules_find_nothing(monkeypatch):
     rule_mod._latex_value.cache_clear()  # LaTeX read by the real library must not be reused, nor the fake's kept
     monkeypatch.setattr(rule_mod, "_latex_value", functools.lru_cache(rule_mod._latex_value.__wrapped__))
     judge = RuleJudge()
-    assert judge.name.endswith("+math_verify-v8")
+    assert judge.name.endswith("+math_verify-v8@" + MATH_VERIFY_VERSION)
     assert judge.check(r"\sqrt{2}", "1.41421356")  # nothing to compare: math_verify decides
     assert calls == [(r"$\sqrt{2}$", "1.41421356")]  # a LaTeX answer without $s is given to it between $s
     assert not judge.check("4", "3 or 4")  # the rules found candidates: their verdict stands
@@ -299,7 +306,7 @@ def test_math_verify_itself_where_the_rules_find_nothing():
     cannot compare are decided by symbolic equivalence; word answers it cannot parse stay the rules'."""
     pytest.importorskip("math_verify", reason="the optional [math] extra is not installed")
     judge = RuleJudge()
-    assert judge.use_math_verify and judge.name == "rule-v7+math_verify-v8"
+    assert judge.use_math_verify and judge.name == f"rule-v7+math_verify-v8@{MATH_VERIFY_VERSION}"
     right = [(r"\frac{1}{2}", "0.5"), (r"\frac{1}{2}", r"The answer is $\frac{2}{4}$"), ("3/4", "0.75")]
     wrong = [(r"\frac{1}{2}", "0.4"), (r"\sqrt{2}", r"$\sqrt{3}$"), ("3/4", "0.7")]
     assert [judge.check(a, r) for a, r in right] == [True] * len(right)
