@@ -12,7 +12,7 @@ setup(
     description="Fast RIL (unified reinforcement and imitation learning) for vision-language models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # transformers >= 5.21 needs it
     packages=["ril_fast", "ril_fast.kernels"],
     package_dir={"ril_fast": "ril_fast", "ril_fast.kernels": "kernels"},
     install_requires=[

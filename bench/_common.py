@@ -178,15 +178,18 @@ def append_csv(path: str | Path, rows: list[dict], columns: list[str]) -> Path:
     the file is new. An existing file with an older header, every column of which is in ``columns``, is
     first rewritten under ``columns`` (each old value kept under its column, the new columns empty for the
     old rows; written to a temporary file, then renamed over it). A header with a column that ``columns``
-    lacks is an error, not a silent loss or misalignment."""
+    lacks, or a column twice, is an error, not a silent loss or misalignment."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
         if header != columns:
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                raise ValueError(f"{path}:1: its header repeats the columns {repeated}: write to another file (--out)")
             unknown = [c for c in header if c not in columns]
-            if unknown or len(set(header)) != len(header):
+            if unknown:
                 raise ValueError(f"{path}:1: its columns {header} are not this benchmark's {columns} "
                                  f"(they lack its {unknown}): write to another file (--out)")
             with path.open(newline="") as f:

@@ -7,7 +7,13 @@
 # `pip install -e '.[test]'` in its environment instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
+PYTHON=${PYTHON:-python3}  # transformers >= 5.21 needs Python 3.11 or newer
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "scripts/setup.sh: ril_fast needs Python >= 3.11 (transformers >= 5.21 does); $PYTHON is" \
+         "$("$PYTHON" --version 2>&1): run it as PYTHON=python3.11 bash scripts/setup.sh" >&2
+    exit 1
+fi
+"$PYTHON" -m venv .venv
 . .venv/bin/activate
 pip install --quiet --upgrade pip
 if pip install --quiet --dry-run --no-index --no-deps torch==2.13.0 >/dev/null 2>&1; then

@@ -1,6 +1,7 @@
 """Settings reach a training step's computation: one step of the demo with non-default values of
-rollout.temperature, loss.eps_low/eps_high (asymmetric), disc.threshold and disc.pool, each checked
-where the trainer uses it (what reaches policy_pass and build_groups, and the discriminator built)."""
+rollout.temperature / top_p / top_k, loss.eps_low/eps_high (asymmetric), disc.threshold and disc.pool, each
+checked where the trainer uses it (what reaches sample_responses, policy_pass and build_groups, and the
+discriminator built)."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from ril_fast.kernels.disc_head import Pool
 from ril_fast.models import load
 from ril_fast.packing import pack
 
-TAU, EPS_LOW, EPS_HIGH, THRESHOLD = 0.7, 0.1, 0.3, 0.3
+TAU, TOP_P, TOP_K, EPS_LOW, EPS_HIGH, THRESHOLD = 0.7, 0.95, 40, 0.1, 0.3, 0.3
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def _independent_logprobs(model, processor, sample: dict, temperature: float) ->
 
 
 def test_step_uses_the_configured_temperature_clip_range_threshold_and_pool(demo, tmp_path, monkeypatch):
-    """With μ = 2 and β > 0 (so π_old and π_ref are both computed): π_old's and π_ref's log-probs are
+    """With μ = 2 and β > 0 (so π_old and π_ref are both computed): the rollout samples at
+    rollout.temperature, top_p and top_k; π_old's and π_ref's log-probs are
     log_softmax(z/τ) at rollout.temperature per sample, as an independent forward gives them (step 1:
     both are the initial student); the loss sees loss.eps_low, loss.eps_high (each its own, not swapped)
     and τ; r_sim = 1[D < disc.threshold] on the probabilities the discriminator gave; and the
@@ -42,6 +44,7 @@ def test_step_uses_the_configured_temperature_clip_range_threshold_and_pool(demo
                 eval_data=demo.test, eval_every=0, steps=1, group_size=3, max_new_tokens=11,
                 output_dir=tmp_path / "run", progress="false", mu=2, beta=0.1, seed=3,
                 **{"batch.questions_per_step": 2, "disc.pretrain_steps": 0, "rollout.temperature": TAU,
+                   "rollout.top_p": TOP_P, "rollout.top_k": TOP_K,
                    "loss.eps_low": EPS_LOW, "loss.eps_high": EPS_HIGH, "disc.threshold": THRESHOLD,
                    "disc.pool": "mean"})
     run = train.setup(load_config([f"{k}={v}" for k, v in args.items()]))
@@ -61,11 +64,22 @@ def test_step_uses_the_configured_temperature_clip_range_threshold_and_pool(demo
         return policy_pass(model, micro, advantages, normalizer, cfg, old=old, ref=ref)
 
     monkeypatch.setattr(train, "policy_pass", policy)
+    sample = train.sample_responses
+
+    def sampling(*a, **k):
+        seen.setdefault("sampling", k)
+        return sample(*a, **k)
+
+    monkeypatch.setattr(train, "sample_responses", sampling)
     train.train_step(run, step=1)
     run.log.close()
 
     # disc.pool: the discriminator built pools the mean of a response's rows.
     assert unwrap(run.disc).pool == Pool.MEAN
+
+    # rollout.temperature, top_p, top_k: the rollout's sampling.
+    k = seen["sampling"]
+    assert (k["temperature"], k["top_p"], k["top_k"], k.get("greedy", False)) == (TAU, TOP_P, TOP_K, False), k
 
     # loss.eps_low, loss.eps_high, rollout.temperature: the loss's constants.
     micro, cfg, old, ref = seen["policy"]

@@ -397,6 +397,10 @@ def test_an_older_header_gains_the_new_columns(tmp_path, bench):
     with pytest.raises(ValueError, match="they lack its \\['seconds'\\]"):
         append_csv(path, [], [c for c in columns if c != "seconds"] + ["extra"])
     assert list(csv.DictReader(path.open(newline=""))) == rows  # untouched by the refusals
+    twice = tmp_path / "twice.csv"
+    twice.write_text("date,seed,seed\nd0,1,2\n")
+    with pytest.raises(ValueError, match="twice.csv:1: its header repeats the columns \\['seed'\\]"):
+        append_csv(twice, [], columns)
 
 
 def test_the_committed_results_stay_appendable(tmp_path, bench):
