@@ -15,9 +15,10 @@ message at all. :func:`plan` counts the parameters on the meta device (no memory
                     (accumulated unsharded over a step's micro-batches, on the device)
     reference       π_ref, only when β > 0 (bf16 on a GPU, fp32 on a CPU): sharded like the student where a
                     copy is sharded over several ranks, else whole; offloaded with the trained state
-    gathered        the student's weights gathered for a rollout (bf16 on a GPU; fp32 on CPU ranks that
-                    shard them; on one CPU rank the shard is the weight itself: nothing more); a sharded
-                    reference gathered for its pass takes as much, at another time
+    gathered        the student's weights gathered for a rollout (bf16 on a GPU, fp32 on a CPU): a copy beside
+                    the shards on every rank, even on one CPU rank, whose whole "shard" FSDP2 still copies into
+                    its own all-gather buffers; a sharded reference gathered for its pass takes as much, at
+                    another time
 
 With ``batch.cpu_offload`` on GPUs the trained state, the sharded gradients and the reference move to the CPU's
 memory, checked against each rank's share of the CPU's available memory; the GPU keeps the gathered student
@@ -90,14 +91,15 @@ class Plan:
 
 
 def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, copies: int = 1, offload: bool = False,
-         pinned: bool = True) -> Plan:
+         pinned: bool = True, model: torch.nn.Module | None = None) -> Plan:
     """The memory plan of a student of transformers ``config``: with a discriminator (``disc``), a reference
     model (``reference``), on GPUs (bf16 copies) or CPUs, its trained state sharded over ``shard`` ranks in each of
     ``copies`` replicas (HSDP: the ranks are ``shard * copies``) and, on GPUs, offloaded to the CPU's memory
-    (``offload``; on CPUs that is where it is anyway), in pinned memory or not (``pinned``)."""
+    (``offload``; on CPUs that is where it is anyway), in pinned memory or not (``pinned``). ``model``: the student
+    already built on the meta device (``ril_fast.models.meta_model(config)``), else built here."""
     from ril_fast.models import meta_model
 
-    model = meta_model(config)
+    model = meta_model(config) if model is None else model
     shapes = [p.shape for p in model.parameters()]
     # The discriminator: the student's backbone (no LM head) and a d -> 1 head.
     disc_shapes = [p.shape for p in model.base_model.parameters()] + [
@@ -124,17 +126,19 @@ def plan(config, *, disc: bool, reference: bool, gpu: bool, shard: int, copies: 
     reference = shards(frozen, copy)
     return Plan(student_params=student, disc_params=disc_params, trained_state=STATE_BYTES * (student + disc_params),
                 gradients=gradients, reference=reference,
-                gathered=copy * student if gpu or shard > 1 else 0, shard=shard, host_per_rank=host,
+                gathered=copy * student, shard=shard, host_per_rank=host,
                 pinned=offload and gpu and pinned)
 
 
 def kv_cache_bytes(config, tokens: int, *, gpu: bool) -> int:
     """Bytes of the KV cache a rollout's generate builds for ``tokens`` positions in all (sequences x length),
     bf16 on a GPU, fp32 on a CPU: keys and values of every softmax-attention layer (a hybrid model's
-    linear-attention layers keep a fixed-size state instead, not counted)."""
+    linear-attention layers keep a fixed-size state instead, not counted), for each of its key-value heads (every
+    attention head where the config names no ``num_key_value_heads``: GPT-2, OPT, BioGPT)."""
     text = config.get_text_config()
     layers, head_dim = softmax_attention(text)
-    return tokens * layers * 2 * text.num_key_value_heads * head_dim * (2 if gpu else 4)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return tokens * layers * 2 * heads * head_dim * (2 if gpu else 4)
 
 
 def _shard_numel(shape: torch.Size, shard: int) -> int:

@@ -5,16 +5,20 @@
   headers, so one that leaves no room for a full-length response stops the run here (``long_prompts``);
 * ``check_surroundings``: what the settings point at outside the config (a judge's folder, server or verdict
   cache, the device Triton kernels need, the number of ranks), on every rank;
-* ``check_memory``: the models' memory on every rank (``ril_fast.memory``), before any of them loads.
+* ``check_memory``: the student as ``ril_fast.models.load`` would refuse it (attention ril_fast's cannot stand for,
+  layers that carry state along the sequence), then the models' memory on every rank (``ril_fast.memory``), both
+  from the student built on the meta device, before any model loads.
 
 ``python -m ril_fast.preflight --gpus 8 --gpu-gib 78 --config FILE`` runs the data and memory checks for a planned
 run on any machine (no weight is read) and prints the lengths and the plan they rest on (:func:`main`).
 """
 
+from collections.abc import Callable
+
 import torch
 from transformers import AutoConfig
 
-from ril_fast import distributed, memory
+from ril_fast import distributed, memory, recurrence
 from ril_fast.config import Config, ConfigError
 from ril_fast.data import Batches, DataError, Example, fitting, load_examples, load_teachers, refuse_images
 from ril_fast.files import model_folder_problem
@@ -43,12 +47,14 @@ def built_demo():
                           f"writable folder of your own (or give student=, train_data= and teachers=)") from e
 
 
-def load_data(cfg: Config, dist: distributed.Dist):
+def load_data(cfg: Config, dist: distributed.Dist, *, counted: dict | None = None):
     """The training examples, the teacher bank (None: RL only), the evaluation examples and this rank's
     batches, checked against the student's tokenizer and image processor (every prompt leaves room for a
     full-length response: ``long_prompts``); prints which ablation runs. Rank 0 alone reads the files (every
-    image is opened) and sends what it read to the other ranks; its errors are raised on every rank."""
-    examples, bank, eval_examples = distributed.on_rank0(lambda: _read_data(cfg))
+    image is opened) and sends what it read to the other ranks; its errors are raised on every rank. ``counted``
+    (one process: :func:`main`): a dict that gets the token counters the checks used, under "prompts" and
+    "responses", each remembering what it counted (:func:`_remembered`)."""
+    examples, bank, eval_examples = distributed.on_rank0(lambda: _read_data(cfg, counted))
     try:
         batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
                           world_size=dist.world_size)
@@ -70,8 +76,9 @@ def load_data(cfg: Config, dist: distributed.Dist):
     return examples, bank, eval_examples, batches
 
 
-def _read_data(cfg: Config):
-    """:func:`load_data`'s examples, teacher bank and evaluation examples, read and checked (on rank 0)."""
+def _read_data(cfg: Config, counted: dict | None = None):
+    """:func:`load_data`'s examples, teacher bank and evaluation examples, read and checked (on rank 0); ``counted``:
+    see :func:`load_data`."""
     if problem := model_folder_problem(cfg.student):
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {problem}")
     try:
@@ -83,14 +90,18 @@ def _read_data(cfg: Config):
     except (OSError, ValueError) as e:  # transformers' words for a missing folder or config.json
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {e}") from None
     context = context_length(AutoConfig.from_pretrained(cfg.student))
+    prompt_lengths, response_lengths = tokens.prompt_lengths, tokens.response_lengths
+    if counted is not None:  # main prints the lengths counted here, not counted twice
+        prompt_lengths = counted["prompts"] = _remembered(tokens.prompt_lengths, key=lambda p: (p[0], tuple(p[1])))
+        response_lengths = counted["responses"] = _remembered(tokens.response_lengths)
     every = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
     if tokens.kind is ModelKind.TEXT:
         refuse_images(every, f"the student ({cfg.student})")
-    examples = _fitting(cfg, every, tokens, *token_budget(cfg, context), what="training")
+    examples = _fitting(cfg, every, prompt_lengths, *token_budget(cfg, context), what="training")
     bank = None
     if not cfg.rl_only:  # every example's id is known to the teacher files, left out or not
         bank = load_teachers(cfg.teachers, every, max_tokens=cfg.max_new_tokens,
-                             count_tokens=tokens.response_lengths, control_tokens=tokens.control_tokens)
+                             count_tokens=response_lengths, control_tokens=tokens.control_tokens)
         if missing := bank.missing(examples):
             cut = bank.cut.get(missing[0].id)
             cut = (f"; its {len(cut)} responses were all marked truncated and left out (the first: {cut[0]}): a "
@@ -109,9 +120,23 @@ def _read_data(cfg: Config):
     if tokens.kind is ModelKind.TEXT:
         refuse_images(eval_examples, f"the student ({cfg.student})")
     if eval_examples:  # greedy answers are generated, not packed: only the context bounds them
-        eval_examples = _fitting(cfg, eval_examples, tokens, context or float("inf"), "the model's context",
+        eval_examples = _fitting(cfg, eval_examples, prompt_lengths, context or float("inf"), "the model's context",
                                  what="held-out")
     return examples, bank, eval_examples
+
+
+def _remembered(count: Callable[[list], list[int]], key: Callable = lambda item: item) -> Callable[[list], list[int]]:
+    """``count`` (items -> their token counts) counting each distinct item once, by ``key`` (hashable), and
+    remembering it: what is asked again costs nothing."""
+    seen: dict = {}
+
+    def counted(items: list) -> list[int]:
+        new = {key(item): item for item in items if key(item) not in seen}
+        if new:
+            seen.update(zip(new, count(list(new.values()))))
+        return [seen[key(item)] for item in items]
+
+    return counted
 
 
 def context_length(config) -> int | None:
@@ -126,12 +151,13 @@ def token_budget(cfg: Config, context: int | None) -> tuple[int, str]:
     return cfg.batch.max_tokens, "batch.max_tokens"
 
 
-def _fitting(cfg: Config, examples: list[Example], processor: Processor, budget: float, setting: str, *,
-             what: str) -> list[Example]:
+def _fitting(cfg: Config, examples: list[Example], prompt_lengths: Callable[[list], list[int]], budget: float,
+             setting: str, *, what: str) -> list[Example]:
     """The ``examples`` whose prompts leave room for ``max_new_tokens`` within ``budget`` tokens (``setting`` names
-    it), counted from the question and the image sizes before any model loads. The others stop the run
-    (``long_prompts=refuse``, naming the first one's line) or are left out and counted (``skip``)."""
-    kept, left_out = fitting(examples, processor.prompt_lengths, budget=budget, max_new_tokens=cfg.max_new_tokens,
+    it), counted by ``prompt_lengths`` (``Processor.prompt_lengths``) from the question and the image sizes before any
+    model loads. The others stop the run (``long_prompts=refuse``, naming the first one's line) or are left out and
+    counted (``skip``)."""
+    kept, left_out = fitting(examples, prompt_lengths, budget=budget, max_new_tokens=cfg.max_new_tokens,
                              setting=setting, long_prompts=cfg.long_prompts,
                              hint="long_prompts=skip leaves such examples out")
     if not kept:
@@ -188,18 +214,35 @@ def _surroundings(cfg: Config, dist: distributed.Dist):
 
 
 def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
-    """Refuse, before any model loads, a student whose models cannot fit on some rank's device (or, offloaded, in
-    its share of the CPU's memory) even before activations (``ril_fast.memory``): every rank checks its own and
-    all stop together."""
+    """Refuse, before any model loads, a student ``ril_fast.models.load`` would refuse (:func:`meta_student`), and
+    one whose models cannot fit on some rank's device (or, offloaded, in its share of the CPU's memory) even before
+    activations (``ril_fast.memory``): every rank checks its own and all stop together."""
     shard = distributed.shard_size(cfg.batch.shard_ranks)
-    plan = memory.plan(AutoConfig.from_pretrained(cfg.student), disc=disc, reference=cfg.beta > 0,
-                       gpu=dist.device.type == "cuda", shard=shard, copies=dist.world_size // shard,
-                       offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned)
+    config = AutoConfig.from_pretrained(cfg.student)
+    plan = memory.plan(config, disc=disc, reference=cfg.beta > 0, gpu=dist.device.type == "cuda", shard=shard,
+                       copies=dist.world_size // shard, offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned,
+                       model=meta_student(cfg.student, config))
     host = memory.available_bytes(torch.device("cpu")) if plan.offload else None
     if found := _first_problem(memory.shortfall(plan, memory.available_bytes(dist.device), host)):
         raise DoesNotFit(f"student={cfg.student}: {found[1]}")
     if dist.is_main:
         print(f"memory: {plan.describe()}", flush=True)
+
+
+def meta_student(student, config) -> torch.nn.Module:
+    """The student ``ril_fast.models.load`` builds from ``config`` (the folder ``student``'s), on the meta device (no
+    memory, no weight read), refused as ``load`` refuses it: attention ril_fast's cannot stand for (its own, as
+    Bloom's, or soft-capped, as Gemma 2's: ``models._check_attention``), layers that carry state along the sequence
+    (``recurrence.per_sample``). A ConfigError naming ``student=``, the same on every rank."""
+    from ril_fast.models import _check_attention, meta_model
+
+    model = meta_model(config)
+    try:
+        _check_attention(model, student)
+        recurrence.per_sample(model, student)  # (it hooks the meta model's Gated DeltaNet layers: nothing runs them)
+    except UnsupportedModel as e:  # "DIR: model type ..."
+        raise ConfigError(f"student={e}") from None
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ril_fast.preflight [--gpus N] [--gpu-gib G] [--config FILE] [key=value ...]``: what the trainer
     would check before loading for that run on N GPUs with G GiB free each, run here (a laptop will do: the
     student folder's config, tokenizer and image-processor files and the images are read, no weight), with the
-    numbers to choose settings by: prompt and teacher-response lengths, the memory plan, the rollout's KV cache.
-    Returns the exit status: 0 when the trainer would start the run, 1 when it would refuse it (the reason printed
-    as ``error: ...``). With ``batch.cpu_offload`` the host's memory is checked when ``--host-gib`` is given."""
+    numbers to choose settings by: prompt and teacher-response lengths, the memory plan, the KV cache of the larger
+    of a rollout's and an evaluation's generate call. Returns the exit status: 0 when the trainer would start the
+    run, 1 when it would refuse it (the reason printed as ``error: ...``: the data, a student ``models.load`` would
+    refuse, the memory). With ``batch.cpu_offload`` the host's memory is checked when ``--host-gib`` is given."""
     import argparse
     import sys
     from types import SimpleNamespace
@@ -222,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ril_fast.preflight", epilog="every other argument is the trainer's: --config FILE, key=value",
         description="What the trainer checks before loading, for a run on GPUs this machine need not have: the data "
-                    "(prompt and teacher-response lengths), the memory plan and the rollout's KV cache. No weight is "
+                    "(prompt and teacher-response lengths), the memory plan and generate's KV cache. No weight is "
                     "read.")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs of the run, all nodes together (default 1)")
     parser.add_argument("--gpu-gib", type=float, default=78.0, help="memory one GPU has free for the run, in GiB "
@@ -235,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     per_node = args.gpus_per_node or min(args.gpus, 8)
     if args.gpus < 1 or args.gpu_gib <= 0 or per_node < 1 or (args.host_gib is not None and args.host_gib <= 0):
         parser.error("--gpus and --gpus-per-node must be >= 1, --gpu-gib and --host-gib > 0")
+    counted: dict = {}  # the token counters load_data used, remembering what they counted
     try:
         cfg = load_config(rest)
         if needs_demo(cfg):
@@ -244,23 +289,27 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"batch.shard_ranks={shard}: must divide the number of GPUs ({args.gpus})")
         print(f"preflight of {cfg.student} for {args.gpus} GPU(s) with {args.gpu_gib:g} GiB free (read: configs, "
               f"tokenizer, the images; no weights)", flush=True)
-        examples, bank, eval_examples, _ = load_data(cfg, SimpleNamespace(rank=0, world_size=args.gpus, is_main=True))
+        examples, bank, eval_examples, _ = load_data(cfg, SimpleNamespace(rank=0, world_size=args.gpus, is_main=True),
+                                                     counted=counted)
+        config = AutoConfig.from_pretrained(cfg.student)
+        student = meta_student(cfg.student, config)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    config = AutoConfig.from_pretrained(cfg.student)
-    processor = Processor.from_pretrained(cfg.student, max_image_pixels=cfg.max_image_pixels)
     budget, setting = token_budget(cfg, context_length(config))
-    lengths = processor.prompt_lengths([(e.question, e.image_sizes) for e in examples])
+    prompt_lengths = counted["prompts"]  # load_data's: what it counted is not counted again
+    lengths = prompt_lengths([(e.question, e.image_sizes) for e in examples])
+    eval_lengths = prompt_lengths([(e.question, e.image_sizes) for e in eval_examples])
     print(f"training examples that fit: {len(examples)}; held-out: {len(eval_examples)}")
     print(f"prompt tokens, images included: {_spread(lengths)}; {setting} {budget} leaves "
           f"{budget - cfg.max_new_tokens} beside max_new_tokens={cfg.max_new_tokens}")
     if bank is not None:
         texts = [r for per_teacher in bank.by_id.values() for rs in per_teacher.values() for r in rs]
-        print(f"teacher responses' tokens (end of turn included): {_spread(processor.response_lengths(texts))}; "
+        print(f"teacher responses' tokens (end of turn included): {_spread(counted['responses'](texts))}; "
               f"max_new_tokens={cfg.max_new_tokens}")
     plan = memory.plan(config, disc=bank is not None, reference=cfg.beta > 0, gpu=True, shard=shard,
-                       copies=args.gpus // shard, offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned)
+                       copies=args.gpus // shard, offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned,
+                       model=student)
     host = None if args.host_gib is None else int(args.host_gib * 2**30) // per_node  # the trainer's share a rank
     if problem := memory.shortfall(plan, int(args.gpu_gib * 2**30), host):
         print(f"error: student={cfg.student}: {problem} (here: --gpus, --gpu-gib, --host-gib)", file=sys.stderr)
@@ -268,17 +317,34 @@ def main(argv: list[str] | None = None) -> int:
     left = args.gpu_gib - plan.per_rank / 2**30
     print(f"memory: {plan.describe()}; {left:.3g} GiB of each GPU left for activations (bounded by batch.max_tokens"
           f"={cfg.batch.max_tokens}{', recomputed' if cfg.batch.activation_checkpointing else ''})")
-    # A rollout call left-pads its prompts to the longest: its KV cache at most holds every row at full length.
-    rows = min(cfg.rollout.batch_size, cfg.group_size * -(-cfg.batch.questions_per_step // args.gpus))
-    kv = memory.kv_cache_bytes(config, rows * (max(lengths) + cfg.max_new_tokens), gpu=True) / 2**30
-    print(f"rollout KV cache: up to {kv:.3g} GiB a rank ({rows} sequences of at most {max(lengths)} + "
-          f"{cfg.max_new_tokens} tokens, bf16)" + ("" if kv <= left else
-                                                   f": more than the {left:.3g} GiB left: lower rollout.batch_size"))
+    kv, words = _kv_cache(cfg, config, args.gpus, lengths, eval_lengths)
+    print(words + ("" if kv <= left else f": more than the {left:.3g} GiB left: lower rollout.batch_size"))
     unchecked = ["the judge's server or folder", "the weights themselves"]
     if plan.offload and host is None:
         unchecked.append(f"the host's memory ({plan.host_per_rank / 2**30:.3g} GiB a rank: --host-gib)")
     print(f"not checked here: {', '.join(unchecked)}")
     return 0
+
+
+def _kv_cache(cfg: Config, config, gpus: int, lengths: list[int], eval_lengths: list[int]) -> tuple[float, str]:
+    """The larger KV cache one generate call builds on a rank of ``gpus``, in GiB, and it in words: a rollout's
+    (``group_size`` responses to each of the rank's questions) or an evaluation's (the rank's share of the held-out
+    prompts), at most ``rollout.batch_size`` sequences a call, each left-padded to the longest prompt (``lengths``,
+    ``eval_lengths``: the training and held-out prompts' tokens) and run to ``max_new_tokens``: every row at full
+    length."""
+    def gib(rows: int, longest: int) -> float:
+        return memory.kv_cache_bytes(config, rows * (longest + cfg.max_new_tokens), gpu=True) / 2**30
+
+    rows = min(cfg.rollout.batch_size, cfg.group_size * -(-cfg.batch.questions_per_step // gpus))
+    kv = gib(rows, max(lengths))
+    if eval_lengths:
+        held_out = min(cfg.rollout.batch_size, -(-len(eval_lengths) // gpus))
+        if (eval_kv := gib(held_out, max(eval_lengths))) > kv:
+            return eval_kv, (f"evaluation's KV cache: up to {eval_kv:.3g} GiB a rank ({held_out} held-out prompts of "
+                             f"at most {max(eval_lengths)} + {cfg.max_new_tokens} tokens, bf16; a rollout's: up to "
+                             f"{kv:.3g} GiB)")
+    return kv, (f"rollout KV cache: up to {kv:.3g} GiB a rank ({rows} sequences of at most {max(lengths)} + "
+                f"{cfg.max_new_tokens} tokens, bf16)")
 
 
 def _spread(values: list[int]) -> str:

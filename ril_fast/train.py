@@ -58,6 +58,7 @@ from ril_fast.models import compute_dtype, enable_activation_checkpointing, load
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
 from ril_fast.preflight import (built_demo, check_memory, check_surroundings, context_length, load_data,
                                 token_budget)
+from ril_fast.processor import UnsupportedModel
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
 from ril_fast.rollout import sample_responses
 
@@ -243,11 +244,13 @@ def setup(cfg: Config) -> Run:
 
 
 def exit_status(error: Exception, rank: int) -> str | int:
-    """What ``rank`` exits with for a ``ConfigError`` or ``DataError``: its message (``SystemExit`` prints it, status
-    1), or 1 alone. Set-up's errors are every rank's (each rank's own checks are agreed on:
-    ``preflight.check_surroundings``), said by rank 0; a step's data error is one rank's own questions'
-    (``StepDataError``), said by that rank."""
-    if rank == 0 or isinstance(error, StepDataError):
+    """What ``rank`` exits with for a ``ConfigError``, ``DataError`` or ``UnsupportedModel``: its message
+    (``SystemExit`` prints it, status 1), or 1 alone. Set-up's errors are every rank's (each rank's own checks are
+    agreed on: ``preflight.check_surroundings``), said by rank 0; a step's data error is one rank's own questions'
+    (``StepDataError``), said by that rank, as is a model ril_fast cannot train found out in a forward
+    (``UnsupportedModel``: set-up refuses what the student's config shows, ``preflight.meta_student``; a sliding
+    window that one rank's own sample outgrows is that rank's alone)."""
+    if rank == 0 or isinstance(error, (StepDataError, UnsupportedModel)):
         return f"error{f' (rank {rank})' if rank else ''}: {error}"
     return 1
 
@@ -527,7 +530,7 @@ def evaluate_and_log(run: Run, step: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError) as e:  # the message names the setting, or the file and line
+    except (ConfigError, DataError, UnsupportedModel) as e:  # the message names the setting, FILE:LINE or the model
         distributed.destroy()  # as below: 2 of 6 runs refused on 3-4 ranks aborted a rank without it
         raise SystemExit(exit_status(e, int(os.environ.get("RANK", "0")))) from None
     # Leave the process group before the interpreter tears down: a gloo group destroyed during finalization once

@@ -346,6 +346,15 @@ def test_export_cli_writes_the_checkpointed_student_and_discriminator(demo, refe
     assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
     disc, _ = Discriminator.load(tmp_path / "disc")
     assert torch.isfinite(disc.weight).all() and disc.weight.abs().sum() > 0  # trained away from its zero start
+    # The exported discriminator, backbone and head, is the checkpoint's, read here from its DCP files alone (not
+    # through export.py's loading): every tensor, none missing or extra.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ref / f"step-{2 * EVERY}" / "dcp", tmp_path / "checkpoint.pt")
+    saved = {k.removeprefix("module."): v for k, v in torch.load(tmp_path / "checkpoint.pt")["disc"]["model"].items()}
+    state = disc.state_dict()
+    assert state.keys() == saved.keys() and any(k.startswith("backbone.") for k in state)
+    assert [k for k in state if not torch.equal(state[k], saved[k])] == []
 
 
 ALONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))  # one process, no process group

@@ -26,7 +26,8 @@ def _bytes(tensors) -> int:
 def test_plan_counts_the_models_as_loaded(arch, tmp_path_factory):
     """Parameter counts from the meta device equal the loaded student's and discriminator's; fp32 weights and
     AdamW's moments after a step are the plan's 12 bytes per trained parameter; the gradients FSDP2 accumulates
-    over micro-batches (sync off until the last) are the plan's, whole on the rank."""
+    over micro-batches (sync off until the last) are the plan's, whole on the rank; the student gathered for a
+    rollout is the plan's, an fp32 copy beside the shards even on one rank."""
     from transformers import AutoConfig
 
     folder = tiny_folder(tmp_path_factory, arch)
@@ -58,7 +59,13 @@ def test_plan_counts_the_models_as_loaded(arch, tmp_path_factory):
     assert all(a is not None and a.dtype == torch.float32 for a in accumulated)
     assert all(fp.sharded_param.grad is None for fp in params)  # nothing sharded until the last micro-batch
     assert p.gradients == _bytes(accumulated) == _bytes(student.parameters())  # the larger model's
-    assert p.gathered == 0 and p.per_rank == held + p.gradients + p.reference  # one CPU rank: no extra copy
+    # Gathered for a rollout, FSDP2 copies even a whole "shard" (one rank) into all-gather buffers of its own.
+    shards = {fp.sharded_param._local_tensor.untyped_storage().data_ptr() for fp in params}
+    with distributed.gathered(sharded):
+        buffers = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for fp in params
+                   for t in fp.all_gather_outputs if t.untyped_storage().size()}
+    assert buffers and not set(buffers) & shards
+    assert p.gathered == sum(buffers.values()) and p.per_rank == held + p.gradients + p.reference + p.gathered
 
 
 def test_plan_shards_the_trained_state_only():
@@ -156,14 +163,16 @@ def test_a_student_that_cannot_fit_is_refused_before_any_model_loads(tmp_path, m
     train.setup(load_config(args)).log.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_5", "internvl", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_5", "internvl", "qwen2", "gpt2", "opt", "biogpt"])
 def test_kv_cache_bytes_are_those_generate_keeps(arch, tmp_path_factory):
     """The rollout's KV cache, counted from the config, is the keys and values a real ``generate`` keeps: every
     softmax-attention layer's (Qwen3.5's linear-attention layers hold a fixed state instead), for each row and
-    position it has run (the prompt and all new tokens but the last), fp32 here as on a CPU."""
+    position it has run (the prompt and all new tokens but the last), fp32 here as on a CPU; GPT-2, OPT and BioGPT,
+    whose configs name no key-value heads, keep every attention head's."""
+    from test_models import TEXT_FAMILIES, _text_family
     from transformers import AutoConfig
 
-    folder = tiny_folder(tmp_path_factory, arch)
+    folder = _text_family(tmp_path_factory, arch) if arch in TEXT_FAMILIES else tiny_folder(tmp_path_factory, arch)
     model, processor = load(folder, device="cpu")
     rows, prompt, new = 3, 7, 5
     ids = torch.randint(100, 500, (rows, prompt))

@@ -467,9 +467,12 @@ def _text_family(tmp_path_factory, model_type: str, **extra) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_folder(tmp_path_factory, "qwen2"))
+    # Grouped key-value heads only in a family that has them: GPT-2, OPT, BioGPT, ... keep one per attention head,
+    # which a stray num_key_value_heads in their config.json would misstate (ril_fast.memory.kv_cache_bytes reads it).
+    kv = dict(num_key_value_heads=2) if hasattr(AutoConfig.for_model(model_type), "num_key_value_heads") else {}
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=512, **{**TEXT_FAMILIES[model_type], **extra})
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                                  **{**kv, **TEXT_FAMILIES[model_type], **extra})
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     folder = tmp_path_factory.mktemp(model_type)

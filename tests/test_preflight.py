@@ -1,22 +1,47 @@
 """``python -m ril_fast.preflight``: the trainer's checks before loading, run for GPUs this machine lacks, with the
-lengths and the memory plan they rest on; its exit status says whether the trainer would start."""
+lengths and the memory plan they rest on; its exit status says whether the trainer would start. The trainer's set-up
+refuses the same students before any model loads, and its command line says a model it cannot train in one line."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from models_fixtures import one_thread, tiny_folder  # noqa: F401
+from test_models import _text_family
 from transformers import AutoConfig
 
-from ril_fast import memory
+from ril_fast import memory, train
+from ril_fast.config import ConfigError, load_config
+from ril_fast.data import load_examples
 from ril_fast.demo import build_demo
 from ril_fast.models import load
 from ril_fast.preflight import main
+from ril_fast.processor import Processor
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, one_thread):  # noqa: F811
     return build_demo(tmp_path_factory.mktemp("demo"), max_train=16, max_test=4)
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """Eight text-only questions and a teacher's answers to them, for the text-only students of test_models."""
+    folder = tmp_path_factory.mktemp("text_data")
+    rows = [dict(id=f"q{i}", question=f"What is {i} plus {i}?", answer=str(2 * i), images=[]) for i in range(8)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "t.jsonl").write_text("".join(json.dumps(dict(id=r["id"], response=f"It is {r['answer']}.")) + "\n"
+                                           for r in rows))
+    return folder
+
+
+def _text_args(student, data, **extra) -> list[str]:
+    args = dict(student=student, train_data=data / "train.jsonl", teachers=data / "t.jsonl", max_new_tokens=16,
+                **{"batch.questions_per_step": 2}, **extra)
+    return [f"{k}={v}" for k, v in args.items()]
 
 
 def _args(demo, **extra) -> list[str]:
@@ -107,3 +132,91 @@ def test_what_the_trainer_would_refuse_is_an_error(demo, capsys, tmp_path, monke
     assert f"error: {demo.train}:1: the prompt takes" in capsys.readouterr().err
     assert main(["--gpus", "6", *_args(demo, **{"batch.shard_ranks": 4})]) == 1
     assert "error: batch.shard_ranks=4: must divide the number of GPUs (6)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type, refusal", [
+    ("gpt2", None), ("opt", None),  # configs that name no num_key_value_heads: every head is a key-value head
+    ("bloom", "computes its attention itself"), ("gemma2", "soft-caps its attention logits"),
+])
+def test_a_text_student_is_planned_or_refused_as_the_trainer_would(model_type, refusal, text_data, tmp_path_factory,
+                                                                    tmp_path, capsys, monkeypatch,
+                                                                    one_thread):  # noqa: F811
+    """A text-only student the trainer trains gets its plan and its KV cache (GPT-2 and OPT, whose configs have no
+    num_key_value_heads, died of an AttributeError); one that ``models.load`` would refuse is refused with its words,
+    naming student=, by this command and by the trainer's set-up before any model loads (the trainer refused it only
+    in ``load``, in a 77-line traceback)."""
+    folder = _text_family(tmp_path_factory, model_type)
+    status = main(_text_args(folder, text_data))
+    out, err = capsys.readouterr()
+    if refusal is None:
+        assert status == 0, err
+        _, processor = load(folder, device="cpu")
+        longest = max(processor.encode_prompt(f"What is {i} plus {i}?", []).prompt_len for i in range(8))
+        kv = memory.kv_cache_bytes(AutoConfig.from_pretrained(folder), 4 * (longest + 16), gpu=True)  # G = 2 of 2
+        assert f"rollout KV cache: up to {kv / 2**30:.3g} GiB a rank (4 sequences of at most {longest} + 16 " in out
+        return
+    words = rf"^student={folder}: model type '{model_type}' {refusal}"
+    assert status == 1 and f"error: student={folder}: model type '{model_type}' {refusal}" in err
+    loaded = []
+    monkeypatch.setattr(train, "load", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ConfigError, match=words):
+        train.setup(load_config(_text_args(folder, text_data, output_dir=tmp_path / "run", progress="false")))
+    assert not loaded and not (tmp_path / "run").exists()
+
+
+def test_the_trainer_says_a_model_it_cannot_train_in_one_line(text_data, tmp_path_factory, tmp_path):
+    """A model ril_fast cannot train found out only in a forward (a sliding window of 8 tokens that the prompts
+    outgrow: ``ril_fast.attention``) stops ``python -m ril_fast.train`` with one ``error:`` line, as a ConfigError
+    does, not a traceback."""
+    folder = _text_family(tmp_path_factory, "mistral", sliding_window=8)
+    done = subprocess.run([sys.executable, "-m", "ril_fast.train", *_text_args(folder, text_data, steps=1),
+                           f"output_dir={tmp_path / 'run'}", "progress=false"], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith("error: MistralAttention attends within a sliding window of 8 "
+                                                   "tokens and a sample here is "), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and done.stderr.count("error") == 1, done.stderr[-3000:]
+
+
+def test_the_kv_cache_is_that_of_the_larger_generate_call(demo, tmp_path, capsys):
+    """Evaluation's generate (up to rollout.batch_size held-out prompts a rank, padded to the longest) can hold more
+    than a rollout's: the larger is reported, and named, and it is the one checked against the memory left."""
+    rows = [json.loads(line) for line in demo.test.read_text().splitlines()]
+    rows[0]["question"] = "Look closely at the picture before you answer. " * 100 + rows[0]["question"]
+    rows[0]["images"] = [str(demo.test.parent / p) for p in rows[0]["images"]]
+    for r in rows[1:]:
+        r["images"] = [str(demo.test.parent / p) for p in r["images"]]
+    held_out = tmp_path / "test.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, processor = load(demo.student, device="cpu")
+    longest = max(processor.encode_prompt(r["question"], r["images"]).prompt_len for r in rows)
+    train_rows = [json.loads(line) for line in demo.train.read_text().splitlines()]
+    train_longest = max(processor.encode_prompt(r["question"], [demo.train.parent / p for p in r["images"]]).prompt_len
+                        for r in train_rows)
+    config = AutoConfig.from_pretrained(demo.student)
+    rollout = memory.kv_cache_bytes(config, 8 * (train_longest + 12), gpu=True) / 2**30  # G = 2 of 4 questions
+    evaluation = memory.kv_cache_bytes(config, 4 * (longest + 12), gpu=True) / 2**30  # the 4 held-out prompts
+    assert evaluation > 2 * rollout
+    plan = memory.plan(config, disc=True, reference=False, gpu=True, shard=1)
+    gib = plan.per_rank / 2**30 + (rollout + evaluation) / 2  # room for a rollout's, not for evaluation's
+    assert main(["--gpu-gib", repr(gib), *_args(demo, eval_data=held_out)]) == 0
+    out = capsys.readouterr().out
+    assert f"evaluation's KV cache: up to {evaluation:.3g} GiB a rank (4 held-out prompts of at most {longest} + 12 " \
+           f"tokens, bf16; a rollout's: up to {rollout:.3g} GiB): more than the {gib - plan.per_rank / 2**30:.3g} " \
+           f"GiB left: lower rollout.batch_size" in out
+
+
+def test_each_prompt_and_response_is_counted_once(demo, capsys, monkeypatch):
+    """The lengths it prints are those the data checks counted: no prompt or teacher response is tokenised twice
+    (the training set's were, ~36% of the command's time on 100k examples)."""
+    counted = {"prompt_lengths": [], "response_lengths": []}
+    for name, key in (("prompt_lengths", lambda p: (p[0], tuple(p[1]))), ("response_lengths", lambda t: t)):
+        real = getattr(Processor, name)
+        monkeypatch.setattr(Processor, name, lambda self, items, real=real, name=name, key=key: (
+            counted[name].extend(map(key, items)) or real(self, items)))
+    assert main(_args(demo)) == 0
+    assert "teacher responses' tokens" in capsys.readouterr().out
+    prompts = {(e.question, tuple(e.image_sizes)) for path in (demo.train, demo.test) for e in load_examples(path)}
+    texts = {json.loads(line)["response"] for path in demo.teachers for line in path.read_text().splitlines()}
+    assert sorted(counted["prompt_lengths"]) == sorted(prompts)  # each distinct prompt once
+    assert sorted(counted["response_lengths"]) == sorted(texts)
