@@ -6,8 +6,10 @@ Precedence: the defaults below < the YAML files (in order) < the ``key=value`` o
 A key is a field name, dotted for a section's field (``rollout.temperature=0.7``; in YAML, nested under its
 section or dotted alike). A path setting that starts with ``~`` is in the home folder. Values are parsed
 by the field's type, never evaluated: int, float, bool (true/false, yes/no, on/off, 1/0), str, enum
-(one of its values), list[str] (comma-separated; an empty value is the empty list) and Optional
-(``none`` or ``null`` is None). Unknown keys and unparsable values are errors that say what is valid (in a
+(one of its values), list[str] (comma-separated, empty entries dropped: ``a,,b`` is ``a,b``, an empty value the
+empty list) and Optional (``none`` or ``null`` is None). A data path (``train_data``, ``eval_data``, an entry of a
+YAML ``teachers:`` list) that is blank but not empty, or an empty entry of that list, is an error: it would read
+as the current folder. Unknown keys and unparsable values are errors that say what is valid (in a
 YAML file, at which line); a value out of range says where it was set.
 ``--help`` prints every key with its default and help.
 
@@ -232,6 +234,8 @@ class Config:
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1"),
             (self.output_dir != "", "output_dir must not be empty"),
             (self.train_data != "", "train_data must not be empty (none: the built-in demo's training split)"),
+            *((False, f"{key}: {problem}") for key in (*_DATA_PATHS, *_DATA_PATH_LISTS)
+              if (problem := _blank_path(key, getattr(self, key)))),  # values set in code
             *judge_checks(self),
             (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
             (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
@@ -492,6 +496,24 @@ def _owner(cls, key: str):
     return cls, name
 
 
+# Data-path settings that a blank value would silently turn into another path (Path("") is the current folder)
+_DATA_PATHS = ("train_data", "eval_data")
+_DATA_PATH_LISTS = ("teachers",)
+
+
+def _blank_path(key: str, value) -> str | None:
+    """What is wrong with a parsed data-path setting's value, or None: ``train_data`` / ``eval_data`` of blanks
+    (empty keeps its meaning), an empty or blank entry of ``teachers`` (a command line's ``a,,b`` has none left)."""
+    if key in _DATA_PATHS and isinstance(value, str) and value and not value.strip():
+        meaning = "none: the built-in demo's training split" if key == "train_data" else "empty: no evaluation"
+        return f"{value!r} is blank: give a path ({meaning})"
+    if key in _DATA_PATH_LISTS and isinstance(value, list):
+        if blank := [n for n, entry in enumerate(value, start=1) if not entry.strip()]:
+            return (f"entry {blank[0]} of {value!r} is {'blank' if value[blank[0] - 1] else 'empty'}: give each "
+                    f"teacher collection's path, or remove the entry")
+    return None
+
+
 def _optional_inner(tp):
     """X for ``X | None``, else None."""
     args = typing.get_args(tp)
@@ -512,13 +534,17 @@ def _type_name(tp) -> str:
 
 
 def _parse(cls, key: str, value):
-    """``value`` (a command-line string, or a YAML scalar or list) converted to the type of ``key``."""
+    """``value`` (a command-line string, or a YAML scalar or list) converted to the type of ``key``; a blank data
+    path is an error (:func:`_blank_path`)."""
     owner, name = _owner(cls, key)
     tp = _hints(owner)[name]
     try:
-        return _convert(value, tp, strict=False)
+        parsed = _convert(value, tp, strict=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}: cannot use {value!r}: expected {_type_name(tp)} ({e})", key=key) from None
+    if problem := _blank_path(key, parsed):
+        raise ConfigError(f"{key}: {problem}", key=key)
+    return parsed
 
 
 def _convert(value, tp, *, strict: bool):

@@ -11,7 +11,8 @@ relative to the JSONL file's folder, each a file PIL can read. Other fields are 
 
 Teacher collection, one JSONL per teacher, one saved response per line, several lines per id allowed::
 
-    {"id": "q17", "response": "The shape is a triangle.", "teacher": "qwen72b"}   # teacher optional
+    {"id": "q17", "response": "The shape is a triangle.", "teacher": "qwen72b",   # teacher optional
+     "question_sha": "875f90da5334"}                                            # question_sha optional
 
 The teacher's name is the file's stem unless a line's ``teacher`` field names it (two files may feed
 one teacher only through that field: two files of the same stem are an error, not one teacher). A
@@ -19,9 +20,13 @@ line marked ``"truncated": true`` (``ril_fast.teacher`` writes it when the teach
 is left out: a cut-off text is not the teacher's answer. A line that repeats an earlier one's teacher, id, ``index``
 (``ril_fast.teacher`` writes the k-th response to an example as index k) and response word for word is kept and
 listed in ``TeacherBank.repeated`` (a collection copied in twice, most likely; a second collection of a short
-answer can repeat one by chance). Every id must be a training example's. Any
-malformed line raises ``DataError("FILE:LINE: what is wrong")``; so does text holding one of the
-student's ``control_tokens`` (e.g. ``<|im_end|>``), which the tokenizer would read as that token.
+answer can repeat one by chance). Every id must be a training example's. ``question_sha`` (``ril_fast.teacher``
+writes it: :func:`question_digest` of the question and the image paths, as the data file writes them, that the
+teacher was asked) must be its example's: a line collected for another question (another dataset's, or an earlier
+version of the file's, under a reused id) is an error, not trained on as an answer to this one. A line without it
+(written by hand) is taken as it is: nothing then ties it to its question. Any malformed line raises
+``DataError("FILE:LINE: what is wrong")``; so does text holding one of the student's ``control_tokens`` (e.g.
+``<|im_end|>``), which the tokenizer would read as that token.
 
 ``Batches`` serves the questions: seeded shuffled epochs cut into global batches of
 ``questions_per_step`` (an epoch's remainder is dropped), rank r of W taking ``batch[r::W]``. The
@@ -32,6 +37,7 @@ global order depends only on (seed, examples, questions_per_step), so a run resu
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import random
@@ -68,6 +74,22 @@ class Example:
     answer_type: str | None = None
     where: str = ""  # "FILE:LINE" it was read from, for error messages
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each image, upright
+    # question_digest(question, image paths as written in the data file); made in code: of the paths as given
+    question_sha: str = ""
+
+    def __post_init__(self):
+        if not self.question_sha:
+            self.question_sha = question_digest(self.question, [str(p) for p in self.images])
+
+
+def question_digest(question: str, images: list[str]) -> str:
+    """What a teacher was asked, in 12 hex digits: the first 12 of the SHA-256 of the canonical JSON (keys sorted,
+    no spaces, non-ASCII escaped) of ``{"images": images, "question": question}``, ``images`` the paths as the data
+    file writes them. ``ril_fast.teacher`` writes it on each line as ``question_sha``; ``load_teachers`` refuses a
+    line whose digest is not its example's. The answer is left out: the teacher's response does not depend on it,
+    and a corrected answer must not throw away the collection."""
+    canonical = json.dumps({"images": images, "question": question}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,6 +108,9 @@ def _records(path: Path):
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if text.startswith("\ufeff"):  # the first line's is skipped above; one further down is another file's start
+            raise DataError(f"{path}:{number}: a UTF-8 byte-order mark at the start of the line (two files joined?): "
+                            f"remove it")
         if not text.strip():
             continue
         try:
@@ -140,8 +165,9 @@ def _text(record: dict, name: str, where: str, control_tokens: Collection[str] =
 
 
 def _image_paths(record: dict, folder: Path, where: str, first_use: dict[Path, tuple[str, str]]) -> list[Path]:
-    """The example's image paths, resolved against ``folder``, each an existing file; ``first_use`` gets
-    ``path -> (where, name)`` for each path not seen before (:func:`_image_sizes` then opens them)."""
+    """The example's image paths, resolved against ``folder``, each an existing file (a folder is an error that
+    says so); ``first_use`` gets ``path -> (where, name)`` for each path not seen before (:func:`_image_sizes` then
+    opens them)."""
     if "images" not in record:
         raise DataError(f"{where}: missing field 'images' (a list of image paths, [] for none)")
     images = record["images"]
@@ -151,6 +177,8 @@ def _image_paths(record: dict, folder: Path, where: str, first_use: dict[Path, t
     for name in images:
         path = (folder / name).resolve()
         if path not in first_use:
+            if path.is_dir():
+                raise DataError(f"{where}: image {name!r} is a folder ({path}), not an image file")
             if not path.is_file():
                 raise DataError(f"{where}: image {name!r} not found (looked for {path})")
             first_use[path] = (where, name)
@@ -238,7 +266,8 @@ def load_examples(path: str | Path, *, control_tokens: Collection[str] = ()) -> 
         question, answer = _text(record, "question", where, control_tokens), _text(record, "answer", where)
         images = _image_paths(record, path.parent, where, first_use)
         examples.append(Example(id=example_id, question=question, answer=answer, images=images,
-                                answer_type=answer_type, where=where))
+                                answer_type=answer_type, where=where,
+                                question_sha=question_digest(question, record["images"])))
     if not examples:
         raise DataError(f"{path}:1: no examples in the file")
     sizes = _image_sizes(first_use)
@@ -351,9 +380,10 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
     response longer than ``max_tokens`` is an error: Dr.GRPO normalises every output by the generation
     budget L_max, which a longer teacher output would exceed. A response holding one of
     ``control_tokens`` is an error. Lines marked truncated are left out and counted in
-    ``TeacherBank.truncated``.
+    ``TeacherBank.truncated``. A line whose ``question_sha`` is not its example's ``Example.question_sha`` (collected
+    for another question under the same id) is an error naming the file's first such line and counting them.
     """
-    known = {e.id for e in examples}
+    by_id = {e.id: e for e in examples}
     bank = TeacherBank()
     stems: dict[str, Path] = {}  # teacher named by a file's stem -> that file
     indexed: set[tuple] = set()  # (teacher, id, index, response) of the lines ril_fast.teacher wrote
@@ -362,12 +392,18 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
         if path.resolve() in seen:
             raise DataError(f"{path}:1: the teacher file is given twice")
         seen.add(path.resolve())
-        lines, named_by_stem, truncated_before = [], False, len(bank.truncated)
+        lines, named_by_stem, truncated_before, stale = [], False, len(bank.truncated), []
         for number, record in _records(path):
             where = f"{path}:{number}"
             example_id = _id(record, where)
-            if example_id not in known:
+            if example_id not in by_id:
                 raise DataError(f"{where}: id {example_id!r} is not in the training data")
+            if "question_sha" in record:  # what the teacher was asked (a hand-written line may leave it out)
+                digest = record["question_sha"]
+                if not isinstance(digest, str):
+                    raise DataError(f"{where}: 'question_sha' must be a string, got {digest!r}")
+                if digest != by_id[example_id].question_sha:
+                    stale.append((where, example_id))
             truncated = record.get("truncated", False)
             if not isinstance(truncated, bool):
                 raise DataError(f"{where}: 'truncated' must be true or false, got {truncated!r}")
@@ -392,6 +428,15 @@ def load_teachers(paths: list[str | Path], examples: list[Example], *,
                 bank.teachers.append(teacher)
             bank.by_id.setdefault(example_id, {}).setdefault(teacher, []).append(response)
             lines.append((where, response))
+        if stale:
+            where, example_id = stale[0]
+            example = by_id[example_id].where or f"example {example_id!r}"
+            data = example.rpartition(":")[0] if by_id[example_id].where else "TRAIN.jsonl"
+            raise DataError(f"{where}: id {example_id!r}: collected for another question (its question_sha is not "
+                            f"that of the question and images of {example}; {len(stale)} such lines in the file): "
+                            f"collect it again with python -m ril_fast.teacher --data {data} --out {path} ... (which "
+                            f"sets the stale lines aside and asks for them again), or remove the field to train on "
+                            f"it as it is")
         if named_by_stem:
             if path.stem in stems:
                 raise DataError(f"{path}:1: this file and {stems[path.stem]} would both be teacher {path.stem!r}: "

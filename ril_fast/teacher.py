@@ -43,10 +43,17 @@
 The output is ``ril_fast.data``'s teacher-collection JSONL (``load_teachers`` reads it), one line per
 response::
 
-    {"id": "q17", "index": 0, "teacher": "NAME", "response": "...", "truncated": false,
-     "correct": true, "judge": "rule-v7+math_verify-v8@0.9.0"}  # the last two only with --judge
+    {"id": "q17", "index": 0, "teacher": "NAME", "question_sha": "875f90da5334", "response": "...",
+     "truncated": false, "correct": true, "judge": "rule-v7+math_verify-v8@0.9.0"}  # the last two only with --judge
 
 ``index`` is k in 0..K-1; ``teacher`` is ``--teacher`` (default: the output file's stem), one teacher per file;
+``question_sha`` ties the line to what the teacher was asked (``ril_fast.data.question_digest``: 12 hex digits of
+the SHA-256 of the question and the image paths as the data file writes them), so that neither the trainer
+(``load_teachers`` refuses such a line) nor a rerun of this tool takes an answer to another question, collected
+for another dataset or an earlier version of ``--data`` under the same id, as this one's. It leaves the answer out:
+the response does not depend on it, and a corrected answer should not throw away a collection; a line's ``correct``
+stays the verdict on the answer it was judged against, which the trainer does not read (its teacher judge judges
+the question, the answer now and the response, through its cache);
 ``truncated``: the response hit ``--max-new-tokens``, and the trainer leaves it out (a cut-off text is not the
 teacher's answer). How many the file holds is said at the start; ``--redo-truncated`` asks again for the
 responses whose every line is marked truncated (a new line each; the old ones stay, left out), e.g. with
@@ -54,15 +61,21 @@ another ``--seed`` or a larger ``--max-new-tokens`` (the trainer takes none long
 ``--judge`` each response is judged as it is written (the verdict the trainer's cached teacher judge will
 find, when the judge and its cache file are the same).
 
-Append-only and resumable: responses are written in batches of ``--batch-size``, each batch flushed
-before the next starts, so a crash loses at most the batch in progress. On start the output file is
-read and checked: a line that is not ril_fast.teacher's (no id / index) is an error, and the file is
+Append-only (but for stale lines, below) and resumable: responses are written in batches of ``--batch-size``,
+each batch flushed before the next starts, so a crash loses at most the batch in progress. On start the output
+file is read and checked: a line that is not ril_fast.teacher's (no id / index) is an error, and the file is
 left as it was, and so is a line of another teacher than this run's (``--teacher``, or the file's stem for a
 line without one), before any model loads: resumed under another name, one teacher's collection would be split
 in two, and a second teacher's would find the first's pairs done; the error names the line and both names (pass
 ``--teacher`` as found to go on, or give the second teacher another ``--out``). The (id, index) pairs already
 there are skipped; a last line cut short by a crash (not JSON) is removed, and a whole last line missing its
-newline is given one. Run the same command again to finish: no line is written twice, none is lost. A response
+newline is given one. Run the same command again to finish: no line is written twice, none is lost. A line whose
+``question_sha`` is not its example's (the question or its images changed under the id since it was collected) is
+stale: its pair is not done, and the line is set aside, appended to ``NAME.jsonl.stale`` beside the file (a name
+no ``*.jsonl`` matches; kept, should ``--data`` be the wrong file) and flushed to the disk, before the file is
+written again without it, to a temporary file renamed over it: a crash at any moment leaves each line in one of the
+two (in both, at worst: the next run sets it aside again); the start says how many. A line without
+``question_sha`` (written by hand) counts as done: nothing ties it to a question. A response
 that ``load_teachers`` would refuse — empty (whitespace only), or holding one of the teacher's control tokens (a
 local teacher's ``Processor.control_tokens``, e.g. ``<|endoftext|>``: its responses are decoded with special
 tokens kept; the trainer checks the student's, the same for a student of the teacher's family; none are known
@@ -83,6 +96,7 @@ import hashlib
 import io
 import json
 import mimetypes
+import os
 import secrets
 import shlex
 import sys
@@ -165,6 +179,41 @@ def truncated_pairs(out: Path) -> set[tuple[str, int]]:
             record = json.loads(line)
             (cut if record.get("truncated") is True else whole).add((str(record["id"]), int(record["index"])))
     return cut - whole
+
+
+def stale_file(out: Path) -> Path:
+    """Where :func:`set_aside_stale` keeps the lines of ``out`` it takes out: ``NAME.jsonl.stale`` beside it."""
+    return out.with_name(f"{out.name}.stale")
+
+
+def set_aside_stale(out: Path, examples: list[Example]) -> int:
+    """Take out of ``out`` (read after :func:`written_pairs`, which checked its lines) the lines collected for
+    another question: a ``question_sha`` that is not their example's (``Example.question_sha``; a line without one,
+    or of an id not in ``examples``, stays); returns how many. They are appended to :func:`stale_file` and flushed
+    to the disk first, then ``out`` is written again without them, to a temporary file beside it renamed over it:
+    a crash at any moment leaves each line in ``out`` or the stale file (in both, at worst, and the next run sets it
+    aside again), never in neither."""
+    if not out.exists():
+        return 0
+    digests = {e.id: e.question_sha for e in examples}
+    *lines, tail = out.read_bytes().split(b"\n")  # as written_pairs splits it; the tail is blank after it
+    kept, stale = [], []
+    for line in lines:
+        record = json.loads(line) if line.strip() else {}
+        digest, example_id = record.get("question_sha"), str(record.get("id"))
+        is_stale = digest is not None and example_id in digests and digest != digests[example_id]
+        (stale if is_stale else kept).append(line + b"\n")
+    if not stale:
+        return 0
+    kept.append(tail)
+    tmp = out.with_name(f".{out.name}.tmp")
+    for path, mode, chunk in ((stale_file(out), "ab", stale), (tmp, "wb", kept)):  # the stale lines safe first
+        with path.open(mode) as f:
+            f.write(b"".join(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return len(stale)
 
 
 def pending_jobs(examples: list[Example], k: int, done: set[tuple[str, int]]) -> list[Job]:
@@ -404,8 +453,8 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
                     kept.append((job, text, finish == "length"))
             verdicts = judge([JudgeItem(j.example.question, j.example.answer, t) for j, t, _ in kept]) if judge else []
             for n, (job, text, truncated) in enumerate(kept):
-                record = {"id": job.example.id, "index": job.index, "teacher": name, "response": text,
-                          "truncated": truncated}
+                record = {"id": job.example.id, "index": job.index, "teacher": name,
+                          "question_sha": job.example.question_sha, "response": text, "truncated": truncated}
                 if judge:
                     record.update(correct=verdicts[n], judge=judge.name)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -471,9 +520,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the command; returns ``{"written", "truncated", "empty", "control_tokens", "unfinished", "refused",
-    "skipped", "total"}`` (responses; ``truncated``: of those written; ``empty``, ``control_tokens`` and
+    "skipped", "stale", "total"}`` (responses; ``truncated``: of those written; ``empty``, ``control_tokens`` and
     ``unfinished``, a count for each finish reason the server gave, e.g. ``{"abort": 2}``: those not written, see the
-    module docstring; ``refused``: the examples the server refused, whose responses were not written)."""
+    module docstring; ``refused``: the examples the server refused, whose responses were not written; ``stale``: the
+    lines found collected for another question and set aside, their responses asked for again)."""
     args = parse_args(argv)
     # A second collection into the same file would ask for the same responses and write them twice.
     lock_file(args.out)
@@ -489,6 +539,11 @@ def _run(args: argparse.Namespace) -> dict:
     examples = load_examples(args.data)
     name = args.teacher or out.stem
     done = written_pairs(out, teacher=name)  # one teacher per file: another's lines end the command here
+    if stale := set_aside_stale(out, examples):
+        done = written_pairs(out, teacher=name)
+        print(f"{name}: {stale} responses in {out} were collected for another question (their question_sha is not "
+              f"that of their id's question and images in {args.data} now): moved to {stale_file(out)}, and asked "
+              f"for again", file=sys.stderr)
     cut = truncated_pairs(out) & {(e.id, k) for e in examples for k in range(args.num_responses)}
     jobs = pending_jobs(examples, args.num_responses, done - cut if args.redo_truncated else done)
     total = len(examples) * args.num_responses
@@ -540,7 +595,7 @@ def _run(args: argparse.Namespace) -> dict:
         print(f"{stats['truncated']} of the {stats['written']} responses written hit --max-new-tokens "
               f"{args.max_new_tokens}: marked truncated, which the trainer leaves out; raise --max-new-tokens and run "
               f"again with --redo-truncated", file=sys.stderr)
-    return {**stats, "refused": len(refused), "skipped": total - len(jobs), "total": total}
+    return {**stats, "refused": len(refused), "skipped": total - len(jobs), "stale": stale, "total": total}
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ def test_yaml_then_overrides(tmp_path):
     (["max_new_tokens=64", "batch.max_tokens=64"], ["batch.max_tokens must exceed max_new_tokens"]),
     (["judge_timeout_s=inf"], ["judge_timeout_s must be > 0 and finite"]),  # a socket timeout overflows
     (["train_data="], ["train_data must not be empty"]),
+    # a blank path would read as the current folder: "error: .:0: cannot read the file: Is a directory"
+    (["train_data= "], ["train_data: ' ' is blank: give a path"]),
+    (["eval_data=\t"], ["eval_data: '\\t' is blank: give a path (empty: no evaluation)"]),
 ])
 def test_bad_arguments_give_clear_errors(argv, fragments):
     with pytest.raises(ConfigError) as e:
@@ -133,6 +136,12 @@ def test_bad_arguments_give_clear_errors(argv, fragments):
     ("optim.lr: 0.5\noptim:\n  lr: 0.25\n", [":3: 'optim.lr' is given twice (dotted, and in its section)"]),
     ("steps.x: 3\n", [":1: unknown config key 'steps.x'"]),
     (b"# r\xe9glages (Latin-1)\nsteps: 3\n", ["not valid YAML", "position 3"]),
+    # an empty or blank path would read as the current folder ("error: .:0: cannot read the file: Is a directory")
+    ("steps: 2\nteachers:\n  - a.jsonl\n  - ''\n",
+     [":2: teachers: entry 2 of ['a.jsonl', ''] is empty: give each teacher collection's path, or remove the entry"]),
+    ("teachers: [a.jsonl, b.jsonl, ' ']\n", [":1: teachers: entry 3 of ['a.jsonl', 'b.jsonl', ' '] is blank"]),
+    ("steps: 2\ntrain_data: ' '\n", [":2: train_data: ' ' is blank: give a path"]),
+    ("eval_data: '  '\n", [":1: eval_data: '  ' is blank: give a path (empty: no evaluation)"]),
 ])
 def test_bad_yaml_gives_clear_errors(tmp_path, text, fragments):
     path = tmp_path / "bad.yaml"
@@ -182,6 +191,18 @@ def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatc
     assert (cfg.output_dir, cfg.teachers, cfg.train_data) == (f"{tmp_path}/runs/a", [f"{tmp_path}/t1.jsonl",
                                                                                      "t2.jsonl"], f"{tmp_path}/d.jsonl")
     assert (cfg.student, cfg.eval_data, cfg.resume) == (f"{tmp_path}/m", f"{tmp_path}/e.jsonl", "auto")
+
+
+def test_empty_list_entries_on_the_command_line_are_dropped():
+    """``a,,b`` on the command line is ``a,b`` (a blank entry too); an empty value is the empty list (RL only). Set
+    in code, a blank path is refused as it is from a file."""
+    assert load_config(["teachers=a.jsonl,, ,b.jsonl"]).teachers == ["a.jsonl", "b.jsonl"]
+    assert load_config(["teachers="]).teachers == []
+    assert load_config(["eval_data="]).eval_data == ""  # empty: no evaluation
+    with pytest.raises(ConfigError, match=r"teachers: entry 2 of \['a.jsonl', ''\] is empty"):
+        Config(teachers=["a.jsonl", ""])
+    with pytest.raises(ConfigError, match="train_data: ' ' is blank"):
+        Config(train_data=" ")
 
 
 def test_wrong_types_set_in_code_are_rejected():

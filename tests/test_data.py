@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ril_fast.data import (Batches, DataError, Example, LongPrompts, fitting, load_examples, load_teachers,
-                           to_sample)
+                           question_digest, to_sample)
 from ril_fast.processor import load_image
 
 GOOD = {"id": "a", "question": "What shape?", "answer": "circle", "images": ["img/a.png"]}
@@ -180,7 +180,11 @@ BAD_EXAMPLES = [
     ({"id": "b", "question": "q?", "answer": "x", "images": "img/a.png"}, "'images' must be a list"),
     ({"id": "b", "question": "q?", "answer": "x", "images": [3]}, "'images' must be a list"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/nope.png"]}, "image 'img/nope.png' not found"),
-    ({"id": "b", "question": "q?", "answer": "x", "images": ["img"]}, "image 'img' not found"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img"]}, "image 'img' is a folder ("),  # it exists
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/"]}, "), not an image file"),
+    # a second file's byte-order mark, where two files were joined (only the file's first is skipped)
+    (b"\xef\xbb\xbf" + json.dumps(GOOD | {"id": "b"}).encode(),
+     "a UTF-8 byte-order mark at the start of the line (two files joined?): remove it"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/broken.png"]}, "cannot read image 'img/broken.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/cut.png"]}, "cannot read image 'img/cut.png'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/text.png"]}, "cannot read image 'img/text.png'"),
@@ -277,6 +281,8 @@ BAD_TEACHER_LINES = [
     ({"id": "q0", "response": " \n "}, "'response' is empty"),
     ({"id": "q0", "response": "Yes.<|im_end|>"}, "'response' contains '<|im_end|>'"),
     ({"id": "q0", "response": "Yes.", "teacher": "student"}, "a teacher may not be called 'student'"),
+    ({"id": "q0", "response": "Yes.", "question_sha": 12}, "'question_sha' must be a string, got 12"),
+    (b"\xef\xbb\xbf" + json.dumps({"id": "q0", "response": "Yes."}).encode(), "a UTF-8 byte-order mark at the start"),
 ]
 
 
@@ -291,6 +297,38 @@ def test_bad_teacher_lines(tmp_path, line, message):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match=r"empty\.jsonl:1: no teacher responses"):
         load_teachers([good, empty], examples(2))
+
+
+def test_a_teacher_line_collected_for_another_question_is_refused(folder):
+    """A line of ril_fast.teacher carries the digest of the question and image paths it answered: one collected for
+    another question under the same id (another dataset, an earlier version of the file) is refused, naming its line,
+    the id, the example's line and what to do; a line without the field (written by hand) is taken."""
+    other = GOOD | {"id": "b", "images": []}
+    data = write_jsonl(folder / "train.jsonl", [GOOD, other])
+    examples_now = load_examples(data)
+    assert [e.question_sha for e in examples_now] == [question_digest(GOOD["question"], ["img/a.png"]),
+                                                      question_digest(GOOD["question"], [])]
+    assert len(set(e.question_sha for e in examples_now)) == 2  # the images (as written) count, not only the text
+    made_in_code = Example("a", "q?", "x", [folder / "img" / "a.png"])  # the paths as given
+    assert made_in_code.question_sha == question_digest("q?", [str(folder / "img" / "a.png")])
+    sha = {e.id: e.question_sha for e in examples_now}
+    good = [{"id": "a", "index": 0, "response": "Round.", "question_sha": sha["a"]},
+            {"id": "b", "index": 0, "response": "Round.", "question_sha": sha["b"]},
+            {"id": "b", "index": 1, "response": "By hand, tied to nothing."}]
+    assert load_teachers([write_jsonl(folder / "t.jsonl", good)], examples_now).counts() == {"t": 3}
+    # the same ids, the questions changed since the collection: every line with the field is another question's
+    changed = write_jsonl(folder / "v2.jsonl", [GOOD | {"question": "What colour?"}, other | {"question": "How many?"}])
+    collection = write_jsonl(folder / "t.jsonl", good)
+    with pytest.raises(DataError) as e:
+        load_teachers([collection], load_examples(changed))
+    assert str(e.value) == (
+        f"{collection}:1: id 'a': collected for another question (its question_sha is not that of the question and "
+        f"images of {changed}:1; 2 such lines in the file): collect it again with python -m ril_fast.teacher --data "
+        f"{changed} --out {collection} ... (which sets the stale lines aside and asks for them again), or remove the "
+        f"field to train on it as it is")
+    moved = write_jsonl(folder / "moved.jsonl", [GOOD | {"images": ["img/full.png"]}, other])  # another image
+    with pytest.raises(DataError, match=f"{collection}:1: id 'a': collected for another question .*1 such lines"):
+        load_teachers([collection], load_examples(moved))
 
 
 def test_teacher_files_name_distinct_teachers(tmp_path):

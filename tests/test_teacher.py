@@ -22,7 +22,7 @@ from ril_fast.data import DataError, load_examples, load_teachers
 from ril_fast.demo import build_demo
 from ril_fast.judge import RuleJudge
 from ril_fast.judges_http import HTTPError
-from ril_fast.teacher import main, written_pairs
+from ril_fast.teacher import main, stale_file, written_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def _lines(path: Path) -> list[dict]:
 def _stats(**counts) -> dict:
     """What ``main`` returns: ``counts``, and 0 (``unfinished``: none) for the rest."""
     return {"written": 0, "truncated": 0, "empty": 0, "control_tokens": 0, "unfinished": {}, "refused": 0,
-            "skipped": 0, "total": 0, **counts}
+            "skipped": 0, "stale": 0, "total": 0, **counts}
 
 
 def test_local_model_teacher_with_judging(demo, tmp_path, capsys, _fresh_seed):
@@ -719,6 +719,52 @@ def test_a_file_of_another_teacher_is_refused_before_any_model_loads(demo, text_
     with pytest.raises(DataError, match=rf"^{text}:2: a response of teacher 'u', but this run's teacher is 't' "):
         main(["--model", str(text_model), "--data", str(_text_data(tmp_path, 2)), "--out", str(text), "--no-progress"])
     assert text.read_bytes() == content
+
+
+def test_a_rerun_on_changed_questions_collects_them_again(text_model, tmp_path, monkeypatch, capsys):
+    """Each line carries its question's digest (question and image paths as written). Rerun on data whose ids were
+    kept but whose questions changed, the tool takes those lines for what they are, answers to other questions: it
+    sets them aside (kept in NAME.jsonl.stale, should --data be the wrong file), says how many, and collects those
+    pairs again, the rest kept; the trainer then reads the file against the new data. A crash while setting them
+    aside leaves every line in the collection or the stale file, and the next run finishes. A hand-written line
+    (no digest) counts as done."""
+    _stub_sampling(monkeypatch, lambda seed, i: f"answer drawn with seed {seed}, sequence {i}")
+    data, out = _text_data(tmp_path, 3), tmp_path / "t.jsonl"
+    argv = ["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "2",
+            "--max-new-tokens", "4", "--no-progress"]
+    assert main(argv) == _stats(written=6, total=6)
+    sha = {e.id: e.question_sha for e in load_examples(data)}
+    assert [(line["id"], line["question_sha"]) for line in _lines(out)] == [(i, sha[i]) for i in sha for _ in "01"]
+    first = out.read_bytes()
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[1]["question"] = "What is 1 times 7?"  # a new version of the file: the same ids, question t1 changed
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(argv) == _stats(written=2, skipped=4, stale=2, total=6)
+    assert (f"t: 2 responses in {out} were collected for another question (their question_sha is not that of their "
+            f"id's question and images in {data} now): moved to {stale_file(out)}, and asked for again"
+            in capsys.readouterr().err)
+    old_t1 = [line for line in first.splitlines(keepends=True) if b'"t1"' in line]
+    assert stale_file(out).read_bytes() == b"".join(old_t1)
+    new = load_examples(data)
+    assert load_teachers([out], new).counts() == {"t": 6}  # nothing stale is left to refuse
+    assert {line["question_sha"] for line in _lines(out) if line["id"] == "t1"} == {new[1].question_sha}
+    assert main(argv) == _stats(skipped=6, total=6)  # done
+    # A crash between the stale file's write and the rename: the collection is as it was, and a rerun finishes
+    rows[2]["question"] = "What is 2 times 9?"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = out.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            main(argv)
+    assert out.read_bytes() == before and stale_file(out).read_bytes().count(b'"t2"') == 2
+    assert main(argv) == _stats(written=2, skipped=4, stale=2, total=6)
+    assert load_teachers([out], load_examples(data)).counts() == {"t": 6}
+    # A hand-written line, without question_sha: nothing ties it to a question, and its pair counts as done
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text(json.dumps({"id": "t0", "index": 0, "teacher": "hand", "response": "By hand."}) + "\n")
+    assert main([*argv[:4], "--out", str(hand), *argv[6:]]) == _stats(written=5, skipped=1, total=6)
 
 
 # ----------------------------------------------------------------------------------------------------
