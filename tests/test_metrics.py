@@ -187,8 +187,31 @@ def test_progress_bar_shows_every_number_under_its_own_label(tmp_path):
              "loss": -0.125, "eval_accuracy": 0.375, "kl": 0.001, "clip_frac": 0.0625, "grad_norm": 1.5,
              "tokens_per_s": 12345.6, "mfu": 0.41275, "peak_memory_gib": 1.171875, "lr": 0.003})
     assert log.bar.postfix == ("ans_reward=0.25, sim_reward=0.75, disc_acc=0.5, loss=-0.125, kl=0.001, clip=0.0625, "
-                               "gnorm=1.5, tok/s=12346, mfu=41.3%, mem_gib=1.17, eval_acc=0.375")
+                               "gnorm=1.5, tok/s=12346, mfu=41.3%, mem_gib=1.17")
     assert log.bar.n == 1
+    log.close()
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_each_evaluation_gets_a_line_of_its_own(tmp_path, capsys, terminal):
+    """An evaluation's accuracies, per answer type too, are a line of their own above the bar (on a terminal the
+    bar's postfix is cut at its width, and the next step's replaced it: no accuracy was ever seen), or below the
+    step's line; a record of the final evaluation alone leaves the bar's numbers as they were."""
+    log = RunLog(tmp_path, enabled=True, total_steps=3, progress=False)
+    out = io.StringIO()
+    if terminal:
+        log.bar = tqdm(total=3, file=out)
+    log.log({"step": 2, "loss": 0.5, "eval_accuracy": 0.4375, "eval_accuracy/color": 0.875,
+             "eval_accuracy/shape": 0.0625, "eval_examples": 16})
+    log.log({"step": 3, "eval_accuracy": 0.5, "eval_examples": 16})
+    printed = capsys.readouterr().out  # tqdm.write: on stdout, the bar (stderr) cleared and drawn again below
+    lines = [line for line in printed.splitlines() if "accuracy" in line]
+    assert lines == ["step 2: held-out accuracy 0.438 on 16 examples (color 0.875, shape 0.0625)",
+                     "step 3: held-out accuracy 0.5 on 16 examples"], printed
+    if terminal:
+        assert log.bar.postfix == "loss=0.5" and log.bar.n == 3
+    else:
+        assert "step 2: loss 0.5\n" in printed and "step 3: \n" not in printed
     log.close()
 
 
