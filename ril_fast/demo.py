@@ -13,6 +13,8 @@ ship inside the ``easy-vqa`` PyPI package, so nothing is downloaded at run time:
     teacher_concise.jsonl     "Answer: triangle."  / "Answer: yes."
     teacher_verbose.jsonl     "The shape in the image is a triangle." / "Yes, it is."
     student/                  a tiny random Qwen2.5-VL from ``ril_fast.tiny.make_tiny`` (``STUDENT``)
+    demo.json                 the settings it was built with and what it holds: a folder missing any of it
+                              (a cache cleaner's doing) is built again
 
 The two teacher collections are written from the ground truth in two distinct styles. They stand in
 for large teacher VLMs (the paper's Qwen2.5-VL-72B and InternVL3-78B), whose responses RIL also reads
@@ -65,6 +67,7 @@ DEMO_TYPES = ("shape", "color")
 STUDENT = dict(arch="qwen2_5_vl", seed=0, vocab_size=16384, vision_hidden=64, image_tokens=64)
 VERSION = 5  # bump when the files written here change, so cached demos are rebuilt
 _MARKER = "demo.json"
+_CONTENTS = ("files", "images")  # the marker's keys that list what the folder holds (the others: its settings)
 
 
 @dataclass(frozen=True)
@@ -178,12 +181,13 @@ def build_demo(root: str | Path | None = None, *, max_train: int | None = None, 
     ``answer_types`` keeps the questions of those answer types (``ANSWER_TYPES``; default: shape and
     colour, see the module docstring for why). ``max_train`` / ``max_test`` keep a seeded random subset
     of that many of them in each split (None: all; of easy-VQA's 38,575 / 9,673 questions, 10,168 /
-    2,537 are shape or colour questions). A folder built with other settings is rebuilt. One process builds
-    at a time (a lock beside ``root``; the others wait, then find it built), into a sibling temporary folder
-    renamed into place: no caller sees a half-written demo, and a build that was killed leaves a temporary
-    folder that the next build removes. A rebuild for other settings replaces the folder's demo under any job still
-    training from it (its images are read at each step): give jobs of other settings roots of their own
-    (``$RIL_FAST_DEMO`` for the trainer).
+    2,537 are shape or colour questions). A folder built with other settings is rebuilt, and so is one that lacks
+    any of its files (a cache cleaner deleted an image or the student's weights; said on stderr in one line). One
+    process builds at a time (a lock beside ``root``; the others wait, then find it built), into a sibling temporary
+    folder renamed into place: no caller sees a half-written demo, and a build that was killed leaves a temporary
+    folder that the next build removes. A rebuild (for other settings, or of an incomplete demo) replaces the folder's
+    demo under any job still training from it (its images are read at each step): give jobs of other settings roots
+    of their own (``$RIL_FAST_DEMO`` for the trainer).
     """
     types = tuple(answer_types)
     if not types or any(t not in ANSWER_TYPES for t in types):
@@ -195,6 +199,12 @@ def build_demo(root: str | Path | None = None, *, max_train: int | None = None, 
     with waiting_lock(root) as locked:
         if _built(root, settings):  # by another process, while this one waited
             return _paths(root)
+        marker = _marker(root)
+        if marker is not None and _settings_of(marker) == settings:
+            missing = _missing(root, marker)
+            print(f"the built-in demo at {root} is incomplete (missing: {', '.join(missing[:3])}"
+                  f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}): building it again",
+                  file=sys.stderr, flush=True)
         if root.exists() and any(root.iterdir()) and not (root / _MARKER).is_file():
             raise FileExistsError(f"{root} exists and is not a ril_fast demo folder: choose another root")
         if locked:  # builds run one at a time: another's temporary folder is a killed build's
@@ -223,13 +233,49 @@ def build_demo(root: str | Path | None = None, *, max_train: int | None = None, 
 
 
 def _built(root: Path, settings: dict) -> bool:
-    """Whether ``root`` holds a demo built with ``settings``."""
+    """Whether ``root`` holds a complete demo built with ``settings``: its marker's settings are those, and
+    none of the files it lists is missing (:func:`_missing`)."""
+    marker = _marker(root)
+    return marker is not None and _settings_of(marker) == settings and not _missing(root, marker)
+
+
+def _marker(root: Path) -> dict | None:
+    """``root``'s marker (``demo.json``: the settings it was built with, and what it holds), or None."""
     marker = root / _MARKER
-    return marker.is_file() and json.loads(marker.read_text()) == settings
+    try:
+        return json.loads(marker.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _settings_of(marker: dict) -> dict:
+    return {k: v for k, v in marker.items() if k not in _CONTENTS}
+
+
+def _missing(root: Path, marker: dict) -> list[str]:
+    """The demo files the marker lists (``files``, and ``images``: how many images each split's folder holds) that
+    ``root`` lacks (a cache cleaner deleted them): names and existence only, a millisecond for the full demo's 4,766
+    images. A marker written before it listed them (demo.json of settings only) is checked for the data files, the
+    student's config and weights, and each image the two splits' files name (reading them: 50 ms)."""
+    paths = _paths(root)
+    files = marker.get("files") or [str(p.relative_to(root)) for p in (
+        paths.train, paths.test, *paths.teachers, paths.student / "config.json", paths.student / "model.safetensors")]
+    missing = [name for name in files if not (root / name).is_file()]
+    if "images" in marker:
+        for split, count in marker["images"].items():
+            folder = root / "images" / split
+            held = len(os.listdir(folder)) if folder.is_dir() else 0
+            if held < count:
+                missing.append(f"{count - held} of the {count} images in images/{split}")
+        return missing
+    named = {image for data in (paths.train, paths.test) if data.is_file()
+             for line in data.read_text().splitlines() for image in json.loads(line)["images"]}
+    return missing + sorted(image for image in named if not (root / image).is_file())
 
 
 def _write_demo(folder: Path, settings: dict, *, max_train, max_test, types) -> None:
-    """Every file of the demo, into ``folder``; its marker last."""
+    """Every file of the demo, into ``folder``; its marker last, with the settings and what the folder holds:
+    every file's name but the images', and how many images each split's folder holds (:func:`_missing`)."""
     from ril_fast.tiny import make_tiny
 
     train = _write_split(folder, "train", max_train, seed=0, types=types)
@@ -237,7 +283,10 @@ def _write_demo(folder: Path, settings: dict, *, max_train, max_test, types) -> 
     for name, style in TEACHER_STYLES.items():
         _write_jsonl(folder / f"{name}.jsonl", [{"id": r["id"], "response": style(r["answer"])} for r in train])
     make_tiny(folder / "student", **STUDENT)
-    (folder / _MARKER).write_text(json.dumps(settings) + "\n")
+    images = folder / "images"
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and images not in p.parents)
+    contents = {"files": files, "images": {split.name: len(os.listdir(split)) for split in sorted(images.iterdir())}}
+    (folder / _MARKER).write_text(json.dumps({**settings, **contents}) + "\n")
 
 
 def with_demo(config, demo: DemoPaths):

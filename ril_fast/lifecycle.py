@@ -3,8 +3,9 @@
 ``ril_fast.train`` calls these; the checkpoint format itself is ``ril_fast.checkpoint``'s.
 
 * Resuming: :func:`resume_point` picks the checkpoint a run continues from (``resume=auto|none|DIR``),
-  :func:`finished` tells a run that has nothing left to do, :func:`load_checkpoint` restores a run
-  from a checkpoint (models, optimisers, scheduler, data position, RNGs, counters).
+  :func:`finished` tells a run that has nothing left to do (one that finished with other settings is refused:
+  :func:`check_finished_settings`), :func:`load_checkpoint` restores a run from a checkpoint (models,
+  optimisers, scheduler, data position, RNGs, counters).
 * Checkpoints: :func:`save_checkpoint`, every ``checkpoint_every`` steps (:func:`checkpoint_if_due`),
   after the last step and on SIGTERM or Ctrl-C.
 * Stopping: inside :func:`stop_on_signals` SIGTERM and Ctrl-C ask for a stop after the step in flight
@@ -71,12 +72,18 @@ def resume_point(cfg: Config) -> Path | None:
 
 
 def where_to_start(cfg: Config) -> tuple[Path | None, bool]:
-    """The checkpoint the run continues from (:func:`resume_point`) and whether it has anything left to do
-    (:func:`finished`)."""
+    """The checkpoint the run continues from (:func:`resume_point`) and whether the run has anything left to do
+    (:func:`finished`; a run that finished with other settings is refused: :func:`check_finished_settings`), all
+    before any model loads, as is a checkpoint that cannot continue this run (:func:`check_student`,
+    :func:`check_mode`)."""
     resume_from = resume_point(cfg)
+    done = finished(cfg, resume_from)
+    if done:
+        check_finished_settings(cfg)
     if resume_from is not None:
         check_student(cfg, resume_from)
-    return resume_from, finished(cfg, resume_from)
+        check_mode(cfg, resume_from)
+    return resume_from, done
 
 
 def check_student(cfg: Config, path: Path) -> None:
@@ -101,6 +108,51 @@ def check_student(cfg: Config, path: Path) -> None:
         raise ConfigError(f"resume={path}: the checkpoint's student ({saved_type}, {size(saved)}) is not "
                           f"student={cfg.student} ({new_type}, {size(new)}): a run goes on with the student it started "
                           f"with; give that one, or another output_dir to start afresh")
+
+
+def check_mode(cfg: Config, path: Path) -> None:
+    """Refuse a checkpoint of the other mode (RIL with teachers, RL only without): its models and optimisers are
+    not this run's (an RIL checkpoint holds a discriminator). Reads only its config.yaml."""
+    saved_teachers = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("teachers")
+    if bool(saved_teachers) != bool(cfg.teachers):
+        raise ConfigError(f"resume={path}: the checkpoint is of " + ("an RIL run (teachers=...)" if saved_teachers
+                          else "an RL-only run (no teachers)") + ", this run is not: use another output_dir")
+
+
+# Settings of how a run runs, not of what it makes (its student, record and final/): a finished run given other
+# values of these alone has nothing to do. (Resuming takes every changed setting from its step on: load_checkpoint.)
+_HOW_IT_RUNS = frozenset({
+    "steps", "output_dir", "resume", "progress", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+    "judge_url", "judge_cache", "judge_batch_size", "judge_concurrency", "judge_timeout_s", "judge_retries",
+    "rollout.batch_size", "loss.kernels", "batch.max_tokens", "batch.padded", "batch.activation_checkpointing",
+    "batch.keep_gathered", "batch.shard_ranks", "batch.cpu_offload", "batch.offload_pinned"})
+
+
+def check_finished_settings(cfg: Config) -> None:
+    """Refuse, in one line, a run whose ``output_dir`` finished with other settings than its own (``config.yaml``
+    there: the last run started there, the one ``FINISHED`` speaks of): "nothing to do" would say that run is this
+    one. Settings of how a run runs (``_HOW_IT_RUNS``: steps, output_dir, resume, progress, checkpoints, the judge's
+    transport, memory layout and kernels) may differ; a setting the saved config lacks (written before it existed)
+    differs only where this run does not take its default."""
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if not saved.is_file():
+        return  # nothing to compare with
+    data, mine, default = yaml.safe_load(saved.read_text()) or {}, cfg.to_dict(), Config().to_dict()
+    other = [k for k in cfg.differences(saved) if k not in _HOW_IT_RUNS
+             and (_value(data, k) is not _ABSENT or _value(mine, k) != _value(default, k))]
+    if other:
+        raise ConfigError(f"the run in {cfg.output_dir} finished with other settings ({', '.join(other)}): choose "
+                          f"another output_dir")
+
+
+_ABSENT = object()
+
+
+def _value(data: dict, key: str):
+    """The value of the dotted ``key`` in nested config data (``_ABSENT`` where it has none)."""
+    for part in key.split("."):
+        data = data.get(part, _ABSENT) if isinstance(data, dict) else _ABSENT
+    return data
 
 
 def finished(cfg: Config, resume_from: Path | None) -> bool:
@@ -155,10 +207,7 @@ def load_checkpoint(run, path: Path) -> None:
     rate the schedule's point for this run's ``steps × mu``, at the saved step); a
     checkpoint that cannot continue this run (past ``steps``, another mode or batch size) is refused."""
     cfg, changed = run.cfg, run.cfg.differences(path / "config.yaml")
-    saved_teachers = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("teachers")
-    if bool(saved_teachers) != bool(cfg.teachers):
-        raise ConfigError(f"resume={path}: the checkpoint is of " + ("an RIL run (teachers=...)" if saved_teachers
-                          else "an RL-only run (no teachers)") + ", this run is not: use another output_dir")
+    check_mode(cfg, path)  # (where_to_start checked it before any model loaded)
     if run.disc_optimizer is not None and checkpoint.saved_param_groups(path, "disc") == 1:
         # Written before the discriminator's AdamW took distributed.optimizer_groups: it goes on as saved.
         run.disc_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=cfg.disc.lr,

@@ -64,7 +64,8 @@ from ril_fast.rollout import sample_responses
 
 
 class NothingToDo(Exception):
-    """The run in ``output_dir`` finished (its last step exported): raised by :func:`setup` before any
+    """The run in ``output_dir`` finished (its last step exported) with this run's settings (one that finished with
+    other settings is a ``ConfigError``: ``lifecycle.check_finished_settings``): raised by :func:`setup` before any
     model loads."""
 
     def __init__(self, cfg: Config):

@@ -87,6 +87,37 @@ def test_cached_rebuilt_on_new_settings_and_never_clobbers(demo, tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+def test_a_demo_missing_files_is_built_again(tmp_path, capsys):
+    """A cache cleaner deleting an image or the student's weights: the next build finds the demo incomplete, says
+    so and builds it again (it was taken as built, and the run failed on the missing image or weights); so for a
+    marker written before it listed the files (settings only). An intact demo is not rebuilt."""
+    root = tmp_path / "demo"
+    paths = build_demo(root, max_train=4, max_test=2)
+    image = root / load_examples(paths.train)[2].images[0].relative_to(root)
+    weights = paths.student / "model.safetensors"
+    kept = {p: p.read_bytes() for p in (image, weights, paths.teachers[1])}
+    images = len(list(image.parent.iterdir()))
+    stamp = paths.train.stat().st_mtime_ns
+    assert build_demo(root, max_train=4, max_test=2) == paths and paths.train.stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    for gone in kept:
+        gone.unlink()
+        assert build_demo(root, max_train=4, max_test=2) == paths
+        assert {p: p.read_bytes() for p in kept if p.exists()} == kept and gone.exists()
+        said = capsys.readouterr().err  # (then transformers' own lines, writing the student)
+        what = f"1 of the {images} images in images/train" if gone == image else gone.relative_to(root)
+        assert said.splitlines()[0] == f"the built-in demo at {root} is incomplete (missing: {what}): building it again"
+    marker = json.loads((root / "demo.json").read_text())
+    settings = {k: v for k, v in marker.items() if k not in ("files", "images")}
+    (root / "demo.json").write_text(json.dumps(settings))  # an earlier build's marker: its settings only
+    assert build_demo(root, max_train=4, max_test=2) == paths and "incomplete" not in capsys.readouterr().err
+    image.unlink()
+    assert build_demo(root, max_train=4, max_test=2) == paths and image.read_bytes() == kept[image]
+    assert f"(missing: {image.relative_to(root)})" in capsys.readouterr().err
+    assert json.loads((root / "demo.json").read_text()) == marker
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]
+
+
 def test_one_process_builds_at_a_time_and_a_killed_build_leaves_nothing_in_the_way(tmp_path, monkeypatch):
     """Callers rebuilding a demo of other settings at once (two jobs after an upgrade) wait for the lock beside it
     instead of deleting and renaming over each other; a build interrupted while writing, or while deleting the old

@@ -375,10 +375,41 @@ def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys, monkeypatch)
     before, config = read_metrics(out / "metrics.jsonl"), (out / "config.yaml").read_bytes()
     capsys.readouterr()
     _no_models(monkeypatch)  # said before any model loads (minutes for a 7B student)
-    assert train.main(_args(demo, out, steps=3, checkpoint_every=2, **{"optim.lr": 0.01})) == out
+    how = {"keep_checkpoints": 1, "progress": "true", "batch.activation_checkpointing": "true"}  # not what it made
+    assert train.main(_args(demo, out, steps=3, checkpoint_every=2, **how)) == out
     assert "nothing to do: the run in" in capsys.readouterr().out
     assert read_metrics(out / "metrics.jsonl") == before
     assert (out / "config.yaml").read_bytes() == config  # the settings it ran with, not the unused new ones
+
+
+def test_a_finished_run_with_other_settings_is_refused_before_any_model_loads(demo, finished, tmp_path, monkeypatch):
+    """A finished output_dir given settings that change what the run makes (the RL-only ablation, another seed, G
+    or rate) is refused in one line naming them, not answered "nothing to do" (as if it were that run); with more
+    steps, a checkpoint of the other mode is refused before any model loads (it was after every model had loaded).
+    A setting its config.yaml lacks (written before the setting existed) counts only where this run sets it."""
+    _no_models(monkeypatch)
+    config = (finished / "config.yaml").read_bytes()
+    cases = [(dict(teachers=""), "teachers"), (dict(seed=1), "seed"), (dict(group_size=3), "group_size"),
+             ({"optim.lr": 0.01, "seed": 1}, "seed, optim.lr")]
+    for change, named in cases:
+        with pytest.raises(ConfigError) as refused:
+            train.setup(load_config(_args(demo, finished, **change)))
+        assert str(refused.value) == (f"the run in {finished} finished with other settings ({named}): choose "
+                                      f"another output_dir")
+    with pytest.raises(ConfigError, match=r"step-2: the checkpoint is of an RIL run \(teachers=...\), this run is "
+                                          r"not: use another output_dir$"):
+        train.setup(load_config(_args(demo, finished, steps=3, teachers="")))
+    assert (finished / "config.yaml").read_bytes() == config
+    assert json.loads((finished / train.FINISHED).read_text()) == {"step": 2}
+    older = tmp_path / "older"
+    shutil.copytree(finished, older)
+    saved = yaml.safe_load(config)
+    del saved["long_prompts"]  # as an earlier release wrote it
+    (older / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(train.NothingToDo):
+        train.setup(load_config(_args(demo, older)))
+    with pytest.raises(ConfigError, match=r"finished with other settings \(long_prompts\)"):
+        train.setup(load_config(_args(demo, older, long_prompts="skip")))
 
 
 def test_the_held_out_examples_left_out_are_said(demo, capsys):
