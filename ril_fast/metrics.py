@@ -107,7 +107,10 @@ class RunLog:
             print(f"step {metrics.get('step')}: " + ", ".join(f"{k} {_number(k, v)}" for k, v in shown.items()),
                   flush=True)
         if "eval_accuracy" in metrics:
-            (self.bar.write if self.bar is not None else print)(evaluation_line(metrics))
+            if self.bar is not None:
+                self.bar.write(evaluation_line(metrics))
+            else:
+                print(evaluation_line(metrics), flush=True)  # a log file sees it now, not after the next step
 
     def close(self) -> None:
         """Close the progress bar and the TensorBoard writer; draw ``curves.png`` from the whole

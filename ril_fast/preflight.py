@@ -92,7 +92,7 @@ def _read_data(cfg: Config, counted: dict | None = None):
     context = context_length(AutoConfig.from_pretrained(cfg.student))
     prompt_lengths, response_lengths = tokens.prompt_lengths, tokens.response_lengths
     if counted is not None:  # main prints the lengths counted here, not counted twice
-        prompt_lengths = counted["prompts"] = _remembered(tokens.prompt_lengths, key=lambda p: (p[0], tuple(p[1])))
+        prompt_lengths = counted["prompts"] = _remembered(tokens.prompt_lengths, key=prompt_key)
         response_lengths = counted["responses"] = _remembered(tokens.response_lengths)
     every = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
     if tokens.kind is ModelKind.TEXT:
@@ -123,6 +123,13 @@ def _read_data(cfg: Config, counted: dict | None = None):
         eval_examples = _fitting(cfg, eval_examples, prompt_lengths, context or float("inf"), "the model's context",
                                  what="held-out")
     return examples, bank, eval_examples
+
+
+def prompt_key(prompt: tuple) -> tuple:
+    """What a prompt's token count depends on, hashable: ``Processor.prompt_lengths``' item ``(question, image
+    sizes)`` with the sizes as a tuple (the same question about images of other sizes is another prompt)."""
+    question, sizes = prompt
+    return question, tuple(sizes)
 
 
 def _remembered(count: Callable[[list], list[int]], key: Callable = lambda item: item) -> Callable[[list], list[int]]:

@@ -99,6 +99,7 @@ import mimetypes
 import os
 import secrets
 import shlex
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -182,7 +183,9 @@ def truncated_pairs(out: Path) -> set[tuple[str, int]]:
 
 
 def stale_file(out: Path) -> Path:
-    """Where :func:`set_aside_stale` keeps the lines of ``out`` it takes out: ``NAME.jsonl.stale`` beside it."""
+    """Where :func:`set_aside_stale` keeps the lines of ``out`` it takes out: ``NAME.jsonl.stale`` beside it (beside
+    the file it points to, for a symbolic link)."""
+    out = out.resolve()
     return out.with_name(f"{out.name}.stale")
 
 
@@ -192,9 +195,11 @@ def set_aside_stale(out: Path, examples: list[Example]) -> int:
     or of an id not in ``examples``, stays); returns how many. They are appended to :func:`stale_file` and flushed
     to the disk first, then ``out`` is written again without them, to a temporary file beside it renamed over it:
     a crash at any moment leaves each line in ``out`` or the stale file (in both, at worst, and the next run sets it
-    aside again), never in neither."""
+    aside again), never in neither. A symbolic link ``out`` (into shared storage, say) stays one: the file it points
+    to is the one written again, keeping its permissions."""
     if not out.exists():
         return 0
+    out = out.resolve()
     digests = {e.id: e.question_sha for e in examples}
     *lines, tail = out.read_bytes().split(b"\n")  # as written_pairs splits it; the tail is blank after it
     kept, stale = [], []
@@ -212,6 +217,7 @@ def set_aside_stale(out: Path, examples: list[Example]) -> int:
             f.write(b"".join(chunk))
             f.flush()
             os.fsync(f.fileno())
+    shutil.copymode(out, tmp)
     os.replace(tmp, out)
     return len(stale)
 

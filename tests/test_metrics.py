@@ -215,6 +215,25 @@ def test_each_evaluation_gets_a_line_of_its_own(tmp_path, capsys, terminal):
     log.close()
 
 
+def test_an_evaluation_line_is_flushed(tmp_path, monkeypatch):
+    """Without a terminal (stdout a log file, block-buffered), the evaluation's line is flushed as it is printed:
+    it is not held back until the next step's line."""
+    class Out(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.flushed = ""
+
+        def flush(self):
+            self.flushed = self.getvalue()
+
+    out = Out()
+    monkeypatch.setattr(sys, "stdout", out)
+    log = RunLog(tmp_path, enabled=True, total_steps=3, progress=False)
+    log.log({"step": 0, "eval_accuracy": 0.25, "eval_examples": 4})
+    assert out.flushed == "step 0: held-out accuracy 0.25 on 4 examples\n"
+    log.close()
+
+
 def _final_eval(steps: int, rng: random.Random) -> dict:
     return {"step": steps, "eval_accuracy": rng.random(), "eval_examples": 50}
 

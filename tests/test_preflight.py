@@ -18,7 +18,7 @@ from ril_fast.config import ConfigError, load_config
 from ril_fast.data import load_examples
 from ril_fast.demo import build_demo
 from ril_fast.models import load
-from ril_fast.preflight import main
+from ril_fast.preflight import _remembered, main, prompt_key
 from ril_fast.processor import Processor
 
 
@@ -220,3 +220,15 @@ def test_each_prompt_and_response_is_counted_once(demo, capsys, monkeypatch):
     texts = {json.loads(line)["response"] for path in demo.teachers for line in path.read_text().splitlines()}
     assert sorted(counted["prompt_lengths"]) == sorted(prompts)  # each distinct prompt once
     assert sorted(counted["response_lengths"]) == sorted(texts)
+
+
+def test_a_remembered_count_tells_prompts_apart_by_their_images(demo):
+    """The same question about images of other sizes is another prompt (more image tokens): remembered counts are
+    keyed by both, and each equals what the processor counts afresh."""
+    _, processor = load(demo.student, device="cpu")
+    prompts = [("What shape is in the image?", [(64, 64)]), ("What shape is in the image?", [(256, 192)]),
+               ("What shape is in the image?", [(64, 64), (64, 64)]), ("What shape is in the image?", [])]
+    want = processor.prompt_lengths(prompts)
+    assert len(set(want)) == len(prompts)
+    counted = _remembered(processor.prompt_lengths, key=prompt_key)
+    assert counted(prompts[:1]) == want[:1] and counted(prompts) == want and counted(prompts[::-1]) == want[::-1]

@@ -450,13 +450,17 @@ def test_a_checkpoint_exports_the_students_generation_settings(demo, tmp_path):
 
 def test_a_ranks_own_data_error_is_said_by_that_rank():
     """Set-up's errors are every rank's: rank 0 says them, the others exit 1. A step's data error comes from one rank's
-    own questions: that rank says it, whichever it is (rank 2's was lost behind gloo's 'connection closed')."""
+    own questions: that rank says it, whichever it is (rank 2's was lost behind gloo's 'connection closed'); so does a
+    model ril_fast cannot train found out in one rank's forward (a sliding window its own sample outgrows)."""
     from ril_fast.data import StepDataError
+    from ril_fast.processor import UnsupportedModel
 
     setup_error, step_error = DataError("t.jsonl:3: bad"), StepDataError("t.jsonl:7: cannot read image 'a.png'")
     assert [train.exit_status(setup_error, rank) for rank in (0, 2)] == ["error: t.jsonl:3: bad", 1]
     assert [train.exit_status(step_error, rank) for rank in (0, 2)] == [
         "error: t.jsonl:7: cannot read image 'a.png'", "error (rank 2): t.jsonl:7: cannot read image 'a.png'"]
+    window = UnsupportedModel("MistralAttention attends within a sliding window of 8 tokens")
+    assert [train.exit_status(window, rank) for rank in (0, 2)] == [f"error: {window}", f"error (rank 2): {window}"]
 
 
 def test_a_ranks_own_set_up_check_is_raised_on_every_rank(monkeypatch):

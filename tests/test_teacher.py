@@ -22,7 +22,7 @@ from ril_fast.data import DataError, load_examples, load_teachers
 from ril_fast.demo import build_demo
 from ril_fast.judge import RuleJudge
 from ril_fast.judges_http import HTTPError
-from ril_fast.teacher import main, stale_file, written_pairs
+from ril_fast.teacher import main, set_aside_stale, stale_file, written_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -754,17 +754,39 @@ def test_a_rerun_on_changed_questions_collects_them_again(text_model, tmp_path, 
     rows[2]["question"] = "What is 2 times 9?"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = out.read_bytes()
+    old_t2 = [line for line in before.splitlines(keepends=True) if b'"t2"' in line]
     with monkeypatch.context() as m:
         m.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
         with pytest.raises(OSError, match="killed"):
             main(argv)
-    assert out.read_bytes() == before and stale_file(out).read_bytes().count(b'"t2"') == 2
+    assert out.read_bytes() == before and stale_file(out).read_bytes() == b"".join(old_t1 + old_t2)  # appended
     assert main(argv) == _stats(written=2, skipped=4, stale=2, total=6)
+    assert stale_file(out).read_bytes() == b"".join(old_t1 + old_t2 + old_t2)  # nothing set aside is ever lost
     assert load_teachers([out], load_examples(data)).counts() == {"t": 6}
     # A hand-written line, without question_sha: nothing ties it to a question, and its pair counts as done
     hand = tmp_path / "hand.jsonl"
     hand.write_text(json.dumps({"id": "t0", "index": 0, "teacher": "hand", "response": "By hand."}) + "\n")
     assert main([*argv[:4], "--out", str(hand), *argv[6:]]) == _stats(written=5, skipped=1, total=6)
+
+
+def test_setting_aside_keeps_a_linked_collection_linked(tmp_path):
+    """A collection reached through a symbolic link (into shared storage, say): the lines set aside leave the file
+    it points to, which keeps its permissions, and the link stays a link (a rename over it would replace the link by
+    a local copy, and the shared file would keep the stale lines)."""
+    examples = load_examples(_text_data(tmp_path, 2))
+    shared = tmp_path / "shared" / "t.jsonl"
+    shared.parent.mkdir()
+    lines = [json.dumps({"id": "t0", "index": 0, "teacher": "t", "question_sha": "0" * 12, "response": "old"}),
+             json.dumps({"id": "t1", "index": 0, "teacher": "t", "question_sha": examples[1].question_sha,
+                         "response": "kept"})]
+    shared.write_text("".join(line + "\n" for line in lines))
+    shared.chmod(0o640)
+    link = tmp_path / "t.jsonl"
+    link.symlink_to(shared)
+    assert set_aside_stale(link, examples) == 1
+    assert link.is_symlink() and link.resolve() == shared.resolve()
+    assert shared.read_text() == lines[1] + "\n" and shared.stat().st_mode & 0o777 == 0o640
+    assert stale_file(shared).read_text() == lines[0] + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
