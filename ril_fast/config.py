@@ -293,9 +293,13 @@ class Config:
             lines.append(f"  {key:<{width}} = {_show(value)}{mark}")
         return "\n".join(lines)
 
-    def differences(self, path: str | Path) -> list[str]:
-        """The keys whose values differ between this config and the one saved at ``path`` (``save``)."""
+    def differences(self, path: str | Path, *, unsaved_as_default: bool = False) -> list[str]:
+        """The keys whose values differ between this config and the one saved at ``path`` (``save``). A key the
+        saved config lacks (written before the setting existed) differs, or, with ``unsaved_as_default``, differs
+        only where this config does not take its default."""
         saved = _flatten(yaml.safe_load(Path(path).read_text()) or {})
+        if unsaved_as_default:
+            saved = {**_flatten(type(self)().to_dict()), **saved}
         mine = _flatten(self.to_dict())
         return [k for k in mine if saved.get(k, MISSING) != mine[k]]
 

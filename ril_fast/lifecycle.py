@@ -137,22 +137,10 @@ def check_finished_settings(cfg: Config) -> None:
     saved = Path(cfg.output_dir) / "config.yaml"
     if not saved.is_file():
         return  # nothing to compare with
-    data, mine, default = yaml.safe_load(saved.read_text()) or {}, cfg.to_dict(), Config().to_dict()
-    other = [k for k in cfg.differences(saved) if k not in _HOW_IT_RUNS
-             and (_value(data, k) is not _ABSENT or _value(mine, k) != _value(default, k))]
+    other = [k for k in cfg.differences(saved, unsaved_as_default=True) if k not in _HOW_IT_RUNS]
     if other:
         raise ConfigError(f"the run in {cfg.output_dir} finished with other settings ({', '.join(other)}): choose "
                           f"another output_dir")
-
-
-_ABSENT = object()
-
-
-def _value(data: dict, key: str):
-    """The value of the dotted ``key`` in nested config data (``_ABSENT`` where it has none)."""
-    for part in key.split("."):
-        data = data.get(part, _ABSENT) if isinstance(data, dict) else _ABSENT
-    return data
 
 
 def finished(cfg: Config, resume_from: Path | None) -> bool:
