@@ -181,9 +181,10 @@ class Config:
                                    "0: the student's own (Qwen2.5-VL: 12845056, ~16384 tokens)")
     long_prompts: LongPrompts = opt(LongPrompts.REFUSE, "an example whose prompt (images included) leaves no room "
                                                         "for max_new_tokens within batch.max_tokens (held-out ones: "
-                                                        "the model's context), or whose image the image processor "
-                                                        "refuses, found before any model loads: refuse (the run "
-                                                        "stops, naming its line) | skip (left out, counted)")
+                                                        "the model's context or sliding window), or whose image the "
+                                                        "image processor refuses, found before any model loads: "
+                                                        "refuse (the run stops, naming its line) | skip (left out, "
+                                                        "counted)")
     seed: int = opt(0, "seed of data order, sampling and initialisation")
     output_dir: str = opt("runs/ril", "run folder: config.yaml, metrics.jsonl, curves, final/ model")
     export_dtype: ExportDtype = opt(ExportDtype.AUTO, "final/'s weights: auto (the dtype the forwards ran in: "

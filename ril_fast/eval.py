@@ -132,18 +132,20 @@ def read_examples(args: argparse.Namespace) -> list:
 def check_prompts(tokens, folder: str, examples: list, *, max_new_tokens: int, who: str) -> None:
     """A DataError naming the line of the first example that the model in ``folder`` (``who``: "the model",
     "the teacher") cannot answer, before it loads: images for a text-only model, an image its image processor
-    refuses, or a prompt that leaves no room for ``max_new_tokens`` in its context. ``tokens``: its
+    refuses, or a prompt that leaves no room for ``max_new_tokens`` in its context or sliding window
+    (``ril_fast.preflight.length_limit``). ``tokens``: its
     ``Processor``."""
     from transformers import AutoConfig
 
     from ril_fast.data import LongPrompts, fitting, refuse_images
-    from ril_fast.preflight import context_length
+    from ril_fast.preflight import length_limit
     from ril_fast.processor import ModelKind
 
     if tokens.kind is ModelKind.TEXT:
         refuse_images(examples, f"{who} ({folder})")
-    fitting(examples, tokens.prompt_lengths, budget=context_length(AutoConfig.from_pretrained(folder)) or
-            float("inf"), max_new_tokens=max_new_tokens, setting="the model's context", long_prompts=LongPrompts.REFUSE)
+    limit, setting = length_limit(AutoConfig.from_pretrained(folder))
+    fitting(examples, tokens.prompt_lengths, budget=limit or float("inf"), max_new_tokens=max_new_tokens,
+            setting=setting, long_prompts=LongPrompts.REFUSE)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -89,7 +89,7 @@ def _read_data(cfg: Config, counted: dict | None = None):
         raise ConfigError(str(e)) from None
     except (OSError, ValueError) as e:  # transformers' words for a missing folder or config.json
         raise ConfigError(f"student={cfg.student}: cannot open the model folder: {e}") from None
-    context = context_length(AutoConfig.from_pretrained(cfg.student))
+    limit = length_limit(AutoConfig.from_pretrained(cfg.student))
     prompt_lengths, response_lengths = tokens.prompt_lengths, tokens.response_lengths
     if counted is not None:  # main prints the lengths counted here, not counted twice
         prompt_lengths = counted["prompts"] = _remembered(tokens.prompt_lengths, key=prompt_key)
@@ -97,7 +97,7 @@ def _read_data(cfg: Config, counted: dict | None = None):
     every = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
     if tokens.kind is ModelKind.TEXT:
         refuse_images(every, f"the student ({cfg.student})")
-    examples = _fitting(cfg, every, prompt_lengths, *token_budget(cfg, context), what="training")
+    examples = _fitting(cfg, every, prompt_lengths, *token_budget(cfg, limit), what="training")
     bank = None
     if not cfg.rl_only:  # every example's id is known to the teacher files, left out or not
         bank = load_teachers(cfg.teachers, every, max_tokens=cfg.max_new_tokens,
@@ -119,8 +119,8 @@ def _read_data(cfg: Config, counted: dict | None = None):
         eval_examples = eval_examples[:cfg.eval_max_examples]
     if tokens.kind is ModelKind.TEXT:
         refuse_images(eval_examples, f"the student ({cfg.student})")
-    if eval_examples:  # greedy answers are generated, not packed: only the context bounds them
-        eval_examples = _fitting(cfg, eval_examples, prompt_lengths, context or float("inf"), "the model's context",
+    if eval_examples:  # greedy answers are generated, not packed: only the model bounds them
+        eval_examples = _fitting(cfg, eval_examples, prompt_lengths, limit[0] or float("inf"), limit[1],
                                  what="held-out")
     return examples, bank, eval_examples
 
@@ -146,15 +146,26 @@ def _remembered(count: Callable[[list], list[int]], key: Callable = lambda item:
     return counted
 
 
-def context_length(config) -> int | None:
-    """The model's context length in tokens (None where its config does not say)."""
-    return getattr(config.get_text_config(), "max_position_embeddings", None)
+def length_limit(config) -> tuple[int | None, str]:
+    """The most tokens one sample (prompt and response) may take in the model of ``config``, and its name: the
+    model's context, or a shorter sliding window that some of its layers attend within ("the model's sliding
+    window": ril_fast's attention has none, so it is exact only for samples that fit in the window and refuses
+    longer ones in the forward, ``ril_fast.attention``); None where the config says neither."""
+    text = config.get_text_config()
+    context = getattr(text, "max_position_embeddings", None)
+    window, layers = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
+    slides = window is not None and (layers is None or "sliding_attention" in layers)  # Qwen2: use_sliding_window
+    if slides and (context is None or window < context):
+        return window, "the model's sliding window"
+    return context, "the model's context"
 
 
-def token_budget(cfg: Config, context: int | None) -> tuple[int, str]:
-    """The tokens one training sample may take, prompt and response, and the setting that bounds them."""
-    if context is not None and context < cfg.batch.max_tokens:
-        return context, "the model's context"
+def token_budget(cfg: Config, limit: tuple[int | None, str]) -> tuple[int, str]:
+    """The tokens one training sample may take, prompt and response, and the setting that bounds them: the model's
+    ``limit`` (:func:`length_limit`) or ``batch.max_tokens``, the smaller."""
+    tokens, words = limit
+    if tokens is not None and tokens < cfg.batch.max_tokens:
+        return tokens, words
     return cfg.batch.max_tokens, "batch.max_tokens"
 
 
@@ -303,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    budget, setting = token_budget(cfg, context_length(config))
+    budget, setting = token_budget(cfg, length_limit(config))
     prompt_lengths = counted["prompts"]  # load_data's: what it counted is not counted again
     lengths = prompt_lengths([(e.question, e.image_sizes) for e in examples])
     eval_lengths = prompt_lengths([(e.question, e.image_sizes) for e in eval_examples])

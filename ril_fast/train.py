@@ -56,7 +56,7 @@ from ril_fast.lifecycle import (FINISHED, checkpoint_if_asked, checkpoint_if_due
                                stop_on_signals, where_to_start)
 from ril_fast.models import compute_dtype, enable_activation_checkpointing, load
 from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
-from ril_fast.preflight import (built_demo, check_memory, check_surroundings, context_length, load_data,
+from ril_fast.preflight import (built_demo, check_memory, check_surroundings, length_limit, load_data,
                                 token_budget)
 from ril_fast.processor import UnsupportedModel
 from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
@@ -343,7 +343,7 @@ def _check_lengths(run: Run, samples: list[dict], encoded) -> None:
     """A question whose prompt leaves no room for a full-length response is an error naming its line (checked
     before loading too, from image sizes: this catches an image file replaced since)."""
     cfg = run.cfg
-    budget, setting = token_budget(cfg, context_length(distributed.unwrap(run.student).config))
+    budget, setting = token_budget(cfg, length_limit(distributed.unwrap(run.student).config))
     for sample, e in zip(samples, encoded):
         if e.prompt_len + cfg.max_new_tokens > budget:
             raise StepDataError(": ".join(no_room(sample["where"], e.prompt_len, max_new_tokens=cfg.max_new_tokens,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ril_fast.tiny import make_tiny
 
@@ -126,3 +127,32 @@ def processors(tmp_path_factory, one_thread):  # noqa: F811
 
     return {a: load(tiny_folder(tmp_path_factory, a), device="cpu")[1]
             for a in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl")}
+
+
+# Text-only families beyond qwen2, as tiny random models with qwen2's tokenizer: the config keywords each takes.
+TEXT_FAMILIES = {
+    "llama": {}, "mistral": dict(sliding_window=4096), "gemma3_text": dict(head_dim=16, sliding_window=512),
+    "phi3": {}, "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512), "opt": dict(ffn_dim=128,
+    word_embed_proj_dim=64), "biogpt": {},  # BioGPT: transformers' public flag says no attention interface; it has one
+    "bloom": dict(n_layer=2, n_head=4), "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
+    "gemma2": dict(head_dim=16), "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
+}
+
+
+def text_family(tmp_path_factory, model_type: str, **extra) -> Path:
+    """A tiny random causal LM of the text-only ``model_type`` (a key of TEXT_FAMILIES) with qwen2's tokenizer, its
+    config keywords overridden by ``extra``, saved in a new folder."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder(tmp_path_factory, "qwen2"))
+    # Grouped key-value heads only in a family that has them: GPT-2, OPT, BioGPT, ... keep one per attention head,
+    # which a stray num_key_value_heads in their config.json would misstate (ril_fast.memory.kv_cache_bytes reads it).
+    kv = dict(num_key_value_heads=2) if hasattr(AutoConfig.for_model(model_type), "num_key_value_heads") else {}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                                  **{**kv, **TEXT_FAMILIES[model_type], **extra})
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    folder = tmp_path_factory.mktemp(model_type)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

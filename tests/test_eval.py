@@ -11,7 +11,7 @@ import pytest
 import torch
 from fake_openai import FakeOpenAI
 from helpers import run_tree
-from models_fixtures import one_thread  # noqa: F401
+from models_fixtures import one_thread, text_family  # noqa: F401
 
 from ril_fast import distributed
 from ril_fast.data import DataError, load_examples, to_sample
@@ -193,6 +193,21 @@ def test_cli_data_error_is_one_line_naming_the_file_and_line(demo, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {data}:2: expected a JSON object, got list"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_prompt_longer_than_the_models_sliding_window_is_refused_before_it_loads(tmp_path, tmp_path_factory,
+                                                                                   monkeypatch):
+    """ril_fast's attention has no sliding window: a prompt and --max-new-tokens beyond the window a model's layers
+    slide within stopped the evaluation at its first batch; now before the model loads, naming the line."""
+    monkeypatch.setattr("ril_fast.models.load", lambda *a, **k: pytest.fail("a model loaded"))
+    model = text_family(tmp_path_factory, "mistral", sliding_window=32)  # prompts of 21 tokens
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(dict(id=str(i), question=f"What is {i} plus {i}?", answer=str(2 * i),
+                                            images=[])) + "\n" for i in range(3)))
+    with pytest.raises(DataError, match=rf"^{data}:1: the prompt takes 21 tokens .* with max_new_tokens=16 that "
+                                        r"exceeds the model's sliding window \(32 tokens\)"):
+        main(["--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"), "--judge", "rule",
+              "--max-new-tokens", "16"])
 
 
 def test_cli_refuses_an_unsupported_vlm_in_one_line(demo, tmp_path):

@@ -169,10 +169,10 @@ def test_kv_cache_bytes_are_those_generate_keeps(arch, tmp_path_factory):
     softmax-attention layer's (Qwen3.5's linear-attention layers hold a fixed state instead), for each row and
     position it has run (the prompt and all new tokens but the last), fp32 here as on a CPU; GPT-2, OPT and BioGPT,
     whose configs name no key-value heads, keep every attention head's."""
-    from test_models import TEXT_FAMILIES, _text_family
+    from models_fixtures import TEXT_FAMILIES, text_family
     from transformers import AutoConfig
 
-    folder = _text_family(tmp_path_factory, arch) if arch in TEXT_FAMILIES else tiny_folder(tmp_path_factory, arch)
+    folder = text_family(tmp_path_factory, arch) if arch in TEXT_FAMILIES else tiny_folder(tmp_path_factory, arch)
     model, processor = load(folder, device="cpu")
     rows, prompt, new = 3, 7, 5
     ids = torch.randint(100, 500, (rows, prompt))

@@ -28,7 +28,8 @@ from ril_fast.packing import pack, pad
 from ril_fast.processor import UnsupportedModel
 from helpers import (assert_close_rule, assert_grads_close_rule, fp64_oracle, max_err, saved_for_backward,
                      vision_rows_seen)
-from models_fixtures import one_thread, random_samples, shared_image_samples, tiny_folder  # noqa: F401
+from models_fixtures import (one_thread, random_samples, shared_image_samples, text_family,  # noqa: F401
+                            tiny_folder)
 
 ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5")
 ATOL = 1e-5
@@ -453,35 +454,6 @@ def test_discriminator_save_load_round_trip(folders, tmp_path):
                            again(pack([proc2.encode(s) for s in samples])))
 
 
-# Text-only families beyond qwen2, as tiny random models with qwen2's tokenizer: the config keywords each takes.
-TEXT_FAMILIES = {
-    "llama": {}, "mistral": dict(sliding_window=4096), "gemma3_text": dict(head_dim=16, sliding_window=512),
-    "phi3": {}, "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512), "opt": dict(ffn_dim=128,
-    word_embed_proj_dim=64), "biogpt": {},  # BioGPT: transformers' public flag says no attention interface; it has one
-    "bloom": dict(n_layer=2, n_head=4), "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
-    "gemma2": dict(head_dim=16), "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
-}
-
-
-def _text_family(tmp_path_factory, model_type: str, **extra) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_folder(tmp_path_factory, "qwen2"))
-    # Grouped key-value heads only in a family that has them: GPT-2, OPT, BioGPT, ... keep one per attention head,
-    # which a stray num_key_value_heads in their config.json would misstate (ril_fast.memory.kv_cache_bytes reads it).
-    kv = dict(num_key_value_heads=2) if hasattr(AutoConfig.for_model(model_type), "num_key_value_heads") else {}
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                                  **{**kv, **TEXT_FAMILIES[model_type], **extra})
-    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    folder = tmp_path_factory.mktemp(model_type)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 # GPT-J computes its attention itself before transformers 5.24 (refused) and through the interface from 5.24 on.
 GPTJ_PACKS = Version(transformers.__version__) >= Version("5.24")
 
@@ -491,7 +463,7 @@ GPTJ_PACKS = Version(transformers.__version__) >= Version("5.24")
 def test_text_families_packed_match_separate(model_type, tmp_path_factory, one_thread):  # noqa: F811
     """Text-only causal LMs whose layers call transformers' attention interface with the position ids: packed log-probs
     equal one-sample-at-a-time ones (a sliding window longer than every sample changes nothing)."""
-    model, processor = load(_text_family(tmp_path_factory, model_type), device="cpu")
+    model, processor = load(text_family(tmp_path_factory, model_type), device="cpu")
     samples = random_samples([0, 0, 0, 0])
     with torch.no_grad():
         packed = torch.cat(response_logprobs(model, processor, samples, packed=True))
@@ -512,7 +484,7 @@ def test_text_families_ril_fast_cannot_pack_are_refused(model_type, where, words
     refused (at load where its config or classes tell, else at its first packed forward), never trained silently
     wrong."""
     extra = dict(sliding_window=8) if model_type == "mistral" else {}
-    folder = _text_family(tmp_path_factory, model_type, **extra)
+    folder = text_family(tmp_path_factory, model_type, **extra)
     if where == "load":
         with pytest.raises(UnsupportedModel, match=rf"^{folder}: model type '{model_type}' {words}"):
             load(folder, device="cpu")

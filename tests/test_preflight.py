@@ -9,16 +9,15 @@ import subprocess
 import sys
 
 import pytest
-from models_fixtures import one_thread, tiny_folder  # noqa: F401
-from test_models import _text_family
+from models_fixtures import one_thread, text_family, tiny_folder  # noqa: F401
 from transformers import AutoConfig
 
 from ril_fast import memory, train
 from ril_fast.config import ConfigError, load_config
-from ril_fast.data import load_examples
+from ril_fast.data import DataError, load_examples
 from ril_fast.demo import build_demo
 from ril_fast.models import load
-from ril_fast.preflight import _remembered, main, prompt_key
+from ril_fast.preflight import _remembered, length_limit, main, prompt_key
 from ril_fast.processor import Processor
 
 
@@ -145,7 +144,7 @@ def test_a_text_student_is_planned_or_refused_as_the_trainer_would(model_type, r
     num_key_value_heads, died of an AttributeError); one that ``models.load`` would refuse is refused with its words,
     naming student=, by this command and by the trainer's set-up before any model loads (the trainer refused it only
     in ``load``, in a 77-line traceback)."""
-    folder = _text_family(tmp_path_factory, model_type)
+    folder = text_family(tmp_path_factory, model_type)
     status = main(_text_args(folder, text_data))
     out, err = capsys.readouterr()
     if refusal is None:
@@ -165,17 +164,55 @@ def test_a_text_student_is_planned_or_refused_as_the_trainer_would(model_type, r
 
 
 def test_the_trainer_says_a_model_it_cannot_train_in_one_line(text_data, tmp_path_factory, tmp_path):
-    """A model ril_fast cannot train found out only in a forward (a sliding window of 8 tokens that the prompts
-    outgrow: ``ril_fast.attention``) stops ``python -m ril_fast.train`` with one ``error:`` line, as a ConfigError
-    does, not a traceback."""
-    folder = _text_family(tmp_path_factory, "mistral", sliding_window=8)
+    """A model ril_fast cannot train found out only in a forward (GPT-BigCode's layers drop the position ids, so its
+    packed samples would see each other: ``ril_fast.attention``) stops ``python -m ril_fast.train`` with one
+    ``error:`` line, as a ConfigError does, not a traceback."""
+    folder = text_family(tmp_path_factory, "gpt_bigcode")
     done = subprocess.run([sys.executable, "-m", "ril_fast.train", *_text_args(folder, text_data, steps=1),
                            f"output_dir={tmp_path / 'run'}", "progress=false"], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == 1
-    assert done.stderr.splitlines()[-1].startswith("error: MistralAttention attends within a sliding window of 8 "
-                                                   "tokens and a sample here is "), done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1].startswith("error: GPTBigCodeAttention gets neither position ids nor sample "
+                                                   "boundaries"), done.stderr[-3000:]
     assert "Traceback" not in done.stderr and done.stderr.count("error") == 1, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("model_type, extra, limit", [
+    ("mistral", dict(sliding_window=8), (8, "the model's sliding window")),  # every layer slides
+    ("mistral", dict(sliding_window=None), (512, "the model's context")),
+    ("gemma3_text", dict(sliding_window=8), (8, "the model's sliding window")),  # one layer in 6 slides
+    ("gemma3_text", dict(sliding_window=8, layer_types=["full_attention"] * 2), (512, "the model's context")),
+    ("qwen2", dict(sliding_window=8), (512, "the model's context")),  # use_sliding_window=False: none slides
+    ("qwen2", dict(sliding_window=8, use_sliding_window=True, max_window_layers=1), (8, "the model's sliding window")),
+    ("mistral", dict(sliding_window=4096), (512, "the model's context")),  # a window past the context changes nothing
+])
+def test_a_sliding_window_bounds_a_sample_as_the_context_does(model_type, extra, limit):
+    """ril_fast's attention has no sliding window, so a sample longer than the window some layer attends within is
+    refused in the forward: the window, where a layer slides and it is the shorter, is the model's limit."""
+    config = AutoConfig.for_model(model_type, num_hidden_layers=2, max_position_embeddings=512, **extra)
+    assert length_limit(config) == limit
+
+
+def test_prompts_a_sliding_window_cannot_hold_are_refused_before_any_model_loads(text_data, tmp_path_factory,
+                                                                               tmp_path, capsys, monkeypatch):
+    """A sliding window shorter than a prompt and max_new_tokens stopped the trainer at its first forward (after
+    every model had loaded, in the middle of a rollout): now this command and the trainer's set-up name the
+    example's line first, as for the context, and held-out examples too."""
+    folder = text_family(tmp_path_factory, "mistral", sliding_window=32)
+    assert main(_text_args(folder, text_data)) == 1
+    err = capsys.readouterr().err
+    assert f"error: {text_data / 'train.jsonl'}:1: the prompt takes " in err
+    assert "with max_new_tokens=16 that exceeds the model's sliding window (32 tokens)" in err
+    loaded = []
+    monkeypatch.setattr(train, "load", lambda *a, **k: loaded.append(a))
+    with pytest.raises(DataError, match="exceeds the model's sliding window"):
+        train.setup(load_config(_text_args(folder, text_data, output_dir=tmp_path / "run", progress="false")))
+    assert not loaded
+    long = dict(id="l", question="What is 1 plus 1? " * 8, answer="2", images=[])  # 85 tokens
+    (tmp_path / "long.jsonl").write_text(json.dumps(long))
+    held_out = _text_args(folder, text_data, eval_data=tmp_path / "long.jsonl")
+    assert main([*held_out, "max_new_tokens=8"]) == 1  # the training prompts fit: 21 + 8 tokens
+    assert f"error: {tmp_path / 'long.jsonl'}:1: the prompt takes " in capsys.readouterr().err
 
 
 def test_the_kv_cache_is_that_of_the_larger_generate_call(demo, tmp_path, capsys):
