@@ -206,7 +206,11 @@ def build_demo(root: str | Path | None = None, *, max_train: int | None = None, 
                   f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}): building it again",
                   file=sys.stderr, flush=True)
         if root.exists() and any(root.iterdir()) and not (root / _MARKER).is_file():
-            raise FileExistsError(f"{root} exists and is not a ril_fast demo folder: choose another root")
+            paths = _paths(root)  # a demo whose marker alone was deleted: never deleted unasked (not proven ours)
+            looks = paths.train.is_file() and paths.test.is_file() and paths.student.is_dir()
+            raise FileExistsError(f"{root} exists and is not a ril_fast demo folder (no {_MARKER}): " + (
+                "it holds a demo's files without its marker: delete the folder to build the demo again" if looks
+                else "choose another root"))
         if locked:  # builds run one at a time: another's temporary folder is a killed build's
             for stale in root.parent.glob(f"{root.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)

@@ -85,6 +85,11 @@ def test_cached_rebuilt_on_new_settings_and_never_clobbers(demo, tmp_path):
     assert len(load_examples(small.train)) == 5
     assert len(load_examples(build_demo(small.root, max_train=7, max_test=3).train)) == 7
     assert not list(tmp_path.glob("*.tmp-*"))
+    (small.root / "demo.json").unlink()  # the demo's files are kept, and the error says what the folder is
+    with pytest.raises(FileExistsError, match=r"not a ril_fast demo folder \(no demo.json\): it holds a demo's "
+                                              r"files without its marker: delete the folder to build the demo again"):
+        build_demo(small.root, max_train=7, max_test=3)
+    assert len(load_examples(small.train)) == 7
 
 
 def test_a_demo_missing_files_is_built_again(tmp_path, capsys):
