@@ -7,7 +7,9 @@ response of the step on every rank and divided by their global count (counted on
 policy's normaliser). The paper's N counts (student, teacher) pairs, so its loss is twice this one: the
 same direction and, AdamW being blind to a constant scale (up to its ε), the same steps; the logged
 ``disc_loss`` is the mean BCE per response (ln 2 for an untrained head). D(q, o) = sigmoid(logit) is the
-probability that o is the student's; the similarity reward is r_sim = 1[D < 0.5].
+probability that o is the student's; the similarity reward is r_sim = 1[D < disc.threshold] (0.5, the
+spec's), and ``disc_accuracy`` reads D ≥ disc.threshold as "student": the fraction of responses whose r_sim
+agrees with who wrote them.
 """
 
 import torch
@@ -18,12 +20,14 @@ from ril_fast.microbatch import MicroBatch, sync_gradients
 from ril_fast.models import recomputing
 
 
-def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: torch.Tensor) -> dict:
+def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: torch.Tensor,
+              threshold: float = 0.5) -> dict:
     """Accumulate Eq. 1's gradient over ``micro`` into ``disc``'s ``.grad``.
 
     ``labels (n,)`` fp32 per response of the step (1 student, 0 teacher), indexed by ``MicroBatch.index``;
     ``normalizer``: 0-dim tensor, the global number of responses. Returns the loss summed over all ranks
-    and the accuracy (D ≥ 0.5 read as "student") over every rank's real (non-filler) responses.
+    and the accuracy (D ≥ ``threshold``, r_sim's ``disc.threshold``, read as "student") over every rank's real
+    (non-filler) responses, as the scores stood before this pass's gradient.
     """
     device = compute_device(disc)
     totals = torch.zeros(3, device=device)  # loss, correct, count
@@ -35,7 +39,7 @@ def disc_pass(disc, micro: list[MicroBatch], labels: torch.Tensor, normalizer: t
             w = mb.weight.to(device)
             loss = (w * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum() / normalizer
             loss.backward()
-            correct = ((logits.detach() >= 0).float() == y).float()
+            correct = ((torch.sigmoid(logits.detach().float()) >= threshold).float() == y).float()
             totals += torch.stack([loss.detach(), (w * correct).sum(), w.sum()])
     loss, correct, count = all_reduce_sum(totals).tolist()
     return dict(disc_loss=loss, disc_accuracy=correct / max(count, 1.0))

@@ -2,7 +2,8 @@
 
 A group holds one question's G student outputs and G teacher outputs drawn from all K teachers:
 
-    r_sim = 1[D(q, o) < 0.5]         D = the discriminator's probability that o is the student's
+    r_sim = 1[D(q, o) < threshold]   D = the discriminator's probability that o is the student's (disc.threshold:
+                                     0.5, the spec's)
     r_ans = 1[judge says o is correct]
     r     = r_sim + r_ans
     A_i   = r_i - mean_j r_j         over the group's 2G outputs (Dr.GRPO: no division by the std)

@@ -357,7 +357,7 @@ def _global_count(run: Run, n: int) -> torch.Tensor:
 
 def _disc_update(run: Run, micro, sources, n_global) -> dict:
     labels = torch.tensor([float(s == STUDENT) for s in sources])
-    stats = disc_pass(run.disc, micro, labels, n_global)
+    stats = disc_pass(run.disc, micro, labels, n_global, threshold=run.cfg.disc.threshold)
     stepped = optimizer_step(run.disc, run.disc_optimizer, run.cfg.disc.grad_clip)
     stats.update({f"disc_{k}": v for k, v in stepped.items()})
     return stats

@@ -188,6 +188,11 @@ def test_disc_pass_is_eq1_and_learns(qwen_vl, layout):
     err = max(max_err(got[k], want[k]) / (1e-3 + want[k].abs().max().item()) for k in want)
     assert err < 1e-4 and abs(stats["disc_loss"] - loss.item()) < 1e-5
     assert stats["disc_accuracy"] == ((logits.detach() >= 0).float() == labels).float().mean().item()
+    scores = torch.sigmoid(logits.detach())
+    accuracy = lambda t: ((scores >= t).float() == labels).float().mean().item()  # noqa: E731
+    ranked = scores.sort().values  # r_sim's disc.threshold: one between two scores that counts otherwise than 0.5
+    threshold = next(t for t in ((ranked[1:] + ranked[:-1]) / 2).tolist() if accuracy(t) != stats["disc_accuracy"])
+    assert disc_pass(disc, micro, labels, n, threshold=threshold)["disc_accuracy"] == accuracy(threshold)
     probs = disc_probs(disc, micro, len(samples))
     assert max_err(probs, torch.sigmoid(logits.detach())) < 1e-5
     if layout != "split":

@@ -38,7 +38,8 @@ def test_step_uses_the_configured_temperature_clip_range_threshold_and_pool(demo
     rollout.temperature, top_p and top_k; π_old's and π_ref's log-probs are
     log_softmax(z/τ) at rollout.temperature per sample, as an independent forward gives them (step 1:
     both are the initial student); the loss sees loss.eps_low, loss.eps_high (each its own, not swapped)
-    and τ; r_sim = 1[D < disc.threshold] on the probabilities the discriminator gave; and the
+    and τ; r_sim = 1[D < disc.threshold] on the probabilities the discriminator gave, and disc_accuracy at
+    that threshold; and the
     discriminator pools as disc.pool says."""
     args = dict(student=demo.student, train_data=demo.train, teachers=",".join(map(str, demo.teachers)),
                 eval_data=demo.test, eval_every=0, steps=1, group_size=3, max_new_tokens=11,
@@ -71,6 +72,13 @@ def test_step_uses_the_configured_temperature_clip_range_threshold_and_pool(demo
         return sample(*a, **k)
 
     monkeypatch.setattr(train, "sample_responses", sampling)
+    disc_pass = train.disc_pass
+
+    def disc_update(*a, **k):
+        seen.setdefault("disc_pass", k)
+        return disc_pass(*a, **k)
+
+    monkeypatch.setattr(train, "disc_pass", disc_update)
     train.train_step(run, step=1)
     run.log.close()
 
@@ -90,6 +98,7 @@ def test_step_uses_the_configured_temperature_clip_range_threshold_and_pool(demo
     r_sim = torch.cat([g.r_sim for g in seen["groups"]])
     assert torch.equal(r_sim, (probs < THRESHOLD).float()), (probs, r_sim)
     assert ((probs >= THRESHOLD) & (probs < 0.5)).any(), probs
+    assert seen["disc_pass"]["threshold"] == THRESHOLD  # disc_accuracy counts as r_sim decides
 
     # rollout.temperature: π_old and π_ref per sample, against a plain forward of the initial student.
     samples = seen["outputs"][0]
