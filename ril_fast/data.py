@@ -39,12 +39,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ril_fast.images import checked_sizes
 
 
 class DataError(ValueError):
@@ -55,10 +55,6 @@ class StepDataError(DataError):
     """A data problem one rank meets during a step, in its own questions (an image changed since the checks): the
     rank that meets it says it, whichever rank that is."""
 
-
-_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
-# PNG chunks, read as Pillow opens a file, that may hold an orientation: eXIf, ImageMagick's EXIF profile, XMP
-_PNG_ORIENTATION_CHUNKS = {"exif", "Raw profile type exif", "XML:com.adobe.xmp"}
 
 STUDENT = "student"  # the source of a student output (``ril_fast.rewards``): no teacher may be called so
 
@@ -187,66 +183,15 @@ def _image_paths(record: dict, folder: Path, where: str, first_use: dict[Path, t
 
 
 def _image_sizes(first_use: dict[Path, tuple[str, str]]) -> dict[Path, tuple[int, int]]:
-    """Each image checked with PIL and its upright (width, height) (:func:`_image_size`), in threads (PIL
-    decodes without the GIL); a DataError naming the first example (in ``first_use``'s order) whose image
-    cannot be read."""
-    workers = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        sizes = dict(zip(first_use, pool.map(_image_size, first_use)))
+    """Each image checked with PIL and its upright (width, height) (``ril_fast.images.checked_sizes``: the sizes
+    from the headers, each file read through, a JPEG's pixels decoded at 1/8 scale); a DataError naming the first
+    example (in ``first_use``'s order) whose image cannot be read."""
+    sizes = dict(zip(first_use, checked_sizes(list(first_use))))
     for path, size in sizes.items():
         if isinstance(size, Exception):
             where, name = first_use[path]
             raise DataError(f"{where}: cannot read image {name!r}: {size}")
     return sizes
-
-
-def _image_size(path: Path) -> tuple[int, int] | Exception:
-    """The image's (width, height) as the model sees it, turned upright by its EXIF orientation
-    (``ril_fast.processor.load_image``), so prompt lengths can be counted without the pixels
-    (:func:`_upright_size`); or the exception that says why PIL cannot read it. ``verify()`` reads a PNG
-    whole but decodes nothing of a JPEG, whose pixels are decoded at 1/8 scale (their DCT's coarsest: 2-5 ms
-    for a 1.2-megapixel photo on one core, 1.3-2.3x faster than in full), nor of any other format (GIF, BMP,
-    TIFF, WebP, ...), decoded in full: a file cut short, as by an interrupted download, or with bytes
-    corrupted, is found here, not at the step that first draws it."""
-    from PIL import Image, JpegImagePlugin
-
-    try:
-        with Image.open(path) as im:
-            im.verify()  # it must come first after opening, and leaves the image unusable
-        with Image.open(path) as im:
-            size = _upright_size(im)
-            if isinstance(im, JpegImagePlugin.JpegImageFile):  # MPO (a phone's multi-picture JPEG) too
-                im.draft(None, (1, 1))
-                im.load()
-            elif im.format != "PNG":
-                im.load()
-            if problem := _beyond_8_bits(im):
-                return ValueError(problem)
-        return size
-    except Exception as e:  # PIL raises many types for a broken file
-        return e
-
-
-def _beyond_8_bits(im) -> str | None:
-    """Why the opened image's pixels would not survive the RGB conversion every image processor makes (8 bits a
-    channel: ``ril_fast.processor.load_image``), or None: 16-bit pixels are clipped (a 16-bit photo comes out
-    nearly white), floating-point ones (0..1) come out black; 32-bit integer ones only where some exceed 255."""
-    if im.mode.startswith("I;16") or im.mode == "F" or (im.mode == "I" and im.getextrema()[1] > 255):
-        return (f"its pixels are {'floating-point' if im.mode == 'F' else 'more than 8-bit'} (PIL mode {im.mode}), "
-                f"which the image processors' conversion to 8-bit RGB clips (a 16-bit image comes out nearly white, a "
-                f"0..1 float one black): save it as 8-bit")
-    return None
-
-
-def _upright_size(im) -> tuple[int, int]:
-    """(width, height) of an opened PIL image as ``ril_fast.processor.load_image`` will give it: turned upright by its
-    EXIF (or XMP) orientation, which is read without decoding the pixels where the file allows it. Pillow turns a
-    TIFF upright as it opens it. A PNG is looked at further only when a chunk before its pixels may hold an
-    orientation (then ``getexif()`` decodes it to read them); an eXIf chunk after the pixels goes unseen, and
-    a prompt that this makes longer than counted is still stopped by the step's own check."""
-    if im.format == "TIFF" or (im.format == "PNG" and not _PNG_ORIENTATION_CHUNKS & im.info.keys()):
-        return im.size
-    return im.size[::-1] if im.getexif().get(_ORIENTATION) in (5, 6, 7, 8) else im.size  # a quarter turn swaps them
 
 
 def load_examples(path: str | Path, *, control_tokens: Collection[str] = ()) -> list[Example]:

@@ -3,7 +3,8 @@
 A sample is a dict ``{"images": [PIL.Image | path, ...], "question": str, "response": str}`` (an
 optional ``"truncated": True`` marks a response cut at the generation budget, see below; optional
 ``"response_ids"``, the token ids a student rollout sampled, are used instead of re-tokenising, and
-``"end_id"``, the stop token that ended it).
+``"end_id"``, the stop token that ended it). Each image is loaded as HF's image processors see it
+(``ril_fast.images.load_image``: EXIF orientation applied, transparency composited onto white).
 
 End of a turn: the chat template's own end-of-turn token (``Processor.end_token_id``: the special token it
 writes directly after an assistant's content, e.g. Qwen's <|im_end|>, Gemma's <end_of_turn>, Llama 3's
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ril_fast.images import load_image
 
 
 class ModelKind(str, enum.Enum):
@@ -98,23 +101,6 @@ def turn_end_id(tokenizer, kind: ModelKind) -> int | None:
         after = tokenizer(text[text.rindex(_PROBE) + len(_PROBE):], add_special_tokens=False)["input_ids"]
         return after[0] if after and after[0] in special else None
     return None
-
-
-def load_image(image):
-    """A PIL image, or a path to one, as the RGB image HF image processors would see: EXIF orientation
-    applied, transparency composited onto white (transformers' ``convert_to_rgb``; a plain
-    ``convert("RGB")`` would turn a transparent background black). A file that cannot be decoded (changed since
-    the data was checked) is a ValueError naming it."""
-    from PIL import Image, ImageOps
-    from transformers.image_transforms import convert_to_rgb
-
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as im:
-                return load_image(im)
-        except OSError as e:  # PIL's words for a missing, unknown or cut-off file
-            raise ValueError(f"cannot read image {image}: {e}") from None
-    return Image.fromarray(convert_to_rgb(ImageOps.exif_transpose(image), return_numpy=True))
 
 
 # ----------------------------------------------------------------------------------------------------

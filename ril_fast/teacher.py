@@ -23,7 +23,8 @@
   min(K, ``--n-per-request``) responses, and to at least ``--concurrency`` such requests), each
   example's images sent as ``data:`` URLs before its question (a file as it is, but for an image whose EXIF
   orientation turns or flips it: that one is sent upright, as ril_fast's own loader turns it, re-encoded (a JPEG as
-  JPEG at quality 95, any other as PNG), since some servers, SGLang or llama.cpp, ignore the orientation);
+  JPEG at quality 95, any other as PNG: ``ril_fast.images.data_url``), since some servers, SGLang or llama.cpp,
+  ignore the orientation);
   ``--served-model`` names the model (default: the first the server lists). A server that ignores ``n`` (fewer
   choices than asked) is asked again for the missing responses, with a hint on stderr to pass ``--n-per-request 1``
   (one request per response, as with ``--temperature 0``: vLLM refuses ``n`` > 1 with greedy sampling). Timeouts and
@@ -61,29 +62,28 @@ another ``--seed`` or a larger ``--max-new-tokens`` (the trainer takes none long
 ``--judge`` each response is judged as it is written (the verdict the trainer's cached teacher judge will
 find, when the judge and its cache file are the same).
 
-Append-only (but for stale lines, below) and resumable: responses are written in batches of ``--batch-size``,
-each batch flushed before the next starts, so a crash loses at most the batch in progress. On start the output
-file is read and checked: a line that is not ril_fast.teacher's (no id / index) is an error, and the file is
-left as it was, and so is a line of another teacher than this run's (``--teacher``, or the file's stem for a
-line without one), before any model loads: resumed under another name, one teacher's collection would be split
-in two, and a second teacher's would find the first's pairs done; the error names the line and both names (pass
-``--teacher`` as found to go on, or give the second teacher another ``--out``). The (id, index) pairs already
-there are skipped; a last line cut short by a crash (not JSON) is removed, and a whole last line missing its
-newline is given one. Run the same command again to finish: no line is written twice, none is lost. A line whose
+Append-only (but for stale lines, below) and resumable: responses are written in batches of ``--batch-size``, each
+batch flushed before the next starts, so a crash loses at most the batch in progress. On start the output file is
+read and checked (``ril_fast.teacher_resume``): a line that is not ril_fast.teacher's (no id / index) is an error,
+and the file is left as it was, and so is a line of another teacher than this run's (``--teacher``, or the file's
+stem for a line without one), before any model loads: resumed under another name, one teacher's collection would be
+split in two, and a second teacher's would find the first's pairs done; the error names the line and both names
+(pass ``--teacher`` as found to go on, or give the second teacher another ``--out``). The (id, index) pairs already
+there are skipped; a last line cut short by a crash (not JSON) is removed, and a whole last line missing its newline
+is given one. Run the same command again to finish: no line is written twice, none is lost. A line whose
 ``question_sha`` is not its example's (the question or its images changed under the id since it was collected) is
-stale: its pair is not done, and the line is set aside, appended to ``NAME.jsonl.stale`` beside the file (a name
-no ``*.jsonl`` matches; kept, should ``--data`` be the wrong file) and flushed to the disk, before the file is
-written again without it, to a temporary file renamed over it: a crash at any moment leaves each line in one of the
-two (in both, at worst: the next run sets it aside again); the start says how many. A line without
-``question_sha`` (written by hand) counts as done: nothing ties it to a question. A response
-that ``load_teachers`` would refuse — empty (whitespace only), or holding one of the teacher's control tokens (a
-local teacher's ``Processor.control_tokens``, e.g. ``<|endoftext|>``: its responses are decoded with special
-tokens kept; the trainer checks the student's, the same for a student of the teacher's family; none are known
-for a server, whose text vLLM gives without them) — is not written; how many is said at the end, and the next
-run asks for them again, as it does for the unfinished ones and those of the examples refused. One command at a
-time appends to a file: a second one started on the same ``--out`` (which would ask for the same responses and
-write them twice) stops at once, naming the first's process id (an ``flock`` on ``.NAME.jsonl.lock`` beside the
-file, which the system drops when the process ends).
+stale: its pair is not done, and the line is set aside, appended to ``NAME.jsonl.stale`` beside the file (a name no
+``*.jsonl`` matches; kept, should ``--data`` be the wrong file) and flushed to the disk, before the file is written
+again without it, to a temporary file renamed over it: a crash at any moment leaves each line in one of the two (in
+both, at worst: the next run sets it aside again); the start says how many. A line without ``question_sha`` (written
+by hand) counts as done: nothing ties it to a question. A response that ``load_teachers`` would refuse — empty
+(whitespace only), or holding one of the teacher's control tokens (a local teacher's ``Processor.control_tokens``,
+e.g. ``<|endoftext|>``: its responses are decoded with special tokens kept; the trainer checks the student's, the
+same for a student of the teacher's family; none are known for a server, whose text vLLM gives without them) — is
+not written; how many is said at the end, and the next run asks for them again, as it does for the unfinished ones
+and those of the examples refused. One command at a time appends to a file: a second one started on the same
+``--out`` (which would ask for the same responses and write them twice) stops at once, naming the first's process id
+(an ``flock`` on ``.NAME.jsonl.lock`` beside the file, which the system drops when the process ends).
 
 Errors in the input (a data or output file's line, a model folder ril_fast cannot use, a server that
 fails for good, an output file in use) end the command with one line, ``error: ...``, and status 1; bad
@@ -91,15 +91,9 @@ options (an ``--out`` under a file included) with argparse's status 2, before an
 """
 
 import argparse
-import base64
 import hashlib
-import io
 import json
-import mimetypes
-import os
 import secrets
-import shlex
-import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -108,8 +102,10 @@ from pathlib import Path
 from ril_fast.data import DataError, Example, load_examples, to_sample
 from ril_fast.eval import check_judge_arguments, check_model_folder, check_prompts
 from ril_fast.files import InUse, lock_file, unlock_file
+from ril_fast.images import data_url
 from ril_fast.judge import CachedJudge, JudgeItem, add_judge_arguments, judge_store, make_judge_from_config
 from ril_fast.judges_http import HTTPError, OpenAIClient
+from ril_fast.teacher_resume import set_aside_stale, stale_file, truncated_pairs, written_pairs
 
 
 @dataclass(frozen=True)
@@ -118,108 +114,6 @@ class Job:
 
     example: Example
     index: int
-
-
-# ----------------------------------------------------------------------------------------------------
-# Resuming: what the output already holds
-# ----------------------------------------------------------------------------------------------------
-_LINE_START = b'{"id": '  # how each line written here begins (json.dumps of a record whose first key is id)
-
-
-def _pair(line: bytes, where: str, teacher: str | None = None, stem: str = "") -> tuple[str, int]:
-    """The (id, index) of a line of ril_fast.teacher; a ``DataError`` naming ``where`` for any other line, and
-    for a line of another teacher than ``teacher`` (when given; ``stem``: the name of a line without one, as
-    ``ril_fast.data.load_teachers`` reads it)."""
-    try:
-        record = json.loads(line)
-        pair = str(record["id"]), int(record["index"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{where}: not a line of ril_fast.teacher (no id / index: {e}); "
-                        f"write to another --out") from None
-    if teacher is not None and (found := record.get("teacher", stem)) != teacher:
-        raise DataError(f"{where}: a response of teacher {found!r}, but this run's teacher is {teacher!r} (a file "
-                        f"holds one teacher): pass --teacher {shlex.quote(str(found))} to go on collecting {found!r}, "
-                        f"or give another --out for a second teacher")
-    return pair
-
-
-def written_pairs(out: Path, teacher: str | None = None) -> set[tuple[str, int]]:
-    """The (id, index) pairs of the lines of ``out`` (empty if it does not exist); a ``DataError`` when a
-    line is not one of ril_fast.teacher's, or (``teacher`` given) is another teacher's (a line without a name is
-    the file stem's). Only a file found to be the tool's own is changed: a last line without its newline is cut
-    off when it is the start of a line the process died writing (not JSON, beginning as this module's lines do),
-    and given its newline when it is a whole line."""
-    if not out.exists():
-        return set()
-    raw = out.read_bytes()
-    *lines, tail = raw.split(b"\n")
-    pairs = {_pair(line, f"{out}:{number}", teacher, out.stem) for number, line in enumerate(lines, start=1)
-             if line.strip()}
-    if not tail.strip():
-        return pairs
-    try:
-        json.loads(tail)
-    except ValueError:  # cut short (UnicodeDecodeError, too, is a ValueError)
-        if tail.startswith(_LINE_START) or _LINE_START.startswith(tail):
-            with out.open("r+b") as f:
-                f.truncate(len(raw) - len(tail))
-            print(f"{out}: removed an incomplete last line ({len(tail)} bytes) left by an interrupted run",
-                  file=sys.stderr)
-            return pairs
-    pairs.add(_pair(tail, f"{out}:{len(lines) + 1}", teacher, out.stem))
-    with out.open("ab") as f:  # a whole line, its newline missing: the next line must not join it
-        f.write(b"\n")
-    return pairs
-
-
-def truncated_pairs(out: Path) -> set[tuple[str, int]]:
-    """The (id, index) pairs of ``out`` (read after :func:`written_pairs`) whose every line is marked truncated."""
-    cut, whole = set(), set()
-    for line in out.read_bytes().splitlines() if out.exists() else []:
-        if line.strip():
-            record = json.loads(line)
-            (cut if record.get("truncated") is True else whole).add((str(record["id"]), int(record["index"])))
-    return cut - whole
-
-
-def stale_file(out: Path) -> Path:
-    """Where :func:`set_aside_stale` keeps the lines of ``out`` it takes out: ``NAME.jsonl.stale`` beside it (beside
-    the file it points to, for a symbolic link)."""
-    out = out.resolve()
-    return out.with_name(f"{out.name}.stale")
-
-
-def set_aside_stale(out: Path, examples: list[Example]) -> int:
-    """Take out of ``out`` (read after :func:`written_pairs`, which checked its lines) the lines collected for
-    another question: a ``question_sha`` that is not their example's (``Example.question_sha``; a line without one,
-    or of an id not in ``examples``, stays); returns how many. They are appended to :func:`stale_file` and flushed
-    to the disk first, then ``out`` is written again without them, to a temporary file beside it renamed over it:
-    a crash at any moment leaves each line in ``out`` or the stale file (in both, at worst, and the next run sets it
-    aside again), never in neither. A symbolic link ``out`` (into shared storage, say) stays one: the file it points
-    to is the one written again, keeping its permissions."""
-    if not out.exists():
-        return 0
-    out = out.resolve()
-    digests = {e.id: e.question_sha for e in examples}
-    *lines, tail = out.read_bytes().split(b"\n")  # as written_pairs splits it; the tail is blank after it
-    kept, stale = [], []
-    for line in lines:
-        record = json.loads(line) if line.strip() else {}
-        digest, example_id = record.get("question_sha"), str(record.get("id"))
-        is_stale = digest is not None and example_id in digests and digest != digests[example_id]
-        (stale if is_stale else kept).append(line + b"\n")
-    if not stale:
-        return 0
-    kept.append(tail)
-    tmp = out.with_name(f".{out.name}.tmp")
-    for path, mode, chunk in ((stale_file(out), "ab", stale), (tmp, "wb", kept)):  # the stale lines safe first
-        with path.open(mode) as f:
-            f.write(b"".join(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-    shutil.copymode(out, tmp)
-    os.replace(tmp, out)
-    return len(stale)
 
 
 def pending_jobs(examples: list[Example], k: int, done: set[tuple[str, int]]) -> list[Job]:
@@ -269,51 +163,6 @@ class LocalTeacher:
                                     temperature=self.temperature or 1.0, top_p=self.top_p, seed=seed,
                                     greedy=self.temperature == 0, max_batch=self.batch_size)
         return [(r[0].text, "length" if r[0].truncated else "stop") for r in rollouts]
-
-
-_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
-# Where a PNG may hold an orientation (an eXIf chunk, ImageMagick's EXIF profile, XMP): Pillow decodes a PNG's
-# pixels to look for an eXIf chunk after them, which a file without these bytes is spared.
-_PNG_ORIENTATION_MARKS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
-
-
-def upright(raw: bytes) -> tuple[bytes, str] | None:
-    """The image file ``raw`` turned upright by its EXIF (or XMP) orientation as ``ril_fast.processor.load_image``
-    turns it (``ImageOps.exif_transpose``), as (bytes, MIME type): a JPEG (a phone's photo) encoded again as JPEG
-    at quality 95 without chroma subsampling (as PNG, a 12-megapixel photo's 3.3 MiB became 24.5 MiB), any other
-    format as PNG; None when the orientation neither turns nor flips it (none, 1, or a value out of 2..8), or Pillow
-    cannot read the file (then sent as it is, for the server to judge)."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.format == "PNG" and not any(mark in raw for mark in _PNG_ORIENTATION_MARKS):
-                return None
-            if im.getexif().get(_ORIENTATION) not in range(2, 9):
-                return None
-            jpeg = im.format in ("JPEG", "MPO")
-            turned = ImageOps.exif_transpose(im)
-    except Exception:  # PIL raises many types for a file it cannot read; the data's own checks opened it
-        return None
-    buffer = io.BytesIO()
-    if jpeg:
-        turned.convert("L" if turned.mode == "L" else "RGB").save(buffer, format="JPEG", quality=95, subsampling=0)
-        return buffer.getvalue(), "image/jpeg"
-    if turned.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):  # what PNG holds
-        turned = turned.convert("RGBA" if "A" in turned.mode else "RGB")
-    turned.save(buffer, format="PNG")
-    return buffer.getvalue(), "image/png"
-
-
-def data_url(path: Path) -> str:
-    """The image file at ``path`` as a ``data:`` URL: its bytes as they are (its MIME type from the file name), but
-    for an image whose EXIF orientation turns or flips it, sent upright (:func:`upright`): a server that ignores
-    the orientation (SGLang, llama.cpp) would see what ril_fast's own loader turns upright askew."""
-    raw = path.read_bytes()
-    if (turned := upright(raw)) is not None:
-        return f"data:{turned[1]};base64,{base64.b64encode(turned[0]).decode()}"
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
 
 
 def chat_messages(example: Example) -> list[dict]:
@@ -459,6 +308,7 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
                     kept.append((job, text, finish == "length"))
             verdicts = judge([JudgeItem(j.example.question, j.example.answer, t) for j, t, _ in kept]) if judge else []
             for n, (job, text, truncated) in enumerate(kept):
+                # id first: a rerun knows a line cut short by a crash by its start (ril_fast.teacher_resume)
                 record = {"id": job.example.id, "index": job.index, "teacher": name,
                           "question_sha": job.example.question_sha, "response": text, "truncated": truncated}
                 if judge:
@@ -501,7 +351,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-per-request", type=int, default=8,
                    help="server: most responses to one example asked for in one request (\"n\"; 1: one request each)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="server: seconds to wait for each reply")
-    p.add_argument("--retries", type=int, default=3, help="server: retries after a timeout or an HTTP 5xx")
+    p.add_argument("--retries", type=int, default=3,
+                   help="server: retries of a request after a timeout, a dropped connection, HTTP 408, 429 or 5xx, "
+                        "with back-off 0.5 s, 1 s, 2 s, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--redo-truncated", action="store_true",
                    help="ask again for responses whose lines are all marked truncated (the trainer leaves them out)")

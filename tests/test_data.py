@@ -10,7 +10,7 @@ from PIL import Image
 
 from ril_fast.data import (Batches, DataError, Example, LongPrompts, fitting, load_examples, load_teachers,
                            question_digest, to_sample)
-from ril_fast.processor import load_image
+from ril_fast.images import load_image
 
 GOOD = {"id": "a", "question": "What shape?", "answer": "circle", "images": ["img/a.png"]}
 

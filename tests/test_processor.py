@@ -1,5 +1,6 @@
 """Rendering one sample (``ril_fast.processor``): images by path or in memory, EXIF and transparency as HF's image
-processors see them, the cached prompt, prompt lengths counted from image sizes, ``max_image_pixels``."""
+processors see them (``ril_fast.images.load_image``), the cached prompt, prompt lengths counted from image sizes,
+``max_image_pixels``."""
 
 import dataclasses
 import random
@@ -7,7 +8,7 @@ import random
 import pytest
 import torch
 
-from ril_fast.processor import load_image
+from ril_fast.images import load_image
 from models_fixtures import one_thread, processors, random_image, tiny_folder  # noqa: F401
 
 

@@ -22,7 +22,8 @@ from ril_fast.data import DataError, load_examples, load_teachers
 from ril_fast.demo import build_demo
 from ril_fast.judge import RuleJudge
 from ril_fast.judges_http import HTTPError
-from ril_fast.teacher import main, set_aside_stale, stale_file, written_pairs
+from ril_fast.teacher import main
+from ril_fast.teacher_resume import set_aside_stale, stale_file, written_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -386,11 +387,14 @@ def test_each_example_s_images_are_encoded_once_for_all_its_requests(demo, tmp_p
 
 
 def _exif_image(path: Path, orientation: int | None) -> None:
-    """A landscape image with a red bar on its left, saved at ``path`` with that EXIF orientation (None: no EXIF)."""
+    """A landscape image with a red bar on its left, saved at ``path`` with that EXIF orientation (None: no EXIF);
+    a ``.tiff`` one grey, of 32-bit integer pixels (PIL mode I) of 8-bit values (the data's check lets them in)."""
     from PIL import Image
 
     image = Image.new("RGB", (64, 32), "white")
     image.paste((255, 0, 0), (0, 0, 8, 32))
+    if path.suffix == ".tiff":
+        image = image.convert("L").convert("I")
     exif = image.getexif()
     if orientation is not None:
         exif[0x0112] = orientation
@@ -401,6 +405,7 @@ def _exif_image(path: Path, orientation: int | None) -> None:
     ("phone.jpg", 6, True),  # a phone's portrait photo: 90 degrees clockwise for display
     ("flipped.png", 4, True),  # an eXIf chunk in a PNG
     ("tagged.webp", 8, True),
+    ("grey.tiff", 6, True),  # PNG holds no 32-bit integer pixels: sent as 8-bit grey (was: OSError, a traceback)
     ("upright.jpg", 1, False),
     ("none.jpg", None, False),
     ("none.png", None, False),
@@ -415,7 +420,7 @@ def test_server_teacher_sends_an_image_upright_as_the_loader_turns_it(tmp_path, 
     from PIL import Image
 
     from ril_fast.data import Example
-    from ril_fast.processor import load_image
+    from ril_fast.images import load_image
     from ril_fast.teacher import chat_messages
 
     path = tmp_path / name
