@@ -168,7 +168,7 @@ class Config:
     judge_concurrency: int = opt(16, "http judge: requests in flight at once")
     judge_timeout_s: float = opt(60.0, "http judge: seconds to wait for the connection and for each read")
     judge_retries: int = opt(3, "http judge: retries of a request after a timeout, a dropped connection, "
-                                "HTTP 429 or 5xx, with back-off 0.5 s, 1 s, 2 s, ... (API key: $RIL_JUDGE_API_KEY "
+                                "HTTP 408, 429 or 5xx, with back-off 0.5 s, 1 s, 2 s, ... (API key: $RIL_JUDGE_API_KEY "
                                 "or $OPENAI_API_KEY, never the config)")
     steps: int = opt(350, "RIL steps (batches of questions), after discriminator pre-training")
     group_size: int = opt(2, "G: student samples per question (and teacher outputs per question in RIL)")
