@@ -20,10 +20,11 @@ from ril_fast import distributed
 from ril_fast.data import load_examples, to_sample
 from ril_fast.distributed import call
 from ril_fast.flops import Sample, Shapes, rollout_flops, training_flops
+from ril_fast.metrics import real_tokens
 from ril_fast.microbatch import micro_batches, rank_agreement, sync_gradients
 from ril_fast.models import last_hidden_states, lm_head_weight, load, recomputing
-from ril_fast.policy import LossConfig, frozen_logprobs, policy_pass
-from ril_fast.rollout import sample_responses
+from ril_fast.policy import LossConfig, frozen_logprobs, global_outputs, normalizer, policy_pass
+from ril_fast.rollout import sample_responses, sampling_settings
 
 
 def measure(fn, reps: int, after=None) -> tuple[float, int, object]:
@@ -108,18 +109,18 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
     gen = torch.Generator().manual_seed(cfg.seed)
     rewards = torch.randint(0, 3, (len(encoded) // group, group), generator=gen).float()
     advantages = (rewards - rewards.mean(1, keepdim=True)).flatten()
-    normalizer = distributed.all_reduce_sum(torch.tensor(float(len(encoded)), device=device)) * cfg.max_new_tokens
-    loss_cfg = LossConfig(cfg.loss.eps_low, cfg.loss.eps_high, cfg.beta, cfg.rollout.temperature, cfg.loss.kernels)
+    divisor = normalizer(global_outputs(len(encoded), device), cfg.max_new_tokens)  # as the trainer's step
+    loss_cfg = LossConfig.from_config(cfg)
     ref = frozen_logprobs(run.reference, micro, cfg.rollout.temperature, kernels=cfg.loss.kernels) \
         if run.reference is not None else None
     flops = training_flops(shapes, [Sample.of(e) for e in encoded], head=True)
-    tokens = sum(mb.batch.lengths[k] for mb in micro for k in mb.real)
+    tokens = real_tokens(micro)
     def liger(compiled: bool = CUDA):
-        return liger_policy_pass(run.student, micro, advantages, normalizer, loss_cfg, cfg.max_new_tokens, ref=ref,
+        return liger_policy_pass(run.student, micro, advantages, divisor, loss_cfg, cfg.max_new_tokens, ref=ref,
                                  compiled=compiled)
 
     providers = {
-        "ril_fast": lambda: policy_pass(run.student, micro, advantages, normalizer, loss_cfg, ref=ref)["loss"],
+        "ril_fast": lambda: policy_pass(run.student, micro, advantages, divisor, loss_cfg, ref=ref)["loss"],
         "liger": liger,
     }
     def timed(name, fn) -> dict:
@@ -150,10 +151,9 @@ def compare_policy_update(run, encoded: list, shapes: Shapes, reps: int) -> list
 # ----------------------------------------------------------------------------------------------------
 def rollout_inputs(cfg, rank: int, world_size: int) -> tuple[list[dict], dict]:
     """This rank's share of the first batch of questions as rollout prompts, and the sampling settings
-    of the trainer's rollout phase."""
+    of the trainer's rollout phase (``rollout.sampling_settings``) with ``seed`` as the run's."""
     examples = load_examples(cfg.train_data)[:cfg.batch.questions_per_step][rank::world_size]
-    settings = dict(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.rollout.temperature,
-                    top_p=cfg.rollout.top_p, seed=cfg.seed, max_batch=cfg.rollout.batch_size)
+    settings = dict(sampling_settings(cfg), seed=cfg.seed)
     return [to_sample(e) for e in examples], settings
 
 

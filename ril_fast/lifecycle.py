@@ -1,15 +1,18 @@
-"""A training run's life around its steps: where it resumes, its checkpoints, and how it stops.
+"""A training run's life around its steps: where it resumes, its checkpoints, how it stops and finishes.
 
 ``ril_fast.train`` calls these; the checkpoint format itself is ``ril_fast.checkpoint``'s.
 
-* Resuming: :func:`resume_point` picks the checkpoint a run continues from (``resume=auto|none|DIR``),
-  :func:`finished` tells a run that has nothing left to do (one that finished with other settings is refused:
-  :func:`check_finished_settings`), :func:`load_checkpoint` restores a run from a checkpoint (models,
-  optimisers, scheduler, data position, RNGs, counters).
+* Starting: :func:`where_to_start` checks ``output_dir`` (a folder no other run writes: :func:`lock_output_dir`)
+  and picks where the run starts; :func:`resume_point` picks the checkpoint a run continues from
+  (``resume=auto|none|DIR``), :func:`finished` tells a run that has nothing left to do (:class:`NothingToDo`; one
+  that finished with other settings is refused: :func:`check_finished_settings`), :func:`load_checkpoint` restores
+  a run from a checkpoint (models, optimisers, scheduler, data position, RNGs, counters).
 * Checkpoints: :func:`save_checkpoint`, every ``checkpoint_every`` steps (:func:`checkpoint_if_due`),
-  after the last step and on SIGTERM or Ctrl-C.
+  after the last step (:func:`checkpoint_last`) and on SIGTERM or Ctrl-C.
 * Stopping: inside :func:`stop_on_signals` SIGTERM and Ctrl-C ask for a stop after the step in flight
   and its checkpoint; :func:`sigterm_when_torchrun_dies` turns torchrun's death into a SIGTERM.
+* Finishing: :func:`finish` (the last evaluation, the export to ``final/``, ``FINISHED``); :func:`exit_status` is
+  what a rank exits with for a refused setting, file or model.
 
 ``run``: the trainer's ``ril_fast.train.Run``.
 """
@@ -28,11 +31,24 @@ import yaml
 
 from ril_fast import checkpoint, distributed
 from ril_fast.config import Config, ConfigError
-from ril_fast.export import save_hf_files
-from ril_fast.files import model_folder_problem
+from ril_fast.data import StepDataError
+from ril_fast.export import export_hf, save_hf_files
+from ril_fast.files import InUse, lock_folder, model_folder_problem, unlock_folder, write_text_atomic
 from ril_fast.metrics import records_until
+from ril_fast.processor import UnsupportedModel
 
 FINISHED = "finished.json"  # written last, after final/ is complete: the step final/ was exported at
+
+
+class NothingToDo(Exception):
+    """The run in ``output_dir`` finished (its last step exported) with this run's settings (one that finished with
+    other settings is a ``ConfigError``: :func:`check_finished_settings`): raised by ``ril_fast.train.setup`` before
+    any model loads."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(f"nothing to do: the run in {cfg.output_dir} finished (steps={cfg.steps}); "
+                         f"raise steps to go on")
+        self.output_dir = Path(cfg.output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,7 +91,14 @@ def where_to_start(cfg: Config) -> tuple[Path | None, bool]:
     """The checkpoint the run continues from (:func:`resume_point`) and whether the run has anything left to do
     (:func:`finished`; a run that finished with other settings is refused: :func:`check_finished_settings`), all
     before any model loads, as is a checkpoint that cannot continue this run (:func:`check_student`,
-    :func:`check_mode`)."""
+    :func:`check_mode`). ``output_dir`` must be a folder (or not exist yet) that no other run is writing
+    (:func:`lock_output_dir`): that is said first, not what the other run's checkpoints would make of this start."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out}: exists and is not a folder")
+    if out.is_dir():
+        lock_output_dir(out)
+        unlock_folder(out)  # taken for good once the set-up's checks pass
     resume_from = resume_point(cfg)
     done = finished(cfg, resume_from)
     if done:
@@ -84,6 +107,16 @@ def where_to_start(cfg: Config) -> tuple[Path | None, bool]:
         check_student(cfg, resume_from)
         check_mode(cfg, resume_from)
     return resume_from, done
+
+
+def lock_output_dir(out: Path) -> None:
+    """Take ``output_dir``'s lock for this process (rank 0's: ``on_rank0`` gives its refusal to every rank)."""
+    try:
+        lock_folder(out)
+    except InUse as e:
+        raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
+    except OSError as e:
+        raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None
 
 
 def check_student(cfg: Config, path: Path) -> None:
@@ -262,6 +295,17 @@ def checkpoint_if_due(run, step: int) -> None:
         _stop(run, step)
 
 
+def checkpoint_last(run) -> None:
+    """After the loop: save the last step (steps=0: the discriminator's pre-training) unless the loop did
+    (``checkpoint_every`` divides ``steps``, or a resumed run had no step left) or ``checkpoint_every=0``, so that
+    the same command run again has nothing to redo and more steps go on from it; a SIGTERM or Ctrl-C during that
+    save stops the run after it."""
+    cfg = run.cfg
+    if cfg.checkpoint_every and (run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every or cfg.steps == 0):
+        save_checkpoint(run, cfg.steps)
+        stop_if_asked(run, cfg.steps)
+
+
 def checkpoint_pretraining_if_asked(run) -> None:
     """After a step of the discriminator's pre-training: when any rank got SIGTERM or Ctrl-C, save its progress
     (``run.counters["pretrained"]`` steps) as the checkpoint of step 0, from which the run goes on, and stop."""
@@ -352,3 +396,36 @@ def request_stop(run, signum: int) -> None:
                 "; torchrun kills the ranks after its --shutdown-timeout (30 s unless set): raise it where a step "
                 "takes longer" if "TORCHELASTIC_RUN_ID" in os.environ else ""), flush=True)
     run.stop_requested.append(signum)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finishing: the last evaluation, the export, FINISHED; what a refused run exits with
+# ----------------------------------------------------------------------------------------------------
+def finish(run, evaluate_and_log) -> None:
+    """The run's end: the last step's evaluation (``evaluate_and_log(run, step=steps)``, the trainer's; with
+    ``steps=0``, step 0's was the last), after which a SIGTERM or Ctrl-C meanwhile saves the last step (unless
+    saved) and stops; then the export to ``output_dir/final`` (a signal from here on waits for it), the log
+    closed and, on the main rank, ``FINISHED`` written and where the record and the student are printed."""
+    cfg, out = run.cfg, Path(run.cfg.output_dir)
+    if cfg.steps:
+        evaluate_and_log(run, step=cfg.steps)
+        checkpoint_if_asked(run, cfg.steps, saved=cfg.checkpoint_every > 0, after=f"step {cfg.steps}'s evaluation")
+    run.exporting = True  # a SIGTERM or Ctrl-C from here on waits for the export, the run's last work
+    export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main,
+              dtype=cfg.export_dtype.on(run.dist.device))
+    run.log.close()
+    if run.dist.is_main:
+        write_text_atomic(out / FINISHED, json.dumps({"step": cfg.steps}))
+        print(f"metrics: {out / 'metrics.jsonl'}\nexported student: {out / 'final'}", flush=True)
+
+
+def exit_status(error: Exception, rank: int) -> str | int:
+    """What ``rank`` exits with for a ``ConfigError``, ``DataError`` or ``UnsupportedModel``: its message
+    (``SystemExit`` prints it, status 1), or 1 alone. Set-up's errors are every rank's (each rank's own checks are
+    agreed on: ``preflight.check_surroundings``), said by rank 0; a step's data error is one rank's own questions'
+    (``StepDataError``), said by that rank, as is a model ril_fast cannot train found out in a forward
+    (``UnsupportedModel``: set-up refuses what the student's config shows, ``preflight.meta_student``; a sliding
+    window that one rank's own sample outgrows is that rank's alone)."""
+    if rank == 0 or isinstance(error, (StepDataError, UnsupportedModel)):
+        return f"error{f' (rank {rank})' if rank else ''}: {error}"
+    return 1

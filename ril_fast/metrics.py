@@ -1,6 +1,9 @@
 """The run's record: ``metrics.jsonl`` (one JSON object per logged step), a progress bar, phase timers,
 TensorBoard events (when tensorboard is installed) and, at the end, ``curves.png`` (``ril_fast.curves``).
 
+A training step's record is :func:`step_metrics`'s: its rewards, updates, throughput, MFU (FLOPs from
+:func:`model_flops`) and peak memory, over all ranks.
+
 Only the main rank writes. Every value logged is a plain float or int, and each line is strict JSON
 (``record_line``): a non-finite float (a skipped step's loss or gradient norm) is written as the string "nan",
 "inf" or "-inf", since JSON has no such numbers (the bare NaN / Infinity of Python's json are refused by Node's
@@ -19,8 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ril_fast import curves
+from ril_fast import curves, distributed
 from ril_fast.files import write_text_atomic
+from ril_fast.flops import Sample, phase_flops
+from ril_fast.rewards import STUDENT, reward_stats
 
 # The numbers shown on the progress bar (or the step's printed line), in order, when present. An evaluation's
 # accuracies get a line of their own (``evaluation_line``): the bar's postfix is cut at the terminal's width.
@@ -158,6 +163,57 @@ def reset_peak_memory(device: torch.device) -> None:
     """Start a new high-water mark for :func:`peak_memory_gib` (CUDA only)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def step_metrics(run, step: int, timer: PhaseTimer, *, seconds: float, questions: list, groups: list, updates: dict,
+                 micro: list, encoded: list, sources: list[str]) -> dict:
+    """The record of training step ``step`` of ``run`` (the trainer's ``ril_fast.train.Run``), over all ranks (every
+    rank calls this: one gather of each rank's figures): ``reward_stats`` of every rank's ``groups`` (with the
+    ``questions``' answer types), then ``updates`` (the discriminator's and policy's statistics and ``lr``),
+    ``skipped_steps``, the teacher-verdict cache's hit rate (RIL only), tokens/s (:func:`real_tokens` of every rank's
+    ``micro``), ``step_time_s`` (``seconds``), MFU (every rank's :func:`model_flops` of ``encoded`` and ``sources``
+    over ``seconds`` times their matmul peaks), the largest rank's peak memory and ``timer``'s phase times."""
+    tokens = real_tokens(micro)
+    cache = (run.teacher_judge.hits, run.teacher_judge.misses)
+    memory = peak_memory_gib(run.dist.device)
+    cost = (model_flops(run, encoded, sources), run.peak_tflops)
+    per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache, memory, cost))
+    all_groups, all_types, all_tokens, all_cache, all_memory, all_cost = zip(*per_rank)
+    rewards = reward_stats([g for gs in all_groups for g in gs], [t for ts in all_types for t in ts])
+    flops, peaks = map(sum, zip(*all_cost))
+    return {"step": step, **rewards, **updates, "skipped_steps": run.counters["skipped_steps"],
+            **_judge_cache_stats(run, all_cache), "tokens_per_s": sum(all_tokens) / seconds, "step_time_s": seconds,
+            "mfu": flops / (seconds * peaks * 1e12), "peak_memory_gib": round(max(all_memory), 3),
+            **timer.as_metrics()}
+
+
+def real_tokens(micro: list) -> int:
+    """The tokens of the packed micro-batches' real samples (``MicroBatch.real``; the zero-weight fillers a rank
+    with fewer outputs gets are no work of the step): a step's tokens, for tokens/s."""
+    return sum(mb.batch.lengths[k] for mb in micro for k in mb.real)
+
+
+def model_flops(run, encoded: list, sources: list[str]) -> float:
+    """This rank's model FLOPs in the step (``ril_fast.flops``: the matmuls of the rollout, the
+    discriminator's updates and scores, the frozen log-probs and the policy updates; nothing recomputed).
+    ``encoded``: the step's outputs in group order, a question's G student outputs first."""
+    cfg = run.cfg
+    samples = [Sample.of(e) for e in encoded]
+    students = [x for x, source in zip(samples, sources) if source == STUDENT]
+    prompts = [x.prompt_only() for x in students[::cfg.group_size]]  # each question's rendered prompt
+    frozen = int(cfg.mu > 1) + int(run.reference is not None)
+    return sum(phase_flops(run.shapes, prompts, students, samples, group_size=cfg.group_size, mu=cfg.mu,
+                           frozen_models=frozen, disc=run.disc is not None).values())
+
+
+def _judge_cache_stats(run, hits_misses: list[tuple[int, int]]) -> dict:
+    """The teacher-verdict cache's hit rate over all ranks since these processes started (RIL only): a
+    cost figure, like the timings; a resumed run starts with the in-memory cache empty unless
+    ``judge_cache`` keeps it. ``hits_misses``: each rank's counts."""
+    if run.bank is None:
+        return {}
+    hits, misses = sum(h for h, _ in hits_misses), sum(m for _, m in hits_misses)
+    return {"teacher_judge_cache_hit_rate": hits / max(hits + misses, 1)}
 
 
 def bar_labels(keys) -> dict[str, str]:

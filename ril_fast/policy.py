@@ -2,18 +2,20 @@
 
     loss = −Σ_i Σ_t mask · [min(ρ A_i, clip(ρ, 1−ε_low, 1+ε_high) A_i) − β k3] / (outputs × L_max)
 
-The normaliser is the number of outputs over ALL ranks times L_max, counted once per step: every
-micro-batch's loss is divided by it, so summing the gradients over micro-batches and ranks gives the
-gradient of the one loss above. FSDP must therefore sum, not average, across ranks (see
-``ril_fast.distributed``). Log-probs come from ``ril_fast.models.packed_logprobs``: the decoder's last
-hidden states of the response rows go through ``kernels.token_logprobs`` with the LM head weight, so
-the (tokens × vocabulary) logits are never built.
+The normaliser is the number of outputs over ALL ranks times L_max, counted once per step
+(:func:`global_outputs`, :func:`normalizer`): every micro-batch's loss is divided by it, so summing the
+gradients over micro-batches and ranks gives the gradient of the one loss above. FSDP must therefore sum,
+not average, across ranks (see ``ril_fast.distributed``). Log-probs come from
+``ril_fast.models.packed_logprobs``: the decoder's last hidden states of the response rows go through
+``kernels.token_logprobs`` with the LM head weight, so the (tokens × vocabulary) logits are never built.
 """
 
 from dataclasses import dataclass
 
 import torch
 
+from ril_fast import distributed
+from ril_fast.config import Config
 from ril_fast.distributed import all_reduce_sum, bare_blocks, call, compute_device, gathered
 from ril_fast.kernels import dr_grpo_loss
 from ril_fast.microbatch import MicroBatch, sync_gradients
@@ -23,13 +25,32 @@ from ril_fast.models import Kernels, packed_logprobs, recomputing
 @dataclass
 class LossConfig:
     """Eq. 2's constants: clip range, KL weight and the sampling temperature the log-probs use; and
-    which code computes the log-probs and the loss (``ril_fast.models.Kernels``)."""
+    which code computes the log-probs and the loss (``ril_fast.models.Kernels``). The trainer's are
+    :meth:`from_config`'s; the defaults serve tests and benchmarks that set a few."""
 
     eps_low: float = 0.2
     eps_high: float = 0.2
     beta: float = 0.0
     temperature: float = 1.0
     kernels: Kernels = Kernels.AUTO
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "LossConfig":
+        """The run's: ``loss.eps_low``, ``loss.eps_high``, ``beta``, ``rollout.temperature`` (the rollout's τ) and
+        ``loss.kernels``."""
+        return cls(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, beta=cfg.beta,
+                   temperature=cfg.rollout.temperature, kernels=cfg.loss.kernels)
+
+
+def global_outputs(n: int, device: torch.device) -> torch.Tensor:
+    """The step's number of outputs over all ranks (``n`` this rank's), counted once, as a 0-dim fp32 tensor on
+    ``device``: Eq. 1's divisor, and with L_max Eq. 2's (:func:`normalizer`)."""
+    return distributed.all_reduce_sum(torch.tensor(float(n), device=device))
+
+
+def normalizer(n_global: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Eq. 2's divisor: the step's outputs over all ranks (:func:`global_outputs`) times L_max (0-dim fp32)."""
+    return n_global * max_new_tokens
 
 
 @torch.no_grad()

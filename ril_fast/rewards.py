@@ -32,8 +32,23 @@ def similarity_rewards(disc_probs: torch.Tensor, threshold: float = 0.5) -> torc
     return (disc_probs.detach() < threshold).float()
 
 
-def answer_rewards(judge: Judge, items: list[JudgeItem]) -> torch.Tensor:
-    """r_ans = 1[judge says correct], one call of ``judge`` for the whole batch -> (n,) float32 in {0, 1}."""
+def answer_rewards(judge: Judge, teacher_judge: Judge, samples: list[dict], sources: list[str]) -> torch.Tensor:
+    """r_ans = 1[judge says correct] for a batch's outputs -> (n,) float32 in {0, 1}, in the order of ``samples``
+    (dicts with "question", "answer" and "response"; ``sources``: each one's, STUDENT or a teacher's name). The
+    student's outputs go to ``judge`` in one call, the teachers' (if any) to ``teacher_judge`` in one call (the
+    trainer's caches their verdicts, which never change)."""
+    items = [JudgeItem(s["question"], s["answer"], s["response"]) for s in samples]
+    student_idx = [i for i, s in enumerate(sources) if s == STUDENT]
+    teacher_idx = [i for i, s in enumerate(sources) if s != STUDENT]
+    r_ans = torch.zeros(len(items))
+    r_ans[student_idx] = _verdicts(judge, [items[i] for i in student_idx])
+    if teacher_idx:
+        r_ans[teacher_idx] = _verdicts(teacher_judge, [items[i] for i in teacher_idx])
+    return r_ans
+
+
+def _verdicts(judge: Judge, items: list[JudgeItem]) -> torch.Tensor:
+    """1[judge says correct] per item, one call of ``judge`` -> (n,) float32 in {0, 1}."""
     return torch.tensor([float(v) for v in judge(items)], dtype=torch.float32)
 
 

@@ -198,3 +198,12 @@ def sample_responses(model, processor: Processor, examples: list[dict], *, group
                 out = hf.generate(**inputs, generation_config=config, synced_gpus=False)
             flat.extend(_split(out[:, inputs["input_ids"].shape[1]:].cpu(), processor.stop_token_ids, tok))
     return [flat[i:i + group_size] for i in range(0, len(flat), group_size)]
+
+
+def sampling_settings(cfg) -> dict:
+    """The keyword arguments of :func:`sample_responses` that the trainer's rollout phase takes from ``cfg`` (a
+    ``ril_fast.config.Config``): ``group_size``, ``max_new_tokens``, ``rollout.temperature``, ``top_p``, ``top_k``
+    and ``batch_size`` (as ``max_batch``); the seed, one per step and rank, is the caller's. bench/throughput.py
+    samples with these too, so the two cannot drift apart."""
+    return dict(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_batch=cfg.rollout.batch_size)

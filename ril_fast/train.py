@@ -6,7 +6,8 @@
     python -m ril_fast.train --help                              # every setting, its default and meaning
 
 Each phase lives in its own module: rollouts (``rollout``), teacher outputs and rewards (``rewards``),
-the discriminator's Eq. 1 (``imitation``), the policy's Eq. 2 (``policy``), evaluation (``evaluate``).
+the discriminator's Eq. 1 (``imitation``), the policy's Eq. 2 (``policy``), evaluation (``evaluate``); around
+them, the run's start, checkpoints and end (``lifecycle``), its record (``metrics``) and faults (``faults``).
 With no teachers configured it is plain Dr.GRPO on the judge reward (the paper's "RL only" row).
 
 Where this departs from, or fills in, the paper (its code is not public):
@@ -27,8 +28,6 @@ and on SIGTERM or Ctrl-C; the same command run again continues from the newest o
 per-step metrics as a run that was never stopped (after the last step: nothing to do).
 """
 
-import contextlib
-import json
 import os
 import random
 import sys
@@ -38,40 +37,29 @@ from pathlib import Path
 
 import torch
 
-from ril_fast import checkpoint, distributed, schedule
+from ril_fast import distributed, schedule
 from ril_fast.config import Config, ConfigError, load_config
 from ril_fast.data import Batches, DataError, Example, StepDataError, no_room, to_sample
 from ril_fast.demo import needs_demo, with_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.evaluate import evaluate
-from ril_fast.export import export_hf
-from ril_fast.flops import Sample, Shapes, matmul_peak_tflops, phase_flops
-from ril_fast.files import InUse, lock_folder, unlock_folder, write_text_atomic
+from ril_fast.faults import count_skipped, explain_oom
+from ril_fast.flops import Shapes, matmul_peak_tflops
+from ril_fast.files import unlock_folder
 from ril_fast.imitation import disc_pass, disc_probs
-from ril_fast.judge import CachedJudge, JudgeItem, make_judge_from_config
-from ril_fast.metrics import PhaseTimer, RunLog, peak_memory_gib, reset_peak_memory
+from ril_fast.judge import CachedJudge, make_judge_from_config
+from ril_fast.metrics import PhaseTimer, RunLog, reset_peak_memory, step_metrics
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
-from ril_fast.lifecycle import (FINISHED, checkpoint_if_asked, checkpoint_if_due, checkpoint_pretraining_if_asked,
-                               load_checkpoint, save_checkpoint, sigterm_when_torchrun_dies, stop_if_asked,
-                               stop_on_signals, where_to_start)
+from ril_fast.lifecycle import (FINISHED, NothingToDo, checkpoint_if_asked, checkpoint_if_due, checkpoint_last,
+                               checkpoint_pretraining_if_asked, exit_status, finish, load_checkpoint,
+                               lock_output_dir, sigterm_when_torchrun_dies, stop_on_signals, where_to_start)
 from ril_fast.models import compute_dtype, enable_activation_checkpointing, load
-from ril_fast.policy import LossConfig, frozen_logprobs, optimizer_step, policy_pass
+from ril_fast.policy import LossConfig, frozen_logprobs, global_outputs, normalizer, optimizer_step, policy_pass
 from ril_fast.preflight import (built_demo, check_memory, check_surroundings, length_limit, load_data,
                                 token_budget)
 from ril_fast.processor import UnsupportedModel
-from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs, reward_stats
-from ril_fast.rollout import sample_responses
-
-
-class NothingToDo(Exception):
-    """The run in ``output_dir`` finished (its last step exported) with this run's settings (one that finished with
-    other settings is a ``ConfigError``: ``lifecycle.check_finished_settings``): raised by :func:`setup` before any
-    model loads."""
-
-    def __init__(self, cfg: Config):
-        super().__init__(f"nothing to do: the run in {cfg.output_dir} finished (steps={cfg.steps}); "
-                         f"raise steps to go on")
-        self.output_dir = Path(cfg.output_dir)
+from ril_fast.rewards import STUDENT, answer_rewards, build_groups, draw_teacher_outputs
+from ril_fast.rollout import sample_responses, sampling_settings
 
 
 @dataclass
@@ -135,20 +123,9 @@ def main(argv: list[str] | None = None) -> Path:
                 run.log.log(metrics)
             checkpoint_if_due(run, step)  # every checkpoint_every steps; after SIGTERM or Ctrl-C, then stop
         # The last step too (steps=0: the discriminator's pre-training), so that the same command run again has
-        # nothing to redo, and more steps go on from it.
-        if cfg.checkpoint_every and (run.start_step < cfg.steps and cfg.steps % cfg.checkpoint_every or cfg.steps == 0):
-            save_checkpoint(run, cfg.steps)
-            stop_if_asked(run, cfg.steps)  # a SIGTERM or Ctrl-C during that save
-        if cfg.steps:  # (steps=0: step 0's evaluation is the last)
-            evaluate_and_log(run, step=cfg.steps)
-            checkpoint_if_asked(run, cfg.steps, saved=cfg.checkpoint_every > 0, after=f"step {cfg.steps}'s evaluation")
-        run.exporting = True  # a SIGTERM or Ctrl-C from here on waits for the export, the run's last work
-        export_hf(run.student, run.processor, out / "final", is_main=run.dist.is_main,
-                  dtype=cfg.export_dtype.on(run.dist.device))
-        run.log.close()
-        if run.dist.is_main:
-            write_text_atomic(out / FINISHED, json.dumps({"step": cfg.steps}))
-            print(f"metrics: {out / 'metrics.jsonl'}\nexported student: {out / 'final'}", flush=True)
+        # nothing to redo, and more steps go on from it; then its evaluation, final/ and finished.json.
+        checkpoint_last(run)
+        finish(run, evaluate_and_log)
     distributed.barrier()
     unlock_folder(out)
     return out
@@ -166,7 +143,7 @@ def setup(cfg: Config) -> Run:
         cfg = with_demo(cfg, built_demo())
     out = Path(cfg.output_dir)
     # Rank 0's view of output_dir decides for every rank: a shared file system may show ranks different views.
-    resume_from, done = distributed.on_rank0(lambda: _where_to_start(cfg, out))
+    resume_from, done = distributed.on_rank0(lambda: where_to_start(cfg))
     if done:
         raise NothingToDo(cfg)
     if dist.is_main:
@@ -175,7 +152,7 @@ def setup(cfg: Config) -> Run:
     examples, bank, eval_examples, batches = load_data(cfg, dist)
     verdicts = check_surroundings(cfg, dist)  # the judge's folder, server and verdict cache, on every rank
     check_memory(cfg, dist, disc=bank is not None)
-    distributed.on_rank0(lambda: _lock_output_dir(out))  # from here on this run writes in output_dir
+    distributed.on_rank0(lambda: lock_output_dir(out))  # from here on this run writes in output_dir
 
     gpu, dtype = dist.device.type == "cuda", compute_dtype(dist.device)
     # Each model loads into the CPU's memory and shard_model moves it to the device one unit at a time: a GPU
@@ -244,39 +221,6 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def exit_status(error: Exception, rank: int) -> str | int:
-    """What ``rank`` exits with for a ``ConfigError``, ``DataError`` or ``UnsupportedModel``: its message
-    (``SystemExit`` prints it, status 1), or 1 alone. Set-up's errors are every rank's (each rank's own checks are
-    agreed on: ``preflight.check_surroundings``), said by rank 0; a step's data error is one rank's own questions'
-    (``StepDataError``), said by that rank, as is a model ril_fast cannot train found out in a forward
-    (``UnsupportedModel``: set-up refuses what the student's config shows, ``preflight.meta_student``; a sliding
-    window that one rank's own sample outgrows is that rank's alone)."""
-    if rank == 0 or isinstance(error, (StepDataError, UnsupportedModel)):
-        return f"error{f' (rank {rank})' if rank else ''}: {error}"
-    return 1
-
-
-def _where_to_start(cfg: Config, out: Path):
-    """``lifecycle.where_to_start`` for ``output_dir`` = ``out``, which must be a folder (or not exist yet) that no
-    other run is writing: that is said first, not what the other run's checkpoints would make of this start."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir={out}: exists and is not a folder")
-    if out.is_dir():
-        _lock_output_dir(out)
-        unlock_folder(out)  # taken for good once the set-up's checks pass
-    return where_to_start(cfg)
-
-
-def _lock_output_dir(out: Path) -> None:
-    """Take ``output_dir``'s lock for this process (rank 0's: ``on_rank0`` gives its refusal to every rank)."""
-    try:
-        lock_folder(out)
-    except InUse as e:
-        raise ConfigError(f"output_dir={e}: wait for that run to end, or stop it") from None
-    except OSError as e:
-        raise ConfigError(f"output_dir={out}: cannot write there: {e}") from None
-
-
 # ----------------------------------------------------------------------------------------------------
 # One step of Algorithm 2
 # ----------------------------------------------------------------------------------------------------
@@ -292,10 +236,7 @@ def collect_outputs(run: Run, questions: list[Example], seed: int):
     run.processor.forget_prompts()  # the last step's questions: not asked again this epoch
     prompts = [to_sample(q) for q in questions]
     try:
-        rollouts = sample_responses(run.student, run.processor, prompts, group_size=cfg.group_size,
-                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.rollout.temperature,
-                                    top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed,
-                                    max_batch=cfg.rollout.batch_size)
+        rollouts = sample_responses(run.student, run.processor, prompts, seed=seed, **sampling_settings(cfg))
     except ValueError:
         _name_the_failing_prompt(run, questions)
         raise
@@ -350,11 +291,6 @@ def _check_lengths(run: Run, samples: list[dict], encoded) -> None:
                                               budget=budget, setting=setting)))
 
 
-def _global_count(run: Run, n: int) -> torch.Tensor:
-    """The number of outputs of this step over all ranks, counted once, as a 0-dim fp32 tensor."""
-    return distributed.all_reduce_sum(torch.tensor(float(n), device=run.dist.device))
-
-
 def _disc_update(run: Run, micro, sources, n_global) -> dict:
     labels = torch.tensor([float(s == STUDENT) for s in sources])
     stats = disc_pass(run.disc, micro, labels, n_global, threshold=run.cfg.disc.threshold)
@@ -370,7 +306,7 @@ def pretrain_disc_step(run: Run) -> dict:
         samples, sources, _, _ = collect_outputs(run, questions, seed=_seed(run, -1 - run.counters["questions"]))
         micro, _ = _micro(run, samples)
     with explain_oom(cfg, "pre-training disc_update", micro):
-        return _disc_update(run, micro, sources, _global_count(run, len(samples)))
+        return _disc_update(run, micro, sources, global_outputs(len(samples), run.dist.device))
 
 
 def _seed(run: Run, step: int) -> int:
@@ -390,7 +326,7 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
     with timer("rollout"), explain_oom(cfg, "rollout"):
         samples, sources, student_texts, teacher_outputs = collect_outputs(run, questions, _seed(run, step))
         micro, encoded = _micro(run, samples)
-        n_global = _global_count(run, len(samples))
+        n_global = global_outputs(len(samples), run.dist.device)
 
     # Repeat μ times: update D_φ with Eq. 1 on this batch's student and teacher outputs.
     disc_stats = {}
@@ -401,13 +337,7 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
 
     # Rewards r = r_sim + r_ans for all 2G outputs of each q; Dr.GRPO advantages over each group.
     with timer("judge"):
-        items = [JudgeItem(s["question"], s["answer"], s["response"]) for s in samples]
-        student_idx = [i for i, s in enumerate(sources) if s == STUDENT]
-        teacher_idx = [i for i, s in enumerate(sources) if s != STUDENT]
-        r_ans = torch.zeros(len(items))
-        r_ans[student_idx] = answer_rewards(run.judge, [items[i] for i in student_idx])
-        if teacher_idx:
-            r_ans[teacher_idx] = answer_rewards(run.teacher_judge, [items[i] for i in teacher_idx])
+        r_ans = answer_rewards(run.judge, run.teacher_judge, samples, sources)
     with timer("disc_score"), explain_oom(cfg, "disc_score", micro):
         probs = disc_probs(run.disc, micro, len(samples)) if run.disc is not None else None
     groups = build_groups(student_texts, teacher_outputs, r_ans, probs, threshold=cfg.disc.threshold)
@@ -420,90 +350,18 @@ def train_step(run: Run, step: int, timer: PhaseTimer | None = None) -> dict:
         ref = frozen_logprobs(run.reference, micro, temperature, kernels) if run.reference is not None else None
 
     # Repeat μ times: update π_θ with Eq. 2 over all 2G outputs.
-    loss_cfg = LossConfig(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, beta=cfg.beta,
-                          temperature=cfg.rollout.temperature, kernels=cfg.loss.kernels)
-    normalizer = n_global * cfg.max_new_tokens
+    loss_cfg, divisor = LossConfig.from_config(cfg), normalizer(n_global, cfg.max_new_tokens)
     lr = run.scheduler.get_last_lr()[0]  # the rate of this step's (first) update
     for _ in range(cfg.mu):
         with timer("policy_update"), explain_oom(cfg, "policy_update", micro):
-            policy = policy_pass(run.student, micro, advantages, normalizer, loss_cfg, old=old, ref=ref)
+            policy = policy_pass(run.student, micro, advantages, divisor, loss_cfg, old=old, ref=ref)
         with timer("optimizer"):
             policy.update(optimizer_step(run.student, run.optimizer, cfg.optim.grad_clip))
         count_skipped(run, bool(policy["skipped"]), step)
         run.scheduler.step()
 
-    seconds = time.perf_counter() - t0
-    tokens = sum(mb.batch.lengths[k] for mb in micro for k in mb.real)
-    cache = (run.teacher_judge.hits, run.teacher_judge.misses)
-    memory = peak_memory_gib(run.dist.device)
-    cost = (model_flops(run, encoded, sources), run.peak_tflops)
-    per_rank = distributed.all_gather_objects((groups, [q.answer_type for q in questions], tokens, cache, memory, cost))
-    all_groups, all_types, all_tokens, all_cache, all_memory, all_cost = zip(*per_rank)
-    rewards = reward_stats([g for gs in all_groups for g in gs], [t for ts in all_types for t in ts])
-    flops, peaks = map(sum, zip(*all_cost))
-    return {"step": step, **rewards, **disc_stats, **policy, "lr": lr, "skipped_steps": run.counters["skipped_steps"],
-            **_judge_cache_stats(run, all_cache), "tokens_per_s": sum(all_tokens) / seconds, "step_time_s": seconds,
-            "mfu": flops / (seconds * peaks * 1e12), "peak_memory_gib": round(max(all_memory), 3),
-            **timer.as_metrics()}
-
-
-def model_flops(run: Run, encoded: list, sources: list[str]) -> float:
-    """This rank's model FLOPs in the step (``ril_fast.flops``: the matmuls of the rollout, the
-    discriminator's updates and scores, the frozen log-probs and the policy updates; nothing recomputed).
-    ``encoded``: the step's outputs in group order, a question's G student outputs first."""
-    cfg = run.cfg
-    samples = [Sample.of(e) for e in encoded]
-    students = [x for x, source in zip(samples, sources) if source == STUDENT]
-    prompts = [x.prompt_only() for x in students[::cfg.group_size]]  # each question's rendered prompt
-    frozen = int(cfg.mu > 1) + int(run.reference is not None)
-    return sum(phase_flops(run.shapes, prompts, students, samples, group_size=cfg.group_size, mu=cfg.mu,
-                           frozen_models=frozen, disc=run.disc is not None).values())
-
-
-def _judge_cache_stats(run: Run, hits_misses: list[tuple[int, int]]) -> dict:
-    """The teacher-verdict cache's hit rate over all ranks since these processes started (RIL only): a
-    cost figure, like the timings; a resumed run starts with the in-memory cache empty unless
-    ``judge_cache`` keeps it. ``hits_misses``: each rank's counts."""
-    if run.bank is None:
-        return {}
-    hits, misses = sum(h for h, _ in hits_misses), sum(m for _, m in hits_misses)
-    return {"teacher_judge_cache_hit_rate": hits / max(hits + misses, 1)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Faults: non-finite updates, out of memory
-# ----------------------------------------------------------------------------------------------------
-def count_skipped(run: Run, skipped: bool, step: int) -> None:
-    """Count an optimizer step skipped for a non-finite loss or gradient norm; ``max_bad_steps`` in a row
-    stop the run (the skipped steps left the model as it was)."""
-    run.counters["skipped_steps"] += int(skipped)
-    run.counters["bad_in_a_row"] = run.counters["bad_in_a_row"] + 1 if skipped else 0
-    if run.counters["bad_in_a_row"] >= run.cfg.max_bad_steps:
-        message = (f"stopping at step {step}: {run.cfg.max_bad_steps} optimizer steps in a row had a non-finite "
-                   f"loss or gradient norm; each was skipped, so the model is as it was before them. Lower "
-                   f"optim.lr or check the data; the newest checkpoint is {checkpoint.latest(run.cfg.output_dir)}")
-        raise SystemExit(message if run.dist.is_main else 1)
-
-
-@contextlib.contextmanager
-def explain_oom(cfg: Config, phase: str, micro=None):
-    """Turn an out-of-memory error inside ``phase`` into one that names the setting to lower and, for a
-    phase over packed micro-batches, the size of the step's largest one."""
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        if micro is None:
-            hint = f"lower rollout.batch_size (now {cfg.rollout.batch_size} sequences per generate call)"
-        else:
-            biggest = max(micro, key=lambda mb: sum(mb.batch.lengths))
-            hint = (f"its largest micro-batch holds {sum(biggest.batch.lengths)} tokens in "
-                    f"{len(biggest.batch.lengths)} sequences: lower batch.max_tokens (now {cfg.batch.max_tokens})")
-            if phase.endswith("_update") and not cfg.batch.activation_checkpointing:
-                hint += ", or set batch.activation_checkpointing=true"
-            if phase.endswith("_update") and cfg.batch.keep_gathered and \
-                    distributed.shard_size(cfg.batch.shard_ranks) == 1:
-                hint += ", or batch.keep_gathered=false"
-        raise RuntimeError(f"out of memory in the {phase} phase; {hint}") from e
+    return step_metrics(run, step, timer, seconds=time.perf_counter() - t0, questions=questions, groups=groups,
+                        updates={**disc_stats, **policy, "lr": lr}, micro=micro, encoded=encoded, sources=sources)
 
 
 # ----------------------------------------------------------------------------------------------------

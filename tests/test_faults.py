@@ -99,7 +99,7 @@ def test_the_steps_own_length_check_names_the_line(demo):
     run = SimpleNamespace(cfg=cfg, student=SimpleNamespace(config=AutoConfig.from_pretrained(demo.student)))
     samples = [{"where": "a.jsonl:3"}, {"where": "a.jsonl:9"}]
     train._check_lengths(run, samples[:1], [SimpleNamespace(prompt_len=79)])  # 79 + 11 = 90 fits
-    with pytest.raises(StepDataError) as e:  # one rank's own questions: that rank says it (train.exit_status)
+    with pytest.raises(StepDataError) as e:  # one rank's own questions: that rank says it (lifecycle.exit_status)
         train._check_lengths(run, samples, [SimpleNamespace(prompt_len=79), SimpleNamespace(prompt_len=80)])
     assert str(e.value).startswith("a.jsonl:9: the prompt takes 80 tokens (images included); with max_new_tokens=11 "
                                    "that exceeds batch.max_tokens (90 tokens)")

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ril_fast.judge import JudgeItem, RuleJudge
+from ril_fast.judge import RuleJudge
 from ril_fast.rewards import (STUDENT, answer_rewards, build_groups, draw_teacher_outputs, flatten,
                               group_advantages, reward_stats, similarity_rewards)
 
@@ -19,10 +19,23 @@ def test_similarity_rewards_threshold():
 
 
 def test_answer_rewards_from_judge():
-    items = [JudgeItem("What shape is this?", "triangle", r)
-             for r in ("A triangle.", "circle", "Not a triangle.", "The shape is a triangle.")]
-    r = answer_rewards(RuleJudge(use_math_verify=False), items)
-    assert r.dtype == torch.float32 and r.tolist() == [1, 0, 0, 1]
+    """The student's outputs go to the judge in one call, the teachers' to the teacher judge in one call (the
+    trainer's caches their verdicts); the rewards come back in the outputs' order."""
+    samples = [{"question": "What shape is this?", "answer": "triangle", "response": r}
+               for r in ("A triangle.", "circle", "Not a triangle.", "The shape is a triangle.", "triangle")]
+    sources = [STUDENT, STUDENT, "big", STUDENT, "huge"]
+    rule, calls = RuleJudge(use_math_verify=False), []
+
+    def judge(name):
+        return lambda items: calls.append((name, [i.response for i in items])) or rule(items)
+
+    r = answer_rewards(judge("student"), judge("teacher"), samples, sources)
+    assert r.dtype == torch.float32 and r.tolist() == [1, 0, 0, 1, 1]
+    assert calls == [("student", ["A triangle.", "circle", "The shape is a triangle."]),
+                     ("teacher", ["Not a triangle.", "triangle"])]
+    calls.clear()  # RL only: no teacher output, the teacher judge is not called
+    assert answer_rewards(judge("student"), judge("teacher"), samples[:2], sources[:2]).tolist() == [1, 0]
+    assert [name for name, _ in calls] == ["student"]
 
 
 def test_group_advantages_by_hand():
@@ -65,8 +78,9 @@ def test_zero_reward_trap_is_escaped():
     teachers = [draw_teacher_outputs({"big": ["The shape is a triangle.", "Triangle."],
                                       "huge": ["It's a triangle."]}, G, rng)]
     judge = RuleJudge(use_math_verify=False)
-    items = [JudgeItem("What shape is in the image?", answer, r) for _, _, r in flatten(students, teachers)]
-    r_ans = answer_rewards(judge, items)
+    outputs = flatten(students, teachers)
+    samples = [{"question": "What shape is in the image?", "answer": answer, "response": r} for _, _, r in outputs]
+    r_ans = answer_rewards(judge, judge, samples, [source for _, source, _ in outputs])
     assert r_ans.tolist() == [0] * G + [1] * G
     for disc in (torch.full((2 * G,), 0.9),  # D sure everything is the student's
                  torch.tensor([0.9] * G + [0.1] * G)):  # D separates perfectly

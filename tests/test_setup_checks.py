@@ -406,7 +406,7 @@ def test_a_finished_run_with_other_settings_is_refused_before_any_model_loads(de
     saved = yaml.safe_load(config)
     del saved["long_prompts"]  # as an earlier release wrote it
     (older / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    with pytest.raises(train.NothingToDo):
+    with pytest.raises(lifecycle.NothingToDo):
         train.setup(load_config(_args(demo, older)))
     with pytest.raises(ConfigError, match=r"finished with other settings \(long_prompts\)"):
         train.setup(load_config(_args(demo, older, long_prompts="skip")))
@@ -456,11 +456,11 @@ def test_a_ranks_own_data_error_is_said_by_that_rank():
     from ril_fast.processor import UnsupportedModel
 
     setup_error, step_error = DataError("t.jsonl:3: bad"), StepDataError("t.jsonl:7: cannot read image 'a.png'")
-    assert [train.exit_status(setup_error, rank) for rank in (0, 2)] == ["error: t.jsonl:3: bad", 1]
-    assert [train.exit_status(step_error, rank) for rank in (0, 2)] == [
+    assert [lifecycle.exit_status(setup_error, rank) for rank in (0, 2)] == ["error: t.jsonl:3: bad", 1]
+    assert [lifecycle.exit_status(step_error, rank) for rank in (0, 2)] == [
         "error: t.jsonl:7: cannot read image 'a.png'", "error (rank 2): t.jsonl:7: cannot read image 'a.png'"]
     window = UnsupportedModel("MistralAttention attends within a sliding window of 8 tokens")
-    assert [train.exit_status(window, rank) for rank in (0, 2)] == [f"error: {window}", f"error (rank 2): {window}"]
+    assert [lifecycle.exit_status(window, rank) for rank in (0, 2)] == [f"error: {window}", f"error (rank 2): {window}"]
 
 
 def test_a_ranks_own_set_up_check_is_raised_on_every_rank(monkeypatch):
@@ -535,8 +535,8 @@ def test_a_finished_run_without_checkpoints_is_not_trained_again(demo, tmp_path,
 def _stop_asked_at(monkeypatch, step: int, where: str) -> None:
     """A SIGTERM during ``step`` (``where="step"``) or during its checkpoint's save ("save"), to the handler
     installed then (the default one would end the process)."""
-    name = "train_step" if where == "step" else "save_checkpoint"
-    real = getattr(train, name)
+    name, module = ("train_step", train) if where == "step" else ("save_checkpoint", lifecycle)
+    real = getattr(module, name)
 
     def asked(run, at, *args, **kwargs):
         if at == step:
@@ -544,7 +544,7 @@ def _stop_asked_at(monkeypatch, step: int, where: str) -> None:
             assert callable(handler), f"a SIGTERM would end the process in step {at}'s {where}"
             handler(signal.SIGTERM, None)
         return real(run, at, *args, **kwargs)
-    monkeypatch.setattr(train, name, asked)
+    monkeypatch.setattr(module, name, asked)
 
 
 def test_finished_json_speaks_of_the_last_run_started_there(demo, tmp_path, monkeypatch, capsys):

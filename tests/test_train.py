@@ -19,6 +19,7 @@ import torch
 from models_fixtures import one_thread  # noqa: F401
 from safetensors.torch import load_file, save_file
 
+import ril_fast.metrics
 from ril_fast.demo import build_demo
 from ril_fast.distributed import _param_groups, _reshards_after_forward, fsdp_modules
 from ril_fast.flops import Sample, phase_flops
@@ -234,7 +235,7 @@ def test_step_flops_are_what_the_step_computes(demo, tmp_path, monkeypatch, mu, 
     takes each question's prompt from its outputs: the same FLOPs as the prompts the rollout rendered."""
     run = train.setup(load_config(_args(demo, tmp_path / "run", demo.teachers if teachers else [], mu=mu,
                                         beta=beta, group_size=3, **{"batch.questions_per_step": 3})))
-    rendered, seen, inner, count = [], [], run.processor, train.model_flops
+    rendered, seen, inner, count = [], [], run.processor, ril_fast.metrics.model_flops
 
     class Recording:
         def __getattr__(self, name):
@@ -245,7 +246,7 @@ def test_step_flops_are_what_the_step_computes(demo, tmp_path, monkeypatch, mu, 
             return rendered[-1]
 
     run.processor = Recording()
-    monkeypatch.setattr(train, "model_flops", lambda *a: seen.append(a) or count(*a))
+    monkeypatch.setattr(ril_fast.metrics, "model_flops", lambda *a: seen.append(a) or count(*a))
     timer = _CountingTimer()
     train.train_step(run, step=1, timer=timer)
     run.log.close()

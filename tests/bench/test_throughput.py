@@ -2,9 +2,11 @@
 speed is asserted), and the configurations it compares compute the same update."""
 
 import csv
+import json
 import runpy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -174,6 +176,42 @@ def test_liger_recomputes_the_layers_as_ril_fast_does(tmp_path_factory, one_thre
     for hook in hooks:
         hook.remove()
     assert counts == dict.fromkeys(counts, 2 * len(decoder_blocks(model)) * len(micro))  # forward, then recomputed
+
+
+def test_the_rollout_baseline_samples_as_the_trainer_does(tmp_path, monkeypatch, bench):
+    """The rollout baseline's prompts and sampling settings are what the trainer's rollout phase passes to
+    sample_responses, every setting at a value other than its default (rollout.top_k was once left out: the
+    baseline sampled from the whole vocabulary), the seed aside (the trainer's is one per step and rank)."""
+    from _baselines import rollout_inputs  # bench/, on sys.path since the fixture ran
+
+    from ril_fast import train
+    from ril_fast.config import load_config
+    from ril_fast.data import load_examples
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"How many {i}?", "answer": str(i),
+                                        "images": []}) + "\n"
+                            for i in range(4)))
+    cfg = load_config([f"train_data={data}", "group_size=3", "max_new_tokens=7", "rollout.temperature=0.7",
+                       "rollout.top_p=0.9", "rollout.top_k=5", "rollout.batch_size=6", "batch.questions_per_step=2"])
+    prompts, settings = rollout_inputs(cfg, rank=0, world_size=1)
+
+    class Sampled(Exception):
+        pass
+
+    passed = {}
+
+    def sample_responses(model, processor, examples, **kwargs):
+        passed.update(kwargs, examples=examples)
+        raise Sampled
+
+    monkeypatch.setattr(train, "sample_responses", sample_responses)
+    run = SimpleNamespace(cfg=cfg, student=None, processor=SimpleNamespace(forget_prompts=lambda: None))
+    with pytest.raises(Sampled):
+        train.collect_outputs(run, load_examples(data)[:2], seed=11)
+    assert passed.pop("examples") == prompts and passed.pop("seed") == 11 and settings.pop("seed") == cfg.seed
+    assert settings == passed
+    assert passed == dict(group_size=3, max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5, max_batch=6)
 
 
 def test_a_configuration_that_cannot_fit_is_a_row_not_a_crash(tmp_path, monkeypatch, one_thread, bench):  # noqa: F811
