@@ -148,16 +148,27 @@ def _remembered(count: Callable[[list], list[int]], key: Callable = lambda item:
 
 def length_limit(config) -> tuple[int | None, str]:
     """The most tokens one sample (prompt and response) may take in the model of ``config``, and its name: the
-    model's context, or a shorter sliding window that some of its layers attend within ("the model's sliding
-    window": ril_fast's attention has none, so it is exact only for samples that fit in the window and refuses
-    longer ones in the forward, ``ril_fast.attention``); None where the config says neither."""
+    model's context, or a shorter length within which packing is exact, the smallest of
+
+    * a sliding window that some of its layers attend within ("the model's sliding window"): ril_fast's attention
+      has none, so it is exact only for samples that fit in the window (and refuses longer ones in the forward,
+      ``ril_fast.attention``);
+    * LongRoPE's original context (Phi-3/3.5 128k, Phi-4-mini: "the model's original context"): transformers
+      switches every position's rotary factors when the longest position of a forward passes it, so one sample
+      longer than that in a packed row would change the log-probs of the short samples beside it.
+
+    (A dynamic NTK RoPE rescales only past the context itself.) None where the config says none of them."""
     text = config.get_text_config()
-    context = getattr(text, "max_position_embeddings", None)
+    limits = [(getattr(text, "max_position_embeddings", None), "the model's context")]
     window, layers = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
-    slides = window is not None and (layers is None or "sliding_attention" in layers)  # Qwen2: use_sliding_window
-    if slides and (context is None or window < context):
-        return window, "the model's sliding window"
-    return context, "the model's context"
+    if window is not None and (layers is None or "sliding_attention" in layers):  # Qwen2: use_sliding_window
+        limits.append((window, "the model's sliding window"))
+    rope = getattr(text, "rope_parameters", None) or {}
+    for params in (rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]):
+        if params.get("rope_type") == "longrope" and params.get("original_max_position_embeddings"):
+            limits.append((params["original_max_position_embeddings"], "the model's original context (LongRoPE)"))
+    known = [limit for limit in limits if limit[0] is not None]
+    return min(known, key=lambda limit: limit[0]) if known else (None, "the model's context")
 
 
 def token_budget(cfg: Config, limit: tuple[int | None, str]) -> tuple[int, str]:

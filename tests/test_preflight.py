@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from models_fixtures import one_thread, text_family, tiny_folder  # noqa: F401
 from transformers import AutoConfig
 
@@ -177,6 +178,12 @@ def test_the_trainer_says_a_model_it_cannot_train_in_one_line(text_data, tmp_pat
     assert "Traceback" not in done.stderr and done.stderr.count("error") == 1, done.stderr[-3000:]
 
 
+# Phi-3 128k's rotary scaling, tiny: the short factors up to 48 positions, the long ones beyond (head_dim 16); Phi-3's
+# config takes the original context from its own field.
+_LONGROPE = dict(rope_scaling=dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[4.0] * 8),
+                 original_max_position_embeddings=48)
+
+
 @pytest.mark.parametrize("model_type, extra, limit", [
     ("mistral", dict(sliding_window=8), (8, "the model's sliding window")),  # every layer slides
     ("mistral", dict(sliding_window=None), (512, "the model's context")),
@@ -185,12 +192,37 @@ def test_the_trainer_says_a_model_it_cannot_train_in_one_line(text_data, tmp_pat
     ("qwen2", dict(sliding_window=8), (512, "the model's context")),  # use_sliding_window=False: none slides
     ("qwen2", dict(sliding_window=8, use_sliding_window=True, max_window_layers=1), (8, "the model's sliding window")),
     ("mistral", dict(sliding_window=4096), (512, "the model's context")),  # a window past the context changes nothing
+    ("phi3", _LONGROPE, (48, "the model's original context (LongRoPE)")),
+    ("phi3", {}, (512, "the model's context")),
 ])
 def test_a_sliding_window_bounds_a_sample_as_the_context_does(model_type, extra, limit):
     """ril_fast's attention has no sliding window, so a sample longer than the window some layer attends within is
     refused in the forward: the window, where a layer slides and it is the shorter, is the model's limit."""
-    config = AutoConfig.for_model(model_type, num_hidden_layers=2, max_position_embeddings=512, **extra)
+    config = AutoConfig.for_model(model_type, num_hidden_layers=2, max_position_embeddings=512, hidden_size=64,
+                                  num_attention_heads=4, **extra)
     assert length_limit(config) == limit
+
+
+def test_packing_is_exact_within_longropes_original_context_only(tmp_path_factory, one_thread):  # noqa: F811
+    """Why LongRoPE's original context bounds a sample: transformers picks the rotary factors of a whole forward from
+    its longest position, so a packed row holding a sample past 48 tokens turns the short one beside it (here by
+    1e-3 at least, with random weights); samples within it pack exactly."""
+    from models_fixtures import random_samples
+
+    from ril_fast.models import response_logprobs
+
+    model, processor = load(text_family(tmp_path_factory, "phi3", **_LONGROPE), device="cpu")
+    assert length_limit(model.config) == (48, "the model's original context (LongRoPE)")
+    short, other = dict(images=[], question="what is x ?", response="x = 4 ."), random_samples([0])[0]
+    long = dict(other, question=" ".join(["the red circle"] * 30) + "?")
+    assert [processor.encode(s).length for s in (short, long)][0] <= 48 < processor.encode(long).length
+    within = dict(short, question="and y ?", response="y = 2 .")
+    with torch.no_grad():
+        alone = response_logprobs(model, processor, [short], packed=False)[0]
+        beside_long = response_logprobs(model, processor, [short, long], packed=True)[0]
+        beside_short = response_logprobs(model, processor, [short, within], packed=True)[0]
+    assert (beside_long - alone).abs().max() > 1e-3
+    assert (beside_short - alone).abs().max() < 1e-5
 
 
 def test_prompts_a_sliding_window_cannot_hold_are_refused_before_any_model_loads(text_data, tmp_path_factory,
