@@ -281,10 +281,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     padding mask ``attention_mask`` (B, Tk) (its last Tq columns mark the real queries), the restarting
     ``position_ids`` (1, T) of a packed row (B = 1), else one sample per batch row. Tq < Tk is generation with a
     KV cache: each batch row is one sample, its queries the last positions. A ``sliding_window`` is taken where no
-    sample is longer than it (where it changes nothing); logit soft-capping never.
+    sample is longer than it (where it changes nothing); never logit soft-capping, attention sinks (``s_aux``), values
+    of another head dim than the queries' (multi-head latent attention) or a mask the model built itself (any but a
+    2-D padding mask): those raise ``UnsupportedModel``.
     """
+    name = type(module).__name__
     if kwargs.get("softcap") is not None:
-        raise UnsupportedModel(f"{type(module).__name__} soft-caps its attention logits: ril_fast's attention does not")
+        raise UnsupportedModel(f"{name} soft-caps its attention logits: ril_fast's attention does not")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise UnsupportedModel(f"{name} adds attention sinks to its softmax: ril_fast's attention has none")
+    if value.shape[-1] != query.shape[-1]:
+        raise UnsupportedModel(f"{name} has values of {value.shape[-1]} dims per head and queries of "
+                               f"{query.shape[-1]}: ril_fast's attention takes one head dim for both")
     B, Hq, Tq, D = query.shape
     Tk = key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -296,9 +304,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     packed_row = position_ids is not None and B == 1 and Tq == Tk  # as transformers detects one
     if kwargs.get("cu_seq_lens_q") is None and attention_mask is None and not packed_row and (not causal or Tq == Tk):
         if causal and _packed.get():
-            raise UnsupportedModel(f"{type(module).__name__} gets neither position ids nor sample boundaries from its "
-                                   f"model, so the samples of a packed row cannot be kept apart: ril_fast cannot "
-                                   f"train this architecture")
+            raise UnsupportedModel(f"{name} gets neither position ids nor sample boundaries from its model, so the "
+                                   f"samples of a packed row cannot be kept apart: ril_fast cannot train this "
+                                   f"architecture")
         # one sample per batch row (e.g. a vision chunk): plain SDPA
         _check_window(module, sliding_window, Tk)
         out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling, dropout_p=dropout,
@@ -312,8 +320,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         cu_k = kwargs.get("cu_seq_lens_k", cu).to(torch.int32)
         max_k = int(kwargs.get("max_length_k", max_len))
     elif attention_mask is not None:
-        if attention_mask.ndim != 2:
-            raise ValueError(f"ril_varlen takes a 2-D padding mask, got shape {tuple(attention_mask.shape)}")
+        if attention_mask.ndim != 2:  # e.g. Doge's, built by the model itself: transformers' mask function is ours
+            raise UnsupportedModel(f"{name} builds its own attention mask (shape {tuple(attention_mask.shape)}), not "
+                                   f"the 2-D padding mask ril_fast's attention keeps samples apart by: ril_fast cannot "
+                                   f"train this architecture")
         rows_q, rows_k, cu, max_len, cu_k, max_k = _rows_from_mask(attention_mask, Tq)
         q, k, v = q.index_select(0, rows_q), k.index_select(0, rows_k), v.index_select(0, rows_k)
     elif packed_row:

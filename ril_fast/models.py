@@ -8,7 +8,9 @@ detection and lets the samples of a packed row attend to each other.
 Log-probs never build the (T, V) logits: the decoder runs to its last hidden states, the rows that
 predict response tokens are gathered, and ``ril_fast.kernels.token_logprobs`` applies the LM head
 to those rows only (``Kernels.EAGER`` swaps in the full-logits reference, as a baseline for
-benchmarks). The discriminator lives in ``ril_fast.discriminator``.
+benchmarks). A head that scales its logits by a config value (Granite, Cohere) has the scale folded into the
+temperature; one that does more (a bias, a soft-cap, layers before the output embedding) is refused at load.
+The discriminator lives in ``ril_fast.discriminator``.
 """
 
 import contextlib
@@ -202,9 +204,10 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     (``shard_model(from_rank0=True)``). ``processor``: a
     :class:`ril_fast.processor.Processor` (tokenizer, image processor, chat template, image-token
     expansion and, for Qwen-VL, the model's mrope position function; ``max_image_pixels``: see
-    ``Processor.from_pretrained``). A model ril_fast cannot pack (another VLM family, stateful sequence mixers other
-    than Qwen3.5's: ``ril_fast.recurrence``, attention outside transformers' interface or soft-capped) raises
-    ``ril_fast.processor.UnsupportedModel``.
+    ``Processor.from_pretrained``). A model ril_fast cannot pack or take the log-probs of (another VLM family, stateful
+    sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``, attention outside transformers' interface,
+    soft-capped, with sinks or with another value head dim, an LM head other than a linear map of the last hidden
+    state: :func:`_check_attention`) raises ``ril_fast.processor.UnsupportedModel``.
     """
     from transformers import AutoConfig
 
@@ -248,19 +251,89 @@ def _own_attention(path, config) -> UnsupportedModel:
 
 
 def _check_attention(model, path) -> None:
-    """Refuse a model whose attention ril_fast's cannot stand for: one that never calls transformers' attention
-    interface (Bloom, CodeGen, XGLM: they build their own causal mask, across a packed row's samples; Falcon and,
-    before transformers 5.24, GPT-J fail to build with ril_varlen, refused alike), or one that soft-caps its
-    attention logits (Gemma 2)."""
+    """Refuse a model whose attention or LM head ril_fast's cannot stand for: one that never calls transformers'
+    attention interface (Bloom, CodeGen, XGLM: they build their own causal mask, across a packed row's samples; Falcon
+    and, before transformers 5.24, GPT-J fail to build with ril_varlen, refused alike), soft-caps its attention logits
+    (Gemma 2), adds attention sinks to the softmax (GPT-OSS, Granite-SWA) or has values of another head dim than its
+    queries and keys (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3); and a head :func:`packed_logprobs`
+    cannot stand for (:func:`_check_head`). It reads classes, config values and parameter names and shapes only, so
+    a model on the meta device (``ril_fast.preflight``) is refused as the loaded one is."""
     # transformers' own test of whether the model's module calls the attention interface (private in 5.23; its public
     # flag, _supports_attention_backend, is False for some that do, such as BioGPT)
     calls_interface = getattr(type(model), "_can_set_attn_implementation", None)
     if not (calls_interface() if calls_interface is not None else model._supports_attention_backend):
         raise _own_attention(path, model.config)
     text = model.config.get_text_config()
+    what = f"{path}: model type {model.config.model_type!r}"
     if getattr(text, "attn_logit_softcapping", None) is not None:
-        raise UnsupportedModel(f"{path}: model type {model.config.model_type!r} soft-caps its attention logits "
+        raise UnsupportedModel(f"{what} soft-caps its attention logits "
                                f"(attn_logit_softcapping={text.attn_logit_softcapping}): ril_fast's attention does not")
+    if sinks := sorted({type(m).__name__ for m in model.modules()
+                        if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)}):
+        raise UnsupportedModel(f"{what} adds attention sinks to the softmax of its {', '.join(sinks)} layers: "
+                               f"ril_fast's attention has none, so it cannot train it")
+    # (head_dim read only beside a v_head_dim: some configs, Gemma 4's, refuse to give one for every layer)
+    v_dim = getattr(text, "v_head_dim", None)
+    qk_dim = v_dim and (getattr(text, "qk_head_dim", None) or getattr(text, "head_dim", None))
+    if qk_dim and v_dim != qk_dim:
+        raise UnsupportedModel(f"{what} has values of {v_dim} dims per head and queries and keys of {qk_dim} "
+                               f"(multi-head latent attention): ril_fast's attention takes one head dim for all three")
+    _check_head(model, what)
+
+
+# Heads that scale their logits by a config value, by the model type whose causal LM applies it:
+# (attribute, True where the logits are divided by it). packed_logprobs folds it into the temperature.
+_LOGIT_SCALES = {
+    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
+                     "granitemoehybrid"), ("logits_scaling", True)),
+    "minicpm3": ("logits_scaling", True),  # its last hidden states / s, through a head without bias: the logits / s
+    "hyperclovax": ("logits_scaling", False),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), ("logit_scale", False)),
+}
+
+
+def _check_head(model, what: str) -> None:
+    """Refuse a causal LM whose logits are not ``hidden @ Wᵀ`` of its last hidden state and output embedding W (times
+    a config scale of ``_LOGIT_SCALES``), the product :func:`packed_logprobs` computes: a head with a bias (Phi-1/2,
+    GPT-J from transformers 5.24), a final soft-cap of the logits (Gemma 3's option, Gemma 2), modules between the
+    last hidden state and the output embedding (BERT-, RoBERTa-, ModernBERT-style causal LMs' dense + LayerNorm), or
+    an unknown logit setting in its config. A model without a head (a discriminator's backbone) passes."""
+    head = model.get_output_embeddings()
+    if head is None or model is model.base_model:
+        return
+    if getattr(head, "bias", None) is not None:
+        raise UnsupportedModel(f"{what} adds a bias to its logits (its LM head has one): ril_fast's log-probs use the "
+                               f"head's weight alone, so it cannot train it")
+    text = model.config.get_text_config()
+    for cap in ("final_logit_softcapping", "logits_soft_cap"):
+        if getattr(text, cap, None) is not None:
+            raise UnsupportedModel(f"{what} soft-caps its logits ({cap}={getattr(text, cap)}): ril_fast's log-probs "
+                                   f"do not, so it cannot train it")
+    if not isinstance(head, torch.nn.Linear):
+        raise UnsupportedModel(f"{what} computes its logits with a {type(head).__name__}, not a linear output "
+                               f"embedding: ril_fast's log-probs take hidden @ weightᵀ, so it cannot train it")
+    ours = {id(p) for p in [*model.base_model.parameters(), *head.parameters()]}
+    if extra := [n for n, p in model.named_parameters() if id(p) not in ours]:
+        raise UnsupportedModel(f"{what} computes its logits with more than its output embedding of the last hidden "
+                               f"state ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}): ril_fast's "
+                               f"log-probs apply that embedding alone, so it cannot train it")
+    known = {_LOGIT_SCALES.get(model.config.model_type, (None,))[0], "attn_logit_softcapping"}
+    for key, value in text.to_dict().items():  # a logit setting of a family ril_fast does not know (None, 1: unset)
+        if (("logit" in key or "lm_head" in key) and key not in known and "router" not in key and "to_keep" not in key
+                and type(value) in (int, float) and value != 1):
+            raise UnsupportedModel(f"{what} sets {key}={value}, a setting of its logits ril_fast does not know how to "
+                                   f"apply, so it cannot train it")
+
+
+def logits_temperature(model, temperature: float) -> float:
+    """The temperature the log-prob kernels divide ``hidden @ Wᵀ`` by for sampling temperature τ = ``temperature``:
+    τ, or for a head that scales its logits by a config value s (``_LOGIT_SCALES``) τ·s where it divides them by s
+    (Granite) and τ/s where it multiplies them (Cohere), so that the kernels give log_softmax(model logits / τ)."""
+    if (found := _LOGIT_SCALES.get(model.config.model_type)) is None:
+        return temperature
+    name, divides = found
+    scale = getattr(model.config, name)
+    return temperature * scale if divides else temperature / scale
 
 
 @contextlib.contextmanager
@@ -362,16 +435,19 @@ def lm_head_weight(model) -> torch.Tensor:
 def packed_logprobs(model, batch: PackedBatch | PaddedBatch, *, temperature: float = 1.0,
                     ref_logprobs: torch.Tensor | None = None, return_entropy: bool = False,
                     kernels: Kernels | str = Kernels.AUTO) -> TokenLogprobs:
-    """Log-probs of every response token of ``batch``, flat in batch order: ``(R,)`` fp32 (fp64 for an fp64 model) with
-    R = Σ response_lengths (split with ``batch.response_lengths``). ``ref_logprobs (R,)`` adds the k3
-    KL; ``return_entropy`` the entropy. Only the R response rows go through the LM head, by the fused
-    ``token_logprobs`` or, with ``kernels="eager"``, its full-logits reference (see :class:`Kernels`)."""
+    """Log-probs of every response token of ``batch`` under softmax(the model's logits / ``temperature``), flat in batch
+    order: ``(R,)`` fp32 (fp64 for an fp64 model) with R = Σ response_lengths (split with ``batch.response_lengths``).
+    ``ref_logprobs (R,)`` adds the k3 KL; ``return_entropy`` the entropy. Only the R response rows go through the LM
+    head, by the fused ``token_logprobs`` or, with ``kernels="eager"``, its full-logits reference (see
+    :class:`Kernels`); a head that scales its logits has the scale folded into the temperature
+    (:func:`logits_temperature`). Every log-prob the trainer takes (policy loss, π_old, π_ref) goes through here."""
     hidden = last_hidden_states(model, batch).flatten(0, 1)
     rows = batch.response_rows
     kernels = Kernels(kernels)
     fn = token_logprobs_reference if kernels is Kernels.EAGER else functools.partial(token_logprobs, impl=kernels.impl)
     out = fn(hidden.index_select(0, rows), lm_head_weight(model), batch.targets[rows],
-             temperature=temperature, ref_logprobs=ref_logprobs, return_entropy=return_entropy)
+             temperature=logits_temperature(model, temperature), ref_logprobs=ref_logprobs,
+             return_entropy=return_entropy)
     if kernels is Kernels.EAGER:  # the reference returns views, which FSDP warns about as a root's output
         out = TokenLogprobs(*(t.clone() if t is not None else None for t in out))
     return out

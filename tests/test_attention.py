@@ -329,3 +329,27 @@ def test_a_sliding_window_is_taken_where_no_sample_is_longer():
     assert torch.equal(windowed, plain)
     with pytest.raises(UnsupportedModel, match="sliding window of 8 tokens and a sample here is 9 tokens long"):
         attention.varlen_attention_forward(module, q, k, v, None, position_ids=positions.clone(), sliding_window=8)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("sinks", "adds attention sinks to its softmax"),  # GPT-OSS, Granite-SWA: s_aux=self.sinks
+    ("value dim", "has values of 6 dims per head and queries of 4"),  # multi-head latent attention: DeepSeek-V3
+    ("own mask", r"builds its own attention mask \(shape \(1, 1, 6, 6\)\)"),  # Doge's 4-D mask
+])
+def test_what_the_attention_cannot_stand_for_is_refused(case, words):
+    """Attention sinks, values of another head dim than the queries' and a mask the model built itself raise
+    UnsupportedModel naming the module, as soft-capping does: ignored, they gave log-probs 0.02-0.14 off the model's
+    eager attention (sinks), or a shape error deep in the call."""
+    from ril_fast.processor import UnsupportedModel
+
+    q, k = (torch.randn(1, 2, 6, 4) for _ in "qk")
+    v = torch.randn(1, 2, 6, 6 if case == "value dim" else 4)
+    kw = dict(s_aux=torch.zeros(2)) if case == "sinks" else {}
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril() if case == "own mask" else None
+    positions = torch.arange(6)[None]
+
+    class SomeAttention(torch.nn.Module):
+        pass
+
+    with pytest.raises(UnsupportedModel, match=f"^SomeAttention {words}"):
+        attention.varlen_attention_forward(SomeAttention(), q, k, v, mask, position_ids=positions, **kw)
