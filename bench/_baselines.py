@@ -22,7 +22,7 @@ from ril_fast.distributed import call
 from ril_fast.flops import Sample, Shapes, rollout_flops, training_flops
 from ril_fast.metrics import real_tokens
 from ril_fast.microbatch import micro_batches, rank_agreement, sync_gradients
-from ril_fast.models import last_hidden_states, lm_head_weight, load, recomputing
+from ril_fast.models import last_hidden_states, lm_head_weight, load, logits_temperature, recomputing
 from ril_fast.policy import LossConfig, frozen_logprobs, global_outputs, normalizer, policy_pass
 from ril_fast.rollout import sample_responses, sampling_settings
 
@@ -70,7 +70,8 @@ def _liger_loss(model, batch, advantages, mask_weight, ref, loss_fn):
 def liger_policy_pass(model, micro, advantages: torch.Tensor, normalizer: torch.Tensor, cfg: LossConfig,
                       max_new_tokens: int, ref: list[torch.Tensor] | None = None, compiled: bool = CUDA) -> float:
     """What ``ril_fast.policy.policy_pass`` does (μ = 1: on-policy), with Liger's
-    ``LigerFusedLinearGRPOLoss(loss_type="dr_grpo")`` in place of ``token_logprobs`` + ``dr_grpo_loss``.
+    ``LigerFusedLinearGRPOLoss(loss_type="dr_grpo")`` in place of ``token_logprobs`` + ``dr_grpo_loss`` (at the
+    temperature ``packed_logprobs`` folds a head's logit scale into: ``models.logits_temperature``).
 
     Liger divides each micro-batch's sum by its S sequences × L_max; rescaling by S × L_max / normalizer
     gives ril_fast's global normaliser. ``compiled``: Liger's own torch.compile of its per-chunk loss (its
@@ -81,7 +82,8 @@ def liger_policy_pass(model, micro, advantages: torch.Tensor, normalizer: torch.
 
     loss_fn = LigerFusedLinearGRPOLoss(beta=cfg.beta, use_ref_model=ref is not None, loss_type="dr_grpo",
                                        max_completion_length=max_new_tokens, epsilon_low=cfg.eps_low,
-                                       epsilon_high=cfg.eps_high, temperature=cfg.temperature, compiled=compiled)
+                                       epsilon_high=cfg.eps_high, compiled=compiled,
+                                       temperature=logits_temperature(distributed.unwrap(model), cfg.temperature))
     device = distributed.compute_device(model)
     total = torch.zeros((), device=device)
     with recomputing(model):  # as policy_pass: with batch.activation_checkpointing, both recompute each layer
