@@ -143,6 +143,20 @@ def test_reward_stats_by_hand():
     assert reward_stats([]) == {}
 
 
+
+def test_dead_group_fraction_counts_groups_whose_advantages_are_all_zero():
+    """A group with some zero advantages still teaches: only one whose every advantage is 0 is dead."""
+    students = [["s1", "s2"], ["s3", "s4"], ["s5", "s6"]]
+    teachers = [[("T", "t1"), ("U", "t2")], [("T", "t3"), ("U", "t4")], [("T", "t5"), ("U", "t6")]]
+    r_ans = torch.tensor([0.0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0])
+    disc = torch.tensor([0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9])
+    groups = build_groups(students, teachers, r_ans, disc)
+    # rewards [0, 1, 2, 1] -> A [-1, 0, 1, 0]: two zeros, not dead; [2, 2, 2, 2] -> all 0: dead;
+    # [1, 0, 0, 0] -> A [.75, -.25, -.25, -.25]: no zero
+    assert [g.advantages.tolist() for g in groups] == [[-1, 0, 1, 0], [0, 0, 0, 0], [0.75, -0.25, -0.25, -0.25]]
+    assert reward_stats(groups)["dead_group_fraction"] == pytest.approx(1 / 3)
+
+
 POOLS = {name: [f"{name}-{i}" for i in range(10)] for name in ("A", "B", "C")}
 # (K, G) -> outputs per teacher with rotation 0: G // K each, the remainder to the first teachers.
 BALANCE = {(1, 4): [4], (1, 5): [5], (2, 4): [2, 2], (2, 5): [3, 2], (3, 4): [2, 1, 1], (3, 5): [2, 2, 1]}
@@ -173,6 +187,19 @@ def test_replacement_only_when_needed():
     assert uses["a1"] == 3 and all(uses[b] == 1 for b in ("b1", "b2", "b3"))
     uneven = Counter(r for _, r in draw_teacher_outputs({"A": ["a1", "a2"]}, 5, rng))
     assert sorted(uneven.values()) == [2, 3]  # reused as evenly as possible
+
+
+def test_a_share_smaller_than_the_pool_never_repeats(_fresh_seed):
+    """A teacher's share drawn from a larger pool is drawn without replacement, and a share past the pool takes
+    whole passes before any response a further time: over many draws no response is used twice within a pass's
+    worth (a draw with replacement repeats one in ~80% of the draws of 4 from 5)."""
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
+    pools = {"A": [f"a{i}" for i in range(5)], "B": [f"b{i}" for i in range(3)]}
+    for _ in range(100):
+        drawn = draw_teacher_outputs({"A": pools["A"]}, 4, rng)  # share 4 of 5: the rest, sampled
+        assert len(set(drawn)) == 4
+        uses = Counter(r for _, r in draw_teacher_outputs(pools, 10, rng))  # shares 5 + 5: one pass of A, 1 of B + 2
+        assert all(uses[a] == 1 for a in pools["A"]) and sorted(uses[b] for b in pools["B"]) == [1, 2, 2]
 
 
 def test_teacher_draws_deterministic():

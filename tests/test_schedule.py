@@ -29,9 +29,10 @@ def test_shape_on_random_lengths(_fresh_seed):
     assert 0 < f[-1] < 0.5 / (total - max(warmup, 1))  # the last step still moves, barely
 
 
-def test_scheduler_follows_the_config_over_steps_times_mu(_fresh_seed):
+@pytest.mark.parametrize("mus", [(1, 1), (2, 3)], ids=["mu1", "mu>1"])  # mu > 1 every run: steps x mu != steps
+def test_scheduler_follows_the_config_over_steps_times_mu(_fresh_seed, mus):
     rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
-    steps, mu, warmup, lr = rng.randint(3, 30), rng.randint(1, 3), rng.randint(0, 3), rng.uniform(1e-4, 1e-2)
+    steps, mu, warmup, lr = rng.randint(3, 30), rng.randint(*mus), rng.randint(0, 3), rng.uniform(1e-4, 1e-2)
     cfg = load_config([f"steps={steps}", f"mu={mu}", f"optim.warmup_steps={warmup}", f"optim.lr={lr}"])
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
     scheduler = make_scheduler(optimizer, cfg)

@@ -6,6 +6,8 @@ log-probs and the eager Dr.GRPO reference.
 """
 
 import contextlib
+import copy
+import math
 
 import pytest
 import torch
@@ -83,12 +85,14 @@ def test_image_fillers_put_images_where_another_rank_has_them(qwen_vl):
 @pytest.mark.parametrize("mu_old,beta", [(False, 0.0), (True, 0.1)])
 def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout, tmp_path):
     """Eq. 2 accumulated over small micro-batches + fillers == the eager loss over separate forwards.
-    "shared": two responses per prompt, as in a group, so micro-batches encode shared images once."""
+    "shared": two responses per prompt, as in a group, so micro-batches encode shared images once.
+    Asymmetric clip range (eps_low 0.1, eps_high 0.3): off-policy, ratios in (0.7, 0.9) and (1.1, 1.3) take
+    different branches of the min with eps_low and eps_high swapped."""
     _, model, proc = qwen_vl
     samples = shared_image_samples(tmp_path, [1, 0, 2], 2) if layout == "shared" else random_samples([1, 0, 2, 1, 0])
     advantages = torch.randn(len(samples))
     n_outputs = len(samples)
-    cfg = LossConfig(beta=beta, temperature=0.9)
+    cfg = LossConfig(beta=beta, temperature=0.9, eps_low=0.1, eps_high=0.3)
     encoded = encode_all(proc, samples)
     longest = max(e.length for e in encoded)
     if layout == "shared":  # room for three samples per micro-batch: samples share one (order matters)
@@ -114,6 +118,13 @@ def test_policy_gradient_equals_one_pass_reference(qwen_vl, mu_old, beta, layout
            for b in base] if mu_old else None
     ref = [b + 0.2 * torch.randn_like(b) for b in base] if beta else None
     normalizer = torch.tensor(float(n_outputs * L_MAX))
+    if mu_old:  # both bounds matter: a token of ratio 1.2 with A > 0 and one of 0.8 with A < 0, each of which
+        # takes the other branch of the min when eps_low and eps_high are swapped (besides the random ratios)
+        advantages[:2] = advantages[:2].abs() * torch.tensor([1.0, -1.0])
+        for sign, rho in ((1, 1.2), (-1, 0.8)):
+            k, t = next((k, t) for k, mb in enumerate(micro)
+                        for t, a in enumerate(mb.per_token(advantages[mb.index] * mb.weight)) if sign * a > 0)
+            old[k][t] = base[k][t] - math.log(rho)
 
     model.zero_grad(set_to_none=True)
     stats = policy_pass(model, micro, advantages, normalizer, cfg, old=old, ref=ref)
@@ -228,6 +239,59 @@ def test_optimizer_step_skips_a_non_finite_gradient():
     layer(torch.ones(1, 3)).sum().backward()
     out = optimizer_step(layer, opt, grad_clip=1.0)
     assert out["skipped"] == 0.0 and not torch.equal(layer.weight, before)
+
+
+def test_optimizer_step_without_clipping_applies_the_whole_gradient():
+    """grad_clip = 0 means no clipping (config.py): a gradient of norm ~73 is applied whole and its norm reported;
+    a positive grad_clip scales it down to that norm."""
+    for clip in (0.0, 2.0):
+        layer = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+        before = [p.detach().clone() for p in layer.parameters()]
+        layer(torch.full((1, 3), 30.0)).sum().backward()  # d weight = 30 everywhere, d bias = 1
+        grads = [p.grad.clone() for p in layer.parameters()]
+        norm = torch.cat([g.flatten() for g in grads]).norm().item()
+        out = optimizer_step(layer, opt, grad_clip=clip)
+        assert out["grad_norm"] == pytest.approx(norm, rel=1e-6) and out["skipped"] == 0.0
+        scale = min(1.0, clip / norm) if clip > 0 else 1.0
+        for p, b, g in zip(layer.parameters(), before, grads, strict=True):
+            torch.testing.assert_close(p.detach(), b - scale * g, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("update", ["policy", "disc"])
+def test_sharded_accumulation_over_micro_batches_equals_unsharded(qwen_vl, update, one_rank):  # noqa: F811
+    """On one FSDP2 rank, a pass over several micro-batches (gradient reduction only at the last:
+    ``sync_gradients``) leaves in the sharded gradients what the unsharded model accumulates."""
+    path, _, proc = qwen_vl
+    samples = random_samples([1, 0, 2, 1, 0])
+    encoded = encode_all(proc, samples)
+    micro = micro_batches(encoded, max(e.length for e in encoded) + 5)  # about one response per micro-batch
+    assert len(micro) >= 3
+    if update == "policy":
+        model, _ = load(path, device="cpu")
+        advantages, cfg = torch.randn(len(samples)), LossConfig(eps_low=0.1, eps_high=0.3)
+
+        def run(m):
+            return policy_pass(m, micro, advantages, torch.tensor(float(len(samples) * L_MAX)), cfg)
+    else:
+        model, _ = Discriminator.from_student(path, device="cpu", init_std=0.02)
+        labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+
+        def run(m):
+            return disc_pass(m, micro, labels, torch.tensor(float(len(samples))))
+
+    sharded = distributed.shard_model(copy.deepcopy(model), mixed_precision=False)
+    model.zero_grad(set_to_none=True)
+    want_stats = run(model)
+    want = _grads(model)
+    got_stats = run(sharded)
+    got = {n.removeprefix("module."): p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+           for n, p in sharded.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        err, scale = max_err(got[n], want[n]), want[n].abs().max().item()
+        assert err <= 1e-6 * (1 + scale), f"{n}: sharded gradient off by {err:.2e} (largest entry {scale:.2e})"
+    assert got_stats == pytest.approx(want_stats, rel=1e-6, abs=1e-7)
 
 
 @pytest.mark.parametrize("update", ["policy", "disc"])

@@ -112,31 +112,35 @@ def test_matches_fp64_reference(impl, n, case, device, monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hand_computed(impl, device, monkeypatch):
-    """Four tokens with numbers worked out by hand (eps 0.2, beta 0.5, normalizer 4):
+    """Six tokens with numbers worked out by hand (eps 0.2, beta 0.5, normalizer 4):
 
     t | rho | A  | mask | ref-lp | policy term           | k3           | d term/d lp | d k3/d lp
     0 | 1.5 | +1 |  1   |  ln 2  | min(1.5, 1.2)  = 1.2  | 1 - ln 2     | 0 (clipped) | 1 - 2   = -1
     1 | 0.5 | +2 |  1   |  0     | min(1.0, 1.6)  = 1.0  | 0            | rho A = 1   | 0
     2 | 0.5 | -1 |  1   | -ln 2  | min(-.5, -.8)  = -0.8 | ln 2 - 1/2   | 0 (clipped) | 1 - 1/2 = 1/2
     3 | 2.0 | +3 |  0   |  0     | (masked out)
+    4 | 1.5 |  0 |  1   |  0     | min(0, 0)      = 0    | 0            | rho A = 0   | 0
+    5 | 0.5 |  0 |  1   |  0     | min(0, 0)      = 0    | 0            | rho A = 0   | 0
 
     sum of terms = 1.2 + 1.0 - 0.8 - 0.5 (1 - ln 2 + ln 2 - 1/2) = 1.15, so loss = -1.15 / 4 = -0.2875;
-    grad_t = -(d term - beta d k3) / 4 = [-0.125, -0.25, 0.0625, 0]; kl = (1/2) / 3; clip = 2/3; ratio = 2.5 / 3.
+    grad_t = -(d term - beta d k3) / 4 = [-0.125, -0.25, 0.0625, 0, 0, 0]; kl = (1/2) / 5; clip = 2/5;
+    ratio = 4.5 / 5. Tokens 4 and 5 (A = 0, as in a dead group) have ratios outside [0.8, 1.2] but are not clipped:
+    TRL's clip ratio counts a token only where the clipped side of the min is strictly smaller, which needs A != 0.
     """
     if impl == "triton":
         poison_empty(monkeypatch)
     f = dict(device=device, dtype=torch.float32)
-    lp = torch.tensor([-1.0, -2.0, -0.5, -3.0], **f, requires_grad=True)
-    old = lp.detach() - torch.log(torch.tensor([1.5, 0.5, 0.5, 2.0], **f))
-    ref = lp.detach() + torch.tensor([math.log(2), 0.0, -math.log(2), 0.0], **f)
-    adv = torch.tensor([1.0, 2.0, -1.0, 3.0], **f)
-    mask = torch.tensor([True, True, True, False], device=device)
+    lp = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5, -0.25], **f, requires_grad=True)
+    old = lp.detach() - torch.log(torch.tensor([1.5, 0.5, 0.5, 2.0, 1.5, 0.5], **f))
+    ref = lp.detach() + torch.tensor([math.log(2), 0.0, -math.log(2), 0.0, 0.0, 0.0], **f)
+    adv = torch.tensor([1.0, 2.0, -1.0, 3.0, 0.0, 0.0], **f)
+    mask = torch.tensor([True, True, True, False, True, True], device=device)
     loss, stats = dr_grpo_loss(lp, adv, mask, old_logprobs=old, ref_logprobs=ref, beta=0.5, normalizer=4, impl=impl)
     loss.backward()
     close = dict(rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(loss.item(), -0.2875, **close)
-    torch.testing.assert_close(lp.grad.tolist(), [-0.125, -0.25, 0.0625, 0.0], **close)
-    torch.testing.assert_close([s.item() for s in stats], [0.5 / 3, 2 / 3, 2.5 / 3], **close)
+    torch.testing.assert_close(lp.grad.tolist(), [-0.125, -0.25, 0.0625, 0.0, 0.0, 0.0], **close)
+    torch.testing.assert_close([s.item() for s in stats], [0.5 / 5, 2 / 5, 4.5 / 5], **close)
 
     # On-policy (old = None): rho = 1 in value but d rho / d lp = 1, so the gradient is -A / normalizer.
     lp = torch.tensor([-0.7, -1.3], **f, requires_grad=True)

@@ -25,12 +25,15 @@ DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2.0**-8)]
 NAMES = ["logprobs", "kl", "entropy", "d_hidden", "d_weight"]
 
 
-def _inputs(N, V, H, dtype, device, temperature=1.0):
+def _inputs(N, V, H, dtype, device, temperature=1.0, edges=()):
     """Hidden states and head scaled so logits have a realistic spread (std ~3), targets and a
-    reference policy near the true one (so exp(ref - lp) stays moderate, as in training), on ``device``."""
+    reference policy near the true one (so exp(ref - lp) stays moderate, as in training), on ``device``.
+    ``edges``: token ids some rows (at random positions) must target; the rest are random."""
     hidden = torch.randn(N, H, device=device).to(dtype)
     weight = (torch.randn(V, H, device=device) * 3 / H**0.5).to(dtype)
     targets = torch.randint(0, V, (N,), device=device)
+    assert len(edges) <= N
+    targets[torch.randperm(N, device=device)[:len(edges)]] = torch.tensor(edges, dtype=targets.dtype, device=device)
     true = token_logprobs_reference(hidden.double(), weight.double(), targets, temperature=temperature).logprobs
     ref = (true + 0.3 * torch.randn(N, dtype=torch.float64, device=device)).float()
     return hidden, weight, targets, ref
@@ -46,8 +49,8 @@ def _run(fn, hidden, weight, targets, ref, grads, temperature, **kw):
     return [t.detach().double() for t in (*out, hidden.grad, weight.grad)]
 
 
-def _check(impl, N, V, H, dtype, atol_rel, temperature, device):
-    hidden, weight, targets, ref = _inputs(N, V, H, dtype, device, temperature)
+def _check(impl, N, V, H, dtype, atol_rel, temperature, device, edges=()):
+    hidden, weight, targets, ref = _inputs(N, V, H, dtype, device, temperature, edges)
     grads = [torch.randn(N, device=device) for _ in range(3)]
     args = (targets, ref, grads, temperature)
     ref64 = _run(token_logprobs_reference, hidden.double(), weight.double(), args[0], ref.double(), *args[2:])
@@ -76,14 +79,18 @@ def test_matches_reference(impl, N, V, H, dtype, atol_rel, monkeypatch, device):
 @pytest.mark.parametrize("N,V,H", [(37, 1000, 8), (9, 97, 64)])
 def test_many_vocab_chunks(impl, N, V, H, dtype, atol_rel, monkeypatch, device):
     """Force vocabulary chunks of ~100 columns (the real budget gives one chunk at test sizes) and,
-    for Triton, a forward split over several vocabulary slices: targets land in every chunk."""
+    for Triton, a forward split over several vocabulary slices: targets land in every chunk, and some exactly
+    on each chunk's first and last id (a target read by two chunks, or by none, shows there)."""
     monkeypatch.setitem(lp_mod._CHUNK_BYTES, device.type, 4 * N * 100)
     monkeypatch.setattr(lp_mod, "_num_sms", lambda device: 8)
     monkeypatch.setattr(lp_mod, "_blocks", lambda h: dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, UPCAST=True,
                                                            DOT_PRECISION="ieee"))
     if impl == "triton":
         poison_empty(monkeypatch)
-    _check(impl, N, V, H, dtype, atol_rel, temperature=0.8, device=device)
+    step = lp_mod._vocab_chunk(torch.empty(N, H, dtype=dtype, device=device), V)  # the torch path's, and backward's
+    assert step == min(V, 100)
+    edges = sorted({v for v0 in range(0, V, step) for v in (v0, min(v0 + step, V) - 1)})
+    _check(impl, N, V, H, dtype, atol_rel, temperature=0.8, device=device, edges=edges)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
