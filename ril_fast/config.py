@@ -180,9 +180,11 @@ class Config:
                                    "~1280 tokens; a side never under one token; final/'s image processor keeps it); "
                                    "0: the student's own (Qwen2.5-VL: 12845056, ~16384 tokens)")
     long_prompts: LongPrompts = opt(LongPrompts.REFUSE, "an example whose prompt (images included) leaves no room "
-                                                        "for max_new_tokens within batch.max_tokens (held-out ones: "
-                                                        "the model's context or sliding window), or whose image the "
-                                                        "image processor refuses, found before any model loads: "
+                                                        "for max_new_tokens within batch.max_tokens or the model's "
+                                                        "limit, the smaller (held-out ones: the model's limit: its "
+                                                        "context, sliding window or LongRoPE original context, the "
+                                                        "smallest), or whose image the image processor refuses, "
+                                                        "found before any model loads: "
                                                         "refuse (the run stops, naming its line) | skip (left out, "
                                                         "counted)")
     seed: int = opt(0, "seed of data order, sampling and initialisation")

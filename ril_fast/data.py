@@ -288,7 +288,8 @@ def fitting(examples: list[Example], prompt_lengths: Callable[[list], list[int]]
             left_out.append(f"{e.where}: the image processor refuses an image of the example ({n})")
             remedies.append("resize the image or drop the example")
         elif n + max_new_tokens > budget:
-            fact, remedy = no_room(e.where, n, max_new_tokens=max_new_tokens, budget=budget, setting=setting)
+            fact, remedy = no_room(e.where, n, max_new_tokens=max_new_tokens, budget=budget, setting=setting,
+                                   images=bool(e.images))
             left_out.append(fact)
             remedies.append(remedy)
         else:
@@ -301,13 +302,15 @@ def fitting(examples: list[Example], prompt_lengths: Callable[[list], list[int]]
     return kept, left_out
 
 
-def no_room(where: str, prompt_tokens: int, *, max_new_tokens: int, budget: float, setting: str) -> tuple[str, str]:
+def no_room(where: str, prompt_tokens: int, *, max_new_tokens: int, budget: float, setting: str,
+            images: bool) -> tuple[str, str]:
     """Why a prompt of ``prompt_tokens`` leaves no room for a full-length response within ``budget`` tokens
-    (``setting`` names it), "FILE:LINE: ..." for ``where``, and what to change."""
+    (``setting`` names it: "batch.max_tokens", or a limit of the model's, ``preflight.length_limit``), "FILE:LINE:
+    ..." for ``where``, and what to change (``images``: whether the example has any)."""
     return (f"{where}: the prompt takes {prompt_tokens} tokens (images included); with max_new_tokens="
             f"{max_new_tokens} that exceeds {setting} ({budget} tokens)",
-            ("raise batch.max_tokens, " if setting == "batch.max_tokens" else "")
-            + "use fewer or smaller images, or drop the example")
+            ("raise batch.max_tokens, " if setting == "batch.max_tokens" else "") + "lower max_new_tokens, "
+            + ("use fewer or smaller images" if images else "shorten the question") + ", or drop the example")
 
 
 def refuse_images(examples: list[Example], model: str) -> None:

@@ -132,8 +132,8 @@ def read_examples(args: argparse.Namespace) -> list:
 def check_prompts(tokens, folder: str, examples: list, *, max_new_tokens: int, who: str) -> None:
     """A DataError naming the line of the first example that the model in ``folder`` (``who``: "the model",
     "the teacher") cannot answer, before it loads: images for a text-only model, an image its image processor
-    refuses, or a prompt that leaves no room for ``max_new_tokens`` in its context or sliding window
-    (``ril_fast.preflight.length_limit``). ``tokens``: its
+    refuses, or a prompt that leaves no room for ``max_new_tokens`` within its limit (its context, sliding window or
+    LongRoPE original context: ``ril_fast.preflight.length_limit``). ``tokens``: its
     ``Processor``."""
     from transformers import AutoConfig
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist = distributed.init()
     out = Path(args.out)
     examples = distributed.on_rank0(lambda: read_examples(args))
-    model, processor = load(args.model, dtype=compute_dtype(dist.device), device=dist.device)
+    model, processor = load(args.model, dtype=compute_dtype(dist.device), device=dist.device, logprobs=False)
     judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
     mine: list[dict] = []
     metrics = evaluate(model, processor, examples, judge, dist, max_new_tokens=args.max_new_tokens,

@@ -192,7 +192,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | str = Attn.AUTO,
          device: str | torch.device | None = None, lm_head: bool = True, weights_on_cpu: bool = False,
-         empty: bool = False, max_image_pixels: int = 0):
+         empty: bool = False, max_image_pixels: int = 0, logprobs: bool = True):
     """Load a model folder (or a cached hub id) -> ``(model, processor)``.
 
     ``model``: the HF model on ``device`` (default: CUDA when available) in ``dtype``, in eval mode,
@@ -207,7 +207,9 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
     ``Processor.from_pretrained``). A model ril_fast cannot pack or take the log-probs of (another VLM family, stateful
     sequence mixers other than Qwen3.5's: ``ril_fast.recurrence``, attention outside transformers' interface,
     soft-capped, with sinks or with another value head dim, an LM head other than a linear map of the last hidden
-    state: :func:`_check_attention`) raises ``ril_fast.processor.UnsupportedModel``.
+    state: :func:`_check_attention`) raises ``ril_fast.processor.UnsupportedModel``; ``logprobs=False`` (a model
+    that only generates, through its own logits: a local teacher, ``python -m ril_fast.eval``) leaves its head
+    unchecked.
     """
     from transformers import AutoConfig
 
@@ -231,7 +233,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, attn: Attn | s
         if e.args != (attn_implementation,):
             raise
         raise _own_attention(path, config) from None
-    _check_attention(model, path)
+    _check_attention(model, path, head=logprobs)
     model.eval()
     _vision_varlen(model)
     _patches_as_matmul(model)
@@ -250,14 +252,14 @@ def _own_attention(path, config) -> UnsupportedModel:
                             f"ril_fast cannot train it")
 
 
-def _check_attention(model, path) -> None:
+def _check_attention(model, path, *, head: bool = True) -> None:
     """Refuse a model whose attention or LM head ril_fast's cannot stand for: one that never calls transformers'
     attention interface (Bloom, CodeGen, XGLM: they build their own causal mask, across a packed row's samples; Falcon
     and, before transformers 5.24, GPT-J fail to build with ril_varlen, refused alike), soft-caps its attention logits
     (Gemma 2), adds attention sinks to the softmax (GPT-OSS, Granite-SWA) or has values of another head dim than its
-    queries and keys (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3); and a head :func:`packed_logprobs`
-    cannot stand for (:func:`_check_head`). It reads classes, config values and parameter names and shapes only, so
-    a model on the meta device (``ril_fast.preflight``) is refused as the loaded one is."""
+    queries and keys (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3); and, with ``head``, an LM head
+    :func:`packed_logprobs` cannot stand for (:func:`_check_head`). It reads classes, config values and parameter
+    names and shapes only, so a model on the meta device (``ril_fast.preflight``) is refused as the loaded one is."""
     # transformers' own test of whether the model's module calls the attention interface (private in 5.23; its public
     # flag, _supports_attention_backend, is False for some that do, such as BioGPT)
     calls_interface = getattr(type(model), "_can_set_attn_implementation", None)
@@ -278,7 +280,8 @@ def _check_attention(model, path) -> None:
     if qk_dim and v_dim != qk_dim:
         raise UnsupportedModel(f"{what} has values of {v_dim} dims per head and queries and keys of {qk_dim} "
                                f"(multi-head latent attention): ril_fast's attention takes one head dim for all three")
-    _check_head(model, what)
+    if head:
+        _check_head(model, what)
 
 
 # Heads that scale their logits by a config value, by the model type whose causal LM applies it:

@@ -144,7 +144,7 @@ class LocalTeacher:
         from ril_fast.models import compute_dtype, load
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where ``load`` puts it
-        self.model, self.processor = load(folder, dtype=compute_dtype(device))
+        self.model, self.processor = load(folder, dtype=compute_dtype(device), logprobs=False)  # it only generates
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size, self.seed = batch_size, seed
         self.control_tokens = self.processor.control_tokens

@@ -288,7 +288,7 @@ def _check_lengths(run: Run, samples: list[dict], encoded) -> None:
     for sample, e in zip(samples, encoded):
         if e.prompt_len + cfg.max_new_tokens > budget:
             raise StepDataError(": ".join(no_room(sample["where"], e.prompt_len, max_new_tokens=cfg.max_new_tokens,
-                                              budget=budget, setting=setting)))
+                                              budget=budget, setting=setting, images=bool(sample["images"]))))
 
 
 def _disc_update(run: Run, micro, sources, n_global) -> dict:

@@ -136,6 +136,12 @@ TEXT_FAMILIES = {
     word_embed_proj_dim=64), "biogpt": {},  # BioGPT: transformers' public flag says no attention interface; it has one
     "bloom": dict(n_layer=2, n_head=4), "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
     "gemma2": dict(head_dim=16), "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    # heads that scale their logits (ril_fast folds the scale into the temperature), and families it refuses
+    "granite": {}, "cohere": {}, "cohere2": {}, "hyperclovax": {}, "phi": {}, "doge": {},
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),  # attention sinks
+    "deepseek_v3": dict(moe_intermediate_size=32, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                        first_k_dense_replace=2, n_group=1, topk_group=1),  # multi-head latent attention
 }
 
 

@@ -3,6 +3,7 @@
 import collections
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -152,15 +153,19 @@ def test_prompts_that_leave_no_room_are_refused_or_left_out():
                         "be smaller than 200)"]
     with pytest.raises(DataError) as e:
         fitting(exs, _counter(lengths), long_prompts=LongPrompts.REFUSE, hint="long_prompts=skip drops them", **kw)
-    assert str(e.value) == (f"{left_out[0]}: raise batch.max_tokens, use fewer or smaller images, or drop the example "
-                            f"(long_prompts=skip drops them; 1 more such example(s) in the file)")
+    assert str(e.value) == (f"{left_out[0]}: raise batch.max_tokens, lower max_new_tokens, shorten the question, or "
+                            f"drop the example (long_prompts=skip drops them; 1 more such example(s) in the file)")
     with pytest.raises(DataError) as e:
         fitting(exs[4:], _counter(lengths), long_prompts=LongPrompts.REFUSE, **kw)
     assert str(e.value) == f"{left_out[1]}: resize the image or drop the example"
     with pytest.raises(DataError) as e:  # the model's context bounds the room: raising max_tokens would not help
         fitting(exs[3:4], _counter(lengths), long_prompts=LongPrompts.REFUSE, **kw | {"setting": "the model's context"})
-    assert str(e.value).endswith("exceeds the model's context (100 tokens): use fewer or smaller images, or drop the "
-                                 "example")
+    assert str(e.value).endswith("exceeds the model's context (100 tokens): lower max_new_tokens, shorten the "
+                                 "question, or drop the example")
+    pictured = [replace(exs[3], images=["a.png"])]  # an example with images: fewer or smaller ones would help
+    with pytest.raises(DataError) as e:
+        fitting(pictured, _counter(lengths), long_prompts=LongPrompts.REFUSE, **kw | {"setting": "the model's context"})
+    assert str(e.value).endswith(": lower max_new_tokens, use fewer or smaller images, or drop the example")
     assert fitting(exs[:3], _counter(lengths), long_prompts=LongPrompts.REFUSE, **kw) == (exs[:3], [])
 
 

@@ -97,12 +97,24 @@ def test_the_steps_own_length_check_names_the_line(demo):
 
     cfg = train.load_config(_args(demo, "unused", **{"batch.max_tokens": 90}))
     run = SimpleNamespace(cfg=cfg, student=SimpleNamespace(config=AutoConfig.from_pretrained(demo.student)))
-    samples = [{"where": "a.jsonl:3"}, {"where": "a.jsonl:9"}]
+    samples = [{"where": "a.jsonl:3", "images": []}, {"where": "a.jsonl:9", "images": ["img/a.png"]}]
     train._check_lengths(run, samples[:1], [SimpleNamespace(prompt_len=79)])  # 79 + 11 = 90 fits
     with pytest.raises(StepDataError) as e:  # one rank's own questions: that rank says it (lifecycle.exit_status)
         train._check_lengths(run, samples, [SimpleNamespace(prompt_len=79), SimpleNamespace(prompt_len=80)])
-    assert str(e.value).startswith("a.jsonl:9: the prompt takes 80 tokens (images included); with max_new_tokens=11 "
-                                   "that exceeds batch.max_tokens (90 tokens)")
+    assert str(e.value) == ("a.jsonl:9: the prompt takes 80 tokens (images included); with max_new_tokens=11 that "
+                            "exceeds batch.max_tokens (90 tokens): raise batch.max_tokens, lower max_new_tokens, use "
+                            "fewer or smaller images, or drop the example")
+    # The model's own limit, the smaller (preflight.length_limit): here LongRoPE's original context, which nothing
+    # but this check guards while training (the attention has no check of its own for it).
+    longrope = AutoConfig.for_model("phi3", hidden_size=64, num_attention_heads=4, original_max_position_embeddings=64,
+                                    rope_scaling=dict(rope_type="longrope", short_factor=[1.0] * 8,
+                                                      long_factor=[4.0] * 8))
+    run.student = SimpleNamespace(config=longrope)
+    with pytest.raises(StepDataError) as e:
+        train._check_lengths(run, samples[:1], [SimpleNamespace(prompt_len=54)])  # 54 + 11 > 64
+    assert str(e.value) == ("a.jsonl:3: the prompt takes 54 tokens (images included); with max_new_tokens=11 that "
+                            "exceeds the model's original context (LongRoPE) (64 tokens): lower max_new_tokens, "
+                            "shorten the question, or drop the example")
     # A prompt the processor refuses at the step (an image changed since the checks) is named alike.
     processor = SimpleNamespace(encode_prompt=lambda question, images: (_ for _ in ()).throw(
         ValueError(f"cannot read image {images[0]}: image file is truncated")) if images else None)

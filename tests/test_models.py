@@ -29,9 +29,8 @@ from ril_fast.packing import pack, pad
 from ril_fast.processor import UnsupportedModel
 from helpers import (assert_close_rule, assert_grads_close_rule, fp64_oracle, max_err, saved_for_backward,
                      vision_rows_seen)
-import models_fixtures
-from models_fixtures import (one_thread, random_samples, shared_image_samples, text_family,  # noqa: F401
-                            tiny_folder)
+from models_fixtures import (TEXT_FAMILIES, one_thread, random_samples, shared_image_samples,  # noqa: F401
+                            text_family, tiny_folder)
 
 ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5")
 ATOL = 1e-5
@@ -459,23 +458,6 @@ def test_discriminator_save_load_round_trip(folders, tmp_path):
 # GPT-J computes its attention itself before transformers 5.24 (refused) and through the interface from 5.24 on, with
 # a bias in its LM head (refused too).
 GPTJ_5_24 = Version(transformers.__version__) >= Version("5.24")
-# Configs of families models_fixtures.TEXT_FAMILIES lacks (its text_family reads them from there).
-MORE_FAMILIES = {
-    "granite": {}, "cohere": {}, "cohere2": {}, "hyperclovax": {}, "phi": {}, "doge": {},
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
-    "deepseek_v3": dict(moe_intermediate_size=32, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
-                        qk_nope_head_dim=16, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
-                        first_k_dense_replace=2, n_group=1, topk_group=1),  # multi-head latent attention
-}
-
-
-def _family(tmp_path_factory, monkeypatch, model_type: str, **extra):
-    """``models_fixtures.text_family`` for a type of its TEXT_FAMILIES or of MORE_FAMILIES."""
-    if model_type in MORE_FAMILIES:
-        monkeypatch.setitem(models_fixtures.TEXT_FAMILIES, model_type, MORE_FAMILIES[model_type])
-    return text_family(tmp_path_factory, model_type, **extra)
-
-
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma3_text", "phi3", "gpt2", "opt", "biogpt"])
 def test_text_families_packed_match_separate(model_type, tmp_path_factory, one_thread):  # noqa: F811
     """Text-only causal LMs whose layers call transformers' attention interface with the position ids: packed log-probs
@@ -493,11 +475,11 @@ def test_text_families_packed_match_separate(model_type, tmp_path_factory, one_t
     ("cohere", dict(logit_scale=0.0625)), ("cohere2", dict(logit_scale=0.25)),  # logits · s
     ("hyperclovax", dict(logits_scaling=4.0)),  # logits · s, under Granite's name
 ])
-def test_scaled_logits_against_hf_forward(model_type, extra, tmp_path_factory, monkeypatch, one_thread):  # noqa: F811
+def test_scaled_logits_against_hf_forward(model_type, extra, tmp_path_factory, one_thread):  # noqa: F811
     """Outside oracle for heads that scale their logits by a config value: transformers' own forward of one sample,
     log_softmax(logits / τ) at the response targets, equals ril_fast's log-probs, whose kernels take the scale
     folded into τ (ignoring it put them 0.3-0.9 off)."""
-    model, proc = load(_family(tmp_path_factory, monkeypatch, model_type, **extra), device="cpu")
+    model, proc = load(text_family(tmp_path_factory, model_type, **extra), device="cpu")
     sample = random_samples([0])[0]
     enc = proc.encode(sample)
     ours = response_logprobs(model, proc, [sample], temperature=0.7)[0]
@@ -521,12 +503,12 @@ def test_scaled_logits_against_hf_forward(model_type, extra, tmp_path_factory, m
     ("mistral", dict(sliding_window=8), "forward", "sliding window of 8 tokens and a sample here is"),  # too long
     ("doge", dict(), "forward", "DogeAttention builds its own attention mask"),  # a 4-D one, across the samples
 ])
-def test_text_families_ril_fast_cannot_pack_are_refused(model_type, extra, where, words, tmp_path_factory, monkeypatch,
+def test_text_families_ril_fast_cannot_pack_are_refused(model_type, extra, where, words, tmp_path_factory,
                                                         one_thread):  # noqa: F811
     """A family whose packed samples would see each other, or whose attention or LM head ril_fast's cannot stand for,
     is refused (at load where its config or classes tell, else at its first packed forward), never trained silently
     wrong."""
-    folder = _family(tmp_path_factory, monkeypatch, model_type, **extra)
+    folder = text_family(tmp_path_factory, model_type, **extra)
     if where == "load":
         with pytest.raises(UnsupportedModel, match=rf"^{folder}: model type '{model_type}' {words}"):
             load(folder, device="cpu")
@@ -539,12 +521,12 @@ def test_text_families_ril_fast_cannot_pack_are_refused(model_type, extra, where
 @pytest.mark.parametrize("model_type, extra, words", [
     ("phi", dict(), "adds a bias to its logits"),
     ("gemma3_text", dict(final_logit_softcapping=30.0), "soft-caps its logits"),
-    ("gpt_oss", MORE_FAMILIES["gpt_oss"], "adds attention sinks"),
-    ("deepseek_v3", MORE_FAMILIES["deepseek_v3"], "has values of 8 dims per head"),
+    ("gpt_oss", TEXT_FAMILIES["gpt_oss"], "adds attention sinks"),
+    ("deepseek_v3", TEXT_FAMILIES["deepseek_v3"], "has values of 8 dims per head"),
     ("modernbert-decoder", dict(decoder_bias=False, pad_token_id=0),  # its dense + norm before the decoder
      r"computes its logits with more than its output embedding .* \(lm_head.dense.weight, lm_head.norm.weight\)"),
     ("llama", dict(logits_multiplier=2.0), "sets logits_multiplier=2.0, a setting of its logits ril_fast does not"),
-    *[(t, MORE_FAMILIES.get(t, {}), None) for t in ("qwen2", "llama", "granite", "cohere", "hyperclovax")],
+    *[(t, TEXT_FAMILIES.get(t, {}), None) for t in ("qwen2", "llama", "granite", "cohere", "hyperclovax")],
 ])
 def test_meta_model_refused_as_load_refuses(model_type, extra, words):
     """``_check_attention`` refuses on the meta-device model (no weights: what ``ril_fast.preflight.meta_student`` hands

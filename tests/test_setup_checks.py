@@ -235,7 +235,8 @@ def test_long_prompts_are_refused_or_left_out_before_any_model_loads(demo, tmp_p
     assert str(e.value).startswith(f"{data}:5: the prompt takes {lengths[4]} tokens (images included); with "
                                    f"max_new_tokens=12 that exceeds batch.max_tokens ({fits + 12} tokens): raise "
                                    f"batch.max_tokens"), str(e.value)
-    assert str(e.value).endswith(": raise batch.max_tokens, use fewer or smaller images, or drop the example "
+    assert str(e.value).endswith(": raise batch.max_tokens, lower max_new_tokens, use fewer or smaller images, or "
+                                 "drop the example "
                                  "(long_prompts=skip leaves such examples out; 2 more such example(s) in the file)")
     dist = SimpleNamespace(rank=0, world_size=1, is_main=True)
     capsys.readouterr()

@@ -643,6 +643,27 @@ def test_each_batch_of_the_local_teacher_draws_with_its_own_seed(text_model, tmp
     assert run("b.jsonl") == lines and seeds[4:] == seeds[:4]
 
 
+def test_a_local_teacher_whose_head_ril_fast_cannot_train_still_answers(tmp_path, tmp_path_factory):
+    """A teacher only generates, through its own logits: a head the trainer refuses (Phi-2's bias: its log-probs
+    would not be ``hidden @ Wᵀ``) is no reason to refuse it as a teacher, nor as a model to evaluate."""
+    from models_fixtures import text_family
+
+    from ril_fast.eval import main as evaluate_main
+    from ril_fast.models import load
+    from ril_fast.processor import UnsupportedModel
+
+    phi = text_family(tmp_path_factory, "phi")
+    with pytest.raises(UnsupportedModel, match="adds a bias to its logits"):
+        load(phi, device="cpu")  # as a student
+    data, out = _text_data(tmp_path, 2), tmp_path / "t.jsonl"
+    stats = main(["--model", str(phi), "--data", str(data), "--out", str(out), "--num-responses", "2",
+                  "--max-new-tokens", "4", "--no-progress"])
+    assert stats["total"] == 4 and len(_lines(out)) == stats["written"]
+    summary = evaluate_main(["--model", str(phi), "--data", str(data), "--out", str(tmp_path / "eval"),
+                             "--judge", "rule", "--max-new-tokens", "4"])
+    assert summary["examples"] == 2
+
+
 def test_local_teacher_loads_in_bf16_on_cuda_and_fp32_on_the_cpu(monkeypatch):
     """ril_fast.models.load defaults to fp32, on CUDA too: twice the memory, and half the decoding speed of bf16."""
     import torch
