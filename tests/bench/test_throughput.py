@@ -106,26 +106,33 @@ def test_qwen3_vl_tiny_preset_reports_every_phase(tmp_path, monkeypatch, one_thr
     assert float(phases["rollout"]["prompt_tokens"]) > 0
 
 
-def test_compared_configurations_compute_the_same_update(tmp_path_factory, one_thread, bench):  # noqa: F811
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "granite"])
+def test_compared_configurations_compute_the_same_update(family, tmp_path_factory, one_thread, bench):  # noqa: F811
     """Packed and padded micro-batches, fused and eager kernels, and the Liger provider: the same Eq. 2
-    loss and gradients on the same outputs (a side-by-side is only fair if the work is the same)."""
+    loss and gradients on the same outputs (a side-by-side is only fair if the work is the same); Granite's logits
+    are scaled by 1/8, which ril_fast folds into the temperature, and Liger must be given the same."""
     from _baselines import liger_policy_pass  # bench/, on sys.path since the fixture ran
+    from models_fixtures import text_family
 
     from ril_fast.microbatch import micro_batches
     from ril_fast.models import Kernels, load
     from ril_fast.policy import LossConfig, frozen_logprobs, policy_pass
 
-    model, processor = load(tiny_folder(tmp_path_factory, "qwen2_5_vl"), device="cpu")
-    reference, _ = load(tiny_folder(tmp_path_factory, "qwen2_5_vl"), device="cpu")
+    if family == "granite":
+        folder, images, max_tokens = text_family(tmp_path_factory, "granite", logits_scaling=8.0), [0] * 6, 60
+    else:
+        folder, images, max_tokens = tiny_folder(tmp_path_factory, family), [1, 0, 2, 1, 1, 0], 160
+    model, processor = load(folder, device="cpu")
+    reference, _ = load(folder, device="cpu")
     with torch.no_grad():  # a reference that differs from the student, so the KL term is not zero
         for p in reference.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    encoded = [processor.encode(s) for s in random_samples([1, 0, 2, 1, 1, 0])]
+    encoded = [processor.encode(s) for s in random_samples(images)]
     advantages = torch.randn(len(encoded))
     normalizer = torch.tensor(float(len(encoded) * 24))
 
     def update(padded: bool, kernels: Kernels, liger: bool = False):
-        micro = micro_batches(encoded, max_tokens=160, padded=padded)
+        micro = micro_batches(encoded, max_tokens=max_tokens, padded=padded)
         cfg = LossConfig(beta=0.1, temperature=0.9, kernels=kernels)
         ref = frozen_logprobs(reference, micro, cfg.temperature, kernels=kernels)
         model.zero_grad(set_to_none=True)
@@ -136,7 +143,7 @@ def test_compared_configurations_compute_the_same_update(tmp_path_factory, one_t
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     base_loss, base_grads = update(False, Kernels.AUTO)
-    assert len(micro_batches(encoded, max_tokens=160)) > 1  # the accumulation over micro-batches is exercised
+    assert len(micro_batches(encoded, max_tokens=max_tokens)) > 1  # the accumulation over micro-batches is exercised
     for padded, kernels, liger in [(True, Kernels.AUTO, False), (False, Kernels.EAGER, False),
                                    (False, Kernels.AUTO, True)]:
         loss, grads = update(padded, kernels, liger)
