@@ -385,6 +385,35 @@ def test_export_cli_refuses_disc_for_a_checkpoint_without_one(tmp_path):
     assert not any((tmp_path / "out").iterdir()) and not any((tmp_path / "disc").iterdir())
 
 
+def test_export_cli_writes_a_tied_students_head_once(tmp_path):
+    """A student whose LM head is its input embeddings (tie_word_embeddings=True) is exported from a checkpoint
+    with the head tied again: the tensor written once (as in the student's own folder and final/; a second copy is
+    0.6 GB more for a 3B Qwen2.5-VL), with the checkpoint's values, and loading tied."""
+    from transformers import AutoModelForCausalLM
+
+    from ril_fast.export import save_hf_files
+    from ril_fast.processor import Processor
+    from ril_fast.tiny import make_tiny
+
+    source = make_tiny(tmp_path / "tiny", "qwen2")
+    student = AutoModelForCausalLM.from_pretrained(source)
+    student.config.tie_word_embeddings = True
+    student.lm_head.weight = student.model.embed_tokens.weight
+    with torch.no_grad():
+        student.model.embed_tokens.weight.add_(1.0)  # unlike the tiny model's own embeddings and head
+    root = torch.nn.Module()
+    root.module = student  # parameter names as under the trainer's root: "module.model...."
+    processor = Processor.from_pretrained(source)
+    saved = _save_alone(tmp_path / "run", 1, states={"student": checkpoint.TrainState(root, None)},
+                        hf_files=lambda folder: save_hf_files(student, processor, folder))
+    export_main([str(saved), str(tmp_path / "out")])
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert "lm_head.weight" not in weights
+    assert torch.equal(weights["model.embed_tokens.weight"], student.model.embed_tokens.weight)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+
+
 def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
     """A checkpoint a run died writing (``.step-N.tmp``, even with rank 0's trainer.json written before another
     rank's files), or a step-N folder without its trainer.json (emptied, or half deleted), is none."""
@@ -400,6 +429,19 @@ def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
     (tmp_path / "best").mkdir()  # a complete checkpoint kept under a name of one's own
     (tmp_path / "best" / checkpoint.TRAINER_FILE).write_text('{"step": 3}')
     assert checkpoint.resolve(str(tmp_path / "best"), tmp_path) == tmp_path / "best"
+
+
+def test_checkpoints_go_by_step_number_not_folder_name(tmp_path):
+    """step-10 is newer than step-9 and step-2 (though its name sorts first): resume=auto takes it, and pruning to
+    the newest keep_checkpoints deletes the oldest steps, never it."""
+    for step in (2, 9):
+        _save_alone(tmp_path, step, keep=0)
+    assert checkpoint.latest(tmp_path) == tmp_path / "step-9"
+    _save_alone(tmp_path, 10, keep=0)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-2", "step-9", "step-10"]
+    assert checkpoint.latest(tmp_path) == checkpoint.resolve("auto", tmp_path) == tmp_path / "step-10"
+    _save_alone(tmp_path, 11, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10", "step-11"]
 
 
 def test_records_until_keeps_what_an_uninterrupted_run_had_written(tmp_path):
@@ -428,6 +470,29 @@ def test_rng_state_round_trips_through_json():
     checkpoint.set_rng_state(state, own)
     again = (random.random(), own.random(), __import__("numpy").random.rand(), torch.rand(3))
     assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
+
+
+def test_load_takes_a_ranks_file_only_from_as_many_ranks(tmp_path):
+    """A rank's RNG states and counters come back only from a checkpoint of as many ranks, with its file there: a
+    checkpoint of 2 ranks holds a rank-0.json, but another layout's (and a missing file is no file); the models load
+    either way, the random streams start afresh and it is said."""
+    path = _save_alone(tmp_path, 3, counters={"questions": 5})
+    rng = random.Random(2)
+    assert checkpoint.load(path, ALONE, states={"student": checkpoint.TrainState(torch.nn.Linear(3, 2), None)},
+                           rng=rng).counters == {"questions": 5}
+    assert rng.getstate() == random.Random(1).getstate()  # _save_alone's
+    trainer = json.loads((path / checkpoint.TRAINER_FILE).read_text())
+    (path / checkpoint.TRAINER_FILE).write_text(json.dumps(trainer | {"world_size": 2}))
+    for rank_file in ("there", "missing"):
+        if rank_file == "missing":
+            (path / checkpoint.TRAINER_FILE).write_text(json.dumps(trainer))
+            (path / "rank-0.json").unlink()
+        rng = random.Random(2)
+        with pytest.warns(UserWarning, match="the random streams start afresh"):
+            saved = checkpoint.load(path, ALONE, states={"student": checkpoint.TrainState(torch.nn.Linear(3, 2),
+                                                                                          None)}, rng=rng)
+        assert (saved.step, saved.exact, saved.counters) == (3, False, {}), rank_file
+        assert rng.getstate() == random.Random(2).getstate(), rank_file
 
 
 def test_the_same_step_saved_again_replaces_it_whole(tmp_path, monkeypatch):

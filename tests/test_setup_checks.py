@@ -9,6 +9,7 @@ apply (the optimisers' included); a finished run has nothing to redo; Ctrl-C sto
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from PIL import Image
 
 from ril_fast import checkpoint, distributed, lifecycle, preflight, train
 from ril_fast.config import ConfigError, load_config
-from ril_fast.data import DataError
+from ril_fast.data import STUDENT, DataError
 from ril_fast.demo import build_demo
 from ril_fast.imitation import disc_probs
 from ril_fast.metrics import read_metrics
@@ -449,6 +450,25 @@ def test_a_checkpoint_exports_the_students_generation_settings(demo, tmp_path):
         assert {k: saved[k] for k in settings} == settings, folder
 
 
+def test_an_exported_discriminator_keeps_the_runs_pool(demo, tmp_path):
+    """The discriminator of a disc.pool=mean run, exported from a checkpoint, pools by the mean (disc_head.json),
+    so it scores responses as the checkpoint's discriminator does (not by the default last token)."""
+    from ril_fast.discriminator import Discriminator
+    from ril_fast.export import main as export_main
+
+    args = _args(demo, tmp_path / "run", steps=1, **{"disc.pool": "mean"})
+    train.main(args)
+    export_main([str(tmp_path / "run" / "step-1"), str(tmp_path / "student"), "--disc", str(tmp_path / "disc")])
+    assert json.loads((tmp_path / "disc" / "disc_head.json").read_text()) == {"pool": "mean"}
+    exported, _ = Discriminator.load(tmp_path / "disc")
+    run = train.setup(load_config(args + ["steps=2"]))  # the checkpoint's discriminator, as the trainer holds it
+    assert run.start_step == 1 and exported.weight.abs().sum() > 0  # trained: the pooling shows in the scores
+    samples, _, _, _ = train.collect_outputs(run, next(run.batches), seed=0)
+    micro, _ = train._micro(run, samples)
+    assert torch.equal(disc_probs(exported, micro, len(samples)), disc_probs(run.disc, micro, len(samples)))
+    run.log.close()
+
+
 def test_a_ranks_own_data_error_is_said_by_that_rank():
     """Set-up's errors are every rank's: rank 0 says them, the others exit 1. A step's data error comes from one rank's
     own questions: that rank says it, whichever it is (rank 2's was lost behind gloo's 'connection closed'); so does a
@@ -671,17 +691,39 @@ def test_ctrl_c_stops_after_the_step_like_sigterm(capsys):
 def test_run_counters_survive_a_resume_on_another_number_of_ranks(demo, finished, tmp_path):
     """skipped_steps, bad_in_a_row and the discriminator's pre-training steps are the run's (every rank has the
     same): they are in trainer.json, so a resume that cannot match the per-rank files (another rank count) keeps
-    them."""
+    them. Here a checkpoint of 2 ranks resumed by 1: its rank-0.json is there but is another layout's rank 0, so
+    neither its counters nor its random streams are taken (rank 0's file of a 1-rank run would be)."""
     out = tmp_path / "run"
     shutil.copytree(finished / "step-2", out / "step-2")
     trainer = json.loads((out / "step-2" / "trainer.json").read_text())
     assert trainer["counters"] == {"skipped_steps": 0, "bad_in_a_row": 0, "pretrained": 1}
     trainer["counters"] = {"skipped_steps": 2, "bad_in_a_row": 1, "pretrained": 1}
+    trainer["world_size"] = 2  # as when resuming on another number of ranks
     (out / "step-2" / "trainer.json").write_text(json.dumps(trainer))
-    (out / "step-2" / "rank-0.json").unlink()  # as when resuming on another number of ranks
-    with pytest.warns(UserWarning, match="the random streams start afresh"):
+    shutil.copy(out / "step-2" / "rank-0.json", out / "step-2" / "rank-1.json")
+    assert json.loads((out / "step-2" / "rank-0.json").read_text())["counters"]["questions"] > 0
+    with pytest.warns(UserWarning, match="written by 2 ranks, this run has 1: .*the random streams start afresh"):
         run = train.setup(load_config(_args(demo, out, steps=3)))
     assert run.counters == {"skipped_steps": 2, "bad_in_a_row": 1, "questions": 0, "pretrained": 1}
+    assert run.rng.getstate() == random.Random(f"{run.cfg.seed}:0").getstate()  # a fresh run's stream
+    run.log.close()
+
+
+def test_a_resume_restores_the_ranks_teacher_rotation(demo, tmp_path):
+    """group_size=3 over the demo's 2 teachers: which teacher gets a group's third output rotates with the rank's
+    count of questions drawn (its own, in rank-R.json). A resume takes it back, odd here (step 0 saved after one
+    pre-training question): the next question's extra output goes to the second teacher, as in a run never stopped
+    (from a count of 0 it would go to the first)."""
+    args = _args(demo, tmp_path / "run", steps=0, group_size=3, **{"batch.questions_per_step": 1})
+    train.main(args)
+    saved = json.loads((tmp_path / "run" / "step-0" / "rank-0.json").read_text())["counters"]
+    assert saved == {"skipped_steps": 0, "bad_in_a_row": 0, "questions": 1, "pretrained": 1}
+    run = train.setup(load_config(args + ["steps=1"]))
+    assert run.start_step == 0 and run.counters == saved
+    questions = next(run.batches)
+    first, second = [name for name, responses in run.bank.responses(questions[0].id).items() if responses]
+    _, sources, _, _ = train.collect_outputs(run, questions, seed=0)
+    assert [s for s in sources if s != STUDENT] == [first, second, second]
     run.log.close()
 
 
