@@ -272,6 +272,8 @@ def load(path: str | Path, dist: Dist, *, states: dict[str, Stateful], rng: rand
         set_rng_state(saved["rng"], rng)
         counters = saved["counters"]
     elif dist.is_main:
-        warnings.warn(f"{path} was written by {trainer['world_size']} ranks, this run has {dist.world_size}: "
-                      f"models and data position resume, the random streams start afresh", stacklevel=2)
+        why = (f"was written by {trainer['world_size']} ranks, this run has {dist.world_size}"
+               if trainer["world_size"] != dist.world_size else f"has no {rank_file.name}")
+        warnings.warn(f"{path} {why}: models and data position resume, the random streams start afresh",
+                      stacklevel=2)
     return Saved(step=trainer["step"], trainer=trainer, counters=counters, exact=exact)
