@@ -228,6 +228,9 @@ GOLDEN_CASES = [  # answer, response, verdict with math_verify, without
     ("5", "−5", False, False),
     ("0.5", r"$\boxed{\frac{1}{2}}$", True, False),
     ("0.5", r"It is not \frac{1}{2}.", False, False),
+    ("3", "The answer is 3.001", False, False),  # numbers equal to 1e-6 relative, no looser
+    ("0", "1/0", False, False),  # a zero denominator is no number, not 0
+    ("2", "Answer: 2. There are 3 of them", True, True),  # what follows a marker ends at its first clause mark
     (r"\frac{1}{2}", "0.5", True, False),
     # 5. formulas
     ("y=2x+3", "The line is y = 2x + 3.", True, True),
@@ -245,6 +248,7 @@ GOLDEN_CASES = [  # answer, response, verdict with math_verify, without
     # first and last of the \text{} cases were True and False before math_verify-v8 (96432e4)
     ("circle", "It's a circle, not a triangle.", True, True),
     ("triangle", "It is not a triangle.", False, False),
+    ("triangle", "It is not at all a triangle.", False, False),  # a negation three words back still counts
     ("red", "red or blue", False, False),
     ("red", "There is red and blue.", False, False),
     ("gray", "It's grey.", True, True),

@@ -60,6 +60,20 @@ def test_metrics_round_trip_and_only_the_main_rank_writes(tmp_path, _fresh_seed)
     assert not (tmp_path / "other").exists()
 
 
+def test_judge_cache_hit_rate_is_hits_over_all_lookups_of_all_ranks():
+    """The logged ``teacher_judge_cache_hit_rate``: the ranks' hits over their hits and misses together (3 + 1 hits
+    of 3 + 1 + 1 + 3 lookups: 0.5), 0 before any lookup, and no figure without teachers (no verdict bank)."""
+    from types import SimpleNamespace
+
+    from ril_fast.metrics import _judge_cache_stats
+
+    ril = SimpleNamespace(bank=object())
+    assert _judge_cache_stats(ril, [(3, 1), (1, 3)]) == {"teacher_judge_cache_hit_rate": 0.5}
+    assert _judge_cache_stats(ril, [(1, 4)]) == {"teacher_judge_cache_hit_rate": 0.2}
+    assert _judge_cache_stats(ril, [(0, 0), (0, 0)]) == {"teacher_judge_cache_hit_rate": 0.0}
+    assert _judge_cache_stats(SimpleNamespace(bank=None), [(3, 1)]) == {}
+
+
 @pytest.mark.parametrize("teachers", [True, False], ids=["ril", "rl_only"])
 def test_close_draws_curves_png_of_the_expected_size(tmp_path, capsys, teachers, _fresh_seed):
     rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws

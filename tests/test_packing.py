@@ -228,3 +228,23 @@ def test_image_groups_follow_shared_pixels():
 def test_too_long_sample_is_a_clear_error():
     with pytest.raises(ValueError, match="sample 2 has 9 tokens, more than max_tokens=8"):
         first_fit_decreasing([1, 2, 9], 8)
+    # the budget itself fits: alone, and filling a bin exactly
+    assert first_fit_decreasing([5], 5) == [[0]]
+    assert first_fit_decreasing([8, 3, 5], 8) == [[0], [2, 1]]
+
+
+def test_micro_batches_split_the_heaviest_then_copy_the_shortest():
+    """To reach the agreed count, ``micro_batches`` halves the micro-batch with the most tokens (evening out the
+    passes' work), then, with nothing left to split, adds zero-weight copies of the shortest response (the least
+    wasted work). Hand example: bins [0, 3] (12 + 4 = 16 tokens) and [2, 1] (6 + 2 = 8) at a budget of 16."""
+    lengths = [12, 2, 6, 4]
+    encoded = [Encoded(torch.arange(n), 1) for n in lengths]
+    assert [mb.index for mb in micro_batches(encoded, 16)] == [[0, 3], [2, 1]]
+    split = micro_batches(encoded, 16, agree=lambda n: n + 1)
+    assert [mb.index for mb in split] == [[2, 1], [0], [3]]  # the 16-token bin halved, not the 8-token one
+    assert [sum(mb.batch.lengths) for mb in split] == [8, 12, 4]
+    filled = micro_batches(encoded, 16, agree=lambda n: 6)  # 4 single responses, then 2 fillers
+    assert sorted(i for mb in filled[:4] for i in mb.index) == [0, 1, 2, 3]
+    assert all(mb.weight.tolist() == [1.0] for mb in filled[:4])
+    for filler in filled[4:]:
+        assert filler.index == [1] and filler.batch.lengths == [2] and filler.weight.tolist() == [0.0]

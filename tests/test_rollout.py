@@ -213,6 +213,23 @@ def test_seeded(arch, loaded):
     assert all(len({tuple(r.token_ids) for r in group}) > 1 for group in a)
 
 
+def test_trainer_sampling_seed_is_distinct_per_run_seed_step_and_rank():
+    """The trainer's seed for ``sample_responses`` (``train._seed``): distinct for every (run seed, step, rank), so
+    ranks sampling their own prompts never draw the same random numbers (one seed on all ranks would correlate them);
+    negative steps are the discriminator's pre-training steps (``pretrain_disc_step``)."""
+    from types import SimpleNamespace
+
+    from ril_fast.train import _seed
+
+    def run(seed, rank):
+        return SimpleNamespace(cfg=SimpleNamespace(seed=seed), dist=SimpleNamespace(rank=rank))
+
+    keys = [(seed, step, rank) for seed in (0, 1, 2) for step in (-2, -1, 0, 1, 7) for rank in range(4)]
+    seeds = [_seed(run(seed, rank), step) for seed, step, rank in keys]
+    assert len(set(seeds)) == len(keys)
+    assert _seed(run(1, 0), 3) != _seed(run(1, 1), 3)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 0), (1.0, 5)])
 def test_sampling_is_softmax_over_temperature(arch, temperature, top_k, eos_loaded, monkeypatch):

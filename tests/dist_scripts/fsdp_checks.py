@@ -8,7 +8,8 @@ The optional third argument is ``shard_ranks`` for every ``shard_model`` call (2
 sharded replicas).
 
 Every rank measures; errors are max-reduced over ranks and rank 0 writes them to OUT.json, where the
-test asserts on them. Each rank's data comes from a seed of its rank, so every rank can rebuild every
+test asserts on them. One check raises instead, on every rank at once (the launch fails with its message): ranks
+with different numbers of responses must agree on one number of micro-batches. Each rank's data comes from a seed of its rank, so every rank can rebuild every
 other rank's batch and compute the single-process reference: the SUM over ranks of the unsharded
 model's gradients.
 """
@@ -36,6 +37,7 @@ from ril_fast.microbatch import MicroBatch, micro_batches, rank_agreement, sync_
 from ril_fast.models import load, packed_logprobs  # noqa: E402
 from ril_fast.packing import pack  # noqa: E402
 from ril_fast.policy import frozen_logprobs  # noqa: E402
+from ril_fast.processor import Encoded  # noqa: E402
 from ril_fast.rollout import sample_responses  # noqa: E402
 from tests.models_fixtures import random_samples  # noqa: E402
 
@@ -175,6 +177,18 @@ def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
     res["mixed_images_fillers"] = int(max_over_ranks(float((mb.weight == 0).sum())))
     res["mixed_images_grad_err_vs_sum"] = max_over_ranks(grad_err(full_grads(fresh), mixed_ref))
     del fresh
+
+    # -- ranks with different numbers of outputs run the same number of micro-batches (rank_agreement's agree) ------
+    # Rank r has r + 1 responses of a whole budget each (its own count: r + 1): every rank must end with world_size,
+    # the smaller ones by zero-weight fillers. A mismatch would leave the ranks' collectives out of step, so every
+    # rank checks the max-reduced counts and raises together (the launch then fails with this message).
+    own = micro_batches([Encoded(torch.arange(6), 1) for _ in range(d.rank + 1)], 6,
+                        agree=rank_agreement(proc, d.device)["agree"])
+    most, fewest = distributed.all_reduce_max(torch.tensor([len(own), -len(own)])).tolist()
+    fillers = sum(int((mb.weight == 0).sum()) for mb in own)
+    if (most, -fewest, fillers) != (d.world_size, d.world_size, d.world_size - 1 - d.rank):
+        raise AssertionError(f"rank {d.rank}: micro-batch counts from {-fewest} to {most} over the ranks "
+                             f"({fillers} fillers here): all should be {d.world_size}")
 
     # -- accumulation over two micro-batches as the trainer runs it (microbatch.sync_gradients) ----------
     acc = shard_model(load(folder, device="cpu")[0], mixed_precision=False)
