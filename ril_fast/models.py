@@ -285,11 +285,11 @@ def _check_attention(model, path, *, head: bool = True) -> None:
 
 
 # Heads that scale their logits by a config value, by the model type whose causal LM applies it:
-# (attribute, True where the logits are divided by it). packed_logprobs folds it into the temperature.
+# (attribute, True where the logits are divided by it). packed_logprobs folds it into the temperature. (Families
+# refused before their head is looked at are left out: Granite-SWA's sinks, MiniCPM3's latent attention; an unknown
+# logits_scaling would be refused too.)
 _LOGIT_SCALES = {
-    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
-                     "granitemoehybrid"), ("logits_scaling", True)),
-    "minicpm3": ("logits_scaling", True),  # its last hidden states / s, through a head without bias: the logits / s
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"), ("logits_scaling", True)),
     "hyperclovax": ("logits_scaling", False),
     **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), ("logit_scale", False)),
 }
