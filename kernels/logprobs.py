@@ -223,15 +223,20 @@ def _merge(row_max, row_sum, pz, return_entropy):
     return lse, torch.log(total) - (scale * (pz + shift * row_sum)).sum(0) / total
 
 
+def _vocab_slice(N: int, V: int, cfg: dict, device: torch.device) -> int:
+    """Vocabulary columns per program of the Triton forward, a multiple of BLOCK_V: the vocabulary is split
+    so that small N still fills the GPU (about two programs per SM)."""
+    want = max(1, triton.cdiv(2 * _num_sms(device), triton.cdiv(N, cfg["BLOCK_N"])))
+    return triton.cdiv(triton.cdiv(V, want), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+
+
 def _forward_triton(hidden, weight, targets, temperature, return_entropy):
     """Triton forward: (lse, target logit, entropy or None), each (N,) fp32."""
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = _blocks(hidden)
     row_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    # Split the vocabulary so that small N still fills the GPU (about two programs per SM).
-    want = max(1, triton.cdiv(2 * _num_sms(hidden.device), row_blocks))
-    v_per_split = triton.cdiv(triton.cdiv(V, want), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    v_per_split = _vocab_slice(N, V, cfg, hidden.device)
     splits = triton.cdiv(V, v_per_split)
     parts = [torch.empty((splits, N), device=hidden.device, dtype=torch.float32) for _ in range(4)]
     row_max, row_sum, zt, pz = parts

@@ -80,16 +80,18 @@ def test_matches_reference(impl, N, V, H, dtype, atol_rel, monkeypatch, device):
 def test_many_vocab_chunks(impl, N, V, H, dtype, atol_rel, monkeypatch, device):
     """Force vocabulary chunks of ~100 columns (the real budget gives one chunk at test sizes) and,
     for Triton, a forward split over several vocabulary slices: targets land in every chunk, and some exactly
-    on each chunk's first and last id (a target read by two chunks, or by none, shows there)."""
+    on the first and last id of each chunk and of each forward slice (a target read by two, or by none, shows)."""
     monkeypatch.setitem(lp_mod._CHUNK_BYTES, device.type, 4 * N * 100)
     monkeypatch.setattr(lp_mod, "_num_sms", lambda device: 8)
-    monkeypatch.setattr(lp_mod, "_blocks", lambda h: dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, UPCAST=True,
-                                                           DOT_PRECISION="ieee"))
+    cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, UPCAST=True, DOT_PRECISION="ieee")
+    monkeypatch.setattr(lp_mod, "_blocks", lambda h: cfg)
     if impl == "triton":
         poison_empty(monkeypatch)
     step = lp_mod._vocab_chunk(torch.empty(N, H, dtype=dtype, device=device), V)  # the torch path's, and backward's
     assert step == min(V, 100)
-    edges = sorted({v for v0 in range(0, V, step) for v in (v0, min(v0 + step, V) - 1)})
+    width = lp_mod._vocab_slice(N, V, cfg, device)  # the Triton forward's, several tiles of BLOCK_V each
+    assert width % cfg["BLOCK_V"] == 0 and 3 <= -(-V // width) <= 8 and width not in (step, V)
+    edges = sorted({v for size in (step, width) for v0 in range(0, V, size) for v in (v0, min(v0 + size, V) - 1)})
     _check(impl, N, V, H, dtype, atol_rel, temperature=0.8, device=device, edges=edges)
 
 
