@@ -10,6 +10,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,10 +108,14 @@ def test_same_seed_same_metrics(demo, tmp_path):
     assert strip[0] == strip[1]
 
 
-@pytest.mark.parametrize("arch", [None, "qwen3_vl", "qwen3_5", "internvl3_5"])  # demo student, DeepStack, hybrid, tiles
+# demo student, its head tied to its embeddings, DeepStack, hybrid, tiles
+@pytest.mark.parametrize("arch", [None, "tied", "qwen3_vl", "qwen3_5", "internvl3_5"])
 def test_two_ranks_under_torchrun(demo, tmp_path, arch):
     out = tmp_path / "run"
-    student = demo.student if arch is None else make_tiny(tmp_path / "student", arch=arch)
+    if arch == "tied":
+        student = _tied_copy(demo.student, tmp_path / "tied")
+    else:
+        student = demo.student if arch is None else make_tiny(tmp_path / "student", arch=arch)
     # FSDP2, recomputing, and a reference model (β > 0) sharded like the student
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ril_fast.train",
            *_args(demo, out, demo.teachers, student=student,
@@ -136,6 +141,15 @@ def test_two_ranks_under_torchrun(demo, tmp_path, arch):
     initial = load_file(str(next(Path(student).glob("*.safetensors"))))
     assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in initial.items()}
     assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
+    if arch == "tied":  # trained as one tensor, written once, loading tied again
+        from transformers import AutoModelForImageTextToText
+
+        embeddings = "model.embed_tokens.weight"  # as the demo student's files name them
+        assert "lm_head.weight" not in final and not torch.equal(final[embeddings], initial[embeddings])
+        for folder in (out / "final", tmp_path / "exported"):
+            loaded = AutoModelForImageTextToText.from_pretrained(folder)
+            assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+            assert torch.equal(loaded.lm_head.weight, final[embeddings])
 
 
 def test_discriminator_takes_its_own_optimiser_settings(demo, tmp_path, monkeypatch):
@@ -357,14 +371,25 @@ GOLDEN = Path(__file__).parent / "golden" / "train_metrics.json"
 UNPINNED = ("tokens_per_s", "step_time_s", "mfu", "peak_memory_gib")
 
 
+def _tied_copy(student: Path, folder: Path) -> Path:
+    """A copy of the demo student in ``folder`` with its LM head tied to the input embeddings (Qwen2.5-VL-3B's)."""
+    shutil.copytree(student, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = next(folder.glob("*.safetensors"))
+    state = load_file(str(weights))
+    del state["lm_head.weight"]  # a tied checkpoint holds the embeddings only
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return folder
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["separate_head", "tied_head"])
 def test_final_folder_in_bf16_is_the_bf16_cast_of_the_master_weights(demo, tmp_path, tied):
     """``export_dtype``: auto is bf16 on GPUs (the dtype their forwards ran in) and fp32 on CPUs. A sharded student
     exported in bf16 holds the bf16 cast of every fp32 weight its fp32 export holds, and its config (the VLM's
     text and vision configs too) names bf16, so ``from_pretrained(dtype="auto")`` loads it as written. An LM head
     tied to the embeddings (Qwen2.5-VL-3B's) is written once, as ``save_pretrained`` writes it, and loads tied."""
-    import shutil
-
     from transformers import AutoModelForImageTextToText
 
     from ril_fast.distributed import init, shard_model
@@ -374,17 +399,7 @@ def test_final_folder_in_bf16_is_the_bf16_cast_of_the_master_weights(demo, tmp_p
     assert ExportDtype.AUTO.on(torch.device("cuda", 0)) == torch.bfloat16
     assert ExportDtype.AUTO.on(torch.device("cpu")) == ExportDtype.FLOAT32.on(torch.device("cpu")) == torch.float32
     assert ExportDtype.BFLOAT16.on(torch.device("cpu")) == torch.bfloat16
-    student = demo.student
-    if tied:  # the demo student with its head tied to the embeddings
-        student = tmp_path / "tied"
-        shutil.copytree(demo.student, student)
-        config = json.loads((student / "config.json").read_text())
-        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
-        (student / "config.json").write_text(json.dumps(config))
-        weights = next(student.glob("*.safetensors"))
-        state = load_file(str(weights))
-        del state["lm_head.weight"]  # a tied checkpoint holds the embeddings only
-        save_file(state, str(weights), metadata={"format": "pt"})
+    student = _tied_copy(demo.student, tmp_path / "tied") if tied else demo.student
     init()
     model, processor = load(student, device="cpu")
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
