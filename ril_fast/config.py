@@ -27,39 +27,21 @@ The defaults are the built-in demo's, measured on it (a tiny random student, one
 
 from __future__ import annotations
 
-import enum
 import os
-import re
 import sys
-import typing
-from collections.abc import Hashable
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ril_fast import settings
 from ril_fast.data import LongPrompts
 from ril_fast.export import ExportDtype
 from ril_fast.files import write_text_atomic
 from ril_fast.judge import JudgeKind
 from ril_fast.kernels.disc_head import Pool
 from ril_fast.models import Kernels
-
-
-class ConfigError(ValueError):
-    """A bad config file, override or value; the message says which key and what is valid. ``key``: the dotted key
-    at fault, where one is; ``problems``: each value check that failed (``Config.__post_init__``), in the message."""
-
-    def __init__(self, message: str, *, key: str | None = None, problems: list[str] | None = None):
-        super().__init__(message)
-        self.key, self.problems = key, problems or []
-
-
-def opt(default, doc: str):
-    """A dataclass field with its default (lists are copied per instance) and its help text."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": doc})
-    return field(default=default, metadata={"help": doc})
+from ril_fast.settings import ConfigError, opt  # callers import ConfigError from here
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,7 +195,7 @@ class Config:
     batch: Batch = field(default_factory=Batch, metadata={"help": Batch.__doc__})
 
     def __post_init__(self):
-        _check_types(self, "")
+        settings.check_types(self)
         for name in ("student", "train_data", "eval_data", "output_dir", "resume", "judge_model", "judge_cache"):
             setattr(self, name, _home(getattr(self, name)))  # YAML keeps ~ as written, as a quoted shell word does
         if self.teachers:
@@ -277,7 +259,7 @@ class Config:
     # -- output ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """The full config as nested plain Python (enums as their values), as YAML writes it."""
-        return _plain(asdict(self))
+        return settings.plain(asdict(self))
 
     def save(self, path: str | Path) -> Path:
         """Write the full resolved config as YAML (``load_config(["--config", path])`` reads it back)."""
@@ -287,30 +269,29 @@ class Config:
 
     def describe(self) -> str:
         """One aligned ``key = value`` line per field, ``*`` marking values changed from the default."""
-        default = _flatten(Config().to_dict())
-        flat = _flatten(self.to_dict())
+        default = settings.flatten(Config().to_dict())
+        flat = settings.flatten(self.to_dict())
         width = max(map(len, flat))
         lines = ["config (* = not the default)"]
         for key, value in flat.items():
             mark = "" if default.get(key, MISSING) == value else " *"
-            lines.append(f"  {key:<{width}} = {_show(value)}{mark}")
+            lines.append(f"  {key:<{width}} = {settings.show(value)}{mark}")
         return "\n".join(lines)
 
     def differences(self, path: str | Path, *, unsaved_as_default: bool = False) -> list[str]:
         """The keys whose values differ between this config and the one saved at ``path`` (``save``). A key the
         saved config lacks (written before the setting existed) differs, or, with ``unsaved_as_default``, differs
         only where this config does not take its default."""
-        saved = _flatten(yaml.safe_load(Path(path).read_text()) or {})
+        saved = settings.flatten(yaml.safe_load(Path(path).read_text()) or {})
         if unsaved_as_default:
-            saved = {**_flatten(type(self)().to_dict()), **saved}
-        mine = _flatten(self.to_dict())
+            saved = {**settings.flatten(type(self)().to_dict()), **saved}
+        mine = settings.flatten(self.to_dict())
         return [k for k in mine if saved.get(k, MISSING) != mine[k]]
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
         """A config from nested (YAML-style) data over the defaults; unknown keys are errors."""
-        flat = _flatten_input(data, cls, "")
-        return _build(cls, {k: _parse(cls, k, v) for k, v in flat.items()})
+        return settings.from_nested(cls, data, check_value=_blank_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,166 +322,17 @@ def load_config(argv: list[str]) -> Config:
     if "--help" in argv or "-h" in argv:
         print(help_text())
         raise SystemExit(0)
-    values: dict[str, object] = {}
-    where: dict[str, str] = {}  # dotted key -> where its value was set ("at FILE:LINE", "on the command line")
-    overrides: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--config" or arg.startswith("--config="):
-            if arg == "--config":
-                if i + 1 >= len(argv):
-                    raise ConfigError("--config needs a YAML file")
-                i += 1
-                path = argv[i]
-            else:
-                path = arg.split("=", 1)[1]
-            from_file, lines = _read_yaml(path)
-            values.update(from_file)
-            where.update({key: f"at {path}:{lines[key]}" if key in lines else f"in {path}" for key in from_file})
-        elif "=" in arg and not arg.startswith("-"):
-            overrides.append(arg)
-        else:
-            raise ConfigError(f"cannot read argument {arg!r}: expected --config FILE.yaml or key=value "
-                              f"(valid keys: {', '.join(valid_keys())})")
-        i += 1
-    for arg in overrides:  # after every --config, whatever the order on the command line
-        key, text = arg.split("=", 1)
-        values[key.strip()] = _parse(Config, key.strip(), text)
-        where[key.strip()] = "on the command line"
-    try:
-        return _build(Config, values)
-    except ConfigError as e:
-        if not e.problems:
-            raise
-        sourced = [_sourced(p, where) for p in e.problems]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(sourced), problems=sourced) from None
+    return settings.load(Config, argv, check_value=_blank_path)
 
 
-def _sourced(problem: str, where: dict[str, str]) -> str:
-    """``problem`` followed by where each key it names was set (``load_config``'s ``where``)."""
-    words = re.findall(r"[A-Za-z_][\w.]*(?![\w.'])", problem)  # not "the student's"
-    keys = [k for k in dict.fromkeys(words) if k in where]
-    if len(keys) == 1:
-        return f"{problem} (set {where[keys[0]]})"
-    return f"{problem} ({'; '.join(f'{k} set {where[k]}' for k in keys)})" if keys else problem
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        """A mapping's dict; a repeated key is a ConfigError naming the file, the key and both lines."""
-        lines = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may be overridden key by key
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # SafeLoader's own error follows
-            line = key_node.start_mark.line + 1
-            if key in lines:
-                raise ConfigError(f"{key_node.start_mark.name}:{line}: key {key!r} is repeated (first on line "
-                                  f"{lines[key]}); YAML would keep only the last value")
-            lines[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(path: str) -> tuple[dict, dict]:
-    """The flat {dotted key: parsed value} of a YAML config file, and {dotted key: its line}; a key repeated in
-    it is an error, and an error in a key or value names the file and the key's line. The bytes go to YAML,
-    which reads UTF-8 or, after a byte-order mark, UTF-16 (other bytes: an error naming where)."""
-    try:
-        with open(path, "rb") as f:
-            loader = _UniqueKeyLoader(f)
-            try:
-                node = loader.get_single_node()
-                data = loader.construct_document(node) if node is not None else None
-            finally:
-                loader.dispose()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys to values, got {type(data).__name__}")
-    lines = _key_lines(node)
-    try:
-        flat = _flatten_input(data, Config, "")
-        return {k: _parse(Config, k, v) for k, v in flat.items()}, lines
-    except ConfigError as e:
-        at = f"{path}:{lines[e.key]}" if e.key in lines else path
-        raise ConfigError(f"{at}: {e}", key=e.key) from None
-
-
-def _key_lines(node, prefix: str = "") -> dict[str, int]:
-    """{dotted key: 1-based line} of a composed YAML mapping (its nested mappings' keys dotted)."""
-    lines = {}
-    for key_node, value_node in node.value if isinstance(node, yaml.MappingNode) else []:
-        if isinstance(key_node, yaml.ScalarNode):
-            key = prefix + str(key_node.value)
-            lines[key] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, key + "."))
-    return lines
-
-
-def valid_keys(cls=Config, prefix: str = "") -> list[str]:
-    """Every settable dotted key of ``cls``, in declaration order."""
-    keys = []
-    for f in fields(cls):
-        tp = _hints(cls)[f.name]
-        if is_dataclass(tp):
-            keys += valid_keys(tp, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
+def valid_keys() -> list[str]:
+    """Every settable dotted key of Config, in declaration order."""
+    return settings.valid_keys(Config)
 
 
 def help_text() -> str:
     """Every key with its type, default and help, for ``--help``."""
-    default = _flatten(Config().to_dict())
-    lines = [__doc__.strip(), "", "keys:"]
-    for key in valid_keys():
-        cls, name = _owner(Config, key)
-        f = next(f for f in fields(cls) if f.name == name)
-        lines.append(f"  {key} = {_show(default[key])}  [{_type_name(_hints(cls)[name])}]")
-        lines.append(f"      {f.metadata['help']}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Typed parsing (no eval): the field's annotation decides
-# ----------------------------------------------------------------------------------------------------
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-_NONE = {"none", "null", "~"}
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _unknown(key: str) -> ConfigError:
-    return ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}", key=key)
-
-
-def _owner(cls, key: str):
-    """The dataclass that holds dotted ``key`` and the field's name in it."""
-    *sections, name = key.split(".")
-    for s in sections:
-        tp = _hints(cls).get(s)
-        if not is_dataclass(tp):
-            raise _unknown(key)
-        cls = tp
-    tp = _hints(cls).get(name)
-    if tp is None:
-        raise _unknown(key)
-    if is_dataclass(tp):
-        raise ConfigError(f"{key!r} is a section; set its fields: "
-                          f"{', '.join(valid_keys(tp, key + '.'))}", key=key)
-    return cls, name
+    return settings.help_text(Config, __doc__)
 
 
 # Data-path settings that a blank value would silently turn into another path (Path("") is the current folder)
@@ -510,7 +342,8 @@ _DATA_PATH_LISTS = ("teachers",)
 
 def _blank_path(key: str, value) -> str | None:
     """What is wrong with a parsed data-path setting's value, or None: ``train_data`` / ``eval_data`` of blanks
-    (empty keeps its meaning), an empty or blank entry of ``teachers`` (a command line's ``a,,b`` has none left)."""
+    (empty keeps its meaning), an empty or blank entry of ``teachers`` (a command line's ``a,,b`` has none left).
+    ``load_config``'s ``check_value`` and a check of ``Config.__post_init__`` (values set in code)."""
     if key in _DATA_PATHS and isinstance(value, str) and value and not value.strip():
         meaning = "none: the built-in demo's training split" if key == "train_data" else "empty: no evaluation"
         return f"{value!r} is blank: give a path ({meaning})"
@@ -521,171 +354,9 @@ def _blank_path(key: str, value) -> str | None:
     return None
 
 
-def _optional_inner(tp):
-    """X for ``X | None``, else None."""
-    args = typing.get_args(tp)
-    if type(None) in args and len(args) == 2:
-        return next(a for a in args if a is not type(None))
-    return None
-
-
-def _type_name(tp) -> str:
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return f"{_type_name(inner)} or none"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return " | ".join(m.value for m in tp)
-    if typing.get_origin(tp) is list:
-        return "comma-separated list"
-    return tp.__name__
-
-
-def _parse(cls, key: str, value):
-    """``value`` (a command-line string, or a YAML scalar or list) converted to the type of ``key``; a blank data
-    path is an error (:func:`_blank_path`)."""
-    owner, name = _owner(cls, key)
-    tp = _hints(owner)[name]
-    try:
-        parsed = _convert(value, tp, strict=False)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot use {value!r}: expected {_type_name(tp)} ({e})", key=key) from None
-    if problem := _blank_path(key, parsed):
-        raise ConfigError(f"{key}: {problem}", key=key)
-    return parsed
-
-
-def _convert(value, tp, *, strict: bool):
-    """``value`` as type ``tp``. Not strict (command line, YAML): strings are parsed by the type (YAML
-    reads 1e-3, having no dot, as a string). Strict (values set in code): only enums parse strings."""
-    inner = _optional_inner(tp)
-    if inner is not None:
-        if value is None or (not strict and isinstance(value, str) and value.strip().lower() in _NONE):
-            return None
-        return _convert(value, inner, strict=strict)
-    if typing.get_origin(tp) is list:
-        if isinstance(value, str) and not strict:
-            return [s.strip() for s in value.split(",") if s.strip()]
-        if isinstance(value, list) and all(isinstance(s, str) for s in value):
-            return list(value)
-        raise TypeError("a list of strings")
-    if value is None:
-        raise TypeError("none is not allowed here")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value.strip().lower() if isinstance(value, str) else value)
-        except ValueError:
-            raise ValueError(f"one of {[m.value for m in tp]}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError("a string (quote it in YAML)")
-        return value
-    if isinstance(value, str) and not strict:
-        text = value.strip()
-        if tp is bool:
-            if text.lower() not in _TRUE | _FALSE:
-                raise ValueError("true or false")
-            return text.lower() in _TRUE
-        return tp(text)  # int("2.5") and float("x") raise ValueError
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if tp is int and not isinstance(value, int):
-            raise TypeError("an integer")
-        return tp(value)
-    raise TypeError(f"a {tp.__name__}")
-
-
-def _check_types(obj, prefix: str) -> None:
-    """Reject values of the wrong type set in code (``Config(steps="5")``); enums may be given by value."""
-    for f in fields(obj):
-        tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
-        if is_dataclass(tp):
-            if not isinstance(value, tp):
-                raise ConfigError(f"{prefix}{f.name} must be a {tp.__name__} section, got {value!r}")
-            _check_types(value, f"{prefix}{f.name}.")
-            continue
-        try:
-            object.__setattr__(obj, f.name, _convert(value, tp, strict=True))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{prefix}{f.name}: cannot use {value!r}: expected {_type_name(tp)} ({e})") from None
-
-
-def _build(cls, flat: dict):
-    """``cls`` from its defaults with the parsed dotted values of ``flat`` applied."""
-    sections: dict[str, dict] = {}
-    top = {}
-    for key, value in flat.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            sections.setdefault(head, {})[rest] = value
-        else:
-            top[head] = value
-    for name, sub in sections.items():
-        tp = _hints(cls)[name]
-        top[name] = _build(tp, sub)
-    return cls(**top)
-
-
-def _flatten_input(data: dict, cls, prefix: str) -> dict:
-    """Nested YAML data -> {dotted key: value}, checking that sections are mappings. A dotted key (``optim.lr:``,
-    as the command line spells it) is its section's field; given both so and in its section, it is an error."""
-    flat = {}
-    hints = _hints(cls)
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if isinstance(name, str) and "." in name:
-            head, rest = name.split(".", 1)
-            if not is_dataclass(hints.get(head)):
-                raise _unknown(key)
-            found = _flatten_input({rest: value}, hints[head], f"{prefix}{head}.")
-        elif not isinstance(name, str) or name not in hints:
-            raise _unknown(key)
-        elif is_dataclass(hints[name]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key!r} is a section: give it a mapping of "
-                                  f"{', '.join(valid_keys(hints[name], key + '.'))}", key=key)
-            found = _flatten_input(value, hints[name], key + ".")
-        else:
-            found = {key: value}
-        if twice := sorted(found.keys() & flat.keys()):
-            raise ConfigError(f"{twice[0]!r} is given twice (dotted, and in its section)", key=twice[0])
-        flat.update(found)
-    return flat
-
-
 def _home(value):
     """A path setting with a leading ``~`` (``~/runs``, ``~user/x``) in the home folder, as a shell expands it."""
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = v
-    return flat
-
-
-def _show(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, list):
-        return ",".join(value) if value else "(empty)"
-    if value == "":
-        return "(empty)"
-    return str(value)
 
 
 if __name__ == "__main__":
