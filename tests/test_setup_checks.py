@@ -382,6 +382,10 @@ def test_a_finished_run_has_nothing_to_redo(demo, tmp_path, capsys, monkeypatch)
     assert "nothing to do: the run in" in capsys.readouterr().out
     assert read_metrics(out / "metrics.jsonl") == before
     assert (out / "config.yaml").read_bytes() == config  # the settings it ran with, not the unused new ones
+    # resume=DIR names the checkpoint to go on from: nothing to do only from the last step's
+    for step, done in ((3, True), (2, False)):
+        cfg = load_config(_args(demo, out, steps=3, resume=out / f"step-{step}"))
+        assert lifecycle.finished(cfg, out / f"step-{step}") is done
 
 
 def test_a_finished_run_with_other_settings_is_refused_before_any_model_loads(demo, finished, tmp_path, monkeypatch):
