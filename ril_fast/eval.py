@@ -191,11 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from ril_fast import distributed
     from ril_fast.data import DataError
+    from ril_fast.judges_http import HTTPError
     from ril_fast.processor import UnsupportedModel
 
     try:
         main()
-    except (DataError, UnsupportedModel) as e:  # the message names the file and line, or the model type
+    except (DataError, UnsupportedModel, HTTPError) as e:  # names the file and line, the model type, or the judge's URL
         distributed.destroy()  # as below, on this way out too
         raise SystemExit(f"error: {e}") from None
     # Leave the process group before the interpreter tears down, as the trainer does: a gloo group destroyed during

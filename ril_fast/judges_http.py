@@ -102,7 +102,10 @@ class OpenAIClient:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as reply:
                     raw = reply.read()
             except urllib.error.HTTPError as e:
-                detail = _excerpt(e.read())
+                try:
+                    detail = _excerpt(e.read())
+                except _TRANSIENT as cut:  # the error's body cut off or stalled (a proxy dropping the connection)
+                    detail = f"(its body was cut off: {type(cut).__name__})"
                 if e.code in (408, 429) or e.code >= 500:
                     last = f"HTTP {e.code}: {detail}"
                     retry_after = retry_after_s((e.headers or {}).get("Retry-After")) if e.code in (429, 503) else 0.0

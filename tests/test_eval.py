@@ -195,6 +195,24 @@ def test_cli_data_error_is_one_line_naming_the_file_and_line(demo, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_judge_server_failing_for_good_is_one_line(demo, tmp_path):
+    """An http judge that fails after its retries (HTTP 500 every time) ends the command with the client's one line
+    (the URL, the attempts, the last failure), not a traceback."""
+    rows = [json.loads(line) for line in demo.test.read_text().splitlines()[:2]]
+    data = demo.root / "judge_fails.jsonl"  # beside the images its paths are relative to
+    data.write_text("".join(json.dumps(dict(row, question=row["question"] + " FAULT:500")) + "\n" for row in rows))
+    with FakeOpenAI() as server:
+        proc = subprocess.run([sys.executable, "-m", "ril_fast.eval", "--model", str(demo.student), "--data",
+                               str(data), "--out", str(tmp_path / "out"), "--judge", "http", "--judge-url", server.url,
+                               "--judge-model", "fake-model", "--judge-retries", "0", "--max-new-tokens", "2"],
+                              cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]  # after the weights' loading bar
+    assert last.startswith(f"error: POST {server.url}/chat/completions: failed 1 times"), proc.stderr
+    assert "last failure: HTTP 500" in last and "Traceback" not in proc.stderr
+
+
 def test_a_prompt_longer_than_the_models_sliding_window_is_refused_before_it_loads(tmp_path, tmp_path_factory,
                                                                                    monkeypatch):
     """ril_fast's attention has no sliding window: a prompt and --max-new-tokens beyond the window a model's layers

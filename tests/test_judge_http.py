@@ -7,6 +7,7 @@ import email.utils
 import math
 import random
 import socket
+import threading
 import time
 
 import pytest
@@ -141,6 +142,38 @@ def test_bad_replies_fail_at_once_and_say_why(fault, message, status):
             _judge(server, retries=3)([JudgeItem("q", "a", f"FAULT:{fault}")])
     assert list(server.attempts.values()) == [1]
     assert caught.value.status == status
+
+
+@pytest.mark.parametrize("status,retried", [(502, True), (400, False)])
+def test_an_error_reply_whose_body_is_cut_off(status, retried):
+    """A 5xx whose body never arrives whole (a proxy dropping the connection: 8 of the 100 bytes it announced) is
+    retried like any 5xx, and a 4xx so cut is refused at once as a 4xx: neither is http.client's IncompleteRead
+    escaping the retries as a traceback."""
+    attempts = []
+
+    def serve(listener):
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                attempts.append(1)
+                if len(attempts) == 1:
+                    conn.sendall(b"HTTP/1.1 %d Oops\r\nContent-Length: 100\r\n\r\nupstream" % status)
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"ok\": true}")
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        threading.Thread(target=serve, args=(listener,), daemon=True).start()
+        client = OpenAIClient(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", retries=2, backoff_s=0.01,
+                              timeout_s=5.0)
+        if retried:
+            assert client.request("/chat/completions", {}) == {"ok": True}
+        else:
+            with pytest.raises(HTTPError, match=r"HTTP 400 \(not retried\): \(its body was cut off: IncompleteRead\)"):
+                client.request("/chat/completions", {})
+    assert len(attempts) == (2 if retried else 1)
 
 
 def test_no_server_is_retried_then_reported():
