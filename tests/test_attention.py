@@ -214,8 +214,9 @@ def test_decoding_step_gives_sdpa_equal_head_counts(monkeypatch):
 
 
 def test_mask_function_keeps_the_decoding_mask_as_given():
-    """Decoding (one query) gets the 2-D mask even without padding (no ``.all()`` check on the host);
-    longer inputs keep flash-attention's rule (None when unpadded)."""
+    """Decoding (one query) gets the 2-D mask even without padding (no ``.all()`` check on the host), its last
+    kv_length columns where the cache keeps fewer positions than the mask has (a sliding window's); longer inputs keep
+    flash-attention's rule (None when unpadded)."""
     ones, padded = torch.ones(2, 7, dtype=torch.bool), torch.ones(2, 7, dtype=torch.bool)
     padded[0, :3] = False
     kw = dict(batch_size=2, q_offset=0, kv_offset=0)
@@ -224,6 +225,53 @@ def test_mask_function_keeps_the_decoding_mask_as_given():
     assert attention._padding_mask(q_length=7, kv_length=7, attention_mask=ones, **kw) is None
     assert torch.equal(attention._padding_mask(q_length=7, kv_length=7, attention_mask=padded, **kw), padded)
     assert attention._padding_mask(q_length=1, kv_length=7, attention_mask=None, **kw) is None
+    longer = torch.ones(2, 9, dtype=torch.bool)  # a sliding-window cache keeps the last 7 of the 9 positions
+    longer[0, :3] = False
+    assert torch.equal(attention._padding_mask(q_length=1, kv_length=7, attention_mask=longer, **kw), longer[:, 2:])
+
+
+def test_decoding_a_left_padded_batch_past_a_sliding_window_equals_eager():
+    """Mistral with a sliding window of 8 generating 12 tokens after 6-token prompts, one of them left-padded by 3:
+    its cache keeps the last 8 positions while the mask grows, so each step's mask is the mask's last columns. Greedy
+    tokens and every step's log-probs equal transformers' eager attention's (the mask's first columns put them
+    ~0.5 off)."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, sliding_window=8, pad_token_id=0)
+    ours = AutoModelForCausalLM.from_config(config, attn_implementation=attention.register()).eval()
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    eager.load_state_dict(ours.state_dict())
+    ids = torch.randint(1, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        a, b = ours.generate(ids, **kw), eager.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.scores) == 12
+    for x, y in zip(a.scores, b.scores):  # min_new_tokens sets the end token's score to -inf in both
+        x, y = x.log_softmax(-1), y.log_softmax(-1)
+        assert torch.equal(x.isinf(), y.isinf()) and max_err(x[x.isfinite()], y[y.isfinite()]) <= 1e-4
+
+
+def test_torch_varlen_without_enable_gqa_pairs_query_head_h_with_kv_head_h_div_g(monkeypatch):
+    """A torch ``varlen_attn`` without ``enable_gqa`` (2.9-2.12) gets K and V with each key-value head repeated for
+    its group of query heads in turn (repeat_interleave: query head h reads kv head h // g), as GQA pairs them."""
+    import torch.nn.attention.varlen as varlen
+
+    def equal_heads_only(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False, **kw):
+        assert q.shape[1] == k.shape[1] == v.shape[1] and not kw
+        return attention._reference(q, k, v, cu_q, cu_k, is_causal, scale, 0.0)
+
+    monkeypatch.setattr(varlen, "varlen_attn", equal_heads_only)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    got = attention._torch_varlen(q, k, v, cu, cu, 7, 7, {"scale": None, "is_causal": True})
+    assert max_err(got, attention._reference(q, k, v, cu, cu, True, None, 0.0)) <= 1e-6
 
 
 class _HostSyncs(TorchDispatchMode):
@@ -332,19 +380,21 @@ def test_a_sliding_window_is_taken_where_no_sample_is_longer():
 
 
 @pytest.mark.parametrize("case, words", [
-    ("sinks", "adds attention sinks to its softmax"),  # GPT-OSS, Granite-SWA: s_aux=self.sinks
+    ("s_aux", "adds attention sinks to its softmax"),  # GPT-OSS, Granite-SWA: s_aux=self.sinks
+    ("sinks", "adds attention sinks to its softmax"),  # Inkling2: sinks=<computed per call>
+    ("softcap", "soft-caps its attention logits"),  # Gemma 2: softcap=attn_logit_softcapping
     ("value dim", "has values of 6 dims per head and queries of 4"),  # multi-head latent attention: DeepSeek-V3
     ("own mask", r"builds its own attention mask \(shape \(1, 1, 6, 6\)\)"),  # Doge's 4-D mask
 ])
 def test_what_the_attention_cannot_stand_for_is_refused(case, words):
-    """Attention sinks, values of another head dim than the queries' and a mask the model built itself raise
-    UnsupportedModel naming the module, as soft-capping does: ignored, they gave log-probs 0.02-0.14 off the model's
-    eager attention (sinks), or a shape error deep in the call."""
+    """Attention sinks (as ``s_aux`` or ``sinks``), soft-capped attention logits, values of another head dim than the
+    queries' and a mask the model built itself raise UnsupportedModel naming the module: ignored, they gave log-probs
+    0.02-0.14 off the model's eager attention (sinks), or a shape error deep in the call."""
     from ril_fast.processor import UnsupportedModel
 
     q, k = (torch.randn(1, 2, 6, 4) for _ in "qk")
     v = torch.randn(1, 2, 6, 6 if case == "value dim" else 4)
-    kw = dict(s_aux=torch.zeros(2)) if case == "sinks" else {}
+    kw = {case: torch.zeros(2)} if case in ("s_aux", "sinks") else dict(softcap=30.0) if case == "softcap" else {}
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril() if case == "own mask" else None
     positions = torch.arange(6)[None]
 

@@ -20,7 +20,8 @@ GOOD = {"id": "a", "question": "What shape?", "answer": "circle", "images": ["im
 def folder(tmp_path):
     """A folder with img/a.png (a real PNG), img/broken.png (a PNG signature, then junk), img/cut.png
     (a real PNG cut in half), img/cut.jpg (a real JPEG cut short: its header whole), img/cut.{gif,bmp,tiff,webp}
-    (likewise) and img/text.png (a text file)."""
+    (likewise), img/text.png (a text file), and pixels of other depths: img/deep.png and img/deep_be.tiff (16-bit,
+    little- and big-endian), img/float.tiff, img/wide.tiff (32-bit, past 255) and img/narrow.tiff (32-bit, 3..255)."""
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "img" / "a.png")
     (tmp_path / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
@@ -42,8 +43,11 @@ def folder(tmp_path):
     pixels = np.random.default_rng().integers(256, 65536, (8, 8), dtype=np.uint16)  # a 16-bit grey scan
     Image.fromarray(pixels).save(tmp_path / "img" / "deep.png")
     Image.fromarray(np.random.default_rng().random((8, 8), dtype=np.float32)).save(tmp_path / "img" / "float.tiff")
+    Image.frombytes("I;16B", (8, 8), pixels.astype(">u2").tobytes()).save(tmp_path / "img" / "deep_be.tiff")
     Image.fromarray(pixels.astype(np.int32)).save(tmp_path / "img" / "wide.tiff")
-    Image.fromarray((pixels // 256).astype(np.int32)).save(tmp_path / "img" / "narrow.tiff")  # 32-bit, within 8
+    narrow = (pixels // 256).astype(np.int32).clip(3, 255)
+    narrow[0, :2] = 3, 255  # 32-bit, within 8: up to 255 exactly
+    Image.fromarray(narrow).save(tmp_path / "img" / "narrow.tiff")
     return tmp_path
 
 
@@ -199,6 +203,8 @@ BAD_EXAMPLES = [
       for fmt in ("gif", "bmp", "tiff", "webp")],
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/deep.png"]},
      "cannot read image 'img/deep.png': its pixels are more than 8-bit (PIL mode I;16)"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": ["img/deep_be.tiff"]},  # 16-bit big-endian
+     "cannot read image 'img/deep_be.tiff': its pixels are more than 8-bit (PIL mode I;16B)"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/float.tiff"]},
      "cannot read image 'img/float.tiff': its pixels are floating-point (PIL mode F)"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/wide.tiff"]}, "more than 8-bit (PIL mode I)"),
@@ -214,7 +220,9 @@ BAD_EXAMPLES = [
 
 
 def test_32_bit_pixels_within_8_bits_are_read(folder):
-    """A 32-bit integer image whose values fit in 8 bits survives the RGB conversion: it is taken."""
+    """A 32-bit integer image whose values fit in 8 bits (255 at most, reached) survives the RGB conversion: it is
+    taken."""
+    assert Image.open(folder / "img" / "narrow.tiff").getextrema() == (3, 255)
     path = write_jsonl(folder / "train.jsonl", [GOOD | {"images": ["img/narrow.tiff"]}])
     assert load_examples(path)[0].image_sizes == [(8, 8)]
 

@@ -15,7 +15,7 @@ from ril_fast.distributed import _param_groups, fsdp_modules
 from ril_fast.microbatch import sync_gradients
 from ril_fast.models import load, packed_logprobs
 from ril_fast.packing import pack
-from ril_fast.preflight import DoesNotFit
+from ril_fast.preflight import DoesNotFit, check_memory
 
 
 def _bytes(tensors) -> int:
@@ -161,6 +161,24 @@ def test_a_student_that_cannot_fit_is_refused_before_any_model_loads(tmp_path, m
     assert "and the discriminator" in str(e.value) and not loaded and isinstance(e.value, DoesNotFit)
     monkeypatch.undo()
     train.setup(load_config(args)).log.close()
+
+
+def test_offloaded_the_cpus_share_is_checked_before_any_model_loads(tmp_path, monkeypatch):
+    """With batch.cpu_offload, ``check_memory`` holds the offloaded state to this rank's share of the CPU's available
+    memory as well as the device's: with the GPU roomy and the CPU's share 1 byte it refuses, naming the student and
+    the CPU's share; with the CPU's share roomy, or without offloading (nothing on the CPU to check), it passes."""
+    demo = build_demo(tmp_path / "demo", max_train=16, max_test=4)
+    args = [f"student={demo.student}", f"train_data={demo.train}", f"teachers={','.join(map(str, demo.teachers))}",
+            f"output_dir={tmp_path / 'run'}", "progress=false", "batch.questions_per_step=2"]
+    gpu = distributed.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))  # only its type is read
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**40 if device.type == "cuda" else 1)
+    offloaded = load_config([*args, "batch.cpu_offload=true"])
+    with pytest.raises(DoesNotFit, match=rf"^student={demo.student}: the models need [\d.]+ GiB per rank .*, but "
+                                         r"this rank's share of the CPU's available memory is 9.31e-10 GiB"):
+        check_memory(offloaded, gpu, disc=True)
+    check_memory(load_config([*args, "batch.cpu_offload=false"]), gpu, disc=True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**40)
+    check_memory(offloaded, gpu, disc=True)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_5", "internvl", "qwen2", "gpt2", "opt", "biogpt"])

@@ -65,8 +65,9 @@ def _assert_logprobs_close(out, ref_same, ref64, what):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_logprobs_match_separate(arch, folders, loaded):
-    """In fp64 (``helpers.fp64_oracle``), packed log-probs and gradients equal separate ones to 1e-10 of their
-    scale: packing is exact. In fp32, log-probs and gradients are held to the tolerance rule against the
+    """``packed=True`` runs one forward over all the samples, ``False`` one per sample. In fp64
+    (``helpers.fp64_oracle``), packed log-probs and gradients equal separate ones to 1e-10 of their scale: packing is
+    exact. In fp32, log-probs and gradients are held to the tolerance rule against the
     separate fp64 ones (``helpers.assert_grads_close_rule``: packed fp32 within twice the error of separate fp32,
     plus 1e-6 of the scale). A fixed bound does not fit every fp32 gradient: Qwen3.5's ``dt_bias`` / ``A_log``
     and convolution gradients sum many cancelling terms, and two summation orders differ by up to ~2e-5
@@ -78,8 +79,12 @@ def test_packed_logprobs_match_separate(arch, folders, loaded):
     results = []
     for m, packed in ((model, True), (model, False), (model64, False), (model64, True)):
         m.zero_grad(set_to_none=True)
+        forwards = []
+        hook = m.base_model.register_forward_hook(lambda *_: forwards.append(1))
         with fp64_oracle() if m is model64 else contextlib.nullcontext() as rule_calls:
             lps = response_logprobs(m, proc, samples, packed=packed)
+        hook.remove()
+        assert len(forwards) == (1 if packed else len(samples)), f"{arch}: {len(forwards)} forwards, packed={packed}"
         assert m is not model64 or bool(rule_calls) == (arch == "qwen3_5")  # Qwen3.5's oracle recurrence ran
         weights = weights or [torch.randn_like(lp) for lp in lps]
         _weighted_loss(lps, [w.to(lps[0].dtype) for w in weights]).backward()
@@ -381,6 +386,54 @@ def test_varlen_flash_vs_sdpa_bf16_gpu(arch, folders):
     assert err["varlen"] <= 2 * err["sdpa"] + 1e-2
 
 
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2"])
+def test_a_model_loads_in_eval_mode_with_or_without_its_weights(arch, folders):
+    """``load`` hands back a model in eval mode (no dropout in a rollout or a log-prob pass), the empty one a rank
+    fills from rank 0's weights too: transformers' ``from_config`` builds it in training mode."""
+    for empty in (False, True):
+        model, _ = load(folders[arch], device="cpu", empty=empty)
+        assert next(model.parameters()).is_meta == empty
+        assert not any(m.training for m in model.modules()), (arch, empty)
+
+
+def test_a_key_error_other_than_the_attention_class_is_raised_as_it_is(folders, monkeypatch):
+    """A KeyError naming the attention implementation at build time is a family that keeps its own table of
+    attention classes (refused as computing its attention itself); any other KeyError is a fault of its own, raised
+    as it is, not reported as that refusal."""
+    import ril_fast.models as models
+
+    attn_implementation = Attn("auto").resolve()
+    for key, raised in (("rope_theta", KeyError), (attn_implementation, UnsupportedModel)):
+        class Failing:
+            @staticmethod
+            def from_pretrained(*args, key=key, **kwargs):
+                raise KeyError(key)
+
+        monkeypatch.setattr(models, "model_class", lambda config, lm_head=True: Failing)
+        with pytest.raises(raised) as e:
+            load(folders["qwen2"], device="cpu")
+        assert (e.value.args == (key,)) if raised is KeyError else "computes its attention itself" in str(e.value)
+
+
+def test_a_head_that_is_not_a_linear_map_is_refused():
+    """An LM head of another module than ``nn.Linear`` (here one doubling the logits, with the output embedding
+    as its only weight) is refused: ``packed_logprobs`` would take ``hidden @ Wᵀ`` for its logits."""
+    class ScaledHead(torch.nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x):
+            return 2 * x @ self.weight.T
+
+    model = meta_model(AutoConfig.for_model("qwen2", vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4))
+    model.lm_head = ScaledHead(model.lm_head.weight)
+    with pytest.raises(UnsupportedModel, match=r"^DIR: model type 'qwen2' computes its logits with a ScaledHead, not "
+                                               r"a linear output embedding"):
+        _check_attention(model, "DIR")
+
+
 def test_hidden_states_and_head_shapes(loaded):
     model, proc = loaded["qwen2_5_vl"]
     batch = pack([proc.encode(s) for s in random_samples([1, 0])])
@@ -461,12 +514,17 @@ GPTJ_5_24 = Version(transformers.__version__) >= Version("5.24")
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma3_text", "phi3", "gpt2", "opt", "biogpt"])
 def test_text_families_packed_match_separate(model_type, tmp_path_factory, one_thread):  # noqa: F811
     """Text-only causal LMs whose layers call transformers' attention interface with the position ids: packed log-probs
-    equal one-sample-at-a-time ones (a sliding window longer than every sample changes nothing)."""
+    (one forward) equal one-sample-at-a-time ones (a forward each; a sliding window longer than every sample changes
+    nothing)."""
     model, processor = load(text_family(tmp_path_factory, model_type), device="cpu")
     samples = random_samples([0, 0, 0, 0])
+    forwards = []
+    model.base_model.register_forward_hook(lambda *_: forwards.append(1))
     with torch.no_grad():
         packed = torch.cat(response_logprobs(model, processor, samples, packed=True))
+        assert len(forwards) == 1  # one forward over the 4 samples
         separate = torch.cat(response_logprobs(model, processor, samples, packed=False))
+    assert len(forwards) == 1 + len(samples)
     assert max_err(packed, separate) <= ATOL
 
 
@@ -527,6 +585,7 @@ def test_text_families_ril_fast_cannot_pack_are_refused(model_type, extra, where
      r"computes its logits with more than its output embedding .* \(lm_head.dense.weight, lm_head.norm.weight\)"),
     ("llama", dict(logits_multiplier=2.0), "sets logits_multiplier=2.0, a setting of its logits ril_fast does not"),
     *[(t, TEXT_FAMILIES.get(t, {}), None) for t in ("qwen2", "llama", "granite", "cohere", "hyperclovax")],
+    ("laguna", {}, None),  # moe_router_logit_softcapping=0.0: a setting of its router's logits, not of the LM head's
 ])
 def test_meta_model_refused_as_load_refuses(model_type, extra, words):
     """``_check_attention`` refuses on the meta-device model (no weights: what ``ril_fast.preflight.meta_student`` hands

@@ -18,7 +18,7 @@ from ril_fast.config import ConfigError, load_config
 from ril_fast.data import DataError, load_examples
 from ril_fast.demo import build_demo
 from ril_fast.models import load
-from ril_fast.preflight import _remembered, length_limit, main, prompt_key
+from ril_fast.preflight import _kv_cache, _remembered, length_limit, main, meta_student, prompt_key
 from ril_fast.processor import Processor
 
 
@@ -107,8 +107,8 @@ def test_a_real_sized_student_is_planned_from_its_config_alone(demo, tmp_path, t
 
 def test_offloaded_the_hosts_memory_is_checked_when_given(demo, capsys):
     """With batch.cpu_offload the plan's host bytes a rank are checked against --host-gib shared by the GPUs of a
-    node, as the trainer shares the CPU's memory among the ranks on it; without --host-gib the run is not refused
-    and the output says what was not checked."""
+    node (--gpus-per-node, else --gpus up to 8), as the trainer shares the CPU's memory among the ranks on it; without
+    --host-gib the run is not refused and the output says what was not checked."""
     offload = _args(demo, **{"batch.cpu_offload": "true"})
     plan = memory.plan(AutoConfig.from_pretrained(demo.student), disc=True, reference=False, gpu=True, shard=2,
                        offload=True)
@@ -120,6 +120,15 @@ def test_offloaded_the_hosts_memory_is_checked_when_given(demo, capsys):
     assert main(["--gpus", "2", "--host-gib", str(enough * 0.99), *offload]) == 1
     assert "but this rank's share of the CPU's available memory is" in capsys.readouterr().err
     assert main(["--gpus", "2", "--gpus-per-node", "1", "--host-gib", str(enough / 2), *offload]) == 0
+    # 16 GPUs: 8 a node unless told, each rank of a node with its share of the node's memory
+    plan = memory.plan(AutoConfig.from_pretrained(demo.student), disc=True, reference=False, gpu=True, shard=16,
+                       offload=True)
+    enough, offload = 8 * plan.host_per_rank / 2**30, _args(demo, **{"batch.cpu_offload": "true",
+                                                                    "batch.questions_per_step": 16})
+    assert main(["--gpus", "16", "--host-gib", str(enough), *offload]) == 0
+    assert "host's memory" not in capsys.readouterr().out
+    assert main(["--gpus", "16", "--host-gib", str(enough * 0.99), *offload]) == 1
+    assert "but this rank's share of the CPU's available memory is" in capsys.readouterr().err
 
 
 def test_what_the_trainer_would_refuse_is_an_error(demo, capsys, tmp_path, monkeypatch):
@@ -193,6 +202,11 @@ _LONGROPE = dict(rope_scaling=dict(rope_type="longrope", short_factor=[1.0] * 8,
     ("qwen2", dict(sliding_window=8, use_sliding_window=True, max_window_layers=1), (8, "the model's sliding window")),
     ("mistral", dict(sliding_window=4096), (512, "the model's context")),  # a window past the context changes nothing
     ("phi3", _LONGROPE, (48, "the model's original context (LongRoPE)")),
+    ("gemma3_text", dict(rope_parameters=dict(  # per layer type, as Gemma 3's: one of them LongRoPE
+        full_attention=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8, long_factor=[4.0] * 8,
+                            original_max_position_embeddings=48),
+        sliding_attention=dict(rope_type="default", rope_theta=10000.0)), layer_types=["full_attention"] * 2),
+     (48, "the model's original context (LongRoPE)")),
     ("phi3", {}, (512, "the model's context")),
 ])
 def test_a_sliding_window_bounds_a_sample_as_the_context_does(model_type, extra, limit):
@@ -201,6 +215,39 @@ def test_a_sliding_window_bounds_a_sample_as_the_context_does(model_type, extra,
     config = AutoConfig.for_model(model_type, num_hidden_layers=2, max_position_embeddings=512, hidden_size=64,
                                   num_attention_heads=4, **extra)
     assert length_limit(config) == limit
+
+
+@pytest.mark.parametrize("model_type, refusal", [
+    ("phi", "model type 'phi' adds a bias to its logits"),  # its LM head: models._check_attention
+    ("mamba", "its MambaMixer layers carry state along the sequence"),  # recurrence.per_sample
+    ("qwen2", None),
+])
+def test_the_meta_student_is_refused_as_load_refuses_it(model_type, refusal):
+    """``meta_student`` (the check before any model loads) refuses what ``load`` refuses, its LM head and layers
+    that carry state along the sequence included, as a ConfigError naming ``student=``; a student ril_fast trains
+    is built on the meta device."""
+    small = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2)
+    if model_type != "mamba":
+        small.update(intermediate_size=128, num_attention_heads=4)
+    config = AutoConfig.for_model(model_type, **small)
+    if refusal is None:
+        assert next(meta_student("DIR", config).parameters()).is_meta
+        return
+    with pytest.raises(ConfigError, match=rf"^student=DIR: {refusal}"):
+        meta_student("DIR", config)
+
+
+def test_a_rollouts_kv_cache_counts_a_ranks_questions_rounded_up():
+    """4 questions a step over 8 GPUs: a rank gets at most one (rounded up, not down to none), its G = 8 responses
+    8 sequences in the rollout's generate call."""
+    from types import SimpleNamespace as NS
+
+    cfg = NS(max_new_tokens=12, group_size=8, rollout=NS(batch_size=64), batch=NS(questions_per_step=4))
+    config = AutoConfig.for_model("qwen2", vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4)
+    kv, words = _kv_cache(cfg, config, 8, [100], [])
+    assert kv == memory.kv_cache_bytes(config, 8 * (100 + 12), gpu=True) / 2**30 > 0
+    assert "(8 sequences of at most 100 + 12 tokens, bf16)" in words
 
 
 def test_packing_is_exact_within_longropes_original_context_only(tmp_path_factory, one_thread):  # noqa: F811

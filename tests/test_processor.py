@@ -60,6 +60,21 @@ def test_an_image_that_cannot_be_decoded_is_a_value_error_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
+def test_a_template_that_drops_the_images_is_a_value_error(arch, tmp_path_factory):
+    """A chat template that renders only a message's text parts writes no image placeholder: encoding a prompt with
+    an image is then a ValueError counting the placeholders, never a prompt whose images are silently dropped."""
+    from ril_fast.processor import Processor
+
+    proc = Processor.from_pretrained(tiny_folder(tmp_path_factory, arch))
+    proc.tokenizer.chat_template = ("{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{%- for part in m['content'] "
+                                    "%}{%- if part['type'] == 'text' %}{{ part['text'] }}{%- endif %}{%- endfor %}"
+                                    "<|im_end|>\n{%- endfor %}<|im_start|>assistant\n")
+    assert proc.encode_prompt("What is it?", []).prompt_len > 0
+    with pytest.raises(ValueError, match=r"^the chat template rendered 0 image placeholders for 1 images$"):
+        proc.encode_prompt("What is it?", [random_image(32, 32)])
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl"])
 def test_cached_prompt_equals_a_fresh_encoding(arch, processors, tmp_path, _fresh_seed):
     """Questions whose images are paths keep their rendered prompt: responses of random lengths to the same
     question encode as a fresh, uncached processor encodes them, mrope included (checked against the
@@ -192,11 +207,22 @@ def test_the_end_of_turn_token_is_the_templates(processors, tmp_path_factory):
     assert proc.encode(sample).input_ids[-1].item() == eos
 
 
+def test_control_tokens_are_those_around_a_question_with_an_image(processors):
+    """``control_tokens``: the chat template's turn markup around a question, the end of turn and padding, and for a
+    vision-language student the image markup its template writes around an image (Qwen-VL's <|vision_start|> and
+    <|vision_end|>: no image id of the processor names them) and its image tokens."""
+    turns = ("<|endoftext|>", "<|im_end|>", "<|im_start|>")
+    want = {"qwen2": (), "internvl": ("</img>", "<IMG_CONTEXT>", "<img>")}
+    for arch, proc in processors.items():
+        image = want.get(arch, ("<|image_pad|>", "<|vision_end|>", "<|vision_start|>"))
+        assert proc.control_tokens == tuple(sorted(turns + image)), arch
+
+
 def test_turn_end_id_of_other_templates(tmp_path_factory):
     """The special token a template writes right after an assistant's reply: Gemma's <end_of_turn>, Llama 3's
     <|eot_id|> (special, but not among the tokenizer's named special tokens), a template reading only lists of
-    parts (a string reply renders as nothing), each then a control token; None after plain text, for a template
-    that raises, or none at all."""
+    parts (a string reply renders as nothing), each then a control token; None after nothing, a newline or plain text
+    (a plain token there is no turn end), for a template that raises, or none at all."""
     from transformers import AutoTokenizer
 
     from ril_fast.processor import ModelKind, Processor, turn_end_id
@@ -205,17 +231,19 @@ def test_turn_end_id_of_other_templates(tmp_path_factory):
     tok.add_tokens(["<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                    special_tokens=True)
     loop = "{%- for m in messages %}"
-    cases = {
-        "<end_of_turn>": loop + "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-                         "{{- '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}"
-                         "{%- endfor %}",
-        "<|eot_id|>": loop + "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim"
-                      " + '<|eot_id|>' }}{%- endfor %}",
-        "<|im_end|>": loop + "<|im_start|>{{ m['role'] }}\n{%- for part in m['content'] %}{{- part['text'] }}"
-                      "{%- endfor %}<|im_end|>\n{%- endfor %}",
-        None: loop + "### {{ m['role'] }}: {{ m['content'] }}\n{%- endfor %}",
-    }
-    for want, template in cases.items():
+    cases = [
+        ("<end_of_turn>", loop + "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+                          "{{- '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}"
+                          "{%- endfor %}"),
+        ("<|eot_id|>", loop + "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim"
+                       " + '<|eot_id|>' }}{%- endfor %}"),
+        ("<|im_end|>", loop + "<|im_start|>{{ m['role'] }}\n{%- for part in m['content'] %}{{- part['text'] }}"
+                       "{%- endfor %}<|im_end|>\n{%- endfor %}"),
+        (None, loop + "### {{ m['role'] }}: {{ m['content'] }}\n{%- endfor %}"),  # nothing after the reply
+        (None, loop + "### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"),  # a newline, a plain token
+        (None, loop + "### {{ m['role'] }}: {{ m['content'] }} END\n{% endfor %}"),  # plain text
+    ]
+    for want, template in cases:
         tok.chat_template = template
         got = turn_end_id(tok, ModelKind.TEXT)
         assert (tok.convert_ids_to_tokens(got) if got is not None else None) == want, template

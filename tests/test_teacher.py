@@ -388,7 +388,8 @@ def test_each_example_s_images_are_encoded_once_for_all_its_requests(demo, tmp_p
 
 def _exif_image(path: Path, orientation: int | None) -> None:
     """A landscape image with a red bar on its left, saved at ``path`` with that EXIF orientation (None: no EXIF);
-    a ``.tiff`` one grey, of 32-bit integer pixels (PIL mode I) of 8-bit values (the data's check lets them in)."""
+    a ``.tiff`` one grey, of 32-bit integer pixels (PIL mode I) of 8-bit values (the data's check lets them in); a
+    ``.mpo`` one a phone's multi-picture JPEG (two pictures)."""
     from PIL import Image
 
     image = Image.new("RGB", (64, 32), "white")
@@ -398,11 +399,15 @@ def _exif_image(path: Path, orientation: int | None) -> None:
     exif = image.getexif()
     if orientation is not None:
         exif[0x0112] = orientation
-    image.save(path, exif=exif)
+    if path.suffix == ".mpo":
+        image.save(path, format="MPO", save_all=True, append_images=[image.rotate(180)], exif=exif)
+    else:
+        image.save(path, exif=exif)
 
 
 @pytest.mark.parametrize("name, orientation, turned", [
     ("phone.jpg", 6, True),  # a phone's portrait photo: 90 degrees clockwise for display
+    ("phone.mpo", 6, True),  # a phone's multi-picture JPEG (Pillow's format MPO): sent as a JPEG too
     ("flipped.png", 4, True),  # an eXIf chunk in a PNG
     ("tagged.webp", 8, True),
     ("grey.tiff", 6, True),  # PNG holds no 32-bit integer pixels: sent as 8-bit grey (was: OSError, a traceback)
@@ -412,8 +417,8 @@ def _exif_image(path: Path, orientation: int | None) -> None:
 ])
 def test_server_teacher_sends_an_image_upright_as_the_loader_turns_it(tmp_path, name, orientation, turned):
     """ril_fast's loader turns an image upright by its EXIF orientation; a server that ignores it (SGLang,
-    llama.cpp) would see the image turned: such an image is sent upright (a JPEG as JPEG, others as PNG); any other
-    file as it is."""
+    llama.cpp) would see the image turned: such an image is sent upright (a JPEG, an MPO's first picture included, as
+    JPEG, others as PNG); any other file as it is."""
     import io
 
     import numpy as np
@@ -432,7 +437,7 @@ def test_server_teacher_sends_an_image_upright_as_the_loader_turns_it(tmp_path, 
     if not turned:
         assert (mime, sent) == (f"image/{'jpeg' if name.endswith('.jpg') else 'png'}", path.read_bytes())
         return
-    jpeg = name.endswith(".jpg")
+    jpeg = name.endswith((".jpg", ".mpo"))
     assert mime == ("image/jpeg" if jpeg else "image/png")
     with Image.open(io.BytesIO(sent)) as im:
         assert im.format == ("JPEG" if jpeg else "PNG") and im.getexif().get(0x0112) in (None, 1)
