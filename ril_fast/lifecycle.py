@@ -33,6 +33,7 @@ from ril_fast import checkpoint, distributed
 from ril_fast.config import Config, ConfigError
 from ril_fast.data import StepDataError
 from ril_fast.export import export_hf, save_hf_files
+from ril_fast.judges_http import HTTPError
 from ril_fast.files import InUse, lock_folder, model_folder_problem, unlock_folder, write_text_atomic
 from ril_fast.metrics import records_until
 from ril_fast.processor import UnsupportedModel
@@ -420,12 +421,15 @@ def finish(run, evaluate_and_log) -> None:
 
 
 def exit_status(error: Exception, rank: int) -> str | int:
-    """What ``rank`` exits with for a ``ConfigError``, ``DataError`` or ``UnsupportedModel``: its message
-    (``SystemExit`` prints it, status 1), or 1 alone. Set-up's errors are every rank's (each rank's own checks are
-    agreed on: ``preflight.check_surroundings``), said by rank 0; a step's data error is one rank's own questions'
-    (``StepDataError``), said by that rank, as is a model ril_fast cannot train found out in a forward
-    (``UnsupportedModel``: set-up refuses what the student's config shows, ``preflight.meta_student``; a sliding
-    window that one rank's own sample outgrows is that rank's alone)."""
-    if rank == 0 or isinstance(error, (StepDataError, UnsupportedModel)):
-        return f"error{f' (rank {rank})' if rank else ''}: {error}"
-    return 1
+    """What ``rank`` exits with for a ``ConfigError``, ``DataError``, ``UnsupportedModel`` or the http judge's
+    ``HTTPError``: its message (``SystemExit`` prints it, status 1), or 1 alone. Set-up's errors are every rank's (each
+    rank's own checks are agreed on: ``preflight.check_surroundings``), said by rank 0; a step's data error is one
+    rank's own questions' (``StepDataError``), said by that rank, as is a model ril_fast cannot train found out in a
+    forward (``UnsupportedModel``: set-up refuses what the student's config shows, ``preflight.meta_student``; a
+    sliding window that one rank's own sample outgrows is that rank's alone), and a judge server failing for good
+    on the requests of that rank's samples (``HTTPError``, after ``judge_retries``)."""
+    if isinstance(error, HTTPError):
+        error = f"the judge failed: {error} (the same command goes on from the newest checkpoint in output_dir)"
+    elif not (rank == 0 or isinstance(error, (StepDataError, UnsupportedModel))):
+        return 1
+    return f"error{f' (rank {rank})' if rank else ''}: {error}"

@@ -48,6 +48,7 @@ from ril_fast.flops import Shapes, matmul_peak_tflops
 from ril_fast.files import unlock_folder
 from ril_fast.imitation import disc_pass, disc_probs
 from ril_fast.judge import CachedJudge, make_judge_from_config
+from ril_fast.judges_http import HTTPError
 from ril_fast.metrics import PhaseTimer, RunLog, reset_peak_memory, step_metrics
 from ril_fast.microbatch import encode_all, micro_batches, rank_agreement
 from ril_fast.lifecycle import (FINISHED, NothingToDo, checkpoint_if_asked, checkpoint_if_due, checkpoint_last,
@@ -389,7 +390,7 @@ def evaluate_and_log(run: Run, step: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, UnsupportedModel) as e:  # the message names the setting, FILE:LINE or the model
+    except (ConfigError, DataError, UnsupportedModel, HTTPError) as e:  # names the setting, FILE:LINE, the model or URL
         distributed.destroy()  # as below: 2 of 6 runs refused on 3-4 ranks aborted a rank without it
         raise SystemExit(exit_status(e, int(os.environ.get("RANK", "0")))) from None
     # Leave the process group before the interpreter tears down: a gloo group destroyed during finalization once

@@ -30,6 +30,7 @@ from ril_fast.config import ConfigError, load_config
 from ril_fast.data import STUDENT, DataError
 from ril_fast.demo import build_demo
 from ril_fast.imitation import disc_probs
+from ril_fast.judges_http import HTTPError
 from ril_fast.metrics import read_metrics
 from ril_fast.policy import frozen_logprobs
 from ril_fast.schedule import lr_factor
@@ -476,7 +477,8 @@ def test_an_exported_discriminator_keeps_the_runs_pool(demo, tmp_path):
 def test_a_ranks_own_data_error_is_said_by_that_rank():
     """Set-up's errors are every rank's: rank 0 says them, the others exit 1. A step's data error comes from one rank's
     own questions: that rank says it, whichever it is (rank 2's was lost behind gloo's 'connection closed'); so does a
-    model ril_fast cannot train found out in one rank's forward (a sliding window its own sample outgrows)."""
+    model ril_fast cannot train found out in one rank's forward (a sliding window its own sample outgrows), and a judge
+    server failing for good on one rank's requests."""
     from ril_fast.data import StepDataError
     from ril_fast.processor import UnsupportedModel
 
@@ -486,6 +488,30 @@ def test_a_ranks_own_data_error_is_said_by_that_rank():
         "error: t.jsonl:7: cannot read image 'a.png'", "error (rank 2): t.jsonl:7: cannot read image 'a.png'"]
     window = UnsupportedModel("MistralAttention attends within a sliding window of 8 tokens")
     assert [lifecycle.exit_status(window, rank) for rank in (0, 2)] == [f"error: {window}", f"error (rank 2): {window}"]
+    judge = HTTPError("POST http://j/v1/chat/completions: failed 4 times (timeout 60.0 s, 3 retries); last failure: "
+                      "HTTP 503")  # each rank judges its own samples
+    assert [lifecycle.exit_status(judge, rank) for rank in (0, 2)] == [
+        f"error{where}: the judge failed: {judge} (the same command goes on from the newest checkpoint in output_dir)"
+        for where in ("", " (rank 2)")]
+
+
+def test_a_judge_server_failing_for_good_mid_run_is_one_line(demo, tmp_path):
+    """``python -m ril_fast.train`` with judge=http: a server that answers the start-up check but fails every judging
+    request (HTTP 500, no retries) stops the run at step 1 with one line naming the server and what to do, no
+    traceback."""
+    rows = [json.loads(line) for line in demo.train.read_text().splitlines()]
+    train_data = demo.train.parent / "judge_fails.jsonl"  # beside the images its paths are relative to
+    train_data.write_text("".join(json.dumps(dict(r, question=r["question"] + " FAULT:500")) + "\n" for r in rows))
+    with FakeOpenAI() as server:
+        done = subprocess.run([sys.executable, "-m", "ril_fast.train",
+                               *_args(demo, tmp_path / "run", train_data=train_data, teachers="", eval_data="",
+                                      judge="http", judge_url=server.url, judge_model="fake-model", judge_retries=0)],
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the judge failed: POST {server.url}/chat/completions: failed 1 times"), done.stderr
+    assert last.endswith("last failure: HTTP 500: '{\"error\": \"injected server error\"}' (the same command goes on "
+                         "from the newest checkpoint in output_dir)") and "Traceback" not in done.stderr
 
 
 def test_a_ranks_own_set_up_check_is_raised_on_every_rank(monkeypatch):
