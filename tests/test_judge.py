@@ -671,7 +671,7 @@ def test_make_judge(tmp_path):
         make_judge("llm")
 
 
-def test_make_judge_from_config_and_command_line():
+def test_make_judge_from_config_and_command_line(monkeypatch):
     import argparse
 
     cfg = load_config(["judge=http", "judge_url=http://127.0.0.1:9/v1", "judge_model=m", "judge_concurrency=3",
@@ -686,6 +686,14 @@ def test_make_judge_from_config_and_command_line():
                               "--judge-retries", "0"])
     assert (args.judge, args.judge_retries, args.judge_concurrency) == ("http", 0, Config().judge_concurrency)
     assert make_judge_from_config(args).client.retries == 0
+    # The hf judge gets its batch size (its class stubbed: no model loads); an optional --judge (the teacher tool's,
+    # the evaluator's) is off unless asked for
+    monkeypatch.setattr("ril_fast.judges_hf.HFJudge", lambda **options: options)
+    assert make_judge_from_config(load_config(["judge=hf", "judge_model=m", "judge_batch_size=3"])) == \
+        {"model": "m", "batch_size": 3}
+    optional = argparse.ArgumentParser()
+    add_judge_arguments(optional, optional=True)
+    assert optional.parse_args([]).judge == "none" and optional.parse_args(["--judge", "none"]).judge == "none"
     with pytest.raises(ConfigError, match="judge_url must start with http"):
         load_config(["judge=http", "judge_url=localhost:8000", "judge_model=m"])
     with pytest.raises(ConfigError, match="judge_concurrency"):
@@ -757,8 +765,9 @@ def test_cached_judge_calls_inner_once_per_distinct_item():
     assert cached([a, c, b, c]) == [True, True, False, True]
     assert cached([b, a]) == [False, True]
     assert inner.batches == [[a, b], [c]]  # no item twice, no call without misses
-    assert (cached.hits, cached.misses) == (6, 3)
+    assert (cached.hits, cached.misses) == (6, 3) and cached.hit_rate == 6 / 9
     assert cached.name == inner.name
+    assert CachedJudge(inner).hit_rate == 0  # before its first call
 
 
 def test_cache_key_and_store_hook():

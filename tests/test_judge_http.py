@@ -4,11 +4,14 @@ on real cases, the yes/no decision, requests in flight, retries, timeouts and cl
 The same judge against a real vLLM server: tests/test_vllm.py (opt-in)."""
 
 import email.utils
+import io
 import math
 import random
+import re
 import socket
 import threading
 import time
+import urllib.error
 
 import pytest
 from fake_openai import FakeOpenAI
@@ -195,8 +198,10 @@ def test_api_key_only_from_the_environment(monkeypatch):
         monkeypatch.setenv("RIL_JUDGE_API_KEY", "sk-ril")  # takes precedence
         _judge(server)([JudgeItem("q", "a", "c")])
         assert OpenAIClient(server.url).first_model() == "fake-model"
+        monkeypatch.setenv("RIL_JUDGE_API_KEY", "")  # set but empty: as if unset, not hiding OPENAI_API_KEY
+        _judge(server)([JudgeItem("q", "a", "d")])
     auth = [headers.get("Authorization") for _, _, headers in server.requests]
-    assert auth == [None, "Bearer sk-openai", "Bearer sk-ril", "Bearer sk-ril"]
+    assert auth == [None, "Bearer sk-openai", "Bearer sk-ril", "Bearer sk-ril", "Bearer sk-openai"]
 
 
 def test_serving_says_what_keeps_a_server_from_judging():
@@ -207,8 +212,72 @@ def test_serving_says_what_keeps_a_server_from_judging():
         assert client.serving("fake-model") is None
         assert client.serving("other") == "it serves fake-model, not 'other'"
         assert OpenAIClient(server.url + "/elsewhere", retries=0).serving("fake-model") is None
+        # a base URL given with a trailing slash: the routes are still /v1/..., not /v1//...
+        assert HTTPJudge(server.url + "/", "fake-model", retries=0)([JudgeItem("q", "a", "a")]) == [True]
+        assert OpenAIClient(server.url + "/", retries=0).serving("other") == "it serves fake-model, not 'other'"
+    assert [path for path, _, _ in server.requests[-2:]] == ["/v1/chat/completions", "/v1/models"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     said = OpenAIClient(f"http://127.0.0.1:{port}/v1", retries=0, timeout_s=1.0).serving("fake-model")
     assert "failed 1 times" in said and "Connection refused" in said
+
+
+class _Replies:
+    """A stand-in for ``urllib.request.urlopen`` that plays ``replies`` in turn: an exception is raised, bytes are
+    the body of an HTTP 200."""
+
+    def __init__(self, *replies):
+        self.replies = list(replies)
+
+    def __call__(self, request, timeout=None):
+        reply = self.replies.pop(0)
+        if isinstance(reply, BaseException):
+            raise reply
+        return io.BytesIO(reply)
+
+
+def test_a_retry_after_holds_for_its_own_retry_only(monkeypatch):
+    """A 429 asking for 30 s, then a dropped connection: the second wait is the back-off again, not another 30 s
+    (the server's ask was for the retry after its 429)."""
+    limited = urllib.error.HTTPError("http://h/v1/x", 429, "Too Many Requests", {"Retry-After": "30"}, io.BytesIO())
+    monkeypatch.setattr("urllib.request.urlopen", _Replies(limited, urllib.error.URLError("refused"), b'{"ok": 1}'))
+    waits = []
+    monkeypatch.setattr("time.sleep", waits.append)
+    assert OpenAIClient("http://h/v1", retries=2, backoff_s=0.01).request("/x", {}) == {"ok": 1}
+    assert len(waits) == 2 and 30 <= waits[0] <= 37.5 and waits[1] < 1
+
+
+@pytest.mark.parametrize("body, serving, first", [
+    (b'{"data": []}', None, r"no model listed: '\{\"data\": \[\]\}'"),  # lists none: nothing to say against it
+    (b'{"data": "x"}', None, r"no model listed"),
+    (b"[1]", r"the reply is JSON but not an object: '\[1\]'", r"the reply is JSON but not an object: '\[1\]'"),
+], ids=["empty_list", "not_a_list", "not_an_object"])
+def test_a_models_list_that_lists_nothing(monkeypatch, body, serving, first):
+    """GET /models answered with no model in it, or not in the shape of a list: ``serving`` finds nothing against
+    the model when none is listed, and ``first_model`` is an HTTPError saying why, not a traceback."""
+    client = OpenAIClient("http://h/v1", retries=0)
+    monkeypatch.setattr("urllib.request.urlopen", _Replies(body, body))
+    said = client.serving("m")
+    assert said is None if serving is None else re.search(serving, said)
+    with pytest.raises(HTTPError, match=first):
+        client.first_model()
+
+
+def test_the_first_call_that_fails_cancels_those_not_started():
+    """One thread, ten calls, the first fails: the calls still queued are cancelled, not run after the error (a
+    teacher's batch would go on posting requests for nothing)."""
+    calls = []
+
+    def call(x):
+        calls.append(x)
+        time.sleep(0.05)
+        if x == 0:
+            raise RuntimeError("boom")
+        return x
+
+    client = OpenAIClient("http://127.0.0.1:9/v1", concurrency=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        client.map(call, list(range(10)))
+    client._pool.shutdown(wait=True)
+    assert len(calls) <= 2  # the failed one, and at most one the thread took before the cancelling

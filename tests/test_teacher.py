@@ -109,6 +109,18 @@ def test_server_teacher_sends_images_as_data_urls(demo, tmp_path):
     assert all(line["response"].endswith("having seen 1 image(s).") for line in lines)
 
 
+def test_server_teacher_sends_top_p_and_the_served_model_and_judges_only_when_asked(demo, tmp_path):
+    """--top-p and --served-model reach every request (the server is not asked for its models then), a base URL with
+    a trailing slash still posts to .../v1/chat/completions, and without --judge the lines carry no verdict."""
+    data, out = _first(demo, 2), tmp_path / "p.jsonl"
+    with FakeOpenAI() as server:  # it answers any model name
+        assert main(["--model", server.url + "/", "--data", str(data), "--out", str(out), "--num-responses", "2",
+                     "--top-p", "0.9", "--served-model", "other", "--no-progress"]) == _stats(written=4, total=4)
+    assert [path for path, _, _ in server.requests] == ["/v1/chat/completions"] * 2
+    assert all(body["top_p"] == 0.9 and body["model"] == "other" for _, body, _ in server.requests)
+    assert all(line.keys().isdisjoint({"correct", "judge"}) for line in _lines(out))
+
+
 def _first(demo, n: int) -> Path:
     """The demo's first ``n`` training examples, beside the images their paths are relative to."""
     data = demo.root / f"train{n}.jsonl"
@@ -312,6 +324,24 @@ def test_an_example_the_server_refuses_is_left_out_and_the_run_goes_on(demo, tmp
     assert len(_lines(out)) == 10
 
 
+def test_a_rerun_whose_only_pending_examples_are_refused_goes_on(demo, tmp_path, capsys):
+    """Lines 2 and 5 refused: the end names the first in the data's order; the rerun asks only for those two, refused
+    again, which is not the whole first batch of a fresh start (the server does take requests) and ends no command."""
+    rows = [json.loads(row) for row in demo.train.read_text().splitlines()[:6]]
+    for i in (1, 4):
+        rows[i]["question"] += " FAULT:400"
+    data = demo.root / "fault2of6.jsonl"  # beside the images its paths are relative to
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "r.jsonl"
+    with FakeOpenAI() as server:
+        argv = ["--model", server.url, "--data", str(data), "--out", str(out), "--num-responses", "2", "--no-progress"]
+        assert main(argv) == _stats(written=8, refused=2, total=12)
+        assert "2 examples were refused by the server" in (err := capsys.readouterr().err)
+        assert f"the first, {data}:2 (id {rows[1]['id']!r}): " in err
+        assert main(argv) == _stats(refused=2, skipped=8, total=12)
+        assert f"the first, {data}:2 (id {rows[1]['id']!r}): " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("status, refused", [(400, True), (413, True), (422, True), (401, False), (403, False),
                                              (404, False)])
 def test_which_http_4xx_refuses_one_example_and_which_ends_the_command(demo, tmp_path, monkeypatch, status, refused):
@@ -465,6 +495,8 @@ def test_killed_mid_run_resumes_with_no_duplicate_and_no_lost_line(demo, tmp_pat
         assert proc.returncode == -signal.SIGKILL
         survived = out.read_bytes()
         assert 12 <= survived.count(b"\n") < 80  # killed mid-run, not before and not after
+        # each batch (2 requests of 2 responses) flushed whole before the next starts: no line cut by a buffer
+        assert survived.endswith(b"\n") and survived.count(b"\n") % 4 == 0
         # A crash in the middle of a write leaves half a line: the resumed run must cut it off.
         with out.open("ab") as f:
             f.write(b'{"id": "train-0001", "index": 1, "teacher": "kil')
@@ -491,6 +523,15 @@ def test_cli_data_error_is_one_line_naming_the_file_and_line(demo, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {data}:2: bad JSON"), proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--n-per-request", "0"), ("--top-p", "0")])
+def test_an_option_out_of_its_range_is_refused_with_status_2(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as caught:
+        main(["--model", "http://127.0.0.1:9/v1", "--data", str(_text_data(tmp_path, 1)), "--out",
+              str(tmp_path / "o.jsonl"), "--served-model", "m", "--retries", "0", "--no-progress", option, value])
+    assert caught.value.code == 2 and option in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_out_that_is_a_folder_is_refused_before_any_work(demo, tmp_path, capsys):
@@ -629,6 +670,25 @@ def test_local_teacher_response_with_a_control_token_is_not_written(text_model, 
     assert bank.counts() == {"c": 4}
 
 
+def test_the_local_teacher_samples_as_the_options_say(text_model, tmp_path, monkeypatch):
+    """--temperature 0 samples greedily (at temperature 1, unused), another samples at it; --top-p and --batch-size
+    reach ``sample_responses``."""
+    calls = []
+
+    def sample_responses(model, processor, examples, **kwargs):
+        calls.append(kwargs)
+        return [[SimpleNamespace(text="an answer", truncated=False)] for _ in examples]
+
+    monkeypatch.setattr("ril_fast.rollout.sample_responses", sample_responses)
+    data = _text_data(tmp_path, 2)
+    for temperature, out in (("0", "g.jsonl"), ("0.7", "s.jsonl")):
+        assert main(["--model", str(text_model), "--data", str(data), "--out", str(tmp_path / out), "--top-p", "0.9",
+                     "--batch-size", "3", "--temperature", temperature, "--max-new-tokens", "4", "--num-responses",
+                     "2", "--no-progress"])["written"] == 4
+    assert [(c["greedy"], c["temperature"], c["top_p"], c["max_batch"], c["max_new_tokens"]) for c in calls] == \
+        [(True, 1.0, 0.9, 3, 4)] * 2 + [(False, 0.7, 0.9, 3, 4)] * 2  # batches of 3 and 1
+
+
 def test_each_batch_of_the_local_teacher_draws_with_its_own_seed(text_model, tmp_path, monkeypatch):
     """K=4 responses to an example in batches of 2: a seed shared by the batches would draw the same responses
     for indices 0-1 and 2-3. Each batch's seed is the run's --seed and its first job's, so a rerun with that seed
@@ -699,6 +759,8 @@ _OWN = b'{"id": "t0", "index": 0, "teacher": "t", "response": "a", "truncated": 
     (b'{"id": "t1", "response": "b"}', ":1: not a line of ril_fast.teacher"),  # JSON: a whole line, not ours
     (_OWN + b"my notes", ":2: not a line of ril_fast.teacher"),  # not the start of one of ours
     (_OWN + b'{"id": "t1", "response": "b"}', ":2: not a line of ril_fast.teacher"),
+    (b'{"id": "t0", "index": null}\n', ":1: not a line of ril_fast.teacher"),  # int(None): a TypeError
+    (_OWN + b"[1]\n", ":2: not a line of ril_fast.teacher"),  # JSON, not an object
 ])
 def test_resume_leaves_a_file_not_of_the_tool_as_it_was(tmp_path, content, error):
     out = tmp_path / "foreign.jsonl"
@@ -716,6 +778,19 @@ def test_resume_cuts_only_an_incomplete_last_line_and_ends_a_whole_one(tmp_path)
     for cut in (b"{", whole[:20], whole[:-1], "{\"id\": \"é".encode()[:-1]):  # the last: inside a UTF-8 character
         out.write_bytes(_OWN + cut)
         assert written_pairs(out) == {("t0", 0)} and out.read_bytes() == _OWN
+
+
+def test_resume_reads_a_nameless_line_as_the_stem_s_and_passes_blank_lines(tmp_path):
+    """A line without ``teacher`` is the file stem's (as load_teachers reads it), so another teacher's run refuses
+    it; a blank line (an editor's) is no line at all."""
+    out = tmp_path / "a.jsonl"
+    nameless = _OWN.replace(b', "teacher": "t"', b"")
+    out.write_bytes(nameless)
+    with pytest.raises(DataError, match=rf"^{out}:1: a response of teacher 'a', but this run's teacher is 'b' "):
+        written_pairs(out, teacher="b")
+    assert written_pairs(out, teacher="a") == {("t0", 0)}
+    out.write_bytes(nameless + b"\n  \n" + nameless.replace(b'"t0"', b'"t1"'))
+    assert written_pairs(out, teacher="a") == {("t0", 0), ("t1", 0)}
 
 
 def test_a_file_of_another_teacher_is_refused_before_any_model_loads(demo, text_model, tmp_path, monkeypatch):
@@ -818,6 +893,12 @@ def test_setting_aside_keeps_a_linked_collection_linked(tmp_path):
     assert link.is_symlink() and link.resolve() == shared.resolve()
     assert shared.read_text() == lines[1] + "\n" and shared.stat().st_mode & 0o777 == 0o640
     assert stale_file(shared).read_text() == lines[0] + "\n"
+    # A line of an id the data no longer holds is not stale: nothing says which question it answers now
+    gone = json.dumps({"id": "t9", "index": 0, "teacher": "t", "question_sha": "0" * 12, "response": "gone"}) + "\n"
+    with shared.open("a") as f:
+        f.write(gone)
+    assert set_aside_stale(link, examples) == 0
+    assert shared.read_text() == lines[1] + "\n" + gone and stale_file(shared).read_text() == lines[0] + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
