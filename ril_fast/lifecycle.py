@@ -429,7 +429,8 @@ def exit_status(error: Exception, rank: int) -> str | int:
     sliding window that one rank's own sample outgrows is that rank's alone), and a judge server failing for good
     on the requests of that rank's samples (``HTTPError``, after ``judge_retries``)."""
     if isinstance(error, HTTPError):
-        error = f"the judge failed: {error} (the same command goes on from the newest checkpoint in output_dir)"
+        error = (f"the judge failed: {error} (the same command run again goes on from output_dir's newest checkpoint, "
+                 f"if it has one)")
     elif not (rank == 0 or isinstance(error, (StepDataError, UnsupportedModel))):
         return 1
     return f"error{f' (rank {rank})' if rank else ''}: {error}"

@@ -491,7 +491,8 @@ def test_a_ranks_own_data_error_is_said_by_that_rank():
     judge = HTTPError("POST http://j/v1/chat/completions: failed 4 times (timeout 60.0 s, 3 retries); last failure: "
                       "HTTP 503")  # each rank judges its own samples
     assert [lifecycle.exit_status(judge, rank) for rank in (0, 2)] == [
-        f"error{where}: the judge failed: {judge} (the same command goes on from the newest checkpoint in output_dir)"
+        f"error{where}: the judge failed: {judge} (the same command run again goes on from output_dir's newest "
+        f"checkpoint, if it has one)"
         for where in ("", " (rank 2)")]
 
 
@@ -510,8 +511,9 @@ def test_a_judge_server_failing_for_good_mid_run_is_one_line(demo, tmp_path):
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: the judge failed: POST {server.url}/chat/completions: failed 1 times"), done.stderr
-    assert last.endswith("last failure: HTTP 500: '{\"error\": \"injected server error\"}' (the same command goes on "
-                         "from the newest checkpoint in output_dir)") and "Traceback" not in done.stderr
+    assert last.endswith("last failure: HTTP 500: '{\"error\": \"injected server error\"}' (the same command run "
+                         "again goes on from output_dir's newest checkpoint, if it has one)")
+    assert "Traceback" not in done.stderr
 
 
 def test_a_ranks_own_set_up_check_is_raised_on_every_rank(monkeypatch):
