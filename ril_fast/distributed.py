@@ -513,7 +513,9 @@ def _forget_forward_order(modules: list[FSDPModule], order: list, keep: int) -> 
 
     FSDP appends every unit's forward to the record (no_grad ones too) and clears it only at the end of
     a backward, which prefetches from it: the next backward would all-gather the unit that ran last in
-    generation, which it does not need (an extra all-gather per step, seen in tests/test_distributed.py).
+    generation, which it does not need (an extra all-gather per step, seen in tests/test_distributed.py before
+    :func:`bare_blocks`; since, the trainer's forwards inside record only the root, which stays gathered through
+    the backward, and no test can tell this call from its absence: it stays for forwards run with the hooks).
     """
     del order[keep:]
     for m in modules:

@@ -28,8 +28,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ril_fast.discriminator import Discriminator
-from ril_fast.distributed import (Sharded, _reshards_after_forward, call, decoder_blocks, fsdp_modules, shard_model,
-                                  vision_tower)
+from ril_fast.distributed import (Sharded, _reshards_after_forward, call, decoder_blocks, fsdp_modules, gathered,
+                                  shard_model, shard_size, vision_tower)
 from ril_fast.models import load, packed_logprobs
 from ril_fast.packing import pack
 from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_folder  # noqa: F401
@@ -142,6 +142,83 @@ def test_a_launch_that_hangs_is_killed_with_what_it_started(tmp_path):
         time.sleep(0.05)
 
 
+def test_layers_inside_a_vision_tower_are_no_decoder_blocks():
+    """A vision tower whose blocks are a ``layers`` list too (LLaVA's CLIP encoder): they stay in the tower's unit."""
+    model = nn.Module()
+    model.vision_tower = nn.Module()
+    model.vision_tower.encoder = nn.Module()
+    model.vision_tower.encoder.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+    model.language_model = nn.Module()
+    model.language_model.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+    assert vision_tower(model) is model.vision_tower
+    assert decoder_blocks(model) == list(model.language_model.layers)
+
+
+def test_shard_ranks_must_be_a_positive_divisor(one_rank):
+    """One rank: 0 (all ranks) and 1 shard over it; a negative count or one over the ranks is refused."""
+    assert shard_size(0) == shard_size(1) == 1
+    for bad in (-1, 2):
+        with pytest.raises(ValueError, match=f"shard_ranks={bad}: must divide the number of ranks \\(1\\)"):
+            shard_size(bad)
+
+
+def test_on_rank0_waits_on_a_gloo_group_of_its_own(monkeypatch):
+    """Over several ranks on_rank0 makes one gloo group with ON_RANK0_TIMEOUT (not the default group's 10 minutes)
+    the first time, waits on it every time, and hands rank 0's result over it (collectives replaced by fakes)."""
+    from ril_fast import distributed
+
+    made, sent = [], []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_WAITING", {})
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: made.append(kw) or f"group {len(made)}")
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", lambda box, src, group: sent.append(group))
+    assert distributed.on_rank0(lambda: 5) == 5 and distributed.on_rank0(lambda: 6) == 6
+    assert made == [{"backend": "gloo", "timeout": distributed.ON_RANK0_TIMEOUT}] and sent == ["group 1"] * 2
+
+
+def test_leaving_the_group_forgets_its_meshes_and_groups(one_rank):
+    """destroy() drops the meshes and on_rank0's group made for the group it leaves (they hold its communicators);
+    the 1-rank group is made again afterwards."""
+    from ril_fast import distributed
+
+    shard_model(nn.Sequential(nn.Linear(2, 2)), mixed_precision=False)
+    distributed._WAITING[torch.distributed.group.WORLD] = "on_rank0's group"
+    assert distributed._MESHES
+    distributed.destroy()
+    try:
+        assert not distributed._MESHES and not distributed._WAITING
+    finally:
+        distributed.init()  # one_rank's group (module-scoped) back for the tests after this one
+
+
+def test_offloaded_shards_of_a_cpu_model_are_not_pinned(one_rank):
+    """cpu_offload of a model on the CPU: its shards stay where they are, not pinned (pinning is for copies to a
+    GPU), whatever ``pin_memory`` says."""
+    from ril_fast.distributed import _param_groups
+
+    sharded = shard_model(nn.Sequential(nn.Linear(2, 2)), mixed_precision=False, cpu_offload=True, pin_memory=True)
+    (group,) = _param_groups(sharded)
+    assert group.offload_policy.pin_memory is False and not any(p.pin_memory for p in group.fsdp_params)
+    assert all(p.offload_to_cpu for p in group.fsdp_params)
+
+
+def test_weights_from_rank0_wait_on_its_own_group_and_refuse_offload(one_rank, monkeypatch):
+    """from_rank0: the ranks first wait for rank 0 through on_rank0 (its 2-hour gloo group, not NCCL's 10 minutes,
+    while rank 0 reads the weights), then receive them; with cpu_offload (every rank loads its own) it is refused."""
+    from ril_fast import distributed
+
+    with pytest.raises(ValueError, match="from_rank0 does not go with cpu_offload"):
+        shard_model(nn.Sequential(nn.Linear(2, 2)), mixed_precision=False, from_rank0=True, cpu_offload=True)
+    waited = []
+    monkeypatch.setattr(distributed, "on_rank0", lambda fn: waited.append(fn()))
+    model = nn.Sequential(nn.Linear(2, 2))
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    sharded = shard_model(model, mixed_precision=False, from_rank0=True)
+    assert waited == [None]
+    assert all(torch.equal(p.full_tensor(), want[n.removeprefix("module.")]) for n, p in sharded.named_parameters())
+
+
 def test_sharded_wrapper_calls_through():
     lin = nn.Linear(3, 2)
     x = torch.randn(4, 3)
@@ -186,6 +263,23 @@ def test_one_rank_keeps_the_gathered_blocks_from_forward_to_backward(folder, one
     assert copies_kept < copies_resharded
 
 
+def test_gathered_gives_each_unit_its_reshard_setting_back(folder, one_rank, one_thread):  # noqa: F811
+    """Inside gathered() no unit frees its parameters after forward; on exit each unit has its own setting back (one
+    rank: the blocks and the vision tower keep them by default and free them when asked; the root always keeps
+    them), and every parameter is sharded again."""
+    model, _ = load(folder, device="cpu")
+    for reshard in (None, True):
+        sharded = shard_model(copy.deepcopy(model), mixed_precision=False, reshard_after_forward=reshard)
+        units = fsdp_modules(sharded)
+        before = [_reshards_after_forward(u) for u in units]
+        assert before == [False] + [bool(reshard)] * 3
+        with gathered(sharded):
+            assert not any(_reshards_after_forward(u) for u in units)
+            assert not any(isinstance(p, DTensor) for p in sharded.parameters())
+        assert [_reshards_after_forward(u) for u in units] == before
+        assert all(isinstance(p, DTensor) for p in sharded.parameters())
+
+
 # ----------------------------------------------------------------------------------------------------
 # Under torchrun
 # ----------------------------------------------------------------------------------------------------
@@ -204,6 +298,7 @@ def test_launch_is_fast_and_sharded(report):
     assert report["params_are_dtensors"] and report["params_are_dtensors_after"]
     two_d = report["world_size"] > LAUNCHES[report["kind"]][2]  # several copies: HSDP's 2-D mesh
     assert report["placements"] == ["(Replicate(), Shard(dim=0))" if two_d else "(Shard(dim=0),)"]
+    assert report["whole_copy_ranks"] == 1  # shard_ranks=1 in the same process: whole copies, a mesh of their own
 
 
 def test_forward_equals_unsharded(report):

@@ -173,3 +173,70 @@ def test_matmul_peak_is_a_plausible_rate():
     peak = matmul_peak_tflops(torch.device("cpu"), torch.float32)
     assert 0 < peak < os.cpu_count() * 64 * 6e9 / 1e12
     assert matmul_peak_tflops(torch.device("cpu"), torch.float32) == peak
+
+
+def test_sliding_window_layers_count_as_softmax_attention():
+    """A sliding-window layer counts as full attention (its saving is left out); only linear-attention layers
+    (Qwen3.5's Gated DeltaNet) are not counted; head_dim defaults to hidden / heads."""
+    from types import SimpleNamespace
+
+    from ril_fast.flops import softmax_attention
+
+    kinds = ["sliding_attention", "full_attention", "linear_attention", "sliding_attention"]
+    config = SimpleNamespace(layer_types=kinds, num_hidden_layers=4, hidden_size=64, num_attention_heads=4)
+    assert softmax_attention(config) == (3, 16)
+    assert softmax_attention(SimpleNamespace(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                             head_dim=48)) == (2, 48)
+
+
+def test_a_response_of_no_tokens_decodes_nothing():
+    """No generated token: no decoding step (not a negative count of them)."""
+    s = Shapes(hidden=8, vocab=32, decoder_params=1000, attention_layers=3, query_width=16)
+    assert s.decode(5, 0) == s.decode(5, 1) == 0
+
+
+def test_samples_without_an_image_set_count_their_own_images():
+    """Samples whose image set is unknown (None) share nothing: each one's images count once each."""
+    s = Shapes(hidden=8, vocab=32, decoder_params=1000, attention_layers=2, query_width=8, vis_width=4,
+               vis_embed_params=10, vis_block_params=100, vis_merge_params=50, vis_depth=2, vis_full_blocks=2)
+    a, b = Sample(20, 12, 8, [(1, 4, 4)]), Sample(20, 12, 8, [(1, 2, 2)])
+    assert forward_flops(s, [a, b], head=False) == s.vision([(1, 4, 4)]) + s.vision([(1, 2, 2)]) + 2 * s.decoder(20)
+
+
+def test_frozen_log_probs_count_the_lm_head():
+    """π_old and π_ref compute log-probs: their forwards include the LM head on the response rows (the
+    discriminator's scores do not)."""
+    s = Shapes(hidden=8, vocab=32, decoder_params=1000, attention_layers=2, query_width=8)
+    a = Sample(20, 12, 8, [])
+    phases = phase_flops(s, [a.prompt_only()], [a], [a], group_size=1, mu=1, frozen_models=1, disc=True)
+    assert phases["old_ref_logprobs"] == s.decoder(20) + s.lm_head(8) == phases["disc_score"] + s.lm_head(8)
+
+
+def test_sample_shapes_of_encoded_samples():
+    """Sample.of: a Qwen-VL sample's pixels are patches of its grids (no InternVL tiles), samples sharing one
+    pixel tensor share one image set; an InternVL sample's pixels are its tiles; a text sample has neither."""
+    from ril_fast.processor import Encoded
+
+    patches, tiles = torch.zeros(20, 8), torch.zeros(3, 3, 56, 56)
+    grid = torch.tensor([[1, 4, 4], [1, 2, 2]])
+    a, b = (Sample.of(Encoded(torch.arange(30), 25, patches, grid)) for _ in range(2))
+    assert (a.length, a.prompt, a.response, a.grids, a.tiles) == (30, 25, 5, [(1, 4, 4), (1, 2, 2)], 0)
+    assert a.image_set == b.image_set is not None
+    other = Sample.of(Encoded(torch.arange(30), 25, patches.clone(), grid))
+    assert other.image_set != a.image_set
+    intern = Sample.of(Encoded(torch.arange(10), 4, tiles))
+    assert (intern.grids, intern.tiles, intern.response) == ([], 3, 6) and intern.image_set is not None
+    text = Sample.of(Encoded(torch.arange(10), 4))
+    assert (text.grids, text.tiles, text.image_set) == ([], 0, None)
+
+
+def test_matmul_peak_is_2_n_cubed_over_the_fastest_run(monkeypatch):
+    """On a CPU: 2 · 1024³ FLOPs over the fastest of the 3 timed runs (a fake clock: 4, 1 and 2 ms)."""
+    from types import SimpleNamespace
+
+    import ril_fast.flops as flops
+
+    clock = iter([0.0, 0.004, 1.0, 1.001, 2.0, 2.002])
+    monkeypatch.setattr(flops, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    peak = matmul_peak_tflops.__wrapped__(torch.device("cpu"), torch.float32)
+    assert peak == pytest.approx(2 * 1024**3 / 1e-3 / 1e12, rel=1e-9)

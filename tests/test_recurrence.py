@@ -120,3 +120,58 @@ def test_stateful_layers_declared_in_the_config_are_refused(tmp_path_factory, on
     model.config.get_text_config().layer_types = ["full_attention", "conv"]
     with pytest.raises(UnsupportedModel, match=r"qwen2: its 1 conv layers carry state along the sequence"):
         recurrence.per_sample(model, "qwen2")
+
+
+def test_a_group_may_cost_exactly_twice_its_tokens():
+    """The bound is inclusive: lengths 4, 1, 1 padded to 3 × 4 = 12 slots hold 6 tokens, exactly twice, one group."""
+    assert recurrence.similar_lengths([4, 1, 1]) == [[0, 1, 2]]
+    assert recurrence.similar_lengths([4, 1, 1, 1]) == [[0, 1, 2], [3]]  # 4 × 4 = 16 > 2 × 7
+
+
+def test_a_layout_follows_its_positions_changed_in_place():
+    """The layout is cached for the position tensor every layer of a forward gets, and made again when that tensor
+    is another one or was changed in place (its version counter)."""
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    first = recurrence._layout(positions)
+    assert [shape for *_, shape in first.groups] == [(2, 3)] and recurrence._layout(positions) is first
+    positions[0, 3:] = torch.tensor([3, 4])  # in place: one sample of 5 tokens now
+    assert [shape for *_, shape in recurrence._layout(positions).groups] == [(1, 5)]
+    other = torch.tensor([[0, 1, 0, 1, 2, 3, 4, 5]])
+    assert [shape for *_, shape in recurrence._layout(other).groups] == [(2, 6)]
+
+
+def test_stateful_layers_declared_as_block_types_are_refused(tmp_path_factory, one_thread):  # noqa: F811
+    """Configs that declare their layers as ``layers_block_type`` (Jamba, Zamba, ...), not ``layer_types``: a stateful
+    kind there is refused too."""
+    model, _ = load(tiny_folder(tmp_path_factory, "qwen2"), device="cpu")
+    text = model.config.get_text_config()
+    text.layer_types = None
+    text.layers_block_type = ["attention", "mamba"]
+    with pytest.raises(UnsupportedModel, match=r"qwen2: its 1 mamba layers carry state along the sequence"):
+        recurrence.per_sample(model, "qwen2")
+
+
+def test_a_batch_of_whole_rows_runs_as_it_is(tmp_path_factory, one_thread):  # noqa: F811
+    """Several rows without a mask, each one sample from position 0 (not a packed row): the layer's own batched
+    forward, the same logits as each row alone."""
+    model, _ = load(tiny_folder(tmp_path_factory, "qwen3_5"), device="cpu")
+    ids = torch.randint(10, 100, (2, 12))
+    with torch.no_grad():
+        both = model(input_ids=ids, use_cache=False).logits  # no cache: a forward as the trainer's
+        alone = torch.cat([model(input_ids=row[None], use_cache=False).logits for row in ids])
+    assert max_err(both, alone) <= 1e-5
+
+
+def test_a_left_padded_row_with_a_mask_runs_as_it_is(tmp_path_factory, one_thread):  # noqa: F811
+    """One left-padded row with its mask and the positions generation gives it (1 on the pads, 0 from the first
+    real token): not a packed row (it would be refused: its first tokens belong to no sample), the layer's own
+    forward; its real tokens' logits are the unpadded row's."""
+    model, _ = load(tiny_folder(tmp_path_factory, "qwen3_5"), device="cpu")
+    ids = torch.randint(10, 100, (1, 12))
+    padded = torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids], 1)
+    mask = (torch.arange(15) >= 3).long()[None]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        got = model(input_ids=padded, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 3:]
+        want = model(input_ids=ids, use_cache=False).logits
+    assert max_err(got, want) <= 1e-5

@@ -146,6 +146,9 @@ def main(folder: str, out_path: str, shard_ranks: int = 0) -> None:
     res["fsdp_modules"] = len(distributed.fsdp_modules(model))
     res["params_are_dtensors"] = all(isinstance(p, DTensor) for p in model.parameters())
     res["placements"] = sorted({str(p.placements) for p in model.parameters()})
+    # a model of whole copies (shard_ranks=1) beside it in the same process: a mesh of its own, not the one above
+    whole = distributed.shard_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), mixed_precision=False, shard_ranks=1)
+    res["whole_copy_ranks"] = distributed.copy_ranks(whole)
     with counter.counting():
         loss = summed_loss(model, batch, weights)
         res["gathers_forward_before_rollout"] = counter.count
