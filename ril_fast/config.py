@@ -359,5 +359,8 @@ def _home(value):
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
-if __name__ == "__main__":
-    print(load_config(sys.argv[1:]).describe())
+if __name__ == "__main__":  # python -m ril_fast.config [--config FILE] key=value ...: the resolved settings
+    try:
+        print(load_config(sys.argv[1:]).describe())
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None

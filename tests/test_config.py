@@ -291,3 +291,18 @@ def test_the_real_student_example_is_a_valid_config():
     config = load_config(["--config", str(Path(__file__).resolve().parents[1] / "docs" / "real_student.yaml")])
     assert not config.rl_only and len(config.teachers) == 2 and config.judge is JudgeKind.HTTP
     assert config.optim.lr == 1e-6 and config.batch.activation_checkpointing and config.group_size == 4
+
+
+def test_python_m_ril_fast_config_prints_the_resolved_settings_or_one_error_line():
+    """``python -m ril_fast.config [...]`` shows the settings a run would take (``*``: not the default); a bad key is
+    one ``error:`` line, status 1, not a traceback."""
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "ril_fast.config", "steps=3"], capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0 and any(line.split() == ["steps", "=", "3", "*"] for line in shown.stdout.splitlines())
+    bad = subprocess.run([sys.executable, "-m", "ril_fast.config", "stepz=3"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: unknown config key 'stepz'; valid keys: student,")
+    assert len(bad.stderr.splitlines()) == 1, bad.stderr

@@ -1,5 +1,6 @@
 """python -m ril_fast.eval on a tiny model: greedy answers, judged by the rule and the http judge
-(tests/fake_openai.py), accuracy overall and per answer type, per-example JSONL and a summary JSON."""
+(tests/fake_openai.py), accuracy overall and per answer type, per-example JSONL and a summary JSON; and
+``evaluate``'s counting per rank with its generation and reduction faked (no model)."""
 
 import json
 import os
@@ -441,3 +442,68 @@ def test_a_sharded_student_evaluates_in_step_on_two_ranks(demo, tmp_path):
     assert [r["id"] for r in ranks[1]["records"]] == [examples[1].id]
     assert sorted(ranks[0]["records"] + ranks[1]["records"], key=lambda r: r["id"]) == \
         sorted(alone, key=lambda r: r["id"])
+
+
+def _fake_generation(monkeypatch, model):
+    """``evaluate``'s generation and reduction faked (no model runs): each prompt's answer is its question's last
+    word, truncated where the question ends in "!"; the model must be in eval mode while answering. Returns the
+    lengths of the prompt lists it was called with and the tensors handed to the reduction (returned unchanged)."""
+    from types import SimpleNamespace
+
+    calls, reduced = [], []
+
+    def answer(model_, processor, prompts, **kwargs):
+        assert not model.training and prompts  # never an empty generate call (every rank runs as many)
+        calls.append(len(prompts))
+        return [[SimpleNamespace(text=p["question"].split()[-1].strip("!"), truncated=p["question"].endswith("!"))]
+                for p in prompts]
+
+    monkeypatch.setattr("ril_fast.evaluate.sample_responses", answer)
+    monkeypatch.setattr("ril_fast.evaluate.all_reduce_sum", lambda t: reduced.append(t.clone()) or t)
+    return calls, reduced
+
+
+def _exact(items):
+    """A judge: the response is the answer."""
+    return [i.response == i.answer for i in items]
+
+
+def test_evaluate_counts_per_rank_in_step_and_restores_the_training_mode(monkeypatch):
+    """``evaluate`` on each of two ranks, the reduction faked: both ranks count the same answer types (rank 1's slice
+    holds only one of them: the vectors summed over ranks must line up) and run as many generate calls (the last
+    one a rank's own filler, uncounted); the two ranks' counts sum to one rank's, per type; each record says whether
+    its answer was cut short; the model is back in training mode afterwards. ~0.1 s, no model."""
+    from ril_fast.data import Example
+
+    examples = [Example(f"e{i}", f"say {w}", a, [], t) for i, (w, a, t) in enumerate(
+        [("red", "red", "color"), ("3!", "3", "count"), ("blue", "green", "color"), ("5", "5", "count"),
+         ("red", "red", "color")])]
+    model = torch.nn.Linear(1, 1)
+    figures, counts = [], []
+    for rank, world in ((0, 2), (1, 2), (0, 1)):
+        calls, reduced = _fake_generation(monkeypatch, model)
+        model.train()
+        records = []
+        figures.append(evaluate(model, None, examples, _exact, distributed.Dist(rank, world, rank, torch.device("cpu")),
+                                max_new_tokens=3, batch_size=2, records=records))
+        assert model.training
+        counts.append((calls, reduced[0]))
+        assert [(r["id"], r["truncated"], r["correct"]) for r in records] == \
+            [(e.id, e.question.endswith("!"), e.id != "e2") for e in examples[rank::world]]
+    assert [c for c, _ in counts] == [[2, 1], [2, 1], [2, 2, 1]]  # rank 1: two answers, then its filler
+    assert counts[0][1].shape == counts[1][1].shape == (2, 2)  # (correct, total) of "color", "count"
+    assert torch.equal(counts[0][1] + counts[1][1], counts[2][1])
+    assert torch.equal(counts[2][1], torch.tensor([[2.0, 2.0], [3.0, 2.0]], dtype=torch.float64))
+    assert figures[2] == {"eval_accuracy": 0.8, "eval_examples": 5, "eval_accuracy/color": 2 / 3,
+                          "eval_accuracy/count": 1.0}
+
+
+def test_evaluate_of_untyped_examples_reports_no_per_type_figure(monkeypatch):
+    """Examples none of which has an answer type give the overall figure alone (no "eval_accuracy/untyped" beside
+    it). ~0.1 s, no model."""
+    from ril_fast.data import Example
+
+    _fake_generation(monkeypatch, model := torch.nn.Linear(1, 1))
+    examples = [Example("a", "say red", "red", []), Example("b", "say 3", "4", [])]
+    assert evaluate(model, None, examples, _exact, distributed.Dist(0, 1, 0, torch.device("cpu")),
+                    max_new_tokens=3) == {"eval_accuracy": 0.5, "eval_examples": 2}

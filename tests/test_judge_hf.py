@@ -9,7 +9,7 @@ prompt at a time gives. Its agreement with the rule judge is printed (and measur
 bench/judges.py), not asserted.
 
 The converted folder (~25 s to make from the gguf) is kept in pytest's cache (.pytest_cache/d/), so
-only the first run on a machine pays for it.
+only the first run on a machine pays for it. The tokenizer's and the batch size's refusals need no model.
 """
 
 import json
@@ -205,3 +205,26 @@ def test_the_dtype_is_part_of_the_cache_identity(smollm2, tmp_path, one_thread):
     folder = _tiny_lm("gpt2", tmp_path / "gpt2", smollm2)
     names = [make_judge("hf", model=str(folder), dtype=dtype).name for dtype in (torch.float32, torch.bfloat16)]
     assert names == [f"hf-v3:{folder.resolve()}:{PROMPT_VERSION}:{dtype}" for dtype in ("float32", "bfloat16")]
+
+
+@pytest.mark.parametrize("missing", ["yes", "no"])
+def test_a_tokenizer_without_a_single_token_answer_is_refused(missing):
+    """A tokenizer that spells every form of "yes" (or of "no") in two tokens or more cannot judge: refused, whichever
+    of the two it lacks (a judge with no "no" ids would answer yes to everything). No model: a fake tokenizer."""
+    from ril_fast.judges_hf import answer_token_ids
+
+    def tokenizer(text, add_special_tokens):
+        word = text.strip().lower()
+        return {"input_ids": [hash(text) % 1000, 7] if word == missing else [hash(text) % 1000]}
+
+    with pytest.raises(ValueError, match="^the judge model's tokenizer has no single token for 'yes' or for 'no'$"):
+        answer_token_ids(tokenizer)
+
+
+def test_a_batch_size_below_one_is_refused_before_the_folder_is_read(tmp_path):
+    """batch_size 0 is refused when the judge is made (it would fail only at its first call, in ``range``), before
+    the model folder is looked at. No model."""
+    from ril_fast.judges_hf import HFJudge
+
+    with pytest.raises(ValueError, match="^batch_size must be >= 1, got 0$"):
+        HFJudge(tmp_path / "no-such-folder", batch_size=0)
