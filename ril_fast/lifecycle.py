@@ -33,8 +33,8 @@ from ril_fast import checkpoint, distributed
 from ril_fast.config import Config, ConfigError
 from ril_fast.data import StepDataError
 from ril_fast.export import export_hf, save_hf_files
-from ril_fast.judges_http import HTTPError
 from ril_fast.files import InUse, lock_folder, model_folder_problem, unlock_folder, write_text_atomic
+from ril_fast.judges_http import HTTPError
 from ril_fast.metrics import records_until
 from ril_fast.processor import UnsupportedModel
 
