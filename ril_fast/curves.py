@@ -29,6 +29,10 @@ PANELS = (
 COLUMNS = 4
 PANEL_INCHES = (4.0, 3.0)  # width, height of one panel
 DPI = 100  # so a panel is 400 x 300 pixels and the PNG is COLUMNS * 400 wide
+# Room around each panel's axes, in inches: tick labels at the left, the step label below, the title above (and
+# the figure's title above the first row). Fixed, not matplotlib's constrained layout, which draws the figure
+# twice (half of plot_curves' time: ~0.7 of 1.4 s, paid at the end of every run).
+MARGINS = {"left": 0.55, "right": 0.15, "below": 0.5, "above": 0.35, "suptitle": 0.35}
 
 
 def _series(records: list[dict], pattern: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -58,7 +62,14 @@ def plot_curves(records: list[dict], path: str | Path, *, title: str = "") -> Pa
     if not panels:
         return None
     rows = -(-len(panels) // COLUMNS)
-    fig = Figure(figsize=(COLUMNS * PANEL_INCHES[0], rows * PANEL_INCHES[1]), dpi=DPI, layout="constrained")
+    width, height, m = COLUMNS * PANEL_INCHES[0], rows * PANEL_INCHES[1], MARGINS
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    top = m["above"] + (m["suptitle"] if title else 0)
+    gap_w, gap_h = m["left"] + m["right"], m["below"] + m["above"]  # between neighbouring panels' axes
+    axes_w = (width - m["left"] - m["right"] - (COLUMNS - 1) * gap_w) / COLUMNS
+    axes_h = (height - m["below"] - top - (rows - 1) * gap_h) / rows
+    fig.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width, bottom=m["below"] / height,
+                        top=1 - top / height, wspace=gap_w / axes_w, hspace=gap_h / axes_h)
     axes = fig.subplots(rows, COLUMNS, squeeze=False).flatten()
     for ax, (name, series) in zip(axes, panels):
         for key, (steps, values) in series.items():
