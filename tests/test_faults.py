@@ -179,3 +179,68 @@ def test_out_of_memory_before_the_first_step_names_the_setting(demo, tmp_path, m
         train.main(_args(demo, tmp_path / "run", **extra, **{"rollout.batch_size": 64}))
     assert str(e.value).startswith(f"out of memory in the {phase} phase; {hint}"), str(e.value)
     assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+
+
+def _oom_cfg(**batch):
+    from types import SimpleNamespace
+
+    batch = {"max_tokens": 4096, "activation_checkpointing": False, "keep_gathered": True, "shard_ranks": 0, **batch}
+    return SimpleNamespace(rollout=SimpleNamespace(batch_size=64), batch=SimpleNamespace(**batch))
+
+
+def _explained(cfg, phase, micro) -> str:
+    from ril_fast.faults import explain_oom
+
+    with pytest.raises(RuntimeError) as e:
+        with explain_oom(cfg, phase, micro):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    return str(e.value)
+
+
+def test_out_of_memory_names_the_micro_batch_of_most_tokens_and_only_the_settings_that_apply(monkeypatch):
+    """The largest micro-batch is the one of most tokens (not of most sequences); activation checkpointing is
+    suggested only for an update phase where it is off, keep_gathered=false only for an update where it is on and a
+    copy is one rank (with the student sharded over 2 ranks it is not kept gathered anyway)."""
+    from types import SimpleNamespace
+
+    from ril_fast import distributed
+
+    micro = [SimpleNamespace(batch=SimpleNamespace(lengths=[10, 10, 10])), SimpleNamespace(batch=SimpleNamespace(
+        lengths=[100]))]
+    holds = "its largest micro-batch holds 100 tokens in 1 sequences: lower batch.max_tokens (now 4096)"
+    assert _explained(_oom_cfg(), "policy_update", micro) == (
+        f"out of memory in the policy_update phase; {holds}, or set batch.activation_checkpointing=true, or "
+        f"batch.keep_gathered=false")
+    assert _explained(_oom_cfg(), "reference_pass", micro) == f"out of memory in the reference_pass phase; {holds}"
+    assert _explained(_oom_cfg(activation_checkpointing=True, keep_gathered=False), "disc_update", micro) == \
+        f"out of memory in the disc_update phase; {holds}"
+    monkeypatch.setattr(distributed, "shard_size", lambda shard_ranks: 2)
+    assert _explained(_oom_cfg(activation_checkpointing=True), "policy_update", micro) == \
+        f"out of memory in the policy_update phase; {holds}"
+
+
+def test_skipped_steps_count_and_only_a_run_of_them_stops(tmp_path):
+    """A finite step resets the run of skipped ones (two bad steps apart do not stop a run with max_bad_steps=2);
+    ``skipped_steps`` counts the skipped ones only; the stop is the message on the main rank, status 1 on the
+    others (the main rank says it)."""
+    from types import SimpleNamespace
+
+    from ril_fast.faults import count_skipped
+
+    def run(is_main):
+        return SimpleNamespace(counters={"skipped_steps": 0, "bad_in_a_row": 0}, dist=SimpleNamespace(is_main=is_main),
+                               cfg=SimpleNamespace(max_bad_steps=2, output_dir=tmp_path))
+
+    for is_main in (True, False):
+        r = run(is_main)
+        for step, skipped in enumerate([True, False, True, False], 1):
+            count_skipped(r, skipped, step)
+        assert r.counters == {"skipped_steps": 2, "bad_in_a_row": 0}
+        count_skipped(r, True, 5)
+        with pytest.raises(SystemExit) as e:
+            count_skipped(r, True, 6)
+        if is_main:
+            assert str(e.value.code).startswith("stopping at step 6: 2 optimizer steps in a row had a non-finite")
+        else:
+            assert e.value.code == 1
+        assert r.counters == {"skipped_steps": 4, "bad_in_a_row": 2}

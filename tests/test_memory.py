@@ -203,3 +203,38 @@ def test_kv_cache_bytes_are_those_generate_keeps(arch, tmp_path_factory):
     assert kept and all(t.shape[0] == rows and t.shape[2] == prompt + new - 1 for t in kept)
     assert _bytes(kept) == memory.kv_cache_bytes(AutoConfig.from_pretrained(folder), rows * (prompt + new - 1),
                                                  gpu=False)
+
+
+def test_available_bytes_are_the_free_memory_shared_by_the_local_ranks(monkeypatch):
+    """On a GPU the device's free bytes (not its total); on a CPU /proc/meminfo's MemAvailable (not MemFree) shared
+    by the ranks of the node (``LOCAL_WORLD_SIZE``); None where /proc/meminfo cannot be read."""
+    import io
+
+    meminfo = "MemTotal:       8000000 kB\nMemFree:         1000000 kB\nMemAvailable:    6000000 kB\n"
+    monkeypatch.setattr(memory, "open", lambda path: io.StringIO(meminfo), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory.available_bytes(torch.device("cpu")) == 6000000 * 1024
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert memory.available_bytes(torch.device("cpu")) == 6000000 * 1024 // 4
+
+    def unreadable(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(memory, "open", unreadable, raising=False)
+    assert memory.available_bytes(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))  # (free, total)
+    assert memory.available_bytes(torch.device("cuda", 0)) == 3 * 2**30
+
+
+def test_kv_cache_on_a_gpu_is_bf16_and_a_sharded_reference_says_so():
+    """A GPU's KV cache takes half a CPU's (bf16, not fp32); the plan's words call a reference sharded over ranks
+    its shard, and a whole one not."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    assert memory.kv_cache_bytes(config, 10, gpu=True) == 10 * 2 * 2 * 2 * 16 * 2 == \
+        memory.kv_cache_bytes(config, 10, gpu=False) // 2
+    four = memory.plan(config, disc=False, reference=True, gpu=True, shard=4).describe()
+    one = memory.plan(config, disc=False, reference=True, gpu=True, shard=1).describe()
+    assert "the reference, " in one and "(its shard)" in four and "(its shard)" not in one

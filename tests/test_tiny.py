@@ -2,6 +2,7 @@
 
 import hashlib
 import inspect
+import json
 import shutil
 
 import pytest
@@ -154,3 +155,41 @@ def test_vlm_from_parts_keeps_the_language_model(smollm2):
     # 30 real layers: fp32 rounding of the differently shaped packed matmuls grows with |log-prob|
     # (random responses score -10 and below), so the bound is relative here.
     assert max(((p - s).abs() / (1 + s.abs())).max().item() for p, s in zip(packed, separate)) <= 1e-5
+
+
+def test_tiny_settings_are_the_documented_ones(tmp_path):
+    """The decoder has 2 KV heads; generation ends at <|im_end|> and pads and begins with <|endoftext|>; the text
+    model alone (qwen2) gets no image processor; making a model leaves the caller's random numbers as they were;
+    ``_filler_words`` makes exactly as many words as asked; the default tokenizer is the corpus's own (under 1,024
+    tokens: no made-up words); the vision settings are checked; ``--seed`` on the command line is the model's seed."""
+    from ril_fast.tiny import VOCAB_SIZE, _filler_words
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    folder = make_tiny(tmp_path / "m", "qwen2", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.num_key_value_heads, config.num_attention_heads, config.hidden_size) == (2, 4, 64)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    assert (generation["eos_token_id"], generation["pad_token_id"], generation["bos_token_id"]) == (
+        ids["<|im_end|>"], ids["<|endoftext|>"], ids["<|endoftext|>"])
+    assert not (folder / "preprocessor_config.json").exists()
+    main([str(tmp_path / "cli"), "--arch", "qwen2", "--seed", "5"])  # the command line's seed is make_tiny's
+    assert _digest(tmp_path / "cli") == _digest(folder)
+    assert len(AutoTokenizer.from_pretrained(folder)) < VOCAB_SIZE
+    assert len(_filler_words(40)) == 40
+    for bad in (dict(vision_hidden=12), dict(image_tokens=0)):
+        with pytest.raises(ValueError, match="vision_hidden must be a positive multiple of 8"):
+            make_tiny(tmp_path / "x", "qwen2_5_vl", **bad)
+
+
+def test_qwen3_vl_patches_are_16_pixels(tmp_path_factory):
+    """Qwen3-VL's and Qwen3.5's processors cut 16-pixel patches (merged 2x2 into 32-pixel tokens), Qwen2.5-VL's 14:
+    a 64x64 image is 4 tokens in each, as the tower's own patch size needs."""
+    for arch, patch in (("qwen3_vl", 16), ("qwen3_5", 16), ("qwen2_5_vl", 14)):
+        processor = json.loads((tiny_folder(tmp_path_factory, arch) / "preprocessor_config.json").read_text())
+        assert processor["patch_size"] == patch == AutoConfig.from_pretrained(
+            tiny_folder(tmp_path_factory, arch)).vision_config.patch_size
+        assert processor["size"] == {"shortest_edge": 4 * (2 * patch) ** 2, "longest_edge": 16 * (2 * patch) ** 2}
