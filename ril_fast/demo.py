@@ -48,6 +48,7 @@ Choices made so that the demo measures what RIL is for (issue 4 has the runs beh
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import random
@@ -212,7 +213,7 @@ def build_demo(root: str | Path | None = None, *, max_train: int | None = None, 
                 "it holds a demo's files without its marker: delete the folder to build the demo again" if looks
                 else "choose another root"))
         if locked:  # builds run one at a time: another's temporary folder is a killed build's
-            for stale in root.parent.glob(f"{root.name}.tmp-*"):
+            for stale in root.parent.glob(f"{glob.escape(root.name)}.tmp-*"):  # "demo[1]": not demo1's
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,6 @@
 """The built-in demo: easy-VQA's training split for training, its test split held out, two teacher styles."""
 
+import errno
 import hashlib
 import json
 import shutil
@@ -28,7 +29,7 @@ def test_files_load_with_the_right_counts_and_types(demo):
     train, test = load_examples(demo.train), load_examples(demo.test)
     assert (len(train), len(test)) == (50, 20)
     for e in train + test:
-        assert e.answer_type == answer_type(e.answer)
+        assert e.answer_type == answer_type(e.answer) and e.question[0].isupper()  # easy-VQA's are lower case
         assert len(e.images) == 1 and e.images[0].parent.parent == demo.root / "images"
     # Shape and colour questions only (the demo's default; why: ril_fast.demo's docstring), both present.
     assert {e.answer_type for e in train} == {e.answer_type for e in test} == {"shape", "color"}
@@ -173,6 +174,7 @@ def test_with_demo_fills_only_unset_paths(demo, monkeypatch, tmp_path):
     assert full.student == str(demo.student) and full.train_data == str(demo.train)
     assert full.teachers == [str(p) for p in demo.teachers] and full.eval_data == str(demo.test)
     assert not full.rl_only and not needs_demo(full)
+    assert needs_demo(load_config(["train_data=own.jsonl"])) and needs_demo(load_config(["student=own"]))
     rl = with_demo(load_config(["teachers="]), demo)
     assert rl.teachers == [] and rl.rl_only and rl.eval_data == str(demo.test)
     own = with_demo(load_config(["train_data=own.jsonl"]), demo)
@@ -195,3 +197,29 @@ def test_answer_types_choose_the_questions_and_test_order_is_random(tmp_path):
     for bad in ((), ("colour",)):
         with pytest.raises(ValueError, match="answer_types must be"):
             build_demo(tmp_path / "bad", answer_types=bad)
+
+
+def test_a_split_smaller_than_asked_is_kept_whole(tmp_path):
+    """``max_test`` beyond the split's questions of the chosen types keeps all of them (no error)."""
+    _, answers, _ = easy_vqa.get_test_questions()
+    shapes = sum(answer_type(a) == "shape" for a in answers)
+    paths = build_demo(tmp_path / "demo", max_train=4, max_test=10**6, answer_types=("shape",))
+    assert len(load_examples(paths.test)) == shapes
+
+
+def test_only_its_own_killed_builds_are_removed(tmp_path, monkeypatch):
+    """A build removes the temporary folders of killed builds of its own root, never another root's (a name
+    with glob characters: "demo[1]" must not take "demo1.tmp-*"), and none where no lock tells that no other
+    build is running (a file system that keeps no locks)."""
+    root = tmp_path / "demo[1]"
+    for name in ("demo[1].tmp-999998", "demo1.tmp-999999"):
+        (tmp_path / name).mkdir()
+    build_demo(root, max_train=4, max_test=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo[1].lock", "demo1.tmp-999999", "demo[1]"]
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "no locks")
+    monkeypatch.setattr("ril_fast.files.fcntl.flock", no_locks)
+    (tmp_path / "demo[1].tmp-999998").mkdir()
+    paths = build_demo(root, max_train=5, max_test=2)  # other settings: built again, unlocked
+    assert (tmp_path / "demo[1].tmp-999998").is_dir() and len(load_examples(paths.train)) == 5
