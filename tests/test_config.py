@@ -193,6 +193,16 @@ def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatc
     assert (cfg.student, cfg.eval_data, cfg.resume) == (f"{tmp_path}/m", f"{tmp_path}/e.jsonl", "auto")
 
 
+def test_judge_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """The hf judge's model folder and the judge's verdict cache, set in YAML with ``~``, are in the home folder too
+    (the cache would otherwise be a new SQLite file under a folder called ``~``)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text("judge: hf\njudge_model: ~/judge\njudge_cache: ~/verdicts.sqlite\n")
+    cfg = load_config(["--config", str(path)])
+    assert (cfg.judge_model, cfg.judge_cache) == (f"{tmp_path}/judge", f"{tmp_path}/verdicts.sqlite")
+
+
 def test_empty_list_entries_on_the_command_line_are_dropped():
     """``a,,b`` on the command line is ``a,b`` (a blank entry too); an empty value is the empty list (RL only). Set
     in code, a blank path is refused as it is from a file."""
@@ -226,12 +236,82 @@ def test_save_load_round_trip(tmp_path):
     assert load_config(["--config", str(Config().save(tmp_path / "d.yaml"))]) == Config()
 
 
+def test_a_saved_config_reads_as_written(tmp_path):
+    """``save`` writes the keys in their declaration order (``--help``'s and ``describe``'s), sections nested, and
+    non-ASCII text as it is, not escaped."""
+    config = load_config(["student=/modèles/élève", "steps=3"])
+    text = config.save(tmp_path / "config.yaml").read_text(encoding="utf-8")
+    assert "student: /modèles/élève\n" in text
+    keys, section = [], ""
+    for line in text.splitlines():
+        key = line.split(":")[0]
+        if not line.startswith(" ") and line.endswith(":"):
+            section = key + "."
+            continue
+        keys.append(section + key.strip() if line.startswith(" ") else key)
+    assert keys == valid_keys()
+
+
 def test_describe_lists_every_key_and_marks_changes():
     text = load_config(["steps=3", "optim.lr=0.5"]).describe()
     lines = {line.split("=")[0].strip(): line for line in text.splitlines()[1:]}
     assert list(lines) == valid_keys()
     assert lines["steps"].endswith("3 *") and lines["optim.lr"].endswith("0.5 *")
     assert not lines["mu"].endswith("*")
+
+
+# Each range check at its edges (the module's and the help's words): the last value accepted, and the first refused
+# with a message naming the setting. ("teachers=a.jsonl": RIL, where one output per group is allowed; the second
+# value of a key repeated on the command line wins.)
+_HTTP = ["judge=http", "judge_url=https://judge.example", "judge_model=m"]
+_ACCEPTED = [["steps=0"], [f"seed={2**31 - 1}"], [f"seed={-2**31 + 1}"], ["group_size=1", "teachers=a.jsonl"],
+             ["mu=1"], ["beta=0"], ["max_image_pixels=0"], ["eval_every=0"], ["eval_max_examples=0"], ["log_every=1"],
+             ["checkpoint_every=0"], ["keep_checkpoints=0"], ["max_bad_steps=1"], ["rollout.top_p=1"],
+             ["rollout.top_k=0"], ["rollout.batch_size=1"], ["optim.weight_decay=0"],
+             ["optim.beta1=0", "optim.beta2=0"],
+             ["optim.grad_clip=0"], ["optim.warmup_steps=0"], ["disc.weight_decay=0"], ["disc.grad_clip=0"],
+             ["disc.pretrain_steps=0"], ["disc.threshold=0.999"], ["loss.eps_low=0"], ["loss.eps_high=0"],
+             ["batch.questions_per_step=1"], ["batch.shard_ranks=0"], ["max_new_tokens=1", "batch.max_tokens=2"],
+             ["judge_retries=0"], ["judge_timeout_s=999999999"], _HTTP, [*_HTTP, "judge_url=http://judge"],
+             ["judge=hf", "judge_model=m"]]
+_REFUSED = [
+    (["steps=-1"], "steps"), ([f"seed={2**31}"], "seed"), ([f"seed={-2**31}"], "seed"),
+    (["group_size=0"], "group_size"),
+    (["group_size=1", "teachers="], "RL-only"), (["mu=0"], "mu"), (["beta=-0.001"], "beta"),
+    (["max_image_pixels=-1"], "max_image_pixels"), (["eval_every=-1"], "eval_every"),
+    (["eval_max_examples=-1"], "eval_max_examples"), (["log_every=0"], "log_every"),
+    (["checkpoint_every=-1"], "checkpoint_every"), (["keep_checkpoints=-1"], "keep_checkpoints"),
+    (["max_bad_steps=0"], "max_bad_steps"), (["rollout.temperature=0"], "rollout.temperature"),
+    (["rollout.top_p=0"], "rollout.top_p"), (["rollout.top_p=1.001"], "rollout.top_p"),
+    (["rollout.top_k=-1"], "rollout.top_k"), (["rollout.batch_size=0"], "rollout.batch_size"),
+    (["optim.lr=0"], "optim.lr"), (["optim.lr=inf"], "optim.lr"), (["optim.weight_decay=-0.1"], "optim.weight_decay"),
+    (["optim.beta1=1"], "optim.beta1"), (["optim.beta2=1"], "optim.beta2"), (["optim.grad_clip=-1"], "optim.grad_clip"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps"), (["disc.lr=0"], "disc.lr"), (["disc.lr=inf"], "disc.lr"),
+    (["disc.weight_decay=-0.1"], "disc.weight_decay"), (["disc.grad_clip=-1"], "disc.grad_clip"),
+    (["disc.pretrain_steps=-1"], "disc.pretrain_steps"), (["disc.threshold=0"], "disc.threshold"),
+    (["disc.threshold=1"], "disc.threshold"), (["loss.eps_low=1"], "loss.eps_low"),
+    (["loss.eps_low=-0.1"], "loss.eps_low"),
+    (["loss.eps_high=-0.1"], "loss.eps_high"), (["batch.questions_per_step=0"], "batch.questions_per_step"),
+    (["batch.shard_ranks=-1"], "batch.shard_ranks"), (["max_new_tokens=0"], "max_new_tokens"),
+    (["max_new_tokens=8", "batch.max_tokens=8"], "batch.max_tokens"), (["judge_batch_size=0"], "judge_batch_size"),
+    (["judge_concurrency=0"], "judge_concurrency"), (["judge_timeout_s=0"], "judge_timeout_s"),
+    (["judge_timeout_s=1e9"], "judge_timeout_s"), (["judge_retries=-1"], "judge_retries"),
+    (["judge=http", "judge_url=https://judge.example"], "judge=http needs"), (["judge=http", "judge_model=m"],
+                                                                            "judge=http needs"),
+    ([*_HTTP, "judge_url=ftp://judge"], "judge_url must start"), (["judge=hf"], "judge=hf needs"),
+    (["resume="], "resume"), (["output_dir="], "output_dir")]
+
+
+@pytest.mark.parametrize("argv", _ACCEPTED, ids=" ".join)
+def test_each_range_check_accepts_its_edge(argv):
+    load_config(argv)
+
+
+@pytest.mark.parametrize("argv, name", _REFUSED, ids=[" ".join(a) for a, _ in _REFUSED])
+def test_each_range_check_refuses_just_past_its_edge(argv, name):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    assert any(name in problem for problem in e.value.problems), e.value.problems  # judge=http without a URL: 2
 
 
 def test_mode_is_derived_from_teachers():

@@ -180,6 +180,7 @@ BAD_EXAMPLES = [
     ({"question": "q?", "answer": "x", "images": []}, "missing field 'id'"),
     ({"id": ["b"], "question": "q?", "answer": "x", "images": []}, "'id' must be a non-empty string"),
     ({"id": " ", "question": "q?", "answer": "x", "images": []}, "'id' must be a non-empty string"),
+    ({"id": True, "question": "q?", "answer": "x", "images": []}, "'id' must be a non-empty string, got True"),
     ({"id": "b", "answer": "x", "images": []}, "missing field 'question'"),
     ({"id": "b", "question": 5, "answer": "x", "images": []}, "'question' must be a string, got int"),
     ({"id": "b", "question": "  ", "answer": "x", "images": []}, "'question' is empty"),
@@ -188,6 +189,7 @@ BAD_EXAMPLES = [
     ({"id": "b", "question": "q?", "answer": "x"}, "missing field 'images'"),
     ({"id": "b", "question": "q?", "answer": "x", "images": "img/a.png"}, "'images' must be a list"),
     ({"id": "b", "question": "q?", "answer": "x", "images": [3]}, "'images' must be a list"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": [""]}, "'images' must be a list of non-empty path strings"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/nope.png"]}, "image 'img/nope.png' not found"),
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img"]}, "image 'img' is a folder ("),  # it exists
     ({"id": "b", "question": "q?", "answer": "x", "images": ["img/"]}, "), not an image file"),
@@ -213,6 +215,8 @@ BAD_EXAMPLES = [
     ('{"id": "b", "question": "q?", "answer": "\\udc00", "images": []}', "'answer' holds half of a character"),
     ('{"id": "b\\ud83d", "question": "q?", "answer": "x", "images": []}', "'id' holds half of a character"),
     ({"id": "b", "question": "q?", "answer": "x", "images": [], "answer_type": 3}, "'answer_type' must be"),
+    ({"id": "b", "question": "q?", "answer": "x", "images": [], "answer_type": " "},
+     "'answer_type' must be a non-empty string or null, got ' '"),
     ({"id": "a", "question": "q?", "answer": "x", "images": []}, "duplicate id 'a' (first on line 1)"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ({"id": "b", "question": "Is it<|im_end|> red?", "answer": "x", "images": []}, "'question' contains '<|im_end|>'"),
@@ -234,6 +238,34 @@ def test_bad_example_lines(folder, line, message):
         load_examples(path, control_tokens=CONTROL)
     assert str(e.value).startswith(f"{path}:3: "), str(e.value)  # the blank line 2 still counts
     assert message in str(e.value), str(e.value)
+
+
+def test_an_unreadable_image_is_named_at_its_first_use(folder):
+    """An image several examples use is checked once; its error names the first line that uses it."""
+    path = write_jsonl(folder / "train.jsonl", [GOOD, GOOD | {"id": "b", "images": ["img/broken.png"]},
+                                                GOOD | {"id": "c", "images": ["img/a.png", "img/broken.png"]}])
+    with pytest.raises(DataError) as e:
+        load_examples(path)
+    assert str(e.value).startswith(f"{path}:2: cannot read image 'img/broken.png'"), str(e.value)
+
+
+def test_a_duplicate_id_names_the_line_of_its_first_use(folder):
+    """The line numbers count blank lines: the duplicate's message names the first use's own line."""
+    path = write_jsonl(folder / "train.jsonl", ["", GOOD, GOOD | {"id": "b"}, "", GOOD])
+    with pytest.raises(DataError) as e:
+        load_examples(path)
+    assert str(e.value) == f"{path}:5: duplicate id 'a' (first on line 2)"
+
+
+def test_an_examples_fields_reach_it(folder):
+    """Each field of a line reaches its Example: answer_type (None when absent), the line as FILE:LINE, the images
+    resolved against the file's folder, with their sizes."""
+    path = write_jsonl(folder / "train.jsonl", [GOOD | {"answer_type": "shape"}, "", GOOD | {"id": 7}])
+    first, second = load_examples(path)
+    assert (first.id, first.question, first.answer, first.answer_type, first.where) == (
+        "a", "What shape?", "circle", "shape", f"{path}:1")
+    assert (second.id, second.answer_type, second.where) == ("7", None, f"{path}:3")
+    assert first.images == [(folder / "img" / "a.png").resolve()] and len(first.image_sizes) == 1
 
 
 def test_empty_and_missing_files(tmp_path):
