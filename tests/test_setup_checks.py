@@ -664,6 +664,8 @@ def test_a_run_whose_export_is_not_of_its_last_step_exports_again(demo, finished
     assert "nothing to do" not in capsys.readouterr().out
     assert json.loads((out / train.FINISHED).read_text()) == {"step": 2}
     assert (out / "final" / "model.safetensors").read_bytes() == (finished / "final" / "model.safetensors").read_bytes()
+    # It evaluates again too, in place of the killed run's last evaluation: one record of it, not two.
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval_accuracy" in r] == [0, 2]
 
 
 def test_a_checkpoint_with_the_discriminators_single_param_group_resumes(demo, tmp_path, monkeypatch):
