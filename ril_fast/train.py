@@ -149,7 +149,7 @@ def setup(cfg: Config) -> Run:
         raise NothingToDo(cfg)
     if dist.is_main:
         print(cfg.describe(), flush=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # weights a folder lacks, which transformers initialises: alike on every rank and run
     examples, bank, eval_examples, batches = load_data(cfg, dist)
     verdicts = check_surroundings(cfg, dist)  # the judge's folder, server and verdict cache, on every rank
     check_memory(cfg, dist, disc=bank is not None)

@@ -7,6 +7,7 @@ and the loop's schedule of pre-training, evaluations and metrics lines (its step
 
 import dataclasses
 import random
+import shutil
 
 import pytest
 import torch
@@ -146,3 +147,30 @@ def test_the_loop_pretrains_evaluates_and_logs_on_schedule(demo, tmp_path, monke
     records = read_metrics(out / "metrics.jsonl")
     assert [(r["step"], "eval_accuracy" in r) for r in records] == [
         (0, True), (2, False), (3, True), (4, False), (6, False), (6, True)]
+
+
+def test_weights_a_student_folder_lacks_start_alike_for_one_seed(demo, tmp_path):
+    """transformers initialises the weights a folder lacks from torch's global generator: set-up seeds it with
+    ``seed``, so they are the same in every run of that seed (and on every rank that reads the folder), whatever
+    drew from the generator before, and differ for another seed."""
+    from safetensors.torch import load_file, save_file
+
+    from ril_fast.distributed import unwrap
+
+    student = tmp_path / "student"
+    shutil.copytree(demo.student, student)
+    (weights,) = student.glob("*.safetensors")
+    state = load_file(str(weights))
+    (missing,) = [k for k in state if k.endswith("layers.0.mlp.up_proj.weight")]
+    del state[missing]
+    save_file(state, str(weights), metadata={"format": "pt"})
+
+    def initialised(seed: int, out: str) -> torch.Tensor:
+        torch.rand(int(torch.randint(1, 100, ())))  # the generator drawn from before set-up, a different amount
+        run = train.setup(load_config(_args(demo, tmp_path / out, student=student, teachers="", seed=seed)))
+        run.log.close()
+        (param,) = [p for n, p in unwrap(run.student).named_parameters() if n.endswith("layers.0.mlp.up_proj.weight")]
+        return param.full_tensor().detach().clone()
+
+    first = initialised(3, "a")
+    assert torch.equal(first, initialised(3, "b")) and not torch.equal(first, initialised(4, "c"))
