@@ -149,7 +149,6 @@ def setup(cfg: Config) -> Run:
         raise NothingToDo(cfg)
     if dist.is_main:
         print(cfg.describe(), flush=True)
-    torch.manual_seed(cfg.seed)  # weights a folder lacks, which transformers initialises: alike on every rank and run
     examples, bank, eval_examples, batches = load_data(cfg, dist)
     verdicts = check_surroundings(cfg, dist)  # the judge's folder, server and verdict cache, on every rank
     check_memory(cfg, dist, disc=bank is not None)
@@ -161,6 +160,9 @@ def setup(cfg: Config) -> Run:
     # (the others build the models empty and receive their shards from it), unless offloaded.
     from_rank0 = dist.world_size > 1 and not cfg.batch.cpu_offload
     empty = from_rank0 and not dist.is_main
+    # The weights a folder lacks, which transformers initialises from torch's generator, start alike in π_θ, π_ref
+    # and D_φ, on every rank and in every run of the seed: the generator is seeded afresh before each model loads.
+    torch.manual_seed(cfg.seed)
     student, processor = load(cfg.student, dtype=torch.float32, device=dist.device, weights_on_cpu=True, empty=empty,
                               max_image_pixels=cfg.max_image_pixels)
     shapes = Shapes.of_model(student)
@@ -183,6 +185,7 @@ def setup(cfg: Config) -> Run:
     if cfg.beta > 0:  # sharded like the student where a copy is, offloaded with it: between its passes a rank keeps
         # its shard, where the student keeps its own
         sharded = distributed.shard_size(cfg.batch.shard_ranks) > 1 or cfg.batch.cpu_offload
+        torch.manual_seed(cfg.seed)
         reference, _ = load(cfg.student, dtype=dtype, device=dist.device, weights_on_cpu=sharded,
                             empty=sharded and empty)
         reference.requires_grad_(False)
@@ -192,6 +195,7 @@ def setup(cfg: Config) -> Run:
 
     disc = disc_optimizer = None
     if bank is not None:
+        torch.manual_seed(cfg.seed)
         disc, _ = Discriminator.from_student(cfg.student, device=dist.device, pool=cfg.disc.pool, weights_on_cpu=True,
                                              empty=empty)
         if cfg.batch.activation_checkpointing:

@@ -151,8 +151,9 @@ def test_the_loop_pretrains_evaluates_and_logs_on_schedule(demo, tmp_path, monke
 
 def test_weights_a_student_folder_lacks_start_alike_for_one_seed(demo, tmp_path):
     """transformers initialises the weights a folder lacks from torch's global generator: set-up seeds it with
-    ``seed``, so they are the same in every run of that seed (and on every rank that reads the folder), whatever
-    drew from the generator before, and differ for another seed."""
+    ``seed`` before each model loads, so such a weight starts the same in π_θ, π_ref and D_φ (Algorithm 2's
+    π_ref ← π_θ_init, D_φ from the same initial weights) and in every run of that seed (and on every rank that reads
+    the folder), whatever drew from the generator before; another seed draws it anew."""
     from safetensors.torch import load_file, save_file
 
     from ril_fast.distributed import unwrap
@@ -161,16 +162,21 @@ def test_weights_a_student_folder_lacks_start_alike_for_one_seed(demo, tmp_path)
     shutil.copytree(demo.student, student)
     (weights,) = student.glob("*.safetensors")
     state = load_file(str(weights))
-    (missing,) = [k for k in state if k.endswith("layers.0.mlp.up_proj.weight")]
+    name = "layers.0.mlp.up_proj.weight"
+    (missing,) = [k for k in state if k.endswith(name)]
     del state[missing]
     save_file(state, str(weights), metadata={"format": "pt"})
 
-    def initialised(seed: int, out: str) -> torch.Tensor:
+    def initialised(seed: int, out: str) -> list[torch.Tensor]:
         torch.rand(int(torch.randint(1, 100, ())))  # the generator drawn from before set-up, a different amount
-        run = train.setup(load_config(_args(demo, tmp_path / out, student=student, teachers="", seed=seed)))
+        run = train.setup(load_config(_args(demo, tmp_path / out, student=student, seed=seed, beta=0.1)))
         run.log.close()
-        (param,) = [p for n, p in unwrap(run.student).named_parameters() if n.endswith("layers.0.mlp.up_proj.weight")]
-        return param.full_tensor().detach().clone()
+        found = []
+        for model in (run.student, run.reference, run.disc):
+            (param,) = [p for n, p in unwrap(model).named_parameters() if n.endswith(name)]
+            found.append((param.full_tensor() if hasattr(param, "full_tensor") else param).detach().float().clone())
+        return found
 
     first = initialised(3, "a")
-    assert torch.equal(first, initialised(3, "b")) and not torch.equal(first, initialised(4, "c"))
+    assert all(torch.equal(first[0], other) for other in first[1:])
+    assert torch.equal(first[0], initialised(3, "b")[0]) and not torch.equal(first[0], initialised(4, "c")[0])
