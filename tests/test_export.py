@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from ril_fast.export import _declare_dtype, save_hf_files, save_processor
@@ -54,3 +55,33 @@ def test_save_hf_files_writes_config_generation_config_and_processor(tmp_path):
     save_hf_files(model, processor, out)
     assert model.config.folders == model.generation_config.folders == processor.tokenizer.folders == [str(out)]
     assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": 3}
+
+
+def test_a_folder_with_dcp_but_no_hf_config_is_no_checkpoint(tmp_path):
+    """export_checkpoint needs both of a checkpoint's parts: dcp/ alone (hf/ lost, or a folder of another tool)
+    is refused before anything loads, naming what it expected."""
+    from ril_fast.export import export_checkpoint
+
+    step = tmp_path / "step-3"
+    (step / "dcp").mkdir(parents=True)
+    (step / "hf").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"not a ril_fast checkpoint \(expected dcp/ and hf/config.json"):
+        export_checkpoint(step, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_casts_floating_point_tensors_only(tmp_path):
+    """``export_hf(dtype=bf16)`` casts the weights; an integer buffer the model saves (a persistent index table)
+    keeps its dtype and values."""
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ril_fast.export import export_hf
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=32, n_positions=16))
+    model.register_buffer("index_table", torch.arange(5, dtype=torch.int64) * 1000 + 7)  # 4007 is no bf16 number
+    processor = SimpleNamespace(tokenizer=_Saves("tokenizer.json"), stop_token_ids=[0], image_processor=None)
+    export_hf(model, processor, tmp_path / "out", is_main=True, dtype=torch.bfloat16)
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert saved["index_table"].dtype == torch.int64 and saved["index_table"].tolist() == [7, 1007, 2007, 3007, 4007]
+    assert saved["transformer.wte.weight"].dtype == torch.bfloat16
