@@ -1,4 +1,5 @@
-"""judges_formula's boundaries and checks (the rule judge's formula matching: tests/test_judge.py holds its verdicts)."""
+"""judges_formula's boundaries and checks (the rule judge's formula matching; tests/test_judge.py holds its
+verdicts)."""
 
 from ril_fast.judges_formula import (_MAX_EXPONENTS, _MAX_RUN_CHARS, delimited, formula_form, last_bare_formula,
                                      occurrences, same_shape, too_costly, variable_value)

@@ -9,9 +9,9 @@ sharded replicas).
 
 Every rank measures; errors are max-reduced over ranks and rank 0 writes them to OUT.json, where the
 test asserts on them. One check raises instead, on every rank at once (the launch fails with its message): ranks
-with different numbers of responses must agree on one number of micro-batches. Each rank's data comes from a seed of its rank, so every rank can rebuild every
-other rank's batch and compute the single-process reference: the SUM over ranks of the unsharded
-model's gradients.
+with different numbers of responses must agree on one number of micro-batches. Each rank's data comes from a seed
+of its rank, so every rank can rebuild every other rank's batch and compute the single-process reference: the SUM
+over ranks of the unsharded model's gradients.
 """
 
 import contextlib
