@@ -13,7 +13,14 @@ accuracy overall and per answer type, and writes
     OUT/examples.jsonl   one line per example: id, answer_type, question, answer, response, truncated, correct
     OUT/summary.json     model, data, judge, examples, correct, accuracy, per_type {type: {examples, correct,
                          accuracy}} (``untyped``: examples without a type), truncated (answers cut short at
-                         --max-new-tokens), max_new_tokens, seconds
+                         --max-new-tokens), max_new_tokens, resumed (examples answered by an earlier attempt),
+                         seconds (of this attempt)
+
+Nothing is lost on a crash: every answer is kept in ``OUT/partial/`` as soon as it is generated, and its verdict as
+soon as it is judged; the same command run again after a kill, a Ctrl-C or a judge that failed for good judges the
+answers it kept without one and answers only the rest (``ril_fast.eval_journal``). Both files are written whole or
+not at all, and then the journal is removed. A second evaluation into the same ``--out`` stops, naming the first's
+process.
 """
 
 import argparse
@@ -151,52 +158,107 @@ def check_prompts(tokens, folder: str, examples: list, *, max_new_tokens: int, w
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation (module docstring); returns the summary (on every rank)."""
     from ril_fast import distributed
+    from ril_fast.eval_journal import FOLDER, Journal, resume, run_key
     from ril_fast.evaluate import evaluate
     from ril_fast.judge import CachedJudge, judge_store, make_judge_from_config
-    from ril_fast.models import compute_dtype, load
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     dist = distributed.init()
     out = Path(args.out)
-    examples = distributed.on_rank0(lambda: read_examples(args))
-    model, processor = load(args.model, dtype=compute_dtype(dist.device), device=dist.device, logprobs=False)
+    examples = distributed.on_rank0(lambda: _start(args))
     judge = CachedJudge(make_judge_from_config(args), store=judge_store(args.judge_cache))
-    mine: list[dict] = []
-    metrics = evaluate(model, processor, examples, judge, dist, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, records=mine, progress=sys.stderr.isatty())
+    key = run_key(args.model, max_new_tokens=args.max_new_tokens, judge=judge.name)
+    resumed = distributed.on_rank0(lambda: resume(out, key, examples))
+    if dist.is_main and resumed.set_aside:
+        print(resumed.set_aside, file=sys.stderr)
+    if dist.is_main and (resumed.done or resumed.pending):
+        print(f"going on from {out / FOLDER}: {len(resumed.done)} examples answered and judged, "
+              f"{len(resumed.pending)} answered and not yet judged", file=sys.stderr)
+    journal = Journal(out, resumed.attempt, dist.rank, {e.id: e.question_sha for e in examples})
+    metrics = None
+    try:
+        mine = _judge_pending(list(resumed.pending.values())[dist.rank::dist.world_size], judge, journal)
+        todo = [e for e in examples if e.id not in resumed.done and e.id not in resumed.pending]
+        if todo:  # the same on every rank: all load the model, or none
+            from ril_fast.models import compute_dtype, load
+
+            model, processor = load(args.model, dtype=compute_dtype(dist.device), device=dist.device, logprobs=False)
+            metrics = evaluate(model, processor, todo, judge, dist, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, records=mine, progress=sys.stderr.isatty(), journal=journal)
+    except BaseException:
+        if journal.path.exists() or resumed.done or resumed.pending:
+            print(f"the answers so far are kept in {out / FOLDER}: the same command goes on from them",
+                  file=sys.stderr)
+        raise
+    finally:
+        journal.close()
     gathered = distributed.all_gather_objects(mine)
     order = {e.id: i for i, e in enumerate(examples)}
-    records = sorted((r for rank in gathered for r in rank), key=lambda r: order[r["id"]])
+    records = sorted([*resumed.done.values(), *(r for rank in gathered for r in rank)], key=lambda r: order[r["id"]])
+    assert [r["id"] for r in records] == [e.id for e in examples]  # each example once: answered now or before
+    if metrics is not None:  # evaluate()'s own reduction over ranks and the gathered records tell the same story
+        answered = summarise([r for r in records if r["id"] not in resumed.done and r["id"] not in resumed.pending])
+        assert metrics["eval_examples"] == answered["examples"] == len(todo)
+        assert abs(metrics["eval_accuracy"] - answered["accuracy"]) < 1e-9
     summary = {"model": str(args.model), "data": str(args.data), "judge": judge.name, **summarise(records),
-               "max_new_tokens": args.max_new_tokens, "seconds": round(time.perf_counter() - start, 3)}
-    # evaluate()'s own reduction over ranks and the gathered records must tell the same story.
-    assert abs(summary["accuracy"] - metrics["eval_accuracy"]) < 1e-9
-    assert summary["examples"] == metrics["eval_examples"]
+               "max_new_tokens": args.max_new_tokens, "resumed": len(resumed.done) + len(resumed.pending),
+               "seconds": round(time.perf_counter() - start, 3)}
     if dist.is_main:
-        with (out / "examples.jsonl").open("w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['examples']}), judge {judge.name}")
-        for name, t in summary["per_type"].items():
-            print(f"  {name:<12} {t['accuracy']:.4f} ({t['correct']}/{t['examples']})")
-        if summary["truncated"]:
-            print(f"{summary['truncated']} of {summary['examples']} answers were cut short at --max-new-tokens "
-                  f"{args.max_new_tokens}: raise it if the model's answers are longer")
-        print(f"wrote {out / 'examples.jsonl'} and {out / 'summary.json'}")
+        _write(out, records, summary, args.max_new_tokens)
     return summary
+
+
+def _start(args: argparse.Namespace) -> list:
+    """Rank 0, before any model loads: hold ``--out`` for this process (two evaluations into one folder would mix
+    their journals) and read the examples (:func:`read_examples`)."""
+    from ril_fast.files import lock_folder
+
+    lock_folder(args.out)
+    return read_examples(args)
+
+
+def _judge_pending(rows: list[dict], judge, journal) -> list[dict]:
+    """Verdicts on answers an earlier attempt kept without them, journaled; the rows with ``correct``."""
+    from ril_fast.judge import JudgeItem
+
+    if not rows:
+        return []
+    verdicts = judge([JudgeItem(r["question"], r["answer"], r["response"]) for r in rows])
+    rows = [{**r, "correct": bool(ok)} for r, ok in zip(rows, verdicts)]
+    journal(rows)
+    return rows
+
+
+def _write(out: Path, records: list[dict], summary: dict, max_new_tokens: int) -> None:
+    """Write ``examples.jsonl`` and ``summary.json`` (each whole or not at all), print the figures, and remove the
+    journal, which the results now hold."""
+    from ril_fast.eval_journal import finish
+    from ril_fast.files import write_text_atomic
+
+    write_text_atomic(out / "examples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    finish(out)
+    print(f"accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['examples']}), judge {summary['judge']}")
+    for name, t in summary["per_type"].items():
+        print(f"  {name:<12} {t['accuracy']:.4f} ({t['correct']}/{t['examples']})")
+    if summary["truncated"]:
+        print(f"{summary['truncated']} of {summary['examples']} answers were cut short at --max-new-tokens "
+              f"{max_new_tokens}: raise it if the model's answers are longer")
+    print(f"wrote {out / 'examples.jsonl'} and {out / 'summary.json'}")
 
 
 if __name__ == "__main__":
     from ril_fast import distributed
     from ril_fast.data import DataError
+    from ril_fast.files import InUse
     from ril_fast.judges_http import HTTPError
     from ril_fast.processor import UnsupportedModel
 
     try:
         main()
-    except (DataError, UnsupportedModel, HTTPError) as e:  # names the file and line, the model type, or the judge's URL
+    except (DataError, UnsupportedModel, HTTPError, InUse) as e:  # names the file and line, the model type, the
+        # judge's URL, or the process that evaluates into --out
         distributed.destroy()  # as below, on this way out too
         raise SystemExit(f"error: {e}") from None
     # Leave the process group before the interpreter tears down, as the trainer does: a gloo group destroyed during

@@ -7,6 +7,8 @@ demo): a blind model reaches ~60% overall on easy-VQA from the question text alo
 figure by itself does not show that the student looks at the image.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from ril_fast.data import Example, to_sample
@@ -18,14 +20,17 @@ UNTYPED = "untyped"  # the group of examples without an answer type, beside type
 
 
 def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist, *, max_new_tokens: int,
-             batch_size: int = 64, records: list | None = None, progress: bool = False) -> dict:
+             batch_size: int = 64, records: list | None = None, progress: bool = False,
+             journal: Callable[[list[dict]], None] | None = None) -> dict:
     """Greedy answers to ``examples`` (all ranks' list; this rank takes ``examples[rank::world]``).
 
     Returns ``{"eval_accuracy": float, "eval_accuracy/<type>": float, ..., "eval_examples": int}`` (per type
     when some example has one; those without are ``untyped``).
     ``records``: when a list, one dict per example of this rank is appended to it: ``id``,
     ``answer_type``, ``question``, ``answer``, ``response``, ``truncated``, ``correct``. ``progress``: a
-    progress bar of rank 0's examples on stderr.
+    progress bar of rank 0's examples on stderr. ``journal``: called with each batch's rows as soon as they are
+    answered (before they are judged: no ``correct``) and again once judged (``ril_fast.eval`` keeps them so that a
+    crash loses no answer: ``ril_fast.eval_journal``).
     """
     from tqdm import tqdm
 
@@ -44,11 +49,16 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
         prompts = [to_sample(e) for e in chunk] or [to_sample(examples[0])]
         answers = sample_responses(model, processor, prompts, group_size=1, greedy=True,
                                    max_new_tokens=max_new_tokens)
-        verdicts = judge([JudgeItem(e.question, e.answer, a[0].text) for e, a in zip(chunk, answers)])
+        rows = [{"id": e.id, "answer_type": e.answer_type, "question": e.question, "answer": e.answer,
+                 "response": a[0].text, "truncated": a[0].truncated} for e, a in zip(chunk, answers)]
+        if journal is not None and rows:
+            journal(rows)
+        verdicts = judge([JudgeItem(e.question, e.answer, r["response"]) for e, r in zip(chunk, rows)])
+        rows = [{**r, "correct": bool(ok)} for r, ok in zip(rows, verdicts)]
+        if journal is not None and rows:
+            journal(rows)
         if records is not None:
-            records.extend({"id": e.id, "answer_type": e.answer_type, "question": e.question, "answer": e.answer,
-                            "response": a[0].text, "truncated": a[0].truncated, "correct": bool(ok)}
-                           for e, a, ok in zip(chunk, answers, verdicts))
+            records.extend(rows)
         for e, ok in zip(chunk, verdicts):
             k = types.index(e.answer_type or UNTYPED)
             correct[k] += float(ok)

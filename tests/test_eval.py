@@ -507,3 +507,158 @@ def test_evaluate_of_untyped_examples_reports_no_per_type_figure(monkeypatch):
     examples = [Example("a", "say red", "red", []), Example("b", "say 3", "4", [])]
     assert evaluate(model, None, examples, _exact, distributed.Dist(0, 1, 0, torch.device("cpu")),
                     max_new_tokens=3) == {"eval_accuracy": 0.5, "eval_examples": 2}
+
+
+class _FailingJudge:
+    """The rule judge (its name too, so a journal it leaves is the rule judge's) failing for good at its
+    ``fail_at``-th call, as an http judge whose retries are spent."""
+
+    def __init__(self, fail_at: int):
+        self.rule, self.calls, self.fail_at = RuleJudge(), 0, fail_at
+        self.name = self.rule.name
+
+    def __call__(self, items):
+        from ril_fast.judges_http import HTTPError
+
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise HTTPError("http://judge/v1: 3 retries spent")
+        return self.rule(items)
+
+
+def _generated(monkeypatch) -> list[str]:
+    """The questions ``evaluate`` generates answers to from now on (the real generation, spied on)."""
+    import ril_fast.evaluate as module
+
+    asked, real = [], module.sample_responses
+
+    def spy(model, processor, prompts, **kwargs):
+        asked.extend(p["question"] for p in prompts)
+        return real(model, processor, prompts, **kwargs)
+
+    monkeypatch.setattr(module, "sample_responses", spy)
+    return asked
+
+
+def test_a_judge_failing_for_good_loses_no_answer(demo, tmp_path, capsys, monkeypatch):
+    """The judge fails for good at the second batch of five: the first batch's answers and verdicts and the second's
+    answers are in the journal; the same command again judges the five unjudged answers without generating them,
+    answers the last two examples only, and writes what one uninterrupted run writes; the journal is then gone.
+    A line cut short by the crash is skipped."""
+    _, clean = _run(demo, demo.test, tmp_path / "clean", "--judge", "rule")
+    examples = load_examples(demo.test)
+    out = tmp_path / "out"
+    monkeypatch.setattr("ril_fast.judge.make_judge_from_config", lambda args: _FailingJudge(fail_at=2))
+    with pytest.raises(Exception, match="3 retries spent"):
+        _run(demo, demo.test, out, "--judge", "rule")
+    assert f"the answers so far are kept in {out / 'partial'}: the same command goes on" in capsys.readouterr().err
+    assert not (out / "examples.jsonl").exists()
+    [kept] = (out / "partial").glob("*-0.jsonl")
+    rows = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert [(r["id"], "correct" in r) for r in rows] == \
+        [(e.id, False) for e in examples[:5]] + [(e.id, True) for e in examples[:5]] + \
+        [(e.id, False) for e in examples[5:10]]
+    assert all(r["question_sha"] == e.question_sha for r, e in zip(rows, examples[:5] * 2 + examples[5:10]))
+    with kept.open("a") as f:
+        f.write('{"id": "' + examples[10].id + '", "answer_type": ')  # the write a kill cut short
+    monkeypatch.undo()
+    asked = _generated(monkeypatch)
+    summary, records = _run(demo, demo.test, out, "--judge", "rule")
+    assert asked == [e.question for e in examples[10:]]
+    assert records == clean and summary["resumed"] == 10
+    assert "going on from" in capsys.readouterr().err
+    assert not (out / "partial").exists()
+
+
+def test_an_interrupted_evaluation_goes_on_and_a_journal_of_another_budget_is_set_aside(demo, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Interrupted (Ctrl-C) in its second generate call, an evaluation keeps its first batch; the same command with
+    another --max-new-tokens sets that journal aside and answers every example; an example whose question changed
+    under its id since it was answered is answered again."""
+    import ril_fast.evaluate as module
+
+    examples = load_examples(demo.test)
+    out = tmp_path / "out"
+    real, calls = module.sample_responses, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "sample_responses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(demo, demo.test, out, "--judge", "rule")
+    monkeypatch.undo()
+    # The first example's question changes under its id (the data file beside the images its paths are relative to).
+    rows = [json.loads(line) for line in demo.test.read_text().splitlines()]
+    data = demo.root / "changed.jsonl"
+    data.write_text("".join(json.dumps(r | {"question": r["question"] + " Answer briefly."} if i == 0 else r) + "\n"
+                            for i, r in enumerate(rows)))
+    asked = _generated(monkeypatch)
+    _, records = _run(demo, data, out, "--judge", "rule")
+    assert asked == [examples[0].question + " Answer briefly."] + [e.question for e in examples[5:]]
+    assert not (out / "partial.stale").exists()
+    asked.clear()
+    monkeypatch.setattr(module, "sample_responses", interrupted)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _run(demo, demo.test, out, "--judge", "rule")
+    monkeypatch.undo()
+    asked = _generated(monkeypatch)
+    capsys.readouterr()
+    summary = main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(out), "--max-new-tokens",
+                    "6", "--batch-size", "5", "--judge", "rule"])
+    assert asked == [e.question for e in examples] and summary["resumed"] == 0
+    assert f"set aside {out / 'partial.stale'}" in capsys.readouterr().err
+    assert [json.loads(line)["id"] for line in (out / "partial.stale").glob("*.jsonl").__next__().read_text()
+            .splitlines()] == [e.id for e in examples[:5]] * 2
+
+
+def test_a_second_evaluation_into_the_same_out_is_refused(demo, tmp_path):
+    """Two evaluations writing one --out would mix their journals: the second stops, naming the first's process."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ril_fast.files import lock_folder; "
+                               f"lock_folder({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        from ril_fast.files import InUse
+
+        with pytest.raises(InUse, match=f"{out} is in use by another process \\(pid {holder.pid}\\)"):
+            main(["--model", str(demo.student), "--data", str(demo.test), "--out", str(out), "--judge", "rule"])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_takes_an_answer_judged_in_any_file_as_done(tmp_path):
+    """``eval_journal.resume`` without a model: an example judged in one file and only answered in another is done,
+    whichever file is read first; rows of unknown ids, of another question (its digest), answer or answer type (each
+    made for another data file's example) are left out, and the question's digest is not handed back in the rows."""
+    from ril_fast.data import Example
+    from ril_fast.eval_journal import resume
+
+    examples = [Example("a", "Red?", "yes", [], question_sha="s1"), Example("b", "Blue?", "no", [], question_sha="s2"),
+                Example("c", "Green?", "no", [], question_sha="s3"), Example("d", "Pink?", "no", [], question_sha="s4")]
+    key = {"model": "m", "judge": "rule"}
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "run.json").write_text(json.dumps(key))
+    row = {"answer_type": None, "truncated": False}
+    (tmp_path / "partial" / "1-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        row | {"id": "a", "question": "Red?", "answer": "yes", "response": "yes", "question_sha": "s1",
+               "correct": True},
+        row | {"id": "c", "question": "Green?", "answer": "no", "response": "no", "question_sha": "s9"},
+        row | {"id": "z", "question": "?", "answer": "no", "response": "no", "question_sha": "s0"},
+        row | {"id": "d", "question": "Pink?", "answer": "no", "response": "no", "question_sha": "s4",
+               "answer_type": "color"}]))
+    (tmp_path / "partial" / "2-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        row | {"id": "a", "question": "Red?", "answer": "yes", "response": "yes", "question_sha": "s1"},
+        row | {"id": "b", "question": "Blue?", "answer": "no", "response": "no", "question_sha": "s2"},
+        row | {"id": "b", "question": "Blue?", "answer": "yes", "response": "yes", "question_sha": "s2"}]))
+    found = resume(tmp_path, key, examples)
+    assert found.done == {"a": row | {"id": "a", "question": "Red?", "answer": "yes", "response": "yes",
+                                      "correct": True}}
+    assert found.pending == {"b": row | {"id": "b", "question": "Blue?", "answer": "no", "response": "no"}}
+    assert found.set_aside == "" and found.attempt
