@@ -60,7 +60,8 @@ teacher's answer). How many the file holds is said at the start; ``--redo-trunca
 responses whose every line is marked truncated (a new line each; the old ones stay, left out), e.g. with
 another ``--seed`` or a larger ``--max-new-tokens`` (the trainer takes none longer than its own). With
 ``--judge`` each response is judged as it is written (the verdict the trainer's cached teacher judge will
-find, when the judge and its cache file are the same).
+find, when the judge and its cache file are the same); should the judge fail for good (or the run be stopped while
+it judges), the batch's responses are written without verdicts before the command ends, not lost.
 
 Append-only (but for stale lines, below) and resumable: responses are written in batches of ``--batch-size``, each
 batch flushed before the next starts, so a crash loses at most the batch in progress. On start the output file is
@@ -306,20 +307,34 @@ def collect(teacher, jobs: list[Job], out: Path, *, name: str, batch_size: int, 
                     control += 1
                 else:
                     kept.append((job, text, finish == "length"))
-            verdicts = judge([JudgeItem(j.example.question, j.example.answer, t) for j, t, _ in kept]) if judge else []
-            for n, (job, text, truncated) in enumerate(kept):
-                # id first: a rerun knows a line cut short by a crash by its start (ril_fast.teacher_resume)
-                record = {"id": job.example.id, "index": job.index, "teacher": name,
-                          "question_sha": job.example.question_sha, "response": text, "truncated": truncated}
-                if judge:
-                    record.update(correct=verdicts[n], judge=judge.name)
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()  # the batch is in the file before the next one starts
+            try:
+                verdicts = judge([JudgeItem(j.example.question, j.example.answer, t) for j, t, _ in kept]) \
+                    if judge else []
+            except BaseException:  # the responses are the costly part: kept, without verdicts
+                _write(f, kept, name)
+                print(f"{name}: the judge failed: this batch's {len(kept)} responses were written without verdicts "
+                      f"(the trainer's teacher judge judges every response itself)", file=sys.stderr)
+                raise
+            _write(f, kept, name, verdicts=verdicts, judge=judge.name if judge else "")
             written += len(kept)
             cut += sum(truncated for _, _, truncated in kept)
             bar.update(len(chunk))
     bar.close()
     return {"written": written, "truncated": cut, "empty": empty, "control_tokens": control, "unfinished": unfinished}
+
+
+def _write(f, kept: list[tuple[Job, str, bool]], name: str, *, verdicts: list[bool] | None = None,
+           judge: str = "") -> None:
+    """Append a batch's responses ``(job, text, truncated)`` to the collection ``f``, with the ``judge``'s ``verdicts``
+    when there are some, and flush them: the batch is in the file before the next one starts."""
+    for n, (job, text, truncated) in enumerate(kept):
+        # id first: a rerun knows a line cut short by a crash by its start (ril_fast.teacher_resume)
+        record = {"id": job.example.id, "index": job.index, "teacher": name, "question_sha": job.example.question_sha,
+                  "response": text, "truncated": truncated}
+        if judge:
+            record.update(correct=verdicts[n], judge=judge)
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
 
 
 def _check_prompts(folder: str, jobs: list[Job], max_new_tokens: int) -> None:

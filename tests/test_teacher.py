@@ -670,6 +670,39 @@ def test_local_teacher_response_with_a_control_token_is_not_written(text_model, 
     assert bank.counts() == {"c": 4}
 
 
+def test_a_judge_failing_for_good_loses_no_response(text_model, tmp_path, monkeypatch, capsys):
+    """The judge fails for good at the second batch: that batch's responses are written without verdicts before the
+    command ends (the costly part of a collection is the teacher's text), the first batch's with theirs; a rerun
+    has nothing left to collect, and the trainer's loader takes every line."""
+    from ril_fast.processor import Processor
+
+    _stub_sampling(monkeypatch, lambda seed, i: f"answer {i}")
+    calls = []
+
+    def judge(items):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise HTTPError("http://judge/v1: 3 retries spent")
+        return [True] * len(items)
+
+    judge.name = "failing"
+    monkeypatch.setattr("ril_fast.teacher.make_judge_from_config", lambda args: judge)
+    data = _text_data(tmp_path, 3)
+    out = tmp_path / "j.jsonl"
+    argv = ["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "2",
+            "--max-new-tokens", "4", "--batch-size", "4", "--no-progress", "--judge", "rule"]
+    with pytest.raises(HTTPError, match="3 retries spent"):
+        main(argv)
+    assert "the judge failed: this batch's 2 responses were written without verdicts" in capsys.readouterr().err
+    assert [(line["id"], line["index"], line.get("correct"), line.get("judge")) for line in _lines(out)] == \
+        [("t0", 0, True, "failing"), ("t0", 1, True, "failing"), ("t1", 0, True, "failing"),
+         ("t1", 1, True, "failing"), ("t2", 0, None, None), ("t2", 1, None, None)]
+    assert calls == [4, 2]
+    assert main(argv) == _stats(skipped=6, total=6)
+    bank = load_teachers([out], load_examples(data), control_tokens=Processor.from_pretrained(text_model).control_tokens)
+    assert bank.counts() == {"j": 6}
+
+
 def test_the_local_teacher_samples_as_the_options_say(text_model, tmp_path, monkeypatch):
     """--temperature 0 samples greedily (at temperature 1, unused), another samples at it; --top-p and --batch-size
     reach ``sample_responses``."""
