@@ -699,8 +699,8 @@ def test_a_judge_failing_for_good_loses_no_response(text_model, tmp_path, monkey
          ("t1", 1, True, "failing"), ("t2", 0, None, None), ("t2", 1, None, None)]
     assert calls == [4, 2]
     assert main(argv) == _stats(skipped=6, total=6)
-    bank = load_teachers([out], load_examples(data), control_tokens=Processor.from_pretrained(text_model).control_tokens)
-    assert bank.counts() == {"j": 6}
+    control = Processor.from_pretrained(text_model).control_tokens
+    assert load_teachers([out], load_examples(data), control_tokens=control).counts() == {"j": 6}
 
 
 def test_the_local_teacher_samples_as_the_options_say(text_model, tmp_path, monkeypatch):
