@@ -8,9 +8,10 @@
 #     1b       bench/throughput.py --preset 1b, one measured step, with the baselines
 #     3b       bench/throughput.py --preset 3b: the base configuration + baselines
 #     3b-ab    the same preset, packed vs padded and fused vs eager
-#     qwen3vl-2b, qwen3vl-4b   as 3b, at Qwen3-VL-2B / 4B's shapes; the 4B's trained state with the discriminator
-#              is 124 GiB (H200 only), so its updates recompute each layer in the backward (--rl-only if that
-#              still runs out of memory); the 2B's is 59 GiB (an H100 wants BENCH_ARGS=--activation-checkpointing)
+#     qwen3vl-2b, qwen3vl-4b   as 3b, at Qwen3-VL-2B / 4B's shapes; the 4B's plan with the discriminator and the
+#              reference (--beta 0.04) is 132 GiB before activations (H200 only), so its updates recompute each
+#              layer in the backward (--rl-only: 83 GiB, if that still runs out of memory); the 2B's is 63 GiB (an
+#              H100 wants BENCH_ARGS=--activation-checkpointing)
 # The 3b and qwen3vl stages take 8 questions per step (16 did not fit a call on an H200 on 2026-11-22); BENCH_ARGS
 # adds or overrides throughput.py options (the last of a repeated option wins).
 #
