@@ -27,9 +27,10 @@ default), FSDP's offloaded weights and gradients go through torch's pinned-memor
 tensor up to a power of two and keeps freed ones (both models' gradients): the plan counts them so (a
 shard of 1.24 GB takes 2 GiB).
 
-Activations come on top (``batch.max_tokens`` bounds them), as does one unsharded unit (a decoder block, the
-vision tower, or the embeddings and head) while each model is being sharded, so passing the check is
-necessary, not sufficient; failing it means the run cannot fit.
+Activations come on top (``batch.max_tokens`` bounds them: ``ril_fast.activations`` estimates what one update
+micro-batch keeps, and ``python -m ril_fast.preflight`` prints it beside the plan, never refusing a run over it),
+as does one unsharded unit (a decoder block, the vision tower, or the embeddings and head) while each model is being
+sharded, so passing the check is necessary, not sufficient; failing it means the run cannot fit.
 """
 
 import os

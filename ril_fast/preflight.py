@@ -10,7 +10,8 @@
   from the student built on the meta device, before any model loads.
 
 ``python -m ril_fast.preflight --gpus 8 --gpu-gib 78 --config FILE`` runs the data and memory checks for a planned
-run on any machine (no weight is read) and prints the lengths and the plan they rest on (:func:`main`).
+run on any machine (no weight is read) and prints the lengths and the plan they rest on, with estimates of what a
+rollout's KV cache and an update micro-batch's activations take beside the plan (:func:`main`).
 """
 
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import torch
 from transformers import AutoConfig
 
-from ril_fast import distributed, memory, recurrence
+from ril_fast import activations, distributed, memory, recurrence
 from ril_fast.config import Config, ConfigError
 from ril_fast.data import Batches, DataError, Example, fitting, load_examples, load_teachers, refuse_images
 from ril_fast.files import model_folder_problem
@@ -53,7 +54,8 @@ def load_data(cfg: Config, dist: distributed.Dist, *, counted: dict | None = Non
     full-length response: ``long_prompts``); prints which ablation runs. Rank 0 alone reads the files (every
     image is opened) and sends what it read to the other ranks; its errors are raised on every rank. ``counted``
     (one process: :func:`main`): a dict that gets the token counters the checks used, under "prompts" and
-    "responses", each remembering what it counted (:func:`_remembered`)."""
+    "responses", each remembering what it counted (:func:`_remembered`), and under "image_tokens" the processor's
+    count of an image's tokens from its (width, height)."""
     examples, bank, eval_examples = distributed.on_rank0(lambda: _read_data(cfg, counted))
     try:
         batches = Batches(examples, cfg.batch.questions_per_step, seed=cfg.seed, rank=dist.rank,
@@ -94,6 +96,7 @@ def _read_data(cfg: Config, counted: dict | None = None):
     if counted is not None:  # main prints the lengths counted here, not counted twice
         prompt_lengths = counted["prompts"] = _remembered(tokens.prompt_lengths, key=prompt_key)
         response_lengths = counted["responses"] = _remembered(tokens.response_lengths)
+        counted["image_tokens"] = tokens.image_tokens
     every = load_examples(cfg.train_data, control_tokens=tokens.control_tokens)
     if tokens.kind is ModelKind.TEXT:
         refuse_images(every, f"the student ({cfg.student})")
@@ -282,9 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     would check before loading for that run on N GPUs with G GiB free each, run here (a laptop will do: the
     student folder's config, tokenizer and image-processor files and the images are read, no weight), with the
     numbers to choose settings by: prompt and teacher-response lengths, the memory plan, the KV cache of the larger
-    of a rollout's and an evaluation's generate call. Returns the exit status: 0 when the trainer would start the
-    run, 1 when it would refuse it (the reason printed as ``error: ...``: the data, a student ``models.load`` would
-    refuse, the memory). With ``batch.cpu_offload`` the host's memory is checked when ``--host-gib`` is given."""
+    of a rollout's and an evaluation's generate call, the activations of one update micro-batch
+    (:func:`_activations`), each of the last two with what to change when it exceeds what the plan leaves. Returns
+    the exit status: 0 when the trainer would start the run, 1 when it would refuse it (the reason printed as
+    ``error: ...``: the data, a student ``models.load`` would refuse, the memory before activations: the KV cache
+    and the activations are estimates, printed, never a refusal). With ``batch.cpu_offload`` the host's memory is
+    checked when ``--host-gib`` is given."""
     import argparse
     import sys
     from types import SimpleNamespace
@@ -348,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
           f"={cfg.batch.max_tokens}{', recomputed' if cfg.batch.activation_checkpointing else ''})")
     kv, words = _kv_cache(cfg, config, args.gpus, lengths, eval_lengths)
     print(words + ("" if kv <= left else f": more than the {left:.3g} GiB left: lower rollout.batch_size"))
+    images = max((sum(counted["image_tokens"](w, h) for w, h in e.image_sizes) for e in examples), default=0)
+    act, words = _activations(cfg, config, student, images, disc=bank is not None)
+    fixes = ("set batch.activation_checkpointing=true or " if not cfg.batch.activation_checkpointing else "") + \
+        "lower batch.max_tokens"
+    print(words + ("" if act <= left else f": more than the {left:.3g} GiB left: {fixes}"))
     unchecked = ["the judge's server or folder", "the weights themselves"]
     if plan.offload and host is None:
         unchecked.append(f"the host's memory ({plan.host_per_rank / 2**30:.3g} GiB a rank: --host-gib)")
@@ -374,6 +385,24 @@ def _kv_cache(cfg: Config, config, gpus: int, lengths: list[int], eval_lengths: 
                              f"{kv:.3g} GiB)")
     return kv, (f"rollout KV cache: up to {kv:.3g} GiB a rank ({rows} sequences of at most {max(lengths)} + "
                 f"{cfg.max_new_tokens} tokens, bf16)")
+
+
+def _activations(cfg: Config, config, student, image_tokens: int, *, disc: bool) -> tuple[float, str]:
+    """What one update micro-batch of ``batch.max_tokens`` tokens keeps for its backward on a GPU, in GiB
+    (``ril_fast.activations``: bf16; the policy's update or, with a discriminator (``disc``), the larger of its and
+    the discriminator's; ``batch.activation_checkpointing`` as set), and it in words; the vision tower over the
+    images of one prompt, the one with the most image tokens (``image_tokens``): a micro-batch that holds several
+    prompts' images keeps theirs too. An estimate, printed, never a reason to refuse the run."""
+    tokens, recomputed = cfg.batch.max_tokens, cfg.batch.activation_checkpointing
+    gib = activations.activation_bytes(config, tokens, checkpointing=recomputed, gpu=True, disc=disc,
+                                       image_tokens=image_tokens, model=student) / 2**30
+    # A Gated DeltaNet's recurrence (Qwen3.5) is not counted: then the figure is a floor.
+    about = "~" if activations.Widths.of_model(student).linear_layers == 0 else "more than "
+    update = "the larger of the policy's and the discriminator's update" if disc else "the policy update"
+    layers = "layers recomputed" if recomputed else "every layer's activations kept"
+    images = f"; the vision tower over one prompt's images, {image_tokens} image tokens" if image_tokens else ""
+    return gib, (f"activations of one update micro-batch of batch.max_tokens={tokens}: {about}{gib:.3g} GiB a rank "
+                 f"(bf16, {update}, {layers}{images})")
 
 
 def _spread(values: list[int]) -> str:

@@ -13,7 +13,7 @@ import torch
 from models_fixtures import one_thread, text_family, tiny_folder  # noqa: F401
 from transformers import AutoConfig
 
-from ril_fast import memory, train
+from ril_fast import activations, memory, train
 from ril_fast.config import ConfigError, load_config
 from ril_fast.data import DataError, load_examples
 from ril_fast.demo import build_demo
@@ -103,6 +103,46 @@ def test_a_real_sized_student_is_planned_from_its_config_alone(demo, tmp_path, t
     assert main([*eight, *_args(demo, student=student, **long)]) == 0
     assert "GiB a rank (64 sequences of at most" in (out := capsys.readouterr().out)
     assert f"more than the {80 - plans[8].per_rank / 2**30:.3g} GiB left: lower rollout.batch_size" in out
+
+
+def test_an_update_micro_batchs_activations_are_estimated_with_what_to_change(demo, capsys):
+    """It prints what one update micro-batch of batch.max_tokens keeps for its backward on a GPU: the estimate of
+    ``ril_fast.activations`` (bf16; the larger update; the vision tower over the prompt with the most image tokens,
+    counted here from its real encoding); where that exceeds the GPU's memory the plan leaves, what to change
+    (checkpointing while it is off, the token budget); never a refusal: the exit status is the checks'."""
+    _, processor = load(demo.student, device="cpu")
+    config = AutoConfig.from_pretrained(demo.student)
+    rows = [json.loads(line) for line in demo.train.read_text().splitlines()]
+    images = max(int((processor.encode_prompt(r["question"], [demo.train.parent / p for p in r["images"]]).input_ids
+                      == config.image_token_id).sum()) for r in rows)
+    left = 78 - memory.plan(config, disc=True, reference=False, gpu=True, shard=1).per_rank / 2**30
+
+    def words(recomputed: bool, disc: bool = True) -> tuple[float, str]:
+        gib = activations.activation_bytes(config, 4096, checkpointing=recomputed, gpu=True, disc=disc,
+                                           image_tokens=images) / 2**30
+        update = "the larger of the policy's and the discriminator's update" if disc else "the policy update"
+        layers = "layers recomputed" if recomputed else "every layer's activations kept"
+        return gib, (f"activations of one update micro-batch of batch.max_tokens=4096: ~{gib:.3g} GiB a rank (bf16, "
+                     f"{update}, {layers}; the vision tower over one prompt's images, {images} image tokens)")
+
+    (kept, said), (recomputed, said_recomputed) = words(False), words(True)
+    assert images > 0 and 0 < recomputed < kept
+    assert main(_args(demo)) == 0
+    assert f"{said}\n" in capsys.readouterr().out  # it fits: nothing to change
+    # A GPU with room for the plan and the recomputed activations only: the advice, the same exit status.
+    gib = repr(78 - left + (kept + recomputed) / 2)
+    assert main(["--gpu-gib", gib, *_args(demo)]) == 0
+    assert f"{said}: more than the {(kept + recomputed) / 2:.3g} GiB left: set batch.activation_checkpointing=true " \
+           f"or lower batch.max_tokens\n" in capsys.readouterr().out
+    checkpointed = _args(demo, **{"batch.activation_checkpointing": "true"})
+    assert main(["--gpu-gib", gib, *checkpointed]) == 0
+    assert f"{said_recomputed}\n" in capsys.readouterr().out
+    gib = repr(78 - left + recomputed / 2)  # not even recomputed: the token budget alone is left to change
+    assert main(["--gpu-gib", gib, *checkpointed]) == 0
+    assert f"{said_recomputed}: more than the {recomputed / 2:.3g} GiB left: lower batch.max_tokens\n" in \
+        capsys.readouterr().out
+    assert main(_args(demo, teachers="")) == 0  # RL only: no discriminator
+    assert f"{words(False, disc=False)[1]}\n" in capsys.readouterr().out
 
 
 def test_offloaded_the_hosts_memory_is_checked_when_given(demo, capsys):
