@@ -416,6 +416,33 @@ def test_two_ranks_answer_the_same_as_one(demo, tmp_path):
     assert {k: v for k, v in two.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
 
 
+def test_two_ranks_go_on_from_one_ranks_journal(demo, tmp_path, monkeypatch):
+    """A one-process evaluation whose judge failed for good at its second batch (five answers judged, five not)
+    goes on under torchrun with two ranks: they share the five answers to judge and the two examples left to answer,
+    and write what one uninterrupted process writes."""
+    from ril_fast.files import unlock_folder
+
+    _, records = _run(demo, demo.test, tmp_path / "one", "--judge", "rule")
+    out = tmp_path / "two"
+    with monkeypatch.context() as m:
+        m.setattr("ril_fast.judge.make_judge_from_config", lambda args: _FailingJudge(fail_at=2))
+        with pytest.raises(Exception, match="3 retries spent"):
+            _run(demo, demo.test, out, "--judge", "rule")
+    unlock_folder(out)  # this process's lock of --out, which a process of its own would give back as it ends
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "ril_fast.eval", "--model", str(demo.student), "--data", str(demo.test), "--out", str(out),
+                           "--max-new-tokens", "5", "--batch-size", "5", "--judge", "rule"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(env, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "going on from" in proc.stderr and "5 examples answered and judged, 5 answered and not yet judged" in \
+        proc.stderr
+    assert [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()] == records
+    assert json.loads((out / "summary.json").read_text())["resumed"] == 10 and not (out / "partial").exists()
+
+
 def test_a_sharded_student_evaluates_in_step_on_two_ranks(demo, tmp_path):
     """The trainer's evaluation of its FSDP-sharded student on two ranks (gloo), 3 examples one per generate call:
     rank 0 answers two, rank 1 one and then the first example again, uncounted, because every generate call
