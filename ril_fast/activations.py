@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from ril_fast.flops import softmax_attention
+from ril_fast.processor import ModelKind
 
 LSE_BYTES = 4  # fp32 log-sum-exp per query head and row
 ROW_BYTES = 8  # an int64 index per row
@@ -134,10 +135,12 @@ class Widths:
 
 
 def _vision(model) -> Vision | None:
-    """The vision tower's widths (a Qwen-VL or InternVL one), None without one."""
+    """The vision tower's widths (a Qwen-VL or InternVL one), None without one; a vision-language model of another
+    family is refused (``UnsupportedModel``), not counted without its tower."""
     config, inner = model.config, model.base_model
-    if (visual := getattr(inner, "visual", None)) is not None:  # the Qwen-VL families
-        v = config.vision_config
+    kind = ModelKind.of_config(config, config.name_or_path or "the model")
+    if kind is ModelKind.QWEN_VL:
+        v, visual = config.vision_config, inner.visual
         block, merger = visual.blocks[0], visual.merger
         width = block.norm1.weight.shape[0]
         windowed = getattr(v, "fullatt_block_indexes", None) is not None  # Qwen2.5-VL
@@ -158,8 +161,8 @@ def _vision(model) -> Vision | None:
                       rotary=2 * (width // v.num_heads),
                       deepstack=len(getattr(visual, "deepstack_merger_list", None) or ()),
                       position_taps=4 if getattr(visual, "pos_embed", None) is not None else 0)
-    if (tower := getattr(inner, "vision_tower", None)) is not None:  # InternVL
-        v, merge = config.vision_config, round(1 / config.downsample_ratio)
+    if kind is ModelKind.INTERNVL:
+        v, tower, merge = config.vision_config, inner.vision_tower, round(1 / config.downsample_ratio)
         size, patch = (_pair(v.image_size), _pair(v.patch_size))
         return Vision(kind="internvl", width=v.hidden_size, intermediate=v.intermediate_size,
                       heads=v.num_attention_heads, depth=v.num_hidden_layers, full_blocks=v.num_hidden_layers,

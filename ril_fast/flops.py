@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ril_fast.processor import ModelKind
+
 ADAMW_BYTES_PER_PARAM = 32
 _WEIGHTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
@@ -98,7 +100,8 @@ class Shapes:
 
     @classmethod
     def of_model(cls, model: torch.nn.Module) -> "Shapes":
-        """Shapes of a transformers causal LM or vision-language model (a Qwen-VL or InternVL one), unsharded."""
+        """Shapes of a transformers causal LM or vision-language model (a Qwen-VL or InternVL one), unsharded. A
+        vision-language model of another family is refused (``UnsupportedModel``), not counted without its tower."""
         config = model.config
         text = config.get_text_config()
         heads = text.num_attention_heads
@@ -107,17 +110,17 @@ class Shapes:
         shapes = dict(hidden=head.shape[1], vocab=head.shape[0], decoder_params=_weights(model.get_decoder()),
                       attention_layers=attention_layers,
                       query_width=heads * head_dim)
-        inner = model.base_model
-        if (visual := getattr(inner, "visual", None)) is not None:  # the Qwen-VL families
-            v = config.vision_config
+        kind, inner = ModelKind.of_config(config, config.name_or_path or "the model"), model.base_model
+        if kind is ModelKind.QWEN_VL:
+            v, visual = config.vision_config, inner.visual
             windowed = getattr(v, "fullatt_block_indexes", None) is not None  # Qwen2.5-VL
             shapes.update(vis_width=getattr(v, "embed_dim", v.hidden_size),  # Qwen2-VL: hidden_size is the output's
                           vis_embed_params=_weights(visual.patch_embed), vis_block_params=_weights(visual.blocks),
                           vis_merge_params=_weights(visual.merger, getattr(visual, "deepstack_merger_list", None)),
                           vis_depth=v.depth, vis_full_blocks=len(v.fullatt_block_indexes) if windowed else v.depth,
                           vis_window=v.window_size // v.patch_size if windowed else 0, merge=v.spatial_merge_size)
-        elif (tower := getattr(inner, "vision_tower", None)) is not None:  # InternVL
-            v = config.vision_config
+        elif kind is ModelKind.INTERNVL:
+            v, tower = config.vision_config, inner.vision_tower
             size, patch = _pair(v.image_size), _pair(v.patch_size)
             shapes.update(vis_width=v.hidden_size, vis_embed_params=_weights(tower.embeddings),
                           vis_block_params=_weights(tower.encoder),

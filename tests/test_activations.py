@@ -250,3 +250,13 @@ def test_liger_kernels_save_what_the_estimate_says(arch, dtype, tmp_path_factory
     print(f"{arch} {str(dtype)[6:]}: with Liger measured {saved} B, estimated {estimate[True]} B "
           f"({estimate[False]} B without)")
     assert 0 <= saved - estimate[True] <= 4 and estimate[True] < estimate[False]
+
+
+def test_a_vlm_of_another_family_is_refused_not_estimated_without_its_tower():
+    """Gemma 3 builds as a causal LM on the meta device, its tower named as InternVL's: its widths are refused by name
+    (as ``load`` refuses the model), not read with InternVL's settings or left without the tower."""
+    from ril_fast.processor import UnsupportedModel
+
+    model = meta_model(AutoConfig.for_model("gemma3"))
+    with pytest.raises(UnsupportedModel, match="model type 'gemma3' is a vision-language model ril_fast does not"):
+        activations.Widths.of_model(model)

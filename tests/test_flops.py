@@ -240,3 +240,17 @@ def test_matmul_peak_is_2_n_cubed_over_the_fastest_run(monkeypatch):
     monkeypatch.setattr(flops, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     peak = matmul_peak_tflops.__wrapped__(torch.device("cpu"), torch.float32)
     assert peak == pytest.approx(2 * 1024**3 / 1e-3 / 1e12, rel=1e-9)
+
+
+def test_a_vlm_of_another_family_is_refused_not_counted_without_its_tower():
+    """Gemma 3 builds as a causal LM on the meta device, its tower named as InternVL's; its FLOPs are refused by name
+    (as ``load`` refuses the model), not counted from InternVL's settings or without the tower."""
+    from transformers import AutoConfig
+
+    from ril_fast.models import meta_model
+    from ril_fast.processor import UnsupportedModel
+
+    model = meta_model(AutoConfig.for_model("gemma3"))
+    assert model.base_model.vision_tower is not None
+    with pytest.raises(UnsupportedModel, match="model type 'gemma3' is a vision-language model ril_fast does not"):
+        Shapes.of_model(model)
