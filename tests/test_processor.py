@@ -124,6 +124,58 @@ def test_prompt_lengths_from_image_sizes_equal_the_encodings(arch, processors, _
         assert len(spans) > 1, spans
 
 
+def _hf_processor(arch: str, folder, monkeypatch):
+    """transformers' own processor of the tiny ``arch`` folder, built without torchvision (its video processor
+    class, checked at construction, imports it): that check is skipped and no video processor is given; InternVL's
+    image tokens are set on the tokenizer as the released ``-hf`` tokenizers carry them."""
+    import json
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.processing_utils import ProcessorMixin
+
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    parts = dict(image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=tokenizer, video_processor=None,
+                 chat_template=tokenizer.chat_template)
+    if arch.startswith("internvl"):
+        for name, token in dict(start_image_token="<img>", end_image_token="</img>",
+                                context_image_token="<IMG_CONTEXT>", video_token="<video>").items():
+            setattr(tokenizer, name, token)
+            setattr(tokenizer, f"{name}_id", tokenizer.convert_tokens_to_ids(token))
+        seq = json.loads((folder / "config.json").read_text())["image_seq_length"]
+        return transformers.InternVLProcessor(**parts, image_seq_length=seq)
+    names = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
+             "qwen3_5": "Qwen3VLProcessor"}
+    return getattr(transformers, names[arch])(**parts)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "internvl", "internvl3_5"])
+def test_prompt_ids_and_pixels_are_the_hf_processors(arch, processors, tmp_path_factory, monkeypatch, _fresh_seed):
+    """A prompt encoded by ril_fast (the chat template, then each image placeholder expanded in id space) is what
+    transformers' own processor makes of the same rendered text and images: the same ids, the same pixel values and
+    (Qwen-VL) the same grids, for 0-3 images a prompt of random sizes and random pixels."""
+    from ril_fast.models import load
+
+    folder = tiny_folder(tmp_path_factory, arch)
+    proc = processors.get(arch) or load(folder, device="cpu")[1]
+    hf = _hf_processor(arch, folder, monkeypatch)
+    rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
+    for n in (0, 1, 2, 3):
+        question = " ".join(rng.choice(["what", "shape", "is", "the", "red", "12"]) for _ in range(rng.randint(1, 9)))
+        images = [random_image(rng.randint(12, 400), rng.randint(12, 400)) for _ in range(n)]
+        ours = proc.encode_prompt(question + "?", images)
+        theirs = hf(text=[proc.prompt_text(question + "?", n)], images=[images] if images else None,
+                    return_tensors="pt")
+        assert torch.equal(ours.input_ids, theirs["input_ids"][0]), (n, ours.input_ids, theirs["input_ids"])
+        if n:
+            assert torch.equal(ours.pixel_values, theirs["pixel_values"])
+            if "image_grid_thw" in theirs:
+                assert torch.equal(ours.image_grid_thw, theirs["image_grid_thw"])
+        else:
+            assert ours.pixel_values is None and "pixel_values" not in theirs
+
+
 def test_max_image_pixels_caps_images_and_travels_with_the_saved_processor(processors, tmp_path, tmp_path_factory,
                                                                            _fresh_seed):
     """``max_image_pixels`` overrides the folder's own budget (written as the real Qwen2.5-VL writes it:
