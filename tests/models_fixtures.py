@@ -126,7 +126,7 @@ def processors(tmp_path_factory, one_thread):  # noqa: F811
     from ril_fast.models import load
 
     return {a: load(tiny_folder(tmp_path_factory, a), device="cpu")[1]
-            for a in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl")}
+            for a in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5")}
 
 
 # Text-only families beyond qwen2, as tiny random models with qwen2's tokenizer: the config keywords each takes.

@@ -101,7 +101,7 @@ def test_cached_prompt_equals_a_fresh_encoding(arch, processors, tmp_path, _fres
     assert (after.misses - before.misses, after.hits - before.hits) == (1, len(responses) - 1)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5"])
 def test_prompt_lengths_from_image_sizes_equal_the_encodings(arch, processors, _fresh_seed):
     """Counted from a question and its images' (width, height) alone, as the trainer counts every example before
     training, a prompt takes the tokens its encoding takes: 0-3 images a prompt (none for the text model) of
@@ -155,10 +155,8 @@ def test_prompt_ids_and_pixels_are_the_hf_processors(arch, processors, tmp_path_
     """A prompt encoded by ril_fast (the chat template, then each image placeholder expanded in id space) is what
     transformers' own processor makes of the same rendered text and images: the same ids, the same pixel values and
     (Qwen-VL) the same grids, for 0-3 images a prompt of random sizes and random pixels."""
-    from ril_fast.models import load
-
     folder = tiny_folder(tmp_path_factory, arch)
-    proc = processors.get(arch) or load(folder, device="cpu")[1]
+    proc = processors[arch]
     hf = _hf_processor(arch, folder, monkeypatch)
     rng = random.Random(_fresh_seed)  # RIL_TEST_SEED replays the draws
     for n in (0, 1, 2, 3):
@@ -264,7 +262,7 @@ def test_control_tokens_are_those_around_a_question_with_an_image(processors):
     vision-language student the image markup its template writes around an image (Qwen-VL's <|vision_start|> and
     <|vision_end|>: no image id of the processor names them) and its image tokens."""
     turns = ("<|endoftext|>", "<|im_end|>", "<|im_start|>")
-    want = {"qwen2": (), "internvl": ("</img>", "<IMG_CONTEXT>", "<img>")}
+    want = {"qwen2": (), **dict.fromkeys(("internvl", "internvl3_5"), ("</img>", "<IMG_CONTEXT>", "<img>"))}
     for arch, proc in processors.items():
         image = want.get(arch, ("<|image_pad|>", "<|vision_end|>", "<|vision_start|>"))
         assert proc.control_tokens == tuple(sorted(turns + image)), arch
