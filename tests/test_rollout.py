@@ -1,4 +1,5 @@
-"""Rollouts on tiny Qwen2.5-VL, Qwen3-VL and Qwen3.5 (0, 1 or 2 images per question) and Qwen2 (text).
+"""Rollouts on tiny Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3.5, InternVL3 and InternVL3.5 (0, 1 or 2 images per
+question) and Qwen2 (text).
 
 Oracles: (1) a hand-written sampling loop (full forward per token, softmax(logits / τ), one
 ``draw_one`` per step: the CPU sampler, itself checked against the categorical distribution) run from
@@ -31,9 +32,11 @@ from ril_fast.processor import Encoded
 from ril_fast.rollout import Rollout, _generation_config, sample_responses
 from tests.models_fixtures import one_rank, one_thread, random_samples, tiny_folder, turn_end_folder  # noqa: F401
 
-ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2")
-IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen3_vl": [1, 2, 0, 1], "qwen3_5": [2, 0, 1, 1], "qwen2": [0, 0, 0, 0]}
-EOS_BOOST = {"qwen2_5_vl": 10, "qwen3_vl": 5, "qwen3_5": 10, "qwen2": 10}
+ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "qwen2", "internvl", "internvl3_5")
+IMAGES = {"qwen2_5_vl": [0, 1, 2, 1], "qwen2_vl": [1, 0, 2, 1], "qwen3_vl": [1, 2, 0, 1], "qwen3_5": [2, 0, 1, 1],
+          "qwen2": [0, 0, 0, 0], "internvl": [1, 0, 2, 1], "internvl3_5": [2, 1, 0, 1]}
+EOS_BOOST = {"qwen2_5_vl": 10, "qwen2_vl": 10, "qwen3_vl": 5, "qwen3_5": 10, "qwen2": 10, "internvl": 10,
+             "internvl3_5": 10}
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +71,12 @@ def _hf_inputs(model, proc, examples: list[dict], repeat: int = 1) -> dict:
     ids = enc.input_ids[:enc.prompt_len][None].repeat(repeat, 1)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     if enc.pixel_values is not None:
-        kw.update(pixel_values=enc.pixel_values.repeat(repeat, 1), image_grid_thw=enc.image_grid_thw.repeat(repeat, 1))
-        if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        if enc.image_grid_thw is None:  # InternVL: the prompt's tiles, repeated
+            kw.update(pixel_values=enc.pixel_values.repeat(repeat, 1, 1, 1))
+        else:
+            kw.update(pixel_values=enc.pixel_values.repeat(repeat, 1),
+                      image_grid_thw=enc.image_grid_thw.repeat(repeat, 1))
+        if enc.image_grid_thw is not None and "mm_token_type_ids" in inspect.signature(model.forward).parameters:
             kw["mm_token_type_ids"] = (ids == proc.image_token_id).int()
     return kw
 
@@ -258,8 +265,9 @@ def test_sampling_is_softmax_over_temperature(arch, temperature, top_k, eos_load
             if "mm_token_type_ids" in kw:
                 step["mm_token_type_ids"] = (ids == proc.image_token_id).int()
             logits = model(input_ids=ids, use_cache=False, **step).logits[:, -1].float()
-            if proc.image_token_id is not None:  # a response may not contain image placeholders
-                logits[:, proc.image_token_id] = -torch.inf
+            for image_token in (proc.image_token_id, proc.image_start_id, proc.image_end_id):
+                if image_token is not None:  # a response may not contain image placeholders (InternVL: or markers)
+                    logits[:, image_token] = -torch.inf
             if top_k:
                 logits[logits < logits.topk(top_k, dim=-1).values[:, -1:]] = -torch.inf
             probs = torch.softmax(logits / temperature, -1)
@@ -353,12 +361,13 @@ def test_tiny_top_p_is_greedy(arch, eos_loaded, monkeypatch):
 def test_greedy_matches_one_prompt_at_a_time(arch, max_batch, eos_loaded):
     """Batched, left-padded greedy decoding (prompts of different lengths and image counts) equals
     transformers' own greedy generate of each prompt alone (told, as the rollout is, never to write an
-    image placeholder)."""
+    image placeholder, nor InternVL's <img> and </img>)."""
     model, proc = eos_loaded[arch]
     examples, L = _examples(arch), 12
     got = sample_responses(model, proc, examples, max_new_tokens=L, greedy=True, max_batch=max_batch)
     end = proc.end_token_id
-    banned = {} if proc.image_token_id is None else {"suppress_tokens": [proc.image_token_id]}
+    image_tokens = [t for t in (proc.image_token_id, proc.image_start_id, proc.image_end_id) if t is not None]
+    banned = {"suppress_tokens": image_tokens} if image_tokens else {}
     for ex, (r,) in zip(examples, got):
         kw = _hf_inputs(model, proc, [ex])
         with torch.no_grad():
