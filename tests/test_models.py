@@ -334,8 +334,8 @@ for lm_head in (True, False):  # the student, and the discriminator's backbone (
 """
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
-def test_liger_patches_qwen_vl(arch, folders):
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "internvl", "internvl3_5"])
+def test_liger_patches_the_vlms_decoder(arch, folders):
     """Liger's RMSNorm and SwiGLU modules replace the decoder's (as ``load`` does on CUDA). In a fresh
     process: Liger patches transformers' classes for the whole process, and its kernels do not run under
     the Triton interpreter. Their numerics are checked on a GPU (``test_varlen_flash_vs_sdpa_bf16_gpu``
