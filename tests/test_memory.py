@@ -22,7 +22,7 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "internvl", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "internvl", "internvl3_5", "qwen2"])
 def test_plan_counts_the_models_as_loaded(arch, tmp_path_factory):
     """Parameter counts from the meta device equal the loaded student's and discriminator's; fp32 weights and
     AdamW's moments after a step are the plan's 12 bytes per trained parameter; the gradients FSDP2 accumulates

@@ -395,7 +395,7 @@ def _packed_argmax(model, proc, example: dict, r: Rollout) -> list[int]:
         return (hidden @ lm_head_weight(model).T).argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_generation_positions_match_packing(arch, loaded, monkeypatch):
     """Greedy tokens (with the end-of-turn token) are the argmax of the packed forward over prompt +
     response: generation gives image tokens the same mrope positions as training. Negative control:
