@@ -83,16 +83,16 @@ def _measured(model, backbone, run, batch) -> tuple[int, int]:
 
 # (arch, image counts of the samples of each micro-batch): two or three token counts each, images of random sizes
 CASES = {"qwen2": ([0] * 3, [0] * 7), "qwen2_5_vl": ([1, 0, 1], [1, 0, 2, 0, 1, 1]), "internvl": ([1, 0], [1, 0, 2]),
-         "qwen2_vl": ([1, 0], [2, 1, 0, 1]), "qwen3_vl": ([1, 0], [2, 1, 0, 1])}
+         "qwen2_vl": ([1, 0], [2, 1, 0, 1]), "qwen3_vl": ([1, 0], [2, 1, 0, 1]), "internvl3_5": ([1, 0], [2, 0, 1])}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", CASES)
 def test_the_estimate_is_what_the_updates_save(arch, dtype, tmp_path_factory, one_thread):  # noqa: F811
     """For the policy's and the discriminator's updates of tiny students (a text LM; Qwen2.5-VL; InternVL; Qwen2-VL's
-    LayerNorm and QuickGELU tower; Qwen3-VL's q/k norms, DeepStack and interpolated positions), with and without
-    activation checkpointing, fp32 and bf16 (the CPU's code: its padded attention, eager loss and pooled head), at
-    two token counts: the estimate is at most the bytes autograd really saves, and short of them by no more than
+    LayerNorm and QuickGELU tower; Qwen3-VL's q/k norms, DeepStack and interpolated positions; InternVL3.5's Qwen3
+    decoder with q/k norms), with and without activation checkpointing, fp32 and bf16 (the CPU's code: its padded
+    attention, eager loss and pooled head), at two token counts: the estimate is at most the bytes autograd really saves, and short of them by no more than
     what it leaves out on purpose: 24 bytes a sample (the discriminator's pooled range's end, labels, weights and
     BCE), 8 bytes (the loss's normaliser) and, checkpointed, the vision tower's int32 sequence and window
     boundaries its blocks keep (4 bytes each, and one more a list)."""
