@@ -61,7 +61,9 @@ responses whose every line is marked truncated (a new line each; the old ones st
 another ``--seed`` or a larger ``--max-new-tokens`` (the trainer takes none longer than its own). With
 ``--judge`` each response is judged as it is written (the verdict the trainer's cached teacher judge will
 find, when the judge and its cache file are the same); should the judge fail for good (or the run be stopped while
-it judges), the batch's responses are written without verdicts before the command ends, not lost.
+it judges), the batch's responses are written without verdicts before the command ends, not lost. The run ends
+with the judge's tally of the file: how many of its untruncated responses this judge found correct (the teacher's
+accuracy on ``--data``), and how many it has no verdict on.
 
 Append-only (but for stale lines, below) and resumable: responses are written in batches of ``--batch-size``, each
 batch flushed before the next starts, so a crash loses at most the batch in progress. On start the output file is
@@ -106,7 +108,7 @@ from ril_fast.files import InUse, lock_file, unlock_file
 from ril_fast.images import data_url
 from ril_fast.judge import CachedJudge, JudgeItem, add_judge_arguments, judge_store, make_judge_from_config
 from ril_fast.judges_http import HTTPError, OpenAIClient
-from ril_fast.teacher_resume import set_aside_stale, stale_file, truncated_pairs, written_pairs
+from ril_fast.teacher_resume import set_aside_stale, stale_file, truncated_pairs, verdict_counts, written_pairs
 
 
 @dataclass(frozen=True)
@@ -448,6 +450,11 @@ def _run(args: argparse.Namespace) -> dict:
         stats = collect(teacher, jobs, out, name=name, batch_size=batch_size, judge=judge, total=total,
                         progress=not args.no_progress)
         refused = getattr(teacher, "refused", {})
+        if judge is not None:
+            correct, judged, whole = verdict_counts(out, judge.name)
+            print(f"{name}: {correct} of the {judged} responses in {out} judged by {judge.name} are correct "
+                  f"({correct / max(judged, 1):.1%})" + (f"; {whole - judged} of its {whole} untruncated responses "
+                  f"have no verdict of this judge" if whole > judged else ""), file=sys.stderr)
     if unwritten := stats["empty"] + stats["control_tokens"] + sum(stats["unfinished"].values()):
         again = (" (greedy decoding, --temperature 0, is likely to give the same responses again)"
                  if args.temperature == 0 else " with another --seed (the same seed draws the same responses)"

@@ -4,7 +4,8 @@ Before a run asks for responses, ``ril_fast.teacher`` reads its ``--out`` file w
 there says what a user sees): :func:`written_pairs` checks that each line is the tool's own and of this run's
 teacher, mends a last line a crash cut short, and gives the (id, index) pairs already done; :func:`set_aside_stale`
 moves the lines collected for another question to :func:`stale_file`; :func:`truncated_pairs` gives the pairs whose
-every line is marked truncated (``--redo-truncated`` asks for them again).
+every line is marked truncated (``--redo-truncated`` asks for them again); :func:`verdict_counts` tallies a judge's
+verdicts in the file once a run has written it.
 """
 
 import json
@@ -73,6 +74,19 @@ def truncated_pairs(out: Path) -> set[tuple[str, int]]:
             record = json.loads(line)
             (cut if record.get("truncated") is True else whole).add((str(record["id"]), int(record["index"])))
     return cut - whole
+
+
+def verdict_counts(out: Path, judge: str) -> tuple[int, int, int]:
+    """(correct, judged, whole): of the lines of ``out`` (read after :func:`written_pairs`) not marked truncated (those
+    the trainer takes), how many ``judge`` (a judge's name) judged, and how many of those it found correct."""
+    correct = judged = whole = 0
+    for line in out.read_bytes().splitlines() if out.exists() else []:
+        if line.strip() and (record := json.loads(line)).get("truncated") is not True:
+            whole += 1
+            if record.get("judge") == judge and isinstance(record.get("correct"), bool):
+                judged += 1
+                correct += record["correct"]
+    return correct, judged, whole
 
 
 def stale_file(out: Path) -> Path:

@@ -703,6 +703,34 @@ def test_a_judge_failing_for_good_loses_no_response(text_model, tmp_path, monkey
     assert load_teachers([out], load_examples(data), control_tokens=control).counts() == {"j": 6}
 
 
+def test_the_run_ends_with_the_judges_tally_of_the_file(text_model, tmp_path, monkeypatch, capsys):
+    """With --judge the run ends saying how many of the file's untruncated responses this judge found correct, and
+    how many have no verdict of it (a line written by hand, one another judge judged): the teacher's accuracy, for
+    choosing teachers. A truncated line, which the trainer leaves out, is not counted, judged or not."""
+    texts = iter(["bad", "good", "bad"])
+    _stub_sampling(monkeypatch, lambda seed, i: next(texts))
+
+    def judge(items):
+        return [item.response == "good" for item in items]
+
+    judge.name = "fake-judge"
+    monkeypatch.setattr("ril_fast.teacher.make_judge_from_config", lambda args: judge)
+    data = _text_data(tmp_path, 3)
+    out = tmp_path / "k.jsonl"
+    shas = [e.question_sha for e in load_examples(data)]
+    out.write_text(json.dumps({"id": "t0", "index": 0, "teacher": "k", "question_sha": shas[0], "response": "mine",
+                               "truncated": False}) + "\n" +
+                   json.dumps({"id": "t1", "index": 0, "teacher": "k", "question_sha": shas[1], "response": "good",
+                               "truncated": True, "correct": True, "judge": "fake-judge"}) + "\n" +
+                   json.dumps({"id": "t2", "index": 0, "teacher": "k", "question_sha": shas[2], "response": "good",
+                               "truncated": False, "correct": True, "judge": "another-judge"}) + "\n")
+    assert main(["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "2",
+                 "--max-new-tokens", "4", "--no-progress", "--judge", "rule"]) == _stats(written=3, skipped=3, total=6)
+    assert [line.get("correct") for line in _lines(out)] == [None, True, True, False, True, False]
+    assert (f"k: 1 of the 3 responses in {out} judged by fake-judge are correct (33.3%); 2 of its 5 untruncated "
+            f"responses have no verdict of this judge") in capsys.readouterr().err
+
+
 def test_the_local_teacher_samples_as_the_options_say(text_model, tmp_path, monkeypatch):
     """--temperature 0 samples greedily (at temperature 1, unused), another samples at it; --top-p and --batch-size
     reach ``sample_responses``."""
