@@ -256,8 +256,9 @@ def _check_attention(model, path, *, head: bool = True) -> None:
     """Refuse a model whose attention or LM head ril_fast's cannot stand for: one that never calls transformers'
     attention interface (Bloom, CodeGen, XGLM: they build their own causal mask, across a packed row's samples; Falcon
     and, before transformers 5.24, GPT-J fail to build with ril_varlen, refused alike), soft-caps its attention logits
-    (Gemma 2), adds attention sinks to the softmax (GPT-OSS, Granite-SWA) or has values of another head dim than its
-    queries and keys (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3); and, with ``head``, an LM head
+    (Gemma 2), builds its own attention mask (Doge's dynamic mask), adds attention sinks to the softmax (GPT-OSS,
+    Granite-SWA) or has values of another head dim than its queries and keys (multi-head latent attention:
+    DeepSeek-V2/V3, MiniCPM3); and, with ``head``, an LM head
     :func:`packed_logprobs` cannot stand for (:func:`_check_head`). It reads classes, config values and parameter
     names and shapes only, so a model on the meta device (``ril_fast.preflight``) is refused as the loaded one is."""
     # transformers' own test of whether the model's module calls the attention interface (private in 5.23; its public
@@ -270,6 +271,11 @@ def _check_attention(model, path, *, head: bool = True) -> None:
     if getattr(text, "attn_logit_softcapping", None) is not None:
         raise UnsupportedModel(f"{what} soft-caps its attention logits "
                                f"(attn_logit_softcapping={text.attn_logit_softcapping}): ril_fast's attention does not")
+    if own := sorted({type(m).__name__ for m in model.modules()
+                      if callable(getattr(m, "prepare_dynamic_mask", None))}):
+        raise UnsupportedModel(f"{what} builds its own attention mask in its {', '.join(own)} layers (across the "
+                               f"sequence, not the 2-D padding mask ril_fast's attention keeps samples apart by): "
+                               f"ril_fast cannot train it")
     if sinks := sorted({type(m).__name__ for m in model.modules()
                         if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)}):
         raise UnsupportedModel(f"{what} adds attention sinks to the softmax of its {', '.join(sinks)} layers: "

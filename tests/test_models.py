@@ -559,7 +559,7 @@ def test_scaled_logits_against_hf_forward(model_type, extra, tmp_path_factory, o
     ("deepseek_v3", dict(), "load", "has values of 8 dims per head and queries and keys of 24"),
     ("gpt_bigcode", dict(), "forward", "gets neither position ids nor sample boundaries"),  # drops the position ids
     ("mistral", dict(sliding_window=8), "forward", "sliding window of 8 tokens and a sample here is"),  # too long
-    ("doge", dict(), "forward", "DogeAttention builds its own attention mask"),  # a 4-D one, across the samples
+    ("doge", dict(), "load", "builds its own attention mask in its DogeAttention layers"),  # a dynamic 4-D one
 ])
 def test_text_families_ril_fast_cannot_pack_are_refused(model_type, extra, where, words, tmp_path_factory,
                                                         one_thread):  # noqa: F811
@@ -580,6 +580,7 @@ def test_text_families_ril_fast_cannot_pack_are_refused(model_type, extra, where
     ("phi", dict(), "adds a bias to its logits"),
     ("gemma3_text", dict(final_logit_softcapping=30.0), "soft-caps its logits"),
     ("gpt_oss", TEXT_FAMILIES["gpt_oss"], "adds attention sinks"),
+    ("doge", TEXT_FAMILIES["doge"], "builds its own attention mask in its DogeAttention layers"),
     ("deepseek_v3", TEXT_FAMILIES["deepseek_v3"], "has values of 8 dims per head"),
     ("modernbert-decoder", dict(decoder_bias=False, pad_token_id=0),  # its dense + norm before the decoder
      r"computes its logits with more than its output embedding .* \(lm_head.dense.weight, lm_head.norm.weight\)"),
