@@ -28,7 +28,8 @@ def count_skipped(run, skipped: bool, step: int) -> None:
 @contextlib.contextmanager
 def explain_oom(cfg: Config, phase: str, micro=None):
     """Turn an out-of-memory error inside ``phase`` into one that names the setting to lower and, for a
-    phase over packed micro-batches, the size of the step's largest one."""
+    phase over packed micro-batches, the size of the step's largest one (for an update, where preflight's estimate
+    of its activations is)."""
     try:
         yield
     except torch.OutOfMemoryError as e:
@@ -43,4 +44,6 @@ def explain_oom(cfg: Config, phase: str, micro=None):
             if phase.endswith("_update") and cfg.batch.keep_gathered and \
                     distributed.shard_size(cfg.batch.shard_ranks) == 1:
                 hint += ", or batch.keep_gathered=false"
+            if phase.endswith("_update"):
+                hint += " (python -m ril_fast.preflight estimates what an update micro-batch keeps for its backward)"
         raise RuntimeError(f"out of memory in the {phase} phase; {hint}") from e

@@ -146,6 +146,9 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(demo, tmp_path, monkey
     assert not (out / "final").exists()
 
 
+PREFLIGHT = " (python -m ril_fast.preflight estimates what an update micro-batch keeps for its backward)"
+
+
 def test_out_of_memory_names_the_micro_batch_and_the_setting(demo, tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -158,7 +161,7 @@ def test_out_of_memory_names_the_micro_batch_and_the_setting(demo, tmp_path, mon
     tokens = int(message.split("holds ")[1].split(" tokens")[0])
     assert 0 < tokens <= 4096 and message.endswith("lower batch.max_tokens (now 4096), or set "
                                                    "batch.activation_checkpointing=true, "
-                                                   "or batch.keep_gathered=false")  # one rank
+                                                   "or batch.keep_gathered=false" + PREFLIGHT)  # one rank
     assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
 
 
@@ -210,13 +213,13 @@ def test_out_of_memory_names_the_micro_batch_of_most_tokens_and_only_the_setting
     holds = "its largest micro-batch holds 100 tokens in 1 sequences: lower batch.max_tokens (now 4096)"
     assert _explained(_oom_cfg(), "policy_update", micro) == (
         f"out of memory in the policy_update phase; {holds}, or set batch.activation_checkpointing=true, or "
-        f"batch.keep_gathered=false")
+        f"batch.keep_gathered=false{PREFLIGHT}")
     assert _explained(_oom_cfg(), "reference_pass", micro) == f"out of memory in the reference_pass phase; {holds}"
     assert _explained(_oom_cfg(activation_checkpointing=True, keep_gathered=False), "disc_update", micro) == \
-        f"out of memory in the disc_update phase; {holds}"
+        f"out of memory in the disc_update phase; {holds}{PREFLIGHT}"
     monkeypatch.setattr(distributed, "shard_size", lambda shard_ranks: 2)
     assert _explained(_oom_cfg(activation_checkpointing=True), "policy_update", micro) == \
-        f"out of memory in the policy_update phase; {holds}"
+        f"out of memory in the policy_update phase; {holds}{PREFLIGHT}"
 
 
 def test_skipped_steps_count_and_only_a_run_of_them_stops(tmp_path):
