@@ -28,10 +28,11 @@ RUN = "run.json"
 
 
 def run_key(model: str | Path, *, max_new_tokens: int, judge: str) -> dict:
-    """What a journal's answers depend on: the files of the ``model`` folder (name -> [bytes, mtime in ns]; a
-    model written again, or another one, differs), the generation budget and the judge's name."""
+    """What a journal's answers depend on: the ``model`` folder (its absolute path, and its files: name -> [bytes,
+    mtime in ns]; a model written again, or another one, differs), the generation budget and the judge's name."""
     files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(model).iterdir()) if p.is_file()}
-    return {"model": str(model), "model_files": files, "max_new_tokens": max_new_tokens, "judge": judge}
+    return {"model": str(Path(model).resolve()), "model_files": files, "max_new_tokens": max_new_tokens,
+            "judge": judge}
 
 
 @dataclass

@@ -63,7 +63,8 @@ another ``--seed`` or a larger ``--max-new-tokens`` (the trainer takes none long
 find, when the judge and its cache file are the same); should the judge fail for good (or the run be stopped while
 it judges), the batch's responses are written without verdicts before the command ends, not lost. The run ends
 with the judge's tally of the file: how many of its untruncated responses this judge found correct (the teacher's
-accuracy on ``--data``), and how many it has no verdict on.
+accuracy on ``--data``), and how many it has no verdict on; a run with nothing left to collect prints it too (the
+judge is built for its name: for ``--judge hf``, its model loads).
 
 Append-only (but for stale lines, below) and resumable: responses are written in batches of ``--batch-size``, each
 batch flushed before the next starts, so a crash loses at most the batch in progress. On start the output file is
@@ -450,11 +451,12 @@ def _run(args: argparse.Namespace) -> dict:
         stats = collect(teacher, jobs, out, name=name, batch_size=batch_size, judge=judge, total=total,
                         progress=not args.no_progress)
         refused = getattr(teacher, "refused", {})
-        if judge is not None:
-            correct, judged, whole = verdict_counts(out, judge.name)
-            print(f"{name}: {correct} of the {judged} responses in {out} judged by {judge.name} are correct "
-                  f"({correct / max(judged, 1):.1%})" + (f"; {whole - judged} of its {whole} untruncated responses "
-                  f"have no verdict of this judge" if whole > judged else ""), file=sys.stderr)
+    if args.judge != "none":  # after a run with nothing to collect too: the way to ask for a collection's accuracy
+        judged_by = judge.name if jobs else make_judge_from_config(args).name
+        correct, judged, whole = verdict_counts(out, judged_by)
+        print(f"{name}: {correct} of the {judged} responses in {out} judged by {judged_by} are correct "
+              f"({correct / max(judged, 1):.1%})" + (f"; {whole - judged} of its {whole} untruncated responses "
+              f"have no verdict of this judge" if whole > judged else ""), file=sys.stderr)
     if unwritten := stats["empty"] + stats["control_tokens"] + sum(stats["unfinished"].values()):
         again = (" (greedy decoding, --temperature 0, is likely to give the same responses again)"
                  if args.temperature == 0 else " with another --seed (the same seed draws the same responses)"

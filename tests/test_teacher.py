@@ -727,8 +727,13 @@ def test_the_run_ends_with_the_judges_tally_of_the_file(text_model, tmp_path, mo
     assert main(["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "2",
                  "--max-new-tokens", "4", "--no-progress", "--judge", "rule"]) == _stats(written=3, skipped=3, total=6)
     assert [line.get("correct") for line in _lines(out)] == [None, True, True, False, True, False]
-    assert (f"k: 1 of the 3 responses in {out} judged by fake-judge are correct (33.3%); 2 of its 5 untruncated "
-            f"responses have no verdict of this judge") in capsys.readouterr().err
+    tally = (f"k: 1 of the 3 responses in {out} judged by fake-judge are correct (33.3%); 2 of its 5 untruncated "
+             f"responses have no verdict of this judge")
+    assert tally in capsys.readouterr().err
+    # Again, with nothing left to collect: the way to ask for a finished collection's accuracy
+    assert main(["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "2",
+                 "--max-new-tokens", "4", "--no-progress", "--judge", "rule"]) == _stats(skipped=6, total=6)
+    assert tally in capsys.readouterr().err
 
 
 def test_the_local_teacher_samples_as_the_options_say(text_model, tmp_path, monkeypatch):
@@ -1061,3 +1066,77 @@ def test_a_file_another_collection_is_writing_is_refused(text_model, tmp_path, m
         holder.wait()
     assert main([*argv, "--out", str(out)])["written"] == 4  # SIGKILL dropped the lock
     assert len(_lines(out)) == 4
+
+
+def test_a_judge_interrupted_loses_no_response_and_says_how_many_were_written(text_model, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A Ctrl-C while the judge judges the second batch (a KeyboardInterrupt, no Exception) still writes that batch's
+    responses without verdicts; the message counts the responses written (one: the other was empty), not the batch's
+    jobs."""
+    texts = iter(["a", "b", "c", ""])
+    _stub_sampling(monkeypatch, lambda seed, i: next(texts))
+    calls = []
+
+    def judge(items):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [True] * len(items)
+
+    judge.name = "interrupted"
+    monkeypatch.setattr("ril_fast.teacher.make_judge_from_config", lambda args: judge)
+    data = _text_data(tmp_path, 2)
+    out = tmp_path / "i.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--model", str(text_model), "--data", str(data), "--out", str(out), "--num-responses", "2",
+              "--max-new-tokens", "4", "--batch-size", "2", "--no-progress", "--judge", "rule"])
+    assert "the judge failed: this batch's 1 responses were written without verdicts" in capsys.readouterr().err
+    assert [(line["id"], line["index"], line["response"], line.get("correct")) for line in _lines(out)] == \
+        [("t0", 0, "a", True), ("t0", 1, "b", True), ("t1", 0, "c", None)]
+
+
+def test_each_batch_is_in_the_file_before_the_next_is_asked_for(text_model, tmp_path, monkeypatch):
+    """A batch's lines are flushed to the file before the teacher is asked for the next batch (a crash in it loses
+    none of them)."""
+    out = tmp_path / "f.jsonl"
+    seen = []
+
+    def respond(seed, i):
+        if i == 0:
+            seen.append(len(out.read_text().splitlines()) if out.exists() else None)
+        return f"response {i}"
+
+    _stub_sampling(monkeypatch, respond)
+    assert main(["--model", str(text_model), "--data", str(_text_data(tmp_path, 3)), "--out", str(out),
+                 "--num-responses", "2", "--max-new-tokens", "4", "--batch-size", "2",
+                 "--no-progress"])["written"] == 6
+    assert seen == [0, 2, 4]
+
+
+def test_a_tally_of_a_file_this_judge_judged_whole_says_only_its_accuracy(text_model, tmp_path, monkeypatch, capsys):
+    """Every untruncated line judged by this judge: the tally is the accuracy alone, no count of lines without a
+    verdict (none of them)."""
+    _stub_sampling(monkeypatch, lambda seed, i: "good" if i == 0 else "bad")
+
+    def judge(items):
+        return [item.response == "good" for item in items]
+
+    judge.name = "fake-judge"
+    monkeypatch.setattr("ril_fast.teacher.make_judge_from_config", lambda args: judge)
+    out = tmp_path / "w.jsonl"
+    main(["--model", str(text_model), "--data", str(_text_data(tmp_path, 1)), "--out", str(out), "--num-responses",
+          "2", "--max-new-tokens", "4", "--no-progress", "--judge", "rule"])
+    assert f"w: 1 of the 2 responses in {out} judged by fake-judge are correct (50.0%)\n" in capsys.readouterr().err
+
+
+def test_the_tally_leaves_out_a_verdict_that_is_no_boolean(tmp_path):
+    """``verdict_counts`` counts as judged only a line of this judge whose ``correct`` is true or false (a line
+    written by hand with ``null`` or ``1`` has no verdict); a truncated line is not counted at all."""
+    from ril_fast.teacher_resume import verdict_counts
+
+    out = tmp_path / "v.jsonl"
+    lines = [{"correct": True}, {"correct": None}, {"correct": 1}, {"correct": True, "truncated": True}]
+    out.write_text("".join(json.dumps({"id": f"t{n}", "index": 0, "response": "r", "truncated": False, "judge": "j",
+                                       **line}) + "\n" for n, line in enumerate(lines)))
+    assert verdict_counts(out, "j") == (1, 1, 3)
+    assert verdict_counts(out, "other") == (0, 0, 3)
