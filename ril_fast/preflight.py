@@ -245,20 +245,33 @@ def _surroundings(cfg: Config, dist: distributed.Dist):
     return store
 
 
-def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool) -> None:
+def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool, examples: list[Example] = ()) -> None:
     """Refuse, before any model loads, a student ``ril_fast.models.load`` would refuse (:func:`meta_student`), and
     one whose models cannot fit on some rank's device (or, offloaded, in its share of the CPU's memory) even before
-    activations (``ril_fast.memory``): every rank checks its own and all stop together."""
+    activations (``ril_fast.memory``): every rank checks its own and all stop together. The main rank then prints
+    the plan and the estimate of an update micro-batch's activations (:func:`_activations`, over the images of the
+    prompt of ``examples`` with the most image tokens), with what to change where the device's free memory less the
+    plan is smaller: a warning, never a refusal."""
     shard = distributed.shard_size(cfg.batch.shard_ranks)
     config = AutoConfig.from_pretrained(cfg.student)
+    student = meta_student(cfg.student, config)
     plan = memory.plan(config, disc=disc, reference=cfg.beta > 0, gpu=dist.device.type == "cuda", shard=shard,
                        copies=dist.world_size // shard, offload=cfg.batch.cpu_offload, pinned=cfg.batch.offload_pinned,
-                       model=meta_student(cfg.student, config))
+                       model=student)
     host = memory.available_bytes(torch.device("cpu")) if plan.offload else None
-    if found := _first_problem(memory.shortfall(plan, memory.available_bytes(dist.device), host)):
+    available = memory.available_bytes(dist.device)
+    if found := _first_problem(memory.shortfall(plan, available, host)):
         raise DoesNotFit(f"student={cfg.student}: {found[1]}")
     if dist.is_main:
         print(f"memory: {plan.describe()}", flush=True)
+        images = 0
+        if any(e.image_sizes for e in examples):
+            count = Processor.from_pretrained(cfg.student, max_image_pixels=cfg.max_image_pixels).image_tokens
+            images = max(sum(count(w, h) for w, h in e.image_sizes) for e in examples)
+        gib, words = _activations(cfg, config, student, images, disc=disc, gpu=dist.device.type == "cuda")
+        left = None if available is None else (available - plan.per_rank) / 2**30
+        print(words + ("" if left is None or gib <= left else f": more than the {left:.3g} GiB left: "
+                       f"{_activation_fixes(cfg)}"), flush=True)
 
 
 def meta_student(student, config) -> torch.nn.Module:
@@ -356,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     print(words + ("" if kv <= left else f": more than the {left:.3g} GiB left: lower rollout.batch_size"))
     images = max((sum(counted["image_tokens"](w, h) for w, h in e.image_sizes) for e in examples), default=0)
     act, words = _activations(cfg, config, student, images, disc=bank is not None)
-    fixes = ("set batch.activation_checkpointing=true or " if not cfg.batch.activation_checkpointing else "") + \
-        "lower batch.max_tokens"
-    print(words + ("" if act <= left else f": more than the {left:.3g} GiB left: {fixes}"))
+    print(words + ("" if act <= left else f": more than the {left:.3g} GiB left: {_activation_fixes(cfg)}"))
     unchecked = ["the judge's server or folder", "the weights themselves"]
     if plan.offload and host is None:
         unchecked.append(f"the host's memory ({plan.host_per_rank / 2**30:.3g} GiB a rank: --host-gib)")
@@ -387,14 +398,16 @@ def _kv_cache(cfg: Config, config, gpus: int, lengths: list[int], eval_lengths: 
                 f"{cfg.max_new_tokens} tokens, bf16)")
 
 
-def _activations(cfg: Config, config, student, image_tokens: int, *, disc: bool) -> tuple[float, str]:
-    """What one update micro-batch of ``batch.max_tokens`` tokens keeps for its backward on a GPU, in GiB
-    (``ril_fast.activations``: bf16; the policy's update or, with a discriminator (``disc``), the larger of its and
-    the discriminator's; ``batch.activation_checkpointing`` as set), and it in words; the vision tower over the
-    images of one prompt, the one with the most image tokens (``image_tokens``): a micro-batch that holds several
-    prompts' images keeps theirs too. An estimate, printed, never a reason to refuse the run."""
+def _activations(cfg: Config, config, student, image_tokens: int, *, disc: bool, gpu: bool = True
+                 ) -> tuple[float, str]:
+    """What one update micro-batch of ``batch.max_tokens`` tokens keeps for its backward on a GPU (``gpu``; else a
+    CPU), in GiB (``ril_fast.activations``: bf16 on a GPU, fp32 on a CPU; the policy's update or, with a
+    discriminator (``disc``), the larger of its and the discriminator's; ``batch.activation_checkpointing`` as set),
+    and it in words; the vision tower over the images of one prompt, the one with the most image tokens
+    (``image_tokens``): a micro-batch that holds several prompts' images keeps theirs too. An estimate, printed,
+    never a reason to refuse the run."""
     tokens, recomputed = cfg.batch.max_tokens, cfg.batch.activation_checkpointing
-    gib = activations.activation_bytes(config, tokens, checkpointing=recomputed, gpu=True, disc=disc,
+    gib = activations.activation_bytes(config, tokens, checkpointing=recomputed, gpu=gpu, disc=disc,
                                        image_tokens=image_tokens, model=student) / 2**30
     # A Gated DeltaNet's recurrence (Qwen3.5) is not counted: then the figure is a floor.
     about = "~" if activations.Widths.of_model(student).linear_layers == 0 else "more than "
@@ -402,7 +415,14 @@ def _activations(cfg: Config, config, student, image_tokens: int, *, disc: bool)
     layers = "layers recomputed" if recomputed else "every layer's activations kept"
     images = f"; the vision tower over one prompt's images, {image_tokens} image tokens" if image_tokens else ""
     return gib, (f"activations of one update micro-batch of batch.max_tokens={tokens}: {about}{gib:.3g} GiB a rank "
-                 f"(bf16, {update}, {layers}{images})")
+                 f"({'bf16' if gpu else 'fp32'}, {update}, {layers}{images})")
+
+
+def _activation_fixes(cfg: Config) -> str:
+    """What to change when an update micro-batch's activations do not fit: checkpointing while it is off, the token
+    budget."""
+    return ("set batch.activation_checkpointing=true or " if not cfg.batch.activation_checkpointing else "") + \
+        "lower batch.max_tokens"
 
 
 def _spread(values: list[int]) -> str:

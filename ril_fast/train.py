@@ -151,7 +151,7 @@ def setup(cfg: Config) -> Run:
         print(cfg.describe(), flush=True)
     examples, bank, eval_examples, batches = load_data(cfg, dist)
     verdicts = check_surroundings(cfg, dist)  # the judge's folder, server and verdict cache, on every rank
-    check_memory(cfg, dist, disc=bank is not None)
+    check_memory(cfg, dist, disc=bank is not None, examples=examples)
     distributed.on_rank0(lambda: lock_output_dir(out))  # from here on this run writes in output_dir
 
     gpu, dtype = dist.device.type == "cuda", compute_dtype(dist.device)

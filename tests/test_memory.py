@@ -13,7 +13,7 @@ from ril_fast.demo import build_demo
 from ril_fast.discriminator import Discriminator
 from ril_fast.distributed import _param_groups, fsdp_modules
 from ril_fast.microbatch import sync_gradients
-from ril_fast.models import load, packed_logprobs
+from ril_fast.models import load, meta_model, packed_logprobs
 from ril_fast.packing import pack
 from ril_fast.preflight import DoesNotFit, check_memory
 
@@ -238,3 +238,37 @@ def test_kv_cache_on_a_gpu_is_bf16_and_a_sharded_reference_says_so():
     four = memory.plan(config, disc=False, reference=True, gpu=True, shard=4).describe()
     one = memory.plan(config, disc=False, reference=True, gpu=True, shard=1).describe()
     assert "the reference, " in one and "(its shard)" in four and "(its shard)" not in one
+
+
+def test_set_up_prints_the_activation_estimate_and_what_to_change(tmp_path, monkeypatch, capsys):
+    """After the plan, the trainer's memory check prints preflight's estimate of an update micro-batch's activations
+    (fp32 on a CPU; the vision tower over the prompt with the most image tokens: the demo's 64) and, where the
+    device's free memory less the plan is smaller, what to change; it never refuses the run over it."""
+    from transformers import AutoConfig
+
+    from ril_fast.data import load_examples
+    from ril_fast.preflight import _activations
+    from ril_fast.processor import Processor
+
+    demo = build_demo(tmp_path / "demo", max_train=16, max_test=4)
+    args = [f"student={demo.student}", f"train_data={demo.train}", f"teachers={','.join(map(str, demo.teachers))}",
+            f"output_dir={tmp_path / 'run'}", "progress=false", "batch.questions_per_step=2"]
+    cpu = distributed.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    examples = load_examples(demo.train)
+    images = max(sum(Processor.from_pretrained(demo.student).image_tokens(w, h) for w, h in e.image_sizes)
+                 for e in examples)
+    config = AutoConfig.from_pretrained(demo.student)
+    plan = memory.plan(config, disc=True, reference=False, gpu=False, shard=1)
+    for recomputed, fix in ((False, "set batch.activation_checkpointing=true or lower batch.max_tokens"),
+                            (True, "lower batch.max_tokens")):
+        cfg = load_config([*args, f"batch.activation_checkpointing={str(recomputed).lower()}"])
+        gib, words = _activations(cfg, config, meta_model(config), images, disc=True, gpu=False)
+        assert images == 64 and f"(fp32, the larger of the policy's and the discriminator's update" in words
+        monkeypatch.setattr(memory, "available_bytes", lambda device: 2**40)
+        check_memory(cfg, cpu, disc=True, examples=examples)
+        assert f"\n{words}\n" in capsys.readouterr().out
+        left = int(plan.per_rank + gib * 2**30 / 2)  # room for the plan and half the activations
+        monkeypatch.setattr(memory, "available_bytes", lambda device: left)
+        check_memory(cfg, cpu, disc=True, examples=examples)
+        assert f"\n{words}: more than the {(left - plan.per_rank) / 2**30:.3g} GiB left: {fix}\n" in \
+            capsys.readouterr().out
