@@ -264,14 +264,11 @@ def check_memory(cfg: Config, dist: distributed.Dist, *, disc: bool, examples: l
         raise DoesNotFit(f"student={cfg.student}: {found[1]}")
     if dist.is_main:
         print(f"memory: {plan.describe()}", flush=True)
-        images = 0
-        if any(e.image_sizes for e in examples):
-            count = Processor.from_pretrained(cfg.student, max_image_pixels=cfg.max_image_pixels).image_tokens
-            images = max(sum(count(w, h) for w, h in e.image_sizes) for e in examples)
-        gib, words = _activations(cfg, config, student, images, disc=disc, gpu=dist.device.type == "cuda")
+        count = Processor.from_pretrained(cfg.student, max_image_pixels=cfg.max_image_pixels).image_tokens \
+            if any(e.image_sizes for e in examples) else None
         left = None if available is None else (available - plan.per_rank) / 2**30
-        print(words + ("" if left is None or gib <= left else f": more than the {left:.3g} GiB left: "
-                       f"{_activation_fixes(cfg)}"), flush=True)
+        print(_activations_line(cfg, config, student, examples, count, disc=disc, gpu=dist.device.type == "cuda",
+                                left=left), flush=True)
 
 
 def meta_student(student, config) -> torch.nn.Module:
@@ -367,9 +364,8 @@ def main(argv: list[str] | None = None) -> int:
           f"={cfg.batch.max_tokens}{', recomputed' if cfg.batch.activation_checkpointing else ''})")
     kv, words = _kv_cache(cfg, config, args.gpus, lengths, eval_lengths)
     print(words + ("" if kv <= left else f": more than the {left:.3g} GiB left: lower rollout.batch_size"))
-    images = max((sum(counted["image_tokens"](w, h) for w, h in e.image_sizes) for e in examples), default=0)
-    act, words = _activations(cfg, config, student, images, disc=bank is not None)
-    print(words + ("" if act <= left else f": more than the {left:.3g} GiB left: {_activation_fixes(cfg)}"))
+    print(_activations_line(cfg, config, student, examples, counted["image_tokens"], disc=bank is not None, gpu=True,
+                            left=left))
     unchecked = ["the judge's server or folder", "the weights themselves"]
     if plan.offload and host is None:
         unchecked.append(f"the host's memory ({plan.host_per_rank / 2**30:.3g} GiB a rank: --host-gib)")
@@ -418,11 +414,19 @@ def _activations(cfg: Config, config, student, image_tokens: int, *, disc: bool,
                  f"({'bf16' if gpu else 'fp32'}, {update}, {layers}{images})")
 
 
-def _activation_fixes(cfg: Config) -> str:
-    """What to change when an update micro-batch's activations do not fit: checkpointing while it is off, the token
-    budget."""
-    return ("set batch.activation_checkpointing=true or " if not cfg.batch.activation_checkpointing else "") + \
+def _activations_line(cfg: Config, config, student, examples: list[Example], image_tokens, *, disc: bool, gpu: bool,
+                      left: float | None) -> str:
+    """:func:`_activations`' words over the prompt of ``examples`` with the most image tokens (``image_tokens(width,
+    height)``: the processor's count; None where no example has an image) and, where the estimate exceeds ``left``
+    GiB (None: unknown), what to change: checkpointing while it is off, the token budget."""
+    images = max((sum(image_tokens(w, h) for w, h in e.image_sizes) for e in examples), default=0) \
+        if image_tokens is not None else 0
+    gib, words = _activations(cfg, config, student, images, disc=disc, gpu=gpu)
+    if left is None or gib <= left:
+        return words
+    fixes = ("set batch.activation_checkpointing=true or " if not cfg.batch.activation_checkpointing else "") + \
         "lower batch.max_tokens"
+    return f"{words}: more than the {left:.3g} GiB left: {fixes}"
 
 
 def _spread(values: list[int]) -> str:
