@@ -220,12 +220,11 @@ def _start(args: argparse.Namespace) -> list:
 
 def _judge_pending(rows: list[dict], judge, journal) -> list[dict]:
     """Verdicts on answers an earlier attempt kept without them, journaled; the rows with ``correct``."""
-    from ril_fast.judge import JudgeItem
+    from ril_fast.evaluate import judged
 
     if not rows:
         return []
-    verdicts = judge([JudgeItem(r["question"], r["answer"], r["response"]) for r in rows])
-    rows = [{**r, "correct": bool(ok)} for r, ok in zip(rows, verdicts)]
+    rows = judged(rows, judge)
     journal(rows)
     return rows
 

@@ -53,15 +53,14 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
                  "response": a[0].text, "truncated": a[0].truncated} for e, a in zip(chunk, answers)]
         if journal is not None and rows:
             journal(rows)
-        verdicts = judge([JudgeItem(e.question, e.answer, r["response"]) for e, r in zip(chunk, rows)])
-        rows = [{**r, "correct": bool(ok)} for r, ok in zip(rows, verdicts)]
+        rows = judged(rows, judge)
         if journal is not None and rows:
             journal(rows)
         if records is not None:
             records.extend(rows)
-        for e, ok in zip(chunk, verdicts):
+        for e, r in zip(chunk, rows):
             k = types.index(e.answer_type or UNTYPED)
-            correct[k] += float(ok)
+            correct[k] += float(r["correct"])
             total[k] += 1
         bar.update(len(chunk))
     bar.close()
@@ -72,3 +71,10 @@ def evaluate(model, processor, examples: list[Example], judge: Judge, dist: Dist
     if any(e.answer_type for e in examples):
         out.update({f"eval_accuracy/{t}": (correct[k] / total[k].clamp(min=1)).item() for k, t in enumerate(types)})
     return out
+
+
+def judged(rows: list[dict], judge: Judge) -> list[dict]:
+    """``rows`` (answers as :func:`evaluate` records them: ``question``, ``answer``, ``response``, ...) with the
+    ``judge``'s verdict on each as ``correct``, in one call of the judge."""
+    verdicts = judge([JudgeItem(r["question"], r["answer"], r["response"]) for r in rows])
+    return [{**r, "correct": bool(ok)} for r, ok in zip(rows, verdicts)]
